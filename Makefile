@@ -1,0 +1,47 @@
+# breastscan — the two commands of the README are `make demo` and `make test`.
+# Everything here runs offline except package installs from the registries.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.installed
+
+# Nothing phones home: telemetry of every tool is off.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export BENTOML_DO_NOT_TRACK := true
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test install data repro lint typecheck clean help
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
+	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)  ## create .venv (if missing) and install the project
+
+data: $(STAMP)  ## fetch the demo data from the in-repo DVC remote
+	$(BIN)/dvc pull --quiet data.dvc
+
+demo: data  ## the main job: dvc repro on the demo data
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+test: $(STAMP)  ## the whole test suite
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest --slow
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check breastscan pipelines services tests load_tests
+	$(BIN)/mypy breastscan
+
+clean:  ## remove pipeline outputs (keeps data/ and the venv)
+	rm -rf artifacts reports/validation reports/prepare

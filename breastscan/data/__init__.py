@@ -1,0 +1,1 @@
+"""Datasets: synthetic phantoms with ground truth, adapters from public layouts to the manifest contract."""

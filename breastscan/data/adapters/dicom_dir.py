@@ -1,0 +1,217 @@
+"""DICOM folder adapter: a folder of DICOM files (MG / US) → the manifest contract.
+
+Source layout: any folder tree of DICOM files, with any extension or none (``.dcm``,
+``IM0001`` …); a file is taken as DICOM when it carries the ``DICM`` preamble or when
+pydicom can parse it as a bare dataset. Optionally a labels CSV keyed by file name::
+
+    file,density,pathology,mask
+    IM0001.dcm,3,benign,masks/IM0001_mask.png     (mask relative to the CSV's folder)
+
+Output (``out_dir``)::
+
+    images/<sub folders>/<stem>.png   16-bit gray (the decoded [0, 1] image × 65535)
+    manifest.csv                      modality from the Modality tag (MG/US) or the
+                                      override; group = HMAC of PatientID (pseudonymised);
+                                      laterality (L/R), source_file
+
+Privacy: patient names, IDs, birth dates, accession numbers and every other header field
+stay out of the manifest and of the log; only counts and file names are logged. The only
+header facts kept are the modality and the laterality.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from breastscan.data.adapters.generic import finish_manifest, image_size
+from breastscan.io import write_png
+from breastscan.labels import MODALITIES
+from breastscan.preprocessing import DICOM_MAGIC, ImageDecodeError
+
+logger = logging.getLogger(__name__)
+
+SKIP_SUFFIXES = frozenset({
+    ".csv", ".txt", ".md", ".json", ".yaml", ".yml", ".xml", ".html", ".pdf",
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".zip", ".gz", ".py",
+})
+"""Extensions never tried as DICOM (a folder often holds reports and previews too)."""
+
+LABEL_COLUMNS = ("density", "pathology", "mask")
+"""Columns a labels CSV may provide (anything else in it is ignored)."""
+
+
+def _candidates(source: Path, exclude: set[Path]) -> list[Path]:
+    out = []
+    for path in sorted(source.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() in SKIP_SUFFIXES or path.resolve() in exclude:
+            continue
+        if path.name.upper() == "DICOMDIR":
+            continue
+        out.append(path)
+    return out
+
+
+def _has_preamble(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == DICOM_MAGIC
+
+
+def _read_labels(labels_csv: Path) -> dict[str, dict[str, str]]:
+    if not labels_csv.is_file():
+        raise FileNotFoundError(f"labels CSV not found: {labels_csv}")
+    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    table.columns = [str(c).strip() for c in table.columns]
+    if "file" not in table.columns:
+        raise ValueError(f"labels CSV {labels_csv} needs a 'file' column (the DICOM file name)")
+    keys = table["file"].str.strip()
+    dups = sorted(set(keys[keys.duplicated()]))
+    if dups:
+        raise ValueError(f"labels CSV {labels_csv} lists files more than once: {', '.join(dups[:5])}")
+    cols = [c for c in LABEL_COLUMNS if c in table.columns]
+    return {
+        key: {c: str(row[c]).strip() for c in cols}
+        for key, (_, row) in zip(keys, table.iterrows(), strict=True)
+    }
+
+
+def convert_dicom(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    salt: str = "breastscan",
+    modality: str | None = None,
+) -> pd.DataFrame:
+    """Convert a folder of DICOM files into a dataset in the manifest contract.
+
+    Args:
+        source_dir: the folder to walk (recursively).
+        out_dir: the output dataset folder (created).
+        labels_csv: optional CSV with a ``file`` column (the DICOM file's path relative to
+            ``source_dir``, or just its name) and any of ``density``, ``pathology``,
+            ``mask`` (mask paths relative to the labels CSV's folder; referenced in place).
+        salt: the HMAC key that turns PatientID into the ``group`` id
+            (:func:`breastscan.dicom.pseudonymize`).
+        modality: ``mammography`` or ``ultrasound`` for every file, overriding the
+            Modality tag. Without it, files whose tag is neither MG nor US are skipped.
+
+    Returns:
+        The manifest written, one row per converted file (contract columns plus
+        ``laterality`` and ``source_file``).
+
+    Raises:
+        FileNotFoundError: ``source_dir`` or ``labels_csv`` does not exist, or a mask
+            named by the labels does not exist.
+        ValueError: an unknown ``modality``, an empty ``salt``, a labels CSV without a
+            ``file`` column or with duplicate keys, a labels mask whose size differs from
+            its image, or no file could be converted.
+    """
+    from breastscan.dicom import dataset_to_image, load_dataset, pseudonymize
+
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"DICOM source folder not found: {source_dir}")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if not salt:
+        raise ValueError("salt must be a non-empty string")
+    labels: dict[str, dict[str, str]] = {}
+    exclude: set[Path] = set()
+    labels_dir = Path(".")
+    if labels_csv is not None:
+        labels_csv = Path(labels_csv)
+        labels = _read_labels(labels_csv)
+        exclude.add(labels_csv.resolve())
+        labels_dir = Path(os.path.abspath(labels_csv.parent))
+    out_abs = Path(os.path.abspath(out_dir))
+
+    rows: list[dict[str, object]] = []
+    unreadable = skipped_modality = 0
+    used_labels: set[str] = set()
+    seen_outputs: set[str] = set()
+    for path in _candidates(source_dir, exclude):
+        rel = path.relative_to(source_dir)
+        try:
+            ds = load_dataset(path)
+            image = dataset_to_image(ds)
+            patient_id = str(ds.get("PatientID", "") or "").strip()
+            laterality = str(
+                ds.get("ImageLaterality", "") or ds.get("Laterality", "") or ""
+            ).strip().upper()
+        except ImageDecodeError as exc:
+            unreadable += 1
+            if _has_preamble(path):
+                logger.warning("unreadable DICOM %s: %s", rel.as_posix(), exc)
+            else:
+                logger.warning("not a readable DICOM file, skipped: %s", rel.as_posix())
+            continue
+        row_modality = modality or image.modality
+        if row_modality is None:
+            skipped_modality += 1
+            logger.warning("skipped %s: modality is neither MG nor US (pass modality= to "
+                           "override)", rel.as_posix())
+            continue
+
+        image_rel = (Path("images") / rel.parent / f"{rel.stem}.png").as_posix()
+        if image_rel in seen_outputs:  # a.dcm and a.DCM, or a and a.dcm, in one folder
+            image_rel = (Path("images") / rel.parent / f"{rel.name}.png").as_posix()
+        seen_outputs.add(image_rel)
+        u16 = np.clip(np.rint(image.pixels * 65535.0), 0, 65535).astype(np.uint16)
+        write_png(out_dir / image_rel, u16)
+
+        label = labels.get(rel.as_posix()) or labels.get(path.name)
+        if label is not None:
+            used_labels.add(rel.as_posix() if rel.as_posix() in labels else path.name)
+        label = label or {}
+        mask_rel = ""
+        if label.get("mask"):
+            mask_path = Path(label["mask"])
+            mask_path = mask_path if mask_path.is_absolute() else labels_dir / mask_path
+            if not mask_path.is_file():
+                raise FileNotFoundError(f"mask for {rel.as_posix()} not found: {mask_path}")
+            if image_size(mask_path) != u16.shape:
+                h, w = image_size(mask_path)
+                raise ValueError(
+                    f"mask {mask_path} is {w}x{h} but image {rel.as_posix()} is "
+                    f"{u16.shape[1]}x{u16.shape[0]}"
+                )
+            mask_rel = Path(os.path.relpath(mask_path, out_abs)).as_posix()
+
+        group = pseudonymize(patient_id, salt) if patient_id else (
+            "file-" + pseudonymize(rel.as_posix(), salt)
+        )
+        rows.append({
+            "image": image_rel,
+            "modality": row_modality,
+            "density": label.get("density", ""),
+            "pathology": label.get("pathology", ""),
+            "mask": mask_rel,
+            "group": group,
+            "laterality": laterality if laterality in ("L", "R") else "",
+            "source_file": rel.as_posix(),
+        })
+
+    unused = len(labels) - len(used_labels)
+    if unused:
+        logger.warning("%d label rows name no converted DICOM file", unused)
+    if not rows:
+        raise ValueError(
+            f"no DICOM image converted from {source_dir} ({unreadable} unreadable, "
+            f"{skipped_modality} skipped for modality)"
+        )
+    df = finish_manifest(rows, out_dir)
+    logger.info(
+        "DICOM: %d images converted (%s), %d unreadable, %d skipped (modality not MG/US), "
+        "%d distinct groups -> %s",
+        len(df), df["modality"].value_counts().to_dict(), unreadable, skipped_modality,
+        df["group"].nunique(), out_dir,
+    )
+    return df

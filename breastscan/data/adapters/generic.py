@@ -1,0 +1,343 @@
+"""Generic CSV adapter: any table of image paths and labels → the manifest contract.
+
+Source layout: one CSV file (or a folder holding ``manifest.csv``) with one row per image
+and any column names. Image and mask paths in it are relative to the CSV's folder (or
+absolute). Example, the derived BUSI pack in ``../shared/datasets/busi``::
+
+    image,mask,label,source_file,...,dup_group,...
+    images/benign/benign_0001.png,masks/benign/benign_0001_mask.png,benign,...,g001,...
+
+converted with ``columns={"label": "pathology", "dup_group": "group"}``,
+``modality="ultrasound"``; the mini-MIAS pack (``x``, ``y``, ``radius`` lesion centre in
+top-left pixel coordinates) with ``columns={"patient_id": "group"}``,
+``modality="mammography"``, ``roi=("x", "y", "radius")``.
+
+By default the output manifest references the source files in place (paths relative to
+the output folder), so nothing is duplicated; ``copy=True`` copies them under the output
+folder. Masks rasterised from ROI columns are always written under ``out_dir/masks/``.
+
+The helpers :func:`read_gray_u8` and :func:`finish_manifest` are shared by the other
+adapters of this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from breastscan.io import read_mask, write_mask
+from breastscan.manifest import CONTRACT_COLUMNS, MANIFEST_NAME, order_columns, write_manifest
+
+logger = logging.getLogger(__name__)
+
+PATH_COLUMNS = ("image", "mask")
+"""Contract columns holding file paths."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def read_gray_u8(path: str | Path) -> np.ndarray:
+    """Read an image file as 8-bit gray.
+
+    Args:
+        path: a PNG/JPEG/PGM/... file OpenCV can read.
+
+    Returns:
+        ``(H, W)`` uint8. 3/4-channel images are converted to gray (alpha dropped);
+        16-bit images are scaled by 255/65535.
+
+    Raises:
+        ValueError: when the file does not decode as an image (the message names it).
+    """
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"not a readable image: {path}")
+    if arr.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        arr = arr[:, :, 0] if arr.shape[2] == 1 else cv2.cvtColor(arr, code)
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {arr.dtype} in {path}")
+    return arr
+
+
+def finish_manifest(rows: list[dict[str, object]] | pd.DataFrame, out_dir: Path) -> pd.DataFrame:
+    """Add missing contract columns (empty), order the columns and write ``manifest.csv``.
+
+    Args:
+        rows: the converted rows.
+        out_dir: the output dataset folder.
+
+    Returns:
+        The frame written (contract columns first, then the extra columns).
+    """
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    df = df.copy()
+    for col in CONTRACT_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    df = order_columns(df).reset_index(drop=True)
+    write_manifest(df, out_dir)
+    return df
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Return ``(height, width)`` of an image file, from its header when possible."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+        return int(height), int(width)
+    except (UnidentifiedImageError, OSError):
+        from breastscan.preprocessing import decode_image
+
+        h, w = decode_image(path, min_side=1).shape
+        return int(h), int(w)
+
+
+def rasterise_circles(
+    shape: tuple[int, int], circles: list[tuple[float, float, float]]
+) -> np.ndarray:
+    """Draw filled circles into an all-zero mask.
+
+    Args:
+        shape: ``(H, W)`` of the mask.
+        circles: ``(col, row, radius)`` per circle, in pixels, origin at the top-left;
+            sub-pixel centres and radii are honoured (1/16 pixel).
+
+    Returns:
+        ``(H, W)`` uint8 with 255 inside any circle, 0 elsewhere.
+    """
+    mask = np.zeros(shape, np.uint8)
+    for col, row, radius in circles:
+        cv2.circle(
+            mask,
+            (round(col * 16), round(row * 16)),
+            max(1, round(radius * 16)),
+            255,
+            thickness=-1,
+            lineType=cv2.LINE_8,
+            shift=4,
+        )
+    return mask
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == ""
+
+
+def _to_float(value: object) -> float | None:
+    if _is_empty(value):
+        return None
+    try:
+        out = float(str(value).strip())
+    except ValueError:
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _inside(path: Path, folder: Path) -> Path | None:
+    """``path`` relative to ``folder`` when it lies inside it, else None."""
+    try:
+        rel = Path(os.path.relpath(path, folder))
+    except ValueError:  # another drive
+        return None
+    return None if rel.parts and rel.parts[0] == ".." else rel
+
+
+def _copy_target(src: Path, csv_dir: Path, out_dir: Path, kind: str) -> Path:
+    """Where ``copy=True`` puts a file: its layout under the CSV folder is mirrored."""
+    rel = _inside(src, csv_dir)
+    return out_dir / rel if rel is not None else out_dir / f"{kind}s" / src.name
+
+
+def _relative(path: Path, out_dir: Path) -> str:
+    return Path(os.path.relpath(path, out_dir)).as_posix()
+
+
+def convert_csv(
+    source_csv: str | Path,
+    out_dir: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    modality: str | None = None,
+    values: Mapping[str, Mapping[str, str]] | None = None,
+    roi: tuple[str, str, str] | None = None,
+    copy: bool = False,
+) -> pd.DataFrame:
+    """Convert a CSV with arbitrary column names into a dataset in the manifest contract.
+
+    Args:
+        source_csv: the CSV file, or a folder holding ``manifest.csv``.
+        out_dir: the output dataset folder (created); receives ``manifest.csv`` and, with
+            ``copy`` or ``roi``, the files.
+        columns: source column → contract column renames, e.g.
+            ``{"label": "pathology", "dup_group": "group"}``.
+        modality: modality written into every row whose ``modality`` is empty (or every
+            row when the CSV has no such column).
+        values: per contract column, value renames, e.g. ``{"density": {"F": "1"}}``;
+            values not listed are kept.
+        roi: ``(x_col, y_col, radius_col)`` source columns of a circular lesion (centre
+            column ``x``, row ``y``, radius, all in the image's pixels, origin at the
+            top-left). Each row gets ``masks/<image path>_mask.png``: the circle (united
+            with the row's own mask when it has one), or all zeros when the row has no
+            coordinates; a ``has_roi`` column says which.
+        copy: copy images and masks under ``out_dir`` (mirroring their layout under the
+            CSV's folder) instead of referencing them in place.
+
+    Returns:
+        The manifest written: contract columns first, then every other source column; all
+        values as text, empty cells as ``""`` (an empty ``group`` stays empty).
+
+    Raises:
+        FileNotFoundError: the CSV, or an image/mask it names, does not exist.
+        ValueError: a mapped column is missing, a rename collides with an existing
+            column, the ``image`` column is missing or has empty cells, the output would
+            overwrite the source CSV, or an existing mask's size differs from its image.
+    """
+    source_csv = Path(source_csv)
+    if source_csv.is_dir():
+        source_csv = source_csv / MANIFEST_NAME
+    if not source_csv.is_file():
+        raise FileNotFoundError(f"source CSV not found: {source_csv}")
+    out_dir = Path(out_dir)
+    target = out_dir / MANIFEST_NAME
+    if target.exists() and target.resolve() == source_csv.resolve():
+        raise ValueError(f"refusing to overwrite the source CSV {source_csv}: choose another out_dir")
+    csv_dir = Path(os.path.abspath(source_csv.parent))
+    out_abs = Path(os.path.abspath(out_dir))
+
+    df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)
+    df.columns = [str(c).strip() for c in df.columns]
+    if roi is not None:
+        roi = tuple(roi)  # type: ignore[assignment]
+        if len(roi) != 3:
+            raise ValueError(f"roi must name 3 columns (x, y, radius), got {roi!r}")
+        missing_roi = [c for c in roi if c not in df.columns]
+        if missing_roi:
+            raise ValueError(f"{source_csv}: ROI columns not found: {', '.join(missing_roi)}")
+        roi_values = df[list(roi)].copy()
+
+    columns = dict(columns or {})
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{source_csv}: columns to map not found: {', '.join(missing)} "
+            f"(columns are: {', '.join(df.columns)})"
+        )
+    targets = list(columns.values())
+    clash = [t for t in targets if t in df.columns and t not in columns]
+    dup_targets = {t for t in targets if targets.count(t) > 1}
+    if clash or dup_targets:
+        raise ValueError(
+            f"{source_csv}: mapping would create duplicate columns: "
+            f"{', '.join(sorted(set(clash) | dup_targets))}"
+        )
+    df = df.rename(columns=columns)
+
+    for col in CONTRACT_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
+
+    if modality is not None:
+        df.loc[df["modality"] == "", "modality"] = modality
+    for col, mapping in (values or {}).items():
+        if col not in df.columns:
+            raise ValueError(f"values given for unknown column {col!r}")
+        df[col] = df[col].map(lambda v, m=dict(mapping): m.get(v, v))
+
+    if (df["image"] == "").any():
+        bad = int((df["image"] == "").sum())
+        raise ValueError(f"{source_csv}: {bad} rows have no image path")
+
+    def src_path(value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else csv_dir / p
+
+    missing_files = [
+        v for col in PATH_COLUMNS for v in df[col] if v and not src_path(v).is_file()
+    ]
+    if missing_files:
+        raise FileNotFoundError(
+            f"{source_csv}: {len(missing_files)} referenced files do not exist, e.g. "
+            f"{', '.join(missing_files[:3])} (paths are relative to {csv_dir})"
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = [src_path(v) for v in df["image"]]
+    masks = [src_path(v) if v else None for v in df["mask"]]
+
+    new_images: list[str] = []
+    new_masks: list[str] = []
+    for img, msk in zip(images, masks, strict=True):
+        if copy:
+            dst = _copy_target(img, csv_dir, out_abs, "image")
+            _copy(img, dst)
+            new_images.append(_relative(dst, out_abs))
+            if msk is not None:
+                mdst = _copy_target(msk, csv_dir, out_abs, "mask")
+                _copy(msk, mdst)
+                new_masks.append(_relative(mdst, out_abs))
+            else:
+                new_masks.append("")
+        else:
+            new_images.append(_relative(img, out_abs))
+            new_masks.append(_relative(msk, out_abs) if msk is not None else "")
+    df["image"] = new_images
+    df["mask"] = new_masks
+
+    if roi is not None:
+        has_roi: list[bool] = []
+        for i, img in enumerate(images):
+            x, y, r = (_to_float(roi_values.iloc[i][c]) for c in roi)
+            circle = x is not None and y is not None and r is not None and r > 0
+            has_roi.append(bool(circle))
+            shape = image_size(img)
+            mask = rasterise_circles(shape, [(x, y, r)] if circle else [])  # type: ignore[list-item]
+            own_path = masks[i]
+            if own_path is not None:
+                own = read_mask(own_path)
+                if own.shape != shape:
+                    raise ValueError(
+                        f"mask {own_path} is {own.shape[1]}x{own.shape[0]} but its image "
+                        f"{img} is {shape[1]}x{shape[0]}"
+                    )
+                mask = np.where(own, 255, mask).astype(np.uint8)
+            rel = _inside(img, csv_dir)
+            stem = rel.with_suffix("") if rel is not None else Path(img.stem)
+            if len(stem.parts) > 1 and stem.parts[0] == "images":
+                stem = Path(*stem.parts[1:])  # images/a/b.png -> masks/a/b_mask.png
+            dst = out_abs / "masks" / f"{stem.as_posix()}_mask.png"
+            write_mask(dst, mask)
+            df.loc[df.index[i], "mask"] = _relative(dst, out_abs)
+        df["has_roi"] = has_roi
+        logger.info("rasterised %d circular ROIs into %s", sum(has_roi), out_dir / "masks")
+
+    out = finish_manifest(df, out_dir)
+    logger.info(
+        "converted %s: %d rows into %s (%s)", source_csv.name, len(out), out_dir,
+        "files copied" if copy else "files referenced in place",
+    )
+    return out
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and dst.resolve() == src.resolve():
+        return
+    shutil.copy2(src, dst)

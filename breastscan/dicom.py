@@ -1,0 +1,350 @@
+"""Reading DICOM images (mammography and ultrasound) into the platform's gray [0, 1] images.
+
+:func:`read_dicom` applies the display pipeline a viewer would apply before a radiologist
+sees the image: the Modality LUT (rescale slope/intercept or LUT), then the VOI LUT or
+window centre/width, then MONOCHROME1 inversion (so that a higher value is always
+brighter); colour images (RGB, YBR, palette) become gray and multi-frame files (cine
+ultrasound) give their first frame.
+
+:func:`pseudonymize` turns a PatientID into a keyed hash, the only form in which patient
+identity may enter a manifest. Nothing in this module logs or raises with a header value:
+error messages name the problem (and the transfer syntax), never a patient field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from breastscan.preprocessing import ImageDecodeError, to_float_gray
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+MODALITY_CODES: dict[str, str] = {"MG": "mammography", "US": "ultrasound"}
+"""DICOM Modality (0008,0060) codes understood by the platform, and their manifest names."""
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_COLOR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """A decoded DICOM image and the few header facts the platform needs.
+
+    Attributes:
+        pixels: ``(H, W)`` float32 in [0, 1], higher = brighter.
+        modality: ``"mammography"`` (MG), ``"ultrasound"`` (US), or ``None`` for any other
+            or missing Modality tag.
+        photometric: the PhotometricInterpretation as stored (e.g. ``"MONOCHROME1"``).
+        bits_stored: BitsStored (BitsAllocated when absent).
+        n_frames: NumberOfFrames (1 for a single-frame image); only frame 0 is decoded.
+    """
+
+    pixels: np.ndarray
+    modality: str | None
+    photometric: str
+    bits_stored: int
+    n_frames: int
+
+
+def _open_bytes(source: bytes | bytearray | memoryview | str | Path) -> tuple[bytes, str]:
+    """Return the raw bytes of ``source`` and a short description for messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "DICOM bytes"
+    path = Path(source)
+    if not path.is_file():
+        raise ImageDecodeError(f"file not found: {path}")
+    return path.read_bytes(), path.name
+
+
+def load_dataset(
+    source: bytes | bytearray | memoryview | str | Path, *, stop_before_pixels: bool = False
+) -> Dataset:
+    """Parse a DICOM file (Part 10 with preamble, or a bare dataset without one).
+
+    A file with the ``DICM`` preamble is read normally; a file without it is read with
+    ``force=True`` and accepted only when it yields recognisable image attributes (so that
+    arbitrary bytes are not mistaken for a dataset).
+
+    Args:
+        source: the file's bytes or its path.
+        stop_before_pixels: parse the header only (faster; no pixel data is read).
+
+    Returns:
+        The parsed :class:`pydicom.dataset.Dataset`.
+
+    Raises:
+        ImageDecodeError: the file is missing, not DICOM, or its header is corrupt.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    data, what = _open_bytes(source)
+    if not data:
+        raise ImageDecodeError(f"{what}: empty input, no bytes to decode")
+    with warnings.catch_warnings():
+        # pydicom warnings can quote element values (names, dates): keep them out of logs.
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            try:
+                ds = pydicom.dcmread(
+                    io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels
+                )
+                # Touch every element now: a forced read of garbage fails lazily otherwise.
+                keywords = {elem.keyword for elem in ds}
+            except Exception as exc:  # pydicom raises many types on garbage
+                raise ImageDecodeError(
+                    f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})"
+                ) from None
+            needed = {"Rows", "Columns", "SOPClassUID", *_PIXEL_KEYWORDS}
+            if not keywords & needed:
+                raise ImageDecodeError(f"{what}: not a DICOM file (no DICM preamble, no image "
+                                       "attributes)") from None
+        except Exception as exc:
+            raise ImageDecodeError(
+                f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})"
+            ) from None
+    if len(ds) == 0:
+        raise ImageDecodeError(f"{what}: corrupt DICOM file, no data elements could be read")
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a bare dataset (no file meta) the transfer syntax it was actually read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") is not None:
+        return
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit is None:
+        implicit, little = True, True
+    if implicit:
+        uid = ImplicitVRLittleEndian
+    else:
+        uid = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    meta.TransferSyntaxUID = uid
+
+
+def _transfer_syntax(ds: Dataset) -> Any:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return uid
+
+
+def _check_decodable(ds: Dataset) -> None:
+    """Refuse a compressed transfer syntax for which no decoder plugin is installed."""
+    from pydicom.pixels import get_decoder
+
+    uid = _transfer_syntax(ds)
+    if uid is None or not uid.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise ImageDecodeError(
+            f"compressed transfer syntax {uid.name} ({uid}) is not supported: no decoder exists"
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise ImageDecodeError(
+            f"compressed transfer syntax {uid.name} ({uid}) has no decoder available "
+            f"(install one of: {missing})"
+        )
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    try:
+        arr = pixel_array(ds, index=0)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        uid = _transfer_syntax(ds)
+        syntax = f" ({uid.name})" if uid is not None else ""
+        raise ImageDecodeError(
+            f"DICOM pixel data could not be decoded{syntax}: {type(exc).__name__}"
+        ) from None
+    return np.asarray(arr)
+
+
+def _voi_range(ds: Dataset) -> tuple[float, float] | None:
+    """Return the output range of the dataset's VOI transform, or None when it has none."""
+    from pydicom.pixels import apply_voi_lut
+
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        bits = int(seq[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center = ds.WindowCenter
+        width = ds.WindowWidth
+        center = float(center[0] if _is_multi(center) else center)
+        width = abs(float(width[0] if _is_multi(width) else width))
+        # Values far below / above the window map to the extremes of the output range.
+        probe = np.array([center - 100.0 * width - 1.0, center + 100.0 * width + 1.0])
+        out = apply_voi_lut(probe, ds)
+        return float(np.min(out)), float(np.max(out))
+    return None
+
+
+def _is_multi(value: Any) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")
+
+
+def _color_to_unit(arr: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` RGB → ``(H, W)`` float32 gray in [0, 1] (uint8 / 255, else min-max)."""
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ImageDecodeError(f"colour DICOM with unexpected pixel shape {tuple(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return to_float_gray(np.ascontiguousarray(arr[:, :, ::-1]))  # to_float_gray wants BGR
+    return to_float_gray(arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+
+
+def dataset_to_image(ds: Dataset) -> DicomImage:
+    """Decode a parsed dataset's first frame through the display pipeline.
+
+    Args:
+        ds: a dataset from :func:`load_dataset` (read with its pixel data).
+
+    Returns:
+        The :class:`DicomImage`; ``pixels`` is ``(H, W)`` float32 in [0, 1]. Windowed
+        images are scaled to the window's output range (values outside the window clip to
+        0 or 1); 8-bit images without a VOI transform are divided by 255; anything else is
+        min-max scaled.
+
+    Raises:
+        ImageDecodeError: no pixel data, an unavailable decoder, NaN/inf values, an
+            unsupported shape.
+    """
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not any(k in ds for k in _PIXEL_KEYWORDS):
+            raise ImageDecodeError("DICOM file has no pixel data")
+        _check_decodable(ds)
+        try:
+            photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+            bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            code = str(ds.get("Modality", "") or "").strip().upper()
+        except Exception as exc:
+            raise ImageDecodeError(f"corrupt DICOM image attributes ({type(exc).__name__})") from None
+
+        arr = _first_frame(ds)
+        if arr.ndim == 3 and samples == 1 and arr.shape[0] == n_frames:
+            arr = arr[0]  # a decoder that ignored ``index``
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+
+        try:
+            if photometric == "PALETTE COLOR":
+                pixels = _color_to_unit(np.asarray(apply_color_lut(arr, ds)))
+            elif samples == 3 or photometric in _COLOR_PHOTOMETRIC:
+                pixels = _color_to_unit(arr)
+            else:
+                if arr.ndim != 2:
+                    raise ImageDecodeError(
+                        f"expected a 2-D monochrome frame, got shape {tuple(arr.shape)}"
+                    )
+                pixels = _monochrome(arr, ds, photometric, apply_modality_lut, apply_voi_lut)
+        except ImageDecodeError:
+            raise
+        except Exception as exc:
+            raise ImageDecodeError(
+                f"DICOM LUT/windowing could not be applied ({type(exc).__name__})"
+            ) from None
+
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if not np.isfinite(pixels).all():
+        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+    return DicomImage(
+        pixels=pixels,
+        modality=MODALITY_CODES.get(code),
+        photometric=photometric,
+        bits_stored=bits_stored,
+        n_frames=n_frames,
+    )
+
+
+def _monochrome(
+    arr: np.ndarray, ds: Dataset, photometric: str, modality_lut: Any, voi_lut: Any
+) -> np.ndarray:
+    """Modality LUT → VOI LUT/window → MONOCHROME1 inversion → float32 [0, 1]."""
+    out = np.asarray(modality_lut(arr, ds))
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+    voi = _voi_range(ds)
+    if voi is not None:
+        out = np.asarray(voi_lut(out, ds), dtype=np.float64)
+        lo, hi = voi
+        if hi > lo:
+            scaled = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+            if photometric == "MONOCHROME1":
+                scaled = 1.0 - scaled
+            return scaled.astype(np.float32)
+    if photometric == "MONOCHROME1":
+        out = 255 - out if out.dtype == np.uint8 else -out.astype(np.float64)
+    return to_float_gray(out)
+
+
+def read_dicom(source: bytes | bytearray | memoryview | str | Path) -> DicomImage:
+    """Read a DICOM file into a gray image ready for :mod:`breastscan.preprocessing`.
+
+    Args:
+        source: the file's bytes (with or without the 128-byte preamble) or its path.
+
+    Returns:
+        A :class:`DicomImage` whose ``pixels`` are ``(H, W)`` float32 in [0, 1], higher =
+        brighter (MONOCHROME1 inverted), Modality LUT then VOI LUT/window applied, colour
+        converted to gray, first frame of a multi-frame file.
+
+    Raises:
+        ImageDecodeError: not DICOM or corrupt; "DICOM file has no pixel data"; compressed
+            transfer syntax without an installed decoder (the message names the syntax);
+            NaN/inf values.
+    """
+    return dataset_to_image(load_dataset(source))
+
+
+def pseudonymize(value: str, salt: str) -> str:
+    """Turn an identifier (a PatientID) into a keyed, non-reversible group id.
+
+    Args:
+        value: the identifier; surrounding whitespace is ignored.
+        salt: the secret key of the HMAC; the same key gives the same ids across runs,
+            another key gives unrelated ids.
+
+    Returns:
+        12 lowercase hex characters of HMAC-SHA256(salt, value).
+
+    Raises:
+        ValueError: on an empty value or an empty salt.
+    """
+    value = str(value).strip()
+    if not value:
+        raise ValueError("cannot pseudonymize an empty value")
+    if not salt:
+        raise ValueError("pseudonymize needs a non-empty salt (the HMAC key)")
+    return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:12]

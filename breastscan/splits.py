@@ -1,0 +1,279 @@
+"""Leak-free splits: near-duplicate grouping, label-conflict detection, grouped stratified splits.
+
+Real breast-imaging datasets repeat the same lesion under different file names (BUSI has
+145 near-duplicate groups) and sometimes file one scan under two labels. A random
+image-level split then puts the same scan in training and test. Here:
+
+1. every image gets a 64-bit perceptual (DCT) hash and a 64x64 thumbnail;
+2. pairs with a close hash *and* correlated thumbnails are near-duplicates;
+3. near-duplicates and the manifest's ``group`` (patient) are merged into one
+   ``dup_group`` (connected components);
+4. ``dup_group``\\s whose members disagree on a label are *conflicts*, reported and
+   optionally excluded;
+5. train / val / test are assigned per ``dup_group`` with scikit-learn's
+   ``StratifiedGroupKFold``, stratified on the combined labels, seeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from breastscan.config import DedupConfig, SplitConfig
+from breastscan.manifest import resolve
+from breastscan.preprocessing import decode_image
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+EXCLUDED = "excluded"
+THUMB = 64
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Perceptual fingerprints of a list of images.
+
+    Attributes:
+        hashes: ``(n,)`` uint64 DCT perceptual hashes (imagehash.phash, 8x8 bits).
+        thumbs: ``(n, 64*64)`` float32 thumbnails, zero-mean and unit-norm, so that a dot
+            product is the Pearson correlation.
+    """
+
+    hashes: np.ndarray
+    thumbs: np.ndarray
+
+
+def fingerprint(images: Sequence[np.ndarray]) -> Fingerprints:
+    """Compute perceptual hashes and normalised thumbnails.
+
+    Args:
+        images: ``(H, W)`` float32 gray images in [0, 1], any sizes.
+
+    Returns:
+        Their :class:`Fingerprints`.
+    """
+    import imagehash
+    from PIL import Image
+
+    hashes = np.zeros(len(images), dtype=np.uint64)
+    thumbs = np.zeros((len(images), THUMB * THUMB), dtype=np.float32)
+    for i, img in enumerate(images):
+        u8 = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        bits = imagehash.phash(Image.fromarray(u8), hash_size=8).hash.flatten()
+        hashes[i] = np.uint64(int("".join("1" if b else "0" for b in bits), 2))
+        t = cv2.resize(img, (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+        t = t - t.mean()
+        norm = float(np.linalg.norm(t))
+        thumbs[i] = t / norm if norm > 0 else t
+    return Fingerprints(hashes, thumbs)
+
+
+def near_duplicate_pairs(fp: Fingerprints, cfg: DedupConfig, block: int = 1024) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, whose hashes are within ``cfg.max_hamming`` bits and whose
+    thumbnails correlate at least ``cfg.min_correlation``.
+
+    Runs in blocks of rows so memory stays ``O(block * n)``.
+    """
+    n = len(fp.hashes)
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, n, block):
+        rows = fp.hashes[start : start + block]
+        dist = np.bitwise_count(rows[:, None] ^ fp.hashes[None, :])
+        ii, jj = np.nonzero(dist <= cfg.max_hamming)
+        ii = ii + start
+        keep = jj > ii
+        ii, jj = ii[keep], jj[keep]
+        if len(ii):
+            corr = np.einsum("ij,ij->i", fp.thumbs[ii], fp.thumbs[jj])
+            ok = corr >= cfg.min_correlation
+            pairs += list(zip(ii[ok].tolist(), jj[ok].tolist(), strict=True))
+    return pairs
+
+
+def merge_groups(groups: Sequence[str], pairs: Sequence[tuple[int, int]]) -> list[str]:
+    """Connected components over "same group" and "near-duplicate" links.
+
+    Args:
+        groups: the manifest's group of every row.
+        pairs: near-duplicate row pairs.
+
+    Returns:
+        One merged group name per row: the smallest original group name in its component.
+    """
+    parent = list(range(len(groups)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    first: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        union(i, first.setdefault(g, i))
+    for a, b in pairs:
+        union(a, b)
+    names: dict[int, str] = {}
+    for i, g in enumerate(groups):
+        r = find(i)
+        names[r] = min(names.get(r, g), g)
+    return [names[find(i)] for i in range(len(groups))]
+
+
+def label_conflicts(
+    df: pd.DataFrame, group_col: str, labels: Sequence[str]
+) -> dict[str, dict[str, list[str]]]:
+    """Groups whose members carry different values of any label column.
+
+    Returns:
+        ``{group: {label: sorted distinct values}}`` for every conflicting group.
+    """
+    out: dict[str, dict[str, list[str]]] = {}
+    for label in labels:
+        labelled = df.dropna(subset=[label])
+        values = labelled.groupby(group_col)[label].agg(lambda s: sorted({str(v) for v in s}))
+        for group, vals in values.items():
+            if len(vals) > 1:
+                out.setdefault(str(group), {})[label] = vals
+    return out
+
+
+def _strata(df: pd.DataFrame, stratify: Sequence[str]) -> np.ndarray:
+    key = df[list(stratify)].astype("string").fillna("?").agg("|".join, axis=1)
+    return key.to_numpy()
+
+
+def _one_fold(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of one held-out fold holding about ``fraction`` of the groups."""
+    n_groups = len(set(groups.tolist()))
+    n_splits = int(min(max(2, round(1.0 / fraction)), n_groups))
+    if n_splits < 2:
+        raise ValueError("need at least two groups to split")
+    # Rare strata trigger a warning from scikit-learn; they are still assigned.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(splitter.split(np.zeros(len(y)), y, groups))
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def assign_splits(y: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Assign each row to train, val or test, whole groups at a time.
+
+    Args:
+        y: ``(n,)`` stratum of each row (combined labels).
+        groups: ``(n,)`` group of each row; a group never spans two splits.
+        cfg: fractions and seed.
+
+    Returns:
+        ``(n,)`` array of ``"train"``, ``"val"``, ``"test"``.
+    """
+    split = np.full(len(y), "train", dtype=object)
+    test = _one_fold(y, groups, cfg.test_fraction, cfg.seed)
+    split[test] = "test"
+    rest = np.nonzero(~test)[0]
+    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
+    val = _one_fold(y[rest], groups[rest], val_share, cfg.seed + 1)
+    split[rest[val]] = "val"
+    return split
+
+
+def prepare_splits(
+    manifest: pd.DataFrame,
+    root: str | Path,
+    *,
+    labels: Sequence[str],
+    stratify: Sequence[str],
+    dedup: DedupConfig,
+    cfg: SplitConfig,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Group near-duplicates, find label conflicts and assign leak-free splits.
+
+    Args:
+        manifest: a validated, normalised manifest (see ``normalize_manifest``).
+        root: the dataset directory.
+        labels: label columns checked for conflicts.
+        stratify: label columns whose combination is balanced across splits.
+        dedup: near-duplicate thresholds.
+        cfg: split settings.
+
+    Returns:
+        The manifest with ``dup_group``, ``split`` (train/val/test/excluded) and
+        ``exclusion`` columns, and a JSON-able report of what was found.
+    """
+    root = Path(root)
+    images = [decode_image(resolve(root, p), min_side=1, max_side=10**6) for p in manifest["image"]]
+    fp = fingerprint(images)
+    pairs = near_duplicate_pairs(fp, dedup)
+    df = manifest.copy().reset_index(drop=True)
+    df["dup_group"] = merge_groups([str(g) for g in df["group"]], pairs)
+    conflicts = label_conflicts(df, "dup_group", labels)
+
+    df["exclusion"] = pd.Series([None] * len(df), dtype="string")
+    if cfg.exclude_label_conflicts and conflicts:
+        df.loc[df["dup_group"].isin(list(conflicts)), "exclusion"] = "label_conflict"
+    keep = df["exclusion"].isna().to_numpy()
+    split = np.full(len(df), EXCLUDED, dtype=object)
+    split[keep] = assign_splits(
+        _strata(df[keep], stratify), df.loc[keep, "dup_group"].to_numpy(), cfg
+    )
+    df["split"] = split
+
+    sizes = df.groupby("dup_group").size()
+    report: dict[str, Any] = {
+        "n_images": len(df),
+        "n_groups": int(df["group"].nunique()),
+        "n_dup_groups": int(df["dup_group"].nunique()),
+        "near_duplicate_pairs": len(pairs),
+        "merged_groups": int((sizes > 1).sum()),
+        "images_in_merged_groups": int(sizes[sizes > 1].sum()),
+        "label_conflict_groups": len(conflicts),
+        "excluded_images": int((~keep).sum()),
+        "splits": {
+            s: {
+                "images": int((df["split"] == s).sum()),
+                "groups": int(df.loc[df["split"] == s, "dup_group"].nunique()),
+                **{
+                    f"{col}={v}": int(n)
+                    for col in stratify
+                    for v, n in df.loc[df["split"] == s, col].dropna().value_counts().sort_index().items()
+                },
+            }
+            for s in SPLITS
+        },
+    }
+    details = {
+        "near_duplicate_pairs": [
+            [str(df.at[i, "image"]), str(df.at[j, "image"])] for i, j in pairs
+        ],
+        "label_conflicts": {
+            g: {"labels": v, "images": df.loc[df["dup_group"] == g, "image"].astype(str).tolist()}
+            for g, v in sorted(conflicts.items())
+        },
+    }
+    log.info(
+        "%d images, %d near-duplicate pairs, %d merged groups, %d label-conflict groups (%s), "
+        "split %s",
+        len(df), len(pairs), report["merged_groups"], len(conflicts),
+        "excluded" if cfg.exclude_label_conflicts else "kept",
+        {s: report["splits"][s]["images"] for s in SPLITS},
+    )
+    return df, {"summary": report, "details": details}

@@ -1,0 +1,12 @@
+"""Data validation: Great Expectations suites and image-level checks that stop bad data.
+
+:func:`validate_dataset` is the entry point: it reads a dataset's manifest, inspects every
+image and mask, runs the suites and returns a :class:`ValidationReport` whose JSON is the
+artefact of record and whose :meth:`~ValidationReport.summary` names each defect.
+"""
+
+from __future__ import annotations
+
+from breastscan.validation.runner import ValidationReport, validate_dataset
+
+__all__ = ["ValidationReport", "validate_dataset"]

@@ -1,0 +1,141 @@
+"""breastscan.dicom: the display pipeline (LUTs, windowing, MONOCHROME1), errors, pseudonyms."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from breastscan.dicom import DicomImage, pseudonymize, read_dicom
+from breastscan.preprocessing import ImageDecodeError, decode_image
+from tests.layouts import MONO1_BRIGHT, make_dicom_files
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dicom_files(tmp_path_factory.mktemp("dicom"))
+
+
+def test_monochrome1_is_inverted(dicom_dir: Path) -> None:
+    img = read_dicom(dicom_dir / "mg_mono1.dcm")
+    assert img.photometric == "MONOCHROME1"
+    assert img.modality == "mammography"
+    # The block stored LOW is bright in MONOCHROME1: it must come out as the brightest.
+    assert np.all(img.pixels[MONO1_BRIGHT] == pytest.approx(1.0))
+    outside = np.ones(img.pixels.shape, bool)
+    outside[MONO1_BRIGHT] = False
+    assert np.all(img.pixels[outside] == pytest.approx(0.0))
+
+
+def test_voi_window_is_applied_and_clips(dicom_dir: Path) -> None:
+    img = read_dicom(dicom_dir / "mg_mono2.dcm")
+    assert isinstance(img, DicomImage)
+    assert img.pixels.dtype == np.float32 and img.pixels.shape == (32, 48)
+    assert img.bits_stored == 12 and img.n_frames == 1
+    # Window 2000/1000: stored 500 (below) → 0, 3500 (above) → 1, the ramp in between.
+    assert np.all(img.pixels[:, :16] == 0.0)
+    assert np.all(img.pixels[:, 32:] == 1.0)
+    ramp = img.pixels[0, 16:32]
+    assert np.all(np.diff(ramp) >= 0) and 0.05 < ramp[0] < 0.2 and 0.8 < ramp[-1] < 0.95
+
+
+def test_rgb_ultrasound_becomes_gray(dicom_dir: Path) -> None:
+    img = read_dicom(dicom_dir / "us_rgb.dcm")
+    assert img.modality == "ultrasound" and img.pixels.shape == (24, 30)
+    assert img.pixels[0, 0] == pytest.approx(200 / 255, abs=1e-3)
+    assert img.pixels[0, -1] == pytest.approx(50 / 255, abs=1e-3)
+
+
+def test_multiframe_gives_first_frame_and_bare_dataset_reads(dicom_dir: Path) -> None:
+    img = read_dicom(dicom_dir / "IM0004")  # no preamble, no file meta, 3 frames
+    assert img.n_frames == 3 and img.pixels.shape == (20, 20)
+    assert np.all(img.pixels[:10] == 1.0) and np.all(img.pixels[10:] == 0.0)
+
+
+def test_other_modality_is_none(dicom_dir: Path) -> None:
+    assert read_dicom(dicom_dir / "ot_other.dcm").modality is None
+
+
+def test_no_pixel_data_is_a_clear_error(dicom_dir: Path) -> None:
+    with pytest.raises(ImageDecodeError, match="DICOM file has no pixel data"):
+        read_dicom(dicom_dir / "no_pixels.dcm")
+
+
+def test_garbage_is_not_dicom(dicom_dir: Path) -> None:
+    with pytest.raises(ImageDecodeError, match="not a DICOM file"):
+        read_dicom(dicom_dir / "garbage.dcm")
+    with pytest.raises(ImageDecodeError, match="corrupt DICOM"):
+        read_dicom(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        read_dicom(dicom_dir / "missing.dcm")
+
+
+def test_compressed_syntax_without_decoder_names_it() -> None:
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    ds.Rows, ds.Columns = 8, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 30])
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with pytest.raises(ImageDecodeError, match="JPEG-LS") as info:
+        read_dicom(buf.getvalue())
+    assert "no decoder available" in str(info.value)
+
+
+def test_nan_float_pixels_are_refused() -> None:
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows, ds.Columns = 4, 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = 32
+    arr = np.zeros((4, 4), np.float32)
+    arr[1, 1] = np.nan
+    ds.FloatPixelData = arr.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with pytest.raises(ImageDecodeError, match="NaN"):
+        read_dicom(buf.getvalue())
+
+
+def test_decode_image_reads_dicom_bytes(dicom_dir: Path) -> None:
+    data = (dicom_dir / "mg_mono2.dcm").read_bytes()
+    pixels = decode_image(data)
+    np.testing.assert_array_equal(pixels, read_dicom(data).pixels)
+    assert pixels.dtype == np.float32 and 0.0 <= pixels.min() <= pixels.max() <= 1.0
+    with pytest.raises(ImageDecodeError, match="smallest side"):
+        decode_image(data, min_side=64)
+
+
+def test_pseudonymize_is_deterministic_and_keyed() -> None:
+    a = pseudonymize("PID-1", "salt-a")
+    assert a == pseudonymize("PID-1", "salt-a") == pseudonymize("  PID-1 ", "salt-a")
+    assert len(a) == 12 and all(c in "0123456789abcdef" for c in a)
+    assert a != pseudonymize("PID-1", "salt-b")
+    assert a != pseudonymize("PID-2", "salt-a")
+    assert "PID" not in a
+    with pytest.raises(ValueError):
+        pseudonymize("", "salt")
+    with pytest.raises(ValueError):
+        pseudonymize("PID-1", "")

@@ -39,10 +39,13 @@ def synth(out: Path, seed: int, n_mammography: int, n_ultrasound: int,
     """Generate the synthetic mammography and ultrasound phantom datasets into OUT."""
     from breastscan.data.phantoms import generate_demo
 
-    frames = generate_demo(
-        out, seed=seed, n_mammography=n_mammography, n_ultrasound=n_ultrasound,
-        duplicate_rate=duplicate_rate, label_conflicts=label_conflicts,
-    )
+    try:
+        frames = generate_demo(
+            out, seed=seed, n_mammography=n_mammography, n_ultrasound=n_ultrasound,
+            duplicate_rate=duplicate_rate, label_conflicts=label_conflicts,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     for name, df in frames.items():
         click.echo(f"{out / name}: {len(df)} images, pathology {df['pathology'].value_counts().to_dict()}")
 

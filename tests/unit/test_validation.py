@@ -34,11 +34,13 @@ def dataset(tiny_phantoms, tmp_path) -> Path:
 
 
 def _edit(root: Path, row: int, **values: str | None) -> str:
+    """Overwrite cells of one manifest row; return the row's image path before the edit."""
     df = read_manifest(root)
+    before = str(df.loc[row, "image"])
     for k, v in values.items():
         df.loc[row, k] = v
     write_manifest(df, root)
-    return str(df.loc[row, "image"])
+    return before
 
 
 @pytest.mark.parametrize("modality", ["mammography", "ultrasound"])

@@ -8,8 +8,9 @@ image-level split then puts the same scan in training and test. Here:
 2. pairs with a close hash *and* correlated thumbnails are near-duplicates;
 3. near-duplicates and the manifest's ``group`` (patient) are merged into one
    ``dup_group`` (connected components);
-4. ``dup_group``\\s whose members disagree on a label are *conflicts*, reported and
-   optionally excluded;
+4. copies of one scan (``dup_cluster``: near-duplicate links only) that disagree on a
+   label are *conflicts*, reported and optionally excluded; two images of one patient
+   may rightly differ (a normal left breast, a malignant right one);
 5. train / val / test are assigned per ``dup_group`` with scikit-learn's
    ``StratifiedGroupKFold``, stratified on the combined labels, seeded.
 """
@@ -216,7 +217,9 @@ def prepare_splits(
         cfg: split settings.
 
     Returns:
-        The manifest with ``dup_group``, ``split`` (train/val/test/excluded) and
+        The manifest with ``dup_group`` (manifest groups merged through near-duplicate
+        links: the unit of splitting), ``dup_cluster`` (near-duplicate copies of one scan:
+        the unit of label-conflict checks), ``split`` (train/val/test/excluded) and
         ``exclusion`` columns, and a JSON-able report of what was found.
     """
     root = Path(root)
@@ -225,11 +228,14 @@ def prepare_splits(
     pairs = near_duplicate_pairs(fp, dedup)
     df = manifest.copy().reset_index(drop=True)
     df["dup_group"] = merge_groups([str(g) for g in df["group"]], pairs)
-    conflicts = label_conflicts(df, "dup_group", labels)
+    # Conflicts are sought among copies of one scan only: two images of one patient may
+    # rightly carry different labels (a normal left breast, a malignant right one).
+    df["dup_cluster"] = merge_groups([str(p) for p in df["image"]], pairs)
+    conflicts = label_conflicts(df, "dup_cluster", labels)
 
     df["exclusion"] = pd.Series([None] * len(df), dtype="string")
     if cfg.exclude_label_conflicts and conflicts:
-        df.loc[df["dup_group"].isin(list(conflicts)), "exclusion"] = "label_conflict"
+        df.loc[df["dup_cluster"].isin(list(conflicts)), "exclusion"] = "label_conflict"
     keep = df["exclusion"].isna().to_numpy()
     split = np.full(len(df), EXCLUDED, dtype=object)
     split[keep] = assign_splits(
@@ -265,7 +271,7 @@ def prepare_splits(
             [str(df.at[i, "image"]), str(df.at[j, "image"])] for i, j in pairs
         ],
         "label_conflicts": {
-            g: {"labels": v, "images": df.loc[df["dup_group"] == g, "image"].astype(str).tolist()}
+            g: {"labels": v, "images": df.loc[df["dup_cluster"] == g, "image"].astype(str).tolist()}
             for g, v in sorted(conflicts.items())
         },
     }

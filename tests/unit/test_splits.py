@@ -129,3 +129,21 @@ def test_prepare_splits_keeps_conflicts_when_asked(tiny_phantoms) -> None:
     )
     assert report["summary"]["label_conflict_groups"] >= 1
     assert (out["split"] != EXCLUDED).all()
+
+
+def test_patient_images_with_different_labels_are_not_conflicts(tiny_phantoms) -> None:
+    root = tiny_phantoms / "mammography"
+    manifest = normalize_manifest(read_manifest(root))
+    out, report = prepare_splits(
+        manifest, root, labels=["density", "pathology"], stratify=["pathology"],
+        dedup=DedupConfig(max_hamming=10, min_correlation=0.96),
+        cfg=SplitConfig(seed=1, exclude_label_conflicts=True),
+    )
+    two_breasts = out.groupby("group")["pathology"].nunique()
+    assert (two_breasts > 1).any()  # patients whose breasts differ exist...
+    conflict_ids = set(out.loc[out["planted"] == "label_conflict", "phantom_id"])
+    excluded = out[out["split"] == EXCLUDED]
+    assert set(excluded["phantom_id"]) == conflict_ids  # ...and only planted conflicts are excluded
+    assert report["summary"]["label_conflict_groups"] == len(conflict_ids)
+    kept = out[out["split"] != EXCLUDED]
+    assert (kept.groupby("group")["split"].nunique() == 1).all()

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from breastscan.labels import MODALITIES
+from breastscan.labels import MODALITIES, class_display_names
 from breastscan.manifest import LABEL_COLUMNS
+from breastscan.preprocessing import PreprocessSpec
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -62,6 +63,33 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation strengths; a zero (or ``False``) switches a transform off.
+
+    Attributes:
+        flip: random horizontal flips.
+        rotation_deg: maximum rotation in degrees, either way (zero fill outside the image).
+        brightness: maximum brightness shift as a fraction of the [0, 1] range.
+        contrast: maximum contrast change factor (``1 +- contrast``).
+        zoom: maximum zoom in or out as a fraction of the size (zero fill).
+    """
+
+    flip: bool = True
+    rotation_deg: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    zoom: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rotation_deg <= 180.0:
+            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        for field_name in ("brightness", "contrast", "zoom"):
+            value = getattr(self, field_name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{field_name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
 class ValidationRules:
     """Thresholds of the validation stage.
 
@@ -102,6 +130,135 @@ class SplitConfig:
             raise ValueError("test_fraction + val_fraction leaves too little for training")
 
 
+TASKS: tuple[str, ...] = ("classification", "segmentation")
+IMBALANCE: tuple[str, ...] = ("none", "class_weight", "balanced_sampling")
+DISTRIBUTION: tuple[str, ...] = ("none", "mirrored", "multi_worker")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Quality gates a version must pass to be promoted (``breastscan promote``).
+
+    Attributes:
+        floors: metric name -> smallest accepted value on the test split (absolute floors).
+        max_regression: largest accepted drop of each floored metric (and the headline
+            metric) versus the version currently in the target stage, on the same split.
+    """
+
+    floors: dict[str, float] = field(default_factory=dict)
+    max_regression: float = 0.02
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model declared under ``models:`` in params.yaml; another model needs only params.
+
+    Attributes:
+        name: key in params.yaml; the registered model is ``breastscan-<name>``.
+        task: ``classification`` or ``segmentation``.
+        dataset: key of the dataset under ``datasets:``.
+        label: manifest column learnt (``density`` / ``pathology``; ``mask`` for segmentation).
+        classes: manifest values in class-index order (classification), e.g. ``[1, 2, 3, 4]``.
+        class_names: display names in the same order (default: from :mod:`breastscan.labels`).
+        backbone: ``compact`` or a keras.applications name (see ``breastscan.models.BACKBONES``).
+        weights: ``none``, ``imagenet`` or a path of saved weights.
+        freeze: backbone layers frozen for fine-tuning (int count or float fraction).
+        dropout: dropout rate before the output layer.
+        base_filters: U-Net filters of the first level (segmentation).
+        depth: U-Net down-sampling steps (segmentation); input sides divisible by ``2**depth``.
+        preprocess: the preprocessing spec (input size included) saved with the model.
+        epochs: maximum training epochs.
+        batch_size: images per step (global batch under a distribution strategy).
+        learning_rate: Adam learning rate.
+        patience: early-stopping patience in epochs on the validation loss (0 = off).
+        augment: augmentation strengths, applied to training batches only.
+        imbalance: ``none``, ``class_weight`` (inverse frequency) or ``balanced_sampling``.
+        seed: seed of weight initialisation, shuffling and augmentation.
+        distribution: ``none``, ``mirrored`` (several local devices) or ``multi_worker``
+            (``TF_CONFIG`` across hosts).
+        threshold: probability above which a pixel is lesion (segmentation).
+        headline: the metric with a bootstrap CI, used for promotion comparisons.
+        gates: promotion quality gates.
+    """
+
+    name: str
+    task: str
+    dataset: str
+    label: str
+    classes: tuple[Any, ...] = ()
+    class_names: tuple[str, ...] = ()
+    backbone: str = "compact"
+    weights: str = "none"
+    freeze: float | int = 0
+    dropout: float = 0.2
+    base_filters: int = 16
+    depth: int = 4
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 5
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    imbalance: str = "class_weight"
+    seed: int = 0
+    distribution: str = "none"
+    threshold: float = 0.5
+    headline: str = "accuracy"
+    gates: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        where = f"models.{self.name}"
+        if self.task not in TASKS:
+            raise ValueError(f"{where}.task must be one of {TASKS}, got {self.task!r}")
+        if self.imbalance not in IMBALANCE:
+            raise ValueError(f"{where}.imbalance must be one of {IMBALANCE}, got {self.imbalance!r}")
+        if self.distribution not in DISTRIBUTION:
+            raise ValueError(f"{where}.distribution must be one of {DISTRIBUTION}, got {self.distribution!r}")
+        if self.task == "classification":
+            if self.label not in LABEL_COLUMNS:
+                raise ValueError(f"{where}.label must be one of {LABEL_COLUMNS}, got {self.label!r}")
+            if len(self.classes) < 2:
+                raise ValueError(f"{where}.classes needs at least two values")
+            if len(set(map(str, self.classes))) != len(self.classes):
+                raise ValueError(f"{where}.classes has repeated values")
+            if not self.class_names:
+                object.__setattr__(self, "class_names", class_display_names(self.label, self.classes))
+            if len(self.class_names) != len(self.classes):
+                raise ValueError(f"{where}: class_names and classes differ in length")
+        else:
+            if self.label != "mask":
+                raise ValueError(f"{where}.label must be 'mask' for segmentation")
+            step = 2 ** self.depth
+            if self.preprocess.height % step or self.preprocess.width % step:
+                raise ValueError(f"{where}: input {self.preprocess.height}x{self.preprocess.width} "
+                                 f"must be divisible by 2**depth = {step}")
+            object.__setattr__(self, "class_names", ("lesion",))
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError(f"{where}: epochs, batch_size and learning_rate must be positive")
+
+    @property
+    def registered_name(self) -> str:
+        """Name of the model in the MLflow registry."""
+        return f"breastscan-{self.name}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(H, W, 1)`` of one model input."""
+        return (self.preprocess.height, self.preprocess.width, 1)
+
+    def class_index(self, value: Any) -> int:
+        """Index of a manifest label value (compared as text: ``"2"`` matches ``2``).
+
+        Raises:
+            KeyError: the value is not one of :attr:`classes`.
+        """
+        text = str(value)
+        for i, c in enumerate(self.classes):
+            if str(c) == text:
+                return i
+        raise KeyError(f"{self.label}={value!r} is not a class of model {self.name} {list(self.classes)}")
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in params.yaml that the stages read."""
@@ -110,6 +267,15 @@ class Params:
     validate: ValidationRules
     prepare: SplitConfig
     raw: dict[str, Any]
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelConfig:
+        """The model declared under ``models.<name>``; KeyError lists the known names."""
+        try:
+            return self.models[name]
+        except KeyError:
+            known = sorted(self.models)
+            raise KeyError(f"unknown model {name!r}; params.yaml declares {known}") from None
 
     def dataset(self, name: str) -> DatasetConfig:
         """The dataset declared under ``datasets.<name>``; KeyError lists the known names."""
@@ -141,6 +307,31 @@ def _no_extra(where: str, raw: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> ModelConfig:
+    raw = dict(raw)
+    where = f"models.{name}"
+    if raw.get("dataset") not in datasets:
+        raise ValueError(f"params.yaml: {where}.dataset {raw.get('dataset')!r} is not under datasets: "
+                         f"{sorted(datasets)}")
+    gates = dict(raw.pop("gates", {}) or {})
+    gate = GateConfig(floors={str(k): float(v) for k, v in (gates.pop("floors", {}) or {}).items()},
+                      max_regression=float(gates.pop("max_regression", 0.02)))
+    _no_extra(f"{where}.gates", gates)
+    try:
+        preprocess = PreprocessSpec.from_dict(dict(raw.pop("preprocess", {}) or {}))
+        augment = AugmentConfig(**(raw.pop("augment", {}) or {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"params.yaml: {where}: {exc}") from None
+    known = {f for f in ModelConfig.__dataclass_fields__} - {"name", "preprocess", "augment", "gates"}
+    _no_extra(where, {k: v for k, v in raw.items() if k not in known})
+    for key in ("classes", "class_names"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    if "weights" in raw:
+        raw["weights"] = str(raw["weights"]).lower() if raw["weights"] is not None else "none"
+    return ModelConfig(name=name, preprocess=preprocess, augment=augment, gates=gate, **raw)
+
+
 def parse_params(raw: dict[str, Any]) -> Params:
     """Build :class:`Params` from an already-loaded params mapping.
 
@@ -148,11 +339,13 @@ def parse_params(raw: dict[str, Any]) -> Params:
         ValueError: on unknown or invalid keys, with the offending section named.
     """
     datasets = {name: _dataset(name, cfg) for name, cfg in (raw.get("datasets") or {}).items()}
+    models = {name: _model(name, cfg, datasets) for name, cfg in (raw.get("models") or {}).items()}
     return Params(
         datasets=datasets,
         validate=ValidationRules(**(raw.get("validate") or {})),
         prepare=SplitConfig(**(raw.get("prepare") or {})),
         raw=raw,
+        models=models,
     )
 
 

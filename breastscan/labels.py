@@ -6,7 +6,8 @@ tuples; nothing else spells a class name.
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 MODALITIES: Final = ("mammography", "ultrasound")
 """Imaging modalities of the manifest's ``modality`` column."""
@@ -25,3 +26,18 @@ BIRADS_DENSITY: Final = ("A", "B", "C", "D")
 
 MIAS_DENSITY: Final = ("F", "G", "D")
 """mini-MIAS background tissue: fatty, fatty-glandular, dense-glandular (density 1-3)."""
+
+
+def class_display_names(label: str, classes: Sequence[Any]) -> tuple[str, ...]:
+    """Display names of a model's classes, in the order of ``classes``.
+
+    Density levels 1-4 are shown as BI-RADS A-D; every other value as its own text.
+
+    Args:
+        label: the manifest column the classes come from (``density``, ``pathology``).
+        classes: the manifest values, e.g. ``[1, 2, 3, 4]`` or ``["benign", "malignant"]``.
+    """
+    if label == "density":
+        names = dict(zip((str(d) for d in DENSITY_LEVELS), BIRADS_DENSITY, strict=True))
+        return tuple(names.get(str(c), str(c)) for c in classes)
+    return tuple(str(c) for c in classes)

@@ -422,7 +422,9 @@ def generate_dataset(
 
     # Planted near-duplicates; conflicts come from lesion rows so that the mask stays true.
     lesion_rows = [i for i in range(n_orig) if pathology[i] != "normal"]
-    conflict_src = list(rng.choice(lesion_rows, size=label_conflicts, replace=False)) if label_conflicts else []
+    conflict_src: list[int] = []
+    if label_conflicts:
+        conflict_src = [int(i) for i in rng.choice(lesion_rows, size=label_conflicts, replace=False)]
     others = [i for i in range(n_orig) if i not in set(conflict_src)]
     dup_src = conflict_src + list(rng.choice(others, size=n_dup - label_conflicts, replace=False))
     for k, src in enumerate(dup_src):

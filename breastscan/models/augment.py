@@ -13,38 +13,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import keras
 from keras import ops
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentation strengths; a zero (or ``False``) switches a transform off.
-
-    Attributes:
-        flip: random horizontal flips.
-        rotation_deg: maximum rotation in degrees, either way (zero fill outside the image).
-        brightness: maximum brightness shift as a fraction of the [0, 1] range.
-        contrast: maximum contrast change factor (``1 +- contrast``).
-        zoom: maximum zoom in or out as a fraction of the size (zero fill).
-    """
-
-    flip: bool = True
-    rotation_deg: float = 10.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-    zoom: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rotation_deg <= 180.0:
-            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
-        for field_name in ("brightness", "contrast", "zoom"):
-            value = getattr(self, field_name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{field_name} must be in [0, 1), got {value}")
+from breastscan.config import AugmentConfig
 
 
 def _seed(seed: int | None, offset: int) -> int | None:

@@ -1,0 +1,225 @@
+"""A trained model with everything needed to use it: the one object training, evaluation,
+the registry and the service share.
+
+On disk a bundle is a directory::
+
+    model.keras        the Keras model (logits out: "logits" or "mask_logits")
+    preprocess.json    the PreprocessSpec used in training (breastscan.preprocessing)
+    contract.json      ModelContract: task, label, classes, class names, input shape,
+                       calibration temperature, mask threshold, spec id
+
+:meth:`ModelBundle.predict` is the only place logits become served probabilities
+(temperature-scaled softmax for classifiers, sigmoid for masks), and
+:meth:`ModelBundle.prepare` the only place raw images become model input, both through
+:mod:`breastscan.preprocessing`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from breastscan.metrics import apply_temperature, sigmoid
+from breastscan.preprocessing import Letterbox, PreprocessSpec, preprocess_image
+
+if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay cheap
+    import keras
+
+    from breastscan.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+CONTRACT_FILE = "contract.json"
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What a model takes and returns, saved as ``contract.json`` beside it.
+
+    Attributes:
+        name: model name in params.yaml (``density``, ``tumor``, ``lesion`` ...).
+        task: ``classification`` or ``segmentation``.
+        label: manifest column learnt (``density``, ``pathology``, ``mask``).
+        classes: manifest values in class-index order (text), empty for segmentation.
+        class_names: display names in class-index order (``("lesion",)`` for segmentation).
+        input_shape: ``(H, W, 1)`` of one model input.
+        dataset: dataset key the model was trained on.
+        modality: modality of that dataset.
+        temperature: calibration temperature applied to the logits (1.0 = uncalibrated).
+        threshold: mask probability above which a pixel is lesion (segmentation).
+        spec_id: id of the preprocessing spec (must match ``preprocess.json``).
+        extra: free-form facts (training data hash, run id ...).
+    """
+
+    name: str
+    task: str
+    label: str
+    classes: tuple[str, ...]
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    dataset: str
+    modality: str
+    temperature: float = 1.0
+    threshold: float = 0.5
+    spec_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of the contract."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelContract:
+        """Build a contract from :meth:`to_dict` output (unknown keys rejected)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown contract keys: {', '.join(unknown)}")
+        data = dict(data)
+        for key in ("classes", "class_names", "input_shape"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, modality: str) -> ModelContract:
+        """The contract of a model declared in params.yaml (before calibration)."""
+        return cls(
+            name=cfg.name, task=cfg.task, label=cfg.label,
+            classes=tuple(str(c) for c in cfg.classes), class_names=tuple(cfg.class_names),
+            input_shape=cfg.input_shape, dataset=cfg.dataset, modality=modality,
+            threshold=cfg.threshold, spec_id=cfg.preprocess.spec_id,
+        )
+
+
+@dataclass
+class ModelBundle:
+    """A Keras model with its preprocessing spec and contract.
+
+    Attributes:
+        model: maps ``(batch, H, W, 1)`` float32 in [0, 1] to logits: ``(batch, k)`` for
+            a classifier, ``(batch, H, W, 1)`` for a segmenter.
+        spec: the preprocessing applied to every input.
+        contract: classes, calibration and threshold.
+    """
+
+    model: keras.Model
+    spec: PreprocessSpec
+    contract: ModelContract
+
+    def __post_init__(self) -> None:
+        if self.contract.spec_id and self.contract.spec_id != self.spec.spec_id:
+            raise ValueError(f"model {self.contract.name}: contract spec_id {self.contract.spec_id} "
+                             f"does not match preprocess spec {self.spec.spec_id}")
+        if tuple(self.contract.input_shape[:2]) != (self.spec.height, self.spec.width):
+            raise ValueError(f"model {self.contract.name}: input shape {self.contract.input_shape} "
+                             f"does not match preprocess size {self.spec.height}x{self.spec.width}")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.keras``, ``preprocess.json`` and ``contract.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save(directory / MODEL_FILE)
+        self.spec.save(directory)
+        write_contract(self.contract, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, compile: bool = False) -> ModelBundle:
+        """Read a bundle written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: a bundle file is missing.
+            ValueError: the contract and the spec disagree.
+        """
+        import keras
+
+        import breastscan.models  # noqa: F401  (registers custom layers, losses, metrics)
+
+        directory = Path(directory)
+        if not (directory / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"no {MODEL_FILE} in {directory}")
+        model = keras.models.load_model(directory / MODEL_FILE, compile=compile)
+        return cls(model=model, spec=PreprocessSpec.load(directory), contract=read_contract(directory))
+
+    def with_temperature(self, temperature: float) -> ModelBundle:
+        """The same bundle with a new calibration temperature (> 0)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        return replace(self, contract=replace(self.contract, temperature=float(temperature)))
+
+    # ------------------------------------------------------------------ inference
+    def prepare(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
+        """Preprocess decoded images into one model batch.
+
+        Args:
+            images: ``(H, W)`` / ``(H, W, C)`` arrays of any size and dtype
+                (see :func:`breastscan.preprocessing.preprocess_image`).
+
+        Returns:
+            ``(batch, H', W', 1)`` float32 in [0, 1] at the model size, and the letterbox
+            geometry of each image (to map masks back to the original size).
+        """
+        out = [preprocess_image(img, self.spec) for img in images]
+        h, w, _ = self.contract.input_shape
+        batch = np.stack([x for x, _ in out]) if out else np.zeros((0, h, w, 1), np.float32)
+        return batch.astype(np.float32, copy=False), [box for _, box in out]
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs of a preprocessed batch (``predict_on_batch``, no per-call overhead).
+
+        Args:
+            batch: ``(n, H, W, 1)`` float32 in [0, 1].
+
+        Returns:
+            ``(n, k)`` logits, or ``(n, H, W, 1)`` mask logits.
+        """
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = tuple(self.contract.input_shape)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"model {self.contract.name} takes (n, {', '.join(map(str, expected))}), "
+                             f"got {batch.shape}")
+        if len(batch) == 0:
+            k = len(self.contract.classes)
+            return np.zeros((0, k) if self.contract.task == "classification" else (0, *expected), np.float32)
+        return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Served probabilities of raw logits: calibrated softmax, or per-pixel sigmoid."""
+        if self.contract.task == "classification":
+            return apply_temperature(np.asarray(logits, np.float64), self.contract.temperature).astype(np.float32)
+        return sigmoid(np.asarray(logits, np.float32))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of a preprocessed batch.
+
+        Args:
+            batch: ``(n, H, W, 1)`` float32 in [0, 1] (from :meth:`prepare`).
+
+        Returns:
+            ``(n, k)`` calibrated class probabilities (rows sum to 1), or
+            ``(n, H, W, 1)`` lesion probabilities in [0, 1].
+        """
+        return self.probabilities(self.logits(batch))
+
+
+def write_contract(contract: ModelContract, directory: str | Path) -> Path:
+    """Write ``contract.json`` into ``directory``."""
+    path = Path(directory) / CONTRACT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_contract(directory: str | Path) -> ModelContract:
+    """Read ``contract.json`` from a bundle directory (no Keras import)."""
+    path = Path(directory) / CONTRACT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONTRACT_FILE} in {directory}")
+    return ModelContract.from_dict(json.loads(path.read_text()))

@@ -193,7 +193,8 @@ class ModelBundle:
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Served probabilities of raw logits: calibrated softmax, or per-pixel sigmoid."""
         if self.contract.task == "classification":
-            return apply_temperature(np.asarray(logits, np.float64), self.contract.temperature).astype(np.float32)
+            probs = apply_temperature(np.asarray(logits, np.float64), self.contract.temperature)
+            return probs.astype(np.float32)
         return sigmoid(np.asarray(logits, np.float32))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -318,10 +318,11 @@ def enhance(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         u16 = np.clip(np.rint(out * 65535.0), 0, 65535).astype(np.uint16)
         grid = max(1, int(spec.clahe_tile_grid))
         clahe = cv2.createCLAHE(clipLimit=float(spec.clahe_clip_limit), tileGridSize=(grid, grid))
-        out = clahe.apply(u16).astype(np.float32) / 65535.0
+        out = np.asarray(clahe.apply(u16), dtype=np.float32) / np.float32(65535.0)
     if spec.unsharp and spec.unsharp_amount > 0:
         blurred = cv2.GaussianBlur(out, (0, 0), sigmaX=float(spec.unsharp_sigma))
-        out = cv2.addWeighted(out, 1.0 + spec.unsharp_amount, blurred, -spec.unsharp_amount, 0.0)
+        out = np.asarray(cv2.addWeighted(out, 1.0 + spec.unsharp_amount, blurred, -spec.unsharp_amount, 0.0),
+                         dtype=np.float32)
         out = np.clip(out, 0.0, 1.0)
     return out
 

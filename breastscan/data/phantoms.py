@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -279,8 +280,8 @@ def ultrasound_phantom(
         mask = _blob(rng, (h, w), (cy, cx), radii, angle, irregular)
         soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.0 if pathology == "benign" else 1.8)
         echo *= 1.0 - soft * rng.uniform(0.6, 0.85)
-        cols = mask.any(axis=0)
-        bottom = np.where(mask.any(axis=1))[0].max() if mask.any() else h
+        cols = np.asarray(mask.any(axis=0))
+        bottom = int(np.nonzero(mask.any(axis=1))[0].max()) if mask.any() else h
         below = (yy > bottom) & cols[None, :]
         below = cv2.GaussianBlur(below.astype(np.float32), (0, 0), 2.0)
         if pathology == "malignant":
@@ -293,8 +294,8 @@ def ultrasound_phantom(
     # Depth attenuation with imperfect time-gain compensation.
     echo *= np.exp(-rng.uniform(0.2, 0.9) * yy / h)
     # Multiplicative speckle: Rayleigh-distributed, with a small correlation length.
-    speckle = rng.rayleigh(1.0, (h, w)).astype(np.float32)
-    speckle = cv2.GaussianBlur(speckle, (0, 0), sigmaX=rng.uniform(0.6, 1.2), sigmaY=0.5)
+    speckle = cv2.GaussianBlur(rng.rayleigh(1.0, (h, w)).astype(np.float32), (0, 0),
+                               sigmaX=rng.uniform(0.6, 1.2), sigmaY=0.5)
     image = echo * speckle / np.sqrt(np.pi / 2.0)
     image = np.clip(image * rng.uniform(0.8, 1.1), 0.0, 1.0) ** rng.uniform(0.8, 1.2)
     return (image * 255.0).round().astype(np.uint8), mask
@@ -317,7 +318,7 @@ def _perturb(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> t
     """A near-duplicate of an image: a re-export with a one-pixel shift, a gain change and noise."""
     h, w = image.shape
     dx, dy = rng.integers(-1, 2, size=2)
-    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    m = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
     moved = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     moved_mask = cv2.warpAffine(mask.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
     out = moved.astype(np.float32) * rng.uniform(0.95, 1.05) + rng.normal(0, 2.0, (h, w))
@@ -385,7 +386,7 @@ def generate_dataset(
     prefix = "mg" if mammo else "us"
 
     # Patients: mammography patients contribute one or two breasts that share the density.
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     if mammo:
         n_patients = int(np.ceil(n_orig / rng.uniform(1.4, 1.6)))
         sizes = np.ones(n_patients, int)
@@ -399,7 +400,7 @@ def generate_dataset(
     else:
         rows = [{"patient": i, "density": None, "laterality": ""} for i in range(n_orig)]
 
-    records: list[dict[str, object]] = []
+    records: list[dict[str, Any]] = []
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i in range(n_orig):
         r = rows[i]

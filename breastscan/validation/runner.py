@@ -196,8 +196,8 @@ def _mask_facts(manifest: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
     normal = manifest["pathology"] == "normal"
     has_mask = manifest["mask"].notna() & (facts["mask_exists"] == True)  # noqa: E712
     out = pd.DataFrame(index=manifest.index)
-    out["mask_present"] = np.where(lesion, has_mask, None)
-    out["normal_mask_empty"] = np.where(normal & has_mask, facts["mask_empty"] == True, None)  # noqa: E712
+    out["mask_present"] = has_mask.astype(object).where(lesion, None)
+    out["normal_mask_empty"] = (facts["mask_empty"] == True).astype(object).where(normal & has_mask, None)  # noqa: E712
     return out
 
 
@@ -254,7 +254,7 @@ def validate_dataset(
             for f in _failures(res, counts, None):
                 # Name the classes that are too small rather than their row numbers.
                 small = counts[counts["count"] < rules.min_class_count]
-                f.rows = small.to_dict("records")
+                f.rows = [{str(k): v for k, v in rec.items()} for rec in small.to_dict("records")]
                 failures.append(f)
         label_counts = {
             col: {str(k): int(v) for k, v in manifest[col].dropna().value_counts().sort_index().items()}

@@ -27,9 +27,10 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
-    a = generate_dataset(tmp_path / "a", "ultrasound", n_images=12, seed=4, duplicate_rate=0.2, label_conflicts=1)
-    b = generate_dataset(tmp_path / "b", "ultrasound", n_images=12, seed=4, duplicate_rate=0.2, label_conflicts=1)
-    c = generate_dataset(tmp_path / "c", "ultrasound", n_images=12, seed=5, duplicate_rate=0.2, label_conflicts=1)
+    opts = {"n_images": 12, "duplicate_rate": 0.2, "label_conflicts": 1}
+    a = generate_dataset(tmp_path / "a", "ultrasound", seed=4, **opts)
+    b = generate_dataset(tmp_path / "b", "ultrasound", seed=4, **opts)
+    generate_dataset(tmp_path / "c", "ultrasound", seed=5, **opts)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert a.equals(b)
     da, dc = _digest(tmp_path / "a"), _digest(tmp_path / "c")

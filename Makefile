@@ -17,7 +17,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data repro lint typecheck clean help
+.PHONY: demo test install data lint clean help mlflow-ui
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,5 +43,9 @@ lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check breastscan pipelines services tests load_tests
 	$(BIN)/mypy breastscan
 
-clean:  ## remove pipeline outputs (keeps data/ and the venv)
-	rm -rf artifacts reports/validation reports/prepare
+mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs and registered models)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)}"
+
+clean:  ## remove pipeline outputs and the local MLflow store (keeps data/ and the venv)
+	rm -rf artifacts reports/validation reports/prepare reports/models reports/summary.md mlflow.db mlartifacts

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+import numpy as np
 
 from breastscan.logs import configure_logging
 
@@ -141,3 +143,93 @@ def validate(root: Path | None, dataset: str | None, params: Path, modality: str
         result.write(report)
     click.echo(result.summary())
     sys.exit(0 if result.success else 1)
+
+
+def _score_on_workspace_split(cfg: Any, params: Any, expected_split: str | None) -> Any:
+    """An ``evaluate(bundle) -> metrics`` callback scoring on this checkout's test split."""
+    from breastscan.datasets import load_split
+    from breastscan.metrics import classification_report, segmentation_report
+    from breastscan.splits import split_id
+
+    dataset = params.dataset(cfg.dataset)
+    splits = Path("artifacts/prepared") / dataset.name / "splits.csv"
+
+    def evaluate(bundle: Any) -> dict[str, Any]:
+        if not splits.is_file():
+            raise click.ClickException(f"{splits} is missing: run `dvc repro prepare@{dataset.name}` first")
+        here = split_id(splits, "test")
+        if expected_split and here != expected_split:
+            raise click.ClickException(
+                f"the test split here ({here}) is not the one the candidate was evaluated on "
+                f"({expected_split}); check out the commit that produced it (git checkout + dvc checkout)")
+        test = load_split(splits, dataset.path, cfg, "test")
+        chunks = [bundle.predict(test.images[i:i + 64]) for i in range(0, len(test.images), 64)]
+        probs = np.concatenate(chunks)
+        if cfg.task == "classification":
+            return classification_report(test.targets, probs, list(cfg.class_names),
+                                         quadratic_kappa=cfg.label == "density")
+        return segmentation_report(test.targets, probs, threshold=bundle.contract.threshold)
+
+    return evaluate
+
+
+@main.command()
+@click.argument("model")
+@click.option("--version", "version", type=int, default=None,
+              help="version to promote (default: the one at stage staging)")
+@click.option("--to", "to", default="production", show_default=True,
+              type=click.Choice(["staging", "production"]))
+@click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+def promote(model: str, version: int | None, to: str, params: Path) -> None:
+    """Move MODEL's version to a registry stage if the quality gates in params.yaml pass.
+
+    Gates: every floor under models.<MODEL>.gates.floors, and no drop beyond
+    gates.max_regression versus the version now at that stage, on the same test split.
+    Exits 1 and names the failed gates when the promotion is refused.
+    """
+    from breastscan import registry, tracking
+    from breastscan.config import load_params
+
+    p = load_params(params)
+    try:
+        cfg = p.model(model)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
+    tracking.configure(Path.cwd())
+    candidate_split = registry.version_split_id(cfg, version)
+    result = registry.promote(cfg, version=version, to=to,
+                              evaluate=_score_on_workspace_split(cfg, p, candidate_split))
+    for check in result.checks:
+        mark = "ok " if check["ok"] else "FAIL"
+        click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")
+    if not result.passed:
+        click.echo(f"refused: {cfg.registered_name} v{result.version} stays where it is -- "
+                   + "; ".join(result.failures), err=True)
+        sys.exit(1)
+    previous = f" (was v{result.previous})" if result.previous else ""
+    click.echo(f"{cfg.registered_name} v{result.version} is now at stage {to}{previous}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def models(as_json: bool) -> None:
+    """List registered models: versions, stages, headline metrics."""
+    import json
+
+    from breastscan import registry, tracking
+
+    tracking.configure(Path.cwd())
+    rows = registry.list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(f"no breastscan models registered in {tracking.tracking_uri(Path.cwd())}; run `dvc repro`")
+        return
+    cols = ["name", "version", "aliases", "stage", "headline", "value", "created"]
+    table = [[str(r.get(c, "")) if not isinstance(r.get(c), list) else ",".join(r[c]) for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for t in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))

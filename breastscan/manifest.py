@@ -17,6 +17,7 @@ Extra columns (``patient_id``, ``laterality``, ``source`` ...) are kept as they 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -108,3 +109,27 @@ def resolve(root: str | Path, relative: str) -> Path:
     """Resolve a manifest path (relative to the dataset directory, or absolute)."""
     p = Path(relative)
     return p if p.is_absolute() else Path(root) / p
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 hex digest of a file's bytes (the hash DVC uses)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hashes(df: pd.DataFrame, root: str | Path) -> tuple[list[str], list[str | None]]:
+    """MD5 of every row's image file and mask file (``None`` where a row has no mask).
+
+    Args:
+        df: manifest rows with ``image`` and ``mask`` columns.
+        root: the dataset directory the paths are relative to.
+
+    Returns:
+        ``(image_md5, mask_md5)``, one entry per row.
+    """
+    images = [file_md5(resolve(root, str(p))) for p in df["image"]]
+    masks = [file_md5(resolve(root, str(m))) if isinstance(m, str) and m else None for m in df["mask"]]
+    return images, masks

@@ -283,3 +283,25 @@ def prepare_splits(
         {s: report["splits"][s]["images"] for s in SPLITS},
     )
     return df, {"summary": report, "details": details}
+
+
+def split_id(splits_csv: str | Path, split: str = "test") -> str:
+    """A short id of one split's content: same images with the same bytes, same id.
+
+    Two model versions evaluated on splits with one id were evaluated on the same images,
+    so their metrics can be compared directly (promotion gates rely on it).
+
+    Args:
+        splits_csv: a split artefact written by the prepare stage.
+        split: ``train``, ``val`` or ``test``.
+
+    Returns:
+        12 hex digits.
+    """
+    import hashlib
+
+    df = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    rows = df[df["split"] == split]
+    key_cols = [c for c in ("image", "image_md5", "mask_md5") if c in rows.columns]
+    lines = sorted("\t".join(r) for r in rows[key_cols].itertuples(index=False, name=None))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

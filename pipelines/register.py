@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     (reports / "registered.json").write_text(json.dumps(out, indent=2) + "\n")
     log.info("registered %s version %s as staging (%s %.3f); promote with: "
-             "breastscan promote %s --to production", cfg.registered_name, version, metrics["headline"], metrics["headline_value"], cfg.name)
+             "breastscan promote %s --to production", cfg.registered_name, version,
+             metrics["headline"], metrics["headline_value"], cfg.name)
     return 0
 
 

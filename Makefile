@@ -11,6 +11,7 @@ STAMP := $(VENV)/.installed
 # Nothing phones home: telemetry of every tool is off.
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export BENTOML_DO_NOT_TRACK := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1

@@ -196,9 +196,12 @@ def promote(model: str, version: int | None, to: str, params: Path) -> None:
     except KeyError as exc:
         raise click.UsageError(str(exc.args[0])) from None
     tracking.configure(Path.cwd())
-    candidate_split = registry.version_split_id(cfg, version)
-    result = registry.promote(cfg, version=version, to=to,
-                              evaluate=_score_on_workspace_split(cfg, p, candidate_split))
+    try:
+        candidate_split = registry.version_split_id(cfg, version)
+        result = registry.promote(cfg, version=version, to=to,
+                                  evaluate=_score_on_workspace_split(cfg, p, candidate_split))
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
     for check in result.checks:
         mark = "ok " if check["ok"] else "FAIL"
         click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         written["training_curves"] = plot_history(history, reports / "png" / "training_curves.png")
 
     m = evaluation.metrics
-    log.info("%s on %d test images: %s = %.3f (95%% CI %.3f-%.3f)", cfg.name, m["n_test"], m["headline"],
-             m["headline_value"], m["headline_ci_low"], m["headline_ci_high"])
+    log.info("%s on %d test images: %s = %s (95%% CI %s-%s)", cfg.name, m["n_test"], m["headline"],
+             *(f"{v:.3f}" if isinstance(v, float) else "undefined"
+               for v in (m["headline_value"], m["headline_ci_low"], m["headline_ci_high"])))
     with model_run(cfg.name, model_dir(cfg.name), stage="evaluate"):
         mlflow.log_metrics({f"test_{k}": v for k, v in tracking.numeric_items(m).items()})
         for path in written.values():

@@ -22,8 +22,9 @@ from pathlib import Path
 import mlflow
 from breastscan.modelcard import write_model_card
 
-from breastscan import registry
+from breastscan import registry, tracking
 from breastscan.bundle import ModelBundle
+from breastscan.datasets import read_splits
 from breastscan.splits import split_id
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
 from pipelines.run import model_run
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.task == "classification":
         bundle = bundle.with_temperature(float(metrics["temperature"]))
     test_split = split_id(splits_csv(dataset.name), "test")
+    frame = read_splits(splits_csv(dataset.name))
     data = {
         "dataset": dataset.name, "path": str(dataset.path), "modality": dataset.modality,
-        "split_id": test_split, **json.loads((Path("reports/prepare") / f"{dataset.name}.json").read_text()),
+        "split_id": test_split, "data_hash": tracking.dvc_data_hash(Path.cwd()),
+        "synthetic": "phantom_id" in frame.columns,
+        **json.loads((Path("reports/prepare") / f"{dataset.name}.json").read_text()),
     }
     card = write_model_card(cfg, bundle.contract, metrics, data=data, path=reports / "model_card.md")
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             tempfile.TemporaryDirectory() as tmp:
         served = bundle.save(Path(tmp) / "bundle")
         model_uri = registry.log_bundle(served, extra_artifacts={"model_card.md": card})
-        mlflow.log_artifact(str(card))
+        mlflow.log_artifact(str(card))  # beside the run's other reports, too
         version = registry.register(cfg, model_uri, metrics=metrics, split_id=test_split,
                                     run_id=run.info.run_id)
         out = {

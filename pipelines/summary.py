@@ -24,10 +24,10 @@ COLUMNS = ("model", "task", "test images", "headline", "value", "95% CI", "ECE b
            "registered", "stage")
 
 
-def summary_rows(models: list[str]) -> list[dict[str, str]]:
-    """One row per model from its report files (missing files show as ``-``)."""
+def summary_rows(models: dict[str, str]) -> list[dict[str, str]]:
+    """One row per model (name -> task) from its report files (missing files show as ``-``)."""
     rows = []
-    for name in models:
+    for name, task in models.items():
         base = model_reports(name)
         m = json.loads((base / "metrics.json").read_text()) if (base / "metrics.json").is_file() else {}
         r = json.loads((base / "registered.json").read_text()) if (base / "registered.json").is_file() else {}
@@ -35,7 +35,7 @@ def summary_rows(models: list[str]) -> list[dict[str, str]]:
                else "-")
         rows.append({
             "model": name,
-            "task": str(m.get("task", "-")),
+            "task": task,
             "test images": str(m.get("n_test", "-")),
             "headline": str(m.get("headline", "-")),
             "value": f"{m['headline_value']:.3f}" if "headline_value" in m else "-",
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     params = load_params(args.params)
-    rows = summary_rows(list(params.models))
+    rows = summary_rows({name: cfg.task for name, cfg in params.models.items()})
     (REPORTS / "summary.md").write_text("# Model summary\n\n" + render(rows, markdown=True))
     sys.stdout.write("\n" + render(rows) + "\n")
     log.info("promote a staging version with: breastscan promote <model> --to production")

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
              len(val.frame), splits)
 
     project = Path.cwd()
-    tags = {**tracking.run_tags(project), "breastscan.model": cfg.name, "breastscan.dataset": dataset.name,
+    tags = {**tracking.run_tags(project, split=splits), "breastscan.model": cfg.name, "breastscan.dataset": dataset.name,
             "breastscan.stage": "train"}
     params = tracking.flatten_params({"model": asdict(cfg), "dataset": {
         "name": dataset.name, "path": str(dataset.path), "modality": dataset.modality},

@@ -33,10 +33,19 @@ logger = logging.getLogger(__name__)
 BACKBONES = ("compact", "mobilenetv3small", "efficientnetb0", "resnet50", "densenet121", "densenet201")
 """Backbones accepted by :func:`build_classifier`."""
 
-_COMPACT_FILTERS = (16, 32, 64, 128)
+_COMPACT_FILTERS = (16, 32, 64, 96, 128)
 _APP_MIN_SIDE = 32  # five stride-2 stages in every keras.applications backbone
 _PREPROCESSING_LAYERS = (GrayToRGB, BackbonePreprocess, Standardize)
 
+
+
+BN_MOMENTUM = 0.9
+"""Batch-norm moving-average momentum of the project's own blocks.
+
+Keras' default 0.99 needs thousands of steps to settle; on datasets of a few hundred images
+(a dozen steps per epoch) the moving statistics lag far behind and the model in inference
+mode is much worse than in training mode.
+"""
 
 @dataclass(frozen=True)
 class _AppSpec:
@@ -203,15 +212,22 @@ def last_conv_layer_name(model: keras.Model) -> str:
 
 
 def _compact_features(inputs: Any) -> Any:
-    """Four conv-BN-ReLU blocks (16-32-64-128), max-pooling after the first three, then GAP."""
+    """Conv-BN-ReLU blocks (see ``_COMPACT_FILTERS``), max-pooling between them, then both
+    global average and global max pooling, concatenated.
+
+    The max-pooled half answers "is there a small bright mass anywhere", which averaging
+    over a whole breast dilutes; the average half carries global texture (density).
+    """
     x = inputs
     for i, filters in enumerate(_COMPACT_FILTERS, start=1):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
         x = keras.layers.ReLU(name=f"block{i}_relu")(x)
         if i < len(_COMPACT_FILTERS):
             x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    return keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    avg = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    peak = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    return keras.layers.Concatenate(name="pooled")([avg, peak])
 
 
 def _application_features(inputs: Any, backbone: str, weights: str | None) -> Any:

@@ -13,7 +13,10 @@ from typing import Any
 
 import keras
 
+from breastscan.models.classifier import BN_MOMENTUM
+
 logger = logging.getLogger(__name__)
+
 
 
 def build_unet(
@@ -91,6 +94,6 @@ def build_unet(
 def _conv_block(x: Any, filters: int, prefix: str) -> Any:
     for j in (1, 2):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv{j}")(x)
-        x = keras.layers.BatchNormalization(name=f"{prefix}_bn{j}")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{prefix}_bn{j}")(x)
         x = keras.layers.ReLU(name=f"{prefix}_relu{j}")(x)
     return x

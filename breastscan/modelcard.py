@@ -1,0 +1,259 @@
+"""Model cards: a Markdown page that travels with every registered model.
+
+:func:`render_model_card` writes what a reader needs before using a model: intended use
+(research and engineering evaluation, **not** diagnosis), the data it was trained and tested
+on, the preprocessing, the classes, the test metrics with the headline's 95 % confidence
+interval, calibration, and known limitations. The card carries no version number: the
+registry version it belongs to is recorded in MLflow next to it.
+
+Inputs are the model's :class:`~breastscan.config.ModelConfig`, its
+:class:`~breastscan.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
+``data`` mapping describing the dataset (see :func:`render_model_card`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from breastscan.bundle import ModelContract
+    from breastscan.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+INTENDED_USE = (
+    "Research and engineering evaluation of the breastscan platform: exercising the data, "
+    "training, registry and serving pipeline, and comparing model versions."
+)
+NOT_FOR_CLINICAL_USE = (
+    "**Not for diagnosis or clinical decisions.** This model is not a medical device and has not "
+    "been clinically validated. Its outputs must not be used to screen, diagnose, triage or treat "
+    "anyone, nor shown to patients or clinicians as medical advice."
+)
+
+DEFAULT_LIMITATIONS: tuple[str, ...] = (
+    "Trained and tested on the project's synthetic phantoms unless it was retrained on real data; "
+    "metrics on phantoms say nothing about performance on clinical images.",
+    "Small test set: the confidence intervals are wide, and differences between versions within "
+    "them are not meaningful.",
+    "Not validated on external sites, other vendors' equipment, other acquisition protocols or "
+    "other populations; expect a drop under any such shift.",
+    "Inputs are resized to a small fixed size; small findings (calcifications, small masses) may "
+    "be lost.",
+    "Probabilities are calibrated on the validation split only; calibration may not hold on new data.",
+)
+
+# Report keys that are not test metrics (shown elsewhere on the card, or bookkeeping).
+_NOT_METRICS = {
+    "headline", "headline_value", "headline_ci_low", "headline_ci_high", "headline_ci_level",
+    "n_test", "n", "n_val", "temperature", "threshold", "class_names", "confusion_matrix", "per_class",
+}
+_ECE_BEFORE = ("ece_before", "ece_uncalibrated", "ece_raw", "val_ece_before", "test_ece_before")
+_ECE_AFTER = ("ece_after", "ece_calibrated", "ece", "val_ece_after", "test_ece_after")
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number:.{digits}f}"
+
+
+def _count(value: Any) -> str:
+    number = _num(value)
+    return "n/a" if number is None else str(int(number))
+
+
+def _first(metrics: Mapping[str, Any], keys: Sequence[str]) -> float | None:
+    for key in keys:
+        value = _num(metrics.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _split_sizes(data: Mapping[str, Any]) -> list[list[Any]]:
+    splits = data.get("splits")
+    rows: list[list[Any]] = []
+    if isinstance(splits, Mapping):
+        for split in ("train", "val", "test"):
+            info = splits.get(split)
+            if isinstance(info, Mapping):
+                rows.append([split, info.get("images", "n/a"), info.get("groups", "n/a")])
+            elif info is not None:
+                rows.append([split, info, "n/a"])
+    return rows
+
+
+def _is_synthetic(data: Mapping[str, Any]) -> bool | None:
+    flag = data.get("synthetic")
+    if isinstance(flag, bool):
+        return flag
+    text = " ".join(str(data.get(k, "")) for k in ("dataset", "path", "source")).lower()
+    if "phantom" in text or "synthetic" in text:
+        return True
+    return None
+
+
+def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any], *,
+                      data: Mapping[str, Any], limitations: Sequence[str] | None = None) -> str:
+    """Render the model card as Markdown.
+
+    Args:
+        cfg: the model's configuration (name, task, headline, gates, preprocessing).
+        contract: the saved model's contract (classes, input shape, temperature, threshold).
+        metrics: the evaluation report: metric name -> value, ``headline_value``,
+            ``headline_ci_low``/``headline_ci_high`` (95 % bootstrap CI), ``n_test``, and for
+            classifiers ``temperature`` and ECE before/after calibration (``ece_before``,
+            ``ece_after``; ``ece_uncalibrated``/``ece_calibrated`` are accepted too).
+        data: the dataset: ``dataset``, ``modality``, ``path``, ``data_hash``, ``split_id``,
+            ``splits`` (``{"train": {"images": n, "groups": g}, ...}`` as in
+            ``reports/prepare/<dataset>.json``), optional ``synthetic`` (bool) and ``source``.
+        limitations: known limitations; ``None`` uses :data:`DEFAULT_LIMITATIONS`.
+
+    Returns:
+        The card, Markdown text ending in a newline.
+    """
+    out: list[str] = [f"# Model card: {cfg.registered_name}", ""]
+    if cfg.task == "classification":
+        summary = (f"Classifies the **{cfg.label}** of a {contract.modality} image into "
+                   f"{len(contract.class_names)} classes ({', '.join(contract.class_names)}).")
+    else:
+        summary = f"Segments lesions in a {contract.modality} image: one probability per pixel."
+    out += [summary, ""]
+
+    out += ["## Intended use", "", f"- {INTENDED_USE}", f"- {NOT_FOR_CLINICAL_USE}",
+            "- Out of scope: any use on real patients, any unattended decision, any population or "
+            "modality other than the one in *Data*.", ""]
+
+    # ------------------------------------------------------------------ data
+    out += ["## Data", ""]
+    rows = [["dataset", f"`{data.get('dataset', contract.dataset)}`"],
+            ["modality", data.get("modality", contract.modality)]]
+    for key, label in (("path", "location"), ("source", "source"), ("data_hash", "data hash (DVC)"),
+                       ("split_id", "test split id")):
+        if data.get(key):
+            rows.append([label, f"`{data[key]}`"])
+    for key, label in (("n_images", "images after validation"), ("n_groups", "patient/duplicate groups"),
+                       ("excluded_images", "images excluded (label conflicts)")):
+        if data.get(key) is not None:
+            rows.append([label, data[key]])
+    out += _table(["", ""], rows) + [""]
+    sizes = _split_sizes(data)
+    if sizes:
+        out += ["Splits are grouped (near-duplicates and one patient's images stay in one split) "
+                "and stratified:", ""]
+        out += _table(["split", "images", "groups"], sizes) + [""]
+    synthetic = _is_synthetic(data)
+    if synthetic:
+        out += ["> The data are **synthetic phantoms** generated by the project "
+                "(`breastscan synth`), not patient images. The metrics below show that the "
+                "pipeline works, not that the model works on real images.", ""]
+    elif synthetic is None:
+        out += ["> The demo data shipped with the project are synthetic phantoms; unless this model "
+                "was trained on a real dataset, its metrics say nothing about real images.", ""]
+
+    # ------------------------------------------------------------------ preprocessing
+    h, w, c = contract.input_shape
+    out += ["## Input and preprocessing", "",
+            f"Model input: `(batch, {h}, {w}, {c})` float32 in [0, 1], produced from any PNG, JPEG, PGM "
+            "or DICOM image by the preprocessing spec saved with the model (`preprocess.json`, "
+            f"spec id `{contract.spec_id or cfg.preprocess.spec_id}`):", ""]
+    spec_rows = [[k, f"`{v}`"] for k, v in cfg.preprocess.to_dict().items()]
+    out += _table(["setting", "value"], spec_rows) + [""]
+
+    # ------------------------------------------------------------------ outputs
+    out += ["## Outputs", ""]
+    if cfg.task == "classification":
+        out += ["Calibrated class probabilities, `(batch, k)`, rows summing to 1, in this order:", ""]
+        out += _table(["index", "label value", "class"],
+                      [[i, f"`{v}`", n] for i, (v, n) in enumerate(zip(contract.classes, contract.class_names,
+                                                                        strict=False))]) + [""]
+    else:
+        out += [f"Lesion probability per pixel, `(batch, {h}, {w}, 1)` in [0, 1]; a pixel is lesion "
+                f"above the threshold {_fmt(contract.threshold, 2)}.", ""]
+
+    # ------------------------------------------------------------------ metrics
+    headline = str(metrics.get("headline") or cfg.headline)
+    value = _num(metrics.get("headline_value"))
+    if value is None:
+        value = _num(metrics.get(headline))
+    low, high = _num(metrics.get("headline_ci_low")), _num(metrics.get("headline_ci_high"))
+    n_test = metrics.get("n_test", metrics.get("n"))
+    out += ["## Metrics", "",
+            f"On the held-out test split ({_count(n_test)} images"
+            + (f", split `{data['split_id']}`" if data.get("split_id") else "") + "). Headline metric: "
+            f"**{headline} = {_fmt(value)}**"
+            + (f" (95% CI {_fmt(low)}-{_fmt(high)}, bootstrap)" if low is not None and high is not None
+               else " (95% CI not computed)") + ".", ""]
+    rows = []
+    for key in sorted(metrics):
+        if key in _NOT_METRICS or key.startswith(("ece", "val_", "headline")):
+            continue
+        number = _num(metrics[key])
+        if number is None:
+            continue
+        floor = cfg.gates.floors.get(key)
+        ci = f"{_fmt(low)}-{_fmt(high)}" if key == headline and low is not None and high is not None else ""
+        rows.append([f"**{key}**" if key == headline else key, _fmt(number), ci,
+                     _fmt(floor) if floor is not None else ""])
+    if not any(key == headline for key in metrics) and value is not None:
+        rows.insert(0, [f"**{headline}**", _fmt(value),
+                        f"{_fmt(low)}-{_fmt(high)}" if low is not None and high is not None else "",
+                        _fmt(cfg.gates.floors[headline]) if headline in cfg.gates.floors else ""])
+    if rows:
+        out += _table(["metric", "value", "95% CI", "promotion floor"], rows) + [""]
+    out += [f"Promotion to production needs every floor met, and neither the headline nor a floored metric "
+            f"more than {_fmt(cfg.gates.max_regression)} below the current production version on the "
+            "same test split.", ""]
+
+    # ------------------------------------------------------------------ calibration
+    if cfg.task == "classification":
+        temperature = _num(metrics.get("temperature"))
+        if temperature is None:
+            temperature = contract.temperature
+        before, after = _first(metrics, _ECE_BEFORE), _first(metrics, _ECE_AFTER)
+        out += ["## Calibration", "",
+                f"Temperature scaling fitted on the validation split: T = {_fmt(temperature)} "
+                "(served probabilities are `softmax(logits / T)`).", ""]
+        out += _table(["expected calibration error (ECE)", "value"],
+                      [["before calibration", _fmt(before)], ["after calibration", _fmt(after)]]) + [""]
+
+    # ------------------------------------------------------------------ limitations
+    out += ["## Known limitations", ""]
+    out += [f"- {item}" for item in (DEFAULT_LIMITATIONS if limitations is None else limitations)]
+    out += [""]
+    return "\n".join(out)
+
+
+def write_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any], *,
+                     data: Mapping[str, Any], path: str | Path,
+                     limitations: Sequence[str] | None = None) -> Path:
+    """Render the card (see :func:`render_model_card`) and write it to ``path``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_model_card(cfg, contract, metrics, data=data, limitations=limitations))
+    log.info("model card written to %s", path)
+    return path

@@ -1,0 +1,643 @@
+"""MLflow model registry: log a bundle as a pyfunc model, register it, promote it through gates.
+
+Stages are **aliases**: :func:`register` points ``@staging`` at the new version and
+:func:`promote` moves ``@production`` (``models:/breastscan-<model>@production`` is what the
+service imports) only if the quality gates of params.yaml pass on the same test split.
+
+Facts about MLflow 3.17 this module relies on (checked against the installed package):
+
+* ``mlflow.pyfunc.log_model(name="model", ...)`` (``artifact_path`` is deprecated) creates
+  a *logged model* and returns ``ModelInfo.model_uri == "models:/m-<id>"``; the files live
+  under ``<experiment artifacts>/models/m-<id>/artifacts``, not in the run's artifacts, so
+  ``runs:/<run>/model`` only resolves through a fallback lookup. :func:`log_bundle`
+  returns the ``models:/m-<id>`` URI and :func:`register` registers that URI (with the
+  run id and model id), which is what ``mlflow.register_model`` ends up doing too.
+* Aliases: ``set_registered_model_alias`` / ``get_model_version_by_alias``;
+  ``models:/<name>@<alias>`` resolves anywhere a model URI is accepted. Aliases are read
+  from the registered model (``search_model_versions`` returns versions with empty
+  ``aliases`` on the SQL store).
+* Classic stages still exist but are deprecated since 2.9 ("will be removed in a future
+  major release"): ``transition_model_version_stage`` emits a ``FutureWarning`` and works,
+  and ``models:/<name>/Production`` still resolves to the latest version in that stage.
+  They are mirrored here for old clients only (``Staging`` on register, ``Production`` with
+  the older versions archived on promotion); a failure or a future removal is logged and
+  ignored, never fatal.
+
+The logged pyfunc (:class:`BundlePyfunc`) is pickled by reference to this module, so
+loading it needs ``breastscan`` importable (installed with ``pip install -e .`` or as a
+wheel in the serving image); no ``code_paths`` are logged. Its ``requirements.txt`` pins the
+libraries the bundle needs (MLflow, Keras, TensorFlow, NumPy, OpenCV, pydicom) at the
+versions installed when logging; breastscan itself is not on PyPI and is not listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from breastscan.bundle import ModelBundle, read_contract
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from breastscan.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+STAGING = "staging"
+PRODUCTION = "production"
+BUNDLE_ARTIFACT = "bundle"
+MODEL_NAME = "model"
+CLASSIC_STAGES = {STAGING: "Staging", PRODUCTION: "Production"}
+"""Alias -> classic stage mirrored for old clients."""
+
+# Version tags written by register() and read by promote().
+TAG_HEADLINE = "headline"
+TAG_HEADLINE_VALUE = "headline_value"
+TAG_SPLIT = "split_id"
+TAG_DATA_HASH = "data_hash"
+TAG_COMMIT = "git_commit"
+METRIC_TAG_PREFIX = "metric."
+
+_REQUIREMENTS = (
+    "mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "opencv-python-headless", "pydicom",
+)
+_LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
+
+
+class RegistryError(LookupError):
+    """A registered model, version or alias the caller asked for does not exist."""
+
+
+# --------------------------------------------------------------------------- pyfunc
+
+
+class BundlePyfunc(PythonModel):
+    """MLflow pyfunc around a :class:`~breastscan.bundle.ModelBundle`.
+
+    The bundle directory is the model artifact ``"bundle"``; :meth:`predict` returns what
+    :meth:`ModelBundle.predict` returns, so the registry serves calibrated probabilities.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Load the bundle from ``context.artifacts["bundle"]``."""
+        self.bundle = ModelBundle.load(context.artifacts[BUNDLE_ARTIFACT])
+
+    def predict(self, context: Any, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        """Probabilities of a preprocessed batch.
+
+        Args:
+            context: MLflow's model context (unused; the bundle is loaded already).
+            model_input: ``(n, H, W, 1)`` float32 in [0, 1] at the size of the contract.
+            params: unused.
+
+        Returns:
+            ``(n, k)`` calibrated class probabilities, or ``(n, H, W, 1)`` lesion
+            probabilities in [0, 1].
+        """
+        return self.bundle.predict(np.asarray(model_input, dtype=np.float32))
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for dist in _REQUIREMENTS:
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
+               extra_artifacts: Mapping[str, Path] | None = None) -> str:
+    """Log a bundle as an MLflow pyfunc model (in the active run, if any).
+
+    The signature is inferred from one all-zero image at the model's input size and the
+    bundle's output for it: input tensor ``float32 (-1, H, W, 1)``, output ``float32
+    (-1, k)`` or ``(-1, H, W, 1)``. That image is stored as the input example. The
+    contract and preprocessing spec also go into the ``MLmodel`` metadata.
+
+    Args:
+        bundle_dir: a directory written by :meth:`ModelBundle.save`.
+        name: the logged model's name (MLflow 3's ``name=``).
+        extra_artifacts: more files to ship with the model, e.g.
+            ``{"model_card.md": path}`` (artifact key -> local path); ``"bundle"`` is reserved.
+
+    Returns:
+        The model URI to register, ``models:/m-<logged model id>``.
+    """
+    from mlflow.models import infer_signature
+
+    extra = dict(extra_artifacts or {})
+    if BUNDLE_ARTIFACT in extra:
+        raise ValueError(f"extra artifact key {BUNDLE_ARTIFACT!r} is reserved for the bundle")
+    bundle_dir = Path(bundle_dir)
+    bundle = ModelBundle.load(bundle_dir)
+    example = np.zeros((1, *bundle.contract.input_shape), dtype=np.float32)
+    signature = infer_signature(example, bundle.predict(example))
+    artifacts = {BUNDLE_ARTIFACT: str(bundle_dir.resolve())}
+    artifacts.update({k: str(Path(v).resolve()) for k, v in extra.items()})
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=BundlePyfunc(),
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"contract": bundle.contract.to_dict(), "preprocess": bundle.spec.to_dict()},
+    )
+    log.info("logged bundle %s as %s", bundle_dir, info.model_uri)
+    return str(info.model_uri)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _client() -> MlflowClient:
+    return MlflowClient()
+
+
+@contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _mirror_stage(client: MlflowClient, name: str, version: int | str, alias: str) -> str | None:
+    """Mirror an alias as a classic stage for old clients; never raises."""
+    stage = CLASSIC_STAGES.get(alias)
+    transition = getattr(client, "transition_model_version_stage", None)
+    if stage is None or transition is None:
+        return None
+    try:
+        with _quiet_deprecations():
+            transition(name=name, version=str(version), stage=stage, archive_existing_versions=True)
+    except Exception as exc:  # stages are deprecated: a removal or refusal must not block the registry
+        log.warning("could not mirror %s v%s as classic stage %s (%s); the alias @%s is what counts",
+                    name, version, stage, exc, alias)
+        return None
+    return stage
+
+
+def _is_missing(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise
+
+
+def _get_version(client: MlflowClient, name: str, version: int | None, alias: str = STAGING) -> ModelVersion:
+    if version is None:
+        mv = _alias_holder(client, name, alias)
+        if mv is None:
+            raise RegistryError(f"{name} has no version with alias @{alias} in {mlflow.get_registry_uri()}; "
+                                f"register one first (the register stage) or pass a version")
+        return mv
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if _is_missing(exc):
+            raise RegistryError(f"{name} has no version {version} in {mlflow.get_registry_uri()}") from None
+        raise
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
+    """A metric from a report: ``metrics[key]``, or the headline value when key is the headline."""
+    value = _number(metrics.get(key))
+    if value is None and metrics.get("headline") == key:
+        value = _number(metrics.get("headline_value"))
+    return value
+
+
+def _gated_metrics(cfg: ModelConfig) -> list[str]:
+    names = list(cfg.gates.floors)
+    if cfg.headline not in names:
+        names.append(cfg.headline)
+    return names
+
+
+def version_metrics(mv: ModelVersion) -> dict[str, float]:
+    """The gated metrics a version was registered with (its ``metric.<name>`` tags)."""
+    out: dict[str, float] = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            number = _number(value)
+            if number is not None:
+                out[key[len(METRIC_TAG_PREFIX):]] = number
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# --------------------------------------------------------------------------- register
+
+
+def _ensure_registered_model(client: MlflowClient, cfg: ModelConfig) -> None:
+    name = cfg.registered_name
+    try:
+        client.create_registered_model(name)
+        log.info("created registered model %s", name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    if cfg.task == "classification":
+        what = f"classifies {cfg.label} into {', '.join(cfg.class_names)}"
+    else:
+        what = "segments lesions (per-pixel probability)"
+    client.update_registered_model(
+        name, description=(f"breastscan model `{cfg.name}` ({cfg.task}): {what}; trained on dataset "
+                           f"`{cfg.dataset}`. Research and engineering use only, not for diagnosis."))
+    tags = {
+        "task": cfg.task, "label": cfg.label, "dataset": cfg.dataset, "headline": cfg.headline,
+        "classes": json.dumps([str(c) for c in cfg.classes]),
+        "class_names": json.dumps(list(cfg.class_names)),
+    }
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
+
+
+def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], split_id: str,
+             run_id: str | None, data_hash: str | None = None, git_commit: str | None = None) -> int:
+    """Create a new version of ``breastscan-<model>`` and point ``@staging`` at it.
+
+    Version tags: ``headline`` and ``headline_value`` (plus ``headline_ci_low/high`` when
+    the report has them), ``metric.<name>`` for the headline and every floored metric,
+    ``split_id`` (id of the test split those metrics were computed on), ``data_hash`` and
+    ``git_commit`` (default: the run's ``breastscan.data_hash`` / ``breastscan.git_commit``
+    tags), ``model``, ``task``. The classic stage ``Staging`` is mirrored when MLflow still
+    supports it.
+
+    Args:
+        cfg: the model's configuration.
+        model_uri: URI returned by :func:`log_bundle` (``models:/m-...``) or ``runs:/...``.
+        metrics: the evaluation report (``metrics.json``): metric name -> value, plus
+            ``headline_value`` and optionally ``headline_ci_low``/``headline_ci_high``, ``n_test``.
+        split_id: id of the test split (:func:`breastscan.splits.split_id`).
+        run_id: the run that produced the model.
+        data_hash: DVC hash of the data (default: from the run's tags).
+        git_commit: code version (default: from the run's tags).
+
+    Returns:
+        The new version number.
+    """
+    from breastscan.tracking import TAG_COMMIT as RUN_COMMIT
+    from breastscan.tracking import TAG_DATA_HASH as RUN_DATA_HASH
+
+    client = _client()
+    name = cfg.registered_name
+    _ensure_registered_model(client, cfg)
+
+    run_tags: dict[str, str] = {}
+    if run_id and (data_hash is None or git_commit is None):
+        try:
+            run_tags = dict(client.get_run(run_id).data.tags)
+        except MlflowException as exc:
+            log.warning("run %s not readable (%s); data hash and commit unknown", run_id, exc)
+    tags: dict[str, str] = {
+        "model": cfg.name, "task": cfg.task, TAG_SPLIT: split_id,
+        TAG_DATA_HASH: data_hash or run_tags.get(RUN_DATA_HASH, "unknown"),
+        TAG_COMMIT: git_commit or run_tags.get(RUN_COMMIT, "unknown"),
+        TAG_HEADLINE: cfg.headline,
+    }
+    headline = _metric(metrics, cfg.headline)
+    if headline is not None:
+        tags[TAG_HEADLINE_VALUE] = repr(headline)
+    for key in ("headline_ci_low", "headline_ci_high", "n_test"):
+        value = _number(metrics.get(key))
+        if value is not None:
+            tags[key] = repr(value)
+    for metric in _gated_metrics(cfg):
+        value = _metric(metrics, metric)
+        if value is None:
+            log.warning("%s: metric %s missing from the report; gates on it will fail", name, metric)
+            continue
+        tags[METRIC_TAG_PREFIX + metric] = repr(value)
+
+    match = _LOGGED_MODEL_URI.match(model_uri)
+    if match or not model_uri.startswith("runs:/"):
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                         model_id=match.group(1) if match else None)
+    else:  # runs:/<run>/<name>: MLflow resolves it to the logged model of that run
+        mv = mlflow.register_model(model_uri, name, tags=tags)
+    version = int(mv.version)
+    client.set_registered_model_alias(name, STAGING, str(version))
+    stage = _mirror_stage(client, name, version, STAGING)
+    log.info("registered %s v%d as @%s%s (%s = %s)", name, version, STAGING,
+             f" (classic stage {stage})" if stage else "", cfg.headline, _fmt(headline))
+    return version
+
+
+def version_split_id(cfg: ModelConfig, version: int | None = None, *, alias: str = STAGING) -> str | None:
+    """The ``split_id`` tag of a version (``None``: the version holding ``alias``).
+
+    Returns:
+        The id, or ``None`` when the version does not exist or has no such tag.
+    """
+    try:
+        mv = _get_version(_client(), cfg.registered_name, version, alias)
+    except RegistryError:
+        return None
+    return (mv.tags or {}).get(TAG_SPLIT)
+
+
+# --------------------------------------------------------------------------- promote
+
+
+@dataclass
+class PromotionResult:
+    """Outcome of :func:`promote`.
+
+    Attributes:
+        name: registered model name.
+        version: the candidate version.
+        to: the target alias.
+        passed: every gate passed and the alias now points at ``version``.
+        previous: the version that held the alias before (``None`` if none did).
+        checks: one dict per gate: ``gate``, ``metric``, ``candidate``, ``threshold``,
+            ``ok``, ``detail``.
+        failures: one line per failed gate, with the numbers.
+        reevaluated: the previous version was re-scored on the candidate's test split.
+    """
+
+    name: str
+    version: int
+    to: str
+    passed: bool
+    previous: int | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    reevaluated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+
+def _check(result: PromotionResult, gate: str, metric: str | None, candidate: float | None,
+           threshold: float | None, ok: bool, detail: str) -> None:
+    result.checks.append({"gate": gate, "metric": metric, "candidate": candidate, "threshold": threshold,
+                          "ok": ok, "detail": detail})
+    if not ok:
+        result.failures.append(detail)
+
+
+def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTION,
+            evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None = None) -> PromotionResult:
+    """Move alias ``to`` onto a version if the quality gates pass.
+
+    Gates (from ``cfg.gates``):
+
+    * **floors**: each metric in ``floors`` of the candidate (its version tags) >= floor.
+    * **no regression**: if another version holds ``to``, for each floored metric and the
+      headline, candidate >= current - ``max_regression``, on the same test split: when
+      the ``split_id`` tags differ, ``evaluate(current bundle)`` re-scores the current
+      version on the candidate's split; without ``evaluate`` the promotion is refused.
+
+    On success the alias moves, the classic stage is mirrored when supported (older
+    versions archived) and the version is tagged ``promoted_at``/``promoted_from``/
+    ``promoted_to``. On failure nothing changes.
+
+    Args:
+        cfg: the model's configuration (name, headline, gates).
+        version: the candidate; ``None`` = the version holding ``@staging``.
+        to: target alias (``production``).
+        evaluate: ``bundle -> metrics`` on the candidate's test split (metric name -> value).
+
+    Returns:
+        The result; ``passed`` says whether the alias moved.
+
+    Raises:
+        RegistryError: no such version, or no version holds ``@staging``.
+        Exception: whatever ``evaluate`` raises is passed on (nothing has changed then).
+    """
+    client = _client()
+    name = cfg.registered_name
+    candidate = _get_version(client, name, version, STAGING)
+    cand_version = int(candidate.version)
+    cand_metrics = version_metrics(candidate)
+    cand_split = (candidate.tags or {}).get(TAG_SPLIT)
+    current = _alias_holder(client, name, to)
+    previous = int(current.version) if current is not None else None
+    result = PromotionResult(name=name, version=cand_version, to=to, passed=False, previous=previous)
+
+    for metric, floor in cfg.gates.floors.items():
+        value = cand_metrics.get(metric)
+        if value is None:
+            _check(result, f"floor:{metric}", metric, None, floor, False,
+                   f"{metric} missing on v{cand_version} (not in its registered metrics)")
+        else:
+            ok = value >= floor
+            _check(result, f"floor:{metric}", metric, value, floor, ok,
+                   f"{metric} {_fmt(value)} {'>=' if ok else '<'} floor {_fmt(floor)}")
+
+    if current is not None and previous != cand_version:
+        baseline = _baseline(result, cfg, current, cand_split, evaluate)
+        if baseline is not None:
+            reg = cfg.gates.max_regression
+            for metric in _gated_metrics(cfg):
+                value, base = cand_metrics.get(metric), baseline.get(metric)
+                gate = f"regression:{metric}"
+                if base is None:
+                    _check(result, gate, metric, value, None, False,
+                           f"{metric} unknown for {to} v{previous}: cannot compare")
+                elif value is None:
+                    _check(result, gate, metric, None, base - reg, False,
+                           f"{metric} missing on v{cand_version}: cannot compare with {to} v{previous}")
+                else:
+                    threshold = base - reg
+                    ok = value >= threshold - 1e-12
+                    _check(result, gate, metric, value, threshold, ok,
+                           f"{metric} {_fmt(value)} {'>=' if ok else '<'} {_fmt(threshold)} "
+                           f"({to} v{previous} {_fmt(base)} - max_regression {_fmt(reg)})")
+
+    result.passed = not result.failures
+    if not result.passed:
+        log.warning("%s v%d not promoted to @%s: %s", name, cand_version, to, "; ".join(result.failures))
+        return result
+    if previous == cand_version:
+        log.info("%s v%d already holds @%s; nothing to do", name, cand_version, to)
+        return result
+
+    client.set_registered_model_alias(name, to, str(cand_version))
+    stage = _mirror_stage(client, name, cand_version, to)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamps = {"promoted_at": now, "promoted_from": str(previous) if previous else "none", "promoted_to": to}
+    for key, text in stamps.items():
+        client.set_model_version_tag(name, str(cand_version), key, text)
+    log.info("%s v%d is now @%s%s (was %s)", name, cand_version, to,
+             f" (classic stage {stage})" if stage else "", f"v{previous}" if previous else "none")
+    return result
+
+
+def _baseline(result: PromotionResult, cfg: ModelConfig, current: ModelVersion, cand_split: str | None,
+              evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None) -> dict[str, float] | None:
+    """The current version's metrics on the candidate's test split, or None (failure recorded)."""
+    cur_version = int(current.version)
+    cur_split = (current.tags or {}).get(TAG_SPLIT)
+    if cand_split and cur_split == cand_split:
+        _check(result, "same_split", None, None, None, True,
+               f"v{result.version} and {result.to} v{cur_version} were tested on split {cand_split}")
+        return version_metrics(current)
+    if evaluate is None:
+        _check(result, "same_split", None, None, None, False,
+               f"test split differs: v{result.version} on {cand_split or 'unknown'}, {result.to} "
+               f"v{cur_version} on {cur_split or 'unknown'}; re-evaluate v{cur_version} on the "
+               f"candidate's split (pass evaluate=) to compare")
+        return None
+    log.info("test splits differ (%s vs %s): re-evaluating %s v%d on the candidate's split",
+             cand_split, cur_split, result.name, cur_version)
+    bundle = load_bundle(result.name, version=cur_version)
+    report = evaluate(bundle)
+    result.reevaluated = True
+    _check(result, "same_split", None, None, None, True,
+           f"{result.to} v{cur_version} (tested on {cur_split or 'unknown'}) re-evaluated on the "
+           f"candidate's split {cand_split or 'unknown'}")
+    out: dict[str, float] = {}
+    for metric in _gated_metrics(cfg):
+        value = _metric(report, metric)
+        if value is not None:
+            out[metric] = value
+    return out
+
+
+# --------------------------------------------------------------------------- list, download
+
+
+def _paged(fetch: Callable[[str | None], Any]) -> Iterator[Any]:
+    token: str | None = None
+    while True:
+        page = fetch(token)
+        yield from page
+        token = getattr(page, "token", None)
+        if not token:
+            return
+
+
+def _version_pages(client: MlflowClient, name: str) -> Callable[[str | None], Any]:
+    quoted = name.replace("'", "''")
+
+    def fetch(token: str | None) -> Any:
+        return client.search_model_versions(filter_string=f"name = '{quoted}'", page_token=token)
+
+    return fetch
+
+
+def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
+    """Every version of every registered model whose name starts with ``prefix``.
+
+    Returns:
+        Rows sorted by name, newest version first: ``name``, ``version`` (int), ``aliases``
+        (list), ``stage`` (classic stage or ``None``), ``headline`` (metric name),
+        ``value`` (its value or ``None``), ``split_id``, ``created`` (UTC ISO time), ``run_id``.
+    """
+    client = _client()
+    pattern = prefix.replace("'", "''")
+    models = [m for m in _paged(lambda t: client.search_registered_models(
+        filter_string=f"name LIKE '{pattern}%'", page_token=t)) if m.name.startswith(prefix)]
+    rows: list[dict[str, Any]] = []
+    for rm in sorted(models, key=lambda m: m.name):
+        by_version: dict[str, list[str]] = {}
+        for alias, v in (rm.aliases or {}).items():
+            by_version.setdefault(str(v), []).append(alias)
+        versions = list(_paged(_version_pages(client, rm.name)))
+        for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            tags = mv.tags or {}
+            stage = mv.current_stage if mv.current_stage and mv.current_stage != "None" else None
+            created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc)
+            rows.append({
+                "name": rm.name, "version": int(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "stage": stage, "headline": tags.get(TAG_HEADLINE),
+                "value": _number(tags.get(TAG_HEADLINE_VALUE)),
+                "split_id": tags.get(TAG_SPLIT), "created": created.isoformat(timespec="seconds"),
+                "run_id": mv.run_id,
+            })
+    return rows
+
+
+def model_uri(name_or_uri: str, alias: str = PRODUCTION, version: int | None = None) -> str:
+    """``models:/<name>@<alias>`` (or ``models:/<name>/<version>``); a URI passes through."""
+    if ":/" in name_or_uri:
+        return name_or_uri
+    if version is not None:
+        return f"models:/{name_or_uri}/{version}"
+    return f"models:/{name_or_uri}@{alias}"
+
+
+def download_bundle(name_or_uri: str, alias: str = PRODUCTION, dst: Path | None = None, *,
+                    version: int | None = None) -> Path:
+    """Download a registered model and return its bundle directory.
+
+    Args:
+        name_or_uri: registered name (``breastscan-density``) or a model URI
+            (``models:/...``, ``runs:/...``).
+        alias: alias used with a name (``production``).
+        dst: download directory (default: a new temporary directory, left to the caller).
+        version: a version number instead of the alias.
+
+    Returns:
+        The directory holding ``model.keras``, ``preprocess.json`` and ``contract.json``.
+
+    Raises:
+        RegistryError: the model, alias or version does not exist.
+    """
+    from mlflow.models import Model
+
+    uri = model_uri(name_or_uri, alias, version)
+    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="breastscan-bundle-"))
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except MlflowException as exc:
+        if _is_missing(exc):
+            raise RegistryError(f"cannot resolve {uri}: {exc.message}") from None
+        raise
+    conf = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+    rel = (conf.get("artifacts") or {}).get(BUNDLE_ARTIFACT, {}).get("path", f"artifacts/{BUNDLE_ARTIFACT}")
+    bundle_dir = local / rel
+    read_contract(bundle_dir)  # fails clearly if this is not a breastscan bundle
+    return bundle_dir
+
+
+def load_bundle(name_or_uri: str, alias: str = PRODUCTION, *, version: int | None = None) -> ModelBundle:
+    """Download a registered model (see :func:`download_bundle`) and load its bundle."""
+    with tempfile.TemporaryDirectory(prefix="breastscan-bundle-") as tmp:
+        return ModelBundle.load(download_bundle(name_or_uri, alias, Path(tmp), version=version))

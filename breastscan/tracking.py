@@ -1,0 +1,447 @@
+"""MLflow tracking: where runs go, what every run records, and per-epoch logging from Keras.
+
+Where runs go (:func:`tracking_uri`): ``$MLFLOW_TRACKING_URI`` when set (a remote
+``mlflow server``, or any store MLflow understands), else a SQLite store in the project,
+``sqlite:///<project>/mlflow.db``. With a local store (SQLite or file) each experiment is
+created with its artifacts under ``<project>/mlartifacts/<experiment>`` so that nothing lands
+in whatever directory the process happens to run from; with a remote server the server
+decides (``mlflow server --artifacts-destination ...`` proxies artifacts as
+``mlflow-artifacts:/``).
+
+One experiment per model, ``breastscan-<model>`` (:func:`experiment_name`). Every run is
+tagged with provenance and nothing personal (:func:`run_tags`): git commit and dirty flag,
+the DVC hash of ``data/`` and optionally the ``dvc.lock`` hash of the prepared split.
+
+MLflow and Keras are imported inside the functions that need them: importing this module
+costs nothing, so the CLI stays fast. :class:`MlflowEpochLogger` is built on first access
+(``tracking.MlflowEpochLogger``), which is when Keras is imported.
+
+Note: ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the process
+environment (so subprocesses inherit it); after :func:`configure`, :func:`tracking_uri`
+therefore returns the configured URI for any project root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    import mlflow
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_PREFIX = "breastscan-"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+MAX_PARAM_VALUE = 6000
+"""Longest parameter value MLflow 3 stores (``MAX_PARAM_VAL_LENGTH``)."""
+
+TAG_COMMIT = "breastscan.git_commit"
+TAG_DIRTY = "breastscan.git_dirty"
+TAG_DATA_HASH = "breastscan.data_hash"
+TAG_SPLIT_HASH = "breastscan.split_md5"
+TAG_SPLIT_PATH = "breastscan.split_path"
+UNKNOWN = "unknown"
+
+_LOCAL_SCHEMES = ("sqlite", "file", "")
+_METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+# --------------------------------------------------------------------------- where runs go
+
+
+def tracking_uri(project_root: Path) -> str:
+    """The tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else the project's SQLite store.
+
+    Args:
+        project_root: the project directory (holds ``params.yaml``, ``dvc.yaml``).
+
+    Returns:
+        e.g. ``http://127.0.0.1:5000`` or ``sqlite:////abs/project/mlflow.db``.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    return f"sqlite:///{Path(project_root).resolve() / DB_FILE}"
+
+
+def is_local_store(uri: str) -> bool:
+    """True for stores on this machine (``sqlite:``, ``file:`` or a plain path)."""
+    if uri.startswith("databricks"):
+        return False
+    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    return scheme in _LOCAL_SCHEMES
+
+
+def configure(project_root: Path) -> str:
+    """Point MLflow's tracking and registry at :func:`tracking_uri` and return it.
+
+    The registry always uses the tracking URI (MLflow's default outside Databricks).
+
+    Args:
+        project_root: the project directory.
+
+    Returns:
+        The tracking URI now in use.
+    """
+    import mlflow
+
+    # Progress bars of artifact downloads flood the pipeline logs; a user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri(project_root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    log.debug("MLflow tracking and registry: %s", uri)
+    return uri
+
+
+def experiment_name(model: str) -> str:
+    """``breastscan-<model>``: the experiment of one model."""
+    return f"{EXPERIMENT_PREFIX}{model}"
+
+
+def ensure_experiment(model: str, project_root: Path) -> str:
+    """The id of the model's experiment, created if missing (restored if deleted).
+
+    With a local store the experiment's artifact location is
+    ``<project_root>/mlartifacts/<experiment>`` (a ``file://`` URI); with a remote server
+    the server picks it. An existing experiment keeps the location it was created with.
+
+    Args:
+        model: model name in params.yaml.
+        project_root: the project directory.
+
+    Returns:
+        The experiment id.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = experiment_name(model)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            log.warning("experiment %s was deleted; restoring it", name)
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    location = None
+    if is_local_store(mlflow.get_tracking_uri()):
+        artifacts = Path(project_root).resolve() / ARTIFACTS_DIR / name
+        artifacts.mkdir(parents=True, exist_ok=True)
+        location = artifacts.as_uri()
+    experiment_id = client.create_experiment(name, artifact_location=location)
+    log.info("created MLflow experiment %s (artifacts: %s)", name, location or "chosen by the server")
+    return str(experiment_id)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _git(project_root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=project_root, capture_output=True, text=True,
+                             timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def dvc_data_hash(project_root: Path, dvc_file: str = "data.dvc") -> str | None:
+    """The md5 of the outputs recorded in a ``.dvc`` file (``<md5>.dir`` for a directory).
+
+    Several outputs give ``path:md5`` pairs joined by commas. ``None`` when the file is
+    missing or has no hash.
+    """
+    doc = _yaml(Path(project_root) / dvc_file)
+    outs = doc.get("outs") if isinstance(doc, dict) else None
+    if not isinstance(outs, list):
+        return None
+    hashes = [(str(o.get("path", "")), str(o["md5"])) for o in outs if isinstance(o, dict) and o.get("md5")]
+    if not hashes:
+        return None
+    if len(hashes) == 1:
+        return hashes[0][1]
+    return ",".join(f"{p}:{h}" for p, h in hashes)
+
+
+def dvc_lock_hash(project_root: Path, path: str | Path) -> str | None:
+    """The md5 ``dvc.lock`` records for an output path (e.g. a prepared ``splits.csv``).
+
+    Args:
+        project_root: the project directory holding ``dvc.lock``.
+        path: the output, relative to the project root (or absolute inside it).
+
+    Returns:
+        The md5, or ``None`` when no stage in ``dvc.lock`` outputs that path.
+    """
+    root = Path(project_root).resolve()
+    target = Path(path)
+    if target.is_absolute():
+        try:
+            target = target.resolve().relative_to(root)
+        except ValueError:
+            return None
+    wanted = target.as_posix()
+    doc = _yaml(root / "dvc.lock")
+    stages = doc.get("stages") if isinstance(doc, dict) else None
+    if not isinstance(stages, dict):
+        return None
+    for stage in stages.values():
+        for out in (stage or {}).get("outs", []) or []:
+            if isinstance(out, dict) and Path(str(out.get("path", ""))).as_posix() == wanted:
+                return str(out.get("md5")) if out.get("md5") else None
+    return None
+
+
+def run_tags(project_root: Path, *, split: str | Path | None = None) -> dict[str, str]:
+    """Provenance tags of a run: code and data versions, nothing about people or machines.
+
+    Args:
+        project_root: the project directory (a git checkout with ``data.dvc``).
+        split: optional prepared split artefact (e.g.
+            ``artifacts/prepared/mammography/splits.csv``) whose ``dvc.lock`` hash to record.
+
+    Returns:
+        ``breastscan.git_commit`` (``"unknown"`` outside a git checkout),
+        ``breastscan.git_dirty`` (``"true"``/``"false"``/``"unknown"``: tracked files
+        modified), ``breastscan.data_hash`` (``data.dvc`` md5 or ``"unknown"``), MLflow's
+        ``mlflow.source.git.commit`` when the commit is known, and with ``split``
+        ``breastscan.split_path`` and ``breastscan.split_md5``.
+    """
+    root = Path(project_root).resolve()
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
+    tags = {
+        TAG_COMMIT: commit or UNKNOWN,
+        TAG_DIRTY: UNKNOWN if status is None else ("true" if status else "false"),
+        TAG_DATA_HASH: dvc_data_hash(root) or UNKNOWN,
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if split is not None:
+        tags[TAG_SPLIT_PATH] = Path(split).as_posix()
+        tags[TAG_SPLIT_HASH] = dvc_lock_hash(root, split) or UNKNOWN
+    return tags
+
+
+# --------------------------------------------------------------------------- params and metrics
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
+        text = json.dumps(items, default=str)
+    elif isinstance(value, Mapping):  # only an empty mapping reaches here
+        text = json.dumps(dict(value), default=str)
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VALUE:
+        text = text[: MAX_PARAM_VALUE - 3] + "..."
+    return text
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping into MLflow parameters.
+
+    ``{"model": {"preprocess": {"height": 128}}}`` becomes ``{"model.preprocess.height": "128"}``;
+    sequences become JSON lists, values longer than 6000 characters are cut.
+
+    Args:
+        d: nested mapping (e.g. ``dataclasses.asdict(ModelConfig)``).
+        prefix: key prefix (used in recursion).
+
+    Returns:
+        Flat ``{dotted key: text}``.
+    """
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, name))
+        else:
+            out[name] = _param_text(value)
+    return out
+
+
+def numeric_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a nested mapping, as MLflow metrics.
+
+    Nested mappings are flattened with dots (``per_class.benign.auc``); strings, lists,
+    ``None``, booleans and non-finite values are skipped; characters MLflow rejects in a
+    metric key become ``_``.
+
+    Args:
+        d: e.g. a metrics report or a Keras ``logs`` dict.
+        prefix: key prefix (used in recursion).
+
+    Returns:
+        Flat ``{key: float}``.
+    """
+    out: dict[str, float] = {}
+    for key, value in d.items():
+        name = _METRIC_KEY_BAD.sub("_", f"{prefix}.{key}" if prefix else str(key))
+        if isinstance(value, Mapping):
+            out.update(numeric_items(value, name))
+            continue
+        number = _as_number(value)
+        if number is not None:
+            out[name] = number
+    return out
+
+
+def _as_number(value: Any) -> float | None:
+    """A finite float of a Python/NumPy number or 0-d array/tensor; None for anything else."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    if getattr(getattr(value, "dtype", None), "kind", "") == "b":
+        return None
+    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) != ():
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def start_training_run(model: str, project_root: Path, *, params: Mapping[str, Any],
+                       tags: Mapping[str, str], run_name: str | None = None) -> mlflow.ActiveRun:
+    """Start a run in the model's experiment and log its parameters.
+
+    Use as a context manager: ``with start_training_run(...) as run:``.
+
+    Args:
+        model: model name in params.yaml.
+        project_root: the project directory.
+        params: flat parameters (see :func:`flatten_params`); values are logged as text.
+        tags: run tags (e.g. :func:`run_tags` plus ``breastscan.model``).
+        run_name: optional display name (MLflow invents one otherwise).
+
+    Returns:
+        The active run.
+    """
+    import mlflow
+
+    configure(project_root)
+    experiment_id = ensure_experiment(model, project_root)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                           tags={k: str(v) for k, v in tags.items()})
+    try:
+        if params:
+            mlflow.log_params({k: _param_text(v) for k, v in params.items()})
+    except Exception:
+        mlflow.end_run(status="FAILED")
+        raise
+    log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment_name(model),
+             mlflow.get_tracking_uri())
+    return run
+
+
+def resume_run(run_id: str) -> mlflow.ActiveRun:
+    """Reopen an existing run (evaluate and register add to the training run).
+
+    Args:
+        run_id: id of a run in the configured tracking store.
+
+    Returns:
+        The active run (use as a context manager).
+    """
+    import mlflow
+
+    return mlflow.start_run(run_id=run_id)
+
+
+def run_exists(run_id: str | None) -> bool:
+    """True when ``run_id`` is a live (not deleted) run in the configured tracking store."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage != "deleted"
+
+
+# --------------------------------------------------------------------------- Keras callback
+
+
+def _make_epoch_logger() -> type:
+    import keras
+    import mlflow
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Keras callback: log each epoch's ``logs`` as MLflow metrics at ``step=epoch``.
+
+        Logs into the run ``run_id``, or the active run. A failing tracking server never
+        stops training: the error is logged as a warning and the epoch's metrics are lost.
+
+        Args:
+            run_id: run to log into (default: the active run at each epoch end).
+            prefix: optional metric-name prefix (e.g. ``"fold1."``).
+        """
+
+        def __init__(self, run_id: str | None = None, prefix: str = "") -> None:
+            super().__init__()
+            self.run_id = run_id
+            self.prefix = prefix
+            self.failures = 0
+            self._warned_no_run = False
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            metrics = {f"{self.prefix}{k}": v for k, v in numeric_items(logs or {}).items()}
+            if not metrics:
+                return
+            run_id = self.run_id
+            if run_id is None:
+                active = mlflow.active_run()
+                if active is None:
+                    if not self._warned_no_run:
+                        log.warning("MlflowEpochLogger: no active MLflow run; epoch metrics are not logged")
+                        self._warned_no_run = True
+                    return
+                run_id = active.info.run_id
+            try:
+                mlflow.log_metrics(metrics, step=int(epoch), run_id=run_id)
+            except Exception as exc:  # a tracking hiccup must not kill hours of training
+                self.failures += 1
+                log.warning("MLflow: could not log metrics of epoch %d (%s: %s); training goes on",
+                            epoch, type(exc).__name__, exc)
+
+    MlflowEpochLogger.__module__ = __name__
+    MlflowEpochLogger.__qualname__ = "MlflowEpochLogger"
+    return MlflowEpochLogger
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: build the Keras callback class on first use, so importing this module
+    # does not import Keras/TensorFlow.
+    if name == "MlflowEpochLogger":
+        cls = _make_epoch_logger()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

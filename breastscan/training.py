@@ -1,0 +1,310 @@
+"""Fitting one declared model: distribution strategy, compile, early stopping, history.
+
+:func:`train_model` builds the model of a :class:`~breastscan.config.ModelConfig` with
+:func:`breastscan.models.build_model` under a ``tf.distribute`` strategy, fits it on the
+training split with early stopping on the validation loss, and returns a
+:class:`~breastscan.bundle.ModelBundle` (uncalibrated: temperature 1.0; the evaluate stage
+fits the temperature on the validation split).
+
+Distribution (``cfg.distribution``, see :func:`get_strategy`):
+
+* ``none``: TensorFlow's default strategy (one device).
+* ``mirrored``: synchronous data parallelism over the local GPUs, or over several
+  *logical* CPU devices when the process has split its CPU with
+  :func:`configure_logical_cpus` before TensorFlow initialised its devices (useful to
+  exercise the mirrored path on a CPU-only machine; it does not add compute).
+* ``multi_worker``: ``MultiWorkerMirroredStrategy`` across hosts, configured by the
+  ``TF_CONFIG`` environment variable of each worker.
+
+``cfg.batch_size`` is the *global* batch: each of ``r`` replicas sees ``batch_size / r``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from breastscan.bundle import ModelBundle, ModelContract
+from breastscan.config import ModelConfig
+from breastscan.datasets import SplitData, class_weights, make_dataset
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_model`.
+
+    Attributes:
+        bundle: the trained model with its spec and contract (temperature 1.0); with early
+            stopping it holds the weights of the best epoch.
+        history: metric name (``loss``, ``val_loss``, ``accuracy`` / ``dice`` ...) -> one
+            value per epoch run.
+        best_epoch: 1-based epoch whose weights the bundle holds (lowest ``val_loss`` with
+            early stopping; the last epoch when ``cfg.patience == 0``).
+        epochs_run: epochs actually run (``<= cfg.epochs``).
+        seconds: wall-clock time of the fit.
+    """
+
+    bundle: ModelBundle
+    history: dict[str, list[float]]
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+
+
+def configure_logical_cpus(n: int) -> None:
+    """Split the first physical CPU into ``n`` logical devices (for ``mirrored`` on a CPU).
+
+    Must run before TensorFlow initialises its devices, i.e. before any tensor, model or
+    ``tf.config.list_logical_devices`` call in the process; hence a separate process (or
+    the very start of ``main()``) is the place for it.
+
+    Args:
+        n: number of logical CPU devices (>= 1).
+
+    Raises:
+        RuntimeError: TensorFlow's devices are already initialised.
+    """
+    import tensorflow as tf
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(int(n))]
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(
+            "logical CPU devices must be configured before TensorFlow initialises its devices "
+            f"(call configure_logical_cpus first thing in the process): {exc}"
+        ) from None
+    log.info("split the CPU into %d logical devices", n)
+
+
+def _check_tf_config(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        raise RuntimeError(
+            "distribution 'multi_worker' needs the TF_CONFIG environment variable on every worker, "
+            'e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}; use distribution "none" or "mirrored" '
+            "on a single machine"
+        )
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {exc}") from None
+    if not isinstance(conf, dict):
+        raise ValueError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    cluster, task = conf.get("cluster"), conf.get("task")
+    workers = cluster.get("worker") if isinstance(cluster, dict) else None
+    if not isinstance(workers, list) or not workers:
+        raise ValueError("TF_CONFIG needs cluster.worker: a non-empty list of 'host:port'")
+    if not isinstance(task, dict) or task.get("type") not in ("worker", "chief", "evaluator"):
+        raise ValueError("TF_CONFIG needs task.type: 'worker' (or 'chief' / 'evaluator')")
+    index = task.get("index")
+    assert isinstance(cluster, dict)  # checked with the workers above
+    size = len(cluster.get(task["type"], [])) if task["type"] != "evaluator" else 1
+    if not isinstance(index, int) or not 0 <= index < max(size, 1):
+        raise ValueError(f"TF_CONFIG task.index must be an integer in [0, {max(size, 1) - 1}], got {index!r}")
+    return conf
+
+
+def get_strategy(distribution: str, *, tf_config: str | None = None) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy of a ``distribution`` setting.
+
+    Args:
+        distribution: ``none`` (default strategy), ``mirrored`` (every local GPU, else the
+            logical CPU devices if there are several, see :func:`configure_logical_cpus`)
+            or ``multi_worker`` (``MultiWorkerMirroredStrategy``).
+        tf_config: the cluster description for ``multi_worker``; ``None`` reads the
+            ``TF_CONFIG`` environment variable, as TensorFlow itself does.
+
+    Returns:
+        The strategy; build and compile models inside ``strategy.scope()``.
+
+    Raises:
+        ValueError: unknown distribution, or ``TF_CONFIG`` is not a valid cluster spec.
+        RuntimeError: ``multi_worker`` without ``TF_CONFIG``.
+    """
+    if distribution not in ("none", "mirrored", "multi_worker"):
+        raise ValueError(f"distribution must be none, mirrored or multi_worker, got {distribution!r}")
+    if distribution == "multi_worker":
+        raw = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
+        conf = _check_tf_config(raw)
+        import tensorflow as tf
+
+        if tf_config is not None:
+            os.environ["TF_CONFIG"] = tf_config  # the strategy's resolver reads the environment
+        strategy: tf.distribute.Strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        log.info("multi-worker strategy: %d worker(s), this is %s %s, %d replica(s) in sync",
+                 len(conf["cluster"]["worker"]), conf["task"]["type"], conf["task"]["index"],
+                 strategy.num_replicas_in_sync)
+        return strategy
+
+    import tensorflow as tf
+
+    if distribution == "none":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if len(cpus) < 2:
+            log.warning("mirrored strategy on one CPU device: no parallelism (no GPU, and no logical "
+                        "CPU devices configured; see breastscan.training.configure_logical_cpus)")
+        strategy = tf.distribute.MirroredStrategy(devices=cpus)
+    log.info("mirrored strategy over %d replica(s)", strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _build_and_compile(cfg: ModelConfig) -> Any:
+    import keras
+
+    from breastscan.models import BceDiceLoss, DiceCoefficient, IoUScore, build_model
+
+    if cfg.task == "classification":
+        model = build_model(
+            "classification", n_classes=len(cfg.classes), input_shape=cfg.input_shape,
+            backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
+            name=cfg.name,
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+    else:
+        model = build_model(
+            "segmentation", input_shape=cfg.input_shape, base_filters=cfg.base_filters,
+            depth=cfg.depth, dropout=cfg.dropout, name=cfg.name,
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            loss=BceDiceLoss(from_logits=True),
+            metrics=[DiceCoefficient(threshold=cfg.threshold), IoUScore(threshold=cfg.threshold)],
+        )
+    return model
+
+
+def train_model(
+    cfg: ModelConfig,
+    train: SplitData,
+    val: SplitData,
+    *,
+    modality: str,
+    callbacks: Sequence[Any] = (),
+    strategy: tf.distribute.Strategy | None = None,
+) -> TrainResult:
+    """Build, compile and fit the model a config declares.
+
+    Keras is seeded with ``cfg.seed`` (``keras.utils.set_random_seed``: Python, NumPy and
+    TensorFlow). The loss is sparse categorical cross-entropy on logits (classification)
+    or :class:`~breastscan.models.BceDiceLoss` (segmentation, with Dice and IoU metrics).
+    ``cfg.imbalance == "class_weight"`` passes inverse-frequency weights to ``fit``
+    (classification only); ``"balanced_sampling"`` is handled by
+    :func:`~breastscan.datasets.make_dataset`. With ``cfg.patience > 0``, training stops
+    after ``patience`` epochs without a lower ``val_loss`` and the best weights are
+    restored. Keras prints one progress line per epoch.
+
+    Args:
+        cfg: the model declaration.
+        train: training split (augmented, shuffled).
+        val: validation split (early stopping).
+        modality: modality of the dataset, recorded in the contract.
+        callbacks: extra Keras callbacks (e.g. an MLflow per-epoch logger), run after the
+            early stopping one.
+        strategy: distribution strategy; ``None`` uses :func:`get_strategy` of
+            ``cfg.distribution``.
+
+    Returns:
+        The trained bundle and its history.
+
+    Raises:
+        ValueError: an empty training or validation split.
+    """
+    import keras
+
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"model {cfg.name}: need training and validation images "
+                         f"(got {len(train)} and {len(val)})")
+    strategy = strategy if strategy is not None else get_strategy(cfg.distribution)
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        model = _build_and_compile(cfg)
+    log.info("%s: %s model, %d parameters, %d replica(s), %d training / %d validation images",
+             cfg.name, cfg.task, model.count_params(), strategy.num_replicas_in_sync, len(train), len(val))
+
+    train_ds = make_dataset(train, cfg, training=True)
+    val_ds = make_dataset(val, cfg, training=False)
+
+    cbs: list[Any] = []
+    stopper = None
+    if cfg.patience > 0:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                restore_best_weights=True, verbose=1)
+        cbs.append(stopper)
+    cbs.extend(callbacks)
+
+    weights = None
+    if cfg.task == "classification" and cfg.imbalance == "class_weight":
+        weights = class_weights(train.targets, len(cfg.classes))
+        log.info("%s: class weights %s", cfg.name,
+                 {name: round(weights[i], 3) for i, name in enumerate(cfg.class_names)})
+
+    start = time.perf_counter()
+    fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=cbs,
+                    class_weight=weights, shuffle=False, verbose=2)  # the dataset shuffles
+    seconds = time.perf_counter() - start
+
+    history = {str(k): [float(v) for v in values] for k, values in fit.history.items()}
+    epochs_run = len(history.get("loss", []))
+    if stopper is not None and "val_loss" in history and history["val_loss"]:
+        # EarlyStopping restores the weights of its best epoch at the end of training.
+        best_epoch = int(np.nanargmin(history["val_loss"])) + 1
+    else:
+        best_epoch = epochs_run
+    contract = ModelContract.from_config(cfg, modality)
+    bundle = ModelBundle(model=model, spec=cfg.preprocess, contract=contract)
+    log.info("%s: %d epoch(s) in %.1f s, best epoch %d (val_loss %s)", cfg.name, epochs_run, seconds,
+             best_epoch, f"{history['val_loss'][best_epoch - 1]:.4f}" if history.get("val_loss") else "n/a")
+    return TrainResult(bundle=bundle, history=history, best_epoch=best_epoch, epochs_run=epochs_run,
+                       seconds=seconds)
+
+
+def write_history(history: dict[str, Sequence[float]], path: str | Path) -> Path:
+    """Write per-epoch metrics as CSV for ``dvc plots`` (columns ``epoch`` then the metrics).
+
+    Args:
+        history: metric name -> one value per epoch (all of the same length).
+        path: destination CSV; parent directories are created.
+
+    Returns:
+        The path written. ``epoch`` counts from 1.
+
+    Raises:
+        ValueError: the metric lists differ in length.
+    """
+    lengths = {len(v) for v in history.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"history lists differ in length: {sorted(lengths)}")
+    n = lengths.pop() if lengths else 0
+    frame = pd.DataFrame({"epoch": np.arange(1, n + 1), **{k: list(v) for k, v in history.items()}})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path

@@ -1,0 +1,91 @@
+"""breastscan.modelcard: the Markdown model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from breastscan.bundle import ModelContract
+from breastscan.config import GateConfig, ModelConfig
+from breastscan.modelcard import DEFAULT_LIMITATIONS, render_model_card, write_model_card
+from breastscan.preprocessing import PreprocessSpec
+
+SPEC = PreprocessSpec(height=128, width=96, clahe=True)
+DATA = {
+    "dataset": "mammography", "path": "data/mammography", "modality": "mammography",
+    "split_id": "0123456789ab", "data_hash": "285bbc4b1161f05404f51943c39e9e23.dir", "synthetic": True,
+    "n_images": 400, "n_groups": 279,
+    "splits": {"train": {"images": 253, "groups": 170}, "val": {"images": 64, "groups": 43},
+               "test": {"images": 79, "groups": 52}},
+}
+
+
+def density_cfg() -> ModelConfig:
+    return ModelConfig(name="density", task="classification", dataset="mammography", label="density",
+                       classes=(1, 2, 3, 4), preprocess=SPEC, headline="quadratic_kappa",
+                       gates=GateConfig(floors={"quadratic_kappa": 0.5, "accuracy": 0.45},
+                                        max_regression=0.03))
+
+
+def test_classifier_card() -> None:
+    cfg = density_cfg()
+    contract = ModelContract.from_config(cfg, "mammography")
+    metrics = {"headline": "quadratic_kappa", "headline_value": 0.712, "headline_ci_low": 0.61,
+               "headline_ci_high": 0.79, "quadratic_kappa": 0.712, "accuracy": 0.58, "macro_auc": 0.81,
+               "balanced_accuracy": None, "n_test": 79, "temperature": 1.37, "ece_before": 0.121,
+               "ece_after": 0.043, "per_class": {"A": {"auc": 0.9}}, "confusion_matrix": [[1]]}
+    card = render_model_card(cfg, contract, metrics, data=DATA, limitations=None)
+    assert card.startswith("# Model card: breastscan-density\n")
+    assert "version" not in card.splitlines()[0].lower()
+    lower = card.lower()
+    assert "not for diagnosis or clinical decisions" in lower
+    assert "research and engineering evaluation" in lower
+    # data
+    assert "285bbc4b1161f05404f51943c39e9e23.dir" in card and "0123456789ab" in card
+    assert "| test | 79 | 52 |" in card
+    assert "synthetic phantoms" in card
+    # preprocessing and classes
+    assert "`(batch, 128, 96, 1)` float32 in [0, 1]" in card
+    assert f"`{SPEC.spec_id}`" in card and "| clahe | `True` |" in card
+    assert "| 0 | `1` | A |" in card and "| 3 | `4` | D |" in card
+    # metrics, CI, floors
+    assert "**quadratic_kappa = 0.712** (95% CI 0.610-0.790, bootstrap)" in card
+    assert "| **quadratic_kappa** | 0.712 | 0.610-0.790 | 0.500 |" in card
+    assert "| accuracy | 0.580 |  | 0.450 |" in card
+    assert "| macro_auc | 0.810 |  |  |" in card
+    assert "balanced_accuracy" not in card and "per_class" not in card
+    assert "79 images" in card
+    # calibration
+    assert "T = 1.370" in card
+    assert "| before calibration | 0.121 |" in card and "| after calibration | 0.043 |" in card
+    # default limitations
+    for item in DEFAULT_LIMITATIONS:
+        assert f"- {item}" in card
+    assert "external sites" in card and "Small test set" in card
+
+
+def test_segmentation_card_and_custom_limitations(tmp_path: Path) -> None:
+    cfg = ModelConfig(name="lesion", task="segmentation", dataset="ultrasound", label="mask",
+                      preprocess=PreprocessSpec(height=96, width=128), headline="mean_dice",
+                      gates=GateConfig(floors={"mean_dice": 0.5}))
+    contract = ModelContract.from_config(cfg, "ultrasound")
+    metrics = {"headline": "mean_dice", "headline_value": 0.66, "mean_dice": 0.66, "mean_iou": 0.52,
+               "n_test": 40}
+    data = {"dataset": "ultrasound", "modality": "ultrasound"}
+    path = write_model_card(cfg, contract, metrics, data=data, path=tmp_path / "cards" / "card.md",
+                            limitations=["Only one scanner."])
+    card = path.read_text()
+    assert "## Calibration" not in card
+    assert "probability per pixel" in card and "threshold 0.50" in card
+    assert "mean_dice = 0.660** (95% CI not computed)" in card
+    assert "- Only one scanner." in card and DEFAULT_LIMITATIONS[0] not in card
+    assert "not for diagnosis" in card.lower()
+    assert "unless this model was trained on a real dataset" in card  # synthetic-or-not unknown
+
+
+def test_real_data_card_has_no_synthetic_note() -> None:
+    cfg = density_cfg()
+    card = render_model_card(cfg, ModelContract.from_config(cfg, "mammography"), {"quadratic_kappa": 0.6},
+                             data={**DATA, "synthetic": False}, limitations=[])
+    assert "synthetic phantoms" not in card
+    assert "**quadratic_kappa = 0.600** (95% CI not computed)" in card
+    assert card.rstrip().endswith("## Known limitations")

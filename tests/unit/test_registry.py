@@ -1,0 +1,342 @@
+"""breastscan.registry on a SQLite store: pyfunc logging, register, gated promotion, listing.
+
+One store and one logged model per module (logging costs about a second); every test
+registers versions of its own registered model (``breastscan-<test>``), so tests do not
+share aliases.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from breastscan import registry, tracking
+from breastscan.bundle import ModelBundle, ModelContract
+from breastscan.config import GateConfig, ModelConfig
+from breastscan.preprocessing import PreprocessSpec
+
+FLOORS = {"macro_auc": 0.7, "accuracy": 0.5}
+GOOD = {"macro_auc": 0.85, "accuracy": 0.7, "headline": "macro_auc", "headline_value": 0.85,
+        "headline_ci_low": 0.78, "headline_ci_high": 0.91, "n_test": 79}
+
+
+def make_bundle(directory: Path) -> Path:
+    """A tiny untrained 3-class classifier bundle at 32x32, saved to ``directory``."""
+    from breastscan.models import build_model
+
+    spec = PreprocessSpec(height=32, width=32)
+    model = build_model("classification", n_classes=3, input_shape=(32, 32, 1))
+    contract = ModelContract(name="tiny", task="classification", label="pathology",
+                             classes=("benign", "malignant", "normal"),
+                             class_names=("benign", "malignant", "normal"), input_shape=(32, 32, 1),
+                             dataset="mammography", modality="mammography", temperature=1.5,
+                             spec_id=spec.spec_id)
+    return ModelBundle(model=model, spec=spec, contract=contract).save(directory)
+
+
+def make_cfg(name: str, floors: dict[str, float] | None = None, max_regression: float = 0.03) -> ModelConfig:
+    return ModelConfig(name=name, task="classification", dataset="mammography", label="pathology",
+                       classes=("benign", "malignant", "normal"),
+                       preprocess=PreprocessSpec(height=32, width=32), headline="macro_auc",
+                       gates=GateConfig(floors=dict(FLOORS if floors is None else floors),
+                                        max_regression=max_regression))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A project with a SQLite store, a tiny bundle and one logged model in a tagged run."""
+    root = tmp_path_factory.mktemp("project")
+    mp = pytest.MonkeyPatch()
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mp.setenv(var, "unset")
+        mp.delenv(var)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/store.db")
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    bundle_dir = make_bundle(root / "bundle")
+    card = root / "model_card.md"
+    card.write_text("# card\n")
+    tags = {**tracking.run_tags(root), tracking.TAG_DATA_HASH: "d" * 32 + ".dir",
+            tracking.TAG_COMMIT: "c" * 40}
+    try:
+        with tracking.start_training_run("tiny", root, params={"a": "1"}, tags=tags) as run:
+            uri = registry.log_bundle(bundle_dir, extra_artifacts={"model_card.md": card})
+        yield {"root": root, "bundle_dir": bundle_dir, "model_uri": uri, "run_id": run.info.run_id,
+               "bundle": ModelBundle.load(bundle_dir)}
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+        mp.undo()
+
+
+def alias_version(name: str, alias: str) -> int:
+    """The version holding an alias (MLflow 3 returns ``version`` as int from the SQL store)."""
+    return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def reg(store: dict[str, Any], cfg: ModelConfig, metrics: dict[str, Any] | None = None,
+        split: str = "split-a") -> int:
+    return registry.register(cfg, store["model_uri"], metrics=metrics or GOOD, split_id=split,
+                             run_id=store["run_id"])
+
+
+def test_log_bundle_uri_signature_and_artifacts(store: dict[str, Any]) -> None:
+    assert re.fullmatch(r"models:/m-[0-9a-f]+", store["model_uri"])  # MLflow 3: a logged model
+    info = mlflow.models.get_model_info(store["model_uri"])
+    inputs = info.signature.inputs.to_dict()[0]
+    outputs = info.signature.outputs.to_dict()[0]
+    assert inputs["tensor-spec"] == {"dtype": "float32", "shape": (-1, 32, 32, 1)}
+    assert outputs["tensor-spec"] == {"dtype": "float32", "shape": (-1, 3)}
+    assert info.metadata["contract"]["classes"] == ["benign", "malignant", "normal"]
+    root = Path(mlflow.artifacts.download_artifacts(store["model_uri"], dst_path=str(store["root"] / "dl")))
+    assert (root / "artifacts" / "bundle" / "model.keras").is_file()
+    assert (root / "artifacts" / "model_card.md").read_text() == "# card\n"
+    reqs = (root / "requirements.txt").read_text()
+    assert "keras==" in reqs and "mlflow==" in reqs
+    # artifacts stayed in the project (experiment artifact location under mlartifacts/)
+    assert info.artifact_path is not None
+    assert any((store["root"] / "mlartifacts" / "breastscan-tiny").rglob("model.keras"))
+    with pytest.raises(ValueError, match="reserved"):
+        registry.log_bundle(store["bundle_dir"], extra_artifacts={"bundle": store["bundle_dir"]})
+
+
+def test_register_alias_tags_and_pyfunc(store: dict[str, Any]) -> None:
+    cfg = make_cfg("reg")
+    v1 = reg(store, cfg)
+    assert v1 == 1
+    client = MlflowClient()
+    mv = client.get_model_version(cfg.registered_name, "1")
+    assert mv.tags["split_id"] == "split-a"
+    assert mv.tags["headline"] == "macro_auc" and float(mv.tags["headline_value"]) == 0.85
+    assert float(mv.tags["metric.macro_auc"]) == 0.85 and float(mv.tags["metric.accuracy"]) == 0.7
+    assert float(mv.tags["headline_ci_low"]) == 0.78
+    assert mv.tags["data_hash"] == "d" * 32 + ".dir" and mv.tags["git_commit"] == "c" * 40
+    assert mv.run_id == store["run_id"]
+    assert alias_version(cfg.registered_name, "staging") == 1
+    rm = client.get_registered_model(cfg.registered_name)
+    assert rm.tags["task"] == "classification" and rm.tags["classes"] == '["benign", "malignant", "normal"]'
+    assert "not for diagnosis" in rm.description
+
+    # the pyfunc behind @staging serves the bundle's calibrated probabilities
+    x = np.random.default_rng(0).random((4, 32, 32, 1), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "add type hints" warning from MLflow
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_name}@staging")
+    got = pyfunc.predict(x)
+    np.testing.assert_allclose(got, store["bundle"].predict(x), rtol=1e-5, atol=1e-6)
+    assert got.shape == (4, 3)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+
+    # a second version takes @staging over
+    assert reg(store, cfg) == 2
+    assert alias_version(cfg.registered_name, "staging") == 2
+    assert registry.version_split_id(cfg) == "split-a"
+    assert registry.version_split_id(cfg, 99) is None
+
+
+def test_register_runs_uri(store: dict[str, Any]) -> None:
+    """``runs:/<run>/model`` also works: MLflow 3 resolves it to the run's logged model."""
+    cfg = make_cfg("runsuri")
+    version = registry.register(cfg, f"runs:/{store['run_id']}/model", metrics=GOOD, split_id="s",
+                                run_id=store["run_id"])
+    mv = MlflowClient().get_model_version(cfg.registered_name, str(version))
+    assert mv.source == store["model_uri"] and mv.run_id == store["run_id"]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_name}@staging")
+    assert pyfunc.predict(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 3)
+
+
+def test_register_mirrors_classic_staging_stage(store: dict[str, Any]) -> None:
+    """Classic stages still work in MLflow 3.17 (deprecated, FutureWarning): mirrored for old clients."""
+    cfg = make_cfg("stage")
+    reg(store, cfg)
+    reg(store, cfg)
+    client = MlflowClient()
+    assert client.get_model_version(cfg.registered_name, "2").current_stage == "Staging"
+    assert client.get_model_version(cfg.registered_name, "1").current_stage == "Archived"
+
+
+def test_register_missing_metric_is_tagged_absent(store: dict[str, Any]) -> None:
+    cfg = make_cfg("missing")
+    reg(store, cfg, {"macro_auc": 0.9})
+    result = registry.promote(cfg)
+    assert not result.passed
+    assert result.failures == ["accuracy missing on v1 (not in its registered metrics)"]
+
+
+def test_promote_first_version_passes(store: dict[str, Any]) -> None:
+    cfg = make_cfg("first")
+    reg(store, cfg)
+    result = registry.promote(cfg)
+    assert result.passed and result.version == 1 and result.previous is None and not result.failures
+    assert {c["gate"] for c in result.checks} == {"floor:macro_auc", "floor:accuracy"}
+    assert all(c["ok"] for c in result.checks)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(cfg.registered_name, "production")
+    assert int(mv.version) == 1
+    assert mv.tags["promoted_from"] == "none" and mv.tags["promoted_to"] == "production"
+    assert re.match(r"\d{4}-\d\d-\d\dT", mv.tags["promoted_at"])
+    assert mv.current_stage == "Production"
+    # promoting the holder again changes nothing
+    again = registry.promote(cfg, version=1)
+    assert again.passed and again.previous == 1
+
+
+def test_promote_floor_failure_names_the_gate(store: dict[str, Any]) -> None:
+    cfg = make_cfg("floor")
+    reg(store, cfg, {**GOOD, "macro_auc": 0.61, "headline_value": 0.61})
+    result = registry.promote(cfg)
+    assert not result.passed
+    assert result.failures == ["macro_auc 0.610 < floor 0.700"]
+    failed = [c for c in result.checks if not c["ok"]]
+    assert failed == [{"gate": "floor:macro_auc", "metric": "macro_auc", "candidate": 0.61, "threshold": 0.7,
+                       "ok": False, "detail": "macro_auc 0.610 < floor 0.700"}]
+    with pytest.raises(MlflowException):
+        MlflowClient().get_model_version_by_alias(cfg.registered_name, "production")
+    assert registry.list_models(cfg.registered_name)[0]["aliases"] == ["staging"]
+
+
+def test_promote_regression_gate_same_split(store: dict[str, Any]) -> None:
+    cfg = make_cfg("regress")
+    reg(store, cfg)                                   # v1: 0.85 / 0.70
+    assert registry.promote(cfg).passed
+    reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80})  # v2: above floor, -0.05
+    result = registry.promote(cfg)
+    assert not result.passed and result.previous == 1
+    assert result.failures == ["macro_auc 0.800 < 0.820 (production v1 0.850 - max_regression 0.030)"]
+    assert any(c["gate"] == "same_split" and c["ok"] for c in result.checks)
+    assert alias_version(cfg.registered_name, "production") == 1
+
+    reg(store, cfg, {**GOOD, "macro_auc": 0.83, "headline_value": 0.83, "accuracy": 0.68})  # v3: within 0.03
+    result = registry.promote(cfg)
+    assert result.passed, result.failures
+    assert result.version == 3 and result.previous == 1
+    gates = {c["gate"] for c in result.checks}
+    assert gates == {"floor:macro_auc", "floor:accuracy", "same_split", "regression:macro_auc",
+                     "regression:accuracy"}
+    client = MlflowClient()
+    assert alias_version(cfg.registered_name, "production") == 3
+    assert client.get_model_version(cfg.registered_name, "3").tags["promoted_from"] == "1"
+    assert client.get_model_version(cfg.registered_name, "1").current_stage == "Archived"
+
+
+def test_promote_split_mismatch_without_evaluate_is_refused(store: dict[str, Any]) -> None:
+    cfg = make_cfg("splitref")
+    reg(store, cfg, split="split-a")
+    assert registry.promote(cfg).passed
+    reg(store, cfg, {**GOOD, "macro_auc": 0.95, "headline_value": 0.95}, split="split-b")
+    result = registry.promote(cfg)
+    assert not result.passed
+    assert len(result.failures) == 1
+    assert result.failures[0].startswith("test split differs: v2 on split-b, production v1 on split-a")
+    assert "evaluate=" in result.failures[0]
+    assert alias_version(cfg.registered_name, "production") == 1
+
+
+def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -> None:
+    cfg = make_cfg("spliteval")
+    reg(store, cfg, split="split-a")                                   # v1, 0.85 on split a
+    assert registry.promote(cfg).passed
+    reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80}, split="split-b")  # v2, 0.80 on b
+    seen: list[ModelBundle] = []
+
+    def evaluate_low(bundle: ModelBundle) -> dict[str, Any]:
+        seen.append(bundle)
+        return {"macro_auc": 0.78, "accuracy": 0.6}   # v1 re-scored on split b: worse than v2
+
+    result = registry.promote(cfg, evaluate=evaluate_low)
+    assert result.passed, result.failures
+    assert result.reevaluated and result.previous == 1
+    assert len(seen) == 1 and isinstance(seen[0], ModelBundle)
+    assert seen[0].contract.classes == ("benign", "malignant", "normal")
+    regression = {c["metric"]: c for c in result.checks if c["gate"].startswith("regression:")}
+    assert regression["macro_auc"]["threshold"] == pytest.approx(0.75)
+
+    reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80}, split="split-c")  # v3 on c
+
+    def evaluate_high(bundle: ModelBundle) -> dict[str, Any]:
+        return {"macro_auc": 0.9, "accuracy": None}  # v2 re-scored on c: much better; accuracy unknown
+
+    result = registry.promote(cfg, evaluate=evaluate_high)
+    assert not result.passed and result.reevaluated
+    assert result.failures == ["macro_auc 0.800 < 0.870 (production v2 0.900 - max_regression 0.030)",
+                               "accuracy unknown for production v2: cannot compare"]
+
+
+def test_promote_without_staging_version_is_a_clear_error(store: dict[str, Any]) -> None:
+    with pytest.raises(registry.RegistryError, match="breastscan-nothing has no version with alias @staging"):
+        registry.promote(make_cfg("nothing"))
+    cfg = make_cfg("noversion")
+    reg(store, cfg)
+    with pytest.raises(registry.RegistryError, match="has no version 7"):
+        registry.promote(cfg, version=7)
+    MlflowClient().delete_registered_model_alias(cfg.registered_name, "staging")
+    with pytest.raises(registry.RegistryError, match="no version with alias @staging"):
+        registry.promote(cfg)
+
+
+def test_list_models_rows(store: dict[str, Any]) -> None:
+    cfg = make_cfg("listed")
+    reg(store, cfg)
+    registry.promote(cfg)
+    reg(store, cfg, {**GOOD, "macro_auc": 0.9, "headline_value": 0.9})
+    rows = [r for r in registry.list_models() if r["name"] == cfg.registered_name]
+    assert [r["version"] for r in rows] == [2, 1]
+    assert rows[0]["aliases"] == ["staging"] and rows[1]["aliases"] == ["production"]
+    assert rows[0]["stage"] == "Staging" and rows[1]["stage"] == "Production"
+    assert rows[0]["headline"] == "macro_auc" and rows[0]["value"] == 0.9
+    assert rows[0]["run_id"] == store["run_id"] and rows[0]["split_id"] == "split-a"
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$", rows[0]["created"])
+    assert all(r["name"].startswith("breastscan-") for r in registry.list_models())
+    assert registry.list_models("nobody-") == []
+
+
+def test_download_and_load_bundle(store: dict[str, Any], tmp_path: Path) -> None:
+    cfg = make_cfg("download")
+    reg(store, cfg)
+    registry.promote(cfg)
+    bundle_dir = registry.download_bundle(cfg.registered_name, dst=tmp_path / "prod")
+    assert bundle_dir == tmp_path / "prod" / "artifacts" / "bundle"
+    assert {p.name for p in bundle_dir.iterdir()} >= {"model.keras", "preprocess.json", "contract.json"}
+    bundle = registry.load_bundle(cfg.registered_name, "staging")
+    x = np.random.default_rng(1).random((2, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_allclose(bundle.predict(x), store["bundle"].predict(x), rtol=1e-5, atol=1e-6)
+    assert bundle.contract.temperature == 1.5
+    assert registry.load_bundle(cfg.registered_name, version=1).contract.name == "tiny"
+    with pytest.raises(registry.RegistryError):
+        registry.download_bundle(cfg.registered_name, alias="nope", dst=tmp_path / "x")
+
+
+def test_classic_stage_uri_still_resolves(store: dict[str, Any], tmp_path: Path) -> None:
+    """``models:/<name>/Production`` (deprecated stage URI) resolves in MLflow 3.17 after mirroring."""
+    cfg = make_cfg("stageuri")
+    reg(store, cfg)
+    registry.promote(cfg)
+    uri = f"models:/{cfg.registered_name}/Production"
+    bundle_dir = registry.download_bundle(uri, dst=tmp_path / "stage")
+    assert (bundle_dir / "model.keras").is_file()
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    assert pyfunc.predict(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 3)
+
+
+def test_stage_mirror_failure_is_not_fatal(store: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    def gone(self: object, *args: object, **kwargs: object) -> None:
+        raise AttributeError("stages removed")
+
+    monkeypatch.setattr(MlflowClient, "transition_model_version_stage", gone)
+    cfg = make_cfg("nostage")
+    reg(store, cfg)
+    assert registry.promote(cfg).passed
+    mv = MlflowClient().get_model_version_by_alias(cfg.registered_name, "production")
+    assert mv.current_stage == "None"
+    assert "could not mirror" in caplog.text

@@ -25,6 +25,18 @@ logger = logging.getLogger(__name__)
 _PROB_SUM_TOL = 1e-3
 
 
+def finite_float(value: Any) -> float | None:
+    """``float(value)`` when that is a finite number (numbers, numeric text such as MLflow
+    tag values, 0-d arrays); ``None`` for anything else, booleans included."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 # --------------------------------------------------------------------------- activations
 
 

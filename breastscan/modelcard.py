@@ -14,10 +14,11 @@ Inputs are the model's :class:`~breastscan.config.ModelConfig`, its
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from breastscan.metrics import finite_float
 
 if TYPE_CHECKING:
     from breastscan.bundle import ModelContract
@@ -56,29 +57,19 @@ _ECE_BEFORE = ("ece_before", "ece_uncalibrated", "ece_raw", "val_ece_before", "t
 _ECE_AFTER = ("ece_after", "ece_calibrated", "ece", "val_ece_after", "test_ece_after")
 
 
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _fmt(value: Any, digits: int = 3) -> str:
-    number = _num(value)
+    number = finite_float(value)
     return "n/a" if number is None else f"{number:.{digits}f}"
 
 
 def _count(value: Any) -> str:
-    number = _num(value)
+    number = finite_float(value)
     return "n/a" if number is None else str(int(number))
 
 
 def _first(metrics: Mapping[str, Any], keys: Sequence[str]) -> float | None:
     for key in keys:
-        value = _num(metrics.get(key))
+        value = finite_float(metrics.get(key))
         if value is not None:
             return value
     return None
@@ -193,10 +184,10 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
 
     # ------------------------------------------------------------------ metrics
     headline = str(metrics.get("headline") or cfg.headline)
-    value = _num(metrics.get("headline_value"))
+    value = finite_float(metrics.get("headline_value"))
     if value is None:
-        value = _num(metrics.get(headline))
-    low, high = _num(metrics.get("headline_ci_low")), _num(metrics.get("headline_ci_high"))
+        value = finite_float(metrics.get(headline))
+    low, high = finite_float(metrics.get("headline_ci_low")), finite_float(metrics.get("headline_ci_high"))
     n_test = metrics.get("n_test", metrics.get("n"))
     out += ["## Metrics", "",
             f"On the held-out test split ({_count(n_test)} images"
@@ -208,7 +199,7 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
     for key in sorted(metrics):
         if key in _NOT_METRICS or key.startswith(("ece", "val_", "headline")):
             continue
-        number = _num(metrics[key])
+        number = finite_float(metrics[key])
         if number is None:
             continue
         floor = cfg.gates.floors.get(key)
@@ -227,7 +218,7 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
 
     # ------------------------------------------------------------------ calibration
     if cfg.task == "classification":
-        temperature = _num(metrics.get("temperature"))
+        temperature = finite_float(metrics.get("temperature"))
         if temperature is None:
             temperature = contract.temperature
         before, after = _first(metrics, _ECE_BEFORE), _first(metrics, _ECE_AFTER)

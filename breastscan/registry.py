@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tempfile
 import warnings
@@ -53,6 +52,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from breastscan.bundle import ModelBundle, read_contract
+from breastscan.metrics import finite_float
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -227,21 +227,11 @@ def _get_version(client: MlflowClient, name: str, version: int | None, alias: st
         raise
 
 
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     """A metric from a report: ``metrics[key]``, or the headline value when key is the headline."""
-    value = _number(metrics.get(key))
+    value = finite_float(metrics.get(key))
     if value is None and metrics.get("headline") == key:
-        value = _number(metrics.get("headline_value"))
+        value = finite_float(metrics.get("headline_value"))
     return value
 
 
@@ -257,7 +247,7 @@ def version_metrics(mv: ModelVersion) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in (mv.tags or {}).items():
         if key.startswith(METRIC_TAG_PREFIX):
-            number = _number(value)
+            number = finite_float(value)
             if number is not None:
                 out[key[len(METRIC_TAG_PREFIX):]] = number
     return out
@@ -341,7 +331,7 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     if headline is not None:
         tags[TAG_HEADLINE_VALUE] = repr(headline)
     for key in ("headline_ci_low", "headline_ci_high", "n_test"):
-        value = _number(metrics.get(key))
+        value = finite_float(metrics.get(key))
         if value is not None:
             tags[key] = repr(value)
     for metric in _gated_metrics(cfg):
@@ -586,7 +576,7 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
                 "name": rm.name, "version": int(mv.version),
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "stage": stage, "headline": tags.get(TAG_HEADLINE),
-                "value": _number(tags.get(TAG_HEADLINE_VALUE)),
+                "value": finite_float(tags.get(TAG_HEADLINE_VALUE)),
                 "split_id": tags.get(TAG_SPLIT), "created": created.isoformat(timespec="seconds"),
                 "run_id": mv.run_id,
             })

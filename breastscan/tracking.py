@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import numbers
 import os
 import re
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from breastscan.metrics import finite_float
 
 if TYPE_CHECKING:
     import mlflow
@@ -316,11 +317,7 @@ def _as_number(value: Any) -> float | None:
         return None
     if not isinstance(value, numbers.Real) and getattr(value, "shape", None) != ():
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    return finite_float(value)
 
 
 # --------------------------------------------------------------------------- runs

@@ -17,12 +17,12 @@ import logging
 from pathlib import Path
 
 import mlflow
-from breastscan.datasets import load_split
-from breastscan.evaluation import evaluate_classifier, evaluate_segmenter, write_evaluation
-from breastscan.plots import plot_history
 
 from breastscan import tracking
 from breastscan.bundle import ModelBundle
+from breastscan.datasets import load_split
+from breastscan.evaluation import evaluate_classifier, evaluate_segmenter, write_evaluation
+from breastscan.plots import plot_history
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
 from pipelines.run import model_run
 

@@ -20,11 +20,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from breastscan.modelcard import write_model_card
 
 from breastscan import registry, tracking
 from breastscan.bundle import ModelBundle
 from breastscan.datasets import read_splits
+from breastscan.modelcard import write_model_card
 from breastscan.splits import split_id
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
 from pipelines.run import model_run

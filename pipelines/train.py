@@ -20,10 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
-from breastscan.datasets import load_split
-from breastscan.training import get_strategy, train_model, write_history
 
 from breastscan import tracking
+from breastscan.datasets import load_split
+from breastscan.training import get_strategy, train_model, write_history
 from pipelines._stage import model_dir, model_reports, parse, splits_csv, validation_report
 from pipelines.run import RUN_FILE
 
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
              len(val.frame), splits)
 
     project = Path.cwd()
-    tags = {**tracking.run_tags(project, split=splits), "breastscan.model": cfg.name, "breastscan.dataset": dataset.name,
-            "breastscan.stage": "train"}
+    tags = {**tracking.run_tags(project, split=splits), "breastscan.model": cfg.name,
+            "breastscan.dataset": dataset.name, "breastscan.stage": "train"}
     params = tracking.flatten_params({"model": asdict(cfg), "dataset": {
         "name": dataset.name, "path": str(dataset.path), "modality": dataset.modality},
         "prepare": asdict(args.params.prepare)})

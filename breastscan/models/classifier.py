@@ -82,11 +82,12 @@ def build_classifier(
         n_classes: number of classes (>= 2; a binary task uses two logits).
         input_shape: ``(H, W, C)`` of one input image, ``C`` = 1 (gray, the project's
             contract) or 3. ``keras.applications`` backbones need ``H, W >= 32``; the
-            compact one ``H, W >= 8``.
-        backbone: one of :data:`BACKBONES`. ``"compact"`` is a small 4-block CNN
-            (16-32-64-128 filters, ~100k parameters) sized for a 2-core CPU; the others are
-            ``keras.applications`` models (``include_top=False, pooling="avg"``) fed through
-            :class:`GrayToRGB` and :class:`BackbonePreprocess`.
+            compact one ``H, W >= 16``.
+        backbone: one of :data:`BACKBONES`. ``"compact"`` is a small 5-block CNN
+            (16-32-64-96-128 filters, ~190k parameters, average and max pooled) sized for
+            a 2-core CPU; the others are ``keras.applications`` models
+            (``include_top=False, pooling="avg"``) fed through :class:`GrayToRGB` and
+            :class:`BackbonePreprocess`.
         weights: ``"none"`` (random initialisation), ``"imagenet"`` (keras.applications
             backbones only; downloaded by Keras or read from its cache ``~/.keras/models``),
             or the path of saved weights: a ``.weights.h5`` file written by
@@ -123,7 +124,7 @@ def build_classifier(
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    shape = _check_input_shape(input_shape, min_side=8 if backbone == "compact" else _APP_MIN_SIDE)
+    shape = _check_input_shape(input_shape, min_side=2 ** (len(_COMPACT_FILTERS) - 1) if backbone == "compact" else _APP_MIN_SIDE)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     weights_path = _parse_weights(weights, backbone)

@@ -97,8 +97,8 @@ def test_all_backbones_are_covered() -> None:
 def test_last_conv_layer_name() -> None:
     compact = build_classifier(n_classes=2, input_shape=(64, 64, 1))
     name = last_conv_layer_name(compact)
-    assert name == "block4_relu"
-    assert tuple(compact.get_layer(name).output.shape) == (None, 8, 8, 128)
+    assert name == "block5_relu"
+    assert tuple(compact.get_layer(name).output.shape) == (None, 4, 4, 128)
     resnet = build_classifier(n_classes=2, input_shape=(64, 64, 1), backbone="resnet50")
     assert last_conv_layer_name(resnet) == "conv5_block3_out"
     # a nested backbone cannot be used for Grad-CAM as is
@@ -270,7 +270,7 @@ def test_weights_path_loads(tmp_path: Path, suffix: str) -> None:
         for a, b in zip(layer.get_weights(), other.get_layer(layer.name).get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
     head = other.get_layer("logits").get_weights()
-    assert head[0].shape == (128, 5) and np.isfinite(head[0]).all()
+    assert head[0].shape == (256, 5) and np.isfinite(head[0]).all()  # 128 averaged + 128 max-pooled
 
     # weights of another backbone are refused with a clear message
     with pytest.raises(ValueError, match="does not hold weights for backbone 'mobilenetv3small'"):
@@ -301,15 +301,15 @@ def test_legacy_h5_backbone_file_loads(tmp_path: Path) -> None:
 
 def test_freeze_int_and_float() -> None:
     full = backbone_layers(build_classifier(n_classes=2, input_shape=(32, 32, 1)))
-    assert len(full) == 15  # 4 x (conv, bn, relu) + 3 pools
+    assert len(full) == 19  # 5 x (conv, bn, relu) + 4 pools
 
     model = build_classifier(n_classes=2, input_shape=(32, 32, 1), freeze=5)
     flags = [layer.trainable for layer in backbone_layers(model)]
-    assert flags == [False] * 5 + [True] * 10
+    assert flags == [False] * 5 + [True] * 14
     assert model.get_layer("logits").trainable
 
     model = build_classifier(n_classes=2, input_shape=(32, 32, 1), freeze=0.5)
-    assert sum(not la.trainable for la in backbone_layers(model)) == math.floor(0.5 * 15)
+    assert sum(not la.trainable for la in backbone_layers(model)) == math.floor(0.5 * 19)
 
     app = build_classifier(n_classes=2, input_shape=(64, 64, 1), backbone="mobilenetv3small", freeze=0.25)
     layers = backbone_layers(app)

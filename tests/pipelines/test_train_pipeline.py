@@ -1,0 +1,171 @@
+"""The whole DAG with training, in a throwaway git+DVC repo: real ``dvc repro``, real MLflow.
+
+One repo per module (training is the expensive part): ``dvc repro`` trains, evaluates and
+registers the three models with tiny settings; then the registry, promotion gates, model
+loading by stage, ``dvc metrics``/``dvc plots`` and the summary table are checked against
+that one repo. A second test runs the lesion chain against a real ``mlflow server`` over
+HTTP on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.mlflow_server import mlflow_server
+from tests.pipelines.repo import make_repo, run
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("density", "tumor", "lesion")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_phantoms: Path) -> tuple[Path, str]:
+    """A repo after ``dvc repro``, and the stdout of that run."""
+    root = tmp_path_factory.mktemp("trained")
+    # Low floors so that the tiny models can be promoted; one test raises them.
+    low = {name: {"gates": {"floors": {}, "max_regression": 1.0}} for name in MODELS}
+    make_repo(root, tiny_phantoms, {"models": low})
+    proc = run(["dvc", "repro"], root)
+    return root, proc.stdout
+
+
+def _mlflow(root: Path) -> Iterator[object]:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+@pytest.fixture()
+def client(trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    root, _ = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    yield _mlflow(root)
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
+def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, str], client) -> None:
+    root, stdout = trained
+    for name in MODELS:
+        assert (root / f"artifacts/models/{name}/model.keras").is_file()
+        run_info = json.loads((root / f"artifacts/models/{name}/run.json").read_text())
+        metrics = json.loads((root / f"reports/models/{name}/metrics.json").read_text())
+        assert metrics["headline_value"] is not None and metrics["n_test"] > 0
+        for png in (root / f"reports/models/{name}/png").glob("*.png"):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        card = (root / f"reports/models/{name}/model_card.md").read_text()
+        assert "Not for diagnosis" in card and "95% CI" in card
+        # one run per model: params, per-epoch metrics, test metrics, artefacts, tags
+        mlrun = client.get_run(run_info["run_id"])
+        assert mlrun.data.params["model.epochs"] == "2"
+        assert len(client.get_metric_history(mlrun.info.run_id, "loss")) == 2
+        assert f"test_{metrics['headline']}" in mlrun.data.metrics
+        assert mlrun.data.tags["breastscan.data_hash"]
+        artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+        assert {"data", "training", "evaluation"} <= artifacts
+        # the registered version sits at staging, with its metrics and split id
+        version = client.get_model_version_by_alias(f"breastscan-{name}", "staging")
+        assert version.run_id == mlrun.info.run_id
+        assert version.tags["split_id"]
+    # the summary table closes the repro output
+    tail = stdout[stdout.rindex("Running stage 'summary'"):]
+    for name in MODELS:
+        assert name in tail
+    assert "staging" in tail
+
+
+def test_dvc_metrics_and_plots(trained: tuple[Path, str]) -> None:
+    root, _ = trained
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
+    text = json.dumps(shown)
+    for name in MODELS:
+        assert f"reports/models/{name}/metrics.json" in text
+    assert "quadratic_kappa" in text and "mean_dice" in text
+    out = root / "plots_html"
+    run(["dvc", "plots", "show", "-o", str(out)], root)
+    html = (out / "index.html").read_text()
+    assert "reports/models/tumor/plots/roc.csv" in html
+    assert "reports/models/lesion/history.csv" in html
+
+
+def test_registered_model_serves_what_the_bundle_predicts(trained: tuple[Path, str], client) -> None:
+    import mlflow
+
+    from breastscan.bundle import ModelBundle
+
+    root, _ = trained
+    bundle = ModelBundle.load(root / "artifacts/models/tumor")
+    metrics = json.loads((root / "reports/models/tumor/metrics.json").read_text())
+    bundle = bundle.with_temperature(metrics["temperature"])
+    x = np.random.default_rng(0).random((3, *bundle.contract.input_shape), dtype=np.float32)
+    served = mlflow.pyfunc.load_model("models:/breastscan-tumor@staging").predict(x)
+    np.testing.assert_allclose(served, bundle.predict(x), atol=1e-5)
+    assert np.allclose(served.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_promotion_is_gated(trained: tuple[Path, str], client) -> None:
+    import mlflow
+
+    root, _ = trained
+    cmd = ["breastscan"]  # the venv's console script (run() puts the venv first on PATH)
+    ok = run([*cmd, "promote", "lesion", "--to", "production"], root)
+    assert "is now at stage production" in ok.stdout
+    assert client.get_model_version_by_alias("breastscan-lesion", "production").version == 1
+    # classic stage URI resolves too (mirrored for older clients)
+    x = np.zeros((1, 32, 48, 1), np.float32)
+    assert mlflow.pyfunc.load_model("models:/breastscan-lesion/Production").predict(x).shape == (1, 32, 48, 1)
+
+    # raise a floor beyond reach: refused, non-zero exit, the gate named with numbers
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["models"]["tumor"]["gates"]["floors"] = {"macro_auc": 0.999}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    refused = run([*cmd, "promote", "tumor", "--to", "production"], root, check=False)
+    assert refused.returncode == 1
+    assert "macro_auc" in refused.stderr and "floor 0.999" in refused.stderr
+    assert "production" not in client.get_registered_model("breastscan-tumor").aliases
+
+    listed = run([*cmd, "models", "--json"], root).stdout
+    rows = {r["name"]: r for r in json.loads(listed)}
+    assert "production" in rows["breastscan-lesion"]["aliases"]
+    assert rows["breastscan-tumor"]["headline"] == "macro_auc"
+
+
+def test_pipeline_against_a_real_mlflow_server(tmp_path: Path, tiny_phantoms: Path) -> None:
+    """MLFLOW_TRACKING_URI points at a server over HTTP: the same stages, nothing local."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    make_repo(root, tiny_phantoms)
+    with mlflow_server(tmp_path / "server") as uri:
+        run(["dvc", "repro", "register@lesion"], root, MLFLOW_TRACKING_URI=uri)
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        version = client.get_model_version_by_alias("breastscan-lesion", "staging")
+        run_id = json.loads((root / "artifacts/models/lesion/run.json").read_text())["run_id"]
+        assert version.run_id == run_id
+        assert client.get_run(run_id).data.metrics["test_mean_dice"] >= 0
+        x = np.zeros((2, 32, 48, 1), np.float32)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            model = mlflow.pyfunc.load_model("models:/breastscan-lesion@staging")
+            assert model.predict(x).shape == (2, 32, 48, 1)
+        finally:
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
+    splits = pd.read_csv(root / "artifacts/prepared/ultrasound/splits.csv")
+    assert "image_md5" in splits.columns

@@ -324,7 +324,7 @@ def test_freeze_int_and_float() -> None:
     np.testing.assert_allclose(keras.ops.convert_to_numpy(everything(x, training=True)),
                                keras.ops.convert_to_numpy(everything(x, training=False)), atol=1e-6)
 
-    for bad in (16, -1, 1.5, True, "half"):
+    for bad in (20, -1, 1.5, True, "half"):  # 20 > the 19 backbone layers
         with pytest.raises(ValueError, match="freeze"):
             build_classifier(n_classes=2, input_shape=(32, 32, 1), freeze=bad)  # type: ignore[arg-type]
 

@@ -34,8 +34,9 @@ install: $(STAMP)  ## create .venv (if missing) and install the project
 data: $(STAMP)  ## fetch the demo data from the in-repo DVC remote
 	$(BIN)/dvc pull --quiet data.dvc
 
-demo: data  ## the main job: dvc repro on the demo data
+demo: data  ## the main job: dvc repro on the demo data, then promote the models through their gates
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	$(BIN)/breastscan promote --all --to production
 
 test: $(STAMP)  ## the whole test suite
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest --slow

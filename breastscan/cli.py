@@ -174,43 +174,56 @@ def _score_on_workspace_split(cfg: Any, params: Any, expected_split: str | None)
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model_names", metavar="MODEL...", nargs=-1)
+@click.option("--all", "all_models", is_flag=True, help="every model declared in params.yaml")
 @click.option("--version", "version", type=int, default=None,
-              help="version to promote (default: the one at stage staging)")
+              help="version to promote (default: the one at stage staging; one MODEL only)")
 @click.option("--to", "to", default="production", show_default=True,
               type=click.Choice(["staging", "production"]))
 @click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
-def promote(model: str, version: int | None, to: str, params: Path) -> None:
-    """Move MODEL's version to a registry stage if the quality gates in params.yaml pass.
+def promote(model_names: tuple[str, ...], all_models: bool, version: int | None, to: str,
+            params: Path) -> None:
+    """Move each MODEL's version to a registry stage if its quality gates in params.yaml pass.
 
     Gates: every floor under models.<MODEL>.gates.floors, and no drop beyond
     gates.max_regression versus the version now at that stage, on the same test split.
-    Exits 1 and names the failed gates when the promotion is refused.
+    Exits 1 and names the failed gates when any promotion is refused.
     """
     from breastscan import registry, tracking
     from breastscan.config import load_params
 
     p = load_params(params)
+    if all_models:
+        model_names = tuple(p.models)
+    if not model_names:
+        raise click.UsageError("name at least one MODEL, or --all")
+    if version is not None and len(model_names) > 1:
+        raise click.UsageError("--version needs exactly one MODEL")
     try:
-        cfg = p.model(model)
+        cfgs = [p.model(name) for name in model_names]
     except KeyError as exc:
         raise click.UsageError(str(exc.args[0])) from None
     tracking.configure(Path.cwd())
-    try:
-        candidate_split = registry.version_split_id(cfg, version)
-        result = registry.promote(cfg, version=version, to=to,
-                                  evaluate=_score_on_workspace_split(cfg, p, candidate_split))
-    except registry.RegistryError as exc:
-        raise click.ClickException(str(exc)) from None
-    for check in result.checks:
-        mark = "ok " if check["ok"] else "FAIL"
-        click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")
-    if not result.passed:
-        click.echo(f"refused: {cfg.registered_name} v{result.version} stays where it is -- "
-                   + "; ".join(result.failures), err=True)
+    refused = 0
+    for cfg in cfgs:
+        try:
+            candidate_split = registry.version_split_id(cfg, version)
+            result = registry.promote(cfg, version=version, to=to,
+                                      evaluate=_score_on_workspace_split(cfg, p, candidate_split))
+        except registry.RegistryError as exc:
+            raise click.ClickException(str(exc)) from None
+        for check in result.checks:
+            mark = "ok " if check["ok"] else "FAIL"
+            click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")
+        if not result.passed:
+            click.echo(f"refused: {cfg.registered_name} v{result.version} stays where it is -- "
+                       + "; ".join(result.failures), err=True)
+            refused += 1
+            continue
+        previous = f" (was v{result.previous})" if result.previous else ""
+        click.echo(f"{cfg.registered_name} v{result.version} is now at stage {to}{previous}")
+    if refused:
         sys.exit(1)
-    previous = f" (was v{result.previous})" if result.previous else ""
-    click.echo(f"{cfg.registered_name} v{result.version} is now at stage {to}{previous}")
 
 
 @main.command()
@@ -230,8 +243,14 @@ def models(as_json: bool) -> None:
         click.echo(f"no breastscan models registered in {tracking.tracking_uri(Path.cwd())}; run `dvc repro`")
         return
     cols = ["name", "version", "aliases", "stage", "headline", "value", "created"]
-    table = [[str(r.get(c, "")) if not isinstance(r.get(c), list) else ",".join(r[c]) for c in cols]
-             for r in rows]
+    def cell(value: Any) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return "" if value is None else str(value)
+
+    table = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for t in table:

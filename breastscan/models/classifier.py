@@ -124,7 +124,8 @@ def build_classifier(
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    shape = _check_input_shape(input_shape, min_side=2 ** (len(_COMPACT_FILTERS) - 1) if backbone == "compact" else _APP_MIN_SIDE)
+    compact_min = 2 ** (len(_COMPACT_FILTERS) - 1)  # one max-pool between blocks
+    shape = _check_input_shape(input_shape, min_side=compact_min if backbone == "compact" else _APP_MIN_SIDE)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     weights_path = _parse_weights(weights, backbone)

@@ -49,13 +49,15 @@ def test_exp_run_with_param_override_changes_splits(repo: Path) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
     before = pd.read_csv(repo / "artifacts/prepared/ultrasound/splits.csv")["split"]
-    run(["dvc", "exp", "run", "-S", "prepare.seed=7"], repo)
+    run(["dvc", "exp", "run", "-S", "prepare.seed=7", "-S", "models.lesion.epochs=1"], repo)
     after = pd.read_csv(repo / "artifacts/prepared/ultrasound/splits.csv")["split"]
     assert (before != after).any()
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     seeds = [exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["prepare"]["seed"]
              for commit in shown for exp in (commit.get("experiments") or [])]
     assert 7 in seeds
+    history = pd.read_csv(repo / "reports/models/lesion/history.csv")
+    assert len(history) == 1  # the epochs override reached training
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,34 @@ def test_registered_model_serves_what_the_bundle_predicts(trained: tuple[Path, s
     assert np.allclose(served.sum(axis=1), 1.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_model_from_registry_reproduces_the_evaluation(trained: tuple[Path, str], client, name: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from breastscan.config import load_params
+    from breastscan.datasets import load_split
+    from breastscan.evaluation import batched_logits
+    from breastscan.metrics import classification_report, segmentation_report
+    from breastscan.registry import load_bundle
+
+    root, _ = trained
+    monkeypatch.chdir(root)
+    cfg = load_params(root / "params.yaml").model(name)
+    dataset = load_params(root / "params.yaml").dataset(cfg.dataset)
+    recorded = json.loads((root / f"reports/models/{name}/metrics.json").read_text())
+    bundle = load_bundle(f"breastscan-{name}", alias="staging")
+    test = load_split(root / f"artifacts/prepared/{dataset.name}/splits.csv", dataset.path, cfg, "test")
+    probs = bundle.probabilities(batched_logits(bundle, test.images))
+    if cfg.task == "classification":
+        again = classification_report(test.targets, probs, list(cfg.class_names),
+                                      quadratic_kappa=cfg.label == "density")
+        keys = ["accuracy", "balanced_accuracy", "macro_auc", "log_loss"]
+    else:
+        again = segmentation_report(test.targets, probs, threshold=bundle.contract.threshold)
+        keys = ["mean_dice", "mean_iou"]
+    for key in keys:
+        assert again[key] == recorded[key], key
+
+
 def test_promotion_is_gated(trained: tuple[Path, str], client) -> None:
     import mlflow
 

@@ -1,0 +1,531 @@
+"""Request-independent inference: check inputs, run bundles on batches, build JSON answers.
+
+The service (HTTP and gRPC) is a thin layer over this module:
+
+* :func:`decode_upload` turns an uploaded file's bytes, and :func:`validate_array` a raw
+  array, into the ``(H, W)`` float32 gray image in [0, 1] that preprocessing takes; every
+  client mistake becomes an :class:`InputError` whose ``code`` (a short stable word) and
+  message the service returns as a 4xx answer.
+* :func:`predict_images` runs one bundle on a whole batch (the batched API's unit of work)
+  and gives one JSON-able dict per image: calibrated class probabilities (with an optional
+  Grad-CAM heatmap), or a lesion mask with its area and bounding box, always in the
+  **original** image's pixel coordinates.
+* :func:`analyze` runs every model of one modality on one image and, for mammography with
+  a density and a tumor model, adds the 8-category view
+  (:func:`breastscan.evaluation.eight_category`).
+
+Images, masks and overlays travel as base64-encoded PNG. Nothing here reads params, env or
+argv; Keras and TensorFlow are imported only by the bundle and :mod:`breastscan.gradcam`.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from breastscan.bundle import ModelBundle
+from breastscan.gradcam import grad_cam, overlay
+from breastscan.labels import MODALITIES
+from breastscan.preprocessing import ImageDecodeError, PreprocessSpec, decode_image, is_dicom
+
+log = logging.getLogger(__name__)
+
+INPUT_ERROR_CODES: dict[str, str] = {
+    "empty": "the upload has no bytes",
+    "too_large": "the upload has too many bytes, or the image too many pixels per side",
+    "too_small": "the image has too few pixels per side",
+    "not_an_image": "the bytes are not a supported image format",
+    "truncated": "the file ends early (cut-off upload)",
+    "corrupt": "the file has a supported format but does not decode",
+    "unsupported": "a supported container with an unsupported encoding (e.g. a DICOM codec)",
+    "no_pixel_data": "a DICOM file without an image",
+    "bad_shape": "the array is not (H, W) or (H, W, C) with C in 1, 3, 4",
+    "bad_dtype": "the array's dtype is not an integer or floating type",
+    "not_finite": "the image holds NaN or infinite values",
+    "out_of_range": "a floating-point image has values outside [0, 1]",
+    "unknown_model": "no model of that name is served",
+    "unknown_modality": "no model is served for that modality",
+}
+"""Every :attr:`InputError.code`, with what it means (for API documentation)."""
+
+# decode_image and read_dicom say what went wrong in their message only; the first phrase
+# found decides the code (order matters: "corrupt or truncated" is not a clean truncation).
+_DECODE_CODES: tuple[tuple[str, str], ...] = (
+    ("empty input", "empty"),
+    ("smallest side", "too_small"),
+    ("largest side", "too_large"),
+    ("no pixel data", "no_pixel_data"),
+    ("nan or infinite", "not_finite"),
+    ("transfer syntax", "unsupported"),
+    ("unsupported channel count", "bad_shape"),
+    ("expected a 2-d", "bad_shape"),
+    ("corrupt or truncated", "corrupt"),
+    ("truncated", "truncated"),
+    ("not an image", "not_an_image"),
+    ("not a dicom file", "not_an_image"),
+)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PIXEL_KINDS = "uif"  # unsigned, signed integer, floating point
+
+
+class InputError(ValueError):
+    """A client's input the platform refuses; the service answers it with a 4xx.
+
+    Attributes:
+        code: one of :data:`INPUT_ERROR_CODES`, stable for clients to branch on.
+        message: a sentence for a human, naming the problem (never patient data).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in INPUT_ERROR_CODES:
+            raise ValueError(f"unknown input error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"code": ..., "message": ...}``, the body of the service's error answer."""
+        return {"code": self.code, "message": self.message}
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def decode_upload(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int,
+    spec: PreprocessSpec | None = None,
+) -> np.ndarray:
+    """Decode an uploaded image file (PNG, JPEG, PGM, TIFF, BMP, DICOM; 8/16-bit; gray/RGB/RGBA).
+
+    Sizes are checked before pixels are decoded: the byte count first, then the width and
+    height from the file's header (for DICOM from Rows/Columns), so a decompression bomb is
+    refused without allocating it.
+
+    Args:
+        data: the file's bytes.
+        max_bytes: largest accepted upload in bytes.
+        spec: the preprocessing spec whose ``min_side``/``max_side`` apply (default: the
+            defaults of :class:`PreprocessSpec`).
+
+    Returns:
+        ``(H, W)`` float32 gray in [0, 1] at the file's own size (see
+        :func:`breastscan.preprocessing.decode_image`: 16-bit data is min-max stretched,
+        DICOM goes through its LUTs, alpha is dropped).
+
+    Raises:
+        InputError: ``empty``, ``too_large``, ``too_small``, ``not_an_image``,
+            ``truncated``, ``corrupt``, ``unsupported``, ``no_pixel_data``, ``not_finite``
+            or ``bad_shape``.
+    """
+    spec = spec or PreprocessSpec()
+    raw = bytes(data)
+    if not raw:
+        raise InputError("empty", "empty upload: no bytes to decode")
+    if len(raw) > max_bytes:
+        raise InputError("too_large", f"upload is {len(raw)} bytes; at most {max_bytes} are accepted")
+    # An upload cut short is the commonest broken file: name it before the decoder, whose
+    # own message for a cut PNG is only "does not decode".
+    if raw.startswith(_PNG_MAGIC) and b"IEND" not in raw[-32:]:
+        raise InputError("truncated", "truncated PNG: the file ends before its IEND chunk")
+    if raw.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in raw[-64:]:
+        raise InputError("truncated", "truncated JPEG: the end-of-image marker is missing")
+    try:
+        if is_dicom(raw):
+            _check_dicom_size(raw, spec)
+        return decode_image(raw, min_side=spec.min_side, max_side=spec.max_side)
+    except ImageDecodeError as exc:
+        raise InputError(_decode_code(str(exc)), str(exc)) from None
+
+
+def _check_dicom_size(raw: bytes, spec: PreprocessSpec) -> None:
+    """Check Rows/Columns from the DICOM header before its pixel data is decoded."""
+    from breastscan.dicom import load_dataset
+
+    header = load_dataset(raw, stop_before_pixels=True)
+    rows, cols = header.get("Rows"), header.get("Columns")
+    if rows is None or cols is None:
+        return  # no image attributes: decoding says what is missing
+    try:
+        height, width = int(rows), int(cols)
+    except (TypeError, ValueError):
+        raise ImageDecodeError("corrupt DICOM image attributes (Rows/Columns)") from None
+    _check_side(height, width, spec)
+
+
+def _decode_code(message: str) -> str:
+    text = message.lower()
+    for phrase, code in _DECODE_CODES:
+        if phrase in text:
+            return code
+    return "corrupt"
+
+
+def _check_side(height: int, width: int, spec: PreprocessSpec) -> None:
+    if min(height, width) < spec.min_side:
+        raise InputError("too_small", f"image is {width}x{height} pixels; the smallest side must be "
+                                      f"at least {spec.min_side}")
+    if max(height, width) > spec.max_side:
+        raise InputError("too_large", f"image is {width}x{height} pixels; the largest side may be at "
+                                      f"most {spec.max_side}")
+
+
+def validate_array(array: Any, spec: PreprocessSpec | None = None) -> np.ndarray:
+    """Check a raw image array and convert it to the gray float image preprocessing takes.
+
+    The array is one image at its own size, never a model batch; it goes through the same
+    preprocessing (resize, letterbox, contrast steps) as a decoded file.
+
+    Args:
+        array: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` (RGB) or ``(H, W, 4)`` (RGBA, alpha
+            ignored). ``uint8`` is read as 0-255; any other integer type is min-max
+            stretched (as 16-bit files are); floating types must already be in [0, 1].
+        spec: the preprocessing spec whose ``min_side``/``max_side`` apply (default: the
+            defaults of :class:`PreprocessSpec`).
+
+    Returns:
+        ``(H, W)`` float32 gray in [0, 1] (a constant integer image becomes zeros).
+
+    Raises:
+        InputError: ``bad_shape`` (ndim, channels), ``too_small``/``too_large`` (sides),
+            ``bad_dtype`` (bool, complex, object, text ...), ``not_finite`` (NaN/inf),
+            ``out_of_range`` (floats outside [0, 1]).
+    """
+    spec = spec or PreprocessSpec()
+    try:
+        arr = np.asarray(array)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise InputError("bad_shape", f"not a rectangular array: {exc}") from None
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise InputError("bad_shape", f"expected one image (H, W) or (H, W, C) with C in 1, 3, 4; "
+                                      f"got shape {tuple(arr.shape)}")
+    _check_side(int(arr.shape[0]), int(arr.shape[1]), spec)
+    if arr.dtype.kind not in _PIXEL_KINDS:
+        raise InputError("bad_dtype", f"pixel dtype {arr.dtype} is not supported; send uint8, uint16 "
+                                      "or float in [0, 1]")
+    if arr.ndim == 3:
+        arr = arr[:, :, 0] if arr.shape[2] == 1 else _rgb_to_gray(arr[:, :, :3])
+    if arr.dtype.kind == "f":
+        # Errors are ignored here: float16 overflow shows up as inf just below.
+        with np.errstate(invalid="ignore", over="ignore"):
+            gray = arr.astype(np.float32)
+        if not np.isfinite(gray).all():
+            raise InputError("not_finite", "image contains NaN or infinite values")
+        lo, hi = float(gray.min()), float(gray.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InputError("out_of_range", f"floating-point pixels must be in [0, 1], got "
+                                             f"[{lo:.4g}, {hi:.4g}]")
+        return gray
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    wide = arr.astype(np.float64)
+    lo, hi = float(wide.min()), float(wide.max())
+    if hi <= lo:
+        return np.zeros(wide.shape, np.float32)
+    return ((wide - lo) / (hi - lo)).astype(np.float32)
+
+
+def _rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma (OpenCV's weights) of an RGB array, keeping integer input integral."""
+    weights = np.asarray([0.299, 0.587, 0.114])
+    with np.errstate(invalid="ignore", over="ignore"):
+        gray = rgb.astype(np.float64) @ weights
+    if rgb.dtype.kind in "iu":
+        info = np.iinfo(rgb.dtype)
+        return np.clip(np.rint(gray), info.min, info.max).astype(rgb.dtype)
+    return gray
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model's answer for one image (see :meth:`to_dict` for the JSON form).
+
+    Attributes:
+        model: the contract's model name (``density``, ``tumor``, ``lesion`` ...).
+        version: registry version of the served model, if known.
+        stage: registry stage (alias) it was served from, if known.
+        spec_id: id of the preprocessing spec applied.
+        task: ``classification`` or ``segmentation``.
+        width: the original image's width in pixels.
+        height: the original image's height in pixels.
+        probabilities: class name -> calibrated probability, in class order (classifiers).
+        predicted: the most probable class name (classifiers).
+        confidence: its probability (classifiers).
+        heatmap_png: base64 PNG, ``(height, width)`` 8-bit Grad-CAM heatmap, 255 = strongest
+            evidence for ``predicted`` (classifiers, when explained).
+        mask_png: base64 PNG, ``(height, width)`` 8-bit mask, 255 = lesion (segmenters).
+        lesion_area_px: lesion pixels in the original image (segmenters).
+        lesion_fraction: lesion pixels / all pixels, in [0, 1] (segmenters).
+        bbox: ``[x, y, w, h]`` of the lesion pixels in original pixel coordinates, ``None``
+            when no pixel is lesion (segmenters).
+        overlay_png: base64 PNG, ``(height, width, 3)`` RGB image with the heatmap or the
+            mask drawn over it.
+    """
+
+    model: str
+    version: str | None
+    stage: str | None
+    spec_id: str
+    task: str
+    width: int
+    height: int
+    probabilities: dict[str, float] | None = None
+    predicted: str | None = None
+    confidence: float | None = None
+    heatmap_png: str | None = None
+    mask_png: str | None = None
+    lesion_area_px: int | None = None
+    lesion_fraction: float | None = None
+    bbox: list[int] | None = None
+    overlay_png: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able answer: common keys plus the keys of the task.
+
+        Classifiers: ``probabilities``, ``predicted``, ``confidence`` and, when explained,
+        ``heatmap_png`` and ``overlay_png``. Segmenters: ``mask_png``, ``lesion_area_px``,
+        ``lesion_fraction``, ``bbox`` (``null`` when empty) and ``overlay_png``.
+        """
+        out: dict[str, Any] = {
+            "model": self.model, "version": self.version, "stage": self.stage,
+            "spec_id": self.spec_id, "task": self.task, "width": self.width, "height": self.height,
+        }
+        if self.task == "classification":
+            out.update(probabilities=self.probabilities, predicted=self.predicted,
+                       confidence=self.confidence)
+            if self.heatmap_png is not None:
+                out.update(heatmap_png=self.heatmap_png, overlay_png=self.overlay_png)
+        else:
+            out.update(mask_png=self.mask_png, lesion_area_px=self.lesion_area_px,
+                       lesion_fraction=self.lesion_fraction, bbox=self.bbox, overlay_png=self.overlay_png)
+        return out
+
+
+def png_base64(image: np.ndarray) -> str:
+    """Encode an image as PNG and then base64 text.
+
+    Args:
+        image: ``(H, W)`` uint8/uint16 gray, or ``(H, W, 3)`` uint8 **RGB**.
+
+    Returns:
+        The base64 (ASCII) text of the PNG file.
+    """
+    arr = np.ascontiguousarray(image)
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError(f"could not encode a {arr.dtype} array of shape {arr.shape} as PNG")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def lesion_bbox(mask: np.ndarray) -> list[int] | None:
+    """``[x, y, w, h]`` of the non-zero pixels of an ``(H, W)`` mask, ``None`` when empty."""
+    rows = np.flatnonzero(np.any(mask, axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(np.any(mask, axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+def predict_batch(
+    bundle: ModelBundle,
+    images: Sequence[np.ndarray],
+    *,
+    explain: bool = False,
+    version: str | None = None,
+    stage: str | None = None,
+) -> list[Prediction]:
+    """Run one bundle on a batch of images: one model call for the whole batch.
+
+    Args:
+        bundle: the served model.
+        images: raw images, each checked and converted by :func:`validate_array` against
+            ``bundle.spec`` (decoded files, ``(H, W)`` float32 in [0, 1], pass unchanged).
+        explain: classifiers also return a Grad-CAM heatmap of the predicted class and its
+            overlay (one extra forward and backward pass); segmenters always return their
+            overlay, the mask being its own explanation.
+        version: registry version to report.
+        stage: registry stage (alias) to report.
+
+    Returns:
+        One :class:`Prediction` per image, in order.
+
+    Raises:
+        InputError: an image fails :func:`validate_array` (the message names its index).
+    """
+    grays = []
+    for i, image in enumerate(images):
+        try:
+            grays.append(validate_array(image, bundle.spec))
+        except InputError as exc:
+            raise InputError(exc.code, f"image {i}: {exc.message}") from None
+    contract = bundle.contract
+    common: dict[str, Any] = dict(model=contract.name, version=version, stage=stage,
+                                  spec_id=bundle.spec.spec_id, task=contract.task)
+    batch, boxes = bundle.prepare(grays)
+    probs = bundle.predict(batch)
+    out: list[Prediction] = []
+
+    if contract.task == "classification":
+        names = list(contract.class_names)
+        predicted = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+        heat = grad_cam(bundle.model, batch, class_index=predicted) if explain and len(batch) else None
+        for i, (gray, box) in enumerate(zip(grays, boxes, strict=True)):
+            extra: dict[str, Any] = {}
+            if heat is not None:
+                heat_full = np.clip(box.unletterbox(heat[i], cv2.INTER_LINEAR), 0.0, 1.0)
+                extra = dict(heatmap_png=png_base64(_to_uint8(heat_full)),
+                             overlay_png=png_base64(overlay(gray, heat_full, kind="heatmap")))
+            k = int(predicted[i])
+            out.append(Prediction(
+                **common, width=int(gray.shape[1]), height=int(gray.shape[0]),
+                probabilities={name: float(p) for name, p in zip(names, probs[i], strict=True)},
+                predicted=names[k], confidence=float(probs[i, k]), **extra,
+            ))
+    else:
+        # Thresholded at model resolution, as evaluation scores it, then mapped back to the
+        # original size with nearest-neighbour (half-pixel exact) so the served mask is the
+        # evaluated one.
+        masks = (probs[..., 0] >= float(contract.threshold)).astype(np.uint8)
+        for gray, box, small in zip(grays, boxes, masks, strict=True):
+            mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT).astype(bool)
+            area = int(mask.sum())
+            out.append(Prediction(
+                **common, width=int(gray.shape[1]), height=int(gray.shape[0]),
+                mask_png=png_base64(mask.astype(np.uint8) * 255), lesion_area_px=area,
+                lesion_fraction=area / float(mask.size), bbox=lesion_bbox(mask),
+                overlay_png=png_base64(overlay(gray, mask, kind="mask")),
+            ))
+    log.debug("model %s: %d images predicted (explain=%s)", contract.name, len(out), explain)
+    return out
+
+
+def predict_images(
+    bundle: ModelBundle,
+    images: list[np.ndarray],
+    *,
+    explain: bool = False,
+    version: str | None = None,
+    stage: str | None = None,
+) -> list[dict[str, Any]]:
+    """The batched API's core: :func:`predict_batch` as JSON-able dicts.
+
+    Args:
+        bundle: the served model.
+        images: raw images (see :func:`validate_array`), all predicted in one model call.
+        explain: add a Grad-CAM heatmap and overlay to classifier answers.
+        version: registry version to report.
+        stage: registry stage (alias) to report.
+
+    Returns:
+        One dict per image (see :meth:`Prediction.to_dict`); masks, heatmaps and boxes are
+        at the original image size.
+
+    Raises:
+        InputError: an image fails :func:`validate_array`.
+    """
+    return [p.to_dict() for p in predict_batch(bundle, images, explain=explain, version=version, stage=stage)]
+
+
+def select_bundle(bundles: Mapping[str, ModelBundle], name: str) -> ModelBundle:
+    """The served bundle called ``name``.
+
+    Raises:
+        InputError: ``unknown_model``; the message lists the served names.
+    """
+    try:
+        return bundles[name]
+    except KeyError:
+        served = ", ".join(sorted(bundles)) or "none"
+        raise InputError("unknown_model", f"no model named {name!r}; served: {served}") from None
+
+
+def analyze(
+    bundles: Mapping[str, ModelBundle],
+    image: np.ndarray,
+    modality: str,
+    *,
+    explain: bool = False,
+    versions: Mapping[str, str] | None = None,
+    stages: Mapping[str, str] | None = None,
+    density_model: str = "density",
+    tumor_model: str = "tumor",
+) -> dict[str, Any]:
+    """Run every model of one modality on one image.
+
+    Args:
+        bundles: served bundles by name; those whose ``contract.modality`` is ``modality``
+            run, in name order.
+        image: one raw image (see :func:`validate_array`).
+        modality: ``mammography`` or ``ultrasound``.
+        explain: add Grad-CAM heatmaps to classifier answers.
+        versions: registry version per model name, reported in each answer.
+        stages: registry stage per model name, reported in each answer.
+        density_model: name of the density classifier of the 8-category view.
+        tumor_model: name of the tumor classifier of the 8-category view.
+
+    Returns:
+        ``{"modality": ..., "models": {name: answer}}`` (answers as in
+        :func:`predict_images`), plus ``"eight_category"`` (one dict of
+        :func:`breastscan.evaluation.eight_category`) for mammography when both
+        ``density_model`` and ``tumor_model`` ran.
+
+    Raises:
+        InputError: ``unknown_modality`` (not a modality, or no model serves it), or any
+            code of :func:`validate_array`.
+    """
+    if modality not in MODALITIES:
+        raise InputError("unknown_modality", f"modality must be one of {', '.join(MODALITIES)}, "
+                                             f"got {modality!r}")
+    chosen = {name: b for name, b in sorted(bundles.items()) if b.contract.modality == modality}
+    if not chosen:
+        raise InputError("unknown_modality", f"no model is served for {modality}")
+    versions, stages = versions or {}, stages or {}
+    answers = {
+        name: predict_batch(bundle, [image], explain=explain, version=versions.get(name),
+                            stage=stages.get(name))[0]
+        for name, bundle in chosen.items()
+    }
+    result: dict[str, Any] = {"modality": modality,
+                              "models": {name: p.to_dict() for name, p in answers.items()}}
+    density, tumor = answers.get(density_model), answers.get(tumor_model)
+    if modality == "mammography" and density is not None and tumor is not None:
+        combined = _eight_category(density, tumor)
+        if combined is not None:
+            result["eight_category"] = combined
+    return result
+
+
+def _eight_category(density: Prediction, tumor: Prediction) -> dict[str, Any] | None:
+    from breastscan.evaluation import eight_category
+
+    if not density.probabilities or not tumor.probabilities:
+        return None
+    try:
+        return eight_category(
+            np.asarray([list(density.probabilities.values())]),
+            np.asarray([list(tumor.probabilities.values())]),
+            list(tumor.probabilities),
+            density_names=list(density.probabilities),
+        )[0]
+    except ValueError as exc:  # a deployment mistake (wrong classes), not the client's
+        log.warning("no 8-category view from %s and %s: %s", density.model, tumor.model, exc)
+        return None

@@ -1,0 +1,405 @@
+"""breastscan.inference: every client mistake gets its code; answers map back to the original image."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from breastscan.bundle import ModelBundle, ModelContract
+from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
+from breastscan.inference import (
+    INPUT_ERROR_CODES,
+    InputError,
+    analyze,
+    decode_upload,
+    lesion_bbox,
+    png_base64,
+    predict_images,
+    select_bundle,
+    validate_array,
+)
+from breastscan.preprocessing import PreprocessSpec
+
+CLS_SPEC = PreprocessSpec(height=48, width=40)
+SEG_SPEC = PreprocessSpec(height=32, width=32)
+MAX_BYTES = 1 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _png(arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return struct.pack(">I", len(data)) + kind + data + crc
+
+
+def _png_with_header(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels, whatever ``idat`` holds."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _dicom(rows: int | None, cols: int | None, pixels: np.ndarray | None = None) -> bytes:
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    if rows is not None:
+        ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if pixels is not None:
+        ds.PixelData = pixels.astype("<u2").tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _code(call, *args, **kwargs) -> str:
+    with pytest.raises(InputError) as info:
+        call(*args, **kwargs)
+    assert info.value.message and str(info.value) == info.value.message
+    return info.value.code
+
+
+def _decode_b64_png(text: str) -> np.ndarray:
+    arr = cv2.imdecode(np.frombuffer(base64.b64decode(text), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert arr is not None
+    return arr
+
+
+def _mammogram(seed: int, height: int = 160, width: int = 128) -> np.ndarray:
+    return mammography_phantom(np.random.default_rng(seed), density=1 + seed % 4,
+                               pathology=("benign", "malignant", "normal")[seed % 3],
+                               height=height, width=width)[0]
+
+
+def _classifier_bundle(name: str, label: str, classes: tuple[str, ...], names: tuple[str, ...],
+                       temperature: float = 1.0) -> ModelBundle:
+    from breastscan.models import build_model
+
+    model = build_model("classification", n_classes=len(classes), input_shape=(48, 40, 1), dropout=0.0)
+    contract = ModelContract(name=name, task="classification", label=label, classes=classes,
+                             class_names=names, input_shape=(48, 40, 1), dataset="mammography",
+                             modality="mammography", temperature=temperature, spec_id=CLS_SPEC.spec_id)
+    return ModelBundle(model, CLS_SPEC, contract)
+
+
+def _lesion_contract() -> ModelContract:
+    return ModelContract(name="lesion", task="segmentation", label="mask", classes=(),
+                         class_names=("lesion",), input_shape=(32, 32, 1), dataset="ultrasound",
+                         modality="ultrasound", threshold=0.5, spec_id=SEG_SPEC.spec_id)
+
+
+class _FixedMask(ModelBundle):
+    """A segmenter whose mask logits are known: +10 on ``MODEL_RECT``, -10 elsewhere."""
+
+    MODEL_RECT = (slice(12, 16), slice(8, 16))
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        out = np.full((len(batch), 32, 32, 1), -10.0, np.float32)
+        out[:, self.MODEL_RECT[0], self.MODEL_RECT[1]] = 10.0
+        return out
+
+
+@pytest.fixture(scope="module")
+def tumor() -> ModelBundle:
+    return _classifier_bundle("tumor", "pathology", ("benign", "malignant", "normal"),
+                              ("benign", "malignant", "normal"), temperature=2.0)
+
+
+@pytest.fixture(scope="module")
+def density() -> ModelBundle:
+    return _classifier_bundle("density", "density", ("1", "2", "3", "4"), ("A", "B", "C", "D"))
+
+
+@pytest.fixture(scope="module")
+def lesion() -> ModelBundle:
+    from breastscan.models import build_model
+
+    model = build_model("segmentation", input_shape=(32, 32, 1), base_filters=4, depth=2, dropout=0.0)
+    return ModelBundle(model, SEG_SPEC, _lesion_contract())
+
+
+# --------------------------------------------------------------------------- decode_upload
+
+
+def test_good_uploads_decode() -> None:
+    ramp16 = np.linspace(0, 4095, 40 * 50).reshape(40, 50).astype(np.uint16)  # 12-bit in 16-bit PNG
+    out = decode_upload(_png(ramp16), max_bytes=MAX_BYTES)
+    assert out.shape == (40, 50) and out.dtype == np.float32
+    assert out.min() == pytest.approx(0.0) and out.max() == pytest.approx(1.0)
+
+    gray = _mammogram(0, 64, 48)
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 9)])
+    np.testing.assert_allclose(decode_upload(_png(rgba), max_bytes=MAX_BYTES), gray / 255.0, atol=1 / 255)
+
+    dicom = _dicom(32, 48, np.tile(np.arange(48) * 80, (32, 1)))  # 16-bit DICOM
+    out = decode_upload(dicom, max_bytes=MAX_BYTES)
+    assert out.shape == (32, 48) and out[:, 0].max() == 0.0 and out[:, -1].min() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "code"),
+    [
+        ("empty bytes", b"", "empty"),
+        ("random bytes", np.random.default_rng(0).bytes(2000), "not_an_image"),
+        ("text", b"GET / HTTP/1.1\r\n\r\n", "not_an_image"),
+        ("1x1 PNG", _png(np.zeros((1, 1), np.uint8)), "too_small"),
+        ("header claims 20000x20000", _png_with_header(20000, 20000, zlib.compress(b"\0" * 64)), "too_large"),
+        ("garbage pixel data", _png_with_header(32, 32, b"not zlib at all" * 8), "corrupt"),
+        ("DICOM without pixel data", _dicom(32, 32), "no_pixel_data"),
+        ("DICOM without pixel data or size", _dicom(None, None), "no_pixel_data"),
+        ("DICOM header claims 20000 rows", _dicom(20000, 20000), "too_large"),
+    ],
+)
+def test_bad_uploads_get_their_code(name: str, data: bytes, code: str) -> None:
+    assert _code(decode_upload, data, max_bytes=MAX_BYTES) == code, name
+
+
+def test_truncated_png_and_jpeg_are_named() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    png = _png(img)
+    ok, jpg = cv2.imencode(".jpg", img)
+    assert ok
+    for cut in (png[: len(png) // 2], png[:-12], png[:40], jpg.tobytes()[: len(jpg) // 2]):
+        assert _code(decode_upload, cut, max_bytes=MAX_BYTES) == "truncated"
+
+
+def test_byte_limit_is_checked_first() -> None:
+    data = _png(np.zeros((64, 64), np.uint8))
+    assert _code(decode_upload, data, max_bytes=len(data) - 1) == "too_large"
+    assert decode_upload(data, max_bytes=len(data)).shape == (64, 64)
+
+
+def test_spec_sets_the_side_limits() -> None:
+    data = _png(np.zeros((40, 60), np.uint8))
+    assert _code(decode_upload, data, max_bytes=MAX_BYTES, spec=PreprocessSpec(min_side=41)) == "too_small"
+    assert _code(decode_upload, data, max_bytes=MAX_BYTES, spec=PreprocessSpec(max_side=59)) == "too_large"
+
+
+def test_compressed_dicom_without_decoder_is_unsupported() -> None:
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    ds = pydicom.dcmread(io.BytesIO(_dicom(32, 32)))
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.add_new(0x7FE00010, "OB", encapsulate([b"\xff\xd8" + b"\x00" * 30]))  # PixelData
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    assert _code(decode_upload, buf.getvalue(), max_bytes=MAX_BYTES) == "unsupported"
+
+
+def test_input_error_codes_are_closed() -> None:
+    err = InputError("empty", "nothing")
+    assert isinstance(err, ValueError) and err.to_dict() == {"code": "empty", "message": "nothing"}
+    with pytest.raises(ValueError, match="unknown input error code"):
+        InputError("oops", "no such code")
+    assert {"empty", "not_an_image", "truncated", "too_small", "too_large", "bad_shape", "bad_dtype",
+            "not_finite", "no_pixel_data", "unknown_model"} <= set(INPUT_ERROR_CODES)
+
+
+# --------------------------------------------------------------------------- validate_array
+
+
+@pytest.mark.parametrize(
+    ("array", "code"),
+    [
+        (np.full((32, 32), np.nan, np.float32), "not_finite"),
+        (np.where(np.eye(32) > 0, np.inf, 0.5), "not_finite"),
+        (np.full((32, 32, 3), np.nan), "not_finite"),
+        (np.zeros(32, np.uint8), "bad_shape"),
+        (np.zeros((2, 32, 32, 1), np.float32), "bad_shape"),
+        (np.zeros((32, 32, 2), np.uint8), "bad_shape"),
+        ([[1, 2, 3], [4, 5]], "bad_shape"),
+        (np.zeros((32, 32), bool), "bad_dtype"),
+        (np.zeros((32, 32), np.complex64), "bad_dtype"),
+        (np.empty((32, 32), object), "bad_dtype"),
+        (np.full((32, 32), "a"), "bad_dtype"),
+        (np.full((32, 32), 2.0), "out_of_range"),
+        (np.full((32, 32), -0.1, np.float32), "out_of_range"),
+        (np.zeros((8, 64), np.uint8), "too_small"),
+        (np.zeros((16, 20000), np.uint8), "too_large"),
+    ],
+)
+def test_bad_arrays_get_their_code(array: object, code: str) -> None:
+    assert _code(validate_array, array) == code
+
+
+def test_arrays_convert_like_decoded_files() -> None:
+    img = _mammogram(3, 40, 32)
+    expected = img.astype(np.float32) / 255.0
+    np.testing.assert_array_equal(validate_array(img), expected)
+    np.testing.assert_array_equal(validate_array(img[:, :, None]), expected)
+    np.testing.assert_allclose(validate_array(np.dstack([img] * 3)), expected)
+    np.testing.assert_allclose(validate_array(np.dstack([img] * 3 + [np.zeros_like(img)])), expected)
+    np.testing.assert_array_equal(validate_array(expected), expected)  # float [0, 1] unchanged
+    wide = validate_array((img.astype(np.uint16) * 16).astype(np.uint16))  # 12-bit data: stretched
+    assert wide.min() == 0.0 and wide.max() == pytest.approx(1.0)
+    assert not validate_array(np.full((32, 32), 700, np.int64)).any()  # constant → zeros
+    assert validate_array(np.zeros((40, 60)), PreprocessSpec(min_side=40, max_side=60)).shape == (40, 60)
+    assert _code(validate_array, np.zeros((40, 60)), PreprocessSpec(min_side=41)) == "too_small"
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_batch_of_three_equals_one_by_one(tumor: ModelBundle) -> None:
+    images = [_mammogram(0), _mammogram(1, 120, 100), _mammogram(2, 200, 90)]
+    answers = predict_images(tumor, images, version="7", stage="production")
+    assert len(answers) == 3
+    json.dumps(answers)  # JSON-able as is
+    for img, answer in zip(images, answers, strict=True):
+        batch, _ = tumor.prepare([img.astype(np.float32) / 255.0])
+        expected = tumor.predict(batch)[0]
+        got = np.array([answer["probabilities"][c] for c in ("benign", "malignant", "normal")])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert answer["predicted"] == ("benign", "malignant", "normal")[int(np.argmax(expected))]
+        assert answer["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
+        assert (answer["height"], answer["width"]) == img.shape
+        assert answer | {"probabilities": None, "predicted": None, "confidence": None} == {
+            "model": "tumor", "version": "7", "stage": "production", "spec_id": CLS_SPEC.spec_id,
+            "task": "classification", "width": img.shape[1], "height": img.shape[0],
+            "probabilities": None, "predicted": None, "confidence": None,
+        }  # no heatmap keys without explain
+
+
+def test_calibration_temperature_is_applied(tumor: ModelBundle) -> None:
+    img = _mammogram(4)
+    hot = predict_images(tumor, [img])[0]["probabilities"]
+    cold = predict_images(tumor.with_temperature(0.5), [img])[0]["probabilities"]
+    assert max(cold.values()) >= max(hot.values())  # lower temperature: more confident
+
+
+def test_explain_returns_heatmap_and_overlay_at_original_size(tumor: ModelBundle) -> None:
+    images = [_mammogram(5, 150, 70), _mammogram(6)]
+    answers = predict_images(tumor, images, explain=True)
+    for img, answer in zip(images, answers, strict=True):
+        heat = _decode_b64_png(answer["heatmap_png"])
+        assert heat.shape == img.shape and heat.dtype == np.uint8
+        over = _decode_b64_png(answer["overlay_png"])
+        assert over.shape == (*img.shape, 3) and over.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("size", "bbox"),
+    [
+        # 64x128 → scale 1/4, 16x32 content, 8 rows of padding on top: model rows 12:16, cols
+        # 8:16 are original rows 16:32, cols 32:64.
+        ((64, 128), [32, 16, 32, 16]),
+        # 128x64 → scale 1/4, 32x16 content, 8 columns of padding on the left.
+        ((128, 64), [0, 48, 32, 16]),
+    ],
+)
+def test_mask_and_box_map_back_to_the_original_image(size: tuple[int, int], bbox: list[int]) -> None:
+    bundle = _FixedMask(None, SEG_SPEC, _lesion_contract())
+    image = np.random.default_rng(0).random(size, dtype=np.float32)
+    answer = predict_images(bundle, [image], version="3")[0]
+    json.dumps(answer)
+    x, y, w, h = bbox
+    expected = np.zeros(size, np.uint8)
+    expected[y : y + h, x : x + w] = 255
+    mask = _decode_b64_png(answer["mask_png"])
+    np.testing.assert_array_equal(mask, expected)
+    assert answer["bbox"] == bbox
+    assert answer["lesion_area_px"] == w * h
+    assert answer["lesion_fraction"] == pytest.approx(w * h / (size[0] * size[1]))
+    assert (answer["height"], answer["width"]) == size
+    over = _decode_b64_png(answer["overlay_png"])  # BGR as OpenCV reads it: lesion is red
+    assert over.shape == (*size, 3)
+    assert over[y + h // 2, x + w // 2, 2] > over[y + h // 2, x + w // 2, 1]
+
+
+def test_empty_mask_has_no_box() -> None:
+    class _Empty(ModelBundle):
+        def logits(self, batch: np.ndarray) -> np.ndarray:
+            return np.full((len(batch), 32, 32, 1), -5.0, np.float32)
+
+    answer = predict_images(_Empty(None, SEG_SPEC, _lesion_contract()), [np.zeros((50, 40))])[0]
+    assert answer["bbox"] is None and answer["lesion_area_px"] == 0 and answer["lesion_fraction"] == 0.0
+    assert not _decode_b64_png(answer["mask_png"]).any()
+    assert lesion_bbox(np.zeros((3, 3), bool)) is None
+
+
+def test_real_unet_bundle_answers(lesion: ModelBundle) -> None:
+    rng = np.random.default_rng(0)
+    images = [ultrasound_phantom(rng, pathology=p)[0] for p in ("benign", "normal")]
+    answers = predict_images(lesion, images)
+    for img, answer in zip(images, answers, strict=True):
+        assert answer["task"] == "segmentation" and answer["model"] == "lesion"
+        mask = _decode_b64_png(answer["mask_png"])
+        assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 255}
+        assert answer["lesion_area_px"] == int((mask > 0).sum())
+        assert answer["bbox"] == lesion_bbox(mask > 0)
+
+
+def test_one_bad_image_names_its_index(tumor: ModelBundle) -> None:
+    with pytest.raises(InputError, match="image 1") as info:
+        predict_images(tumor, [_mammogram(0), np.full((40, 40), np.nan)])
+    assert info.value.code == "not_finite"
+    assert predict_images(tumor, []) == []
+
+
+def test_png_base64_round_trips_rgb() -> None:
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    back = _decode_b64_png(png_base64(rgb))
+    assert back.shape == (4, 5, 3) and (back[..., 2] == 200).all() and not back[..., 0].any()
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def test_analyze_mammography_adds_eight_category(density: ModelBundle, tumor: ModelBundle,
+                                                 lesion: ModelBundle) -> None:
+    bundles = {"density": density, "tumor": tumor, "lesion": lesion}
+    img = _mammogram(7)
+    result = analyze(bundles, img, "mammography", versions={"tumor": "2"}, stages={"tumor": "production"})
+    json.dumps(result)
+    assert result["modality"] == "mammography" and set(result["models"]) == {"density", "tumor"}
+    assert result["models"]["tumor"]["version"] == "2" and result["models"]["density"]["version"] is None
+    view = result["eight_category"]
+    assert sum(view["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert view["density"] == result["models"]["density"]["predicted"]
+    assert view["category"] == f"{view['pathology']}-{view['density']}"
+    np.testing.assert_allclose(result["models"]["tumor"]["probabilities"]["benign"],
+                               predict_images(tumor, [img])[0]["probabilities"]["benign"])
+
+
+def test_analyze_ultrasound_runs_only_its_models(density: ModelBundle, lesion: ModelBundle) -> None:
+    img = ultrasound_phantom(np.random.default_rng(1), pathology="malignant")[0]
+    result = analyze({"density": density, "lesion": lesion}, img, "ultrasound")
+    assert set(result["models"]) == {"lesion"} and "eight_category" not in result
+    # Mammography with a density model only: no combined view.
+    assert "eight_category" not in analyze({"density": density}, _mammogram(0), "mammography")
+
+
+def test_unknown_modality_and_model(density: ModelBundle) -> None:
+    assert _code(analyze, {"density": density}, _mammogram(0), "mri") == "unknown_modality"
+    assert _code(analyze, {"density": density}, _mammogram(0), "ultrasound") == "unknown_modality"
+    assert select_bundle({"density": density}, "density") is density
+    assert _code(select_bundle, {"density": density}, "tumour") == "unknown_model"

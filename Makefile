@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data lint clean help mlflow-ui
+.PHONY: demo test install data lint clean help mlflow-ui serve bento proto
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,16 @@ lint: $(STAMP)  ## ruff and mypy
 mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs and registered models)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)}"
+
+serve: $(STAMP)  ## serve the production models: HTTP + web UI on 127.0.0.1:3000 (/ui), gRPC on :50051
+	$(BIN)/breastscan import-models
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/bentoml serve services.service:BreastScan --host 127.0.0.1 --port 3000
+
+bento: $(STAMP)  ## import the production models and build the Bento (then: bentoml containerize breastscan:latest)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/breastscan build
+
+proto: $(STAMP)  ## regenerate the gRPC Python code from breastscan/serving/proto/**/*.proto
+	$(BIN)/python -m breastscan.serving.proto.generate
 
 clean:  ## remove pipeline outputs and the local MLflow store (keeps data/ and the venv)
 	rm -rf artifacts reports/validation reports/prepare reports/models reports/summary.md mlflow.db mlartifacts

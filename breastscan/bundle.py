@@ -156,20 +156,8 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ inference
     def prepare(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
-        """Preprocess decoded images into one model batch.
-
-        Args:
-            images: ``(H, W)`` / ``(H, W, C)`` arrays of any size and dtype
-                (see :func:`breastscan.preprocessing.preprocess_image`).
-
-        Returns:
-            ``(batch, H', W', 1)`` float32 in [0, 1] at the model size, and the letterbox
-            geometry of each image (to map masks back to the original size).
-        """
-        out = [preprocess_image(img, self.spec) for img in images]
-        h, w, _ = self.contract.input_shape
-        batch = np.stack([x for x, _ in out]) if out else np.zeros((0, h, w, 1), np.float32)
-        return batch.astype(np.float32, copy=False), [box for _, box in out]
+        """Preprocess decoded images into one model batch (see :func:`prepare_batch`)."""
+        return prepare_batch(self.spec, self.contract.input_shape, images)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs of a preprocessed batch (``predict_on_batch``, no per-call overhead).
@@ -191,11 +179,8 @@ class ModelBundle:
         return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Served probabilities of raw logits: calibrated softmax, or per-pixel sigmoid."""
-        if self.contract.task == "classification":
-            probs = apply_temperature(np.asarray(logits, np.float64), self.contract.temperature)
-            return probs.astype(np.float32)
-        return sigmoid(np.asarray(logits, np.float32))
+        """Served probabilities of raw logits (see :func:`served_probabilities`)."""
+        return served_probabilities(self.contract, logits)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities of a preprocessed batch.
@@ -208,6 +193,44 @@ class ModelBundle:
             ``(n, H, W, 1)`` lesion probabilities in [0, 1].
         """
         return self.probabilities(self.logits(batch))
+
+
+def prepare_batch(
+    spec: PreprocessSpec, input_shape: tuple[int, int, int], images: list[np.ndarray]
+) -> tuple[np.ndarray, list[Letterbox]]:
+    """Preprocess decoded images into one model batch (no Keras needed).
+
+    Args:
+        spec: the model's preprocessing spec.
+        input_shape: ``(H', W', 1)`` of one model input (the contract's).
+        images: ``(H, W)`` / ``(H, W, C)`` arrays of any size and dtype
+            (see :func:`breastscan.preprocessing.preprocess_image`).
+
+    Returns:
+        ``(batch, H', W', 1)`` float32 in [0, 1] at the model size, and the letterbox
+        geometry of each image (to map masks and heatmaps back to the original size).
+    """
+    out = [preprocess_image(img, spec) for img in images]
+    h, w, _ = input_shape
+    batch = np.stack([x for x, _ in out]) if out else np.zeros((0, h, w, 1), np.float32)
+    return batch.astype(np.float32, copy=False), [box for _, box in out]
+
+
+def served_probabilities(contract: ModelContract, logits: np.ndarray) -> np.ndarray:
+    """The only place logits become served probabilities.
+
+    Args:
+        contract: the model's contract (task and calibration temperature).
+        logits: ``(n, k)`` class logits, or ``(n, H, W, 1)`` mask logits.
+
+    Returns:
+        ``(n, k)`` temperature-scaled softmax (rows sum to 1), or ``(n, H, W, 1)`` per-pixel
+        sigmoid, float32 in [0, 1].
+    """
+    if contract.task == "classification":
+        probs = apply_temperature(np.asarray(logits, np.float64), contract.temperature)
+        return probs.astype(np.float32)
+    return sigmoid(np.asarray(logits, np.float32))
 
 
 def write_contract(contract: ModelContract, directory: str | Path) -> Path:

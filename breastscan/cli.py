@@ -255,3 +255,54 @@ def models(as_json: bool) -> None:
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for t in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+
+
+def _serving_models(serving_config: Path, names: tuple[str, ...]) -> tuple[list[str], str]:
+    from breastscan.serving.config import load_serving_config
+
+    cfg = load_serving_config(serving_config)
+    return (list(names) or list(cfg.models)), cfg.stage
+
+
+@main.command("import-models")
+@click.argument("model_names", nargs=-1, metavar="[MODEL]...")
+@click.option("--stage", default=None, help="registry stage (alias) to import [default: the config's]")
+@click.option("--serving-config", type=click.Path(path_type=Path, exists=True),
+              default=Path("services/serving.yaml"), show_default=True)
+def import_models(model_names: tuple[str, ...], stage: str | None, serving_config: Path) -> None:
+    """Copy each MODEL's registry version at a stage into the BentoML model store.
+
+    Default: every model the service config serves, at its stage (production).
+    """
+    from breastscan import registry, tracking
+    from breastscan.serving.store import import_model
+
+    names, default_stage = _serving_models(serving_config, model_names)
+    tracking.configure(Path.cwd())
+    for name in names:
+        try:
+            tag = import_model(name, stage or default_stage)
+        except registry.RegistryError as exc:
+            raise click.ClickException(f"{exc} -- train and promote it first (make demo)") from None
+        click.echo(f"{name}: {tag}")
+
+
+@main.command()
+@click.option("--serving-config", type=click.Path(path_type=Path, exists=True),
+              default=Path("services/serving.yaml"), show_default=True)
+@click.option("--bentofile", type=click.Path(path_type=Path, exists=True),
+              default=Path("services/bentofile.yaml"), show_default=True)
+@click.option("--version", "bento_version", default=None, help="Bento version (default: BentoML's)")
+def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> None:
+    """Import the production models into the BentoML store, then `bentoml build` the service."""
+    import subprocess
+
+    ctx = click.get_current_context()
+    ctx.invoke(import_models, model_names=(), stage=None, serving_config=serving_config)
+    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "."]
+    if bento_version:
+        cmd[4:4] = ["--version", bento_version]
+    log.info("%s", " ".join(cmd))
+    done = subprocess.run(cmd, check=False)
+    if done.returncode:
+        raise click.ClickException(f"bentoml build failed (exit {done.returncode})")

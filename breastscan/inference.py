@@ -29,10 +29,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from breastscan.bundle import ModelBundle
+from breastscan.bundle import ModelBundle, ModelContract, prepare_batch
 from breastscan.gradcam import grad_cam, overlay
 from breastscan.labels import MODALITIES
-from breastscan.preprocessing import ImageDecodeError, PreprocessSpec, decode_image, is_dicom
+from breastscan.preprocessing import ImageDecodeError, Letterbox, PreprocessSpec, decode_image, is_dicom
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "not_finite": "the image holds NaN or infinite values",
     "out_of_range": "a floating-point image has values outside [0, 1]",
     "unknown_model": "no model of that name is served",
-    "unknown_modality": "no model is served for that modality",
+    "unknown_modality": "no model is served for that modality, or the modality is not given",
+    "bad_roi": "the region of interest is not x,y,w,h inside the image",
 }
 """Every :attr:`InputError.code`, with what it means (for API documentation)."""
 
@@ -345,53 +346,86 @@ def lesion_bbox(mask: np.ndarray) -> list[int] | None:
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
 
 
-def predict_batch(
-    bundle: ModelBundle,
-    images: Sequence[np.ndarray],
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Images checked and preprocessed for one model, ready for one model call.
+
+    Attributes:
+        grays: each image as ``(H, W)`` float32 gray in [0, 1] at its own size.
+        batch: ``(n, H', W', 1)`` float32 in [0, 1], the model input.
+        boxes: the letterbox geometry of each image (maps outputs back to ``(H, W)``).
+    """
+
+    grays: list[np.ndarray]
+    batch: np.ndarray
+    boxes: list[Letterbox]
+
+
+def prepare_inputs(spec: PreprocessSpec, contract: ModelContract, images: Sequence[Any]) -> PreparedBatch:
+    """Check raw images and preprocess them into one model batch (no Keras needed).
+
+    Args:
+        spec: the model's preprocessing spec.
+        contract: the model's contract (input shape).
+        images: raw images, each checked and converted by :func:`validate_array` against
+            ``spec`` (decoded files, ``(H, W)`` float32 in [0, 1], pass unchanged).
+
+    Returns:
+        The :class:`PreparedBatch`.
+
+    Raises:
+        InputError: an image fails :func:`validate_array` (the message names its index
+            when there is more than one image).
+    """
+    grays = []
+    for i, image in enumerate(images):
+        try:
+            grays.append(validate_array(image, spec))
+        except InputError as exc:
+            message = f"image {i}: {exc.message}" if len(images) > 1 else exc.message
+            raise InputError(exc.code, message) from None
+    batch, boxes = prepare_batch(spec, contract.input_shape, grays)
+    return PreparedBatch(grays=grays, batch=batch, boxes=boxes)
+
+
+def finish_predictions(
+    contract: ModelContract,
+    spec_id: str,
+    prepared: PreparedBatch,
+    probs: np.ndarray,
     *,
-    explain: bool = False,
+    heat: np.ndarray | None = None,
     version: str | None = None,
     stage: str | None = None,
 ) -> list[Prediction]:
-    """Run one bundle on a batch of images: one model call for the whole batch.
+    """Turn one model call's probabilities into answers at the original image sizes.
 
     Args:
-        bundle: the served model.
-        images: raw images, each checked and converted by :func:`validate_array` against
-            ``bundle.spec`` (decoded files, ``(H, W)`` float32 in [0, 1], pass unchanged).
-        explain: classifiers also return a Grad-CAM heatmap of the predicted class and its
-            overlay (one extra forward and backward pass); segmenters always return their
-            overlay, the mask being its own explanation.
+        contract: the model's contract (task, class names, mask threshold).
+        spec_id: id of the preprocessing spec applied.
+        prepared: what :func:`prepare_inputs` returned for this call.
+        probs: ``(n, k)`` calibrated class probabilities, or ``(n, H', W', 1)`` lesion
+            probabilities in [0, 1] (the model's served output for ``prepared.batch``).
+        heat: ``(n, H', W')`` Grad-CAM maps in [0, 1] at the model size (classifiers,
+            when explained), or ``None``.
         version: registry version to report.
         stage: registry stage (alias) to report.
 
     Returns:
         One :class:`Prediction` per image, in order.
-
-    Raises:
-        InputError: an image fails :func:`validate_array` (the message names its index).
     """
-    grays = []
-    for i, image in enumerate(images):
-        try:
-            grays.append(validate_array(image, bundle.spec))
-        except InputError as exc:
-            raise InputError(exc.code, f"image {i}: {exc.message}") from None
-    contract = bundle.contract
+    probs = np.asarray(probs, dtype=np.float32)
     common: dict[str, Any] = dict(model=contract.name, version=version, stage=stage,
-                                  spec_id=bundle.spec.spec_id, task=contract.task)
-    batch, boxes = bundle.prepare(grays)
-    probs = bundle.predict(batch)
+                                  spec_id=spec_id, task=contract.task)
     out: list[Prediction] = []
-
     if contract.task == "classification":
         names = list(contract.class_names)
         predicted = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
-        heat = grad_cam(bundle.model, batch, class_index=predicted) if explain and len(batch) else None
-        for i, (gray, box) in enumerate(zip(grays, boxes, strict=True)):
+        for i, (gray, box) in enumerate(zip(prepared.grays, prepared.boxes, strict=True)):
             extra: dict[str, Any] = {}
             if heat is not None:
-                heat_full = np.clip(box.unletterbox(heat[i], cv2.INTER_LINEAR), 0.0, 1.0)
+                heat_full = np.clip(box.unletterbox(np.asarray(heat[i], np.float32), cv2.INTER_LINEAR),
+                                    0.0, 1.0)
                 extra = dict(heatmap_png=png_base64(_to_uint8(heat_full)),
                              overlay_png=png_base64(overlay(gray, heat_full, kind="heatmap")))
             k = int(predicted[i])
@@ -405,7 +439,7 @@ def predict_batch(
         # original size with nearest-neighbour (half-pixel exact) so the served mask is the
         # evaluated one.
         masks = (probs[..., 0] >= float(contract.threshold)).astype(np.uint8)
-        for gray, box, small in zip(grays, boxes, masks, strict=True):
+        for gray, box, small in zip(prepared.grays, prepared.boxes, masks, strict=True):
             mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT).astype(bool)
             area = int(mask.sum())
             out.append(Prediction(
@@ -414,6 +448,46 @@ def predict_batch(
                 lesion_fraction=area / float(mask.size), bbox=lesion_bbox(mask),
                 overlay_png=png_base64(overlay(gray, mask, kind="mask")),
             ))
+    return out
+
+
+def predict_batch(
+    bundle: ModelBundle,
+    images: Sequence[np.ndarray],
+    *,
+    explain: bool = False,
+    version: str | None = None,
+    stage: str | None = None,
+) -> list[Prediction]:
+    """Run one bundle on a batch of images in process: one model call for the whole batch.
+
+    :func:`prepare_inputs`, the bundle's calibrated output (and Grad-CAM when explained),
+    then :func:`finish_predictions`: the service runs the same three steps with the model
+    call in its batching model service.
+
+    Args:
+        bundle: the served model.
+        images: raw images (see :func:`validate_array`).
+        explain: classifiers also return a Grad-CAM heatmap of the predicted class and its
+            overlay (one extra forward and backward pass); segmenters always return their
+            overlay, the mask being its own explanation.
+        version: registry version to report.
+        stage: registry stage (alias) to report.
+
+    Returns:
+        One :class:`Prediction` per image, in order.
+
+    Raises:
+        InputError: an image fails :func:`validate_array`.
+    """
+    contract = bundle.contract
+    prepared = prepare_inputs(bundle.spec, contract, images)
+    probs = bundle.predict(prepared.batch)
+    heat = None
+    if explain and contract.task == "classification" and len(prepared.batch):
+        heat = grad_cam(bundle.model, prepared.batch, class_index=np.argmax(probs, axis=1))
+    out = finish_predictions(contract, bundle.spec.spec_id, prepared, probs, heat=heat,
+                             version=version, stage=stage)
     log.debug("model %s: %d images predicted (explain=%s)", contract.name, len(out), explain)
     return out
 
@@ -492,29 +566,66 @@ def analyze(
         InputError: ``unknown_modality`` (not a modality, or no model serves it), or any
             code of :func:`validate_array`.
     """
+    chosen = models_for_modality({name: b.contract.modality for name, b in bundles.items()}, modality)
+    versions, stages = versions or {}, stages or {}
+    answers = {
+        name: predict_batch(bundles[name], [image], explain=explain, version=versions.get(name),
+                            stage=stages.get(name))[0]
+        for name in chosen
+    }
+    return analysis(modality, answers, density_model=density_model, tumor_model=tumor_model)
+
+
+def models_for_modality(modalities: Mapping[str, str], modality: str) -> list[str]:
+    """The names of the models of one modality, in name order.
+
+    Args:
+        modalities: each served model's modality, by name.
+        modality: ``mammography`` or ``ultrasound``.
+
+    Raises:
+        InputError: ``unknown_modality`` (not a modality, or no model serves it).
+    """
     if modality not in MODALITIES:
         raise InputError("unknown_modality", f"modality must be one of {', '.join(MODALITIES)}, "
                                              f"got {modality!r}")
-    chosen = {name: b for name, b in sorted(bundles.items()) if b.contract.modality == modality}
+    chosen = sorted(name for name, m in modalities.items() if m == modality)
     if not chosen:
         raise InputError("unknown_modality", f"no model is served for {modality}")
-    versions, stages = versions or {}, stages or {}
-    answers = {
-        name: predict_batch(bundle, [image], explain=explain, version=versions.get(name),
-                            stage=stages.get(name))[0]
-        for name, bundle in chosen.items()
-    }
+    return chosen
+
+
+def analysis(modality: str, answers: Mapping[str, Prediction], *, density_model: str = "density",
+             tumor_model: str = "tumor") -> dict[str, Any]:
+    """The answer of an analysis: each model's answer, plus the 8-category view of a mammogram.
+
+    Args:
+        modality: the image's modality.
+        answers: each model's :class:`Prediction` for the image, by name.
+        density_model: name of the density classifier of the 8-category view.
+        tumor_model: name of the tumor classifier of the 8-category view.
+
+    Returns:
+        ``{"modality", "models": {name: answer dict}}`` plus ``"eight_category"`` for
+        mammography when both classifiers answered.
+    """
     result: dict[str, Any] = {"modality": modality,
                               "models": {name: p.to_dict() for name, p in answers.items()}}
     density, tumor = answers.get(density_model), answers.get(tumor_model)
     if modality == "mammography" and density is not None and tumor is not None:
-        combined = _eight_category(density, tumor)
+        combined = eight_category_view(density, tumor)
         if combined is not None:
             result["eight_category"] = combined
     return result
 
 
-def _eight_category(density: Prediction, tumor: Prediction) -> dict[str, Any] | None:
+def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any] | None:
+    """The 8-category view (pathology x density) of one mammogram's density and tumor answers.
+
+    Returns:
+        One dict of :func:`breastscan.evaluation.eight_category`, or ``None`` when either
+        answer has no probabilities or their classes do not fit the view (logged).
+    """
     from breastscan.evaluation import eight_category
 
     if not density.probabilities or not tumor.probabilities:

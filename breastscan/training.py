@@ -244,6 +244,11 @@ def train_model(
                          f"(got {len(train)} and {len(val)})")
     strategy = strategy if strategy is not None else get_strategy(cfg.distribution)
     keras.utils.set_random_seed(cfg.seed)
+    # Seeds alone do not make CPU training repeatable: multithreaded kernels (convolution
+    # gradients, reductions) add in a varying order. Deterministic kernels cost a little speed.
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
     with strategy.scope():
         model = _build_and_compile(cfg)
     log.info("%s: %s model, %d parameters, %d replica(s), %d training / %d validation images",

@@ -278,5 +278,5 @@ def validate_dataset(
         },
         gx_results=results,
     )
-    log.info("%s", report.summary())
+    log.log(logging.INFO if report.success else logging.ERROR, "%s", report.summary())
     return report

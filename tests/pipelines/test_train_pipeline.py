@@ -63,6 +63,13 @@ def client(trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, str], client) -> None:
     root, stdout = trained
+    for ds in ("mammography", "ultrasound"):
+        assert json.loads((root / f"reports/validation/{ds}.json").read_text())["success"] is True
+        splits = pd.read_csv(root / f"artifacts/prepared/{ds}/splits.csv")
+        kept = splits[splits["split"] != "excluded"]
+        assert set(kept["split"]) == {"train", "val", "test"}
+        assert (kept.groupby("dup_group")["split"].nunique() == 1).all()
+        assert json.loads((root / f"reports/prepare/{ds}.json").read_text())["n_images"] == len(splits)
     for name in MODELS:
         assert (root / f"artifacts/models/{name}/model.keras").is_file()
         run_info = json.loads((root / f"artifacts/models/{name}/run.json").read_text())
@@ -89,6 +96,13 @@ def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, s
     for name in MODELS:
         assert name in tail
     assert "staging" in tail
+
+
+def test_second_repro_does_nothing(trained: tuple[Path, str]) -> None:
+    root, _ = trained
+    again = run(["dvc", "repro"], root)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in run(["dvc", "status"], root).stdout.lower()
 
 
 def test_dvc_metrics_and_plots(trained: tuple[Path, str]) -> None:

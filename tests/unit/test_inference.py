@@ -26,6 +26,7 @@ from breastscan.inference import (
     validate_array,
 )
 from breastscan.preprocessing import PreprocessSpec
+from tests.services import images
 
 CLS_SPEC = PreprocessSpec(height=48, width=40)
 SEG_SPEC = PreprocessSpec(height=32, width=32)
@@ -53,25 +54,7 @@ def _png_with_header(width: int, height: int, idat: bytes) -> bytes:
 
 
 def _dicom(rows: int | None, cols: int | None, pixels: np.ndarray | None = None) -> bytes:
-    import pydicom
-
-    ds = pydicom.Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    if rows is not None:
-        ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixels is not None:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return images.dicom(pixels, size=(rows, cols))
 
 
 def _code(call, *args, **kwargs) -> str:

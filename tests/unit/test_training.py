@@ -93,6 +93,17 @@ def test_one_epoch_bundle_round_trips(mammo: tuple[SplitData, SplitData], tmp_pa
     assert frame["val_loss"].iloc[0] == pytest.approx(result.history["val_loss"][0])
 
 
+def test_same_seed_trains_the_same_weights(mammo: tuple[SplitData, SplitData]) -> None:
+    """Seeded retraining is repeatable: augmentation on, two epochs, identical weights twice."""
+    train, val = mammo
+    cfg = replace(DENSITY, epochs=2)
+    first = train_model(cfg, train, val, modality="mammography").bundle.model.get_weights()
+    second = train_model(cfg, train, val, modality="mammography").bundle.model.get_weights()
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_segmentation_one_epoch(tiny_phantoms: Path, tmp_path: Path) -> None:
     root = tiny_phantoms / "ultrasound"
     csv = _split_csv(root, tmp_path / "splits.csv", ("pathology",))

@@ -1,0 +1,1 @@
+"""Serving: the request engine, the model store import, the gRPC server, clients and the web UI."""

@@ -1,0 +1,500 @@
+"""Python clients of the model service: :class:`HTTPClient` and :class:`GRPCClient`.
+
+Both have the same methods and give the same answers, in the shape of the HTTP API's JSON
+(:meth:`breastscan.inference.Prediction.to_dict`): PNGs as base64 text, probabilities as
+an ordered ``{class: probability}`` dict, ``None`` for what is unknown or absent. The gRPC
+client converts its messages to that shape; every probability, confidence and fraction
+travels as a ``double`` in the gRPC API (never a 32-bit float) and as a full-precision
+number in JSON, so the two protocols' answers for the same image compare equal with ``==``::
+
+    with HTTPClient("http://127.0.0.1:3000") as http, GRPCClient("127.0.0.1:50051") as rpc:
+        assert http.predict("tumor", "mammogram.png") == rpc.predict("tumor", "mammogram.png")
+
+Errors of either protocol raise :class:`ServiceError`, whose ``code`` is the service's
+stable input-error code (:data:`breastscan.inference.INPUT_ERROR_CODES`, e.g.
+``not_an_image``, ``bad_roi``) for a client mistake, and otherwise names what happened
+(``bad_request``, ``too_large``, ``deadline_exceeded``, ``unavailable``, ``internal`` ...).
+
+The clients need ``httpx`` and ``grpcio``, and no model library (Keras is never imported).
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import grpc
+import httpx
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from breastscan.inference import INPUT_ERROR_CODES
+from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
+from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
+
+ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview"
+"""An image file: its path, or its bytes."""
+
+ERROR_CODE_KEY = "error-code"
+"""Trailing-metadata key of a gRPC error's input-error code (as the server sets it)."""
+
+_HTTP_FALLBACK_CODES = {413: "too_large", 503: "unavailable", 504: "deadline_exceeded"}
+_GRPC_FALLBACK_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "bad_request",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large"}
+_JSON_KINDS = "biuf"  # array dtype kinds JSON numbers can carry
+
+
+class ServiceError(Exception):
+    """The service refused or failed a request (or could not be reached).
+
+    Attributes:
+        code: the input-error code for a client mistake (one of
+            :data:`breastscan.inference.INPUT_ERROR_CODES`); ``bad_request`` for a refusal
+            without a known code (e.g. BentoML's own request validation); ``too_large``
+            for a request over the size limit; otherwise the gRPC status name in lower
+            case or its HTTP equivalent (``internal``, ``unavailable``,
+            ``deadline_exceeded`` ...).
+        message: what the service (or the transport) said.
+        status: the HTTP status code (``int``) or the ``grpc.StatusCode``; ``None`` when
+            no answer came (connection failed, timed out) or the client refused to send.
+    """
+
+    def __init__(self, code: str, message: str, status: int | grpc.StatusCode | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_image(image: ImageSource) -> tuple[str, bytes]:
+    """``(file name, bytes)`` of an image given as a path or as bytes."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return "image", bytes(image)
+    path = Path(image)
+    return path.name, path.read_bytes()
+
+
+def _roi_values(roi: Sequence[int] | None) -> list[int]:
+    return [] if roi is None else [int(v) for v in roi]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
+    """The HTTP JSON answer (:meth:`breastscan.inference.Prediction.to_dict`) of a ``Prediction``.
+
+    The keys are those of the model's task, as in the HTTP answer: classifiers have
+    ``probabilities``, ``predicted``, ``confidence`` (and ``heatmap_png``/``overlay_png``
+    when explained); segmenters ``mask_png``, ``lesion_area_px``, ``lesion_fraction``,
+    ``bbox`` (``None`` when no pixel is lesion) and ``overlay_png``; ``roi`` when cropped.
+    """
+    out: dict[str, Any] = {
+        "model": msg.model, "version": msg.version or None, "stage": msg.stage or None,
+        "spec_id": msg.spec_id, "task": msg.task, "width": msg.width, "height": msg.height,
+    }
+
+    def optional(field: str) -> Any:
+        return getattr(msg, field) if msg.HasField(field) else None
+
+    def png(field: str) -> str | None:
+        return _b64(getattr(msg, field)) if msg.HasField(field) else None
+
+    if msg.task == "classification":
+        out["probabilities"] = {p.name: p.probability for p in msg.probabilities} or None
+        out["predicted"] = optional("predicted")
+        out["confidence"] = optional("confidence")
+        if msg.HasField("heatmap_png"):
+            out["heatmap_png"] = png("heatmap_png")
+            out["overlay_png"] = png("overlay_png")
+    else:
+        box = msg.bbox
+        out.update(mask_png=png("mask_png"), lesion_area_px=optional("lesion_area_px"),
+                   lesion_fraction=optional("lesion_fraction"),
+                   bbox=[box.x, box.y, box.width, box.height] if msg.HasField("bbox") else None,
+                   overlay_png=png("overlay_png"))
+    if msg.roi:
+        out["roi"] = list(msg.roi)
+    return out
+
+
+def eight_category_to_dict(msg: pb.EightCategory) -> dict[str, Any]:
+    """The dict of :func:`breastscan.evaluation.eight_category` of an ``EightCategory``."""
+    return {
+        "category": msg.category, "density": msg.density, "pathology": msg.pathology,
+        "finding": msg.finding, "p_malignant": msg.p_malignant,
+        "p_normal": msg.p_normal if msg.HasField("p_normal") else None,
+        "confidence": msg.confidence,
+        "probabilities": {p.name: p.probability for p in msg.probabilities},
+    }
+
+
+def analysis_to_dict(msg: pb.AnalyzeResponse) -> dict[str, Any]:
+    """The HTTP JSON answer of ``/analyze`` of an ``AnalyzeResponse`` (models in name order)."""
+    models = {name: prediction_to_dict(msg.models[name]) for name in sorted(msg.models)}
+    out: dict[str, Any] = {"modality": msg.modality, "models": models}
+    if msg.HasField("eight_category"):
+        out["eight_category"] = eight_category_to_dict(msg.eight_category)
+    if msg.roi:
+        out["roi"] = list(msg.roi)
+    return out
+
+
+def model_info_to_dict(msg: pb.ModelInfo) -> dict[str, Any]:
+    """The dict of :meth:`breastscan.serving.engine.ServedModel.describe` of a ``ModelInfo``."""
+    return {
+        "name": msg.name, "version": msg.version or None, "stage": msg.stage or None,
+        "source": msg.source or None, "task": msg.task, "modality": msg.modality,
+        "classes": list(msg.classes), "input_shape": list(msg.input_shape), "spec_id": msg.spec_id,
+        "temperature": msg.temperature, "threshold": msg.threshold if msg.HasField("threshold") else None,
+    }
+
+
+def preview_to_dict(msg: pb.PreviewResponse) -> dict[str, Any]:
+    """The HTTP JSON answer of ``/preview`` of a ``PreviewResponse``."""
+    return {"width": msg.width, "height": msg.height, "modality": msg.modality or None,
+            "png": _b64(msg.png)}
+
+
+def array_to_proto(array: Any) -> pb.Array:
+    """An ``Array`` message of an array: its shape, dtype name and little-endian C-order bytes.
+
+    The dtype is sent as it is (the service answers ``bad_dtype`` for one it does not take).
+    """
+    arr = np.asarray(array)
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+    return pb.Array(shape=list(arr.shape), dtype=arr.dtype.name, data=data)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class HTTPClient:
+    """Client of the service's HTTP API (BentoML), with the same methods as :class:`GRPCClient`.
+
+    Args:
+        base_url: the service's address.
+        timeout: seconds to wait for each answer (and to connect).
+        transport: an ``httpx`` transport to use instead of the network (tests).
+        headers: extra headers sent with every request (e.g. authorization).
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:3000", timeout: float = 60, *,
+                 transport: httpx.BaseTransport | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = float(timeout)
+        self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport,
+                                    headers=dict(headers or {}))
+
+    # ------------------------------------------------------------------ API
+    def predict(self, model: str, image: ImageSource, *, explain: bool = False,
+                roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """One model's answer for one image file (``POST /predict``).
+
+        Args:
+            model: the served model's name (see :meth:`models`).
+            image: the file's path or bytes (PNG, JPEG, PGM, TIFF, BMP, DICOM).
+            explain: classifiers add a Grad-CAM heatmap and overlay.
+            roi: ``(x, y, w, h)`` to answer about that crop only.
+
+        Returns:
+            :meth:`breastscan.inference.Prediction.to_dict` (plus ``roi``).
+
+        Raises:
+            ServiceError: the service refused or failed the request.
+        """
+        return self._post("/predict", data={"model": model, **self._options(explain, roi)},
+                          files=self._files(image))
+
+    def predict_array(self, model: str, array: np.ndarray, *, explain: bool = False,
+                      roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """One model's answer for one raw image array (``POST /predict_array``).
+
+        Args:
+            model: the served model's name.
+            array: ``(H, W)`` or ``(H, W, C)`` pixels, sent with their dtype (uint8, uint16,
+                int16, int32, float32 or float64; floats in [0, 1]).
+            explain: classifiers add a Grad-CAM heatmap and overlay.
+            roi: ``(x, y, w, h)`` to answer about that crop only.
+
+        Raises:
+            ServiceError: the service refused or failed the request; ``not_finite`` or
+                ``bad_dtype`` with ``status=None`` for values JSON cannot carry (NaN,
+                infinities, complex ...), which are not sent.
+        """
+        arr = np.asarray(array)
+        if arr.dtype.kind not in _JSON_KINDS:
+            raise ServiceError("bad_dtype", f"a {arr.dtype} array cannot be sent as JSON numbers")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ServiceError("not_finite", "image contains NaN or infinite values (JSON cannot carry them)")
+        body = {"model": model, "array": arr.tolist(), "dtype": arr.dtype.name, "explain": bool(explain),
+                "roi": self._roi_text(roi)}
+        return self._post("/predict_array", json=body)
+
+    def analyze(self, image: ImageSource, *, modality: str | None = None, explain: bool = False,
+                roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """Every model of the image's modality (``POST /analyze``).
+
+        Args:
+            image: the file's path or bytes.
+            modality: ``mammography`` or ``ultrasound``; may be left out for a DICOM file
+                whose header says, or when the service serves one modality.
+            explain: add Grad-CAM heatmaps to classifier answers.
+            roi: ``(x, y, w, h)`` to answer about that crop only.
+
+        Returns:
+            ``{"modality", "models": {name: answer}}`` plus ``"eight_category"`` (mammograms
+            with density and tumor models) and ``"roi"``.
+        """
+        return self._post("/analyze", data={"modality": modality or "", **self._options(explain, roi)},
+                          files=self._files(image))
+
+    def preview(self, image: ImageSource) -> dict[str, Any]:
+        """The decoded image as the service sees it (``POST /preview``).
+
+        Returns:
+            ``{"width", "height", "modality" (from a DICOM header, else None), "png" (base64)}``.
+        """
+        return self._post("/preview", files=self._files(image))
+
+    def models(self) -> list[dict[str, Any]]:
+        """The served models (``POST /models``), in name order."""
+        answer = self._post("/models", json={})
+        return list(answer)
+
+    def health(self) -> str:
+        """``"SERVING"`` when the service is ready (``GET /readyz`` answers 200), else ``"NOT_SERVING"``.
+
+        Raises:
+            ServiceError: the service cannot be reached.
+        """
+        response = self._send("GET", "/readyz")
+        return "SERVING" if response.status_code == 200 else "NOT_SERVING"
+
+    # ------------------------------------------------------------------ plumbing
+    @staticmethod
+    def _roi_text(roi: Sequence[int] | None) -> str:
+        return ",".join(str(v) for v in _roi_values(roi))
+
+    def _options(self, explain: bool, roi: Sequence[int] | None) -> dict[str, str]:
+        return {"explain": "true" if explain else "false", "roi": self._roi_text(roi)}
+
+    @staticmethod
+    def _files(image: ImageSource) -> dict[str, tuple[str, bytes, str]]:
+        name, data = _read_image(image)
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return {"image": (name, data, content_type)}
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ServiceError("deadline_exceeded", f"no answer from {self.base_url}{path} within "
+                                                    f"{self.timeout:g} s") from exc
+        except httpx.TransportError as exc:
+            raise ServiceError("unavailable", f"cannot reach {self.base_url}{path}: {exc}") from exc
+
+    def _post(self, path: str, **kwargs: Any) -> Any:
+        response = self._send("POST", path, **kwargs)
+        if response.status_code >= 400:
+            raise http_error(response)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ServiceError("bad_response", f"{path} answered {response.status_code} without JSON",
+                               response.status_code) from exc
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._client.close()
+
+    def __enter__(self) -> HTTPClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def http_error(response: httpx.Response) -> ServiceError:
+    """The :class:`ServiceError` of an HTTP error answer.
+
+    The service answers a client mistake with ``{"error": message, "code": code}``;
+    BentoML's own validation with ``{"error": ..., "detail": [...]}``. An answer without a
+    code of :data:`breastscan.inference.INPUT_ERROR_CODES` is read by its status: 413
+    ``too_large``, 503 ``unavailable``, 504 ``deadline_exceeded``, other 4xx
+    ``bad_request``, 5xx ``internal``.
+    """
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = ""
+    code = None
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            if isinstance(body.get(key), str) and body[key]:
+                message = body[key]
+                break
+        if isinstance(body.get("code"), str) and body["code"] in INPUT_ERROR_CODES:
+            code = body["code"]
+    if not message:
+        message = response.text.strip()[:500] or response.reason_phrase or f"HTTP {status}"
+    if code is None:
+        code = _HTTP_FALLBACK_CODES.get(status, "bad_request" if status < 500 else "internal")
+    return ServiceError(code, message, status)
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+class GRPCClient:
+    """Client of the service's gRPC API (``breastscan.v1.BreastScan``), same methods as :class:`HTTPClient`.
+
+    Answers are converted to the HTTP API's JSON shape (see the module docs): raw PNG
+    bytes become base64 text, repeated probabilities an ordered dict, empty texts and unset
+    optional fields ``None``. All floats are ``double`` on the wire, so the numbers are the
+    service's own (no 32-bit rounding).
+
+    Args:
+        target: ``host:port`` of the gRPC server.
+        timeout: deadline of each call, in seconds.
+        max_message_bytes: largest message sent or received (answers with explanations
+            carry PNGs at the image's size).
+        credentials: channel credentials for TLS (``None``: plaintext).
+        options: extra channel options.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 60, *,
+                 max_message_bytes: int = 256 * 2**20,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        self.target = target
+        self.timeout = float(timeout)
+        opts = [("grpc.max_receive_message_length", int(max_message_bytes)),
+                ("grpc.max_send_message_length", int(max_message_bytes)), *options]
+        self._channel = (grpc.secure_channel(target, credentials, options=opts) if credentials is not None
+                         else grpc.insecure_channel(target, options=opts))
+        self.stub = pb_grpc.BreastScanStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel (e.g. for reflection or other stubs)."""
+        return self._channel
+
+    # ------------------------------------------------------------------ API
+    def predict(self, model: str, image: ImageSource, *, explain: bool = False,
+                roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """One model's answer for one image file (``Predict``); see :meth:`HTTPClient.predict`."""
+        _, data = _read_image(image)
+        request = pb.PredictRequest(model=model, image=pb.Image(file=data, roi=_roi_values(roi)),
+                                    explain=explain)
+        return prediction_to_dict(self.call("Predict", request))
+
+    def predict_array(self, model: str, array: np.ndarray, *, explain: bool = False,
+                      roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """One model's answer for one raw image array (``Predict``); see :meth:`HTTPClient.predict_array`.
+
+        The array travels as its raw bytes (little-endian, C order) with its shape and dtype
+        name, so NaN or unsupported dtypes reach the service, which refuses them.
+        """
+        request = pb.PredictRequest(model=model, image=pb.Image(array=array_to_proto(array),
+                                                                roi=_roi_values(roi)), explain=explain)
+        return prediction_to_dict(self.call("Predict", request))
+
+    def analyze(self, image: ImageSource, *, modality: str | None = None, explain: bool = False,
+                roi: Sequence[int] | None = None) -> dict[str, Any]:
+        """Every model of the image's modality (``Analyze``); see :meth:`HTTPClient.analyze`."""
+        _, data = _read_image(image)
+        request = pb.AnalyzeRequest(image=pb.Image(file=data, roi=_roi_values(roi)),
+                                    modality=modality or "", explain=explain)
+        return analysis_to_dict(self.call("Analyze", request))
+
+    def preview(self, image: ImageSource) -> dict[str, Any]:
+        """The decoded image as the service sees it (``Preview``); see :meth:`HTTPClient.preview`."""
+        _, data = _read_image(image)
+        return preview_to_dict(self.call("Preview", pb.PreviewRequest(image=pb.Image(file=data))))
+
+    def models(self) -> list[dict[str, Any]]:
+        """The served models (``ListModels``), in name order."""
+        return [model_info_to_dict(m) for m in self.call("ListModels", pb.ListModelsRequest()).models]
+
+    def health(self, service: str = "") -> str:
+        """The standard health check: ``"SERVING"``, ``"NOT_SERVING"`` ...
+
+        Args:
+            service: ``""`` for the server as a whole, or ``"breastscan.v1.BreastScan"``.
+
+        Raises:
+            ServiceError: the server cannot be reached, or does not know ``service``
+                (``not_found``).
+        """
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._health.Check(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise grpc_error(exc) from exc
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    # ------------------------------------------------------------------ plumbing
+    def call(self, method: str, request: Any) -> Any:
+        """Send a request message to one of the API's RPCs and return the answer message.
+
+        The convenience methods use it; it is also the way to send a hand-built request.
+
+        Args:
+            method: ``Predict``, ``Analyze``, ``ListModels`` or ``Preview``.
+            request: that RPC's request message.
+
+        Raises:
+            ServiceError: see :func:`grpc_error`.
+        """
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise grpc_error(exc) from exc
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> GRPCClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def grpc_error(exc: grpc.RpcError) -> ServiceError:
+    """The :class:`ServiceError` of a failed gRPC call.
+
+    The code is the server's ``error-code`` trailer when it is one of
+    :data:`breastscan.inference.INPUT_ERROR_CODES` (a client mistake, status
+    ``INVALID_ARGUMENT``); otherwise ``bad_request`` for ``INVALID_ARGUMENT``,
+    ``too_large`` for ``RESOURCE_EXHAUSTED`` (the message size limit), and the status name
+    in lower case for the rest (``deadline_exceeded``, ``unavailable``, ``internal`` ...).
+    """
+    status = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    trailers = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    code = None
+    for key, value in trailers or ():
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if key == ERROR_CODE_KEY and text in INPUT_ERROR_CODES:
+            code = text
+    if code is None:
+        code = _GRPC_FALLBACK_CODES.get(status, status.name.lower())
+    return ServiceError(code, details or status.name, status)

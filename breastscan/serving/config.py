@@ -1,0 +1,133 @@
+"""The service's own configuration (``services/serving.yaml``): what it serves and how it batches.
+
+The service reads no ``params.yaml``: what a model needs travels with it in the model
+store (spec, contract, calibration), and everything about serving -- the models served,
+adaptive batching, workers, limits, the gRPC port -- is in this one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ENV = "BREASTSCAN_SERVING_CONFIG"
+"""Environment variable naming another serving config file (benchmarks, tests)."""
+GRPC_PORT_ENV = "BREASTSCAN_GRPC_PORT"
+"""Environment variable overriding ``grpc.port``."""
+GRPC_HOST_ENV = "BREASTSCAN_GRPC_HOST"
+"""Environment variable overriding ``grpc.host`` (``0.0.0.0`` in a container)."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Adaptive batching of one model's API in the model service.
+
+    Attributes:
+        enabled: ``False`` serves one request per model call (for comparison).
+        max_batch_size: the largest batch the dispatcher forms (> 1).
+        max_latency_ms: the longest a request may wait for its batch, model time included.
+    """
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    max_latency_ms: int = 200
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the service needs that does not travel with the models.
+
+    Attributes:
+        models: served model names; each is ``breastscan-<name>`` in the BentoML store.
+        stage: registry alias ``breastscan build`` imports (``production``).
+        batching: default batching of every model API.
+        per_model: batching overrides by model name.
+        models_workers: worker processes of the model service (each holds every model).
+        models_threads: model calls at once per model-service worker.
+        api_workers: worker processes of the front service (HTTP, gRPC, UI).
+        max_concurrency: requests at once per front service before it answers 503.
+        timeout_s: request timeout of both services.
+        max_upload_bytes: largest request body / image file accepted (413 beyond).
+        grpc_enabled: serve gRPC from the front service's workers.
+        grpc_host: address the gRPC server binds.
+        grpc_port: its port.
+        grpc_max_workers: gRPC handler threads per front worker.
+    """
+
+    models: tuple[str, ...] = ("density", "tumor", "lesion")
+    stage: str = "production"
+    batching: Batching = field(default_factory=Batching)
+    per_model: dict[str, Batching] = field(default_factory=dict)
+    models_workers: int = 1
+    models_threads: int = 1
+    api_workers: int = 1
+    max_concurrency: int = 512
+    timeout_s: float = 60.0
+    max_upload_bytes: int = 32 * 2**20
+    grpc_enabled: bool = True
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    grpc_max_workers: int = 64
+
+    def batching_for(self, model: str) -> Batching:
+        """The batching of ``model``'s API (its override, else the default)."""
+        return self.per_model.get(model, self.batching)
+
+
+def _batching(raw: dict[str, Any], base: Batching) -> Batching:
+    unknown = set(raw) - {"enabled", "max_batch_size", "max_latency_ms"}
+    if unknown:
+        raise ValueError(f"unknown batching keys: {', '.join(sorted(unknown))}")
+    out = Batching(enabled=bool(raw.get("enabled", base.enabled)),
+                   max_batch_size=int(raw.get("max_batch_size", base.max_batch_size)),
+                   max_latency_ms=int(raw.get("max_latency_ms", base.max_latency_ms)))
+    if out.max_batch_size < 2:
+        raise ValueError("max_batch_size must be at least 2 (set enabled: false to turn batching off)")
+    if out.max_latency_ms <= 0:
+        raise ValueError("max_latency_ms must be positive")
+    return out
+
+
+def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None) -> ServingConfig:
+    """Build a :class:`ServingConfig` from the YAML's dict (unknown keys are errors).
+
+    Args:
+        raw: the parsed YAML.
+        env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`).
+    """
+    env = env or {}
+    known = {"models", "stage", "batching", "models_service", "api_service", "limits", "grpc"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown serving config keys: {', '.join(sorted(unknown))}")
+    batching_raw = dict(raw.get("batching") or {})
+    per_model_raw = batching_raw.pop("per_model", None) or {}
+    batching = _batching(batching_raw, Batching())
+    per_model = {name: _batching(dict(v or {}), batching) for name, v in per_model_raw.items()}
+    ms, api = raw.get("models_service") or {}, raw.get("api_service") or {}
+    limits, grpc = raw.get("limits") or {}, raw.get("grpc") or {}
+    models = tuple(str(m) for m in raw.get("models") or ServingConfig.models)
+    if not models:
+        raise ValueError("serve at least one model")
+    return ServingConfig(
+        models=models, stage=str(raw.get("stage", "production")), batching=batching, per_model=per_model,
+        models_workers=int(ms.get("workers", 1)), models_threads=int(ms.get("threads", 1)),
+        api_workers=int(api.get("workers", 1)), max_concurrency=int(api.get("max_concurrency", 512)),
+        timeout_s=float(api.get("timeout_s", 60.0)),
+        max_upload_bytes=int(limits.get("max_upload_bytes", 32 * 2**20)),
+        grpc_enabled=bool(grpc.get("enabled", True)),
+        grpc_host=str(env.get(GRPC_HOST_ENV) or grpc.get("host", "127.0.0.1")),
+        grpc_port=int(env.get(GRPC_PORT_ENV) or grpc.get("port", 50051)),
+        grpc_max_workers=int(grpc.get("max_workers", 64)),
+    )
+
+
+def load_serving_config(path: str | Path, env: dict[str, str] | None = None) -> ServingConfig:
+    """Read a serving config file (see :func:`parse_serving_config`)."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return parse_serving_config(raw, env)

@@ -1,0 +1,351 @@
+"""The request logic of the service, shared by its HTTP and gRPC front ends and the web UI.
+
+An :class:`Engine` holds, per served model, everything but the network weights: the
+preprocessing spec, the contract, the registry version and stage (:class:`ServedModel`).
+A request is
+
+1. decoded and checked (:func:`breastscan.inference.decode_upload` /
+   :func:`breastscan.inference.validate_array`), optionally cropped to a region of interest,
+2. preprocessed into a one-image batch (:func:`breastscan.inference.prepare_inputs`),
+3. sent to the model through ``infer`` -- in the service, the batchable API of the model
+   service, where adaptive batching merges concurrent requests into one model call,
+4. turned into the answer at the original image size
+   (:func:`breastscan.inference.finish_predictions`).
+
+Client mistakes raise :class:`breastscan.inference.InputError` before anything reaches the
+model, so one bad upload can never fail a batch it would have shared with others. CPU
+work (decoding, preprocessing, PNG encoding) runs in worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from breastscan.bundle import ModelContract
+from breastscan.inference import (
+    InputError,
+    Prediction,
+    analysis,
+    decode_upload,
+    finish_predictions,
+    models_for_modality,
+    png_base64,
+    prepare_inputs,
+    validate_array,
+)
+from breastscan.preprocessing import PreprocessSpec, is_dicom
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
+"""``(model name, (n, H, W, 1) float32 batch) -> served probabilities`` of that batch."""
+
+ExplainFn = Callable[[str, np.ndarray, list[int]], Awaitable[np.ndarray]]
+"""``(model name, (n, H, W, 1) batch, class index per image) -> (n, H, W)`` Grad-CAM maps."""
+
+ARRAY_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64")
+"""dtype names an array input may declare (JSON and gRPC carry no dtype of their own)."""
+
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A served model as the front end knows it (no weights).
+
+    Attributes:
+        name: model name (``density``, ``tumor``, ``lesion`` ...), the endpoint's name.
+        spec: its preprocessing spec.
+        contract: its contract (task, modality, classes, calibration, threshold).
+        version: registry version it was imported from, if known.
+        stage: registry stage (alias) it was imported from, if known.
+        source: where it came from (e.g. ``models:/breastscan-tumor@production``).
+    """
+
+    name: str
+    spec: PreprocessSpec
+    contract: ModelContract
+    version: str | None = None
+    stage: str | None = None
+    source: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts about the model (what ``/models`` lists)."""
+        c = self.contract
+        return {
+            "name": self.name, "version": self.version, "stage": self.stage, "source": self.source,
+            "task": c.task, "modality": c.modality, "classes": list(c.class_names),
+            "input_shape": list(c.input_shape), "spec_id": self.spec.spec_id,
+            "temperature": c.temperature, "threshold": c.threshold if c.task == "segmentation" else None,
+        }
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image in a request: a file's bytes or an array, and an optional crop.
+
+    Attributes:
+        data: the bytes of an image file (PNG, JPEG, PGM, TIFF, BMP, DICOM), or ``None``.
+        array: one image as an array (see :func:`breastscan.inference.validate_array`), or
+            ``None``. Exactly one of ``data`` and ``array`` is set.
+        roi: ``(x, y, w, h)`` region of interest in the image's pixel coordinates, or
+            ``None`` for the whole image. Answers are then about (and sized as) the crop.
+    """
+
+    data: bytes | None = None
+    array: np.ndarray | None = None
+    roi: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def from_array(cls, values: Any, dtype: str | None = None,
+                   roi: tuple[int, int, int, int] | None = None) -> ImageInput:
+        """An array input from nested lists (JSON) or an array, cast to a declared dtype.
+
+        Args:
+            values: ``(H, W)`` or ``(H, W, C)`` numbers.
+            dtype: one of :data:`ARRAY_DTYPES`; ``None`` keeps NumPy's own reading
+                (JSON integers become int64 and are min-max stretched, floats must be in [0, 1]).
+            roi: optional ``(x, y, w, h)`` crop.
+
+        Raises:
+            InputError: ``bad_dtype`` (unknown dtype, or values that do not fit it) or
+                ``bad_shape`` (ragged lists).
+        """
+        if dtype is not None and dtype not in ARRAY_DTYPES:
+            raise InputError("bad_dtype", f"dtype {dtype!r} is not supported; use one of "
+                                          f"{', '.join(ARRAY_DTYPES)}")
+        try:
+            arr = np.asarray(values)
+        except (TypeError, ValueError) as exc:
+            raise InputError("bad_shape", f"not a rectangular array: {exc}") from None
+        if arr.dtype == object:
+            raise InputError("bad_shape", "not a rectangular array of numbers")
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            target = np.dtype(dtype)
+            if arr.size and target.kind in "iu" and arr.dtype.kind in "iuf":
+                info = np.iinfo(target)
+                finite = np.isfinite(arr) if arr.dtype.kind == "f" else np.ones(arr.shape, bool)
+                if not finite.all():
+                    raise InputError("not_finite", "image contains NaN or infinite values")
+                lo, hi = float(arr.min()), float(arr.max())
+                fractional = arr.dtype.kind == "f" and not np.all(arr == np.rint(arr))
+                if lo < info.min or hi > info.max or fractional:
+                    raise InputError("bad_dtype", f"values in [{lo:.6g}, {hi:.6g}] are not {dtype} pixels")
+            try:
+                with np.errstate(invalid="ignore", over="ignore"):
+                    arr = arr.astype(target)
+            except (TypeError, ValueError) as exc:
+                raise InputError("bad_dtype", f"cannot read the values as {dtype}: {exc}") from None
+        return cls(array=arr, roi=roi)
+
+
+def parse_roi(text: str | Sequence[int] | None) -> tuple[int, int, int, int] | None:
+    """Read a region of interest given as ``"x,y,w,h"`` or four integers.
+
+    Returns:
+        ``(x, y, w, h)``, or ``None`` for an empty value.
+
+    Raises:
+        InputError: ``bad_roi`` when it is not four integers with ``w, h > 0``, ``x, y >= 0``.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()) or (
+            not isinstance(text, str) and len(text) == 0):
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        x, y, w, h = (int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise InputError("bad_roi", f"roi must be four integers x,y,w,h; got {text!r}") from None
+    if x < 0 or y < 0 or w <= 0 or h <= 0:
+        raise InputError("bad_roi", f"roi x,y must be >= 0 and w,h > 0; got {x},{y},{w},{h}")
+    return x, y, w, h
+
+
+def crop(gray: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Crop an ``(H, W)`` image to ``roi = (x, y, w, h)`` (``None``: unchanged).
+
+    Raises:
+        InputError: ``bad_roi`` when the region does not lie inside the image.
+    """
+    if roi is None:
+        return gray
+    x, y, w, h = roi
+    height, width = gray.shape[:2]
+    if x + w > width or y + h > height:
+        raise InputError("bad_roi", f"roi {x},{y},{w},{h} does not lie inside the {width}x{height} image")
+    return gray[y : y + h, x : x + w]
+
+
+def dicom_modality(data: bytes) -> str | None:
+    """The modality a DICOM file's header names (MG, US), read without its pixels."""
+    if not is_dicom(data):
+        return None
+    from breastscan.dicom import load_dataset
+
+    try:
+        header = load_dataset(data, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 -- decoding reports what is wrong with the file
+        return None
+    return {"MG": "mammography", "US": "ultrasound"}.get(str(header.get("Modality", "")).upper())
+
+
+class Engine:
+    """Checks, preprocesses and answers requests; the model call itself is ``infer``.
+
+    Args:
+        models: the served models by name.
+        infer: runs one model on a preprocessed batch (see :data:`InferFn`).
+        explain: Grad-CAM of a classifier on a preprocessed batch (see :data:`ExplainFn`).
+        max_upload_bytes: largest image file accepted.
+    """
+
+    def __init__(self, models: Mapping[str, ServedModel], infer: InferFn, explain: ExplainFn, *,
+                 max_upload_bytes: int) -> None:
+        self.models = dict(models)
+        self._infer = infer
+        self._explain = explain
+        self.max_upload_bytes = int(max_upload_bytes)
+
+    # ------------------------------------------------------------------ helpers
+    def describe(self) -> list[dict[str, Any]]:
+        """Facts about every served model, in name order."""
+        return [self.models[name].describe() for name in sorted(self.models)]
+
+    def select(self, name: str) -> ServedModel:
+        """The served model called ``name``.
+
+        Raises:
+            InputError: ``unknown_model``; the message lists the served names.
+        """
+        try:
+            return self.models[name]
+        except KeyError:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise InputError("unknown_model", f"no model named {name!r}; served: {served}") from None
+
+    def decode(self, image: ImageInput) -> np.ndarray:
+        """The request's image as ``(H, W)`` float32 gray in [0, 1], cropped to its roi.
+
+        Raises:
+            InputError: any code of :func:`decode_upload` / :func:`validate_array`, or
+                ``bad_roi``.
+        """
+        if (image.data is None) == (image.array is None):
+            raise InputError("empty", "send exactly one image: a file or an array")
+        if image.data is not None:
+            gray = decode_upload(image.data, max_bytes=self.max_upload_bytes)
+        else:
+            gray = validate_array(image.array)
+        return crop(gray, image.roi)
+
+    async def _run(self, served: ServedModel, gray: np.ndarray, explain: bool) -> Prediction:
+        prepared = await asyncio.to_thread(prepare_inputs, served.spec, served.contract, [gray])
+        probs = np.asarray(await self._infer(served.name, prepared.batch), dtype=np.float32)
+        if probs.shape[0] != len(prepared.batch):
+            raise RuntimeError(f"model {served.name} answered {probs.shape[0]} rows for "
+                               f"{len(prepared.batch)} images")
+        heat = None
+        if explain and served.contract.task == "classification":
+            heat = await self._explain(served.name, prepared.batch, [int(np.argmax(probs[0]))])
+        answers = await asyncio.to_thread(
+            finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
+            heat=heat, version=served.version, stage=served.stage)
+        return answers[0]
+
+    # ------------------------------------------------------------------ requests
+    async def predict(self, model: str, image: ImageInput, *, explain: bool = False) -> dict[str, Any]:
+        """One model's answer for one image.
+
+        Returns:
+            :meth:`breastscan.inference.Prediction.to_dict`, plus ``"roi"`` when cropped.
+
+        Raises:
+            InputError: the client's mistake (unknown model, bad image, bad roi).
+        """
+        served = self.select(model)
+        gray = await asyncio.to_thread(self.decode, image)
+        answer = (await self._run(served, gray, explain)).to_dict()
+        if image.roi is not None:
+            answer["roi"] = list(image.roi)
+        return answer
+
+    async def analyze(self, image: ImageInput, *, modality: str | None = None,
+                      explain: bool = False) -> dict[str, Any]:
+        """Every model of the image's modality on one image, run concurrently.
+
+        Args:
+            image: the image.
+            modality: ``mammography`` or ``ultrasound``; may be left out for a DICOM file
+                whose header says (MG, US), or when only one modality is served.
+            explain: add Grad-CAM heatmaps to classifier answers.
+
+        Returns:
+            ``{"modality", "models": {name: answer}}`` plus ``"eight_category"`` for a
+            mammogram when a density and a tumor model both answered, and ``"roi"``.
+
+        Raises:
+            InputError: ``unknown_modality`` or any image error.
+        """
+        modality = (modality or "").strip().lower() or None
+        if modality is None and image.data is not None:
+            modality = await asyncio.to_thread(dicom_modality, image.data)
+        served_modalities = sorted({m.contract.modality for m in self.models.values()})
+        if modality is None:
+            if len(served_modalities) != 1:
+                raise InputError("unknown_modality", "say which modality the image is: one of "
+                                                     f"{', '.join(served_modalities)}")
+            modality = served_modalities[0]
+        chosen = models_for_modality({n: m.contract.modality for n, m in self.models.items()}, modality)
+        gray = await asyncio.to_thread(self.decode, image)
+        answers = await asyncio.gather(*(self._run(self.models[n], gray, explain) for n in chosen))
+        result = analysis(modality, dict(zip(chosen, answers, strict=True)))
+        if image.roi is not None:
+            result["roi"] = list(image.roi)
+        return result
+
+    async def preview(self, image: ImageInput) -> dict[str, Any]:
+        """The decoded image as an 8-bit PNG (how the service sees a DICOM or 16-bit file).
+
+        Returns:
+            ``{"width", "height", "modality" (from a DICOM header, else None),
+            "png" (base64)}`` of the whole image (the roi is ignored).
+        """
+        gray = await asyncio.to_thread(self.decode, ImageInput(data=image.data, array=image.array))
+        modality = await asyncio.to_thread(dicom_modality, image.data) if image.data else None
+        png = await asyncio.to_thread(
+            png_base64, np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8))
+        return {"width": int(gray.shape[1]), "height": int(gray.shape[0]), "modality": modality, "png": png}
+
+
+def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**20,
+                 versions: Mapping[str, str] | None = None,
+                 stages: Mapping[str, str] | None = None) -> Engine:
+    """An :class:`Engine` whose models run in this process (tests, benchmarks, notebooks).
+
+    Args:
+        bundles: :class:`breastscan.bundle.ModelBundle` by served name.
+        max_upload_bytes: largest image file accepted.
+        versions: registry version per name, reported in answers.
+        stages: registry stage per name, reported in answers.
+
+    Returns:
+        An engine that calls each bundle directly (one model call per request, no batching).
+    """
+    from breastscan.gradcam import grad_cam
+
+    versions, stages = versions or {}, stages or {}
+
+    async def infer(name: str, batch: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(bundles[name].predict, batch)
+
+    async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        return await asyncio.to_thread(grad_cam, bundles[name].model, batch, np.asarray(classes))
+
+    served = {name: ServedModel(name=name, spec=b.spec, contract=b.contract, version=versions.get(name),
+                                stage=stages.get(name)) for name, b in bundles.items()}
+    return Engine(served, infer, explain, max_upload_bytes=max_upload_bytes)

@@ -1,0 +1,458 @@
+"""The gRPC front end of the model service: ``breastscan.v1.BreastScan`` over the request engine.
+
+The service's gRPC API is served by a plain (synchronous) ``grpcio`` server that runs
+inside the model service's front worker process, beside its HTTP API, and sends every
+request through the same :class:`breastscan.serving.engine.Engine`. The engine's
+coroutines belong to the event loop of that worker (BentoML's), which this module does
+not own: each RPC runs on one of the server's threads, hands its coroutine to that loop
+with :func:`asyncio.run_coroutine_threadsafe` and waits for the answer, at most
+``timeout_s`` seconds (or the client's deadline when it is shorter). The server threads
+never touch the loop otherwise, so a slow model blocks only its own RPC's thread.
+
+Statuses (the API's contract, see ``proto/breastscan/v1/breastscan.proto``):
+
+* a client mistake (:class:`breastscan.inference.InputError`) ends the RPC with
+  ``INVALID_ARGUMENT``, the error's message, and its stable code in the trailing metadata
+  entry ``error-code`` (:data:`ERROR_CODE_KEY`);
+* a request larger than ``max_message_bytes`` is refused by gRPC itself
+  (``RESOURCE_EXHAUSTED``) before it reaches a handler;
+* no answer within the time limit: ``DEADLINE_EXCEEDED`` (the engine's work is cancelled);
+  so is a time-out inside the engine (its call to the model service);
+* anything else is logged here with its traceback and answered ``INTERNAL`` with a
+  generic message, so nothing of the request (pixels, file contents) leaves in an error.
+
+The server also offers the standard health service (``grpc.health.v1.Health``; the
+overall service ``""`` and ``breastscan.v1.BreastScan``, flipped together by
+:meth:`GrpcServerHandle.set_serving`) and server reflection, so that
+``grpcurl -plaintext HOST:PORT list`` and ``describe`` work without the ``.proto`` file.
+
+Several worker processes may serve one port: the server binds with ``SO_REUSEPORT`` (on
+by default in gRPC, set explicitly here) and the kernel spreads connections over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import logging
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from breastscan.inference import InputError
+from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, parse_roi
+from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
+from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "breastscan.v1.BreastScan"
+"""Full name of the API's service (health checks and reflection name it)."""
+
+ERROR_CODE_KEY = "error-code"
+"""Trailing-metadata key that carries an :class:`InputError`'s code."""
+
+INTERNAL_MESSAGE = "internal error: the service could not answer this request (see its log)"
+"""The details of every ``INTERNAL`` answer (nothing of the request is echoed)."""
+
+_T = TypeVar("_T")
+
+# Distinct classes before Python 3.11, one class since.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)
+
+
+class GrpcBindError(RuntimeError):
+    """The gRPC server could not listen on the address it was given."""
+
+
+class _Deadline(Exception):
+    """The engine did not answer within the RPC's time limit."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def image_from_proto(image: pb.Image) -> ImageInput:
+    """The engine's :class:`ImageInput` for an ``Image`` message.
+
+    Args:
+        image: the request's image: a file's bytes or a raw ``Array``, and an optional roi.
+
+    Returns:
+        The image input (neither source set gives an input without an image, which the
+        engine refuses as ``empty``).
+
+    Raises:
+        InputError: ``bad_roi`` (not 0 or 4 values, or out of range), ``bad_dtype`` (a
+            dtype outside :data:`ARRAY_DTYPES`) or ``bad_shape`` (negative sides, or the
+            byte count does not match the shape).
+    """
+    roi = parse_roi(list(image.roi))
+    source = image.WhichOneof("source")
+    if source == "file":
+        return ImageInput(data=bytes(image.file), roi=roi)
+    if source == "array":
+        return ImageInput(array=array_from_proto(image.array), roi=roi)
+    return ImageInput(roi=roi)
+
+
+def array_from_proto(array: pb.Array) -> np.ndarray:
+    """Read an ``Array`` message: little-endian C-order bytes of ``dtype`` in ``shape``.
+
+    The result is in the machine's byte order; its checks as an image (ndim, channels,
+    sides, value range) are the engine's.
+
+    Raises:
+        InputError: ``bad_dtype`` or ``bad_shape`` (see :func:`image_from_proto`).
+    """
+    if array.dtype not in ARRAY_DTYPES:
+        raise InputError("bad_dtype", f"dtype {array.dtype!r} is not supported; use one of "
+                                      f"{', '.join(ARRAY_DTYPES)}")
+    shape = tuple(int(s) for s in array.shape)
+    if any(s < 0 for s in shape):
+        raise InputError("bad_shape", f"array shape {list(shape)} has a negative side")
+    dtype = np.dtype(array.dtype)
+    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if len(array.data) != expected:
+        raise InputError("bad_shape", f"array of shape {list(shape)} and dtype {array.dtype} needs "
+                                      f"{expected} bytes of data, got {len(array.data)}")
+    values = np.frombuffer(array.data, dtype=dtype.newbyteorder("<"))
+    return values.astype(dtype, copy=False).reshape(shape)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def _png(text: str | None) -> bytes | None:
+    """Raw PNG bytes of a base64 PNG field (``None`` stays ``None``)."""
+    return None if text is None else base64.b64decode(text)
+
+
+def _probabilities(values: Mapping[str, float]) -> list[pb.ClassProbability]:
+    return [pb.ClassProbability(name=str(name), probability=float(p)) for name, p in values.items()]
+
+
+def prediction_to_proto(answer: Mapping[str, Any]) -> pb.Prediction:
+    """A ``Prediction`` message carrying exactly the numbers of an engine answer.
+
+    Args:
+        answer: :meth:`breastscan.inference.Prediction.to_dict` (plus ``roi``), as
+            :meth:`Engine.predict` returns it.
+
+    Returns:
+        The message: unknown texts become ``""``, ``None`` leaves an optional field unset,
+        base64 PNGs become their raw bytes, floats travel as doubles (unchanged).
+    """
+    msg = pb.Prediction(
+        model=answer["model"], version=answer.get("version") or "", stage=answer.get("stage") or "",
+        spec_id=answer.get("spec_id") or "", task=answer["task"], width=int(answer["width"]),
+        height=int(answer["height"]), probabilities=_probabilities(answer.get("probabilities") or {}),
+        roi=[int(v) for v in answer.get("roi") or ()],
+    )
+    if answer.get("predicted") is not None:
+        msg.predicted = str(answer["predicted"])
+    for key in ("confidence", "lesion_fraction"):
+        if answer.get(key) is not None:
+            setattr(msg, key, float(answer[key]))
+    if answer.get("lesion_area_px") is not None:
+        msg.lesion_area_px = int(answer["lesion_area_px"])
+    for key in ("heatmap_png", "mask_png", "overlay_png"):
+        png = _png(answer.get(key))
+        if png is not None:
+            setattr(msg, key, png)
+    if answer.get("bbox") is not None:
+        x, y, w, h = (int(v) for v in answer["bbox"])
+        msg.bbox.CopyFrom(pb.BoundingBox(x=x, y=y, width=w, height=h))
+    return msg
+
+
+def eight_category_to_proto(view: Mapping[str, Any]) -> pb.EightCategory:
+    """An ``EightCategory`` message of one :func:`breastscan.evaluation.eight_category` dict."""
+    msg = pb.EightCategory(
+        category=view["category"], density=view["density"], pathology=view["pathology"],
+        finding=view["finding"], p_malignant=float(view["p_malignant"]),
+        confidence=float(view["confidence"]), probabilities=_probabilities(view["probabilities"]),
+    )
+    if view.get("p_normal") is not None:
+        msg.p_normal = float(view["p_normal"])
+    return msg
+
+
+def analysis_to_proto(result: Mapping[str, Any]) -> pb.AnalyzeResponse:
+    """An ``AnalyzeResponse`` of :meth:`Engine.analyze`'s answer."""
+    msg = pb.AnalyzeResponse(modality=result["modality"], roi=[int(v) for v in result.get("roi") or ()])
+    for name, answer in result["models"].items():
+        msg.models[name].CopyFrom(prediction_to_proto(answer))
+    if result.get("eight_category") is not None:
+        msg.eight_category.CopyFrom(eight_category_to_proto(result["eight_category"]))
+    return msg
+
+
+def model_info_to_proto(info: Mapping[str, Any]) -> pb.ModelInfo:
+    """A ``ModelInfo`` of one :meth:`breastscan.serving.engine.ServedModel.describe` dict."""
+    msg = pb.ModelInfo(
+        name=info["name"], version=info.get("version") or "", stage=info.get("stage") or "",
+        source=info.get("source") or "", task=info["task"], modality=info["modality"],
+        classes=[str(c) for c in info["classes"]], input_shape=[int(s) for s in info["input_shape"]],
+        spec_id=info.get("spec_id") or "", temperature=float(info["temperature"]),
+    )
+    if info.get("threshold") is not None:
+        msg.threshold = float(info["threshold"])
+    return msg
+
+
+def models_to_proto(described: Sequence[Mapping[str, Any]]) -> pb.ListModelsResponse:
+    """A ``ListModelsResponse`` of :meth:`Engine.describe`."""
+    return pb.ListModelsResponse(models=[model_info_to_proto(info) for info in described])
+
+
+def preview_to_proto(preview: Mapping[str, Any]) -> pb.PreviewResponse:
+    """A ``PreviewResponse`` of :meth:`Engine.preview`'s answer."""
+    return pb.PreviewResponse(width=int(preview["width"]), height=int(preview["height"]),
+                              modality=preview.get("modality") or "",
+                              png=base64.b64decode(preview["png"]))
+
+
+# --------------------------------------------------------------------------- servicer
+
+
+class BreastScanServicer(pb_grpc.BreastScanServicer):
+    """The ``breastscan.v1.BreastScan`` RPCs over an :class:`Engine` on someone else's loop.
+
+    Args:
+        engine: the request engine.
+        loop: the running event loop the engine's coroutines belong to (the model
+            service's worker loop); RPC threads submit to it and wait.
+        timeout_s: longest wait for one answer; a client's shorter deadline wins.
+    """
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, *, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.engine = engine
+        self.loop = loop
+        self.timeout_s = float(timeout_s)
+
+    # ------------------------------------------------------------------ RPCs
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.Prediction:
+        """One model's answer for one image (:meth:`Engine.predict`)."""
+        return self._serve(context, "Predict", lambda: self._await(context, self.engine.predict(
+            request.model, image_from_proto(request.image), explain=request.explain)), prediction_to_proto)
+
+    def Analyze(self, request: pb.AnalyzeRequest,
+                context: grpc.ServicerContext) -> pb.AnalyzeResponse:
+        """Every model of the image's modality (:meth:`Engine.analyze`)."""
+        return self._serve(context, "Analyze", lambda: self._await(context, self.engine.analyze(
+            image_from_proto(request.image), modality=request.modality or None,
+            explain=request.explain)), analysis_to_proto)
+
+    def ListModels(self, request: pb.ListModelsRequest,
+                   context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        """The served models (:meth:`Engine.describe`, no model call)."""
+        return self._serve(context, "ListModels", self.engine.describe, models_to_proto)
+
+    def Preview(self, request: pb.PreviewRequest,
+                context: grpc.ServicerContext) -> pb.PreviewResponse:
+        """The decoded image as an 8-bit PNG (:meth:`Engine.preview`)."""
+        return self._serve(context, "Preview", lambda: self._await(
+            context, self.engine.preview(image_from_proto(request.image))), preview_to_proto)
+
+    # ------------------------------------------------------------------ plumbing
+    def _await(self, context: grpc.ServicerContext, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the engine's loop and wait for it within the RPC's time limit.
+
+        The engine's work is cancelled when the limit passes or the RPC ends early (the
+        client cancelled, or the server is stopping).
+
+        Raises:
+            _Deadline: no answer in time.
+            concurrent.futures.CancelledError: the RPC ended before the answer.
+            Exception: whatever the coroutine raised.
+        """
+        wait = self.timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, float(remaining))
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        context.add_callback(future.cancel)
+        try:
+            return future.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                raise  # the engine's own timeout, not this wait's
+            future.cancel()
+            raise _Deadline(f"no answer within {wait:.3g} s") from None
+
+    def _serve(self, context: grpc.ServicerContext, method: str, answer: Callable[[], _T],
+               convert: Callable[[_T], Any]) -> Any:
+        """Compute an answer and its message, or end the RPC with the status of what went wrong."""
+        try:
+            return convert(answer())
+        except InputError as exc:
+            log.info("gRPC %s refused (%s): %s", method, exc.code, exc.message)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, code=exc.code)
+        except _Deadline as exc:
+            log.warning("gRPC %s: %s", method, exc)
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except _TIMEOUTS:  # the engine's own time limit (e.g. its call to the model service)
+            log.warning("gRPC %s: the engine timed out", method, exc_info=True)
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the model did not answer in time")
+        except concurrent.futures.CancelledError:
+            log.info("gRPC %s cancelled before its answer", method)
+            _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
+        except Exception:
+            log.exception("gRPC %s failed", method)
+            _abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str, *,
+           code: str | None = None) -> NoReturn:
+    """End the RPC with ``status`` (and an ``error-code`` trailer when ``code`` is given)."""
+    if code is not None:
+        context.set_trailing_metadata(((ERROR_CODE_KEY, code),))
+    context.abort(status, message)
+    raise AssertionError("grpc.ServicerContext.abort returned")  # it always raises
+
+
+# --------------------------------------------------------------------------- server
+
+
+class GrpcServerHandle:
+    """A started gRPC server: its port, its health status, and how to stop it.
+
+    Attributes:
+        server: the ``grpc.Server``.
+        port: the port it listens on (the chosen one when asked for port 0).
+        address: the address it was bound to, ``host:port`` as asked.
+        servicer: the :class:`BreastScanServicer`.
+        health: the health servicer (statuses of ``""`` and :data:`SERVICE_NAME`).
+    """
+
+    def __init__(self, server: grpc.Server, port: int, address: str, servicer: BreastScanServicer,
+                 health_servicer: health.HealthServicer,
+                 executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.server = server
+        self.port = port
+        self.address = address
+        self.servicer = servicer
+        self.health = health_servicer
+        self._executor = executor
+        self._serving = False
+
+    @property
+    def serving(self) -> bool:
+        """Whether the health service says ``SERVING``."""
+        return self._serving
+
+    def set_serving(self, serving: bool) -> None:
+        """Say ``SERVING`` or ``NOT_SERVING`` for the overall service and :data:`SERVICE_NAME`.
+
+        RPCs are answered either way: the status tells load balancers and probes whether to
+        send requests (e.g. ``NOT_SERVING`` while models load or the process drains).
+        """
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+        self._serving = bool(serving)
+        log.info("gRPC health on port %d: %s", self.port, "SERVING" if serving else "NOT_SERVING")
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Say ``NOT_SERVING`` for good, refuse new RPCs and stop once in-flight ones end.
+
+        Blocks until the server has stopped (at most about ``grace`` seconds, after which
+        remaining RPCs are cancelled). Do not call it on the engine's event loop thread,
+        whose coroutines the in-flight RPCs wait for: from a coroutine there, use
+        ``await asyncio.to_thread(handle.stop, grace)``.
+
+        Args:
+            grace: seconds in-flight RPCs may still take; ``None`` cancels them at once.
+        """
+        self.health.enter_graceful_shutdown()
+        self._serving = False
+        self.server.stop(grace).wait()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("gRPC server on port %d stopped", self.port)
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):  # a bare IPv6 address
+        host = f"[{host}]"
+    return f"{host}:{int(port)}"
+
+
+def start_grpc_server(
+    engine: Engine,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    host: str,
+    port: int,
+    max_workers: int,
+    max_message_bytes: int,
+    timeout_s: float,
+    serving: bool = True,
+) -> GrpcServerHandle:
+    """Start the ``breastscan.v1.BreastScan`` gRPC server (with health and reflection).
+
+    Args:
+        engine: the request engine every RPC goes through.
+        loop: the event loop the engine's coroutines run on; it must be running (or run
+            soon) in another thread than the server's.
+        host: address to listen on (``0.0.0.0`` or ``[::]`` for all interfaces).
+        port: port to listen on; ``0`` picks a free one (see :attr:`GrpcServerHandle.port`).
+        max_workers: server threads, i.e. RPCs handled at once; each waits for its answer
+            from the loop, so this bounds the requests one process has in flight over gRPC.
+        max_message_bytes: largest request message accepted; larger ones are refused by
+            gRPC with ``RESOURCE_EXHAUSTED``. Allow for the upload limit plus a few KiB, or
+            ``H * W * C * itemsize`` of the largest raw array accepted.
+        timeout_s: longest time one RPC waits for the engine (``DEADLINE_EXCEEDED`` after).
+        serving: the initial health status.
+
+    Returns:
+        The started server's handle.
+
+    Raises:
+        GrpcBindError: the address cannot be bound (port in use without ``SO_REUSEPORT``,
+            no permission, unknown host).
+        ValueError: a non-positive ``max_workers``, ``max_message_bytes`` or ``timeout_s``.
+    """
+    if max_workers <= 0 or max_message_bytes <= 0:
+        raise ValueError(f"max_workers and max_message_bytes must be > 0, got {max_workers}, "
+                         f"{max_message_bytes}")
+    servicer = BreastScanServicer(engine, loop, timeout_s=timeout_s)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+    options = [
+        ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ("grpc.max_send_message_length", -1),  # answers carry PNGs at the image's own size
+        ("grpc.so_reuseport", 1),  # several worker processes may share the port
+    ]
+    server = grpc.server(executor, options=options)
+    pb_grpc.add_BreastScanServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises when the bind fails
+        bound, reason = 0, str(exc)
+    else:
+        reason = "no port was bound"
+    if not bound:
+        server.stop(None)
+        executor.shutdown(wait=False)
+        raise GrpcBindError(f"cannot listen for gRPC on {address} ({reason}): is the port used by "
+                            "another program, or the host not an address of this machine?")
+    server.start()
+    handle = GrpcServerHandle(server, int(bound), address, servicer, health_servicer, executor)
+    handle.set_serving(serving)
+    log.info("gRPC server %s listening on %s (port %d, %d threads, %d-byte messages, %.3g s timeout)",
+             SERVICE_NAME, address, bound, max_workers, max_message_bytes, timeout_s)
+    return handle

@@ -1,0 +1,1 @@
+"""Protocol buffer package ``breastscan`` (generated code lives in its version subpackages)."""

@@ -1,0 +1,1 @@
+"""Protocol buffer package ``breastscan.v1``: the first version of the gRPC API (generated code)."""

@@ -1,0 +1,300 @@
+"""The real service over HTTP: every endpoint, answers equal to in-process predictions of the
+registered models, client mistakes answered 4xx (never 5xx) with the server still serving,
+health and readiness, adaptive batching seen in /metrics, request ids, OpenAPI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from breastscan.serving.engine import ImageInput
+from tests.services import images
+from tests.services.conftest import Served, run_async
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+MG = images.png(images.mammogram(1))
+US = images.png(images.ultrasound(2))
+
+
+def post_file(service: Served, path: str, data: bytes, **fields: Any) -> httpx.Response:
+    form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
+    return httpx.post(f"{service.http_url}{path}", files={"image": ("image.png", data)}, data=form,
+                      timeout=60)
+
+
+def assert_same_answer(served: dict[str, Any], local: dict[str, Any]) -> None:
+    """Equal answers: same keys and values; probabilities equal to float32 precision."""
+    assert served.keys() == local.keys()
+    for key, value in local.items():
+        if key == "probabilities":
+            assert list(served[key]) == list(value)  # class order too
+            for name in value:
+                assert served[key][name] == pytest.approx(value[name], abs=1e-6)
+        elif isinstance(value, float):
+            assert served[key] == pytest.approx(value, abs=1e-6)
+        else:
+            assert served[key] == value, key
+
+
+def test_health_and_readiness(service: Served) -> None:
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert httpx.get(f"{service.http_url}{probe}", timeout=10).status_code == 200
+
+
+def test_models_lists_the_production_versions(service: Served) -> None:
+    listed = httpx.post(f"{service.http_url}/models", json={}, timeout=10).json()
+    assert [m["name"] for m in listed] == ["density", "lesion", "tumor"]
+    for m in listed:
+        assert m["version"] == "1" and m["stage"] == "production"
+        assert m["source"] == f"models:/breastscan-{m['name']}@production"
+    by_name = {m["name"]: m for m in listed}
+    assert by_name["density"]["classes"] == ["A", "B", "C", "D"]
+    assert by_name["lesion"]["task"] == "segmentation" and by_name["lesion"]["modality"] == "ultrasound"
+
+
+@pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US)])
+def test_model_endpoint_equals_in_process_prediction(service: Served, reference: Any, model: str,
+                                                     data: bytes) -> None:
+    r = post_file(service, f"/{model}", data)
+    assert r.status_code == 200, r.text
+    local = run_async(reference.predict(model, ImageInput(data=data)))
+    assert_same_answer(r.json(), local)
+
+
+def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Served, reference: Any) -> None:
+    r = post_file(service, "/predict", MG, model="tumor", explain=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    heat = images.decode_png_b64(body["heatmap_png"])
+    over = images.decode_png_b64(body["overlay_png"])
+    assert heat.shape == (160, 128) and heat.dtype == np.uint8 and heat.max() > 0
+    assert over.shape == (160, 128, 3)
+    local = run_async(reference.predict("tumor", ImageInput(data=MG), explain=True))
+    assert body["predicted"] == local["predicted"]
+    # Grad-CAM ran in the model service: same map up to float rounding of the gradients
+    assert np.abs(heat.astype(int) - images.decode_png_b64(local["heatmap_png"]).astype(int)).max() <= 2
+
+
+def test_lesion_answer_has_mask_area_and_box(service: Served) -> None:
+    body = post_file(service, "/lesion", US).json()
+    mask = images.decode_png_b64(body["mask_png"])
+    assert mask.shape == (112, 144) and set(np.unique(mask)) <= {0, 255}
+    assert body["lesion_area_px"] == int((mask > 0).sum())
+    assert body["lesion_fraction"] == pytest.approx(body["lesion_area_px"] / mask.size)
+    if body["lesion_area_px"]:
+        x, y, w, h = body["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
+    assert images.decode_png_b64(body["overlay_png"]).shape == (112, 144, 3)
+
+
+def test_array_input_equals_file_input(service: Served) -> None:
+    gray = images.mammogram(1)
+    by_file = post_file(service, "/tumor", MG).json()
+    r = httpx.post(f"{service.http_url}/predict_array", timeout=60,
+                   json={"model": "tumor", "array": gray.tolist(), "dtype": "uint8"})
+    assert r.status_code == 200, r.text
+    assert r.json()["probabilities"] == pytest.approx(by_file["probabilities"], abs=1e-6)
+    as_float = httpx.post(f"{service.http_url}/predict_array", timeout=60,
+                          json={"model": "tumor", "array": (gray / 255.0).tolist(), "dtype": "float32"})
+    assert as_float.json()["probabilities"] == pytest.approx(by_file["probabilities"], abs=1e-4)
+
+
+def test_analyze_mammogram_runs_both_models_and_the_eight_category_view(service: Served,
+                                                                       reference: Any) -> None:
+    r = post_file(service, "/analyze", MG, modality="mammography")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    local = run_async(reference.analyze(ImageInput(data=MG), modality="mammography"))
+    assert body["modality"] == "mammography" and sorted(body["models"]) == ["density", "tumor"]
+    for name in ("density", "tumor"):
+        assert_same_answer(body["models"][name], local["models"][name])
+    view = body["eight_category"]
+    assert view["category"] == local["eight_category"]["category"]
+    assert sum(view["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_analyze_takes_the_modality_from_a_dicom_header(service: Served) -> None:
+    pixels = (images.ultrasound(3).astype(np.uint16) * 16)
+    r = post_file(service, "/analyze", images.dicom(pixels, modality="US"))
+    assert r.status_code == 200, r.text
+    assert r.json()["modality"] == "ultrasound" and list(r.json()["models"]) == ["lesion"]
+    # a PNG says nothing about its modality, and two are served
+    refused = post_file(service, "/analyze", MG)
+    assert refused.status_code == 400 and refused.json()["code"] == "unknown_modality"
+
+
+def test_roi_crops_before_the_model(service: Served, reference: Any) -> None:
+    r = post_file(service, "/tumor", MG, roi="10,20,80,100")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"], body["roi"]) == (80, 100, [10, 20, 80, 100])
+    cropped = images.png(images.mammogram(1)[20:120, 10:90])
+    plain = post_file(service, "/tumor", cropped).json()
+    assert body["probabilities"] == pytest.approx(plain["probabilities"], abs=1e-6)
+
+
+def test_preview_renders_a_dicom_for_the_browser(service: Served) -> None:
+    pixels = (images.mammogram(4).astype(np.uint16) * 16)
+    body = post_file(service, "/preview", images.dicom(pixels)).json()
+    assert (body["width"], body["height"], body["modality"]) == (128, 160, "mammography")
+    assert images.decode_png_b64(body["png"]).shape == (160, 128)
+
+
+def _rgba() -> bytes:
+    gray = images.mammogram(5)
+    return images.png(np.dstack([gray, gray, gray, np.full_like(gray, 255)]))
+
+
+ACCEPTED = {
+    "16-bit PNG": images.png(images.mammogram(6).astype(np.uint16) * 257),
+    "RGBA PNG": _rgba(),
+    "JPEG": images.jpeg(images.mammogram(7)),
+    "DICOM 12-bit": images.dicom(images.mammogram(8).astype(np.uint16) * 16),
+}
+
+
+@pytest.mark.parametrize("kind", list(ACCEPTED))
+def test_other_image_kinds_are_converted_not_refused(service: Served, kind: str) -> None:
+    r = post_file(service, "/tumor", ACCEPTED[kind])
+    assert r.status_code == 200, r.text
+    assert sum(r.json()["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+BAD_UPLOADS = {
+    "empty body": (b"", {}, 400, "empty"),
+    "not an image": (b"%PDF-1.4 not an image at all", {}, 400, "not_an_image"),
+    "truncated PNG": (MG[: len(MG) // 2], {}, 400, "truncated"),
+    "truncated JPEG": (images.jpeg(images.mammogram(2))[:900], {}, 400, "truncated"),
+    "1x1 image": (images.png(np.zeros((1, 1), np.uint8)), {}, 400, "too_small"),
+    "20000x20000 image": (images.png_claiming(20000, 20000), {}, 413, "too_large"),
+    "DICOM without pixel data": (images.dicom(None), {}, 400, "no_pixel_data"),
+    "bad roi": (MG, {"roi": "0,0,500,500"}, 400, "bad_roi"),
+    "roi not numbers": (MG, {"roi": "a,b,c,d"}, 400, "bad_roi"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_upload_is_a_4xx_naming_the_problem(service: Served, case: str) -> None:
+    data, fields, status, code = BAD_UPLOADS[case]
+    r = post_file(service, "/tumor", data, **fields)
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code and r.json()["error"]
+
+
+def _array_request(service: Served, payload: Any, content: bytes | None = None) -> httpx.Response:
+    if content is not None:
+        return httpx.post(f"{service.http_url}/predict_array", content=content, timeout=30,
+                          headers={"content-type": "application/json"})
+    return httpx.post(f"{service.http_url}/predict_array", json=payload, timeout=30)
+
+
+def test_bad_arrays_and_requests_are_4xx(service: Served) -> None:
+    ok = np.full((32, 32), 0.5).tolist()
+    cases = {
+        "wrong shape": ({"model": "tumor", "array": np.zeros((32, 32, 5)).tolist()}, "bad_shape"),
+        "ragged": ({"model": "tumor", "array": [[0.1, 0.2], [0.3]]}, "bad_shape"),
+        "bad dtype": ({"model": "tumor", "array": ok, "dtype": "complex64"}, "bad_dtype"),
+        "values beyond dtype": ({"model": "tumor", "array": np.full((32, 32), 300).tolist(),
+                                 "dtype": "uint8"}, "bad_dtype"),
+        "float out of range": ({"model": "tumor", "array": np.full((32, 32), 2.0).tolist()}, "out_of_range"),
+        "unknown model": ({"model": "nope", "array": ok}, "unknown_model"),
+    }
+    for name, (payload, code) in cases.items():
+        r = _array_request(service, payload)
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["code"] == code, name
+    nan = json.dumps({"model": "tumor", "array": [[math.nan] * 32] * 32}).encode()
+    r = _array_request(service, None, nan)
+    assert r.status_code == 400 and r.json()["code"] == "not_finite"
+    for content in (b"{not json", b'{"model": "tumor"}', b"[]"):  # BentoML's own validation
+        r = _array_request(service, None, content)
+        assert r.status_code == 400, r.text
+        assert "error" in r.json()
+    missing = httpx.post(f"{service.http_url}/tumor", data={"explain": "true"}, timeout=30)
+    assert missing.status_code == 400
+
+
+def test_oversize_request_is_413_before_it_is_read(service: Served) -> None:
+    big = b"\x00" * (33 * 2**20)
+    r = post_file(service, "/tumor", big)
+    assert r.status_code == 413 and r.json()["code"] == "too_large"
+
+
+def test_server_still_serves_after_every_mistake(service: Served, reference: Any) -> None:
+    for case in BAD_UPLOADS.values():
+        assert post_file(service, "/lesion", case[0], **case[1]).status_code < 500
+    assert httpx.get(f"{service.http_url}/readyz", timeout=10).status_code == 200
+    r = post_file(service, "/lesion", US)
+    assert_same_answer(r.json(), run_async(reference.predict("lesion", ImageInput(data=US))))
+    assert service.process.poll() is None
+    log = service.log_text()
+    # (BentoML logs a traceback for its own 400s on malformed JSON; no answer was a 5xx)
+    assert not re.search(r"status=5\d\d", log), log[-4000:]
+    assert "SECRET-1234" not in log and "Doe^Jane" not in log  # no DICOM patient data in logs
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_concurrent_requests_form_batches_larger_than_one(service: Served) -> None:
+    before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    payloads = [images.png(images.mammogram(s)) for s in range(8)]
+
+    def call(i: int) -> int:
+        return post_file(service, "/density", payloads[i % len(payloads)]).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(call, range(96)))
+    assert codes == [200] * 96
+    after = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    def grew(metric: str, **labels: str) -> float:
+        return _metric(after, metric, model="density", **labels) - _metric(before, metric, model="density",
+                                                                            **labels)
+
+    name = "breastscan_model_batch_size"
+    calls, images_run = grew(f"{name}_count"), grew(f"{name}_sum")
+    singles = grew(f"{name}_bucket", le="1.0")
+    assert images_run == 96
+    assert calls < 96 and singles < calls, (calls, singles)  # some model calls took several images
+    assert _metric(after, "breastscan_model_predictions_total", model="density") >= 96
+    assert _metric(after, "breastscan_requests_total", endpoint="density", outcome="ok") >= 96
+    assert "bentoml_service_adaptive_batch_size_bucket" in after
+
+
+def test_request_id_is_echoed_and_logged_without_content(service: Served) -> None:
+    r = post_file(service, "/tumor", MG, explain=False)
+    generated = r.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    r = httpx.post(f"{service.http_url}/tumor", files={"image": ("x.png", MG)}, timeout=30,
+                   headers={"X-Request-ID": "trace-abc.123"})
+    assert r.headers["x-request-id"] == "trace-abc.123"
+    lines = [line for line in service.log_text().splitlines() if "request_id=trace-abc.123" in line]
+    assert lines and "path=/tumor status=200" in lines[0]
+
+
+def test_openapi_documents_every_endpoint(service: Served) -> None:
+    spec = httpx.get(f"{service.http_url}/docs.json", timeout=10).json()
+    for path in ("/density", "/tumor", "/lesion", "/predict", "/predict_array", "/analyze", "/preview",
+                 "/models"):
+        assert path in spec["paths"], path
+
+
+def test_web_ui_page_is_served(service: Served) -> None:
+    r = httpx.get(f"{service.http_url}/ui/", timeout=10)
+    assert r.status_code == 200 and "<html" in r.text.lower()

@@ -66,10 +66,37 @@ def gpu_count() -> int:
         return 0
 
 
+def pinned_model_tags(bento_dir: Path) -> dict[str, str]:
+    """The model tags a built Bento recorded, by model name (``{}`` outside a Bento).
+
+    ``bentoml build`` records the exact version of every model the services declare; BentoML
+    1.4 does not apply them when it loads the Bento again (only for Hugging Face models), so
+    a Bento served after a newer import would take the newer ``latest``. Reading them from
+    the Bento's own ``bento.yaml`` keeps a Bento serving exactly what it was built with.
+    """
+    import yaml
+
+    info_file = bento_dir / "bento.yaml"
+    if not info_file.is_file():
+        return {}
+    info = yaml.safe_load(info_file.read_text()) or {}
+    tags = [str(m["tag"]) for svc in info.get("services") or [] for m in svc.get("models") or []]
+    return {tag.split(":", 1)[0]: tag for tag in tags}
+
+
+# In a Bento this file is <bento>/src/services/service.py.
+PINNED = pinned_model_tags(Path(__file__).resolve().parents[2])
+
+
+def model_tag(name: str) -> str:
+    """The BentoML tag served for model ``name``: the Bento's pinned one, else the newest."""
+    return PINNED.get(store_name(name), f"{store_name(name)}:latest")
+
+
 def _stored(name: str) -> Any:
-    ref = bentoml.models.BentoModel(store_name(name))
+    ref = bentoml.models.BentoModel(model_tag(name))
     if ref.stored is None:
-        raise RuntimeError(f"model {store_name(name)} is not in the BentoML store: run `breastscan build` "
+        raise RuntimeError(f"model {model_tag(name)} is not in the BentoML store: run `breastscan build` "
                            "(or `make serve`), which imports the registry's production versions")
     return ref.stored
 
@@ -140,7 +167,7 @@ def _model_api(name: str) -> Any:
 def _models_service() -> Any:
     namespace: dict[str, Any] = {"__module__": __name__, "__doc__": _ModelsImpl.__doc__}
     namespace.update({name: _model_api(name) for name in CONFIG.models})
-    namespace.update({f"{name}_model": bentoml.models.BentoModel(store_name(name)) for name in CONFIG.models})
+    namespace.update({f"{name}_model": bentoml.models.BentoModel(model_tag(name)) for name in CONFIG.models})
     inner = type("BreastScanModels", (_ModelsImpl,), namespace)
     options: dict[str, Any] = {
         "workers": CONFIG.models_workers, "threads": CONFIG.models_threads,

@@ -96,8 +96,7 @@ def start_service(root: Path, env: dict[str, str], *, http_port: int, grpc_port:
     else:
         stop_service(served)
         raise RuntimeError(f"service not ready in {START_TIMEOUT_S} s:\n{served.log_text()[-6000:]}")
-    if "grpc" in target.lower() or "BreastScan" in target:
-        _wait_grpc_serving(served, deadline)
+    _wait_grpc_serving(served, deadline)
     return served
 
 

@@ -1,0 +1,208 @@
+"""breastscan.serving: its config file, the HTTP request guard, and the engine's input handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from breastscan.inference import InputError
+from breastscan.serving.config import load_serving_config, parse_serving_config
+from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, parse_roi
+from breastscan.serving.http import RequestGuard
+from tests.services import images
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_the_committed_serving_config_parses() -> None:
+    cfg = load_serving_config(REPO / "services" / "serving.yaml")
+    assert cfg.models == ("density", "tumor", "lesion") and cfg.stage == "production"
+    assert cfg.batching.enabled and cfg.batching.max_batch_size >= 2
+    assert cfg.grpc_host == "127.0.0.1"
+
+
+def test_config_overrides_and_env() -> None:
+    raw = {"models": ["tumor"], "grpc": {"port": 1234},
+           "batching": {"max_batch_size": 8, "per_model": {"tumor": {"max_latency_ms": 50}}}}
+    cfg = parse_serving_config(raw, {"BREASTSCAN_GRPC_PORT": "4321", "BREASTSCAN_GRPC_HOST": "0.0.0.0"})
+    assert cfg.grpc_port == 4321 and cfg.grpc_host == "0.0.0.0"
+    tumor = cfg.batching_for("tumor")
+    assert (tumor.max_batch_size, tumor.max_latency_ms) == (8, 50)  # inherits the default size
+    assert cfg.batching_for("other").max_latency_ms == cfg.batching.max_latency_ms
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"modelz": []}, "unknown serving config keys: modelz"),
+    ({"batching": {"max_batch_size": 1}}, "at least 2"),
+    ({"batching": {"max_latency": 5}}, "unknown batching keys"),
+    ({"batching": {"max_latency_ms": 0}}, "positive"),
+])
+def test_config_mistakes_are_named(raw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_serving_config(raw)
+
+
+def test_config_file_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ValueError, match="mapping"):
+        load_serving_config(path)
+
+
+# --------------------------------------------------------------------------- request guard
+
+
+async def _echo(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+
+def _client(limit: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=RequestGuard(_echo, max_body_bytes=limit)),
+                             base_url="http://test")
+
+
+def test_guard_passes_small_bodies_and_sets_a_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with _client(100) as c:
+            return (await c.post("/x", content=b"a" * 100),
+                    await c.post("/x", content=b"a", headers={"X-Request-ID": "bad id with spaces"}))
+
+    with caplog.at_level(logging.INFO, logger="breastscan.serving.requests"):
+        ok, other = asyncio.run(go())
+    assert ok.status_code == 200 and ok.text == "100"
+    assert len(ok.headers["x-request-id"]) == 32
+    assert other.headers["x-request-id"] != "bad id with spaces"  # not echoed: not a sane id
+    assert any("path=/x status=200" in r.getMessage() and "bytes=100" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_guard_refuses_large_bodies_declared_or_streamed() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"x" * 40
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with _client(100) as c:
+            return await c.post("/x", content=b"a" * 101), await c.post("/x", content=chunks())
+
+    declared, streamed = asyncio.run(go())
+    for r in (declared, streamed):
+        assert r.status_code == 413
+        assert r.json()["code"] == "too_large" and "limit of 100 bytes" in r.json()["error"]
+    assert "content-length" not in streamed.request.headers  # the streamed one was counted
+
+
+# --------------------------------------------------------------------------- engine inputs
+
+
+def test_parse_roi_and_crop() -> None:
+    assert parse_roi("") is None and parse_roi(None) is None and parse_roi([]) is None
+    assert parse_roi(" 1, 2,3 ,4") == (1, 2, 3, 4) and parse_roi([5, 6, 7, 8]) == (5, 6, 7, 8)
+    for bad in ("1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,5,5"):
+        with pytest.raises(InputError) as info:
+            parse_roi(bad)
+        assert info.value.code == "bad_roi"
+    img = np.arange(20 * 30, dtype=np.float32).reshape(20, 30)
+    assert crop(img, (2, 3, 10, 5)).shape == (5, 10) and crop(img, (2, 3, 10, 5))[0, 0] == img[3, 2]
+    with pytest.raises(InputError, match="inside the 30x20 image"):
+        crop(img, (25, 0, 10, 5))
+
+
+def test_arrays_are_read_as_their_declared_dtype() -> None:
+    as_u8 = ImageInput.from_array([[0, 255]] * 2, "uint8").array
+    assert as_u8 is not None and as_u8.dtype == np.uint8
+    as_float = ImageInput.from_array([[0.0, 0.5]], "float32").array
+    assert as_float is not None and as_float.dtype == np.float32
+    for values, dtype, code in [([[0, 256]], "uint8", "bad_dtype"), ([[0.5, 1.0]], "uint16", "bad_dtype"),
+                                ([[1, 2]], "complex64", "bad_dtype"), ([[1, 2], [3]], None, "bad_shape"),
+                                ([["a", "b"]], "uint8", "bad_dtype")]:
+        with pytest.raises(InputError) as info:
+            ImageInput.from_array(values, dtype)
+        assert info.value.code == code, (values, dtype)
+
+
+def _engine(calls: list[tuple[str, tuple[int, ...]]]) -> Engine:
+    from breastscan.bundle import ModelContract
+    from breastscan.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(height=32, width=24)
+
+    def contract(name: str, modality: str, task: str) -> ModelContract:
+        names = ("A", "B", "C", "D") if name == "density" else ("benign", "malignant", "normal")
+        classes = names if task == "classification" else ()
+        return ModelContract(name=name, task=task, label="x", classes=classes,
+                             class_names=classes or ("lesion",),
+                             input_shape=(32, 24, 1), dataset="d", modality=modality, spec_id=spec.spec_id)
+
+    models = {n: ServedModel(n, spec, contract(n, mod, task), "3", "production")
+              for n, mod, task in [("density", "mammography", "classification"),
+                                   ("tumor", "mammography", "classification"),
+                                   ("lesion", "ultrasound", "segmentation")]}
+
+    async def infer(name: str, batch: np.ndarray) -> np.ndarray:
+        calls.append((name, batch.shape))
+        if name == "lesion":
+            return np.ones((len(batch), 32, 24, 1), np.float32)
+        k = len(models[name].contract.class_names)
+        return np.full((len(batch), k), 1.0 / k, np.float32)
+
+    async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        return np.ones(batch.shape[:3], np.float32)
+
+    return Engine(models, infer, explain, max_upload_bytes=1 << 20)
+
+
+def test_engine_refuses_before_calling_a_model() -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    engine = _engine(calls)
+    png = images.png(images.mammogram(1))
+    for call, code in [
+        (engine.predict("nope", ImageInput(data=png)), "unknown_model"),
+        (engine.predict("tumor", ImageInput(data=b"")), "empty"),
+        (engine.predict("tumor", ImageInput()), "empty"),
+        (engine.predict("tumor", ImageInput(data=b"x" * (2 << 20))), "too_large"),
+        (engine.predict("tumor", ImageInput(data=png, roi=(0, 0, 999, 10))), "bad_roi"),
+        (engine.analyze(ImageInput(data=png)), "unknown_modality"),
+        (engine.analyze(ImageInput(data=png), modality="xray"), "unknown_modality"),
+    ]:
+        with pytest.raises(InputError) as info:
+            asyncio.run(call)
+        assert info.value.code == code
+    assert calls == []
+
+
+def test_engine_answers_at_the_original_size_with_registry_facts() -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    engine = _engine(calls)
+    png = images.png(images.mammogram(1))
+    answer = asyncio.run(engine.predict("tumor", ImageInput(data=png, roi=(4, 8, 50, 60)), explain=True))
+    assert (answer["width"], answer["height"], answer["roi"]) == (50, 60, [4, 8, 50, 60])
+    assert (answer["version"], answer["stage"]) == ("3", "production")
+    assert images.decode_png_b64(answer["heatmap_png"]).shape == (60, 50)
+    both = asyncio.run(engine.analyze(ImageInput(data=png), modality="mammography"))
+    assert sorted(both["models"]) == ["density", "tumor"] and "eight_category" in both
+    dcm = images.dicom(images.ultrasound(1).astype(np.uint16), modality="US")
+    us = asyncio.run(engine.analyze(ImageInput(data=dcm)))
+    mask = images.decode_png_b64(us["models"]["lesion"]["mask_png"])
+    assert us["modality"] == "ultrasound" and mask.shape == (112, 144)
+    assert us["models"]["lesion"]["bbox"] is not None
+    assert ("lesion", (1, 32, 24, 1)) in calls and all(shape[0] == 1 for _, shape in calls)
+    described = engine.describe()
+    assert [m["name"] for m in described] == ["density", "lesion", "tumor"]

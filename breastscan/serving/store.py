@@ -47,8 +47,8 @@ def import_model(model: str, stage: str = "production") -> str:
         stage: registry alias to import.
 
     Returns:
-        The BentoML tag (``breastscan-<model>:<version>``); an earlier import of the same
-        registry version and stage is reused, so the stored model is the newest one.
+        The BentoML tag (``breastscan-<model>:<version>``); when the newest stored model is
+        already this registry version, stage and training run, it is reused.
 
     Raises:
         breastscan.registry.RegistryError: the registry has no such model or alias.
@@ -69,7 +69,9 @@ def import_model(model: str, stage: str = "production") -> str:
         stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time)
     except bentoml.exceptions.NotFound:
         stored = []
-    if stored and all(_labels(stored[-1]).get(k) == v for k, v in labels.items()):
+    # The same version number in another tracking store is another model: the run decides.
+    if (stored and all(_labels(stored[-1]).get(k) == v for k, v in labels.items())
+            and stored[-1].info.metadata.get("run_id") == (mv.run_id or "")):
         log.info("%s v%s (%s) is already the newest in the BentoML store as %s",
                  name, mv.version, stage, stored[-1].tag)
         return str(stored[-1].tag)

@@ -1,0 +1,34 @@
+"""``breastscan import-models``: the registry's production versions into the BentoML store, once."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.services.conftest import BIN, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+
+def _import(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "breastscan"), "import-models", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_again_reuses_the_stored_models(served_project: tuple[Path, dict[str, str]]) -> None:
+    _, env = served_project
+    again = _import(env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    tags = dict(line.split(": ", 1) for line in again.stdout.splitlines())
+    assert sorted(tags) == ["density", "lesion", "tumor"]
+    assert again.stderr.count("is already the newest in the BentoML store") == 3
+
+
+def test_a_missing_stage_is_a_clear_error(served_project: tuple[Path, dict[str, str]]) -> None:
+    _, env = served_project
+    missing = _import(env, "tumor", "--stage", "champion")  # no such alias: nothing imported
+    assert missing.returncode == 1
+    assert "no version of breastscan-tumor at stage 'champion'" in missing.stderr
+    assert "make demo" in missing.stderr

@@ -54,6 +54,9 @@ class Served:
 def service_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of every process of the served project under ``root``."""
     env = dict(os.environ)
+    # MLflow 3 exports set_tracking_uri / set_registry_uri into the environment: a value an
+    # earlier test left there must not point these processes at another store.
+    env.pop("MLFLOW_REGISTRY_URI", None)
     env.update({
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
         "BENTOML_HOME": str(root / "bentoml"),
@@ -152,6 +155,7 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
     root, env = served_project
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    mp.setenv("MLFLOW_REGISTRY_URI", env["MLFLOW_TRACKING_URI"])
     try:
         import mlflow
 
@@ -159,6 +163,7 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
         from breastscan.serving.engine import local_engine
 
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
         names = ("density", "tumor", "lesion")
         bundles = {n: load_bundle(f"breastscan-{n}", "production") for n in names}
         engine = local_engine(bundles, versions={n: "1" for n in names},
@@ -166,6 +171,7 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
         yield engine
     finally:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         mp.undo()
 
 

@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data lint clean help mlflow-ui serve bento proto
+.PHONY: demo test install data lint clean help mlflow-ui serve bento proto load bench-serving
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,15 @@ serve: $(STAMP)  ## serve the production models: HTTP + web UI on 127.0.0.1:3000
 
 bento: $(STAMP)  ## import the production models and build the Bento (then: bentoml containerize breastscan:latest)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/breastscan build
+
+load: $(STAMP)  ## Locust, headless, 60 s against a running `make serve`; CSV + HTML in reports/load/
+	@mkdir -p reports/load
+	$(BIN)/locust -f load_tests/locustfile.py --headless -u 16 -r 4 -t 60s \
+	  --host http://127.0.0.1:3000 --grpc-target 127.0.0.1:50051 \
+	  --csv reports/load/load --html reports/load/report.html
+
+bench-serving: $(STAMP)  ## serving benchmark (in-process limit, HTTP/gRPC, batching on/off) -> reports/serving_benchmark.json
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python load_tests/bench_serving.py
 
 proto: $(STAMP)  ## regenerate the gRPC Python code from breastscan/serving/proto/**/*.proto
 	$(BIN)/python -m breastscan.serving.proto.generate

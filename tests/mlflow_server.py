@@ -18,8 +18,6 @@ is quoted in the error when the server does not come up. On exit the whole proce
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,14 +27,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from breastscan.processes import free_port, stop_process_group
+
 __all__ = ["free_port", "mlflow_server", "wait_healthy"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_healthy(uri: str, proc: subprocess.Popen[bytes], timeout: float, log_file: Path) -> None:
@@ -63,20 +56,7 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group we created: the server and its workers only
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=grace)
+    stop_process_group(proc, grace)
 
 
 @contextmanager

@@ -34,6 +34,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from breastscan.inference import INPUT_ERROR_CODES
+from breastscan.serving.engine import Overloaded
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
 
@@ -43,6 +44,8 @@ ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryvie
 ERROR_CODE_KEY = "error-code"
 """Trailing-metadata key of a gRPC error's input-error code (as the server sets it)."""
 
+SERVICE_CODES = frozenset(INPUT_ERROR_CODES) | {Overloaded.code}
+"""Error codes the service itself sets: the input-error codes and ``overloaded`` (shed by batching)."""
 _HTTP_FALLBACK_CODES = {413: "too_large", 503: "unavailable", 504: "deadline_exceeded"}
 _GRPC_FALLBACK_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "bad_request",
                         grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large"}
@@ -58,7 +61,8 @@ class ServiceError(Exception):
             without a known code (e.g. BentoML's own request validation); ``too_large``
             for a request over the size limit; otherwise the gRPC status name in lower
             case or its HTTP equivalent (``internal``, ``unavailable``,
-            ``deadline_exceeded`` ...).
+            ``deadline_exceeded`` ...); ``overloaded`` when adaptive batching shed the
+            request (HTTP 503 / gRPC ``UNAVAILABLE``: retry after a moment).
         message: what the service (or the transport) said.
         status: the HTTP status code (``int``) or the ``grpc.StatusCode``; ``None`` when
             no answer came (connection failed, timed out) or the client refused to send.
@@ -347,7 +351,7 @@ def http_error(response: httpx.Response) -> ServiceError:
             if isinstance(body.get(key), str) and body[key]:
                 message = body[key]
                 break
-        if isinstance(body.get("code"), str) and body["code"] in INPUT_ERROR_CODES:
+        if isinstance(body.get("code"), str) and body["code"] in SERVICE_CODES:
             code = body["code"]
     if not message:
         message = response.text.strip()[:500] or response.reason_phrase or f"HTTP {status}"
@@ -493,7 +497,7 @@ def grpc_error(exc: grpc.RpcError) -> ServiceError:
     code = None
     for key, value in trailers or ():
         text = value.decode() if isinstance(value, bytes) else str(value)
-        if key == ERROR_CODE_KEY and text in INPUT_ERROR_CODES:
+        if key == ERROR_CODE_KEY and text in SERVICE_CODES:
             code = text
     if code is None:
         code = _GRPC_FALLBACK_CODES.get(status, status.name.lower())

@@ -49,6 +49,26 @@ InferFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 ExplainFn = Callable[[str, np.ndarray, list[int]], Awaitable[np.ndarray]]
 """``(model name, (n, H, W, 1) batch, class index per image) -> (n, H, W)`` Grad-CAM maps."""
 
+OVERLOADED_MESSAGE = "the model service is at capacity: retry shortly"
+"""What a client is told when adaptive batching sheds its request (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class Overloaded(Exception):
+    """The model service refused a call because it could not meet its latency bound.
+
+    BentoML's adaptive batching sheds requests whose wait would exceed ``max_latency_ms``
+    rather than let the queue grow without end; that is a temporary condition a client may
+    retry, not a server fault, so both front ends answer it as such (HTTP 503 with
+    ``Retry-After``, gRPC ``UNAVAILABLE``) with the code ``overloaded``.
+    """
+
+    code = "overloaded"
+
+    def __init__(self, message: str = OVERLOADED_MESSAGE) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 ARRAY_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 """dtype names an array input may declare (JSON and gRPC carry no dtype of their own)."""
 

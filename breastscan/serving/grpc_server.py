@@ -16,6 +16,9 @@ Statuses (the API's contract, see ``proto/breastscan/v1/breastscan.proto``):
   entry ``error-code`` (:data:`ERROR_CODE_KEY`);
 * a request larger than ``max_message_bytes`` is refused by gRPC itself
   (``RESOURCE_EXHAUSTED``) before it reaches a handler;
+* the model service shedding the call (adaptive batching could not meet its latency bound,
+  :class:`breastscan.serving.engine.Overloaded`): ``UNAVAILABLE``, code ``overloaded`` --
+  a retryable condition, not a fault;
 * no answer within the time limit: ``DEADLINE_EXCEEDED`` (the engine's work is cancelled);
   so is a time-out inside the engine (its call to the model service);
 * anything else is logged here with its traceback and answered ``INTERNAL`` with a
@@ -45,7 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from breastscan.inference import InputError
-from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, parse_roi
+from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, Overloaded, parse_roi
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
 
@@ -296,6 +299,9 @@ class BreastScanServicer(pb_grpc.BreastScanServicer):
         except InputError as exc:
             log.info("gRPC %s refused (%s): %s", method, exc.code, exc.message)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, code=exc.code)
+        except Overloaded as exc:
+            log.warning("gRPC %s shed: the model service is at capacity", method)
+            _abort(context, grpc.StatusCode.UNAVAILABLE, exc.message, code=exc.code)
         except _Deadline as exc:
             log.warning("gRPC %s: %s", method, exc)
             _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))

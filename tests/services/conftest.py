@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
+from breastscan.processes import free_port, stop_process_group
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -119,13 +112,7 @@ def _wait_grpc_serving(served: Served, deadline: float) -> None:
 
 def stop_service(served: Served) -> None:
     """SIGTERM the server's process group, then SIGKILL what is left after 20 s."""
-    if served.process.poll() is None:
-        os.killpg(served.process.pid, signal.SIGTERM)
-        try:
-            served.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(served.process.pid, signal.SIGKILL)
-            served.process.wait(10)
+    stop_process_group(served.process, 20)
 
 
 @pytest.fixture(scope="session")

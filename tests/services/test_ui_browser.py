@@ -41,9 +41,13 @@ CLASSIFIERS = ("density", "tumor")
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium (Debian's: Playwright's own browsers cannot be downloaded here)."""
+    """Headless Chromium (Debian's: Playwright's own browsers cannot be downloaded here).
+
+    Module-scoped on purpose: Playwright's sync API keeps an event loop marked as running on
+    the main thread while it is open, which would break ``asyncio.run`` in later test modules.
+    """
     if not CHROMIUM.exists():
         reason = f"{CHROMIUM} is missing: the UI tests need Debian's chromium (apt-get install chromium)"
         if os.environ.get("CI"):

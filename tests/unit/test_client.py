@@ -141,6 +141,8 @@ def test_predict_array_refuses_what_json_cannot_carry() -> None:
         (413, "Request Entity Too Large", "too_large", "Request Entity Too Large"),
         (500, "Internal Server Error", "internal", "Internal Server Error"),
         (503, "", "unavailable", "Service Unavailable"),
+        (503, {"error": "the model service is at capacity: retry shortly", "code": "overloaded"},
+         "overloaded", "the model service is at capacity: retry shortly"),
         (504, {"error": "timeout"}, "deadline_exceeded", "timeout"),
     ],
 )

@@ -27,7 +27,14 @@ from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.preprocessing import PreprocessSpec
 from breastscan.serving.client import GRPCClient, ServiceError, analysis_to_dict, prediction_to_dict
-from breastscan.serving.engine import Engine, ImageInput, ServedModel, local_engine
+from breastscan.serving.engine import (
+    OVERLOADED_MESSAGE,
+    Engine,
+    ImageInput,
+    Overloaded,
+    ServedModel,
+    local_engine,
+)
 from breastscan.serving.grpc_server import (
     INTERNAL_MESSAGE,
     SERVICE_NAME,
@@ -381,7 +388,8 @@ def test_server_answers_after_and_among_bad_requests(client: GRPCClient, engine:
 
 @pytest.fixture(scope="module")
 def failing_server(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[GrpcServerHandle, threading.Event]]:
-    """A server whose model ``boom`` raises, ``late`` times out and ``slow`` never answers (1 s limit)."""
+    """A server whose model ``boom`` raises, ``late`` times out, ``busy`` is shed by batching and
+    ``slow`` never answers (1 s limit)."""
     cancelled = threading.Event()
 
     async def infer(name: str, batch: np.ndarray) -> np.ndarray:
@@ -389,6 +397,8 @@ def failing_server(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[GrpcServer
             raise RuntimeError("secret-patient-name")
         if name == "late":
             raise TimeoutError("the model service did not answer")
+        if name == "busy":
+            raise Overloaded()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -402,12 +412,24 @@ def failing_server(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[GrpcServer
     contract = ModelContract(name="boom", task="classification", label="pathology", classes=("a", "b"),
                              class_names=("a", "b"), input_shape=(32, 32, 1), dataset="mammography",
                              modality="mammography", spec_id=SPEC.spec_id)
-    models = {name: ServedModel(name=name, spec=SPEC, contract=contract) for name in ("boom", "late", "slow")}
+    models = {name: ServedModel(name=name, spec=SPEC, contract=contract)
+              for name in ("boom", "late", "busy", "slow")}
     engine = Engine(models, infer, explain, max_upload_bytes=MAX_MESSAGE)
     handle = start_grpc_server(engine, loop, host="127.0.0.1", port=0, max_workers=2,
                                max_message_bytes=MAX_MESSAGE, timeout_s=1.0)
     yield handle, cancelled
     handle.stop(None)
+
+
+def test_a_shed_request_is_unavailable_and_retryable(
+        failing_server: tuple[GrpcServerHandle, threading.Event]) -> None:
+    handle, _ = failing_server
+    with GRPCClient(f"127.0.0.1:{handle.port}") as c:
+        with pytest.raises(ServiceError) as info:
+            c.predict("busy", _GOOD)
+        assert (info.value.code, info.value.status) == ("overloaded", grpc.StatusCode.UNAVAILABLE)
+        assert info.value.message == OVERLOADED_MESSAGE
+        assert c.health() == "SERVING"
 
 
 def test_internal_errors_are_logged_not_leaked(failing_server: tuple[GrpcServerHandle, threading.Event],

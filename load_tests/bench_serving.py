@@ -1,0 +1,1050 @@
+"""Serving benchmark: what the model service delivers against what the model alone can do.
+
+One run measures, on this machine, and writes ``reports/serving_benchmark.json`` and a
+markdown table (printed, and written to ``reports/serving_benchmark.md``):
+
+1. **In-process limit** -- ``ModelBundle.predict`` (the direct model call the model service
+   makes) of every served model, loaded from the BentoML store the server uses, at batch
+   sizes 1-64: images/s, the median of repeats; the best batch size is the ceiling.
+2. **Served throughput and latency** -- ``bentoml serve services.service:BreastScan`` with
+   the serving config as it is (adaptive batching on), then again with a copy that sets
+   ``batching.enabled: false``. For each: closed-loop load over HTTP (``POST /<endpoint>``,
+   multipart PNG) and over gRPC (``Predict``), one image per request, at each concurrency
+   (1, 8, 32, 64), a warm-up first, then a fixed time: requests/s (median of sub-windows),
+   p50/p95/p99 latency, errors, mean model batch size (from the service's ``/metrics``)
+   and the CPU used by each server process and by the load generator. With batching on,
+   an open-loop (Poisson) run at half the saturation throughput gives the p99 a clinic
+   would see on a busy but not overloaded day.
+3. **Cold start and memory** -- process start to ``/readyz`` 200 and to gRPC ``SERVING``;
+   resident memory (RSS) of ``bentoml serve`` and of each worker process of each service,
+   idle after start and after the load.
+4. **Ratios and targets** -- served / in-process, gRPC / HTTP and batching on / off at
+   concurrency 32, and whether the targets are met (served/in-process >= 0.9, batching
+   gain >= 4x, gRPC >= HTTP, p99 at half saturation <= 2 x single-request p50 +
+   ``max_latency_ms``).
+
+The load generator (asyncio: ``aiohttp`` for HTTP, ``grpc.aio`` for gRPC) runs in this
+process, the server in its own processes, the in-process measurement in a child process
+of its own (TensorFlow never loads here). All of them share this machine's cores: on a
+2-core machine the load generator takes CPU from the server, which the JSON records (CPU
+per process) and the table notes say.
+
+Run (``make bench-serving``)::
+
+    .venv/bin/python load_tests/bench_serving.py            # full run, ~10 min on 2 cores
+    .venv/bin/python load_tests/bench_serving.py --quick    # ~3 min smoke run
+
+By default the models are the project's production models: ``breastscan import-models``
+copies them from the MLflow registry (``mlflow.db``, trained and promoted by ``make
+demo``) into the BentoML store (``$BENTOML_HOME``, default ``~/bentoml``), as ``make
+serve`` does. ``--tracking-uri`` / ``--bentoml-home`` point at another registry and store
+(e.g. the tiny models of the service tests); ``--no-import`` serves what the store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import yaml
+
+from breastscan.processes import free_port, stop_process_group
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+log = logging.getLogger("breastscan.bench")
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+MODEL_MODALITY = {"density": "mammography", "tumor": "mammography", "lesion": "ultrasound"}
+START_TIMEOUT_S = 300.0
+REF_CONCURRENCY = 32
+"""The concurrency the ratios and targets are read at."""
+SHARED_CORES_NOTE = ("load generator, server (front and model workers) and the in-process measurement "
+                     "share this machine's {cores} CPU cores: the load generator's own CPU (column "
+                     "'loadgen CPU') is taken from the server, so served numbers are a lower bound of "
+                     "what the server does on cores of its own")
+
+
+# =========================================================================== settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures and how long.
+
+    Attributes:
+        quick: the short smoke run.
+        endpoint: the model served endpoint under load (``/<endpoint>``, ``Predict(model=...)``).
+        concurrency: closed-loop concurrencies.
+        warmup_s: warm-up of every load point (not measured).
+        duration_s: measured time of every load point.
+        windows: sub-windows a point's throughput is split into (median reported).
+        inprocess_repeats: timed repeats per batch size in process.
+        inprocess_min_s: least time of one in-process repeat.
+        half_saturation: run the open-loop point at half the saturation throughput.
+    """
+
+    quick: bool
+    endpoint: str = "tumor"
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)
+    warmup_s: float = 3.0
+    duration_s: float = 15.0
+    windows: int = 5
+    inprocess_repeats: int = 5
+    inprocess_min_s: float = 0.5
+    half_saturation: bool = True
+
+    @classmethod
+    def make(cls, quick: bool, endpoint: str, concurrency: tuple[int, ...] | None,
+             duration_s: float | None) -> Settings:
+        """The full or quick settings, with the command line's overrides."""
+        base = (cls(quick=True, endpoint=endpoint, concurrency=(1, 8, 32), warmup_s=1.0, duration_s=3.0,
+                    windows=3, inprocess_repeats=3, inprocess_min_s=0.1)
+                if quick else cls(quick=False, endpoint=endpoint))
+        if concurrency:
+            base = dataclasses.replace(base, concurrency=tuple(sorted(set(concurrency))))
+        if duration_s:
+            base = dataclasses.replace(base, duration_s=float(duration_s))
+        return base
+
+
+# =========================================================================== facts
+
+
+def git_facts() -> dict[str, Any]:
+    """The commit of the checkout and whether it has uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU count and model, memory, load average and the Python in use (GPU: see in_process)."""
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model, "memory_gb": mem_gb, "platform": platform.platform(),
+        "python": platform.python_version(), "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+# =========================================================================== payloads
+
+
+def phantom_pngs(modality: str, n: int = 8, seed: int = 11) -> list[bytes]:
+    """PNG bytes of ``n`` phantom images of ``modality`` (fixed seed)."""
+    import cv2
+
+    from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
+
+    rng = np.random.default_rng(seed)
+    pathologies = ("benign", "malignant", "normal")
+    out = []
+    for i in range(n):
+        if modality == "mammography":
+            image = mammography_phantom(rng, density=1 + i % 4, pathology=pathologies[i % 3])[0]
+        else:
+            image = ultrasound_phantom(rng, pathology=pathologies[i % 3])[0]
+        ok, buf = cv2.imencode(".png", image)
+        if not ok:
+            raise RuntimeError("PNG encoding failed")
+        out.append(buf.tobytes())
+    return out
+
+
+# =========================================================================== in process
+
+
+def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
+    """``ModelBundle.predict`` throughput of each stored model at each batch size (this process).
+
+    Loads each model from the BentoML store (``$BENTOML_HOME``) exactly as the model
+    service does (``breastscan-<name>:latest``), warms each batch size up (tracing), then
+    times ``repeats`` runs of at least ``min_s`` each.
+    """
+    import bentoml
+    import tensorflow as tf
+
+    from breastscan.bundle import ModelBundle
+    from breastscan.serving.store import LABEL_STAGE, LABEL_VERSION, store_name
+
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    out: dict[str, Any] = {"tensorflow": tf.__version__, "gpus": gpus,
+                           "tf_threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                                          "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+                           "models": {}}
+    rng = np.random.default_rng(0)
+    for name in models:
+        stored = bentoml.models.get(f"{store_name(name)}:latest")
+        bundle = ModelBundle.load(stored.path)
+        shape = tuple(bundle.contract.input_shape)
+        labels = dict(stored.info.labels or {})
+        by_size: dict[str, Any] = {}
+        for bs in BATCH_SIZES:
+            batch = rng.random((bs, *shape), dtype=np.float32)
+            for _ in range(3):
+                bundle.predict(batch)
+            t0 = time.perf_counter()
+            bundle.predict(batch)
+            one_call = max(time.perf_counter() - t0, 1e-5)
+            calls = max(2, int(np.ceil(settings.inprocess_min_s / one_call)))
+            rates, call_ms = [], []
+            for _ in range(settings.inprocess_repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    bundle.predict(batch)
+                elapsed = time.perf_counter() - t0
+                rates.append(calls * bs / elapsed)
+                call_ms.append(1000 * elapsed / calls)
+            by_size[str(bs)] = {"images_per_s_median": round(statistics.median(rates), 1),
+                                "images_per_s_repeats": [round(r, 1) for r in rates],
+                                "call_ms_median": round(statistics.median(call_ms), 3),
+                                "calls_per_repeat": calls}
+            log.info("in process: %s batch %d: %.0f images/s (%.2f ms/call)", name, bs,
+                     statistics.median(rates), statistics.median(call_ms))
+        best = max(by_size, key=lambda k: by_size[k]["images_per_s_median"])
+        if name == settings.endpoint:
+            out["request_path"] = request_path(name, bundle, settings)
+        out["models"][name] = {
+            "tag": str(stored.tag), "registry_version": labels.get(LABEL_VERSION),
+            "stage": labels.get(LABEL_STAGE), "input_shape": list(shape), "by_batch_size": by_size,
+            "best": {"batch_size": int(best), "images_per_s_median": by_size[best]["images_per_s_median"]},
+        }
+    return out
+
+
+def request_path(name: str, bundle: Any, settings: Settings, n: int = 200) -> dict[str, Any]:
+    """Median milliseconds of each step the service takes for one image of model ``name``, in process.
+
+    ``decode`` (upload bytes to gray), ``prepare`` (preprocessing to the model batch),
+    ``model`` (``bundle.predict`` of a batch of 1) and ``finish`` (answer at the image's
+    size, its dict and JSON): the front worker's own work per request is decode + prepare +
+    finish; what it spends beyond that is the serving framework (HTTP/gRPC, the call to the
+    model service, metrics, logging).
+    """
+    from breastscan.inference import decode_upload, finish_predictions, prepare_inputs
+
+    images = phantom_pngs(MODEL_MODALITY.get(name, "mammography"))
+    steps: dict[str, list[float]] = {"decode": [], "prepare": [], "model": [], "finish": []}
+    n = n if not settings.quick else n // 4
+    for i in range(n + 10):
+        t0 = time.perf_counter()
+        gray = decode_upload(images[i % len(images)], max_bytes=2**25)
+        t1 = time.perf_counter()
+        prepared = prepare_inputs(bundle.spec, bundle.contract, [gray])
+        t2 = time.perf_counter()
+        probs = bundle.predict(prepared.batch)
+        t3 = time.perf_counter()
+        answer = finish_predictions(bundle.contract, bundle.spec.spec_id, prepared, probs)[0].to_dict()
+        json.dumps(answer)
+        t4 = time.perf_counter()
+        if i >= 10:  # warm-up
+            for key, a, b in (("decode", t0, t1), ("prepare", t1, t2), ("model", t2, t3), ("finish", t3, t4)):
+                steps[key].append(1000 * (b - a))
+    ms = {key: round(statistics.median(v), 3) for key, v in steps.items()}
+    front = ms["decode"] + ms["prepare"] + ms["finish"]
+    log.info("in process: %s request path %s ms (front work %.2f ms)", name, ms, front)
+    return {"model": name, "median_ms": ms, "front_work_ms": round(front, 3),
+            "one_at_a_time_rps": round(1000 / (front + ms["model"]), 1), "images": n}
+
+
+def inprocess_in_child(models: Sequence[str], settings: Settings, env: dict[str, str],
+                       workdir: Path) -> dict[str, Any]:
+    """Run :func:`run_inprocess` in a child process (TensorFlow stays out of this one)."""
+    out = workdir / "inprocess.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker", str(out),
+           "--endpoint", settings.endpoint, "--models", ",".join(models)]
+    if settings.quick:
+        cmd.append("--quick")
+    log.info("in-process measurement (child process): %s", ", ".join(models))
+    done = subprocess.run(cmd, cwd=REPO, env=env, timeout=1800)
+    if done.returncode or not out.is_file():
+        raise click.ClickException(f"in-process measurement failed (exit {done.returncode})")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+# =========================================================================== processes
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+    except ImportError:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+    except Exception:  # noqa: BLE001 -- the process is gone
+        return None
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except ImportError:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        return None
+    except Exception:  # noqa: BLE001 -- the process is gone
+        return None
+
+
+def _children(pid: int) -> list[tuple[int, list[str]]]:
+    """``(pid, argv)`` of every descendant of ``pid``."""
+    try:
+        import psutil
+
+        return [(p.pid, p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
+    except ImportError:
+        out, todo = [], [pid]
+        while todo:
+            parent = todo.pop()
+            for task in Path(f"/proc/{parent}/task").glob("*"):
+                try:
+                    kids = [int(k) for k in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                for kid in kids:
+                    try:
+                        argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")
+                    except OSError:
+                        continue
+                    out.append((kid, [a for a in argv if a]))
+                    todo.append(kid)
+        return out
+    except Exception:  # noqa: BLE001 -- the process is gone
+        return []
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores of the machine have been busy (``/proc/stat``; ``None`` elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
+
+
+@dataclass
+class Server:
+    """A running ``bentoml serve`` and its worker processes."""
+
+    process: subprocess.Popen[bytes]
+    http_url: str
+    grpc_target: str
+    log_path: Path
+    workers: dict[str, int] = field(default_factory=dict)
+    """``{"<service>#<worker id>": pid}`` (e.g. ``breastscan#1``, ``breastscan-models#1``)."""
+
+    def find_workers(self) -> None:
+        """Name the worker processes by their ``--service-name`` and ``--worker-id``."""
+        self.workers = {}
+        for pid, argv in _children(self.process.pid):
+            service = _arg(argv, "--service-name")
+            if service:
+                self.workers[f"{service}#{_arg(argv, '--worker-id') or '?'}"] = pid
+
+    def pids(self) -> dict[str, int]:
+        """Every process of the server, ``bentoml serve`` itself as ``arbiter``."""
+        return {"arbiter": self.process.pid, **self.workers}
+
+    def rss_mb(self) -> dict[str, float | None]:
+        """Resident memory of each process, MiB (and their ``total``)."""
+        out = {name: _rss_mb(pid) for name, pid in self.pids().items()}
+        out["total"] = round(sum(v for v in out.values() if v), 1)
+        return out
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU time (user + system) each process has used so far."""
+        return {name: _cpu_seconds(pid) for name, pid in self.pids().items()}
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL what is left after 30 s."""
+        stop_process_group(self.process, 30)
+
+
+def start_server(env: dict[str, str], config: Path, logdir: Path,
+                 label: str) -> tuple[Server, dict[str, Any]]:
+    """Start the service with ``config`` and wait for /readyz 200 and gRPC SERVING.
+
+    Returns:
+        the server and its cold start: seconds from process start to /readyz 200
+        (``ready_s``) and to gRPC ``SERVING`` (``grpc_serving_s``).
+    """
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    http_port, grpc_port = free_port(), free_port()
+    env = {**env, "BREASTSCAN_SERVING_CONFIG": str(config), "BREASTSCAN_GRPC_PORT": str(grpc_port)}
+    log_path = logdir / f"serve-{label}.log"
+    handle = log_path.open("wb")
+    t0 = time.perf_counter()
+    process = subprocess.Popen(
+        [str(BIN / "bentoml"), "serve", "services.service:BreastScan", "--host", "127.0.0.1",
+         "--port", str(http_port)],
+        cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    handle.close()
+    server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path)
+    ready_s = grpc_s = None
+    channel = grpc.insecure_channel(server.grpc_target)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        while time.perf_counter() - t0 < START_TIMEOUT_S:
+            if process.poll() is not None:
+                raise click.ClickException(f"bentoml serve exited {process.returncode}; log: {log_path}")
+            if ready_s is None:
+                try:
+                    if httpx.get(f"{server.http_url}/readyz", timeout=1).status_code == 200:
+                        ready_s = time.perf_counter() - t0
+                except httpx.HTTPError:
+                    pass
+            if grpc_s is None:
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        grpc_s = time.perf_counter() - t0
+                except grpc.RpcError:
+                    pass
+            if ready_s is not None and grpc_s is not None:
+                break
+            time.sleep(0.1)
+        else:
+            server.stop()
+            raise click.ClickException(f"service not ready in {START_TIMEOUT_S:g} s; log: {log_path}")
+    except BaseException:
+        server.stop()
+        raise
+    finally:
+        channel.close()
+    server.find_workers()
+    cold = {"ready_s": round(ready_s, 2), "grpc_serving_s": round(grpc_s, 2)}
+    log.info("%s: ready in %.1f s (gRPC SERVING %.1f s), workers %s", label, ready_s, grpc_s,
+             ", ".join(server.workers))
+    return server, cold
+
+
+# =========================================================================== load
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@dataclass
+class Record:
+    """One request: when it was sent (or scheduled), when it ended, and how."""
+
+    start: float
+    end: float
+    error: str | None
+
+
+Send = Callable[[int], Awaitable[str | None]]
+"""Sends request number ``i``; the error's name, or ``None`` when it succeeded."""
+
+
+def summarize(records: list[Record], t_from: float, t_to: float, windows: int) -> dict[str, Any]:
+    """Throughput, latency percentiles and errors of the requests that ended in ``[t_from, t_to]``."""
+    done = [r for r in records if t_from <= r.end <= t_to]
+    ok = [r for r in done if r.error is None]
+    span = t_to - t_from
+    edges = [float(e) for e in np.linspace(t_from, t_to, windows + 1)]
+    per_window = [sum(1 for r in ok if lo <= r.end < hi) / ((hi - lo) or 1.0)
+                  for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    lat = np.array([1000 * (r.end - r.start) for r in ok]) if ok else np.array([np.nan])
+    errors: dict[str, int] = {}
+    for r in done:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return {
+        "throughput_rps": round(statistics.median(per_window), 2),
+        "throughput_rps_windows": [round(w, 2) for w in per_window],
+        "throughput_rps_overall": round(len(ok) / span, 2),
+        "requests_ok": len(ok), "errors": sum(errors.values()), "error_kinds": errors,
+        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
+                       "p95": round(float(np.percentile(lat, 95)), 2),
+                       "p99": round(float(np.percentile(lat, 99)), 2),
+                       "mean": round(float(np.mean(lat)), 2), "max": round(float(np.max(lat)), 2)},
+    }
+
+
+class LoadGenerator:
+    """Closed- and open-loop load of one endpoint over HTTP and gRPC, from this process."""
+
+    def __init__(self, server: Server, endpoint: str, settings: Settings) -> None:
+        self.server = server
+        self.endpoint = endpoint
+        self.settings = settings
+        from urllib3.filepost import encode_multipart_formdata
+
+        self.images = phantom_pngs(MODEL_MODALITY.get(endpoint, "mammography"))
+        self.bodies = [encode_multipart_formdata({"image": ("image.png", img, "image/png")})
+                       for img in self.images]
+
+    # ------------------------------------------------------------------ senders
+    def _http_sender(self, session: Any) -> Send:
+        import aiohttp
+
+        url = f"{self.server.http_url}/{self.endpoint}"
+
+        async def send(i: int) -> str | None:
+            body, content_type = self.bodies[i % len(self.bodies)]
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": content_type}) as r:
+                    await r.read()
+                    return None if r.status == 200 else f"HTTP {r.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                return type(exc).__name__
+
+        return send
+
+    def _grpc_sender(self, stub: Any) -> Send:
+        import grpc
+
+        from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
+
+        requests = [pb.PredictRequest(model=self.endpoint, image=pb.Image(file=img)) for img in self.images]
+
+        async def send(i: int) -> str | None:
+            try:
+                await stub.Predict(requests[i % len(requests)], timeout=120)
+                return None
+            except grpc.aio.AioRpcError as exc:
+                return f"gRPC {exc.code().name}"
+
+        return send
+
+    async def _with_sender(self, protocol: str, concurrency: int,
+                           body: Callable[[Send], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        if protocol == "http":
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=max(concurrency, 1), force_close=False)
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                return await body(self._http_sender(session))
+        import grpc
+
+        from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(self.server.grpc_target) as channel:
+            return await body(self._grpc_sender(pb_grpc.BreastScanStub(channel)))
+
+    # ------------------------------------------------------------------ measurement
+    async def _observe(self, t_from: float, t_to: float, snapshots: dict[str, Any]) -> None:
+        """Server /metrics and CPU times of every process at ``t_from`` and ``t_to``."""
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            for key, when in (("from", t_from), ("to", t_to)):
+                await asyncio.sleep(max(0.0, when - time.perf_counter()))
+                snapshots[key] = {"t": time.perf_counter(), "cpu": self.server.cpu_seconds(),
+                                  "loadgen_cpu": time.process_time(), "machine": machine_busy_seconds()}
+                try:
+                    async with session.get(f"{self.server.http_url}/metrics") as r:
+                        snapshots[key]["metrics"] = await r.text()
+                except aiohttp.ClientError:
+                    snapshots[key]["metrics"] = ""
+
+    def _observed(self, snapshots: dict[str, Any]) -> dict[str, Any]:
+        a, b = snapshots["from"], snapshots["to"]
+        span = b["t"] - a["t"]
+        cpu = {name: round(100 * (b["cpu"][name] - a["cpu"][name]) / span, 1)
+               for name in a["cpu"] if a["cpu"][name] is not None and b["cpu"].get(name) is not None}
+        cpu["loadgen"] = round(100 * (b["loadgen_cpu"] - a["loadgen_cpu"]) / span, 1)
+        if a["machine"] is not None and b["machine"] is not None:
+            cpu["machine"] = round(100 * (b["machine"] - a["machine"]) / span, 1)
+            cpu["other"] = round(max(0.0, cpu["machine"] - sum(v for k, v in cpu.items()
+                                                               if k not in ("machine", "other"))), 1)
+        name = "breastscan_model_batch_size"
+        calls = (_metric(b["metrics"], f"{name}_count", model=self.endpoint)
+                 - _metric(a["metrics"], f"{name}_count", model=self.endpoint))
+        images = (_metric(b["metrics"], f"{name}_sum", model=self.endpoint)
+                  - _metric(a["metrics"], f"{name}_sum", model=self.endpoint))
+        return {"cpu_percent": cpu, "model_calls": int(calls),
+                "mean_batch_size": round(images / calls, 2) if calls else None}
+
+    async def closed_loop(self, protocol: str, concurrency: int) -> dict[str, Any]:
+        """``concurrency`` clients each sending the next request when the last is answered."""
+        s = self.settings
+
+        async def body(send: Send) -> dict[str, Any]:
+            records: list[Record] = []
+            counter = iter(range(10**12))
+            t0 = time.perf_counter()
+            t_from, t_to = t0 + s.warmup_s, t0 + s.warmup_s + s.duration_s
+            snapshots: dict[str, Any] = {}
+
+            async def client() -> None:
+                while (start := time.perf_counter()) < t_to:
+                    error = await send(next(counter))
+                    records.append(Record(start, time.perf_counter(), error))
+
+            await asyncio.gather(self._observe(t_from, t_to, snapshots),
+                                 *(client() for _ in range(concurrency)))
+            return self._per_request({"protocol": protocol, "mode": "closed", "concurrency": concurrency,
+                                      **summarize(records, t_from, t_to, s.windows),
+                                      **self._observed(snapshots)})
+
+        return await self._with_sender(protocol, concurrency, body)
+
+    @staticmethod
+    def _per_request(point: dict[str, Any]) -> dict[str, Any]:
+        """Add the CPU milliseconds each process spent per answered request."""
+        rps = point["throughput_rps_overall"]
+        point["cpu_ms_per_request"] = {k: round(10 * v / rps, 2) if rps else None
+                                       for k, v in point["cpu_percent"].items()
+                                       if k not in ("machine", "other")}
+        return point
+
+    async def open_loop(self, protocol: str, rate: float, max_in_flight: int = 256) -> dict[str, Any]:
+        """Poisson arrivals at ``rate``/s; latency from each request's scheduled time."""
+        s = self.settings
+
+        async def body(send: Send) -> dict[str, Any]:
+            records: list[Record] = []
+            rng = random.Random(5)
+            t0 = time.perf_counter()
+            t_from, t_to = t0 + s.warmup_s, t0 + s.warmup_s + s.duration_s
+            snapshots: dict[str, Any] = {}
+            tasks: set[asyncio.Task[None]] = set()
+            dropped = 0
+
+            async def one(i: int, scheduled: float) -> None:
+                error = await send(i)
+                records.append(Record(scheduled, time.perf_counter(), error))
+
+            async def arrivals() -> None:
+                nonlocal dropped
+                scheduled, i = t0, 0
+                while scheduled < t_to:
+                    await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                    if len(tasks) >= max_in_flight:
+                        dropped += 1
+                    else:
+                        task = asyncio.create_task(one(i, scheduled))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    i += 1
+                    scheduled += rng.expovariate(rate)
+                while tasks:
+                    await asyncio.gather(*list(tasks))
+
+            await asyncio.gather(self._observe(t_from, t_to, snapshots), arrivals())
+            return self._per_request({"protocol": protocol, "mode": "open", "rate_rps": round(rate, 2),
+                                      "not_sent_over_in_flight_cap": dropped,
+                                      **summarize(records, t_from, t_to, s.windows),
+                                      **self._observed(snapshots)})
+
+        return await self._with_sender(protocol, max_in_flight, body)
+
+
+def measure_server(server: Server, settings: Settings, *, half_saturation: bool) -> dict[str, Any]:
+    """Every closed-loop point over HTTP and gRPC (and the open-loop point at half saturation)."""
+    gen = LoadGenerator(server, settings.endpoint, settings)
+    out: dict[str, Any] = {"http": [], "grpc": []}
+    for protocol in ("http", "grpc"):
+        asyncio.run(_warm(gen, protocol))
+    # Concurrency ascending, both protocols at each: BentoML's adaptive batching learns from
+    # the traffic it saw (after heavy load it waits longer for a batch, so a single request
+    # then takes longer), so each protocol's point must follow the same history.
+    for c in settings.concurrency:
+        for protocol in ("http", "grpc"):
+            point = asyncio.run(gen.closed_loop(protocol, c))
+            out[protocol].append(point)
+            log.info("%s c=%d: %.1f req/s, p50 %.1f ms, p99 %.1f ms, batch %s, errors %d, CPU %s",
+                     protocol, c, point["throughput_rps"], point["latency_ms"]["p50"],
+                     point["latency_ms"]["p99"], point["mean_batch_size"], point["errors"],
+                     point["cpu_percent"])
+    if half_saturation:
+        out["open_loop_half_saturation"] = {}
+        for protocol in ("http", "grpc"):
+            saturation = max(p["throughput_rps"] for p in out[protocol])
+            point = asyncio.run(gen.open_loop(protocol, saturation / 2))
+            point["saturation_rps"] = saturation
+            out["open_loop_half_saturation"][protocol] = point
+            log.info("%s open loop at %.1f req/s: p50 %.1f ms, p99 %.1f ms, errors %d", protocol,
+                     point["rate_rps"], point["latency_ms"]["p50"], point["latency_ms"]["p99"],
+                     point["errors"])
+    return out
+
+
+async def _warm(gen: LoadGenerator, protocol: str) -> None:
+    """A few requests at low concurrency before the first timed point (connections, caches)."""
+    async def body(send: Send) -> dict[str, Any]:
+        for i in range(8):
+            error = await send(i)
+            if error is not None:
+                raise click.ClickException(f"{protocol} warm-up request failed: {error}")
+        await asyncio.gather(*(send(i) for i in range(16)))
+        return {}
+
+    await gen._with_sender(protocol, 16, body)
+
+
+# =========================================================================== ratios and targets
+
+
+def _point(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((p for p in points if p["concurrency"] == concurrency), None)
+
+
+def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: float) -> tuple[dict, dict]:
+    """The ratios at concurrency 32 and each target's value, threshold and verdict."""
+    inproc = result["in_process"]["models"][endpoint]
+    best = inproc["best"]["images_per_s_median"]
+    max_batch = str(result["config"]["batching_on"]["batching"]["max_batch_size"])
+    at_max_batch = inproc["by_batch_size"].get(max_batch, {}).get("images_per_s_median")
+    on, off = result["served"]["batching_on"], result["served"]["batching_off"]
+    c = REF_CONCURRENCY
+    ratios: dict[str, Any] = {"concurrency": c}
+    targets: dict[str, Any] = {}
+
+    def rps(block: dict[str, Any], protocol: str) -> float | None:
+        p = _point(block.get(protocol, []), c)
+        return p["throughput_rps"] if p else None
+
+    for protocol in ("http", "grpc"):
+        served = rps(on, protocol)
+        if served is None:
+            continue
+        ratios[f"served_over_inprocess_best_{protocol}"] = round(served / best, 3)
+        if at_max_batch:
+            ratios[f"served_over_inprocess_at_max_batch_{protocol}"] = round(served / at_max_batch, 3)
+        targets[f"served_over_inprocess_{protocol}"] = {
+            "value": round(served / best, 3), "target": ">= 0.9", "met": served / best >= 0.9}
+        off_rps = rps(off, protocol)
+        if off_rps:
+            gain = served / off_rps
+            ratios[f"batching_on_over_off_{protocol}"] = round(gain, 2)
+            targets[f"batching_gain_{protocol}"] = {"value": round(gain, 2), "target": ">= 4",
+                                                    "met": gain >= 4}
+    http_rps, grpc_rps = rps(on, "http"), rps(on, "grpc")
+    if http_rps and grpc_rps:
+        ratios["grpc_over_http"] = round(grpc_rps / http_rps, 3)
+        targets["grpc_at_least_http"] = {"value": round(grpc_rps / http_rps, 3), "target": ">= 1",
+                                         "met": grpc_rps >= http_rps}
+    for protocol, point in (on.get("open_loop_half_saturation") or {}).items():
+        single = _point(on[protocol], 1)
+        if single is None:
+            continue
+        bound = 2 * single["latency_ms"]["p50"] + max_latency_ms
+        p99 = point["latency_ms"]["p99"]
+        single_p50 = single["latency_ms"]["p50"]
+        targets[f"p99_at_half_saturation_{protocol}"] = {
+            "value": p99, "target": f"<= 2 x {single_p50} + {max_latency_ms:g} = {bound:.1f} ms",
+            "met": bool(p99 <= bound) and point["errors"] == 0}
+    return ratios, targets
+
+
+# =========================================================================== report
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The human-readable report of a result."""
+    m, s = result["machine"], result["settings"]
+    endpoint = s["endpoint"]
+    models = ", ".join(f"{k} {v['tag']} (registry v{v['registry_version']})"
+                       for k, v in result["models"].items())
+    lines = [
+        "# Serving benchmark", "",
+        f"{result['started_at']} -- commit `{(result['git']['commit'] or '?')[:12]}`"
+        f"{' (dirty)' if result['git']['dirty'] else ''} -- {'quick' if s['quick'] else 'full'} run -- "
+        f"{m['cpus_usable']} CPU cores ({m['cpu_model']}), GPU: {', '.join(m['gpus']) or 'none'} -- "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}", "",
+        f"Models: {models}; "
+        f"served endpoint under load: `{endpoint}`, one image per request. Medians throughout "
+        f"(throughput: median of {s['windows']} sub-windows of {s['duration_s']:g} s; in process: "
+        f"median of {s['inprocess_repeats']} repeats).", "",
+        "## In process (`ModelBundle.predict`), images/s", "",
+        "| model | " + " | ".join(f"bs {b}" for b in BATCH_SIZES) + " | best |",
+        "|---|" + "---|" * (len(BATCH_SIZES) + 1),
+    ]
+    for name, info in result["in_process"]["models"].items():
+        cells = [f"{info['by_batch_size'][str(b)]['images_per_s_median']:.0f}" for b in BATCH_SIZES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {info['best']['images_per_s_median']:.0f} "
+                     f"(bs {info['best']['batch_size']}) |")
+    path = result["in_process"].get("request_path")
+    if path:
+        lines += ["", f"In process, one `{endpoint}` request's steps (median ms): "
+                  + ", ".join(f"{k} {v}" for k, v in path["median_ms"].items())
+                  + f" -- the front's own work (decode + prepare + finish) {path['front_work_ms']} ms, "
+                  f"one request at a time {path['one_at_a_time_rps']} req/s."]
+    lines += ["", f"## Served `/{endpoint}` (closed loop)", "",
+              "| batching | protocol | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | errors "
+              "| CPU % front / models / loadgen / other / machine | CPU ms/request front / models |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, block in result["served"].items():
+        for protocol in ("http", "grpc"):
+            for p in block.get(protocol, []):
+                lines.append(_served_row(label, protocol, str(p["concurrency"]), p))
+    lines += ["", "## Open loop at half saturation (batching on)", "",
+              "| protocol | rate req/s | req/s done | p50 ms | p95 ms | p99 ms | mean batch | errors "
+              "| CPU % front / models / loadgen / other / machine | CPU ms/request front / models |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for protocol, p in (result["served"]["batching_on"].get("open_loop_half_saturation") or {}).items():
+        lines.append(f"| {protocol} | {p['rate_rps']:.1f} | {p['throughput_rps_overall']:.1f} | "
+                     f"{_latencies(p)} | {_tail(p)}")
+    lines += ["", "## Cold start and memory", "",
+              "| batching | /readyz 200 s | gRPC SERVING s | RSS MiB idle (after load) |",
+              "|---|---|---|---|"]
+    for label, block in result["served"].items():
+        rss = ", ".join(f"{k} {v} ({block['rss_mb_after_load'].get(k)})"
+                        for k, v in block["rss_mb_idle"].items())
+        cold = block["cold_start"]
+        lines.append(f"| {label} | {cold['ready_s']} | {cold['grpc_serving_s']} | {rss} |")
+    lines += ["", f"## Ratios (concurrency {REF_CONCURRENCY}) and targets", ""]
+    lines += [f"- {k}: {v}" for k, v in result["ratios"].items() if k != "concurrency"]
+    lines += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
+    for name, t in result["targets"].items():
+        lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu(p: dict[str, Any]) -> str:
+    cpu = p["cpu_percent"]
+    front = sum(v for k, v in cpu.items() if k.startswith("breastscan#"))
+    models = sum(v for k, v in cpu.items() if k.startswith("breastscan-models#"))
+    nan = float("nan")
+    return (f"{front:.0f} / {models:.0f} / {cpu.get('loadgen', 0):.0f} / {cpu.get('other', nan):.0f} "
+            f"/ {cpu.get('machine', nan):.0f}")
+
+
+def _cpu_per_request(p: dict[str, Any]) -> str:
+    per = p.get("cpu_ms_per_request") or {}
+    front = sum(v or 0 for k, v in per.items() if k.startswith("breastscan#"))
+    models = sum(v or 0 for k, v in per.items() if k.startswith("breastscan-models#"))
+    return f"{front:.1f} / {models:.1f}"
+
+
+def _served_row(label: str, protocol: str, c: str, p: dict[str, Any]) -> str:
+    return (f"| {label.removeprefix('batching_')} | {protocol} | {c} | {p['throughput_rps']:.1f} | "
+            f"{_latencies(p)} | {_tail(p)}")
+
+
+def _tail(p: dict[str, Any]) -> str:
+    return f"{p['mean_batch_size']} | {p['errors']} | {_cpu(p)} | {_cpu_per_request(p)} |"
+
+
+def _latencies(p: dict[str, Any]) -> str:
+    lat = p["latency_ms"]
+    return f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f}"
+
+
+# =========================================================================== main
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _config_dict(path: Path) -> dict[str, Any]:
+    from breastscan.serving.config import load_serving_config
+
+    cfg = dataclasses.asdict(load_serving_config(path))
+    cfg["file"] = str(path)
+    return cfg
+
+
+def _batching_off_copy(config: Path, workdir: Path) -> Path:
+    raw = yaml.safe_load(config.read_text()) or {}
+    batching = dict(raw.get("batching") or {})
+    batching["enabled"] = False
+    batching["per_model"] = {name: {**dict(v or {}), "enabled": False}
+                             for name, v in (batching.get("per_model") or {}).items()}
+    raw["batching"] = batching
+    out = workdir / "serving-batching-off.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _env(bentoml_home: Path, tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"BENTOML_HOME": str(bentoml_home), "MLFLOW_TRACKING_URI": tracking_uri,
+                "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+    return env
+
+
+def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("comma-separated integers, e.g. 1,8,32,64") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="short smoke run (~3 min): concurrency 1,8,32, 3 s points")
+@click.option("--bentoml-home", type=click.Path(path_type=Path),
+              default=lambda: os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml"),
+              show_default="$BENTOML_HOME or ~/bentoml", help="the BentoML store the server loads from")
+@click.option("--tracking-uri", default=lambda: os.environ.get("MLFLOW_TRACKING_URI")
+              or f"sqlite:///{REPO / 'mlflow.db'}",
+              show_default="$MLFLOW_TRACKING_URI or the project's mlflow.db",
+              help="the MLflow registry `breastscan import-models` copies the production models from")
+@click.option("--import/--no-import", "do_import", default=True, show_default=True,
+              help="run `breastscan import-models` first (the registry's production models)")
+@click.option("--serving-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=REPO / "services" / "serving.yaml", show_default=True,
+              help="serving config of the batching-on server (the batching-off one is a copy of it)")
+@click.option("--endpoint", default="tumor", show_default=True, help="model endpoint under load")
+@click.option("--concurrency", callback=_csv_ints, default=None, help="e.g. 1,8,32,64 [default: 1,8,32,64]")
+@click.option("--duration", type=float, default=None, help="measured seconds per load point [15; quick 3]")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
+              default=REPO / "reports" / "serving_benchmark.json", show_default=True)
+@click.option("--markdown-output", type=click.Path(path_type=Path, dir_okay=False),
+              default=REPO / "reports" / "serving_benchmark.md", show_default=True)
+@click.option("--models", default=None, hidden=True)
+@click.option("--inprocess-worker", type=click.Path(path_type=Path), default=None, hidden=True)
+def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, serving_config: Path,
+         endpoint: str, concurrency: tuple[int, ...] | None, duration: float | None, output: Path,
+         markdown_output: Path, models: str | None, inprocess_worker: Path | None) -> None:
+    """Benchmark the model service: in-process limit, served HTTP/gRPC with and without batching."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.make(quick, endpoint, concurrency, duration)
+    if inprocess_worker is not None:  # the child process of inprocess_in_child
+        names = (models or endpoint).split(",")
+        inprocess_worker.write_text(json.dumps(run_inprocess(names, settings), indent=2))
+        return
+    started = dt.datetime.now(dt.timezone.utc)
+    t_start = time.perf_counter()
+    bentoml_home = bentoml_home.expanduser().resolve()
+    serving_config = serving_config.resolve()
+    env = _env(bentoml_home, tracking_uri)
+    cfg_on = _config_dict(serving_config)
+    if endpoint not in cfg_on["models"]:
+        raise click.BadParameter(f"{endpoint!r} is not served (models: {', '.join(cfg_on['models'])})")
+    workdir = Path(tempfile.mkdtemp(prefix="breastscan-bench-"))
+    log.info("work directory (server logs): %s", workdir)
+    if do_import:
+        cmd = [str(BIN / "breastscan"), "import-models", "--serving-config", str(serving_config)]
+        log.info("importing the production models: %s", " ".join(cmd))
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        if done.returncode:
+            raise click.ClickException(f"import-models failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        log.info("imported: %s", done.stdout.strip().replace("\n", "; "))
+    off_config = _batching_off_copy(serving_config, workdir)
+    result: dict[str, Any] = {
+        "benchmark": "breastscan serving", "started_at": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git": git_facts(),
+        "machine": machine_facts(), "settings": dataclasses.asdict(settings),
+        "stores": {"bentoml_home": str(bentoml_home), "tracking_uri": tracking_uri},
+        "config": {"batching_on": cfg_on, "batching_off": _config_dict(off_config)},
+    }
+    result["in_process"] = inprocess_in_child(cfg_on["models"], settings, env, workdir)
+    result["machine"]["gpus"] = result["in_process"]["gpus"]
+    result["models"] = {name: {k: v for k, v in info.items() if k in ("tag", "registry_version", "stage",
+                                                                      "input_shape")}
+                        for name, info in result["in_process"]["models"].items()}
+    result["served"] = {}
+    for label, config in (("batching_on", serving_config), ("batching_off", off_config)):
+        server, cold = start_server(env, config, workdir, label)
+        try:
+            block: dict[str, Any] = {"cold_start": cold, "rss_mb_idle": server.rss_mb()}
+            block.update(measure_server(server, settings,
+                                        half_saturation=settings.half_saturation and label == "batching_on"))
+            block["rss_mb_after_load"] = server.rss_mb()
+        finally:
+            server.stop()
+        result["served"][label] = block
+    max_latency = float(cfg_on["batching"]["max_latency_ms"])
+    result["ratios"], result["targets"] = ratios_and_targets(result, endpoint, max_latency)
+    cores = result["machine"]["cpus_usable"]
+    result["notes"] = [
+        SHARED_CORES_NOTE.format(cores=cores),
+        "CPU % is per process over the measured window (100 % = one core fully busy); 'front' is the "
+        "BreastScan worker (HTTP + gRPC, decoding, preprocessing), 'models' the BreastScanModels worker, "
+        f"'machine' all cores together (at most {cores * 100} %), 'other' what processes outside the "
+        "benchmark used meanwhile",
+        "p99 at half saturation: open-loop Poisson arrivals at half the best closed-loop throughput, "
+        f"latency from the scheduled send time; bound 2 x p50 at concurrency 1 + max_latency_ms "
+        f"({max_latency:g})",
+        "points run in order of concurrency, HTTP then gRPC at each: adaptive batching adapts to the "
+        "traffic it has seen (after heavy load a lone request waits longer for a batch), so both protocols "
+        "see the same history; c=1 is measured first, on a fresh dispatcher",
+        "served/in-process compares served requests/s (one image each) with the best in-process images/s "
+        "of the same model at any batch size (served_over_inprocess_at_max_batch: at max_batch_size)",
+        f"machine load average at start {result['machine']['load_average_at_start']}, at end "
+        f"{list(os.getloadavg())}: other work on the machine adds noise",
+    ]
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["duration_s"] = round(time.perf_counter() - t_start, 1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    table = markdown(result)
+    markdown_output.parent.mkdir(parents=True, exist_ok=True)
+    markdown_output.write_text(table)
+    click.echo(table)
+    log.info("wrote %s and %s in %.0f s", output, markdown_output, result["duration_s"])
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,7 @@ Locust monkey-patches the interpreter (gevent) when it starts: run this file onl
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -81,8 +82,9 @@ def _png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+@functools.cache
 def make_payloads(n: int = N_IMAGES, seed: int = 20240) -> dict[str, list[bytes]]:
-    """PNG bytes of ``n`` mammography and ``n`` ultrasound phantoms, by modality."""
+    """PNG bytes of ``n`` mammography and ``n`` ultrasound phantoms, by modality (drawn once)."""
     rng = np.random.default_rng(seed)
     pathologies = ("benign", "malignant", "normal")
     mammograms = [_png(mammography_phantom(rng, density=1 + i % 4, pathology=pathologies[i % 3],
@@ -91,13 +93,18 @@ def make_payloads(n: int = N_IMAGES, seed: int = 20240) -> dict[str, list[bytes]
     return {"mammography": mammograms, "ultrasound": ultrasounds}
 
 
-PAYLOADS = make_payloads()
+@events.test_start.add_listener
+def draw_payloads(**_: Any) -> None:
+    """Draw the phantoms before the first user starts, not in its first request."""
+    make_payloads()
+
+
 MODALITY = {"density": "mammography", "tumor": "mammography", "lesion": "ultrasound"}
 """The modality of the images each model endpoint is sent."""
 
 
 def _image(modality: str) -> bytes:
-    return random.choice(PAYLOADS[modality])
+    return random.choice(make_payloads()[modality])
 
 
 def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:

@@ -235,3 +235,21 @@ def test_plot_history_renders(tmp_path: Path) -> None:
                   "accuracy": [0.4, 0.6, 0.7], "val_accuracy": [0.3, 0.5, 0.5]}).to_csv(csv, index=False)
     png = plot_history(csv, tmp_path / "png" / "curves.png")
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
+
+
+def test_bootstrap_kappa_equals_scikit_learn_on_resamples() -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    from breastscan.evaluation import _classification_metric
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 60)
+    probs = rng.dirichlet(np.ones(4), 60)
+    probs[np.arange(60), y] += rng.uniform(0, 1, 60)  # agreement better than chance, not perfect
+    kappa = _classification_metric("quadratic_kappa", y, probs)
+    for _ in range(20):
+        idx = rng.integers(0, 60, 60)
+        expected = cohen_kappa_score(y[idx], probs[idx].argmax(1), weights="quadratic", labels=[0, 1, 2, 3])
+        assert kappa(idx) == pytest.approx(expected, abs=1e-12)
+    agreeing = int(np.flatnonzero(probs.argmax(1) == y)[0])
+    assert np.isnan(kappa(np.full(5, agreeing)))  # one class, predicted alike: undefined

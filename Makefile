@@ -23,12 +23,12 @@ export PYTHONUNBUFFERED := 1
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+# --compile-bytecode: every pipeline stage, test server and service worker is a new
+# process importing TensorFlow; without .pyc files (or with PYTHONDONTWRITEBYTECODE set)
+# that import alone costs ~20 s instead of ~7 s on 2 cores.
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	# --compile-bytecode: every pipeline stage, test server and service worker is a new
-	# process importing TensorFlow; without .pyc files (or with PYTHONDONTWRITEBYTECODE set)
-	# that import alone costs ~20 s instead of ~7 s on 2 cores.
 	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c requirements.lock -e ".[dev]"
 	@touch $@
 

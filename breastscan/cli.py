@@ -1,7 +1,8 @@
 """The ``breastscan`` command: data generation, ingestion and validation from the shell.
 
 Pipeline stages live in ``pipelines/`` and run under ``dvc repro``; this command is for
-work around the pipeline (making demo data, converting a public dataset, checking a folder).
+work around the pipeline (making demo data, converting a public dataset, checking a folder,
+promoting a model, scoring a registered model on an external dataset).
 """
 
 from __future__ import annotations
@@ -255,6 +256,74 @@ def models(as_json: bool) -> None:
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for t in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+
+
+@main.command("evaluate")
+@click.option("--model", "model_ref", required=True, metavar="NAME[@STAGE|/VERSION]",
+              help="registered model: tumor, breastscan-tumor, tumor@staging, tumor/3 "
+                   "[default stage: production]")
+@click.option("--dataset", "dataset_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="dataset folder holding manifest.csv (the manifest contract)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/external"), show_default=True,
+              help="reports go to OUT/<dataset>/<model>.json and .md")
+@click.option("--name", "dataset_name", default=None,
+              help="dataset name in the report path and MLflow [default: the folder's name]")
+@click.option("--headline", default=None,
+              help="metric to headline [default: the version's headline tag]")
+@click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="bootstrap resamples of the 95% intervals (0: none)")
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap seed")
+@click.option("--mlflow/--no-mlflow", "log_mlflow", default=True, show_default=True,
+              help="log a run external:<dataset> in the model's experiment")
+def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name: str | None,
+                     headline: str | None, n_boot: int, seed: int, log_mlflow: bool) -> None:
+    """Score a registered model on an external dataset (a folder with manifest.csv).
+
+    Rows the model cannot score (other modality, no or unknown label, no mask, missing or
+    corrupt files) are counted by reason in the report; exits 1 when no row is usable.
+    The calibration stored with the model is used as is (nothing is refitted).
+    """
+    from breastscan import external, registry, tracking
+
+    try:
+        external.parse_model_ref(model_ref)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    tracking.configure(Path.cwd())
+    try:
+        result = external.evaluate_external(
+            model_ref, dataset_dir, out, project_root=Path.cwd(), dataset_name=dataset_name,
+            headline=headline, n_boot=n_boot, seed=seed, log_to_mlflow=log_mlflow,
+        )
+    except external.NoUsableRows as exc:
+        raise click.ClickException(str(exc)) from None
+    except registry.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    r = result.report
+    counts = r["counts"]
+    stage = f"@{r['stage']}" if r["stage"] else "(pinned)"
+    click.echo(f"{r['registered_model']} v{r['version']} {stage} on {r['dataset']['name']}: "
+               f"{counts['used']} of {counts['rows']} rows scored")
+    for reason, info in counts["skipped_by_reason"].items():
+        example = info["examples"][0]["image"] if info["examples"] else ""
+        click.echo(f"  skipped {info['count']:>5}  {reason} ({info['meaning']}; e.g. {example})")
+
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    for name, v in r["metrics"].items():
+        mark = "*" if name == r["headline"] else " "
+        click.echo(f" {mark}{name:<18} {num(v['value'])}  95% CI {num(v['ci_low'])}-{num(v['ci_high'])}")
+    if "calibration" in r:
+        cal = r["calibration"]
+        click.echo(f"  calibration: T = {num(cal['temperature'])} (stored), ECE {num(cal['ece'])}")
+    click.echo(f"report: {result.paths['json']} and {result.paths['markdown'].name}")
+    if result.run_id:
+        click.echo(f"MLflow run {result.run_id} ({r['mlflow']['run_name']}) in {r['mlflow']['experiment']}")
 
 
 def _serving_models(serving_config: Path, names: tuple[str, ...]) -> tuple[list[str], str]:

@@ -76,8 +76,8 @@ class Evaluation:
             ``dice_hist``) -> row dicts with the columns of :data:`PLOT_COLUMNS`.
         predictions: one row per test image.
         class_names: the model's class names in index order.
-        temperature: the calibration temperature fitted on validation (classification), else
-            ``None``.
+        temperature: the calibration temperature of a classifier (fitted on validation, or
+            the bundle's stored one when there is no validation split), else ``None``.
     """
 
     task: str
@@ -238,7 +238,7 @@ def _calibration_rows(probs: np.ndarray, y: np.ndarray, stage: str) -> list[dict
 
 def evaluate_classifier(
     bundle: ModelBundle,
-    val: SplitData,
+    val: SplitData | None,
     test: SplitData,
     *,
     headline: str,
@@ -253,8 +253,11 @@ def evaluate_classifier(
     ECE is reported before (``T = 1``) and after scaling.
 
     Args:
-        bundle: the trained classifier (its own temperature is ignored: refitted here).
-        val: validation split (temperature fit).
+        bundle: the trained classifier (its own temperature is ignored: refitted here,
+            unless ``val`` is ``None``).
+        val: validation split (temperature fit); ``None`` keeps the temperature stored in
+            the bundle's contract (external data, which has no validation split), and
+            ``n_val`` is then 0.
         test: test split (every metric).
         headline: the metric with a bootstrap CI, one of :data:`CLASSIFICATION_HEADLINES`.
         quadratic_kappa: also report quadratic-weighted kappa (ordinal labels, e.g. density).
@@ -285,7 +288,11 @@ def evaluate_classifier(
     names = tuple(contract.class_names)
     y = np.asarray(test.targets).astype(np.int64)
 
-    if len(val):
+    if val is None:
+        temperature = float(contract.temperature)
+        log.info("model %s: no validation split, keeping the stored temperature %.3f", contract.name,
+                 temperature)
+    elif len(val):
         temperature = M.fit_temperature(batched_logits(bundle, val.images), np.asarray(val.targets))
     else:
         log.warning("model %s: empty validation split, temperature left at 1.0", contract.name)
@@ -322,7 +329,7 @@ def evaluate_classifier(
             for name, stats in report["per_class"].items()
         },
         "n_test": int(len(y)),
-        "n_val": int(len(val)),
+        "n_val": int(len(val)) if val is not None else 0,
     })
 
     pred = probs.argmax(axis=1)
@@ -347,6 +354,24 @@ def evaluate_classifier(
 
 
 # --------------------------------------------------------------------------- segmentation
+
+
+def _segmentation_metric(
+    name: str, dice: np.ndarray, iou: np.ndarray, lesion: np.ndarray
+) -> Callable[[np.ndarray], float]:
+    """``metric(idx)`` of one segmentation headline on a resample ``idx`` (ValueError when undefined)."""
+    if name not in SEGMENTATION_HEADLINES:
+        raise ValueError(f"unknown segmentation headline {name!r}; choose one of {SEGMENTATION_HEADLINES}")
+    values = dice if name.endswith("dice") else iou
+
+    def scores(idx: np.ndarray) -> float:
+        if name.startswith("lesion_"):
+            idx = idx[lesion[idx]]
+            if len(idx) == 0:
+                raise ValueError("no lesion image in the resample")
+        return float(np.mean(values[idx]))
+
+    return scores
 
 
 def evaluate_segmenter(
@@ -392,15 +417,8 @@ def evaluate_segmenter(
     n = len(dice)
     lesion = truth.reshape(n, -1).max(axis=1) > 0.5
 
-    def scores(idx: np.ndarray) -> float:
-        values = dice if headline.endswith("dice") else iou
-        if headline.startswith("lesion_"):
-            idx = idx[lesion[idx]]
-            if len(idx) == 0:
-                raise ValueError("no lesion image in the resample")
-        return float(np.mean(values[idx]))
-
-    head = _headline_ci(headline, scores, n, test.groups, n_boot, seed)
+    head = _headline_ci(headline, _segmentation_metric(headline, dice, iou, lesion), n, test.groups,
+                        n_boot, seed)
     metrics = {
         "mean_dice": report["mean_dice"],
         "mean_iou": report["mean_iou"],
@@ -430,6 +448,69 @@ def evaluate_segmenter(
              report["mean_dice"], report["mean_iou"], n, report["n_lesion_images"])
     return Evaluation(task="segmentation", metrics=_clean(metrics), plots=plots, predictions=predictions,
                       class_names=tuple(contract.class_names))
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def metric_intervals(
+    evaluation: Evaluation,
+    groups: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float | None]]:
+    """Every bootstrappable metric of an evaluation with its grouped 95 % bootstrap interval.
+
+    Recomputed from ``evaluation.predictions`` with the same metric functions and the same
+    resampling as the headline of :func:`evaluate_classifier` / :func:`evaluate_segmenter`,
+    so for the headline metric the interval equals ``headline_ci_low``/``headline_ci_high``
+    (same ``groups``, ``n_boot`` and ``seed``).
+
+    Args:
+        evaluation: the result of :func:`evaluate_classifier` or :func:`evaluate_segmenter`.
+        groups: ``(n,)`` group ids of the evaluated images (patients; whole groups are
+            resampled), in the order of ``evaluation.predictions``.
+        n_boot: bootstrap resamples (0 = values only, no intervals).
+        seed: bootstrap seed.
+
+    Returns:
+        Metric name -> ``{"value", "ci_low", "ci_high"}`` (``None`` where undefined):
+        classifiers ``accuracy``, ``balanced_accuracy``, ``macro_auc``, ``log_loss``, plus
+        ``quadratic_kappa`` when the evaluation reports it and ``auc`` for two classes;
+        segmenters every name of :data:`SEGMENTATION_HEADLINES`.
+
+    Raises:
+        ValueError: ``groups`` does not have one entry per prediction.
+    """
+    pred = evaluation.predictions
+    n = len(pred)
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {g.shape}")
+    fns: dict[str, Callable[[np.ndarray], float]] = {}
+    if evaluation.task == "classification":
+        names = list(evaluation.class_names)
+        index = {name: i for i, name in enumerate(names)}
+        y = np.asarray([index[str(t)] for t in pred["true"]], dtype=np.int64)
+        probs = pred[[f"prob_{name}" for name in names]].to_numpy(np.float64)
+        wanted = ["accuracy", "balanced_accuracy", "macro_auc", "log_loss"]
+        if "quadratic_kappa" in evaluation.metrics:
+            wanted.append("quadratic_kappa")
+        if len(names) == 2:
+            wanted.append("auc")
+        fns = {name: _classification_metric(name, y, probs) for name in wanted}
+    else:
+        dice = pred["dice"].to_numpy(np.float64)
+        iou = pred["iou"].to_numpy(np.float64)
+        lesion = pred["lesion"].to_numpy().astype(bool)
+        fns = {name: _segmentation_metric(name, dice, iou, lesion) for name in SEGMENTATION_HEADLINES}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, fn in fns.items():
+        head = _headline_ci(name, fn, n, g, n_boot, seed)
+        out[name] = {"value": head["headline_value"], "ci_low": head["headline_ci_low"],
+                     "ci_high": head["headline_ci_high"]}
+    return out
 
 
 # --------------------------------------------------------------------------- combined view

@@ -8,6 +8,8 @@ with the reason when it is absent.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,28 @@ def tiny_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_demo(root, seed=3, n_mammography=64, n_ultrasound=60,
                   duplicate_rate=0.1, label_conflicts=1)
     return root
+
+
+@contextmanager
+def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """MLflow (tracking and registry) on a fresh SQLite store under ``root``, for a fixture.
+
+    Whatever ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` the environment had is set
+    aside; on exit an open run is ended, the URIs are reset and every change made through
+    the yielded ``MonkeyPatch`` (which the caller may use for more) is undone.
+    """
+    import mlflow
+
+    mp = pytest.MonkeyPatch()
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mp.delenv(var, raising=False)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/store.db")
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        yield mp
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+        mp.undo()

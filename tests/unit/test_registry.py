@@ -23,6 +23,7 @@ from breastscan import registry, tracking
 from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.preprocessing import PreprocessSpec
+from tests.conftest import sqlite_mlflow
 
 FLOORS = {"macro_auc": 0.7, "accuracy": 0.5}
 GOOD = {"macro_auc": 0.85, "accuracy": 0.7, "headline": "macro_auc", "headline_value": 0.85,
@@ -55,28 +56,16 @@ def make_cfg(name: str, floors: dict[str, float] | None = None, max_regression: 
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A project with a SQLite store, a tiny bundle and one logged model in a tagged run."""
     root = tmp_path_factory.mktemp("project")
-    mp = pytest.MonkeyPatch()
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        mp.setenv(var, "unset")
-        mp.delenv(var)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/store.db")
-    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     bundle_dir = make_bundle(root / "bundle")
     card = root / "model_card.md"
     card.write_text("# card\n")
     tags = {**tracking.run_tags(root), tracking.TAG_DATA_HASH: "d" * 32 + ".dir",
             tracking.TAG_COMMIT: "c" * 40}
-    try:
+    with sqlite_mlflow(root):
         with tracking.start_training_run("tiny", root, params={"a": "1"}, tags=tags) as run:
             uri = registry.log_bundle(bundle_dir, extra_artifacts={"model_card.md": card})
         yield {"root": root, "bundle_dir": bundle_dir, "model_uri": uri, "run_id": run.info.run_id,
                "bundle": ModelBundle.load(bundle_dir)}
-    finally:
-        if mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
-        mp.undo()
 
 
 def alias_version(name: str, alias: str) -> int:

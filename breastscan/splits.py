@@ -12,7 +12,9 @@ image-level split then puts the same scan in training and test. Here:
    label are *conflicts*, reported and optionally excluded; two images of one patient
    may rightly differ (a normal left breast, a malignant right one);
 5. train / val / test are assigned per ``dup_group`` with scikit-learn's
-   ``StratifiedGroupKFold``, stratified on the combined labels, seeded.
+   ``StratifiedGroupKFold``, stratified on the combined labels, seeded;
+6. for benchmarks, :func:`cv_folds` makes grouped, stratified k-fold cross-validation
+   folds the same way, each with a validation part carved from its training groups.
 """
 
 from __future__ import annotations
@@ -305,3 +307,195 @@ def split_id(splits_csv: str | Path, split: str = "test") -> str:
     key_cols = [c for c in ("image", "image_md5", "mask_md5") if c in rows.columns]
     lines = sorted("\t".join(r) for r in rows[key_cols].itertuples(index=False, name=None))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def _cv_groups(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """One splitting unit per row: rows sharing a value in any of ``columns`` are merged.
+
+    A row with no value in any column is its own singleton group. Units are named after
+    their smallest ``column=value`` (so the assignment does not depend on the row order),
+    singletons after their position.
+    """
+    names: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    values = [frame[c].to_numpy(dtype=object) for c in columns]
+    first: dict[tuple[int, str], int] = {}
+    for i in range(len(frame)):
+        name = None
+        for c, col in enumerate(columns):
+            v = values[c][i]
+            if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+                continue
+            key = (c, str(v))
+            pairs.append((first.setdefault(key, i), i))
+            if name is None:
+                name = f"{col}={v}"
+        names.append(name if name is not None else f"~row{i:09d}")
+    return np.asarray(merge_groups(names, [(a, b) for a, b in pairs if a != b]), dtype=object)
+
+
+def _fold_index(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """``(n,)`` index ``0..n_folds-1`` of the test fold of each row (whole groups)."""
+    import warnings
+
+    fold = np.full(len(y), -1, dtype=np.int64)
+    # Rare strata trigger a warning from scikit-learn; they are still assigned.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        for k, (_, held) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+            fold[held] = k
+    return fold
+
+
+def cv_folds(
+    frame: pd.DataFrame,
+    *,
+    stratify: Sequence[str],
+    n_folds: int = 5,
+    group_column: str | Sequence[str] = "group",
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    exclude_label_conflicts: bool = False,
+    labels: Sequence[str] | None = None,
+    conflict_column: str | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Grouped, stratified k-fold cross-validation, with a validation subset per fold.
+
+    Groups are assigned to ``n_folds`` test folds with scikit-learn's
+    ``StratifiedGroupKFold`` (stratified on the combined ``stratify`` labels, seeded); for
+    fold ``k`` the groups of the other folds are training data, of which about
+    ``val_fraction`` of the whole set (whole groups again, stratified, seed ``seed + 1 + k``)
+    is carved out for validation. A group never spans two test folds, nor two parts of one
+    fold.
+
+    Args:
+        frame: one row per image; any columns (e.g. a manifest or ``prepare_splits``'
+            output).
+        stratify: label columns whose combination is balanced across folds (missing values
+            are a stratum of their own).
+        n_folds: number of folds, at least 2.
+        group_column: column(s) whose rows stay together, e.g. ``"dup_group"`` (BUSI) or
+            ``"patient_id"`` (mini-MIAS). With several columns, rows sharing a value in any
+            of them are merged (connected components, as near-duplicates are). A row with no
+            value is a group of its own.
+        seed: seed of the assignment; same frame and seed, same folds.
+        val_fraction: share of the whole set used for validation in each fold, in
+            ``[0, 1 - 1/n_folds)``; 0 gives no validation part.
+        exclude_label_conflicts: drop rows of a conflict unit whose members disagree on a
+            label (``split == "excluded"`` in every fold). Conflicts are reported either way.
+        labels: label columns checked for conflicts; defaults to ``stratify``.
+        conflict_column: the unit within which labels must agree; defaults to the merged
+            groups. Pass ``"dup_cluster"`` for ``prepare_splits``' output, where two images of
+            one patient may rightly differ (left and right breast).
+
+    Returns:
+        A long frame, ``n_folds`` copies of ``frame`` one after another (index: the input's,
+        repeated once per fold) with the columns ``fold`` (``0..n_folds-1``) and ``split``
+        (``train``, ``val``, ``test`` or ``excluded``) added (replaced when present), and
+        ``exclusion`` (``"label_conflict"`` or missing). ``cv[cv["fold"] == k]`` has the
+        shape of a prepare stage ``splits.csv``, ready to train model ``k``; the rows with
+        ``split == "test"`` over all folds are the input's kept rows, each once. Also a
+        JSON-able report: counts of rows, groups, conflicts, excluded rows and, per fold,
+        rows and groups per part.
+
+    Raises:
+        ValueError: ``n_folds < 2``, ``val_fraction`` out of range, a missing column, fewer
+            groups than folds, or strata / a fold's training part too small to split (each
+            message names the numbers).
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    if not 0 <= val_fraction < 1 - 1 / n_folds:
+        raise ValueError(
+            f"val_fraction must be in [0, {1 - 1 / n_folds:g}) for n_folds={n_folds}, got {val_fraction}"
+        )
+    group_cols = [group_column] if isinstance(group_column, str) else list(group_column)
+    check = list(labels) if labels is not None else list(stratify)
+    needed = [*group_cols, *stratify, *check, *([conflict_column] if conflict_column else [])]
+    missing = sorted({c for c in needed if c not in frame.columns})
+    if missing:
+        raise ValueError(f"cv_folds: column(s) {', '.join(missing)} not in the frame")
+
+    df = frame.drop(columns=["fold", "split", "exclusion"], errors="ignore")
+    groups = _cv_groups(df, group_cols)
+    unit = "__cv_unit__"
+    units = pd.DataFrame({unit: df[conflict_column].to_numpy() if conflict_column else groups})
+    units[check] = df[check].to_numpy()
+    conflicts = label_conflicts(units, unit, check)
+    keep = np.ones(len(df), dtype=bool)
+    if exclude_label_conflicts and conflicts:
+        keep = ~units[unit].astype(str).isin(list(conflicts)).to_numpy() | units[unit].isna().to_numpy()
+
+    kept = np.nonzero(keep)[0]
+    y = _strata(df.iloc[kept], stratify)
+    g = groups[kept]
+    n_groups = len(set(g.tolist()))
+    if n_groups < n_folds:
+        raise ValueError(
+            f"{n_groups} group(s) to split (of {len(kept)} row(s)"
+            f"{', label conflicts excluded' if (~keep).any() else ''}) but n_folds={n_folds}: "
+            "need at least as many groups as folds"
+        )
+    try:
+        test_fold = _fold_index(y, g, n_folds, seed)
+    except ValueError as e:  # e.g. every stratum smaller than n_folds
+        raise ValueError(
+            f"cannot make {n_folds} folds of {len(kept)} row(s) in {n_groups} group(s): {e}"
+        ) from e
+    val_share = val_fraction / (1.0 - 1.0 / n_folds)
+
+    exclusion = pd.array([None if ok else "label_conflict" for ok in keep], dtype="string")
+    parts: list[pd.DataFrame] = []
+    fold_report: list[dict[str, Any]] = []
+    for k in range(n_folds):
+        split = np.full(len(df), EXCLUDED, dtype=object)
+        part = np.where(test_fold == k, "test", "train").astype(object)
+        if not (part == "test").any():
+            raise ValueError(f"fold {k} of {n_folds} got no test rows: {n_groups} groups are too few")
+        if val_share > 0:
+            train = np.nonzero(part == "train")[0]
+            try:
+                val = _one_fold(y[train], g[train], val_share, seed + 1 + k)
+            except ValueError as e:
+                raise ValueError(
+                    f"fold {k} of {n_folds} leaves {len(train)} training row(s) in "
+                    f"{len(set(g[train].tolist()))} group(s): too few to carve a validation part "
+                    f"(use more groups or val_fraction=0): {e}"
+                ) from e
+            part[train[val]] = "val"
+        split[kept] = part
+        out = df.copy()
+        out["fold"] = k
+        out["split"] = split
+        out["exclusion"] = exclusion
+        parts.append(out)
+        fold_report.append({
+            "fold": k,
+            **{
+                s: {"rows": int((part == s).sum()), "groups": len(set(g[part == s].tolist()))}
+                for s in SPLITS
+            },
+        })
+    cv = pd.concat(parts)
+    report: dict[str, Any] = {
+        "n_rows": len(df),
+        "n_groups": n_groups,
+        "n_folds": n_folds,
+        "seed": seed,
+        "label_conflict_groups": len(conflicts),
+        "excluded_rows": int((~keep).sum()),
+        "label_conflicts": {k: v for k, v in sorted(conflicts.items())},
+        "folds": fold_report,
+    }
+    if conflicts:
+        log.warning(
+            "cv_folds: %d label-conflict group(s) over %s, %s (%d row(s))",
+            len(conflicts), ", ".join(check),
+            "excluded" if exclude_label_conflicts else "kept", int((~keep).sum()),
+        )
+    log.info(
+        "cv_folds: %d rows in %d groups, %d folds (seed %d), test rows per fold %s",
+        len(kept), n_groups, n_folds, seed, [f["test"]["rows"] for f in fold_report],
+    )
+    return cv, report

@@ -1,0 +1,61 @@
+"""5-fold grouped, stratified cross-validation on the real packs in ../shared/datasets (opt-in).
+
+BUSI is grouped by near-duplicate group (145 groups over 333 images, 8 of them with
+conflicting labels, 19 images); mini-MIAS by patient, so a patient's left and right films
+stay in one part of every fold (161 patients, 322 films).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from breastscan.splits import EXCLUDED, cv_folds
+from tests.unit.test_splits import assert_valid_cv
+
+pytestmark = pytest.mark.data
+
+
+def _manifest(shared_datasets: Path, name: str) -> pd.DataFrame:
+    path = shared_datasets / name / "manifest.csv"
+    if not path.is_file():
+        pytest.skip(f"real dataset manifest not present at {path}")
+    return pd.read_csv(path)
+
+
+def _test_shares_close(cv: pd.DataFrame, label: str, tol: float) -> None:
+    kept = cv[cv["split"] != EXCLUDED]
+    overall = kept.drop_duplicates("image")[label].value_counts(normalize=True)
+    test = kept[kept["split"] == "test"]
+    for k, part in test.groupby("fold"):
+        dist = part[label].value_counts(normalize=True)
+        for value in overall.index:
+            assert dist.get(value, 0) == pytest.approx(overall[value], abs=tol), (k, value)
+
+
+def test_busi_five_fold_cv(shared_datasets: Path) -> None:
+    busi = _manifest(shared_datasets, "busi")
+    cv, report = cv_folds(busi, stratify=["label"], group_column="dup_group", n_folds=5, seed=0,
+                          exclude_label_conflicts=True)
+    assert report["label_conflict_groups"] == 8
+    assert report["excluded_rows"] == 19
+    assert_valid_cv(cv, busi, "dup_group", 5)
+    _test_shares_close(cv, "label", tol=0.03)
+    sizes = [f["test"]["rows"] for f in report["folds"]]
+    assert max(sizes) - min(sizes) <= 0.05 * (780 - 19)
+
+
+def test_mias_five_fold_cv_keeps_patients_together(shared_datasets: Path) -> None:
+    mias = _manifest(shared_datasets, "mini_mias")
+    # labels=(): a patient's two films may rightly differ (normal left, malignant right)
+    cv, report = cv_folds(mias, stratify=["pathology"], group_column="patient_id", n_folds=5,
+                          seed=0, labels=())
+    assert report["n_groups"] == 161
+    assert report["excluded_rows"] == 0
+    assert_valid_cv(cv, mias, "patient_id", 5)
+    both_sides = cv.groupby(["patient_id", "fold"])["side"].nunique()
+    assert (both_sides == 2).all()  # every patient has both films in every fold...
+    assert (cv.groupby(["patient_id", "fold"])["split"].nunique() == 1).all()  # ...in one part
+    _test_shares_close(cv, "pathology", tol=0.05)

@@ -528,12 +528,12 @@ def score_external(bundle: ModelBundle, dataset: ExternalDataset, *, headline: s
 
 def confusion_matrix(evaluation: Evaluation) -> list[list[int]]:
     """``(k, k)`` counts of a classifier's evaluation: rows true class, columns predicted."""
-    names = list(evaluation.class_names)
-    index = {n: i for i, n in enumerate(names)}
-    cm = np.zeros((len(names), len(names)), dtype=np.int64)
-    for t, p in zip(evaluation.predictions["true"], evaluation.predictions["pred"], strict=True):
-        cm[index[str(t)], index[str(p)]] += 1
-    return cm.tolist()
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+    names = [str(n) for n in evaluation.class_names]
+    truth = evaluation.predictions["true"].astype(str)
+    matrix = sk_confusion_matrix(truth, evaluation.predictions["pred"].astype(str), labels=names)
+    return [[int(v) for v in row] for row in matrix]
 
 
 def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Evaluation,

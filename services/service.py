@@ -23,21 +23,18 @@ What is served comes from ``services/serving.yaml`` (or the file named by
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 
 from breastscan.inference import InputError
 from breastscan.logs import configure_service_logging
 from breastscan.serving.config import CONFIG_ENV, load_serving_config
 from breastscan.serving.engine import Engine, ImageInput, Overloaded, parse_roi
 from breastscan.serving.http import RequestGuard
+from breastscan.serving.remote import call_models
 from breastscan.serving.store import load_served, store_name
 from breastscan.serving.ui import make_ui_app
 
@@ -90,17 +87,6 @@ def pinned_model_tags(bento_dir: Path) -> dict[str, str]:
 
 # In a Bento this file is <bento>/src/services/service.py.
 PINNED = pinned_model_tags(Path(__file__).resolve().parents[2])
-
-
-@contextmanager
-def _shed_as_overloaded() -> Iterator[None]:
-    """Turn the model service's 503 (adaptive batching shed the call) into :class:`Overloaded`."""
-    try:
-        yield
-    except BentoMLException as exc:
-        if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-            raise Overloaded() from exc
-        raise
 
 
 def model_tag(name: str) -> str:
@@ -234,12 +220,11 @@ class _FrontImpl:
             return False
 
     async def _infer(self, name: str, batch: np.ndarray) -> np.ndarray:
-        with _shed_as_overloaded():
-            return await getattr(self.backend.to_async, name)(batch)
+        return await call_models(lambda: getattr(self.backend.to_async, name)(batch))
 
     async def _explain(self, name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        with _shed_as_overloaded():
-            return await self.backend.to_async.explain(model=name, batch=batch, classes=classes)
+        return await call_models(lambda: self.backend.to_async.explain(model=name, batch=batch,
+                                                                        classes=classes))
 
     async def _answer(self, ctx: bentoml.Context, endpoint: str, call: Any) -> Any:
         """Run ``call()``; a client's mistake becomes a 4xx ``{"error", "code"}`` answer."""

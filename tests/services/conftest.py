@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +43,25 @@ class Served:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def log_lines(self, needle: str, timeout_s: float = 10.0) -> list[str]:
+        """The log lines containing ``needle``, waiting up to ``timeout_s`` for the first.
+
+        The server logs a request after it has sent the answer, so a client can read the
+        log before the line is there.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.log_text().splitlines() if needle in line]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
+
+    def server_errors(self) -> str:
+        """The log around the first 5xx answer (empty when there was none), for failure messages."""
+        text = self.log_text()
+        hit = re.search(r"status=5\d\d", text)
+        return text[max(hit.start() - 6000, 0):hit.start() + 2000] if hit else ""
 
 
 def service_env(root: Path, **extra: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data lint clean help mlflow-ui serve bento proto load bench-serving
+.PHONY: demo test install data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ load: $(STAMP)  ## Locust, headless, 60 s against a running `make serve`; CSV + 
 
 bench-serving: $(STAMP)  ## serving benchmark (in-process limit, HTTP/gRPC, batching on/off) -> reports/serving_benchmark.json
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python load_tests/bench_serving.py
+
+bench-quality: $(STAMP)  ## leak-free 5-fold CV on BUSI and mini-MIAS (../shared/datasets) -> reports/quality_benchmark.json (ARGS=--quick: minutes)
+	$(BIN)/breastscan bench-quality $(ARGS)
 
 proto: $(STAMP)  ## regenerate the gRPC Python code from breastscan/serving/proto/**/*.proto
 	$(BIN)/python -m breastscan.serving.proto.generate

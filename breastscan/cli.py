@@ -375,3 +375,64 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
     done = subprocess.run(cmd, check=False)
     if done.returncode:
         raise click.ClickException(f"bentoml build failed (exit {done.returncode})")
+
+
+@main.command("bench-quality")
+@click.argument("names", nargs=-1, metavar="[BENCHMARK]...")
+@click.option("--quick", is_flag=True, help="fold 0 only, at most 3 epochs: a smoke run of a few minutes")
+@click.option("--fold", "only_folds", type=int, multiple=True,
+              help="run only this fold (repeatable); the report says which folds ran")
+@click.option("--set", "overrides", multiple=True, metavar="[BENCHMARK:]KEY=VALUE",
+              help="override a value of the benchmark file(s), e.g. busi:models.busi_tumor.epochs=20")
+@click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path), default=None,
+              help="folder holding busi/ and mini_mias/ [default: the files' source, ../shared/datasets]")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON report [default: reports/quality_benchmark.json; with --quick or --fold: "
+                   "reports/quality/partial.json]")
+def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ...],
+                  overrides: tuple[str, ...],
+                  datasets_dir: Path | None, out: Path | None) -> None:
+    """Leak-free cross-validated quality of the benchmark models on real datasets.
+
+    BENCHMARK: busi, mini_mias (files in benchmarks/); all by default. Exits 1 with what
+    is missing when a dataset is not on this machine.
+    """
+    from breastscan import quality
+
+    try:
+        files = quality.benchmark_files(names)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="BENCHMARK") from None
+    per_file: dict[str, dict[str, Any]] = {f.stem: {} for f in files}
+    try:
+        for item in overrides:
+            target, sep, rest = item.partition(":")
+            scoped = bool(sep) and "=" not in target
+            for key, value in quality.parse_overrides([rest if scoped else item]).items():
+                for stem in ([target] if scoped else per_file):
+                    if stem not in per_file:
+                        raise ValueError(f"--set {item}: no benchmark {stem!r} in this run")
+                    per_file[stem][key] = value
+        specs = [quality.load_benchmark(f, per_file[f.stem]) for f in files]
+    except (KeyError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--set / benchmark file") from None
+    if datasets_dir is not None:
+        from dataclasses import replace
+
+        specs = [replace(s, source=datasets_dir / s.source.parent.name / s.source.name) for s in specs]
+    missing = [s for s in specs if not s.source.exists()]
+    if missing:
+        raise click.ClickException("\n".join(
+            f"benchmark {s.name} needs {s.source} ({s.title}); it is not on this machine" for s in missing)
+            + "\nPut the datasets there (see the README, 'Clinical quality on real data') "
+              "or pass --datasets DIR.")
+    partial = quick or bool(only_folds)
+    out = out or Path("reports/quality/partial.json" if partial else "reports/quality_benchmark.json")
+    results: dict[str, Any] = {"benchmarks": {}}
+    for spec in specs:
+        log.info("benchmark %s: %s", spec.name, spec.title)
+        results["benchmarks"][spec.name] = quality.run_benchmark(
+            spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
+        quality.write_report(results, out)  # after each benchmark: a long run keeps what it has
+    click.echo(out.with_suffix(".md").read_text())
+    click.echo(f"report: {out} and {out.with_suffix('.md').name}")

@@ -1,0 +1,516 @@
+"""Leak-free clinical-quality benchmark on real datasets: grouped, stratified k-fold CV.
+
+A benchmark is one YAML file under ``benchmarks/`` (``busi.yaml``, ``mini_mias.yaml``). It
+is a params file in the pipeline's schema (``datasets:`` and ``models:``, read by
+:func:`breastscan.config.parse_params`, so the model declarations are the pipeline's) plus
+a ``benchmark:`` section: where the real dataset is, how :func:`breastscan.data.adapters.ingest`
+converts it, the folds, and what is scored.
+
+For every fold the declared models are trained on the fold's training part (early stopping
+and temperature scaling on its validation part) and predict its test part; a group
+(a BUSI duplicate group, a mini-MIAS patient) never spans two parts. The out-of-fold
+predictions of all folds are then scored twice: per fold (mean +- sd over folds) and
+pooled, with a grouped 95 % bootstrap interval. Label-conflict groups (the same scan filed
+under two classes) are kept out of training and reported both ways on test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from breastscan.config import ModelConfig, Params, parse_params
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS_DIR = Path("benchmarks")
+"""The benchmark files shipped with the project (one YAML per dataset)."""
+N_BOOT = 1000
+"""Bootstrap resamples of the pooled confidence intervals."""
+
+
+class MissingDataset(FileNotFoundError):
+    """The real dataset a benchmark needs is not on this machine."""
+
+
+@dataclass(frozen=True)
+class BinaryView:
+    """A two-class reading of a multi-class model (e.g. benign vs malignant of a 3-class one).
+
+    Rows whose true class is ``positive`` or ``negative`` are scored with
+    ``p(positive) / (p(positive) + p(negative))``, called positive at ``threshold``.
+    """
+
+    positive: str
+    negative: str
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One model scored by a benchmark.
+
+    Attributes:
+        model: key of the model under ``models:``.
+        rows: manifest column -> values kept in every part (train, val, test), e.g.
+            ``{"pathology": ("benign", "malignant")}`` to segment lesion images only.
+        binary: an extra two-class reading of a classifier, or ``None``.
+    """
+
+    model: str
+    rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    binary: BinaryView | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A benchmark file, parsed.
+
+    Attributes:
+        name: short name (``busi``), the key in the report.
+        title: one line for people.
+        source: the real dataset's CSV (or folder) given to the adapter.
+        ingest: :func:`~breastscan.data.adapters.ingest` arguments (``format`` and options).
+        dataset: key under ``datasets:`` whose ``path`` receives the converted dataset.
+        folds: number of cross-validation folds.
+        seed: seed of the fold assignment.
+        val_fraction: share of the whole set used for validation in each fold.
+        stratify: label columns balanced across folds.
+        group_column: the contract column whose rows stay together (``group``).
+        conflict_labels: labels checked for conflicts within a group; empty: none checked.
+        tasks: the models scored.
+        params: the file's ``datasets:`` and ``models:`` in the pipeline's types.
+        references: published numbers shown beside ours (free-form mappings).
+    """
+
+    name: str
+    title: str
+    source: Path
+    ingest: dict[str, Any]
+    dataset: str
+    folds: int
+    seed: int
+    val_fraction: float
+    stratify: tuple[str, ...]
+    group_column: str
+    conflict_labels: tuple[str, ...]
+    tasks: tuple[TaskSpec, ...]
+    params: Params
+    references: tuple[dict[str, Any], ...] = ()
+
+    def model(self, task: TaskSpec) -> ModelConfig:
+        """The model declaration of a task."""
+        return self.params.model(task.model)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise KeyError(f"--set {key}: {part!r} is not a section of the benchmark file")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["models.busi_tumor.epochs=5", ...]`` -> ``{"models.busi_tumor.epochs": 5}`` (YAML values).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_benchmark(path: str | Path, overrides: dict[str, Any] | None = None) -> BenchmarkSpec:
+    """Read a benchmark file, applying dotted-key ``overrides`` first (as ``dvc exp run -S``).
+
+    Raises:
+        ValueError / KeyError: a missing or invalid key, naming it.
+    """
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    params = parse_params(raw)
+    b = dict(raw.get("benchmark") or {})
+    try:
+        tasks = tuple(
+            TaskSpec(model=str(t["model"]),
+                     rows={str(k): tuple(str(v) for v in vals) for k, vals in (t.get("rows") or {}).items()},
+                     binary=BinaryView(**t["binary"]) if t.get("binary") else None)
+            for t in b["tasks"])
+        spec = BenchmarkSpec(
+            name=str(b.get("name", path.stem)), title=str(b.get("title", path.stem)),
+            source=Path(b["source"]), ingest=dict(b["ingest"]), dataset=str(b["dataset"]),
+            folds=int(b.get("folds", 5)), seed=int(b.get("seed", 0)),
+            val_fraction=float(b.get("val_fraction", 0.15)),
+            stratify=tuple(b.get("stratify", ("pathology",))),
+            group_column=str(b.get("group_column", "group")),
+            conflict_labels=tuple(b.get("conflict_labels", ())), tasks=tasks, params=params,
+            references=tuple(b.get("references", ())))
+    except KeyError as exc:
+        raise ValueError(f"{path}: benchmark.{exc.args[0]} is missing") from None
+    params.dataset(spec.dataset)
+    for task in spec.tasks:
+        cfg = spec.model(task)
+        if cfg.dataset != spec.dataset:
+            raise ValueError(f"{path}: model {task.model} trains on {cfg.dataset!r}, the benchmark "
+                             f"converts {spec.dataset!r}")
+        if task.binary and cfg.task != "classification":
+            raise ValueError(f"{path}: model {task.model}: a binary view needs a classifier")
+    return spec
+
+
+# --------------------------------------------------------------------------- data and folds
+
+
+def prepare_dataset(spec: BenchmarkSpec) -> pd.DataFrame:
+    """Convert the real dataset into the contract at ``datasets.<dataset>.path``; its manifest.
+
+    Raises:
+        MissingDataset: the source is not there (the message says what is needed).
+    """
+    from breastscan.data.adapters import ingest
+    from breastscan.manifest import read_manifest
+
+    if not spec.source.exists():
+        raise MissingDataset(
+            f"benchmark {spec.name} needs {spec.source} ({spec.title}); it is not on this machine. "
+            f"Put the dataset there (see the README, 'Clinical quality on real data') or pass "
+            f"--datasets DIR.")
+    options = dict(spec.ingest)
+    fmt = options.pop("format")
+    out = spec.params.dataset(spec.dataset).path
+    ingest(fmt, spec.source, out, **options)
+    return read_manifest(out)  # as the pipeline reads it: empty cells are missing values
+
+
+def make_folds(spec: BenchmarkSpec, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The grouped, stratified folds, with a ``conflict`` column (row of a label-conflict group).
+
+    Conflict rows stay in the fold assignment (so they can be scored on test) and are
+    removed from training and validation by :func:`fold_splits`.
+    """
+    from breastscan.splits import cv_folds, label_conflicts
+
+    cv, report = cv_folds(manifest, stratify=list(spec.stratify), n_folds=spec.folds,
+                          group_column=spec.group_column, seed=spec.seed, val_fraction=spec.val_fraction,
+                          exclude_label_conflicts=False, labels=list(spec.conflict_labels))
+    conflicts = (label_conflicts(manifest.assign(_g=manifest[spec.group_column].fillna(manifest["image"])),
+                                 "_g", list(spec.conflict_labels)) if spec.conflict_labels else {})
+    groups = cv[spec.group_column].fillna(cv["image"]).astype(str)
+    cv["conflict"] = groups.isin(set(conflicts)).to_numpy()
+    report["conflict_groups"] = sorted(conflicts)
+    report["conflict_rows"] = int(cv["conflict"].sum() // spec.folds)
+    return cv, report
+
+
+def fold_splits(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec) -> pd.DataFrame:
+    """Fold ``fold``'s split table for one task: conflicts out of train/val, task row filter."""
+    frame = cv[cv["fold"] == fold].reset_index(drop=True).copy()
+    fit = frame["split"].isin(["train", "val"])
+    frame.loc[fit & frame["conflict"], "split"] = "excluded"
+    for column, keep in task.rows.items():
+        frame.loc[~frame[column].astype(str).isin(keep), "split"] = "excluded"
+    return frame
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, out_dir: Path,
+             *, max_epochs: int | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Train one task's model on one fold and predict the fold's test part.
+
+    Returns:
+        The test predictions (the evaluation's columns plus ``fold``, ``group``,
+        ``conflict``) and a record of the fold (sizes, epochs, seconds).
+    """
+    import keras
+
+    from breastscan.datasets import load_split
+    from breastscan.evaluation import evaluate_classifier, evaluate_segmenter
+    from breastscan.training import train_model
+
+    cfg = spec.model(task)
+    if max_epochs is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, epochs=min(cfg.epochs, max_epochs))
+    dataset = spec.params.dataset(spec.dataset)
+    frame = fold_splits(spec, cv, fold, task)
+    where = out_dir / spec.name / task.model / f"fold{fold}"
+    where.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(where / "splits.csv", index=False)
+    parts = {s: load_split(where / "splits.csv", dataset.path, cfg, s) for s in ("train", "val", "test")}
+    keras.backend.clear_session()
+    result = train_model(cfg, parts["train"], parts["val"], modality=dataset.modality)
+    if cfg.task == "classification":
+        evaluation = evaluate_classifier(result.bundle, parts["val"], parts["test"], headline=cfg.headline,
+                                         quadratic_kappa=cfg.headline == "quadratic_kappa", n_boot=0)
+    else:
+        evaluation = evaluate_segmenter(result.bundle, parts["test"], n_boot=0)
+    pred = evaluation.predictions.copy()
+    pred["fold"] = fold
+    pred["group"] = parts["test"].groups
+    conflict = dict(zip(frame["image"].astype(str), frame["conflict"], strict=True))
+    pred["conflict"] = pred["image"].map(conflict).fillna(False).astype(bool)
+    pred.to_csv(where / "predictions.csv", index=False)
+    record = {"fold": fold, "n_train": len(parts["train"]), "n_val": len(parts["val"]),
+              "n_test": len(parts["test"]), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+              "train_seconds": round(result.seconds, 1), "temperature": evaluation.temperature}
+    log.info("%s/%s fold %d: %s", spec.name, task.model, fold, record)
+    return pred, record
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _binary_frame(pred: pd.DataFrame, view: BinaryView) -> pd.DataFrame:
+    keep = pred["true"].astype(str).isin([view.positive, view.negative])
+    sub = pred[keep].reset_index(drop=True)
+    pos, neg = sub[f"prob_{view.positive}"].to_numpy(float), sub[f"prob_{view.negative}"].to_numpy(float)
+    total = np.where(pos + neg > 0, pos + neg, 1.0)
+    return pd.DataFrame({"y": (sub["true"].astype(str) == view.positive).to_numpy(int),
+                         "score": pos / total, "group": sub["group"].astype(str).to_numpy()})
+
+
+def _binary_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, Callable[[np.ndarray], float]]:
+    """Index -> value functions of the binary view (NaN where a resample lacks a class).
+
+    The AUC is the evaluate stage's rank-sum AUC (equal to scikit-learn's ``roc_auc_score``,
+    and fast enough for a thousand bootstrap resamples).
+    """
+    from breastscan.evaluation import _auc
+
+    y = frame["y"].to_numpy().astype(bool)
+    score = frame["score"].to_numpy(np.float64)
+    called = score >= threshold
+
+    def rate(i: np.ndarray, truth: bool) -> float:
+        sel = y[i] == truth
+        return float(np.mean(called[i][sel] == truth)) if sel.any() else float("nan")
+
+    return {
+        "auc": lambda i: float(_auc(y[i], score[i])),
+        "sensitivity": lambda i: rate(i, True),
+        "specificity": lambda i: rate(i, False),
+        "accuracy": lambda i: float(np.mean(called[i] == y[i])),
+    }
+
+
+def _value(fn: Callable[[np.ndarray], float], n: int) -> float | None:
+    try:
+        v = float(fn(np.arange(n)))
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _pooled(fns: dict[str, Callable[[np.ndarray], float]], n: int, groups: np.ndarray,
+            seed: int) -> dict[str, dict[str, float | None]]:
+    from breastscan.metrics import bootstrap_ci
+
+    out: dict[str, dict[str, float | None]] = {}
+    for name, fn in fns.items():
+        value = _value(fn, n)
+        low = high = None
+        if value is not None:
+            try:
+                low, high = bootstrap_ci(fn, n, n_boot=N_BOOT, seed=seed, groups=groups)
+            except ValueError as exc:
+                log.warning("no interval for %s: %s", name, exc)
+        out[name] = {"value": value, "ci_low": low, "ci_high": high}
+    return out
+
+
+def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None
+                ) -> dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]]:
+    """Metric name -> (index function, n, groups) on ``pred``.
+
+    The model's own metrics are the evaluate stage's functions (those of
+    :func:`breastscan.evaluation.metric_intervals`), so a fold here scores as the pipeline does.
+    """
+    from breastscan.evaluation import SEGMENTATION_HEADLINES, _classification_metric, _segmentation_metric
+
+    fns: dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]] = {}
+    if not len(pred):
+        return fns
+    n = len(pred)
+    groups = pred["group"].astype(str).to_numpy()
+    if cfg.task == "segmentation":
+        dice, iou = pred["dice"].to_numpy(np.float64), pred["iou"].to_numpy(np.float64)
+        lesion = pred["lesion"].to_numpy().astype(bool)
+        for name in SEGMENTATION_HEADLINES:
+            fns[name] = (_segmentation_metric(name, dice, iou, lesion), n, groups)
+        return fns
+    names = [str(c) for c in cfg.class_names]
+    index = {name: i for i, name in enumerate(names)}
+    y = np.asarray([index[str(t)] for t in pred["true"]], dtype=np.int64)
+    probs = pred[[f"prob_{name}" for name in names]].to_numpy(np.float64)
+    wanted = ["accuracy", "balanced_accuracy", "macro_auc"]
+    if cfg.headline == "quadratic_kappa":
+        wanted.append("quadratic_kappa")
+    for name in wanted:
+        fns[name] = (_classification_metric(name, y, probs), n, groups)
+    if view is not None:
+        frame = _binary_frame(pred, view)
+        for name, fn in _binary_metrics(frame, view.threshold).items():
+            fns[f"{view.positive}_vs_{view.negative}_{name}"] = (fn, len(frame), frame["group"].to_numpy())
+    return fns
+
+
+def score_task(spec: BenchmarkSpec, task: TaskSpec, pred: pd.DataFrame) -> dict[str, Any]:
+    """Per-fold mean +- sd and pooled values with grouped 95 % CIs, with and without conflicts."""
+    cfg = spec.model(task)
+    subsets = {"all": pred}
+    if pred["conflict"].any():
+        subsets["without_conflicts"] = pred[~pred["conflict"]]
+    out: dict[str, Any] = {}
+    for subset, rows in subsets.items():
+        rows = rows.reset_index(drop=True)
+        pooled_fns = _metric_fns(rows, cfg, task.binary)
+        per_fold: dict[str, list[float | None]] = {name: [] for name in pooled_fns}
+        for fold in sorted(rows["fold"].unique()):
+            fold_fns = _metric_fns(rows[rows["fold"] == fold].reset_index(drop=True), cfg, task.binary)
+            for name in per_fold:
+                entry = fold_fns.get(name)
+                per_fold[name].append(_value(entry[0], entry[1]) if entry else None)
+        pooled: dict[str, dict[str, Any]] = {}
+        for name, (fn, n, groups) in pooled_fns.items():
+            values = [v for v in per_fold[name] if v is not None]
+            pooled[name] = {
+                **_pooled({name: fn}, n, groups, spec.seed)[name],
+                "per_fold": per_fold[name],
+                "mean": float(np.mean(values)) if values else None,
+                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            }
+        out[subset] = {"n": int(len(rows)), "metrics": pooled}
+    return out
+
+
+# --------------------------------------------------------------------------- whole benchmark
+
+
+def run_benchmark(spec: BenchmarkSpec, out_dir: Path, *, quick: bool = False,
+                  folds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Convert the dataset, train and score every task on every fold; the JSON-able result.
+
+    Args:
+        spec: the benchmark.
+        out_dir: where each fold's ``splits.csv`` and ``predictions.csv`` go
+            (``<out_dir>/<benchmark>/<model>/fold<k>/``).
+        quick: fold 0 only (unless ``folds`` says otherwise), at most 3 epochs: a smoke run
+            of a few minutes whose numbers mean little.
+        folds: the folds to run (default: all).
+
+    Raises:
+        MissingDataset: the real dataset is not on this machine.
+        ValueError: a fold number out of range.
+    """
+    start = time.perf_counter()
+    manifest = prepare_dataset(spec)
+    cv, fold_report = make_folds(spec, manifest)
+    folds = list(folds) if folds else ([0] if quick else list(range(spec.folds)))
+    bad = [k for k in folds if not 0 <= k < spec.folds]
+    if bad:
+        raise ValueError(f"benchmark {spec.name} has folds 0-{spec.folds - 1}, not {bad}")
+    result: dict[str, Any] = {"title": spec.title, "source": str(spec.source), "folds": spec.folds,
+                              "folds_run": folds, "seed": spec.seed, "quick": quick,
+                              "conflict_groups": fold_report["conflict_groups"],
+                              "conflict_rows": fold_report["conflict_rows"], "n_rows": int(len(manifest)),
+                              "tasks": {}}
+    for task in spec.tasks:
+        cfg = spec.model(task)
+        preds, records = [], []
+        for fold in folds:
+            pred, record = run_fold(spec, cv, fold, task, out_dir, max_epochs=3 if quick else None)
+            preds.append(pred)
+            records.append(record)
+        pooled = pd.concat(preds, ignore_index=True)
+        result["tasks"][task.model] = {
+            "task": cfg.task, "label": cfg.label, "classes": list(map(str, cfg.classes)),
+            "rows": {k: list(v) for k, v in task.rows.items()},
+            "binary": None if task.binary is None else vars(task.binary),
+            "config": _config_summary(cfg), "folds": records, "scores": score_task(spec, task, pooled)}
+    result["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    result["references"] = list(spec.references)
+    return result
+
+
+def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
+    return {"backbone": cfg.backbone, "weights": cfg.weights,
+            "input": f"{cfg.preprocess.height}x{cfg.preprocess.width}", "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "patience": cfg.patience,
+            "imbalance": cfg.imbalance, "dropout": cfg.dropout}
+
+
+def write_report(results: dict[str, Any], path: Path) -> Path:
+    """Write the JSON report and its markdown table next to it (``.md``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    path.with_suffix(".md").write_text(render_markdown(results))
+    return path
+
+
+def _fmt(m: dict[str, Any] | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    text = f"{m['value']:.3f}"
+    if m.get("ci_low") is not None:
+        text += f" ({m['ci_low']:.3f}-{m['ci_high']:.3f})"
+    if m.get("mean") is not None and m.get("sd") is not None:
+        text += f"; folds {m['mean']:.3f} ± {m['sd']:.3f}"
+    return text
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """One table per benchmark: metric, pooled value (95 % CI), per-fold mean ± sd, subset."""
+    lines = ["# Clinical quality on real data (leak-free cross-validation)", ""]
+    for name, bench in results.get("benchmarks", {}).items():
+        lines += [f"## {name}: {bench['title']}", "",
+                  f"{len(bench['folds_run'])} of {bench['folds']} folds run"
+                  f"{' (quick)' if bench['quick'] else ''}, "
+                  f"{bench['n_rows']} images, {len(bench['conflict_groups'])} label-conflict groups "
+                  f"({bench['conflict_rows']} images), {bench['minutes']} min.", "",
+                  "| model | metric | subset | pooled (95 % CI); per-fold mean ± sd |", "|---|---|---|---|"]
+        for model, task in bench["tasks"].items():
+            for subset, scored in task["scores"].items():
+                for metric, m in scored["metrics"].items():
+                    lines.append(f"| {model} | {metric} | {subset} (n={scored['n']}) | {_fmt(m)} |")
+        if bench.get("references"):
+            lines += ["", "Published references:", ""]
+            lines += [f"- {ref.get('what', '')}: {ref.get('value', '')} ({ref.get('source', '')})"
+                      for ref in bench["references"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def benchmark_files(names: Sequence[str] = ()) -> list[Path]:
+    """The shipped benchmark files, all or those named (``busi``, ``mini_mias``)."""
+    files = sorted(BENCHMARKS_DIR.glob("*.yaml"))
+    if names:
+        by_name = {f.stem: f for f in files}
+        unknown = sorted(set(names) - set(by_name))
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(by_name))}")
+        files = [by_name[n] for n in names]
+    return files

@@ -1,0 +1,202 @@
+"""breastscan.quality: benchmark files, leak-free folds, scoring, and a run on phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from sklearn.metrics import accuracy_score, roc_auc_score
+
+from breastscan import quality
+from breastscan.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench_file(tmp_path: Path, source: Path, **model_overrides: object) -> Path:
+    """A small benchmark file on a phantom ultrasound set: a 3-class tumor model and a U-Net."""
+    tumor = {"task": "classification", "dataset": "us", "label": "pathology",
+             "classes": ["benign", "malignant", "normal"], "backbone": "compact",
+             "preprocess": {"height": 32, "width": 32}, "epochs": 1, "batch_size": 16, "patience": 0,
+             "headline": "macro_auc", **model_overrides}
+    lesion = {"task": "segmentation", "dataset": "us", "label": "mask", "base_filters": 4, "depth": 2,
+              "preprocess": {"height": 32, "width": 32}, "epochs": 1, "batch_size": 16, "patience": 0,
+              "imbalance": "none", "headline": "mean_dice"}
+    raw = {
+        "benchmark": {"name": "phantom_us", "title": "phantom ultrasound", "source": str(source),
+                      "ingest": {"format": "csv"}, "dataset": "us", "folds": 3, "seed": 0,
+                      "val_fraction": 0.2, "stratify": ["pathology"], "group_column": "group",
+                      "conflict_labels": ["pathology"],
+                      "tasks": [{"model": "tumor", "binary": {"positive": "malignant", "negative": "benign"}},
+                                {"model": "lesion", "rows": {"pathology": ["benign", "malignant"]}}],
+                      "references": [{"what": "a reference", "source": "a paper"}]},
+        "datasets": {"us": {"path": str(tmp_path / "work" / "us"), "modality": "ultrasound"}},
+        "models": {"tumor": tumor, "lesion": lesion},
+    }
+    path = tmp_path / "phantom_us.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("name", ["busi", "mini_mias"])
+def test_the_shipped_benchmark_files_parse(name: str) -> None:
+    spec = quality.load_benchmark(REPO / "benchmarks" / f"{name}.yaml")
+    assert spec.name == name and spec.folds == 5 and spec.tasks
+    for task in spec.tasks:
+        assert spec.model(task).dataset == spec.dataset  # checked by the loader as well
+
+
+def test_overrides_change_a_run_like_dvc_exp_run_set() -> None:
+    overrides = quality.parse_overrides(["models.busi_tumor.epochs=3", "benchmark.folds=4",
+                                         "models.busi_tumor.preprocess.height=64"])
+    assert overrides == {"models.busi_tumor.epochs": 3, "benchmark.folds": 4,
+                         "models.busi_tumor.preprocess.height": 64}
+    spec = quality.load_benchmark(REPO / "benchmarks" / "busi.yaml", overrides)
+    cfg = spec.params.model("busi_tumor")
+    assert (spec.folds, cfg.epochs, cfg.preprocess.height) == (4, 3, 64)
+    with pytest.raises(KeyError, match="nosuch"):
+        quality.load_benchmark(REPO / "benchmarks" / "busi.yaml", {"nosuch.section.key": 1})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        quality.parse_overrides(["models.busi_tumor.epochs"])
+
+
+def test_a_task_on_another_dataset_is_refused(tmp_path: Path) -> None:
+    path = _bench_file(tmp_path, tmp_path / "x.csv")
+    raw = yaml.safe_load(path.read_text())
+    raw["datasets"]["other"] = {"path": "elsewhere", "modality": "ultrasound"}
+    raw["models"]["tumor"]["dataset"] = "other"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="trains on 'other'"):
+        quality.load_benchmark(path)
+
+
+def test_a_missing_dataset_says_what_is_needed(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["bench-quality", "busi", "--datasets", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert str(tmp_path / "none" / "busi" / "manifest.csv") in result.output
+    assert "not on this machine" in result.output
+    spec = quality.load_benchmark(REPO / "benchmarks" / "busi.yaml",
+                                  {"benchmark.source": str(tmp_path / "none.csv")})
+    with pytest.raises(quality.MissingDataset, match="none.csv"):
+        quality.prepare_dataset(spec)
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def _manifest() -> pd.DataFrame:
+    """60 rows: groups of 2, one group filed under two classes, ungrouped singletons."""
+    rows = []
+    labels = ["benign", "malignant", "normal"]
+    for i in range(60):
+        group = f"g{i // 2:02d}" if i < 40 else None
+        rows.append({"image": f"im{i:02d}.png", "pathology": labels[(i // 2) % 3], "group": group})
+    rows[1]["pathology"] = "malignant" if rows[0]["pathology"] != "malignant" else "benign"  # conflict in g00
+    return pd.DataFrame(rows)
+
+
+def test_conflict_groups_are_kept_out_of_training_and_scored_on_test(tmp_path: Path) -> None:
+    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    cv, report = quality.make_folds(spec, _manifest())
+    assert report["conflict_groups"] == ["g00"] and report["conflict_rows"] == 2
+    tested = []
+    for fold in range(spec.folds):
+        for task in spec.tasks:
+            frame = quality.fold_splits(spec, cv, fold, task)
+            conflict = frame[frame["conflict"]]
+            assert not conflict["split"].isin(["train", "val"]).any()
+            parts = {s: set(frame.loc[frame["split"] == s, "group"].dropna())
+                     for s in ("train", "val", "test")}
+            assert not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+            if task.rows:  # the lesion task: lesion images only
+                assert (frame.loc[frame["split"] != "excluded", "pathology"] != "normal").all()
+        tested += list(cv.loc[(cv["fold"] == fold) & (cv["split"] == "test"), "image"])
+    assert sorted(tested) == sorted(_manifest()["image"])  # every image tested once, conflicts included
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _predictions(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    names = ["benign", "malignant", "normal"]
+    n = 90
+    true = np.array([names[i % 3] for i in range(n)])
+    probs = rng.dirichlet(np.ones(3), size=n)
+    probs[np.arange(n), [names.index(t) for t in true]] += 0.6  # informative, not perfect
+    probs /= probs.sum(axis=1, keepdims=True)
+    return pd.DataFrame({
+        "image": [f"im{i}" for i in range(n)], "true": true,
+        "pred": [names[k] for k in probs.argmax(axis=1)],
+        **{f"prob_{c}": probs[:, i] for i, c in enumerate(names)},
+        "fold": np.arange(n) % 3, "group": [f"g{i // 2}" for i in range(n)],
+        "conflict": np.arange(n) < 4,
+    })
+
+
+def test_scores_are_per_fold_mean_sd_and_pooled_with_intervals(tmp_path: Path) -> None:
+    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    pred = _predictions()
+    scores = quality.score_task(spec, spec.tasks[0], pred)
+    assert set(scores) == {"all", "without_conflicts"} and scores["without_conflicts"]["n"] == 86
+    acc = scores["all"]["metrics"]["accuracy"]
+    assert acc["value"] == pytest.approx(accuracy_score(pred["true"], pred["pred"]))
+    per_fold = [accuracy_score(f["true"], f["pred"]) for _, f in pred.groupby("fold")]
+    assert acc["per_fold"] == pytest.approx(per_fold)
+    assert acc["mean"] == pytest.approx(np.mean(per_fold))
+    assert acc["sd"] == pytest.approx(np.std(per_fold, ddof=1))
+    assert acc["ci_low"] <= acc["value"] <= acc["ci_high"]
+
+    binary = pred[pred["true"].isin(["benign", "malignant"])]
+    score = binary["prob_malignant"] / (binary["prob_malignant"] + binary["prob_benign"])
+    y = (binary["true"] == "malignant").to_numpy()
+    auc = scores["all"]["metrics"]["malignant_vs_benign_auc"]
+    assert auc["value"] == pytest.approx(roc_auc_score(y, score))
+    sens = scores["all"]["metrics"]["malignant_vs_benign_sensitivity"]["value"]
+    spec_ = scores["all"]["metrics"]["malignant_vs_benign_specificity"]["value"]
+    assert sens == pytest.approx(np.mean(score[y] >= 0.5))
+    assert spec_ == pytest.approx(np.mean(score[~y] < 0.5))
+
+
+def test_markdown_table_matches_the_json() -> None:
+    results = {"benchmarks": {"x": {
+        "title": "t", "folds": 5, "folds_run": [0, 1, 2, 3, 4], "quick": False, "n_rows": 10,
+        "conflict_groups": [], "conflict_rows": 0, "minutes": 1.0,
+        "references": [{"what": "AUC 0.86", "source": "BUSBench"}],
+        "tasks": {"m": {"scores": {"all": {"n": 10, "metrics": {"auc": {
+            "value": 0.81234, "ci_low": 0.7, "ci_high": 0.9, "mean": 0.8, "sd": 0.05}}}}}}}}}
+    md = quality.render_markdown(results)
+    assert "| m | auc | all (n=10) | 0.812 (0.700-0.900); folds 0.800 ± 0.050 |" in md
+    assert "AUC 0.86" in md and "BUSBench" in md
+
+
+# --------------------------------------------------------------------------- a real run, tiny
+
+
+@pytest.mark.slow
+def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = _bench_file(tmp_path, tiny_phantoms / "ultrasound" / "manifest.csv")
+    spec = quality.load_benchmark(path)
+    result = quality.run_benchmark(spec, tmp_path / "out", folds=[1])
+    assert result["folds_run"] == [1] and set(result["tasks"]) == {"tumor", "lesion"}
+    tumor = result["tasks"]["tumor"]
+    assert tumor["folds"][0]["n_test"] > 0 and tumor["folds"][0]["epochs_run"] == 1
+    assert 0 <= tumor["scores"]["all"]["metrics"]["macro_auc"]["value"] <= 1
+    assert "malignant_vs_benign_sensitivity" in tumor["scores"]["all"]["metrics"]
+    lesion = result["tasks"]["lesion"]
+    pred = pd.read_csv(tmp_path / "out" / "phantom_us" / "lesion" / "fold1" / "predictions.csv")
+    assert len(pred) == lesion["scores"]["all"]["n"] and pred["lesion"].all()  # normals left out
+    report = quality.write_report({"benchmarks": {"phantom_us": result}}, tmp_path / "q.json")
+    written = json.loads(report.read_text())["benchmarks"]["phantom_us"]
+    assert written["tasks"]["tumor"]["task"] == "classification"
+    assert "phantom_us" in report.with_suffix(".md").read_text()

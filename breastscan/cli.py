@@ -428,7 +428,8 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
               "or pass --datasets DIR.")
     partial = quick or bool(only_folds)
     out = out or Path("reports/quality/partial.json" if partial else "reports/quality_benchmark.json")
-    results: dict[str, Any] = {"benchmarks": {}}
+    # Benchmarks not run now keep their last entry: `bench-quality mini_mias` refreshes one.
+    results: dict[str, Any] = quality.read_report(out) if not partial else {"benchmarks": {}}
     for spec in specs:
         log.info("benchmark %s: %s", spec.name, spec.title)
         results["benchmarks"][spec.name] = quality.run_benchmark(

@@ -451,8 +451,20 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: Path, *, quick: bool = False,
             "binary": None if task.binary is None else vars(task.binary),
             "config": _config_summary(cfg), "folds": records, "scores": score_task(spec, task, pooled)}
     result["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["commit"] = _git_commit()
     result["references"] = list(spec.references)
     return result
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
@@ -460,6 +472,15 @@ def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
             "input": f"{cfg.preprocess.height}x{cfg.preprocess.width}", "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "patience": cfg.patience,
             "imbalance": cfg.imbalance, "dropout": cfg.dropout}
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report written by :func:`write_report`, or an empty one when there is none."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("benchmarks"), dict):
+            return data
+    return {"benchmarks": {}}
 
 
 def write_report(results: dict[str, Any], path: Path) -> Path:

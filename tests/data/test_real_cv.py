@@ -59,3 +59,28 @@ def test_mias_five_fold_cv_keeps_patients_together(shared_datasets: Path) -> Non
     assert (both_sides == 2).all()  # every patient has both films in every fold...
     assert (cv.groupby(["patient_id", "fold"])["split"].nunique() == 1).all()  # ...in one part
     _test_shares_close(cv, "pathology", tol=0.05)
+
+
+@pytest.mark.parametrize("name, conflicts", [("busi", 8), ("mini_mias", 0)])
+def test_the_quality_benchmark_folds_on_the_real_packs(shared_datasets: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, name: str,
+                                                       conflicts: int) -> None:
+    from breastscan import quality
+
+    source = shared_datasets / name / "manifest.csv"
+    if not source.is_file():
+        pytest.skip(f"real dataset manifest not present at {source}")
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.yaml"
+    monkeypatch.chdir(tmp_path)  # the converted copy goes under ./work/quality/
+    spec = quality.load_benchmark(bench, {"benchmark.source": str(source)})
+    manifest = quality.prepare_dataset(spec)
+    cv, report = quality.make_folds(spec, manifest)
+    assert len(report["conflict_groups"]) == conflicts
+    for fold in range(spec.folds):
+        for task in spec.tasks:
+            frame = quality.fold_splits(spec, cv, fold, task)
+            groups = {s: set(frame.loc[frame["split"] == s, "group"].dropna())
+                      for s in ("train", "val", "test")}
+            assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
+            assert not frame.loc[frame["conflict"], "split"].isin(["train", "val"]).any()
+    assert cv[cv["split"] == "test"]["image"].is_unique and (cv["split"] == "test").sum() == len(manifest)

@@ -200,3 +200,15 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
     written = json.loads(report.read_text())["benchmarks"]["phantom_us"]
     assert written["tasks"]["tumor"]["task"] == "classification"
     assert "phantom_us" in report.with_suffix(".md").read_text()
+
+
+def test_a_report_keeps_the_benchmarks_not_rerun(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    assert quality.read_report(path) == {"benchmarks": {}}
+    quality.write_report({"benchmarks": {"busi": {"title": "b", "folds": 5, "folds_run": [0], "quick": False,
+                                                  "n_rows": 1, "conflict_groups": [], "conflict_rows": 0,
+                                                  "minutes": 1.0, "tasks": {}}}}, path)
+    kept = quality.read_report(path)
+    assert list(kept["benchmarks"]) == ["busi"]
+    path.write_text("[1, 2]")
+    assert quality.read_report(path) == {"benchmarks": {}}

@@ -386,12 +386,14 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
               help="override a value of the benchmark file(s), e.g. busi:models.busi_tumor.epochs=20")
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path), default=None,
               help="folder holding busi/ and mini_mias/ [default: the files' source, ../shared/datasets]")
+@click.option("--rescore", is_flag=True,
+              help="score the last run's saved predictions again (no training), e.g. after a metric change")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="JSON report [default: reports/quality_benchmark.json; with --quick or --fold: "
                    "reports/quality/partial.json]")
 def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ...],
-                  overrides: tuple[str, ...],
-                  datasets_dir: Path | None, out: Path | None) -> None:
+                  overrides: tuple[str, ...], datasets_dir: Path | None, rescore: bool,
+                  out: Path | None) -> None:
     """Leak-free cross-validated quality of the benchmark models on real datasets.
 
     BENCHMARK: busi, mini_mias (files in benchmarks/); all by default. Exits 1 with what
@@ -420,7 +422,7 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
         from dataclasses import replace
 
         specs = [replace(s, source=datasets_dir / s.source.parent.name / s.source.name) for s in specs]
-    missing = [s for s in specs if not s.source.exists()]
+    missing = [s for s in specs if not s.source.exists()] if not rescore else []
     if missing:
         raise click.ClickException("\n".join(
             f"benchmark {s.name} needs {s.source} ({s.title}); it is not on this machine" for s in missing)
@@ -432,8 +434,17 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
     results: dict[str, Any] = quality.read_report(out) if not partial else {"benchmarks": {}}
     for spec in specs:
         log.info("benchmark %s: %s", spec.name, spec.title)
-        results["benchmarks"][spec.name] = quality.run_benchmark(
-            spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
+        if rescore:
+            if spec.name not in results["benchmarks"]:
+                raise click.ClickException(f"{out} has no {spec.name} run to score again")
+            try:
+                results["benchmarks"][spec.name] = quality.rescore(
+                    spec, results["benchmarks"][spec.name], Path("reports/quality"))
+            except FileNotFoundError as exc:
+                raise click.ClickException(str(exc)) from None
+        else:
+            results["benchmarks"][spec.name] = quality.run_benchmark(
+                spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
         quality.write_report(results, out)  # after each benchmark: a long run keeps what it has
     click.echo(out.with_suffix(".md").read_text())
     click.echo(f"report: {out} and {out.with_suffix('.md').name}")

@@ -401,6 +401,7 @@ def score_task(spec: BenchmarkSpec, task: TaskSpec, pred: pd.DataFrame) -> dict[
                 "per_fold": per_fold[name],
                 "mean": float(np.mean(values)) if values else None,
                 "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "n": int(n),  # images scored (a binary view: those of its two classes)
             }
         out[subset] = {"n": int(len(rows)), "metrics": pooled}
     return out
@@ -455,6 +456,30 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: Path, *, quick: bool = False,
     result["commit"] = _git_commit()
     result["references"] = list(spec.references)
     return result
+
+
+def rescore(spec: BenchmarkSpec, entry: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Score a finished run again from its saved predictions, without training.
+
+    For a change of metric or operating point: the fold records and everything else of
+    ``entry`` (the benchmark's last report entry) are kept; ``scores`` are recomputed from
+    ``<out_dir>/<benchmark>/<model>/fold<k>/predictions.csv``.
+
+    Raises:
+        FileNotFoundError: a fold's predictions are missing.
+    """
+    entry = json.loads(json.dumps(entry))
+    for task in spec.tasks:
+        frames = []
+        for fold in entry["folds_run"]:
+            path = out_dir / spec.name / task.model / f"fold{fold}" / "predictions.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the benchmark first")
+            frames.append(pd.read_csv(path, dtype={"group": str, "image": str, "true": str}))
+        pred = pd.concat(frames, ignore_index=True)
+        entry["tasks"][task.model]["scores"] = score_task(spec, task, pred)
+    entry["rescored"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return entry
 
 
 def _git_commit() -> str | None:
@@ -515,7 +540,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         for model, task in bench["tasks"].items():
             for subset, scored in task["scores"].items():
                 for metric, m in scored["metrics"].items():
-                    lines.append(f"| {model} | {metric} | {subset} (n={scored['n']}) | {_fmt(m)} |")
+                    n = m.get("n", scored["n"])
+                    lines.append(f"| {model} | {metric} | {subset} (n={n}) | {_fmt(m)} |")
         if bench.get("references"):
             lines += ["", "Published references:", ""]
             lines += [f"- {ref.get('what', '')}: {ref.get('value', '')} ({ref.get('source', '')})"

@@ -212,3 +212,18 @@ def test_a_report_keeps_the_benchmarks_not_rerun(tmp_path: Path) -> None:
     assert list(kept["benchmarks"]) == ["busi"]
     path.write_text("[1, 2]")
     assert quality.read_report(path) == {"benchmarks": {}}
+
+
+@pytest.mark.slow
+def test_rescoring_the_saved_predictions_gives_the_same_scores(tiny_phantoms: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = quality.load_benchmark(_bench_file(tmp_path, tiny_phantoms / "ultrasound" / "manifest.csv"))
+    result = quality.run_benchmark(spec, tmp_path / "out", folds=[0, 2])
+    again = quality.rescore(spec, result, tmp_path / "out")
+    for model, task in result["tasks"].items():
+        assert again["tasks"][model]["scores"] == task["scores"], model
+        assert again["tasks"][model]["folds"] == task["folds"]
+    (tmp_path / "out" / "phantom_us" / "tumor" / "fold2" / "predictions.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="fold2"):
+        quality.rescore(spec, result, tmp_path / "out")

@@ -49,11 +49,16 @@ class BinaryView:
 
     Rows whose true class is ``positive`` or ``negative`` are scored with
     ``p(positive) / (p(positive) + p(negative))``, called positive at ``threshold``.
+
+    With ``target_sensitivity``, a second operating point is scored (``*_at_target``): each
+    fold's threshold is the highest one that reaches the target sensitivity on the *other*
+    folds' out-of-fold scores, so the fold being scored never chooses its own threshold.
     """
 
     positive: str
     negative: str
     threshold: float = 0.5
+    target_sensitivity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -289,20 +294,44 @@ def _binary_frame(pred: pd.DataFrame, view: BinaryView) -> pd.DataFrame:
     pos, neg = sub[f"prob_{view.positive}"].to_numpy(float), sub[f"prob_{view.negative}"].to_numpy(float)
     total = np.where(pos + neg > 0, pos + neg, 1.0)
     return pd.DataFrame({"y": (sub["true"].astype(str) == view.positive).to_numpy(int),
-                         "score": pos / total, "group": sub["group"].astype(str).to_numpy()})
+                         "score": pos / total, "group": sub["group"].astype(str).to_numpy(),
+                         "fold": sub["fold"].to_numpy()})
 
 
-def _binary_metrics(frame: pd.DataFrame, threshold: float) -> dict[str, Callable[[np.ndarray], float]]:
+def threshold_for_sensitivity(scores: np.ndarray, target: float) -> float:
+    """The highest threshold ``t`` with ``mean(scores >= t) >= target``.
+
+    Args:
+        scores: ``(n,)`` scores of the positive cases, ``n >= 1``.
+        target: sensitivity in ``(0, 1]``.
+    """
+    ordered = np.sort(np.asarray(scores, np.float64))[::-1]
+    k = max(1, math.ceil(target * len(ordered) - 1e-9))
+    return float(ordered[k - 1])
+
+
+def cross_fitted_thresholds(frame: pd.DataFrame, target: float) -> dict[int, float]:
+    """Per fold, :func:`threshold_for_sensitivity` on the positives of the other folds."""
+    out: dict[int, float] = {}
+    for fold in sorted(frame["fold"].unique()):
+        others = frame[(frame["fold"] != fold) & (frame["y"] == 1)]["score"].to_numpy()
+        if len(others):
+            out[int(fold)] = threshold_for_sensitivity(others, target)
+    return out
+
+
+def _binary_metrics(frame: pd.DataFrame, threshold: float | np.ndarray
+                    ) -> dict[str, Callable[[np.ndarray], float]]:
     """Index -> value functions of the binary view (NaN where a resample lacks a class).
 
-    The AUC is the evaluate stage's rank-sum AUC (equal to scikit-learn's ``roc_auc_score``,
-    and fast enough for a thousand bootstrap resamples).
+    ``threshold`` is one value or one per row. The AUC is the evaluate stage's rank-sum AUC
+    (equal to scikit-learn's ``roc_auc_score``, and fast enough for a thousand resamples).
     """
     from breastscan.evaluation import _auc
 
     y = frame["y"].to_numpy().astype(bool)
     score = frame["score"].to_numpy(np.float64)
-    called = score >= threshold
+    called = score >= np.asarray(threshold, np.float64)
 
     def rate(i: np.ndarray, truth: bool) -> float:
         sel = y[i] == truth
@@ -341,7 +370,8 @@ def _pooled(fns: dict[str, Callable[[np.ndarray], float]], n: int, groups: np.nd
     return out
 
 
-def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None
+def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None,
+                thresholds: dict[int, float] | None = None,
                 ) -> dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]]:
     """Metric name -> (index function, n, groups) on ``pred``.
 
@@ -372,8 +402,14 @@ def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None
         fns[name] = (_classification_metric(name, y, probs), n, groups)
     if view is not None:
         frame = _binary_frame(pred, view)
+        prefix = f"{view.positive}_vs_{view.negative}"
         for name, fn in _binary_metrics(frame, view.threshold).items():
-            fns[f"{view.positive}_vs_{view.negative}_{name}"] = (fn, len(frame), frame["group"].to_numpy())
+            fns[f"{prefix}_{name}"] = (fn, len(frame), frame["group"].to_numpy())
+        if thresholds and frame["fold"].isin(list(thresholds)).all():
+            per_row = frame["fold"].map(thresholds).to_numpy(np.float64)
+            for name, fn in _binary_metrics(frame, per_row).items():
+                if name != "auc":
+                    fns[f"{prefix}_{name}_at_target"] = (fn, len(frame), frame["group"].to_numpy())
     return fns
 
 
@@ -386,10 +422,14 @@ def score_task(spec: BenchmarkSpec, task: TaskSpec, pred: pd.DataFrame) -> dict[
     out: dict[str, Any] = {}
     for subset, rows in subsets.items():
         rows = rows.reset_index(drop=True)
-        pooled_fns = _metric_fns(rows, cfg, task.binary)
+        view = task.binary
+        thresholds: dict[int, float] = {}
+        if view is not None and view.target_sensitivity is not None and rows["fold"].nunique() > 1:
+            thresholds = cross_fitted_thresholds(_binary_frame(rows, view), view.target_sensitivity)
+        pooled_fns = _metric_fns(rows, cfg, view, thresholds)
         per_fold: dict[str, list[float | None]] = {name: [] for name in pooled_fns}
         for fold in sorted(rows["fold"].unique()):
-            fold_fns = _metric_fns(rows[rows["fold"] == fold].reset_index(drop=True), cfg, task.binary)
+            fold_fns = _metric_fns(rows[rows["fold"] == fold].reset_index(drop=True), cfg, view, thresholds)
             for name in per_fold:
                 entry = fold_fns.get(name)
                 per_fold[name].append(_value(entry[0], entry[1]) if entry else None)
@@ -404,6 +444,8 @@ def score_task(spec: BenchmarkSpec, task: TaskSpec, pred: pd.DataFrame) -> dict[
                 "n": int(n),  # images scored (a binary view: those of its two classes)
             }
         out[subset] = {"n": int(len(rows)), "metrics": pooled}
+        if thresholds:
+            out[subset]["thresholds_at_target"] = {str(k): v for k, v in thresholds.items()}
     return out
 
 

@@ -227,3 +227,35 @@ def test_rescoring_the_saved_predictions_gives_the_same_scores(tiny_phantoms: Pa
     (tmp_path / "out" / "phantom_us" / "tumor" / "fold2" / "predictions.csv").unlink()
     with pytest.raises(FileNotFoundError, match="fold2"):
         quality.rescore(spec, result, tmp_path / "out")
+
+
+def test_threshold_for_a_target_sensitivity() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
+    assert quality.threshold_for_sensitivity(scores, 0.88) == 0.1   # 9 of 10 at >= 0.1
+    assert quality.threshold_for_sensitivity(scores, 0.5) == 0.5
+    assert quality.threshold_for_sensitivity(scores, 1.0) == 0.05
+    t = quality.threshold_for_sensitivity(scores, 0.88)
+    assert np.mean(scores >= t) >= 0.88
+
+
+def test_the_target_operating_point_is_chosen_on_the_other_folds(tmp_path: Path) -> None:
+    path = _bench_file(tmp_path, tmp_path / "x.csv")
+    raw = yaml.safe_load(path.read_text())
+    raw["benchmark"]["tasks"][0]["binary"]["target_sensitivity"] = 0.8
+    path.write_text(yaml.safe_dump(raw))
+    spec = quality.load_benchmark(path)
+    pred = _predictions(seed=1)
+    pred["fold"] = (np.arange(len(pred)) // 3) % 3  # every class in every fold
+    scored = quality.score_task(spec, spec.tasks[0], pred)["all"]
+    binary = pred[pred["true"].isin(["benign", "malignant"])].reset_index(drop=True)
+    score = (binary["prob_malignant"] / (binary["prob_malignant"] + binary["prob_benign"])).to_numpy()
+    y = (binary["true"] == "malignant").to_numpy()
+    folds = binary["fold"].to_numpy()
+    expected = {k: quality.threshold_for_sensitivity(score[(folds != k) & y], 0.8) for k in range(3)}
+    assert {int(k): v for k, v in scored["thresholds_at_target"].items()} == pytest.approx(expected)
+    called = score >= np.array([expected[k] for k in folds])
+    m = scored["metrics"]
+    assert m["malignant_vs_benign_sensitivity_at_target"]["value"] == pytest.approx(called[y].mean())
+    assert m["malignant_vs_benign_specificity_at_target"]["value"] == pytest.approx((~called[~y]).mean())
+    per_fold = [called[(folds == k) & y].mean() for k in range(3)]
+    assert m["malignant_vs_benign_sensitivity_at_target"]["per_fold"] == pytest.approx(per_fold)

@@ -237,6 +237,17 @@ def fold_splits(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec
     return frame
 
 
+def bootstrap_groups(spec: BenchmarkSpec, frame: pd.DataFrame) -> dict[str, str]:
+    """Image -> the benchmark's group (``spec.group_column``; an ungrouped image is its own).
+
+    The unit the confidence intervals resample: the same unit the folds keep together (a
+    BUSI duplicate group, a mini-MIAS patient), whatever other group-like columns the
+    manifest carries (mini-MIAS has an empty ``dup_group`` column).
+    """
+    groups = frame[spec.group_column].where(frame[spec.group_column].notna(), frame["image"])
+    return dict(zip(frame["image"].astype(str), groups.astype(str), strict=True))
+
+
 # --------------------------------------------------------------------------- one fold
 
 
@@ -274,7 +285,7 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
         evaluation = evaluate_segmenter(result.bundle, parts["test"], n_boot=0)
     pred = evaluation.predictions.copy()
     pred["fold"] = fold
-    pred["group"] = parts["test"].groups
+    pred["group"] = pred["image"].astype(str).map(bootstrap_groups(spec, frame))
     conflict = dict(zip(frame["image"].astype(str), frame["conflict"], strict=True))
     pred["conflict"] = pred["image"].map(conflict).fillna(False).astype(bool)
     pred.to_csv(where / "predictions.csv", index=False)
@@ -505,7 +516,8 @@ def rescore(spec: BenchmarkSpec, entry: dict[str, Any], out_dir: Path) -> dict[s
 
     For a change of metric or operating point: the fold records and everything else of
     ``entry`` (the benchmark's last report entry) are kept; ``scores`` are recomputed from
-    ``<out_dir>/<benchmark>/<model>/fold<k>/predictions.csv``.
+    ``<out_dir>/<benchmark>/<model>/fold<k>/predictions.csv``, with each image's group
+    taken again from the fold's ``splits.csv`` (:func:`bootstrap_groups`).
 
     Raises:
         FileNotFoundError: a fold's predictions are missing.
@@ -517,7 +529,11 @@ def rescore(spec: BenchmarkSpec, entry: dict[str, Any], out_dir: Path) -> dict[s
             path = out_dir / spec.name / task.model / f"fold{fold}" / "predictions.csv"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the benchmark first")
-            frames.append(pd.read_csv(path, dtype={"group": str, "image": str, "true": str}))
+            pred = pd.read_csv(path, dtype={"group": str, "image": str, "true": str})
+            splits = pd.read_csv(path.with_name("splits.csv"), dtype=str, keep_default_na=False,
+                                 na_values=[""])
+            pred["group"] = pred["image"].map(bootstrap_groups(spec, splits))
+            frames.append(pred)
         pred = pd.concat(frames, ignore_index=True)
         entry["tasks"][task.model]["scores"] = score_task(spec, task, pred)
     entry["rescored"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

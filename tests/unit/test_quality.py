@@ -259,3 +259,10 @@ def test_the_target_operating_point_is_chosen_on_the_other_folds(tmp_path: Path)
     assert m["malignant_vs_benign_specificity_at_target"]["value"] == pytest.approx((~called[~y]).mean())
     per_fold = [called[(folds == k) & y].mean() for k in range(3)]
     assert m["malignant_vs_benign_sensitivity_at_target"]["per_fold"] == pytest.approx(per_fold)
+
+
+def test_intervals_resample_the_benchmark_group_not_another_group_column(tmp_path: Path) -> None:
+    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    frame = pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "group": ["p1", "p1", None],
+                          "dup_group": [None, None, None]})  # as mini-MIAS: an empty dup_group
+    assert quality.bootstrap_groups(spec, frame) == {"a.png": "p1", "b.png": "p1", "c.png": "c.png"}

@@ -133,6 +133,7 @@ class SplitConfig:
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 IMBALANCE: tuple[str, ...] = ("none", "class_weight", "balanced_sampling")
 DISTRIBUTION: tuple[str, ...] = ("none", "mirrored", "multi_worker")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,15 @@ class ModelConfig:
         weights: ``none``, ``imagenet`` or a path of saved weights.
         freeze: backbone layers frozen for fine-tuning (int count or float fraction).
         dropout: dropout rate before the output layer.
-        base_filters: U-Net filters of the first level (segmentation).
+        base_filters: filters of the first level of the U-Net (segmentation) or of the
+            ``compact`` classifier backbone (16-32-64-96-128 at 16).
         depth: U-Net down-sampling steps (segmentation); input sides divisible by ``2**depth``.
         preprocess: the preprocessing spec (input size included) saved with the model.
         epochs: maximum training epochs.
         batch_size: images per step (global batch under a distribution strategy).
-        learning_rate: Adam learning rate.
+        learning_rate: Adam learning rate (the peak one under a schedule).
+        schedule: ``constant`` learning rate, or ``cosine``: decayed to 0 over ``epochs``
+            (steadier weights, and so steadier batch-norm statistics, in the last epochs).
         patience: early-stopping patience in epochs on the validation loss (0 = off).
         augment: augmentation strengths, applied to training batches only.
         imbalance: ``none``, ``class_weight`` (inverse frequency) or ``balanced_sampling``.
@@ -197,6 +201,7 @@ class ModelConfig:
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
+    schedule: str = "constant"
     patience: int = 5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     imbalance: str = "class_weight"
@@ -212,6 +217,8 @@ class ModelConfig:
             raise ValueError(f"{where}.task must be one of {TASKS}, got {self.task!r}")
         if self.imbalance not in IMBALANCE:
             raise ValueError(f"{where}.imbalance must be one of {IMBALANCE}, got {self.imbalance!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.distribution not in DISTRIBUTION:
             raise ValueError(f"{where}.distribution must be one of {DISTRIBUTION}, got {self.distribution!r}")
         if self.task == "classification":

@@ -168,6 +168,25 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
     return str(info.model_uri)
 
 
+def logged_model_id(model_uri: str) -> str | None:
+    """The logged model id ``m-<hex>`` of a ``models:/m-<hex>`` URI (``None`` for other URIs)."""
+    match = _LOGGED_MODEL_URI.match(model_uri or "")
+    return match.group(1) if match else None
+
+
+def logged_model_exists(model_uri: str | None) -> bool:
+    """True when ``model_uri`` (``models:/m-<hex>``, from :func:`log_bundle`) names a logged
+    model in the configured tracking store (no model files are read)."""
+    model_id = logged_model_id(model_uri or "")
+    if model_id is None:
+        return False
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -341,10 +360,9 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
             continue
         tags[METRIC_TAG_PREFIX + metric] = repr(value)
 
-    match = _LOGGED_MODEL_URI.match(model_uri)
-    if match or not model_uri.startswith("runs:/"):
-        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
-                                         model_id=match.group(1) if match else None)
+    model_id = logged_model_id(model_uri)
+    if model_id or not model_uri.startswith("runs:/"):
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
     else:  # runs:/<run>/<name>: MLflow resolves it to the logged model of that run
         mv = mlflow.register_model(model_uri, name, tags=tags)
     version = int(mv.version)

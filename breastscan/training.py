@@ -35,7 +35,7 @@ import pandas as pd
 
 from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
-from breastscan.datasets import SplitData, class_weights, make_dataset
+from breastscan.datasets import SplitData, class_weights, make_dataset, steps_per_epoch
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -172,7 +172,17 @@ def get_strategy(distribution: str, *, tf_config: str | None = None) -> tf.distr
     return strategy
 
 
-def _build_and_compile(cfg: ModelConfig) -> Any:
+def _learning_rate(cfg: ModelConfig, epoch_steps: int) -> Any:
+    """The optimizer's learning rate: a number, or a cosine decay to 0 over all steps."""
+    import keras
+
+    if cfg.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate,
+                                                      decay_steps=max(1, cfg.epochs * epoch_steps))
+    return cfg.learning_rate
+
+
+def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1) -> Any:
     import keras
 
     from breastscan.models import BceDiceLoss, DiceCoefficient, IoUScore, build_model
@@ -181,10 +191,10 @@ def _build_and_compile(cfg: ModelConfig) -> Any:
         model = build_model(
             "classification", n_classes=len(cfg.classes), input_shape=cfg.input_shape,
             backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
-            name=cfg.name,
+            base_filters=cfg.base_filters, name=cfg.name,
         )
         model.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            optimizer=keras.optimizers.Adam(_learning_rate(cfg, epoch_steps)),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
@@ -194,7 +204,7 @@ def _build_and_compile(cfg: ModelConfig) -> Any:
             depth=cfg.depth, dropout=cfg.dropout, name=cfg.name,
         )
         model.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            optimizer=keras.optimizers.Adam(_learning_rate(cfg, epoch_steps)),
             loss=BceDiceLoss(from_logits=True),
             metrics=[DiceCoefficient(threshold=cfg.threshold), IoUScore(threshold=cfg.threshold)],
         )
@@ -250,7 +260,11 @@ def train_model(
 
     tf.config.experimental.enable_op_determinism()
     with strategy.scope():
-        model = _build_and_compile(cfg)
+        model = _build_and_compile(cfg, steps_per_epoch(len(train), cfg))
+        # Create the optimizer's slots now, eagerly. Left to the first training step, they
+        # are created while tf.function traces it, which makes it trace twice (variables
+        # may only be created on a first trace): 11 s instead of 5 s for a small U-Net.
+        model.optimizer.build(model.trainable_variables)
     log.info("%s: %s model, %d parameters, %d replica(s), %d training / %d validation images",
              cfg.name, cfg.task, model.count_params(), strategy.num_replicas_in_sync, len(train), len(val))
 

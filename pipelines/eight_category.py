@@ -1,8 +1,10 @@
 """Stage ``eight_category``: the 8-category view (benign/malignant x density A-D) on a mammogram.
 
 An older tool reported one of eight categories per mammogram; here it is derived from the
-density and tumor models (see :func:`breastscan.evaluation.eight_category`), each applying
-its own preprocessing spec and calibration, on the test split the two models share.
+density and tumor models (see :func:`breastscan.evaluation.eight_category`) on the test
+split the two models share. It combines the calibrated probabilities that
+``evaluate@<density>`` and ``evaluate@<tumor>`` wrote to their ``predictions.csv`` (the
+probabilities the service returns), so no model is run again here.
 Writes ``reports/eight_category/predictions.csv`` and the metrics
 ``reports/eight_category/metrics.json`` (accuracy over the test images that have a lesion,
 where the true category is defined).
@@ -20,21 +22,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breastscan.bundle import ModelBundle
-from breastscan.config import load_params
-from breastscan.datasets import load_split
-from breastscan.evaluation import batched_logits, eight_category
-from breastscan.labels import class_display_names
+from breastscan.config import ModelConfig, load_params
+from breastscan.evaluation import eight_category
 from breastscan.logs import configure_logging
-from pipelines._stage import REPORTS, model_dir, model_reports, splits_csv
+from pipelines._stage import REPORTS, model_reports
 
 log = logging.getLogger("pipelines.eight_category")
 
 
-def _calibrated(name: str) -> ModelBundle:
-    bundle = ModelBundle.load(model_dir(name))
-    metrics = json.loads((model_reports(name) / "metrics.json").read_text())
-    return bundle.with_temperature(float(metrics["temperature"]))
+def _predictions(cfg: ModelConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """A classifier's test predictions and its ``(n, k)`` probabilities in class order."""
+    frame = pd.read_csv(model_reports(cfg.name) / "predictions.csv", dtype={"true": str, "pred": str})
+    columns = [f"prob_{name}" for name in cfg.class_names]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{model_reports(cfg.name) / 'predictions.csv'} lacks {', '.join(missing)}")
+    return frame, frame[columns].to_numpy(np.float64)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,23 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("the density (%s) and tumor (%s) models must share a dataset", density_cfg.dataset,
                   tumor_cfg.dataset)
         return 1
-    dataset = params.dataset(tumor_cfg.dataset)
-    splits = splits_csv(dataset.name)
-    density, tumor = _calibrated(density_cfg.name), _calibrated(tumor_cfg.name)
-    d_test = load_split(splits, dataset.path, density_cfg, "test")
-    t_test = load_split(splits, dataset.path, tumor_cfg, "test")
-    if list(d_test.frame["image"]) != list(t_test.frame["image"]):
+    density, d_probs = _predictions(density_cfg)
+    tumor, t_probs = _predictions(tumor_cfg)
+    if list(density["image"]) != list(tumor["image"]):
         log.error("the two models' test rows differ; both need labels on every test image")
         return 1
-    rows = eight_category(density.probabilities(batched_logits(density, d_test.images)),
-                          tumor.probabilities(batched_logits(tumor, t_test.images)),
-                          tumor.contract.class_names, density_names=density.contract.class_names)
-    frame = d_test.frame.reset_index(drop=True)
-    letters = class_display_names("density", frame["density"])
+    rows = eight_category(d_probs, t_probs, tumor_cfg.class_names, density_names=density_cfg.class_names)
     truth = [f"{p}-{d}" if p in ("benign", "malignant") else None
-             for p, d in zip(frame["pathology"], letters, strict=True)]
+             for p, d in zip(tumor["true"], density["true"], strict=True)]
     out = pd.DataFrame({
-        "image": frame["image"], "true_category": truth,
+        "image": density["image"], "true_category": truth,
         "category": [r["category"] for r in rows], "finding": [r["finding"] for r in rows],
         "p_malignant": [r["p_malignant"] for r in rows], "p_normal": [r["p_normal"] for r in rows],
         "confidence": [r["confidence"] for r in rows],

@@ -1,32 +1,54 @@
-"""Stage ``evaluate@<model>``: held-out test metrics, calibration, plots.
+"""Stage ``evaluate@<model>``: held-out test metrics, calibration, plots, model card, logged model.
 
 Reads the bundle of ``train@<model>`` and the val/test rows of the split artefact. For a
 classifier the calibration temperature is fitted on the validation split and every test
 metric is computed on the calibrated probabilities (the ones the service returns); for
 the U-Net, Dice and IoU per image. Writes ``reports/models/<model>/``: ``metrics.json``
 (a DVC metrics file, with the headline metric's 95 % bootstrap CI), ``plots/*.csv``
-(DVC plots: ROC, PR, confusion, calibration, Dice histogram), static PNGs under ``png/``
-and ``predictions.csv``; and logs them to the model's MLflow run.
+(DVC plots: ROC, PR, confusion, calibration, Dice histogram), static PNGs under ``png/``,
+``predictions.csv`` and ``model_card.md`` (data, intended use, metrics with CIs,
+calibration, known limitations), and logs them to the model's MLflow run.
+
+The calibrated bundle is logged to that run as an MLflow model (signature, input example,
+preprocessing spec, class names, calibration, the model card) carrying the test metrics;
+its URI goes to ``reports/models/<model>/logged_model.json`` for ``register@<model>``,
+which then needs no TensorFlow.
 
 Run: ``python -m pipelines.evaluate --model tumor``
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 from breastscan import tracking
 from breastscan.bundle import ModelBundle
-from breastscan.datasets import load_split
+from breastscan.config import DatasetConfig
+from breastscan.datasets import load_split, read_splits
 from breastscan.evaluation import evaluate_classifier, evaluate_segmenter, write_evaluation
+from breastscan.modelcard import write_model_card
 from breastscan.plots import plot_history
-from pipelines._stage import model_dir, model_reports, parse, splits_csv
-from pipelines.run import model_run
+from breastscan.splits import split_id
+from pipelines._stage import REPORTS, model_dir, model_reports, parse, splits_csv
+from pipelines.run import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
 
 log = logging.getLogger("pipelines.evaluate")
+
+
+def card_data(dataset: DatasetConfig, splits: Path) -> dict[str, Any]:
+    """What the model card says about the data: dataset, test split id, DVC hash, split counts."""
+    frame = read_splits(splits)
+    return {
+        "dataset": dataset.name, "path": str(dataset.path), "modality": dataset.modality,
+        "split_id": split_id(splits, "test"), "data_hash": tracking.dvc_data_hash(Path.cwd()),
+        "synthetic": "phantom_id" in frame.columns,
+        **json.loads((REPORTS / "prepare" / f"{dataset.name}.json").read_text()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s on %d test images: %s = %s (95%% CI %s-%s)", cfg.name, m["n_test"], m["headline"],
              *(f"{v:.3f}" if isinstance(v, float) else "undefined"
                for v in (m["headline_value"], m["headline_ci_low"], m["headline_ci_high"])))
-    with model_run(cfg.name, model_dir(cfg.name), stage="evaluate"):
-        mlflow.log_metrics({f"test_{k}": v for k, v in tracking.numeric_items(m).items()})
+    card = write_model_card(cfg, calibrated(bundle, m).contract, m, data=card_data(dataset, splits),
+                            path=reports / "model_card.md")
+    with model_run(cfg.name, model_dir(cfg.name), stage="evaluate") as run:
         for path in written.values():
             sub = "evaluation/" + str(Path(path).parent.relative_to(reports)).strip(".")
             mlflow.log_artifact(str(path), sub.rstrip("/"))
+        mlflow.log_artifact(str(card))
+        model_uri = log_served_model(bundle, m, card)  # logs the test metrics, linked to the model
+        logged = {"model_uri": model_uri, "run_id": run.info.run_id,
+                  "tracking_uri": mlflow.get_tracking_uri()}
+    (reports / LOGGED_MODEL_FILE).write_text(json.dumps(logged, indent=2) + "\n")
+    log.info("%s: calibrated model logged as %s (register@%s registers it)", cfg.name, model_uri, cfg.name)
     return 0
 
 

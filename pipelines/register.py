@@ -1,11 +1,15 @@
-"""Stage ``register@<model>``: log the calibrated model to MLflow and register it as ``staging``.
+"""Stage ``register@<model>``: register the model evaluate logged and mark it ``staging``.
 
-Takes the bundle of ``train@<model>`` with the temperature ``evaluate@<model>`` fitted,
-writes the model card (``reports/models/<model>/model_card.md``), logs the bundle as an
-MLflow model (signature, input example, preprocessing spec, class names, calibration)
-with the card, creates a new version of ``breastscan-<model>`` carrying the test metrics
-and the test split's id, and points the alias ``staging`` at it. Promotion to
-``production`` is a separate, gated step: ``breastscan promote <model>``.
+Reads ``reports/models/<model>/logged_model.json`` (the calibrated model, with its card,
+that ``evaluate@<model>`` logged to the model's MLflow run) and ``metrics.json``, creates
+a new version of ``breastscan-<model>`` carrying the test metrics and the test split's
+id, and points the alias ``staging`` at it. Promotion to ``production`` is a separate,
+gated step: ``breastscan promote <model>``.
+
+No TensorFlow is imported unless the logged model is missing from the tracking store in
+use (``MLFLOW_TRACKING_URI`` changed since evaluate, or DVC restored evaluate's outputs
+from its cache): then the bundle of ``train@<model>`` is logged again here, with
+evaluate's temperature and model card.
 
 Writes ``reports/models/<model>/registered.json`` (name, version, run, model URI).
 
@@ -16,18 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
-from pathlib import Path
 
 import mlflow
 
-from breastscan import registry, tracking
-from breastscan.bundle import ModelBundle
-from breastscan.datasets import read_splits
-from breastscan.modelcard import write_model_card
+from breastscan import registry
 from breastscan.splits import split_id
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
-from pipelines.run import model_run
+from pipelines.run import LOGGED_MODEL_FILE, log_served_model, model_run
 
 log = logging.getLogger("pipelines.register")
 
@@ -39,24 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.params.dataset(cfg.dataset)
     reports = model_reports(cfg.name)
     metrics = json.loads((reports / "metrics.json").read_text())
-    bundle = ModelBundle.load(model_dir(cfg.name))
-    if cfg.task == "classification":
-        bundle = bundle.with_temperature(float(metrics["temperature"]))
+    logged = json.loads((reports / LOGGED_MODEL_FILE).read_text())
     test_split = split_id(splits_csv(dataset.name), "test")
-    frame = read_splits(splits_csv(dataset.name))
-    data = {
-        "dataset": dataset.name, "path": str(dataset.path), "modality": dataset.modality,
-        "split_id": test_split, "data_hash": tracking.dvc_data_hash(Path.cwd()),
-        "synthetic": "phantom_id" in frame.columns,
-        **json.loads((Path("reports/prepare") / f"{dataset.name}.json").read_text()),
-    }
-    card = write_model_card(cfg, bundle.contract, metrics, data=data, path=reports / "model_card.md")
 
-    with model_run(cfg.name, model_dir(cfg.name), stage="register") as run, \
-            tempfile.TemporaryDirectory() as tmp:
-        served = bundle.save(Path(tmp) / "bundle")
-        model_uri = registry.log_bundle(served, extra_artifacts={"model_card.md": card})
-        mlflow.log_artifact(str(card))  # beside the run's other reports, too
+    with model_run(cfg.name, model_dir(cfg.name), stage="register") as run:
+        model_uri = str(logged.get("model_uri") or "")
+        if not registry.logged_model_exists(model_uri):
+            log.warning("%s: logged model %r is not in %s; logging the bundle of %s again", cfg.name,
+                        model_uri, mlflow.get_tracking_uri(), model_dir(cfg.name))
+            from breastscan.bundle import ModelBundle
+
+            model_uri = log_served_model(ModelBundle.load(model_dir(cfg.name)), metrics,
+                                         reports / "model_card.md")
         version = registry.register(cfg, model_uri, metrics=metrics, split_id=test_split,
                                     run_id=run.info.run_id)
         out = {

@@ -1,20 +1,26 @@
-"""The MLflow run a model's stages share: started by train, continued by evaluate and register."""
+"""The MLflow run a model's stages share (started by train, continued by evaluate and register),
+and the calibrated model evaluate logs to it."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
 from breastscan import tracking
+from breastscan.bundle import ModelBundle
 
 log = logging.getLogger("pipelines.run")
 
 RUN_FILE = "run.json"
+LOGGED_MODEL_FILE = "logged_model.json"
+"""In ``reports/models/<model>/``: the URI of the model evaluate logged, which register registers."""
 
 
 @contextmanager
@@ -40,3 +46,35 @@ def model_run(model: str, bundle_dir: Path, *, stage: str) -> Iterator[mlflow.Ac
     with tracking.start_training_run(model, project, params={}, tags=tags) as run:
         mlflow.set_tag(f"breastscan.{stage}", "done")
         yield run
+
+
+def calibrated(bundle: ModelBundle, metrics: Mapping[str, Any]) -> ModelBundle:
+    """The bundle as served: a classifier with the temperature evaluate fitted (``metrics.json``)."""
+    if bundle.contract.task != "classification":
+        return bundle
+    return bundle.with_temperature(float(metrics["temperature"]))
+
+
+def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path) -> str:
+    """Log the calibrated bundle, with its model card, as an MLflow model of the active run.
+
+    The logged model (signature, input example, preprocessing spec, class names,
+    calibration; see :func:`breastscan.registry.log_bundle`) also gets the test metrics
+    (``test_<name>``), so MLflow shows them on the model's page. Needs TensorFlow (the
+    signature comes from running the model).
+
+    Returns:
+        Its URI, ``models:/m-<id>``: what the register stage registers.
+    """
+    from breastscan import registry
+
+    with tempfile.TemporaryDirectory() as tmp:
+        served = calibrated(bundle, metrics).save(Path(tmp) / "bundle")
+        model_uri = registry.log_bundle(served, extra_artifacts={"model_card.md": card})
+    mlflow.log_metrics(as_test_metrics(metrics), model_id=registry.logged_model_id(model_uri))
+    return model_uri
+
+
+def as_test_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of ``metrics.json`` as MLflow metrics named ``test_<name>``."""
+    return {f"test_{k}": v for k, v in tracking.numeric_items(dict(metrics)).items()}

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 BACKBONES = ("compact", "mobilenetv3small", "efficientnetb0", "resnet50", "densenet121", "densenet201")
 """Backbones accepted by :func:`build_classifier`."""
 
-_COMPACT_FILTERS = (16, 32, 64, 96, 128)
+_COMPACT_WIDTHS = (1, 2, 4, 6, 8)  # filters of the compact blocks, in units of base_filters
 _APP_MIN_SIDE = 32  # five stride-2 stages in every keras.applications backbone
 _PREPROCESSING_LAYERS = (GrayToRGB, BackbonePreprocess, Standardize)
 
@@ -74,6 +74,7 @@ def build_classifier(
     weights: str = "none",
     freeze: float | int = 0,
     dropout: float = 0.2,
+    base_filters: int = 16,
     name: str = "classifier",
 ) -> keras.Model:
     """Build an (untrained unless ``weights`` says otherwise) image classifier.
@@ -84,10 +85,10 @@ def build_classifier(
             contract) or 3. ``keras.applications`` backbones need ``H, W >= 32``; the
             compact one ``H, W >= 16``.
         backbone: one of :data:`BACKBONES`. ``"compact"`` is a small 5-block CNN
-            (16-32-64-96-128 filters, ~190k parameters, average and max pooled) sized for
-            a 2-core CPU; the others are ``keras.applications`` models
-            (``include_top=False, pooling="avg"``) fed through :class:`GrayToRGB` and
-            :class:`BackbonePreprocess`.
+            (``base_filters`` x 1-2-4-6-8 filters: 16-32-64-96-128 and ~190k parameters
+            by default, average and max pooled) sized for a 2-core CPU; the others are
+            ``keras.applications`` models (``include_top=False, pooling="avg"``) fed
+            through :class:`GrayToRGB` and :class:`BackbonePreprocess`.
         weights: ``"none"`` (random initialisation), ``"imagenet"`` (keras.applications
             backbones only; downloaded by Keras or read from its cache ``~/.keras/models``),
             or the path of saved weights: a ``.weights.h5`` file written by
@@ -102,6 +103,8 @@ def build_classifier(
             moving statistics when ``trainable=False``), the usual fine-tuning practice.
             The head (dropout, logits) always stays trainable.
         dropout: dropout rate before the logits layer, in [0, 1).
+        base_filters: filters of the compact backbone's first block (>= 1; the cost of a
+            training step grows about with its square). Ignored by the other backbones.
         name: the model's name.
 
     Returns:
@@ -124,7 +127,9 @@ def build_classifier(
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    compact_min = 2 ** (len(_COMPACT_FILTERS) - 1)  # one max-pool between blocks
+    if isinstance(base_filters, bool) or not isinstance(base_filters, numbers.Integral) or base_filters < 1:
+        raise ValueError(f"base_filters must be an integer >= 1, got {base_filters!r}")
+    compact_min = 2 ** (len(_COMPACT_WIDTHS) - 1)  # one max-pool between blocks
     shape = _check_input_shape(input_shape, min_side=compact_min if backbone == "compact" else _APP_MIN_SIDE)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -132,7 +137,7 @@ def build_classifier(
 
     inputs = keras.Input(shape=shape, name="image")
     if backbone == "compact":
-        pooled = _compact_features(inputs)
+        pooled = _compact_features(inputs, int(base_filters))
     else:
         app_weights: str | None = None
         if weights_path is None and str(weights).lower() == "imagenet":
@@ -213,19 +218,20 @@ def last_conv_layer_name(model: keras.Model) -> str:
 # --------------------------------------------------------------------------- backbones
 
 
-def _compact_features(inputs: Any) -> Any:
-    """Conv-BN-ReLU blocks (see ``_COMPACT_FILTERS``), max-pooling between them, then both
-    global average and global max pooling, concatenated.
+def _compact_features(inputs: Any, base_filters: int) -> Any:
+    """Conv-BN-ReLU blocks (``base_filters`` x ``_COMPACT_WIDTHS``), max-pooling between them,
+    then both global average and global max pooling, concatenated.
 
     The max-pooled half answers "is there a small bright mass anywhere", which averaging
     over a whole breast dilutes; the average half carries global texture (density).
     """
     x = inputs
-    for i, filters in enumerate(_COMPACT_FILTERS, start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+    for i, width in enumerate(_COMPACT_WIDTHS, start=1):
+        x = keras.layers.Conv2D(base_filters * width, 3, padding="same", use_bias=False,
+                                name=f"block{i}_conv")(x)
         x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
         x = keras.layers.ReLU(name=f"block{i}_relu")(x)
-        if i < len(_COMPACT_FILTERS):
+        if i < len(_COMPACT_WIDTHS):
             x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
     avg = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     peak = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)

@@ -10,6 +10,8 @@ HTTP on loopback.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +64,8 @@ def client(trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, str], client) -> None:
+    import mlflow
+
     root, stdout = trained
     for ds in ("mammography", "ultrasound"):
         assert json.loads((root / f"reports/validation/{ds}.json").read_text())["success"] is True
@@ -87,10 +91,34 @@ def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, s
         assert mlrun.data.tags["breastscan.data_hash"]
         artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
         assert {"data", "training", "evaluation"} <= artifacts
-        # the registered version sits at staging, with its metrics and split id
+        # evaluate logged the calibrated model (card inside, test metrics linked to it) ...
+        logged = json.loads((root / f"reports/models/{name}/logged_model.json").read_text())
+        model_id = logged["model_uri"].removeprefix("models:/")
+        model = client.get_logged_model(model_id)
+        assert model.source_run_id == mlrun.info.run_id == logged["run_id"]
+        linked = {m.key: m.value for m in model.metrics or []}
+        assert linked[f"test_{metrics['headline']}"] == pytest.approx(metrics["headline_value"])
+        card_uri = f"{model.artifact_location}/artifacts/model_card.md"  # a pyfunc artifact
+        assert "Not for diagnosis" in mlflow.artifacts.load_text(card_uri)
+        # ... and register registered that very model: the version sits at staging, with
+        # its metrics and split id
         version = client.get_model_version_by_alias(f"breastscan-{name}", "staging")
         assert version.run_id == mlrun.info.run_id
+        assert version.source == logged["model_uri"]
         assert version.tags["split_id"]
+        assert json.loads((root / f"reports/models/{name}/registered.json").read_text())["model_uri"] \
+            == logged["model_uri"]
+    # the 8-category view combines the two classifiers' calibrated test predictions
+    view = pd.read_csv(root / "reports/eight_category/predictions.csv")
+    density = pd.read_csv(root / "reports/models/density/predictions.csv")
+    tumor = pd.read_csv(root / "reports/models/tumor/predictions.csv")
+    assert list(view["image"]) == list(density["image"]) == list(tumor["image"])
+    p_m = tumor["prob_malignant"] / (tumor["prob_malignant"] + tumor["prob_benign"])
+    np.testing.assert_allclose(view["p_malignant"], p_m, atol=1e-6)
+    letters = density[["prob_A", "prob_B", "prob_C", "prob_D"]].to_numpy().argmax(axis=1)
+    assert [c.split("-")[1] for c in view["category"]] == ["ABCD"[i] for i in letters]
+    eight = json.loads((root / "reports/eight_category/metrics.json").read_text())
+    assert eight["n_test"] == len(view) and eight["n_with_lesion"] == view["true_category"].notna().sum()
     # the summary table closes the repro output
     tail = stdout[stdout.rindex("Running stage 'summary'"):]
     for name in MODELS:
@@ -187,6 +215,28 @@ def test_promotion_is_gated(trained: tuple[Path, str], client) -> None:
     rows = {r["name"]: r for r in json.loads(listed)}
     assert "production" in rows["breastscan-lesion"]["aliases"]
     assert rows["breastscan-tumor"]["headline"] == "macro_auc"
+
+
+def test_register_logs_the_model_again_when_the_store_lacks_it(trained: tuple[Path, str],
+                                                               tmp_path: Path) -> None:
+    """DVC restored evaluate's outputs, or MLFLOW_TRACKING_URI changed: register still registers."""
+    import mlflow
+
+    root = tmp_path / "copy"
+    shutil.copytree(trained[0], root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    proc = run([sys.executable, "-m", "pipelines.register", "--model", "lesion"], root,
+               MLFLOW_TRACKING_URI=uri)
+    assert "is not in" in proc.stderr and "logging the bundle" in proc.stderr
+    registered = json.loads((root / "reports/models/lesion/registered.json").read_text())
+    logged = json.loads((root / "reports/models/lesion/logged_model.json").read_text())
+    assert registered["model_uri"] != logged["model_uri"] and registered["version"] == 1
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("breastscan-lesion", "staging")
+    assert version.source == registered["model_uri"]
+    model = client.get_logged_model(registered["model_uri"].removeprefix("models:/"))
+    assert mlflow.artifacts.load_text(f"{model.artifact_location}/artifacts/model_card.md") == \
+        (root / "reports/models/lesion/model_card.md").read_text()
 
 
 def test_pipeline_against_a_real_mlflow_server(tmp_path: Path, tiny_phantoms: Path) -> None:

@@ -65,6 +65,19 @@ def test_compact_classifier_shapes(n_classes: int, size: tuple[int, int]) -> Non
     assert model.get_layer("logits").activation is keras.activations.linear  # logits, no softmax
 
 
+@pytest.mark.parametrize(("base_filters", "widths", "params"), [(16, (16, 32, 64, 96, 128), 191_444),
+                                                              (8, (8, 16, 32, 48, 64), 48_492)])
+def test_compact_classifier_width(base_filters: int, widths: tuple[int, ...], params: int) -> None:
+    model = build_classifier(n_classes=4, input_shape=(64, 48, 1), base_filters=base_filters)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert tuple(layer.filters for layer in convs) == widths
+    assert model.count_params() == params
+    assert tuple(model.get_layer("pooled").output.shape) == (None, 2 * widths[-1])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="base_filters"):
+            build_classifier(n_classes=4, input_shape=(64, 48, 1), base_filters=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("backbone", "n_classes", "size", "mode"),
     [

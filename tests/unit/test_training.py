@@ -17,7 +17,7 @@ import pytest
 
 from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
-from breastscan.datasets import SplitData, class_weights, load_split, make_dataset
+from breastscan.datasets import SplitData, class_weights, load_split, make_dataset, steps_per_epoch
 from breastscan.manifest import normalize_manifest, read_manifest
 from breastscan.preprocessing import PreprocessSpec
 from breastscan.splits import prepare_splits
@@ -245,3 +245,31 @@ def test_write_history_checks_lengths(tmp_path: Path) -> None:
     assert frame.to_dict("list") == {"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [1.1, 0.9]}
     with pytest.raises(ValueError, match="differ in length"):
         write_history({"loss": [1.0], "val_loss": [1.0, 2.0]}, tmp_path / "bad.csv")
+
+
+def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from breastscan import training
+
+    data = _synthetic(40)
+    cfg = replace(TOY, epochs=3, batch_size=16, patience=0, schedule="cosine", learning_rate=0.01)
+    assert steps_per_epoch(len(data), cfg) == 2  # 40 // 16 full batches
+    assert steps_per_epoch(len(data), replace(cfg, imbalance="balanced_sampling")) == 3  # ceil(40 / 16)
+    assert steps_per_epoch(5, cfg) == 1
+    seen: list[Any] = []
+    build = training._build_and_compile
+
+    def spy(c: ModelConfig, steps: int) -> Any:
+        seen.append(build(c, steps))
+        return seen[-1]
+
+    monkeypatch.setattr(training, "_build_and_compile", spy)
+    result = train_model(cfg, data, data, modality="mammography")
+    optimizer = seen[0].optimizer
+    assert int(optimizer.iterations.numpy()) == 3 * 2  # every planned step ran ...
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)  # ... and the rate is 0
+    assert float(optimizer._learning_rate(0)) == pytest.approx(0.01)
+    assert result.epochs_run == 3
+    constant = training._learning_rate(replace(cfg, schedule="constant"), 2)
+    assert constant == 0.01
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        replace(cfg, schedule="step")

@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.log_artifact(str(path), sub.rstrip("/"))
         mlflow.log_artifact(str(card))
         model_uri = log_served_model(bundle, m, card)  # logs the test metrics, linked to the model
-        logged = {"model_uri": model_uri, "run_id": run.info.run_id,
-                  "tracking_uri": mlflow.get_tracking_uri()}
+        logged = {"model_uri": model_uri, "run_id": run.info.run_id}
     (reports / LOGGED_MODEL_FILE).write_text(json.dumps(logged, indent=2) + "\n")
     log.info("%s: calibrated model logged as %s (register@%s registers it)", cfg.name, model_uri, cfg.name)
     return 0

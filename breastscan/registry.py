@@ -53,6 +53,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from breastscan.bundle import ModelBundle, read_contract
 from breastscan.metrics import finite_float
+from breastscan.preprocessing import PreprocessSpec
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -130,9 +131,10 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
                extra_artifacts: Mapping[str, Path] | None = None) -> str:
     """Log a bundle as an MLflow pyfunc model (in the active run, if any).
 
-    The signature is inferred from one all-zero image at the model's input size and the
-    bundle's output for it: input tensor ``float32 (-1, H, W, 1)``, output ``float32
-    (-1, k)`` or ``(-1, H, W, 1)``. That image is stored as the input example. The
+    The signature follows from the bundle's contract: input tensor ``float32 (-1, H, W,
+    1)``, output ``float32 (-1, k)`` (classifier, ``k`` classes) or ``(-1, H, W, 1)``
+    (segmenter). One all-zero image is stored as the input example; MLflow checks it by
+    loading the logged model and running it (the only time the model is loaded here). The
     contract and preprocessing spec also go into the ``MLmodel`` metadata.
 
     Args:
@@ -150,9 +152,10 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
     if BUNDLE_ARTIFACT in extra:
         raise ValueError(f"extra artifact key {BUNDLE_ARTIFACT!r} is reserved for the bundle")
     bundle_dir = Path(bundle_dir)
-    bundle = ModelBundle.load(bundle_dir)
-    example = np.zeros((1, *bundle.contract.input_shape), dtype=np.float32)
-    signature = infer_signature(example, bundle.predict(example))
+    contract, spec = read_contract(bundle_dir), PreprocessSpec.load(bundle_dir)
+    example = np.zeros((1, *contract.input_shape), dtype=np.float32)
+    out_shape = (1, *contract.input_shape) if contract.task == "segmentation" else (1, len(contract.classes))
+    signature = infer_signature(example, np.zeros(out_shape, dtype=np.float32))
     artifacts = {BUNDLE_ARTIFACT: str(bundle_dir.resolve())}
     artifacts.update({k: str(Path(v).resolve()) for k, v in extra.items()})
     info = mlflow.pyfunc.log_model(
@@ -162,7 +165,7 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
         signature=signature,
         input_example=example,
         pip_requirements=_pip_requirements(),
-        metadata={"contract": bundle.contract.to_dict(), "preprocess": bundle.spec.to_dict()},
+        metadata={"contract": contract.to_dict(), "preprocess": spec.to_dict()},
     )
     log.info("logged bundle %s as %s", bundle_dir, info.model_uri)
     return str(info.model_uri)

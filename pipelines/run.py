@@ -60,8 +60,8 @@ def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path
 
     The logged model (signature, input example, preprocessing spec, class names,
     calibration; see :func:`breastscan.registry.log_bundle`) also gets the test metrics
-    (``test_<name>``), so MLflow shows them on the model's page. Needs TensorFlow (the
-    signature comes from running the model).
+    (``test_<name>``), so MLflow shows them on the model's page. Needs TensorFlow (MLflow
+    checks the input example by loading the logged model and running it).
 
     Returns:
         Its URI, ``models:/m-<id>``: what the register stage registers.

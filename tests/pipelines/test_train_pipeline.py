@@ -99,6 +99,12 @@ def test_repro_trains_evaluates_and_registers_every_model(trained: tuple[Path, s
         linked = {m.key: m.value for m in model.metrics or []}
         assert linked[f"test_{metrics['headline']}"] == pytest.approx(metrics["headline_value"])
         card_uri = f"{model.artifact_location}/artifacts/model_card.md"  # a pyfunc artifact
+        signature = mlflow.models.get_model_info(logged["model_uri"]).signature
+        contract = json.loads((root / f"artifacts/models/{name}/contract.json").read_text())
+        k_or_mask = [len(contract["classes"])] if contract["task"] == "classification" \
+            else contract["input_shape"]
+        assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, *contract["input_shape"])
+        assert signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, *k_or_mask)
         assert "Not for diagnosis" in mlflow.artifacts.load_text(card_uri)
         # ... and register registered that very model: the version sits at staging, with
         # its metrics and split id

@@ -124,7 +124,7 @@ def validate(root: Path | None, dataset: str | None, params: Path, modality: str
     from dataclasses import replace
 
     from breastscan.config import DatasetConfig, ValidationRules, load_params
-    from breastscan.validation import validate_dataset
+    from breastscan.data.validation import validate_dataset
 
     if dataset:
         p = load_params(params)
@@ -148,9 +148,9 @@ def validate(root: Path | None, dataset: str | None, params: Path, modality: str
 
 def _score_on_workspace_split(cfg: Any, params: Any, expected_split: str | None) -> Any:
     """An ``evaluate(bundle) -> metrics`` callback scoring on this checkout's test split."""
-    from breastscan.datasets import load_split
-    from breastscan.metrics import classification_report, segmentation_report
-    from breastscan.splits import split_id
+    from breastscan.data.loading import load_split
+    from breastscan.data.splits import split_id
+    from breastscan.evaluation.metrics import classification_report, segmentation_report
 
     dataset = params.dataset(cfg.dataset)
     splits = Path("artifacts/prepared") / dataset.name / "splits.csv"
@@ -190,8 +190,8 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
     gates.max_regression versus the version now at that stage, on the same test split.
     Exits 1 and names the failed gates when any promotion is refused.
     """
-    from breastscan import registry, tracking
     from breastscan.config import load_params
+    from breastscan.registry import tracking, versions
 
     p = load_params(params)
     if all_models:
@@ -208,10 +208,10 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
     refused = 0
     for cfg in cfgs:
         try:
-            candidate_split = registry.version_split_id(cfg, version)
-            result = registry.promote(cfg, version=version, to=to,
+            candidate_split = versions.version_split_id(cfg, version)
+            result = versions.promote(cfg, version=version, to=to,
                                       evaluate=_score_on_workspace_split(cfg, p, candidate_split))
-        except registry.RegistryError as exc:
+        except versions.RegistryError as exc:
             raise click.ClickException(str(exc)) from None
         for check in result.checks:
             mark = "ok " if check["ok"] else "FAIL"
@@ -233,10 +233,10 @@ def models(as_json: bool) -> None:
     """List registered models: versions, stages, headline metrics."""
     import json
 
-    from breastscan import registry, tracking
+    from breastscan.registry import tracking, versions
 
     tracking.configure(Path.cwd())
-    rows = registry.list_models()
+    rows = versions.list_models()
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -284,7 +284,8 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
     corrupt files) are counted by reason in the report; exits 1 when no row is usable.
     The calibration stored with the model is used as is (nothing is refitted).
     """
-    from breastscan import external, registry, tracking
+    from breastscan.evaluation import external
+    from breastscan.registry import tracking, versions
 
     try:
         external.parse_model_ref(model_ref)
@@ -298,7 +299,7 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
         )
     except external.NoUsableRows as exc:
         raise click.ClickException(str(exc)) from None
-    except registry.RegistryError as exc:
+    except versions.RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -343,7 +344,7 @@ def import_models(model_names: tuple[str, ...], stage: str | None, serving_confi
 
     Default: every model the service config serves, at its stage (production).
     """
-    from breastscan import registry, tracking
+    from breastscan.registry import tracking, versions
     from breastscan.serving.store import import_model
 
     names, default_stage = _serving_models(serving_config, model_names)
@@ -351,7 +352,7 @@ def import_models(model_names: tuple[str, ...], stage: str | None, serving_confi
     for name in names:
         try:
             tag = import_model(name, stage or default_stage)
-        except registry.RegistryError as exc:
+        except versions.RegistryError as exc:
             raise click.ClickException(f"{exc} -- train and promote it first (make demo)") from None
         click.echo(f"{name}: {tag}")
 
@@ -399,10 +400,10 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
     BENCHMARK: busi, mini_mias (files in benchmarks/); all by default. Exits 1 with what
     is missing when a dataset is not on this machine.
     """
-    from breastscan import quality
+    from breastscan.evaluation import crossval
 
     try:
-        files = quality.benchmark_files(names)
+        files = crossval.benchmark_files(names)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="BENCHMARK") from None
     per_file: dict[str, dict[str, Any]] = {f.stem: {} for f in files}
@@ -410,12 +411,12 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
         for item in overrides:
             target, sep, rest = item.partition(":")
             scoped = bool(sep) and "=" not in target
-            for key, value in quality.parse_overrides([rest if scoped else item]).items():
+            for key, value in crossval.parse_overrides([rest if scoped else item]).items():
                 for stem in ([target] if scoped else per_file):
                     if stem not in per_file:
                         raise ValueError(f"--set {item}: no benchmark {stem!r} in this run")
                     per_file[stem][key] = value
-        specs = [quality.load_benchmark(f, per_file[f.stem]) for f in files]
+        specs = [crossval.load_benchmark(f, per_file[f.stem]) for f in files]
     except (KeyError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--set / benchmark file") from None
     if datasets_dir is not None:
@@ -431,20 +432,20 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
     partial = quick or bool(only_folds)
     out = out or Path("reports/quality/partial.json" if partial else "reports/quality_benchmark.json")
     # Benchmarks not run now keep their last entry: `bench-quality mini_mias` refreshes one.
-    results: dict[str, Any] = quality.read_report(out) if not partial else {"benchmarks": {}}
+    results: dict[str, Any] = crossval.read_report(out) if not partial else {"benchmarks": {}}
     for spec in specs:
         log.info("benchmark %s: %s", spec.name, spec.title)
         if rescore:
             if spec.name not in results["benchmarks"]:
                 raise click.ClickException(f"{out} has no {spec.name} run to score again")
             try:
-                results["benchmarks"][spec.name] = quality.rescore(
+                results["benchmarks"][spec.name] = crossval.rescore(
                     spec, results["benchmarks"][spec.name], Path("reports/quality"))
             except FileNotFoundError as exc:
                 raise click.ClickException(str(exc)) from None
         else:
-            results["benchmarks"][spec.name] = quality.run_benchmark(
+            results["benchmarks"][spec.name] = crossval.run_benchmark(
                 spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
-        quality.write_report(results, out)  # after each benchmark: a long run keeps what it has
+        crossval.write_report(results, out)  # after each benchmark: a long run keeps what it has
     click.echo(out.with_suffix(".md").read_text())
     click.echo(f"report: {out} and {out.with_suffix('.md').name}")

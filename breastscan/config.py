@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
+from breastscan.data.manifest import LABEL_COLUMNS
+from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.labels import MODALITIES, class_display_names
-from breastscan.manifest import LABEL_COLUMNS
-from breastscan.preprocessing import PreprocessSpec
 
 DEFAULT_PARAMS = Path("params.yaml")
 

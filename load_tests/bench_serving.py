@@ -203,7 +203,7 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
     import bentoml
     import tensorflow as tf
 
-    from breastscan.bundle import ModelBundle
+    from breastscan.registry.bundle import ModelBundle
     from breastscan.serving.store import LABEL_STAGE, LABEL_VERSION, store_name
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
@@ -260,7 +260,7 @@ def request_path(name: str, bundle: Any, settings: Settings, n: int = 200) -> di
     finish; what it spends beyond that is the serving framework (HTTP/gRPC, the call to the
     model service, metrics, logging).
     """
-    from breastscan.inference import decode_upload, finish_predictions, prepare_inputs
+    from breastscan.serving.requests import decode_upload, finish_predictions, prepare_inputs
 
     images = phantom_pngs(MODEL_MODALITY.get(name, "mammography"))
     steps: dict[str, list[float]] = {"decode": [], "prepare": [], "model": [], "finish": []}

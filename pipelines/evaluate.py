@@ -26,16 +26,16 @@ from typing import Any
 
 import mlflow
 
-from breastscan import tracking
-from breastscan.bundle import ModelBundle
 from breastscan.config import DatasetConfig
-from breastscan.datasets import load_split, read_splits
-from breastscan.evaluation import evaluate_classifier, evaluate_segmenter, write_evaluation
-from breastscan.modelcard import write_model_card
-from breastscan.plots import plot_history
-from breastscan.splits import split_id
+from breastscan.data.loading import load_split, read_splits
+from breastscan.data.splits import split_id
+from breastscan.evaluation.plots import plot_history
+from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter, write_evaluation
+from breastscan.registry import tracking
+from breastscan.registry.bundle import ModelBundle
+from breastscan.registry.modelcard import write_model_card
+from breastscan.registry.runs import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
 from pipelines._stage import REPORTS, model_dir, model_reports, parse, splits_csv
-from pipelines.run import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
 
 log = logging.getLogger("pipelines.evaluate")
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 
-from breastscan.manifest import content_hashes, normalize_manifest, read_manifest
-from breastscan.splits import prepare_splits
+from breastscan.data.manifest import content_hashes, normalize_manifest, read_manifest
+from breastscan.data.splits import prepare_splits
 from pipelines._stage import REPORTS, parse, splits_csv, validation_report
 
 log = logging.getLogger("pipelines.prepare")

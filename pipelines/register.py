@@ -23,10 +23,10 @@ import logging
 
 import mlflow
 
-from breastscan import registry
-from breastscan.splits import split_id
+from breastscan.data.splits import split_id
+from breastscan.registry import versions
+from breastscan.registry.runs import LOGGED_MODEL_FILE, log_served_model, model_run
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
-from pipelines.run import LOGGED_MODEL_FILE, log_served_model, model_run
 
 log = logging.getLogger("pipelines.register")
 
@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with model_run(cfg.name, model_dir(cfg.name), stage="register") as run:
         model_uri = str(logged.get("model_uri") or "")
-        if not registry.logged_model_exists(model_uri):
+        if not versions.logged_model_exists(model_uri):
             log.warning("%s: logged model %r is not in %s; logging the bundle of %s again", cfg.name,
                         model_uri, mlflow.get_tracking_uri(), model_dir(cfg.name))
-            from breastscan.bundle import ModelBundle
+            from breastscan.registry.bundle import ModelBundle
 
             model_uri = log_served_model(ModelBundle.load(model_dir(cfg.name)), metrics,
                                          reports / "model_card.md")
-        version = registry.register(cfg, model_uri, metrics=metrics, split_id=test_split,
+        version = versions.register(cfg, model_uri, metrics=metrics, split_id=test_split,
                                     run_id=run.info.run_id)
         out = {
             "name": cfg.registered_name, "version": version, "alias": "staging",

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import mlflow
 
-from breastscan import tracking
-from breastscan.datasets import load_split
-from breastscan.training import get_strategy, train_model, write_history
+from breastscan.data.loading import load_split
+from breastscan.models.training import get_strategy, train_model, write_history
+from breastscan.registry import tracking
+from breastscan.registry.runs import RUN_FILE
 from pipelines._stage import model_dir, model_reports, parse, splits_csv, validation_report
-from pipelines.run import RUN_FILE
 
 log = logging.getLogger("pipelines.train")
 

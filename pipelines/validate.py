@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from breastscan.validation import validate_dataset
+from breastscan.data.validation import validate_dataset
 from pipelines._stage import parse, validation_report
 
 log = logging.getLogger("pipelines.validate")

@@ -29,12 +29,12 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from breastscan.inference import InputError
 from breastscan.logs import configure_service_logging
 from breastscan.serving.config import CONFIG_ENV, load_serving_config
 from breastscan.serving.engine import Engine, ImageInput, Overloaded, parse_roi
 from breastscan.serving.http import RequestGuard
 from breastscan.serving.remote import call_models
+from breastscan.serving.requests import InputError
 from breastscan.serving.store import load_served, store_name
 from breastscan.serving.ui import make_ui_app
 
@@ -109,7 +109,7 @@ class _ModelsImpl:
     """The model service: loads every bundle once per worker and runs batches through it."""
 
     def __init__(self) -> None:
-        from breastscan.bundle import ModelBundle
+        from breastscan.registry.bundle import ModelBundle
 
         configure_service_logging()
         _configure_gpus()
@@ -135,7 +135,7 @@ class _ModelsImpl:
     @bentoml.api
     def explain(self, model: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
         """Grad-CAM maps ``(n, H, W)`` in [0, 1] of classifier ``model`` for ``classes``."""
-        from breastscan.gradcam import grad_cam
+        from breastscan.models.gradcam import grad_cam
 
         return grad_cam(self.bundles[model].model, np.asarray(batch, np.float32), np.asarray(classes))
 
@@ -197,7 +197,7 @@ class _FrontImpl:
     backend = bentoml.depends(BreastScanModels)
 
     def __init__(self) -> None:
-        import breastscan.evaluation  # noqa: F401  (the 8-category view: imported before traffic)
+        import breastscan.evaluation.scoring  # noqa: F401  (the 8-category view: imported before traffic)
 
         configure_service_logging()
         served = {}

@@ -1,1 +1,1 @@
-"""Datasets: synthetic phantoms with ground truth, adapters from public layouts to the manifest contract."""
+"""Data: manifest contract, adapters (ingest), phantoms, validation suites, splits, CV folds, row loading."""

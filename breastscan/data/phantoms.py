@@ -33,9 +33,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from breastscan.io import write_mask, write_png
+from breastscan.data.manifest import write_manifest
+from breastscan.imaging.files import write_mask, write_png
 from breastscan.labels import DENSITY_LEVELS, PATHOLOGIES
-from breastscan.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Model builders (classifier, U-Net), custom layers, losses and augmentation; no training.
+"""Model builders (classifier, U-Net), layers, losses, augmentation, input pipelines, training, Grad-CAM.
 
 Importing this package registers the custom layers, losses and metrics with Keras, so
 ``keras.models.load_model(path)`` reloads the project's ``.keras`` files without

@@ -1,10 +1,10 @@
 """Image classifiers: a compact CPU-sized CNN or a ``keras.applications`` backbone, logits out.
 
 The model's input is ``(batch, H, W, 1)`` float32 in [0, 1] (what
-:func:`breastscan.preprocessing.preprocess_image` produces); its output, the layer named
+:func:`breastscan.imaging.preprocessing.preprocess_image` produces); its output, the layer named
 ``"logits"``, is ``(batch, n_classes)`` float32 **logits, no softmax**, so that a calibration
 temperature can be applied afterwards (``softmax(logits / T)``, see
-:func:`breastscan.metrics.fit_temperature`). Train with
+:func:`breastscan.evaluation.metrics.fit_temperature`). Train with
 ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)``.
 
 ``keras.applications`` backbones are built *inline* (via ``input_tensor``), so their layers

@@ -1,7 +1,7 @@
 """Python clients of the model service: :class:`HTTPClient` and :class:`GRPCClient`.
 
 Both have the same methods and give the same answers, in the shape of the HTTP API's JSON
-(:meth:`breastscan.inference.Prediction.to_dict`): PNGs as base64 text, probabilities as
+(:meth:`breastscan.serving.requests.Prediction.to_dict`): PNGs as base64 text, probabilities as
 an ordered ``{class: probability}`` dict, ``None`` for what is unknown or absent. The gRPC
 client converts its messages to that shape; every probability, confidence and fraction
 travels as a ``double`` in the gRPC API (never a 32-bit float) and as a full-precision
@@ -11,7 +11,7 @@ number in JSON, so the two protocols' answers for the same image compare equal w
         assert http.predict("tumor", "mammogram.png") == rpc.predict("tumor", "mammogram.png")
 
 Errors of either protocol raise :class:`ServiceError`, whose ``code`` is the service's
-stable input-error code (:data:`breastscan.inference.INPUT_ERROR_CODES`, e.g.
+stable input-error code (:data:`breastscan.serving.requests.INPUT_ERROR_CODES`, e.g.
 ``not_an_image``, ``bad_roi``) for a client mistake, and otherwise names what happened
 (``bad_request``, ``too_large``, ``deadline_exceeded``, ``unavailable``, ``internal`` ...).
 
@@ -33,10 +33,10 @@ import httpx
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from breastscan.inference import INPUT_ERROR_CODES
 from breastscan.serving.engine import Overloaded
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
+from breastscan.serving.requests import INPUT_ERROR_CODES
 
 ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview"
 """An image file: its path, or its bytes."""
@@ -57,7 +57,7 @@ class ServiceError(Exception):
 
     Attributes:
         code: the input-error code for a client mistake (one of
-            :data:`breastscan.inference.INPUT_ERROR_CODES`); ``bad_request`` for a refusal
+            :data:`breastscan.serving.requests.INPUT_ERROR_CODES`); ``bad_request`` for a refusal
             without a known code (e.g. BentoML's own request validation); ``too_large``
             for a request over the size limit; otherwise the gRPC status name in lower
             case or its HTTP equivalent (``internal``, ``unavailable``,
@@ -95,7 +95,7 @@ def _b64(data: bytes) -> str:
 
 
 def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
-    """The HTTP JSON answer (:meth:`breastscan.inference.Prediction.to_dict`) of a ``Prediction``.
+    """The HTTP JSON answer (:meth:`breastscan.serving.requests.Prediction.to_dict`) of a ``Prediction``.
 
     The keys are those of the model's task, as in the HTTP answer: classifiers have
     ``probabilities``, ``predicted``, ``confidence`` (and ``heatmap_png``/``overlay_png``
@@ -132,7 +132,7 @@ def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
 
 
 def eight_category_to_dict(msg: pb.EightCategory) -> dict[str, Any]:
-    """The dict of :func:`breastscan.evaluation.eight_category` of an ``EightCategory``."""
+    """The dict of :func:`breastscan.evaluation.scoring.eight_category` of an ``EightCategory``."""
     return {
         "category": msg.category, "density": msg.density, "pathology": msg.pathology,
         "finding": msg.finding, "p_malignant": msg.p_malignant,
@@ -212,7 +212,7 @@ class HTTPClient:
             roi: ``(x, y, w, h)`` to answer about that crop only.
 
         Returns:
-            :meth:`breastscan.inference.Prediction.to_dict` (plus ``roi``).
+            :meth:`breastscan.serving.requests.Prediction.to_dict` (plus ``roi``).
 
         Raises:
             ServiceError: the service refused or failed the request.
@@ -335,7 +335,7 @@ def http_error(response: httpx.Response) -> ServiceError:
 
     The service answers a client mistake with ``{"error": message, "code": code}``;
     BentoML's own validation with ``{"error": ..., "detail": [...]}``. An answer without a
-    code of :data:`breastscan.inference.INPUT_ERROR_CODES` is read by its status: 413
+    code of :data:`breastscan.serving.requests.INPUT_ERROR_CODES` is read by its status: 413
     ``too_large``, 503 ``unavailable``, 504 ``deadline_exceeded``, other 4xx
     ``bad_request``, 5xx ``internal``.
     """
@@ -486,7 +486,7 @@ def grpc_error(exc: grpc.RpcError) -> ServiceError:
     """The :class:`ServiceError` of a failed gRPC call.
 
     The code is the server's ``error-code`` trailer when it is one of
-    :data:`breastscan.inference.INPUT_ERROR_CODES` (a client mistake, status
+    :data:`breastscan.serving.requests.INPUT_ERROR_CODES` (a client mistake, status
     ``INVALID_ARGUMENT``); otherwise ``bad_request`` for ``INVALID_ARGUMENT``,
     ``too_large`` for ``RESOURCE_EXHAUSTED`` (the message size limit), and the status name
     in lower case for the rest (``deadline_exceeded``, ``unavailable``, ``internal`` ...).

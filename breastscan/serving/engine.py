@@ -4,15 +4,15 @@ An :class:`Engine` holds, per served model, everything but the network weights: 
 preprocessing spec, the contract, the registry version and stage (:class:`ServedModel`).
 A request is
 
-1. decoded and checked (:func:`breastscan.inference.decode_upload` /
-   :func:`breastscan.inference.validate_array`), optionally cropped to a region of interest,
-2. preprocessed into a one-image batch (:func:`breastscan.inference.prepare_inputs`),
+1. decoded and checked (:func:`breastscan.serving.requests.decode_upload` /
+   :func:`breastscan.serving.requests.validate_array`), optionally cropped to a region of interest,
+2. preprocessed into a one-image batch (:func:`breastscan.serving.requests.prepare_inputs`),
 3. sent to the model through ``infer`` -- in the service, the batchable API of the model
    service, where adaptive batching merges concurrent requests into one model call,
 4. turned into the answer at the original image size
-   (:func:`breastscan.inference.finish_predictions`).
+   (:func:`breastscan.serving.requests.finish_predictions`).
 
-Client mistakes raise :class:`breastscan.inference.InputError` before anything reaches the
+Client mistakes raise :class:`breastscan.serving.requests.InputError` before anything reaches the
 model, so one bad upload can never fail a batch it would have shared with others. CPU
 work (decoding, preprocessing, PNG encoding) runs in worker threads, off the event loop.
 """
@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from breastscan.bundle import ModelContract
-from breastscan.inference import (
+from breastscan.imaging.preprocessing import PreprocessSpec, is_dicom
+from breastscan.registry.bundle import ModelContract
+from breastscan.serving.requests import (
     InputError,
     Prediction,
     analysis,
@@ -39,7 +40,6 @@ from breastscan.inference import (
     prepare_inputs,
     validate_array,
 )
-from breastscan.preprocessing import PreprocessSpec, is_dicom
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ImageInput:
 
     Attributes:
         data: the bytes of an image file (PNG, JPEG, PGM, TIFF, BMP, DICOM), or ``None``.
-        array: one image as an array (see :func:`breastscan.inference.validate_array`), or
+        array: one image as an array (see :func:`breastscan.serving.requests.validate_array`), or
             ``None``. Exactly one of ``data`` and ``array`` is set.
         roi: ``(x, y, w, h)`` region of interest in the image's pixel coordinates, or
             ``None`` for the whole image. Answers are then about (and sized as) the crop.
@@ -205,7 +205,7 @@ def dicom_modality(data: bytes) -> str | None:
     """The modality a DICOM file's header names (MG, US), read without its pixels."""
     if not is_dicom(data):
         return None
-    from breastscan.dicom import load_dataset
+    from breastscan.imaging.dicom import load_dataset
 
     try:
         header = load_dataset(data, stop_before_pixels=True)
@@ -282,7 +282,7 @@ class Engine:
         """One model's answer for one image.
 
         Returns:
-            :meth:`breastscan.inference.Prediction.to_dict`, plus ``"roi"`` when cropped.
+            :meth:`breastscan.serving.requests.Prediction.to_dict`, plus ``"roi"`` when cropped.
 
         Raises:
             InputError: the client's mistake (unknown model, bad image, bad roi).
@@ -348,7 +348,7 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
     """An :class:`Engine` whose models run in this process (tests, benchmarks, notebooks).
 
     Args:
-        bundles: :class:`breastscan.bundle.ModelBundle` by served name.
+        bundles: :class:`breastscan.registry.bundle.ModelBundle` by served name.
         max_upload_bytes: largest image file accepted.
         versions: registry version per name, reported in answers.
         stages: registry stage per name, reported in answers.
@@ -356,7 +356,7 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
     Returns:
         An engine that calls each bundle directly (one model call per request, no batching).
     """
-    from breastscan.gradcam import grad_cam
+    from breastscan.models.gradcam import grad_cam
 
     versions, stages = versions or {}, stages or {}
 

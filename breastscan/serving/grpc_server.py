@@ -11,7 +11,7 @@ never touch the loop otherwise, so a slow model blocks only its own RPC's thread
 
 Statuses (the API's contract, see ``proto/breastscan/v1/breastscan.proto``):
 
-* a client mistake (:class:`breastscan.inference.InputError`) ends the RPC with
+* a client mistake (:class:`breastscan.serving.requests.InputError`) ends the RPC with
   ``INVALID_ARGUMENT``, the error's message, and its stable code in the trailing metadata
   entry ``error-code`` (:data:`ERROR_CODE_KEY`);
 * a request larger than ``max_message_bytes`` is refused by gRPC itself
@@ -47,10 +47,10 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from breastscan.inference import InputError
 from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, Overloaded, parse_roi
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
+from breastscan.serving.requests import InputError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def prediction_to_proto(answer: Mapping[str, Any]) -> pb.Prediction:
     """A ``Prediction`` message carrying exactly the numbers of an engine answer.
 
     Args:
-        answer: :meth:`breastscan.inference.Prediction.to_dict` (plus ``roi``), as
+        answer: :meth:`breastscan.serving.requests.Prediction.to_dict` (plus ``roi``), as
             :meth:`Engine.predict` returns it.
 
     Returns:
@@ -175,7 +175,7 @@ def prediction_to_proto(answer: Mapping[str, Any]) -> pb.Prediction:
 
 
 def eight_category_to_proto(view: Mapping[str, Any]) -> pb.EightCategory:
-    """An ``EightCategory`` message of one :func:`breastscan.evaluation.eight_category` dict."""
+    """An ``EightCategory`` message of one :func:`breastscan.evaluation.scoring.eight_category` dict."""
     msg = pb.EightCategory(
         category=view["category"], density=view["density"], pathology=view["pathology"],
         finding=view["finding"], p_malignant=float(view["p_malignant"]),

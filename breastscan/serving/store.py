@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from breastscan.bundle import read_contract
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry.bundle import read_contract
 from breastscan.serving.engine import ServedModel
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ def import_model(model: str, stage: str = "production") -> str:
         already this registry version, stage and training run, it is reused.
 
     Raises:
-        breastscan.registry.RegistryError: the registry has no such model or alias.
+        breastscan.registry.versions.RegistryError: the registry has no such model or alias.
     """
     import bentoml
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from breastscan.registry import RegistryError, download_bundle
+    from breastscan.registry.versions import RegistryError, download_bundle
 
     name = store_name(model)
     try:

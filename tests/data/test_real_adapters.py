@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from breastscan.data.adapters.generic import convert_csv
-from breastscan.io import read_mask
-from breastscan.manifest import CONTRACT_COLUMNS, read_manifest, resolve
+from breastscan.data.manifest import CONTRACT_COLUMNS, read_manifest, resolve
+from breastscan.imaging.files import read_mask
 
 pytestmark = pytest.mark.data
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from breastscan.splits import EXCLUDED, cv_folds
+from breastscan.data.splits import EXCLUDED, cv_folds
 from tests.unit.test_splits import assert_valid_cv
 
 pytestmark = pytest.mark.data
@@ -65,20 +65,20 @@ def test_mias_five_fold_cv_keeps_patients_together(shared_datasets: Path) -> Non
 def test_the_quality_benchmark_folds_on_the_real_packs(shared_datasets: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch, name: str,
                                                        conflicts: int) -> None:
-    from breastscan import quality
+    from breastscan.evaluation import crossval
 
     source = shared_datasets / name / "manifest.csv"
     if not source.is_file():
         pytest.skip(f"real dataset manifest not present at {source}")
     bench = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.yaml"
     monkeypatch.chdir(tmp_path)  # the converted copy goes under ./work/quality/
-    spec = quality.load_benchmark(bench, {"benchmark.source": str(source)})
-    manifest = quality.prepare_dataset(spec)
-    cv, report = quality.make_folds(spec, manifest)
+    spec = crossval.load_benchmark(bench, {"benchmark.source": str(source)})
+    manifest = crossval.prepare_dataset(spec)
+    cv, report = crossval.make_folds(spec, manifest)
     assert len(report["conflict_groups"]) == conflicts
     for fold in range(spec.folds):
         for task in spec.tasks:
-            frame = quality.fold_splits(spec, cv, fold, task)
+            frame = crossval.fold_splits(spec, cv, fold, task)
             groups = {s: set(frame.loc[frame["split"] == s, "group"].dropna())
                       for s in ("train", "val", "test")}
             assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]

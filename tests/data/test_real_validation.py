@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from breastscan.config import DatasetConfig, DedupConfig, SplitConfig, ValidationRules, load_params
-from breastscan.manifest import normalize_manifest
-from breastscan.splits import EXCLUDED, prepare_splits
-from breastscan.validation import validate_dataset
+from breastscan.data.manifest import normalize_manifest
+from breastscan.data.splits import EXCLUDED, prepare_splits
+from breastscan.data.validation import validate_dataset
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]

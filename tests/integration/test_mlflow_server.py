@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from breastscan import registry, tracking
-from breastscan.bundle import ModelBundle
+from breastscan.registry import tracking, versions
+from breastscan.registry.bundle import ModelBundle
 from tests.mlflow_server import mlflow_server
 from tests.unit.test_registry import GOOD, make_bundle, make_cfg
 
@@ -65,8 +65,8 @@ def test_log_register_promote_over_http(remote: str, server: tuple[str, Path], t
     with tracking.start_training_run(cfg.name, project, params={"model.preprocess.height": "32"},
                                      tags=tags) as run:
         mlflow.log_metrics({"loss": 1.0}, step=0)
-        model_uri = registry.log_bundle(bundle_dir)
-        version = registry.register(cfg, model_uri, metrics=GOOD, split_id="split-a", run_id=run.info.run_id)
+        model_uri = versions.log_bundle(bundle_dir)
+        version = versions.register(cfg, model_uri, metrics=GOOD, split_id="split-a", run_id=run.info.run_id)
     assert version == 1
 
     # the server chose the artifact location (proxied), nothing was written into the project
@@ -76,11 +76,11 @@ def test_log_register_promote_over_http(remote: str, server: tuple[str, Path], t
     assert any((workdir / "artifacts").rglob("model.keras"))
 
     # gates: a weak second version is refused, then the good one is promoted
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert result.passed and result.previous is None
-    weak = registry.register(cfg, model_uri, metrics={**GOOD, "accuracy": 0.4}, split_id="split-a",
+    weak = versions.register(cfg, model_uri, metrics={**GOOD, "accuracy": 0.4}, split_id="split-a",
                              run_id=run.info.run_id)
-    refused = registry.promote(cfg, version=weak)
+    refused = versions.promote(cfg, version=weak)
     assert not refused.passed
     assert refused.failures == ["accuracy 0.400 < floor 0.500",
                                 "accuracy 0.400 < 0.670 (production v1 0.700 - max_regression 0.030)"]
@@ -93,10 +93,10 @@ def test_log_register_promote_over_http(remote: str, server: tuple[str, Path], t
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_name}@production")
     expected = ModelBundle.load(bundle_dir).predict(x)
     np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
-    assert (registry.download_bundle(cfg.registered_name, dst=tmp_path / "dl") / "model.keras").is_file()
-    assert registry.load_bundle(f"models:/{cfg.registered_name}/Production").contract.name == "tiny"
+    assert (versions.download_bundle(cfg.registered_name, dst=tmp_path / "dl") / "model.keras").is_file()
+    assert versions.load_bundle(f"models:/{cfg.registered_name}/Production").contract.name == "tiny"
 
-    rows = registry.list_models()
+    rows = versions.list_models()
     assert [(r["version"], r["aliases"]) for r in rows if r["name"] == cfg.registered_name] == [
         (2, ["staging"]), (1, ["production"])]
     assert tracking.run_exists(run.info.run_id)

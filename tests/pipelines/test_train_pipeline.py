@@ -156,7 +156,7 @@ def test_dvc_metrics_and_plots(trained: tuple[Path, str]) -> None:
 def test_registered_model_serves_what_the_bundle_predicts(trained: tuple[Path, str], client) -> None:
     import mlflow
 
-    from breastscan.bundle import ModelBundle
+    from breastscan.registry.bundle import ModelBundle
 
     root, _ = trained
     bundle = ModelBundle.load(root / "artifacts/models/tumor")
@@ -172,10 +172,10 @@ def test_registered_model_serves_what_the_bundle_predicts(trained: tuple[Path, s
 def test_model_from_registry_reproduces_the_evaluation(trained: tuple[Path, str], client, name: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from breastscan.config import load_params
-    from breastscan.datasets import load_split
-    from breastscan.evaluation import batched_logits
-    from breastscan.metrics import classification_report, segmentation_report
-    from breastscan.registry import load_bundle
+    from breastscan.data.loading import load_split
+    from breastscan.evaluation.metrics import classification_report, segmentation_report
+    from breastscan.evaluation.scoring import batched_logits
+    from breastscan.registry.versions import load_bundle
 
     root, _ = trained
     monkeypatch.chdir(root)

@@ -166,7 +166,7 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
     try:
         import mlflow
 
-        from breastscan.registry import load_bundle
+        from breastscan.registry.versions import load_bundle
         from breastscan.serving.engine import local_engine
 
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])

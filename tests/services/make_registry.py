@@ -13,10 +13,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from breastscan import registry, tracking
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry import tracking, versions
+from breastscan.registry.bundle import ModelBundle, ModelContract
 
 MODELS: dict[str, dict] = {
     "density": dict(task="classification", label="density", classes=("1", "2", "3", "4"),
@@ -61,10 +61,10 @@ def main(root: Path) -> None:
         cfg = ModelConfig(name=name, task=m["task"], dataset=m["dataset"], label=m["label"],
                           classes=m["classes"] or ("lesion",), preprocess=m["spec"])
         with tracking.start_training_run(name, root, params={"tiny": "1"}, tags={}) as run:
-            uri = registry.log_bundle(bundle_dir)
-        version = registry.register(cfg, uri, metrics={"headline": "x"}, split_id="tiny",
+            uri = versions.log_bundle(bundle_dir)
+        version = versions.register(cfg, uri, metrics={"headline": "x"}, split_id="tiny",
                                     run_id=run.info.run_id)
-        client.set_registered_model_alias(cfg.registered_name, registry.PRODUCTION, str(version))
+        client.set_registered_model_alias(cfg.registered_name, versions.PRODUCTION, str(version))
 
 
 if __name__ == "__main__":

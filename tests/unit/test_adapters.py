@@ -15,10 +15,10 @@ from breastscan.data.adapters.busi import convert_busi
 from breastscan.data.adapters.dicom_dir import convert_dicom
 from breastscan.data.adapters.generic import convert_csv
 from breastscan.data.adapters.mias import convert_mias
-from breastscan.dicom import pseudonymize
-from breastscan.io import read_mask
+from breastscan.data.manifest import CONTRACT_COLUMNS, read_manifest, resolve
+from breastscan.imaging.dicom import pseudonymize
+from breastscan.imaging.files import read_mask
 from breastscan.labels import MODALITIES, PATHOLOGIES
-from breastscan.manifest import CONTRACT_COLUMNS, read_manifest, resolve
 from tests.layouts import (
     BUSI_IMAGES,
     BUSI_MASK_RECTS,

@@ -1,4 +1,4 @@
-"""breastscan.datasets: split arrays, excluded rows, labels, class weights, tf.data pipelines."""
+"""breastscan.data.loading: split arrays, excluded rows, labels, class weights, tf.data pipelines."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
-from breastscan.datasets import SplitData, class_weights, load_split, make_dataset, read_splits
-from breastscan.manifest import normalize_manifest, read_manifest
-from breastscan.preprocessing import PreprocessSpec, load_image
-from breastscan.splits import prepare_splits
+from breastscan.data.loading import SplitData, class_weights, load_split, make_dataset, read_splits
+from breastscan.data.manifest import normalize_manifest, read_manifest
+from breastscan.data.splits import prepare_splits
+from breastscan.imaging.preprocessing import PreprocessSpec, load_image
 
 SPEC = PreprocessSpec(height=32, width=32)
 NO_AUGMENT = AugmentConfig(flip=False, rotation_deg=0.0, brightness=0.0, contrast=0.0)
@@ -146,7 +146,7 @@ def test_empty_labels_are_dropped_and_counted(mammo: tuple[Path, Path], tmp_path
     def blank(df: pd.DataFrame) -> None:
         df.loc[df["image"].isin(blanked), "density"] = None
 
-    with caplog.at_level(logging.INFO, logger="breastscan.datasets"):
+    with caplog.at_level(logging.INFO, logger="breastscan.data.loading"):
         data = load_split(_edited(csv, tmp_path, blank), root, DENSITY, "val")
     assert len(data) == int((rows["split"] == "val").sum()) - 3
     assert not set(blanked) & set(data.frame["image"])
@@ -183,7 +183,7 @@ def test_rows_without_mask(ultra: tuple[Path, Path], tmp_path: Path,
     def drop_masks(df: pd.DataFrame) -> None:
         df.loc[df["image"].isin([normal, lesion]), "mask"] = None
 
-    with caplog.at_level(logging.WARNING, logger="breastscan.datasets"):
+    with caplog.at_level(logging.WARNING, logger="breastscan.data.loading"):
         data = load_split(_edited(csv, tmp_path, drop_masks), root, LESION, "test")
     images = data.frame["image"].tolist()
     assert lesion not in images

@@ -1,4 +1,4 @@
-"""breastscan.dicom: the display pipeline (LUTs, windowing, MONOCHROME1), errors, pseudonyms."""
+"""breastscan.imaging.dicom: the display pipeline (LUTs, windowing, MONOCHROME1), errors, pseudonyms."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from breastscan.dicom import DicomImage, pseudonymize, read_dicom
-from breastscan.preprocessing import ImageDecodeError, decode_image
+from breastscan.imaging.dicom import DicomImage, pseudonymize, read_dicom
+from breastscan.imaging.preprocessing import ImageDecodeError, decode_image
 from tests.layouts import MONO1_BRIGHT, make_dicom_files
 
 

@@ -1,4 +1,4 @@
-"""breastscan.evaluation and breastscan.plots on hand-built models with known outputs."""
+"""breastscan.evaluation.scoring and breastscan.evaluation.plots on hand-built models with known outputs."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
-from breastscan.datasets import SplitData
-from breastscan.evaluation import (
+from breastscan.data.loading import SplitData
+from breastscan.evaluation.plots import plot_history
+from breastscan.evaluation.scoring import (
     CLASSIFICATION_HEADLINES,
     eight_category,
     evaluate_classifier,
     evaluate_segmenter,
     write_evaluation,
 )
-from breastscan.plots import plot_history
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry.bundle import ModelBundle, ModelContract
 
 SPEC = PreprocessSpec(height=8, width=8)
 TUMOR = ModelConfig(name="tumor", task="classification", dataset="mammography", label="pathology",
@@ -240,7 +240,7 @@ def test_plot_history_renders(tmp_path: Path) -> None:
 def test_bootstrap_kappa_equals_scikit_learn_on_resamples() -> None:
     from sklearn.metrics import cohen_kappa_score
 
-    from breastscan.evaluation import _classification_metric
+    from breastscan.evaluation.scoring import _classification_metric
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 4, 60)

@@ -24,13 +24,14 @@ import pytest
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
-from breastscan import external, registry, tracking
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.cli import main
 from breastscan.config import ModelConfig
-from breastscan.io import read_mask
-from breastscan.manifest import CONTRACT_COLUMNS, write_manifest
-from breastscan.preprocessing import PreprocessSpec, load_image, preprocess_mask
+from breastscan.data.manifest import CONTRACT_COLUMNS, write_manifest
+from breastscan.evaluation import external
+from breastscan.imaging.files import read_mask
+from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
+from breastscan.registry import tracking, versions
+from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow
 
 SPEC = PreprocessSpec(height=32, width=32)
@@ -100,15 +101,15 @@ def _bundle(contract: ModelContract, directory: Path) -> Path:
     return ModelBundle(model=model, spec=SPEC, contract=contract).save(directory)
 
 
-def _register(root: Path, contract: ModelContract, bundle_dir: Path, headline: str, versions: int) -> None:
+def _register(root: Path, contract: ModelContract, bundle_dir: Path, headline: str, n_versions: int) -> None:
     classes = contract.classes or ("lesion",)
     cfg = ModelConfig(name=contract.name, task=contract.task, dataset=contract.dataset, label=contract.label,
                       classes=classes, preprocess=SPEC, headline=headline, depth=2)
     with tracking.start_training_run(contract.name, root, params={"tiny": "1"}, tags={}) as run:
-        uri = registry.log_bundle(bundle_dir)
-    for _ in range(versions):
-        registry.register(cfg, uri, metrics={"headline": headline}, split_id="tiny", run_id=run.info.run_id)
-    MlflowClient().set_registered_model_alias(cfg.registered_name, registry.PRODUCTION, "1")
+        uri = versions.log_bundle(bundle_dir)
+    for _ in range(n_versions):
+        versions.register(cfg, uri, metrics={"headline": headline}, split_id="tiny", run_id=run.info.run_id)
+    MlflowClient().set_registered_model_alias(cfg.registered_name, versions.PRODUCTION, "1")
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         tracking.configure(root)
         tumor_dir = _bundle(TUMOR_CONTRACT, root / "bundles" / "tumor")
         lesion_dir = _bundle(LESION_CONTRACT, root / "bundles" / "lesion")
-        _register(root, TUMOR_CONTRACT, tumor_dir, "macro_auc", versions=2)   # v1 @production, v2 @staging
-        _register(root, LESION_CONTRACT, lesion_dir, "mean_dice", versions=1)
+        _register(root, TUMOR_CONTRACT, tumor_dir, "macro_auc", n_versions=2)   # v1 @production, v2 @staging
+        _register(root, LESION_CONTRACT, lesion_dir, "mean_dice", n_versions=1)
         dataset = root / "ext"
         manifest = make_dataset(dataset)
         yield {"root": root, "dataset": dataset, "manifest": manifest, "tumor_dir": tumor_dir,
@@ -292,7 +293,7 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
     tags = run.data.tags
     assert tags["breastscan.model_version"] == "1" and tags["breastscan.dataset"] == "ext"
     assert tags["breastscan.model_run_id"] == report["model_run_id"]
-    assert tags["breastscan.evaluation"] == "external"
+    assert tags["breastscan.evaluation.scoring"] == "external"
     metrics = run.data.metrics
     assert metrics["external_macro_auc"] == pytest.approx(m["macro_auc"]["value"])
     assert metrics["external_accuracy_ci_low"] == pytest.approx(m["accuracy"]["ci_low"])

@@ -1,4 +1,4 @@
-"""breastscan.inference: every client mistake gets its code; answers map back to the original image."""
+"""breastscan.serving.requests: every client mistake gets its code; answers map back to the original image."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
-from breastscan.inference import (
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry.bundle import ModelBundle, ModelContract
+from breastscan.serving.requests import (
     INPUT_ERROR_CODES,
     InputError,
     analyze,
@@ -25,7 +26,6 @@ from breastscan.inference import (
     select_bundle,
     validate_array,
 )
-from breastscan.preprocessing import PreprocessSpec
 from tests.services import images
 
 CLS_SPEC = PreprocessSpec(height=48, width=40)

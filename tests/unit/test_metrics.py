@@ -1,4 +1,4 @@
-"""breastscan.metrics: agrees with scikit-learn, handles edge cases, calibration and bootstrap behave."""
+"""breastscan.evaluation.metrics: agrees with scikit-learn, handles edge cases; calibration and bootstrap."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from breastscan.labels import BIRADS_DENSITY, PATHOLOGIES
-from breastscan.metrics import (
+from breastscan.evaluation.metrics import (
     apply_temperature,
     bootstrap_ci,
     calibration_curve_data,
@@ -31,6 +30,7 @@ from breastscan.metrics import (
     sigmoid,
     softmax,
 )
+from breastscan.labels import BIRADS_DENSITY, PATHOLOGIES
 
 
 def _random_task(n: int = 300, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +256,7 @@ def test_group_bootstrap_resamples_whole_groups() -> None:
 
 def test_metrics_module_imports_without_tensorflow() -> None:
     code = (
-        "import sys, breastscan.metrics; "
+        "import sys, breastscan.evaluation.metrics; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,13 +1,13 @@
-"""breastscan.modelcard: the Markdown model card."""
+"""breastscan.registry.modelcard: the Markdown model card."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from breastscan.bundle import ModelContract
 from breastscan.config import GateConfig, ModelConfig
-from breastscan.modelcard import DEFAULT_LIMITATIONS, render_model_card, write_model_card
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry.bundle import ModelContract
+from breastscan.registry.modelcard import DEFAULT_LIMITATIONS, render_model_card, write_model_card
 
 SPEC = PreprocessSpec(height=128, width=96, clahe=True)
 DATA = {

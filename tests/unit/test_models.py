@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from breastscan.metrics import dice_score, iou_score
+from breastscan.evaluation.metrics import dice_score, iou_score
 from breastscan.models import (
     BACKBONES,
     AugmentConfig,

@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from breastscan.cli import main
+from breastscan.data.manifest import CONTRACT_COLUMNS, read_manifest
 from breastscan.data.phantoms import (
     DENSE_FRACTION,
     generate_dataset,
     mammography_phantom,
     ultrasound_phantom,
 )
-from breastscan.io import read_mask
-from breastscan.manifest import CONTRACT_COLUMNS, read_manifest
+from breastscan.imaging.files import read_mask
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""breastscan.preprocessing: every input type decodes to [0, 1] gray; the spec round-trips."""
+"""breastscan.imaging.preprocessing: every input type decodes to [0, 1] gray; the spec round-trips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breastscan.preprocessing import (
+from breastscan.imaging.preprocessing import (
     ImageDecodeError,
     PreprocessSpec,
     decode_image,

@@ -1,4 +1,4 @@
-"""breastscan.quality: benchmark files, leak-free folds, scoring, and a run on phantoms."""
+"""breastscan.evaluation.crossval: benchmark files, leak-free folds, scoring, and a run on phantoms."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from breastscan import quality
 from breastscan.cli import main
+from breastscan.evaluation import crossval
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,24 +48,24 @@ def _bench_file(tmp_path: Path, source: Path, **model_overrides: object) -> Path
 
 @pytest.mark.parametrize("name", ["busi", "mini_mias"])
 def test_the_shipped_benchmark_files_parse(name: str) -> None:
-    spec = quality.load_benchmark(REPO / "benchmarks" / f"{name}.yaml")
+    spec = crossval.load_benchmark(REPO / "benchmarks" / f"{name}.yaml")
     assert spec.name == name and spec.folds == 5 and spec.tasks
     for task in spec.tasks:
         assert spec.model(task).dataset == spec.dataset  # checked by the loader as well
 
 
 def test_overrides_change_a_run_like_dvc_exp_run_set() -> None:
-    overrides = quality.parse_overrides(["models.busi_tumor.epochs=3", "benchmark.folds=4",
+    overrides = crossval.parse_overrides(["models.busi_tumor.epochs=3", "benchmark.folds=4",
                                          "models.busi_tumor.preprocess.height=64"])
     assert overrides == {"models.busi_tumor.epochs": 3, "benchmark.folds": 4,
                          "models.busi_tumor.preprocess.height": 64}
-    spec = quality.load_benchmark(REPO / "benchmarks" / "busi.yaml", overrides)
+    spec = crossval.load_benchmark(REPO / "benchmarks" / "busi.yaml", overrides)
     cfg = spec.params.model("busi_tumor")
     assert (spec.folds, cfg.epochs, cfg.preprocess.height) == (4, 3, 64)
     with pytest.raises(KeyError, match="nosuch"):
-        quality.load_benchmark(REPO / "benchmarks" / "busi.yaml", {"nosuch.section.key": 1})
+        crossval.load_benchmark(REPO / "benchmarks" / "busi.yaml", {"nosuch.section.key": 1})
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        quality.parse_overrides(["models.busi_tumor.epochs"])
+        crossval.parse_overrides(["models.busi_tumor.epochs"])
 
 
 def test_a_task_on_another_dataset_is_refused(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_a_task_on_another_dataset_is_refused(tmp_path: Path) -> None:
     raw["models"]["tumor"]["dataset"] = "other"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="trains on 'other'"):
-        quality.load_benchmark(path)
+        crossval.load_benchmark(path)
 
 
 def test_a_missing_dataset_says_what_is_needed(tmp_path: Path) -> None:
@@ -83,10 +83,10 @@ def test_a_missing_dataset_says_what_is_needed(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert str(tmp_path / "none" / "busi" / "manifest.csv") in result.output
     assert "not on this machine" in result.output
-    spec = quality.load_benchmark(REPO / "benchmarks" / "busi.yaml",
+    spec = crossval.load_benchmark(REPO / "benchmarks" / "busi.yaml",
                                   {"benchmark.source": str(tmp_path / "none.csv")})
-    with pytest.raises(quality.MissingDataset, match="none.csv"):
-        quality.prepare_dataset(spec)
+    with pytest.raises(crossval.MissingDataset, match="none.csv"):
+        crossval.prepare_dataset(spec)
 
 
 # --------------------------------------------------------------------------- folds
@@ -104,13 +104,13 @@ def _manifest() -> pd.DataFrame:
 
 
 def test_conflict_groups_are_kept_out_of_training_and_scored_on_test(tmp_path: Path) -> None:
-    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
-    cv, report = quality.make_folds(spec, _manifest())
+    spec = crossval.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    cv, report = crossval.make_folds(spec, _manifest())
     assert report["conflict_groups"] == ["g00"] and report["conflict_rows"] == 2
     tested = []
     for fold in range(spec.folds):
         for task in spec.tasks:
-            frame = quality.fold_splits(spec, cv, fold, task)
+            frame = crossval.fold_splits(spec, cv, fold, task)
             conflict = frame[frame["conflict"]]
             assert not conflict["split"].isin(["train", "val"]).any()
             parts = {s: set(frame.loc[frame["split"] == s, "group"].dropna())
@@ -143,9 +143,9 @@ def _predictions(seed: int = 0) -> pd.DataFrame:
 
 
 def test_scores_are_per_fold_mean_sd_and_pooled_with_intervals(tmp_path: Path) -> None:
-    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    spec = crossval.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
     pred = _predictions()
-    scores = quality.score_task(spec, spec.tasks[0], pred)
+    scores = crossval.score_task(spec, spec.tasks[0], pred)
     assert set(scores) == {"all", "without_conflicts"} and scores["without_conflicts"]["n"] == 86
     acc = scores["all"]["metrics"]["accuracy"]
     assert acc["value"] == pytest.approx(accuracy_score(pred["true"], pred["pred"]))
@@ -173,7 +173,7 @@ def test_markdown_table_matches_the_json() -> None:
         "references": [{"what": "AUC 0.86", "source": "BUSBench"}],
         "tasks": {"m": {"scores": {"all": {"n": 10, "metrics": {"auc": {
             "value": 0.81234, "ci_low": 0.7, "ci_high": 0.9, "mean": 0.8, "sd": 0.05}}}}}}}}}
-    md = quality.render_markdown(results)
+    md = crossval.render_markdown(results)
     assert "| m | auc | all (n=10) | 0.812 (0.700-0.900); folds 0.800 ± 0.050 |" in md
     assert "AUC 0.86" in md and "BUSBench" in md
 
@@ -186,8 +186,8 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = _bench_file(tmp_path, tiny_phantoms / "ultrasound" / "manifest.csv")
-    spec = quality.load_benchmark(path)
-    result = quality.run_benchmark(spec, tmp_path / "out", folds=[1])
+    spec = crossval.load_benchmark(path)
+    result = crossval.run_benchmark(spec, tmp_path / "out", folds=[1])
     assert result["folds_run"] == [1] and set(result["tasks"]) == {"tumor", "lesion"}
     tumor = result["tasks"]["tumor"]
     assert tumor["folds"][0]["n_test"] > 0 and tumor["folds"][0]["epochs_run"] == 1
@@ -196,7 +196,7 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
     lesion = result["tasks"]["lesion"]
     pred = pd.read_csv(tmp_path / "out" / "phantom_us" / "lesion" / "fold1" / "predictions.csv")
     assert len(pred) == lesion["scores"]["all"]["n"] and pred["lesion"].all()  # normals left out
-    report = quality.write_report({"benchmarks": {"phantom_us": result}}, tmp_path / "q.json")
+    report = crossval.write_report({"benchmarks": {"phantom_us": result}}, tmp_path / "q.json")
     written = json.loads(report.read_text())["benchmarks"]["phantom_us"]
     assert written["tasks"]["tumor"]["task"] == "classification"
     assert "phantom_us" in report.with_suffix(".md").read_text()
@@ -204,37 +204,37 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
 
 def test_a_report_keeps_the_benchmarks_not_rerun(tmp_path: Path) -> None:
     path = tmp_path / "q.json"
-    assert quality.read_report(path) == {"benchmarks": {}}
-    quality.write_report({"benchmarks": {"busi": {"title": "b", "folds": 5, "folds_run": [0], "quick": False,
+    assert crossval.read_report(path) == {"benchmarks": {}}
+    crossval.write_report({"benchmarks": {"busi": {"title": "b", "folds": 5, "folds_run": [0], "quick": False,
                                                   "n_rows": 1, "conflict_groups": [], "conflict_rows": 0,
                                                   "minutes": 1.0, "tasks": {}}}}, path)
-    kept = quality.read_report(path)
+    kept = crossval.read_report(path)
     assert list(kept["benchmarks"]) == ["busi"]
     path.write_text("[1, 2]")
-    assert quality.read_report(path) == {"benchmarks": {}}
+    assert crossval.read_report(path) == {"benchmarks": {}}
 
 
 @pytest.mark.slow
 def test_rescoring_the_saved_predictions_gives_the_same_scores(tiny_phantoms: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    spec = quality.load_benchmark(_bench_file(tmp_path, tiny_phantoms / "ultrasound" / "manifest.csv"))
-    result = quality.run_benchmark(spec, tmp_path / "out", folds=[0, 2])
-    again = quality.rescore(spec, result, tmp_path / "out")
+    spec = crossval.load_benchmark(_bench_file(tmp_path, tiny_phantoms / "ultrasound" / "manifest.csv"))
+    result = crossval.run_benchmark(spec, tmp_path / "out", folds=[0, 2])
+    again = crossval.rescore(spec, result, tmp_path / "out")
     for model, task in result["tasks"].items():
         assert again["tasks"][model]["scores"] == task["scores"], model
         assert again["tasks"][model]["folds"] == task["folds"]
     (tmp_path / "out" / "phantom_us" / "tumor" / "fold2" / "predictions.csv").unlink()
     with pytest.raises(FileNotFoundError, match="fold2"):
-        quality.rescore(spec, result, tmp_path / "out")
+        crossval.rescore(spec, result, tmp_path / "out")
 
 
 def test_threshold_for_a_target_sensitivity() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
-    assert quality.threshold_for_sensitivity(scores, 0.88) == 0.1   # 9 of 10 at >= 0.1
-    assert quality.threshold_for_sensitivity(scores, 0.5) == 0.5
-    assert quality.threshold_for_sensitivity(scores, 1.0) == 0.05
-    t = quality.threshold_for_sensitivity(scores, 0.88)
+    assert crossval.threshold_for_sensitivity(scores, 0.88) == 0.1   # 9 of 10 at >= 0.1
+    assert crossval.threshold_for_sensitivity(scores, 0.5) == 0.5
+    assert crossval.threshold_for_sensitivity(scores, 1.0) == 0.05
+    t = crossval.threshold_for_sensitivity(scores, 0.88)
     assert np.mean(scores >= t) >= 0.88
 
 
@@ -243,15 +243,15 @@ def test_the_target_operating_point_is_chosen_on_the_other_folds(tmp_path: Path)
     raw = yaml.safe_load(path.read_text())
     raw["benchmark"]["tasks"][0]["binary"]["target_sensitivity"] = 0.8
     path.write_text(yaml.safe_dump(raw))
-    spec = quality.load_benchmark(path)
+    spec = crossval.load_benchmark(path)
     pred = _predictions(seed=1)
     pred["fold"] = (np.arange(len(pred)) // 3) % 3  # every class in every fold
-    scored = quality.score_task(spec, spec.tasks[0], pred)["all"]
+    scored = crossval.score_task(spec, spec.tasks[0], pred)["all"]
     binary = pred[pred["true"].isin(["benign", "malignant"])].reset_index(drop=True)
     score = (binary["prob_malignant"] / (binary["prob_malignant"] + binary["prob_benign"])).to_numpy()
     y = (binary["true"] == "malignant").to_numpy()
     folds = binary["fold"].to_numpy()
-    expected = {k: quality.threshold_for_sensitivity(score[(folds != k) & y], 0.8) for k in range(3)}
+    expected = {k: crossval.threshold_for_sensitivity(score[(folds != k) & y], 0.8) for k in range(3)}
     assert {int(k): v for k, v in scored["thresholds_at_target"].items()} == pytest.approx(expected)
     called = score >= np.array([expected[k] for k in folds])
     m = scored["metrics"]
@@ -262,7 +262,7 @@ def test_the_target_operating_point_is_chosen_on_the_other_folds(tmp_path: Path)
 
 
 def test_intervals_resample_the_benchmark_group_not_another_group_column(tmp_path: Path) -> None:
-    spec = quality.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
+    spec = crossval.load_benchmark(_bench_file(tmp_path, tmp_path / "x.csv"))
     frame = pd.DataFrame({"image": ["a.png", "b.png", "c.png"], "group": ["p1", "p1", None],
                           "dup_group": [None, None, None]})  # as mini-MIAS: an empty dup_group
-    assert quality.bootstrap_groups(spec, frame) == {"a.png": "p1", "b.png": "p1", "c.png": "c.png"}
+    assert crossval.bootstrap_groups(spec, frame) == {"a.png": "p1", "b.png": "p1", "c.png": "c.png"}

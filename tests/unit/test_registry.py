@@ -1,4 +1,4 @@
-"""breastscan.registry on a SQLite store: pyfunc logging, register, gated promotion, listing.
+"""breastscan.registry.versions on a SQLite store: pyfunc logging, register, gated promotion, listing.
 
 One store and one logged model per module (logging costs about a second); every test
 registers versions of its own registered model (``breastscan-<test>``), so tests do not
@@ -19,10 +19,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from breastscan import registry, tracking
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import GateConfig, ModelConfig
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry import tracking, versions
+from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow
 
 FLOORS = {"macro_auc": 0.7, "accuracy": 0.5}
@@ -63,7 +63,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             tracking.TAG_COMMIT: "c" * 40}
     with sqlite_mlflow(root):
         with tracking.start_training_run("tiny", root, params={"a": "1"}, tags=tags) as run:
-            uri = registry.log_bundle(bundle_dir, extra_artifacts={"model_card.md": card})
+            uri = versions.log_bundle(bundle_dir, extra_artifacts={"model_card.md": card})
         yield {"root": root, "bundle_dir": bundle_dir, "model_uri": uri, "run_id": run.info.run_id,
                "bundle": ModelBundle.load(bundle_dir)}
 
@@ -75,7 +75,7 @@ def alias_version(name: str, alias: str) -> int:
 
 def reg(store: dict[str, Any], cfg: ModelConfig, metrics: dict[str, Any] | None = None,
         split: str = "split-a") -> int:
-    return registry.register(cfg, store["model_uri"], metrics=metrics or GOOD, split_id=split,
+    return versions.register(cfg, store["model_uri"], metrics=metrics or GOOD, split_id=split,
                              run_id=store["run_id"])
 
 
@@ -96,7 +96,7 @@ def test_log_bundle_uri_signature_and_artifacts(store: dict[str, Any]) -> None:
     assert info.artifact_path is not None
     assert any((store["root"] / "mlartifacts" / "breastscan-tiny").rglob("model.keras"))
     with pytest.raises(ValueError, match="reserved"):
-        registry.log_bundle(store["bundle_dir"], extra_artifacts={"bundle": store["bundle_dir"]})
+        versions.log_bundle(store["bundle_dir"], extra_artifacts={"bundle": store["bundle_dir"]})
 
 
 def test_register_alias_tags_and_pyfunc(store: dict[str, Any]) -> None:
@@ -129,14 +129,14 @@ def test_register_alias_tags_and_pyfunc(store: dict[str, Any]) -> None:
     # a second version takes @staging over
     assert reg(store, cfg) == 2
     assert alias_version(cfg.registered_name, "staging") == 2
-    assert registry.version_split_id(cfg) == "split-a"
-    assert registry.version_split_id(cfg, 99) is None
+    assert versions.version_split_id(cfg) == "split-a"
+    assert versions.version_split_id(cfg, 99) is None
 
 
 def test_register_runs_uri(store: dict[str, Any]) -> None:
     """``runs:/<run>/model`` also works: MLflow 3 resolves it to the run's logged model."""
     cfg = make_cfg("runsuri")
-    version = registry.register(cfg, f"runs:/{store['run_id']}/model", metrics=GOOD, split_id="s",
+    version = versions.register(cfg, f"runs:/{store['run_id']}/model", metrics=GOOD, split_id="s",
                                 run_id=store["run_id"])
     mv = MlflowClient().get_model_version(cfg.registered_name, str(version))
     assert mv.source == store["model_uri"] and mv.run_id == store["run_id"]
@@ -157,7 +157,7 @@ def test_register_mirrors_classic_staging_stage(store: dict[str, Any]) -> None:
 def test_register_missing_metric_is_tagged_absent(store: dict[str, Any]) -> None:
     cfg = make_cfg("missing")
     reg(store, cfg, {"macro_auc": 0.9})
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert not result.passed
     assert result.failures == ["accuracy missing on v1 (not in its registered metrics)"]
 
@@ -165,7 +165,7 @@ def test_register_missing_metric_is_tagged_absent(store: dict[str, Any]) -> None
 def test_promote_first_version_passes(store: dict[str, Any]) -> None:
     cfg = make_cfg("first")
     reg(store, cfg)
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert result.passed and result.version == 1 and result.previous is None and not result.failures
     assert {c["gate"] for c in result.checks} == {"floor:macro_auc", "floor:accuracy"}
     assert all(c["ok"] for c in result.checks)
@@ -176,14 +176,14 @@ def test_promote_first_version_passes(store: dict[str, Any]) -> None:
     assert re.match(r"\d{4}-\d\d-\d\dT", mv.tags["promoted_at"])
     assert mv.current_stage == "Production"
     # promoting the holder again changes nothing
-    again = registry.promote(cfg, version=1)
+    again = versions.promote(cfg, version=1)
     assert again.passed and again.previous == 1
 
 
 def test_promote_floor_failure_names_the_gate(store: dict[str, Any]) -> None:
     cfg = make_cfg("floor")
     reg(store, cfg, {**GOOD, "macro_auc": 0.61, "headline_value": 0.61})
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert not result.passed
     assert result.failures == ["macro_auc 0.610 < floor 0.700"]
     failed = [c for c in result.checks if not c["ok"]]
@@ -191,22 +191,22 @@ def test_promote_floor_failure_names_the_gate(store: dict[str, Any]) -> None:
                        "ok": False, "detail": "macro_auc 0.610 < floor 0.700"}]
     with pytest.raises(MlflowException):
         MlflowClient().get_model_version_by_alias(cfg.registered_name, "production")
-    assert registry.list_models(cfg.registered_name)[0]["aliases"] == ["staging"]
+    assert versions.list_models(cfg.registered_name)[0]["aliases"] == ["staging"]
 
 
 def test_promote_regression_gate_same_split(store: dict[str, Any]) -> None:
     cfg = make_cfg("regress")
     reg(store, cfg)                                   # v1: 0.85 / 0.70
-    assert registry.promote(cfg).passed
+    assert versions.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80})  # v2: above floor, -0.05
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert not result.passed and result.previous == 1
     assert result.failures == ["macro_auc 0.800 < 0.820 (production v1 0.850 - max_regression 0.030)"]
     assert any(c["gate"] == "same_split" and c["ok"] for c in result.checks)
     assert alias_version(cfg.registered_name, "production") == 1
 
     reg(store, cfg, {**GOOD, "macro_auc": 0.83, "headline_value": 0.83, "accuracy": 0.68})  # v3: within 0.03
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert result.passed, result.failures
     assert result.version == 3 and result.previous == 1
     gates = {c["gate"] for c in result.checks}
@@ -221,9 +221,9 @@ def test_promote_regression_gate_same_split(store: dict[str, Any]) -> None:
 def test_promote_split_mismatch_without_evaluate_is_refused(store: dict[str, Any]) -> None:
     cfg = make_cfg("splitref")
     reg(store, cfg, split="split-a")
-    assert registry.promote(cfg).passed
+    assert versions.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.95, "headline_value": 0.95}, split="split-b")
-    result = registry.promote(cfg)
+    result = versions.promote(cfg)
     assert not result.passed
     assert len(result.failures) == 1
     assert result.failures[0].startswith("test split differs: v2 on split-b, production v1 on split-a")
@@ -234,7 +234,7 @@ def test_promote_split_mismatch_without_evaluate_is_refused(store: dict[str, Any
 def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -> None:
     cfg = make_cfg("spliteval")
     reg(store, cfg, split="split-a")                                   # v1, 0.85 on split a
-    assert registry.promote(cfg).passed
+    assert versions.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80}, split="split-b")  # v2, 0.80 on b
     seen: list[ModelBundle] = []
 
@@ -242,7 +242,7 @@ def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -
         seen.append(bundle)
         return {"macro_auc": 0.78, "accuracy": 0.6}   # v1 re-scored on split b: worse than v2
 
-    result = registry.promote(cfg, evaluate=evaluate_low)
+    result = versions.promote(cfg, evaluate=evaluate_low)
     assert result.passed, result.failures
     assert result.reevaluated and result.previous == 1
     assert len(seen) == 1 and isinstance(seen[0], ModelBundle)
@@ -255,63 +255,63 @@ def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -
     def evaluate_high(bundle: ModelBundle) -> dict[str, Any]:
         return {"macro_auc": 0.9, "accuracy": None}  # v2 re-scored on c: much better; accuracy unknown
 
-    result = registry.promote(cfg, evaluate=evaluate_high)
+    result = versions.promote(cfg, evaluate=evaluate_high)
     assert not result.passed and result.reevaluated
     assert result.failures == ["macro_auc 0.800 < 0.870 (production v2 0.900 - max_regression 0.030)",
                                "accuracy unknown for production v2: cannot compare"]
 
 
 def test_promote_without_staging_version_is_a_clear_error(store: dict[str, Any]) -> None:
-    with pytest.raises(registry.RegistryError, match="breastscan-nothing has no version with alias @staging"):
-        registry.promote(make_cfg("nothing"))
+    with pytest.raises(versions.RegistryError, match="breastscan-nothing has no version with alias @staging"):
+        versions.promote(make_cfg("nothing"))
     cfg = make_cfg("noversion")
     reg(store, cfg)
-    with pytest.raises(registry.RegistryError, match="has no version 7"):
-        registry.promote(cfg, version=7)
+    with pytest.raises(versions.RegistryError, match="has no version 7"):
+        versions.promote(cfg, version=7)
     MlflowClient().delete_registered_model_alias(cfg.registered_name, "staging")
-    with pytest.raises(registry.RegistryError, match="no version with alias @staging"):
-        registry.promote(cfg)
+    with pytest.raises(versions.RegistryError, match="no version with alias @staging"):
+        versions.promote(cfg)
 
 
 def test_list_models_rows(store: dict[str, Any]) -> None:
     cfg = make_cfg("listed")
     reg(store, cfg)
-    registry.promote(cfg)
+    versions.promote(cfg)
     reg(store, cfg, {**GOOD, "macro_auc": 0.9, "headline_value": 0.9})
-    rows = [r for r in registry.list_models() if r["name"] == cfg.registered_name]
+    rows = [r for r in versions.list_models() if r["name"] == cfg.registered_name]
     assert [r["version"] for r in rows] == [2, 1]
     assert rows[0]["aliases"] == ["staging"] and rows[1]["aliases"] == ["production"]
     assert rows[0]["stage"] == "Staging" and rows[1]["stage"] == "Production"
     assert rows[0]["headline"] == "macro_auc" and rows[0]["value"] == 0.9
     assert rows[0]["run_id"] == store["run_id"] and rows[0]["split_id"] == "split-a"
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$", rows[0]["created"])
-    assert all(r["name"].startswith("breastscan-") for r in registry.list_models())
-    assert registry.list_models("nobody-") == []
+    assert all(r["name"].startswith("breastscan-") for r in versions.list_models())
+    assert versions.list_models("nobody-") == []
 
 
 def test_download_and_load_bundle(store: dict[str, Any], tmp_path: Path) -> None:
     cfg = make_cfg("download")
     reg(store, cfg)
-    registry.promote(cfg)
-    bundle_dir = registry.download_bundle(cfg.registered_name, dst=tmp_path / "prod")
+    versions.promote(cfg)
+    bundle_dir = versions.download_bundle(cfg.registered_name, dst=tmp_path / "prod")
     assert bundle_dir == tmp_path / "prod" / "artifacts" / "bundle"
     assert {p.name for p in bundle_dir.iterdir()} >= {"model.keras", "preprocess.json", "contract.json"}
-    bundle = registry.load_bundle(cfg.registered_name, "staging")
+    bundle = versions.load_bundle(cfg.registered_name, "staging")
     x = np.random.default_rng(1).random((2, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(bundle.predict(x), store["bundle"].predict(x), rtol=1e-5, atol=1e-6)
     assert bundle.contract.temperature == 1.5
-    assert registry.load_bundle(cfg.registered_name, version=1).contract.name == "tiny"
-    with pytest.raises(registry.RegistryError):
-        registry.download_bundle(cfg.registered_name, alias="nope", dst=tmp_path / "x")
+    assert versions.load_bundle(cfg.registered_name, version=1).contract.name == "tiny"
+    with pytest.raises(versions.RegistryError):
+        versions.download_bundle(cfg.registered_name, alias="nope", dst=tmp_path / "x")
 
 
 def test_classic_stage_uri_still_resolves(store: dict[str, Any], tmp_path: Path) -> None:
     """``models:/<name>/Production`` (deprecated stage URI) resolves in MLflow 3.17 after mirroring."""
     cfg = make_cfg("stageuri")
     reg(store, cfg)
-    registry.promote(cfg)
+    versions.promote(cfg)
     uri = f"models:/{cfg.registered_name}/Production"
-    bundle_dir = registry.download_bundle(uri, dst=tmp_path / "stage")
+    bundle_dir = versions.download_bundle(uri, dst=tmp_path / "stage")
     assert (bundle_dir / "model.keras").is_file()
     pyfunc = mlflow.pyfunc.load_model(uri)
     assert pyfunc.predict(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 3)
@@ -325,7 +325,7 @@ def test_stage_mirror_failure_is_not_fatal(store: dict[str, Any], monkeypatch: p
     monkeypatch.setattr(MlflowClient, "transition_model_version_stage", gone)
     cfg = make_cfg("nostage")
     reg(store, cfg)
-    assert registry.promote(cfg).passed
+    assert versions.promote(cfg).passed
     mv = MlflowClient().get_model_version_by_alias(cfg.registered_name, "production")
     assert mv.current_stage == "None"
     assert "could not mirror" in caplog.text

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from breastscan.inference import InputError
 from breastscan.serving.config import load_serving_config, parse_serving_config
 from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, parse_roi
 from breastscan.serving.http import RequestGuard
+from breastscan.serving.requests import InputError
 from tests.services import images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,8 +139,8 @@ def test_arrays_are_read_as_their_declared_dtype() -> None:
 
 
 def _engine(calls: list[tuple[str, tuple[int, ...]]]) -> Engine:
-    from breastscan.bundle import ModelContract
-    from breastscan.preprocessing import PreprocessSpec
+    from breastscan.imaging.preprocessing import PreprocessSpec
+    from breastscan.registry.bundle import ModelContract
 
     spec = PreprocessSpec(height=32, width=24)
 

@@ -1,4 +1,4 @@
-"""breastscan.splits: near-duplicates merge groups, no group crosses splits, strata balance."""
+"""breastscan.data.splits: near-duplicates merge groups, no group crosses splits, strata balance."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from breastscan.config import DedupConfig, SplitConfig
-from breastscan.manifest import normalize_manifest, read_manifest
-from breastscan.splits import (
+from breastscan.data.manifest import normalize_manifest, read_manifest
+from breastscan.data.splits import (
     EXCLUDED,
     assign_splits,
     cv_folds,
@@ -307,7 +307,7 @@ def _conflicted() -> pd.DataFrame:
 def test_cv_folds_excludes_label_conflicts_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     frame = _conflicted()
     bad = frame["group"].isin(["g001", "g002"])
-    with caplog.at_level("WARNING", logger="breastscan.splits"):
+    with caplog.at_level("WARNING", logger="breastscan.data.splits"):
         cv, report = cv_folds(frame, stratify=["pathology"], n_folds=4, exclude_label_conflicts=True)
     assert report["label_conflict_groups"] == 2
     assert report["excluded_rows"] == int(bad.sum())

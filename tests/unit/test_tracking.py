@@ -1,4 +1,4 @@
-"""breastscan.tracking: tracking URI, experiments, provenance tags, params, the epoch logger."""
+"""breastscan.registry.tracking: tracking URI, experiments, provenance tags, params, the epoch logger."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from breastscan import tracking
+from breastscan.registry import tracking
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, breastscan.tracking as t; "
+    code = ("import sys, breastscan.registry.tracking as t; "
             "assert 'mlflow' not in sys.modules and 'keras' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -174,7 +174,7 @@ def test_epoch_logger_logs_every_epoch(project: Path) -> None:
 def test_epoch_logger_survives_tracking_errors(project: Path, monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
     logger = tracking.MlflowEpochLogger()
-    with caplog.at_level(logging.WARNING, logger="breastscan.tracking"):
+    with caplog.at_level(logging.WARNING, logger="breastscan.registry.tracking"):
         logger.on_epoch_end(0, {"loss": 1.0})  # no active run: warn once, start no run
         logger.on_epoch_end(1, {"loss": 1.0})
         assert mlflow.active_run() is None
@@ -196,6 +196,6 @@ def test_epoch_logger_is_a_keras_callback() -> None:
     import keras
 
     assert issubclass(tracking.MlflowEpochLogger, keras.callbacks.Callback)
-    assert tracking.MlflowEpochLogger.__module__ == "breastscan.tracking"
+    assert tracking.MlflowEpochLogger.__module__ == "breastscan.registry.tracking"
     with pytest.raises(AttributeError):
         tracking.NoSuchThing  # noqa: B018

@@ -1,4 +1,4 @@
-"""breastscan.training: one-epoch fits on tiny data, early stopping, class weights, strategies."""
+"""breastscan.models.training: one-epoch fits on tiny data, early stopping, class weights, strategies."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
-from breastscan.datasets import SplitData, class_weights, load_split, make_dataset, steps_per_epoch
-from breastscan.manifest import normalize_manifest, read_manifest
-from breastscan.preprocessing import PreprocessSpec
-from breastscan.splits import prepare_splits
-from breastscan.training import get_strategy, train_model, write_history
+from breastscan.data.loading import SplitData, class_weights, load_split, make_dataset, steps_per_epoch
+from breastscan.data.manifest import normalize_manifest, read_manifest
+from breastscan.data.splits import prepare_splits
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.models.training import get_strategy, train_model, write_history
+from breastscan.registry.bundle import ModelBundle, ModelContract
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec(height=32, width=32)
@@ -197,9 +197,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     import pandas as pd
     from dataclasses import replace
     from breastscan.config import AugmentConfig, ModelConfig
-    from breastscan.datasets import SplitData
-    from breastscan.preprocessing import PreprocessSpec
-    from breastscan.training import configure_logical_cpus, get_strategy, train_model
+    from breastscan.data.loading import SplitData
+    from breastscan.imaging.preprocessing import PreprocessSpec
+    from breastscan.models.training import configure_logical_cpus, get_strategy, train_model
 
     configure_logical_cpus(2)  # before TensorFlow touches a device
     strategy = get_strategy("mirrored")
@@ -248,7 +248,7 @@ def test_write_history_checks_lengths(tmp_path: Path) -> None:
 
 
 def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    from breastscan import training
+    from breastscan.models import training
 
     data = _synthetic(40)
     cfg = replace(TOY, epochs=3, batch_size=16, patience=0, schedule="cosine", learning_rate=0.01)

@@ -1,4 +1,4 @@
-"""breastscan.validation: a good manifest passes; each planted defect fails and is named."""
+"""breastscan.data.validation: a good manifest passes; each planted defect fails and is named."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from breastscan.config import DatasetConfig, ValidationRules
-from breastscan.io import write_mask, write_png
-from breastscan.manifest import read_manifest, write_manifest
-from breastscan.validation import validate_dataset
+from breastscan.data.manifest import read_manifest, write_manifest
+from breastscan.data.validation import validate_dataset
+from breastscan.imaging.files import write_mask, write_png
 
 RULES = ValidationRules(min_class_count=5, min_side=32, max_side=4096)
 

@@ -1,4 +1,4 @@
-"""Adapters from public dataset layouts to the manifest contract (:mod:`breastscan.manifest`).
+"""Adapters from public dataset layouts to the manifest contract (:mod:`breastscan.data.manifest`).
 
 =========  =========================================  ==========================================
 format     source                                     function

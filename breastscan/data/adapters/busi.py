@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from breastscan.data.adapters.generic import finish_manifest, read_gray_u8
-from breastscan.io import write_mask, write_png
+from breastscan.imaging.files import write_mask, write_png
 from breastscan.labels import PATHOLOGIES
 
 logger = logging.getLogger(__name__)

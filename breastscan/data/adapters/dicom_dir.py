@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from breastscan.data.adapters.generic import finish_manifest, image_size
-from breastscan.io import write_png
+from breastscan.imaging.files import write_png
+from breastscan.imaging.preprocessing import DICOM_MAGIC, ImageDecodeError
 from breastscan.labels import MODALITIES
-from breastscan.preprocessing import DICOM_MAGIC, ImageDecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def convert_dicom(
             ``source_dir``, or just its name) and any of ``density``, ``pathology``,
             ``mask`` (mask paths relative to the labels CSV's folder; referenced in place).
         salt: the HMAC key that turns PatientID into the ``group`` id
-            (:func:`breastscan.dicom.pseudonymize`).
+            (:func:`breastscan.imaging.dicom.pseudonymize`).
         modality: ``mammography`` or ``ultrasound`` for every file, overriding the
             Modality tag. Without it, files whose tag is neither MG nor US are skipped.
 
@@ -114,7 +114,7 @@ def convert_dicom(
             ``file`` column or with duplicate keys, a labels mask whose size differs from
             its image, or no file could be converted.
     """
-    from breastscan.dicom import dataset_to_image, load_dataset, pseudonymize
+    from breastscan.imaging.dicom import dataset_to_image, load_dataset, pseudonymize
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not source_dir.is_dir():

@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from breastscan.io import read_mask, write_mask
-from breastscan.manifest import CONTRACT_COLUMNS, MANIFEST_NAME, order_columns, write_manifest
+from breastscan.data.manifest import CONTRACT_COLUMNS, MANIFEST_NAME, order_columns, write_manifest
+from breastscan.imaging.files import read_mask, write_mask
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def image_size(path: Path) -> tuple[int, int]:
             width, height = probe.size
         return int(height), int(width)
     except (UnidentifiedImageError, OSError):
-        from breastscan.preprocessing import decode_image
+        from breastscan.imaging.preprocessing import decode_image
 
         h, w = decode_image(path, min_side=1).shape
         return int(h), int(w)

@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from breastscan.data.adapters.generic import finish_manifest, rasterise_circles, read_gray_u8
-from breastscan.io import write_mask, write_png
+from breastscan.imaging.files import write_mask, write_png
 from breastscan.labels import MIAS_DENSITY
 
 logger = logging.getLogger(__name__)

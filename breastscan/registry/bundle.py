@@ -4,14 +4,14 @@ the registry and the service share.
 On disk a bundle is a directory::
 
     model.keras        the Keras model (logits out: "logits" or "mask_logits")
-    preprocess.json    the PreprocessSpec used in training (breastscan.preprocessing)
+    preprocess.json    the PreprocessSpec used in training (breastscan.imaging.preprocessing)
     contract.json      ModelContract: task, label, classes, class names, input shape,
                        calibration temperature, mask threshold, spec id
 
 :meth:`ModelBundle.predict` is the only place logits become served probabilities
 (temperature-scaled softmax for classifiers, sigmoid for masks), and
 :meth:`ModelBundle.prepare` the only place raw images become model input, both through
-:mod:`breastscan.preprocessing`.
+:mod:`breastscan.imaging.preprocessing`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from breastscan.metrics import apply_temperature, sigmoid
-from breastscan.preprocessing import Letterbox, PreprocessSpec, preprocess_image
+from breastscan.evaluation.metrics import apply_temperature, sigmoid
+from breastscan.imaging.preprocessing import Letterbox, PreprocessSpec, preprocess_image
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay cheap
     import keras
@@ -204,7 +204,7 @@ def prepare_batch(
         spec: the model's preprocessing spec.
         input_shape: ``(H', W', 1)`` of one model input (the contract's).
         images: ``(H, W)`` / ``(H, W, C)`` arrays of any size and dtype
-            (see :func:`breastscan.preprocessing.preprocess_image`).
+            (see :func:`breastscan.imaging.preprocessing.preprocess_image`).
 
     Returns:
         ``(batch, H', W', 1)`` float32 in [0, 1] at the model size, and the letterbox

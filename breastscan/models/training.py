@@ -3,7 +3,7 @@
 :func:`train_model` builds the model of a :class:`~breastscan.config.ModelConfig` with
 :func:`breastscan.models.build_model` under a ``tf.distribute`` strategy, fits it on the
 training split with early stopping on the validation loss, and returns a
-:class:`~breastscan.bundle.ModelBundle` (uncalibrated: temperature 1.0; the evaluate stage
+:class:`~breastscan.registry.bundle.ModelBundle` (uncalibrated: temperature 1.0; the evaluate stage
 fits the temperature on the validation split).
 
 Distribution (``cfg.distribution``, see :func:`get_strategy`):
@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
-from breastscan.datasets import SplitData, class_weights, make_dataset, steps_per_epoch
+from breastscan.data.loading import SplitData, class_weights, make_dataset, steps_per_epoch
+from breastscan.registry.bundle import ModelBundle, ModelContract
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -166,7 +166,7 @@ def get_strategy(distribution: str, *, tf_config: str | None = None) -> tf.distr
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         if len(cpus) < 2:
             log.warning("mirrored strategy on one CPU device: no parallelism (no GPU, and no logical "
-                        "CPU devices configured; see breastscan.training.configure_logical_cpus)")
+                        "CPU devices configured; see breastscan.models.training.configure_logical_cpus)")
         strategy = tf.distribute.MirroredStrategy(devices=cpus)
     log.info("mirrored strategy over %d replica(s)", strategy.num_replicas_in_sync)
     return strategy
@@ -227,7 +227,7 @@ def train_model(
     or :class:`~breastscan.models.BceDiceLoss` (segmentation, with Dice and IoU metrics).
     ``cfg.imbalance == "class_weight"`` passes inverse-frequency weights to ``fit``
     (classification only); ``"balanced_sampling"`` is handled by
-    :func:`~breastscan.datasets.make_dataset`. With ``cfg.patience > 0``, training stops
+    :func:`~breastscan.data.loading.make_dataset`. With ``cfg.patience > 0``, training stops
     after ``patience`` epochs without a lower ``val_loss`` and the best weights are
     restored. Keras prints one progress line per epoch.
 

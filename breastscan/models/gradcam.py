@@ -47,7 +47,7 @@ def grad_cam(
             :func:`breastscan.models.build_classifier` builds them, keras.applications
             backbones included). Needs the TensorFlow backend (``tf.GradientTape``).
         batch: ``(n, H, W, C)`` float32 model input, e.g. from
-            :meth:`breastscan.bundle.ModelBundle.prepare` (in [0, 1]).
+            :meth:`breastscan.registry.bundle.ModelBundle.prepare` (in [0, 1]).
         class_index: the class explained for each image: ``(n,)`` integers in ``[0, k)``, one
             integer for every image, or ``None`` for each image's arg-max logit (the
             predicted class).

@@ -12,10 +12,10 @@ The service (HTTP and gRPC) is a thin layer over this module:
   **original** image's pixel coordinates.
 * :func:`analyze` runs every model of one modality on one image and, for mammography with
   a density and a tumor model, adds the 8-category view
-  (:func:`breastscan.evaluation.eight_category`).
+  (:func:`breastscan.evaluation.scoring.eight_category`).
 
 Images, masks and overlays travel as base64-encoded PNG. Nothing here reads params, env or
-argv; Keras and TensorFlow are imported only by the bundle and :mod:`breastscan.gradcam`.
+argv; Keras and TensorFlow are imported only by the bundle and :mod:`breastscan.models.gradcam`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from breastscan.bundle import ModelBundle, ModelContract, prepare_batch
-from breastscan.gradcam import grad_cam, overlay
+from breastscan.imaging.preprocessing import (
+    ImageDecodeError,
+    Letterbox,
+    PreprocessSpec,
+    decode_image,
+    is_dicom,
+)
 from breastscan.labels import MODALITIES
-from breastscan.preprocessing import ImageDecodeError, Letterbox, PreprocessSpec, decode_image, is_dicom
+from breastscan.models.gradcam import grad_cam, overlay
+from breastscan.registry.bundle import ModelBundle, ModelContract, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +126,7 @@ def decode_upload(
 
     Returns:
         ``(H, W)`` float32 gray in [0, 1] at the file's own size (see
-        :func:`breastscan.preprocessing.decode_image`: 16-bit data is min-max stretched,
+        :func:`breastscan.imaging.preprocessing.decode_image`: 16-bit data is min-max stretched,
         DICOM goes through its LUTs, alpha is dropped).
 
     Raises:
@@ -150,7 +156,7 @@ def decode_upload(
 
 def _check_dicom_size(raw: bytes, spec: PreprocessSpec) -> None:
     """Check Rows/Columns from the DICOM header before its pixel data is decoded."""
-    from breastscan.dicom import load_dataset
+    from breastscan.imaging.dicom import load_dataset
 
     header = load_dataset(raw, stop_before_pixels=True)
     rows, cols = header.get("Rows"), header.get("Columns")
@@ -559,7 +565,7 @@ def analyze(
     Returns:
         ``{"modality": ..., "models": {name: answer}}`` (answers as in
         :func:`predict_images`), plus ``"eight_category"`` (one dict of
-        :func:`breastscan.evaluation.eight_category`) for mammography when both
+        :func:`breastscan.evaluation.scoring.eight_category`) for mammography when both
         ``density_model`` and ``tumor_model`` ran.
 
     Raises:
@@ -623,10 +629,10 @@ def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any
     """The 8-category view (pathology x density) of one mammogram's density and tumor answers.
 
     Returns:
-        One dict of :func:`breastscan.evaluation.eight_category`, or ``None`` when either
+        One dict of :func:`breastscan.evaluation.scoring.eight_category`, or ``None`` when either
         answer has no probabilities or their classes do not fit the view (logged).
     """
-    from breastscan.evaluation import eight_category
+    from breastscan.evaluation.scoring import eight_category
 
     if not density.probabilities or not tumor.probabilities:
         return None

@@ -1,6 +1,6 @@
 """Static PNG figures of an evaluation and of training curves (matplotlib, Agg, offline).
 
-Each function draws from the same row lists that :mod:`breastscan.evaluation` writes as
+Each function draws from the same row lists that :mod:`breastscan.evaluation.scoring` writes as
 ``dvc plots`` CSV files, so a PNG and its CSV cannot disagree. Figures are drawn with
 matplotlib's object API on an Agg canvas (no pyplot, no GUI, no global backend switch);
 fonts are matplotlib's bundled ones, so nothing is fetched.
@@ -172,7 +172,7 @@ def plot_history(history_csv: str | Path, png: str | Path) -> Path:
     validation), other columns in panels of their own.
 
     Args:
-        history_csv: the CSV written by :func:`breastscan.training.write_history`.
+        history_csv: the CSV written by :func:`breastscan.models.training.write_history`.
         png: output file.
 
     Returns:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from breastscan.preprocessing import ImageDecodeError, to_float_gray
+from breastscan.imaging.preprocessing import ImageDecodeError, to_float_gray
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -310,7 +310,7 @@ def _monochrome(
 
 
 def read_dicom(source: bytes | bytearray | memoryview | str | Path) -> DicomImage:
-    """Read a DICOM file into a gray image ready for :mod:`breastscan.preprocessing`.
+    """Read a DICOM file into a gray image ready for :mod:`breastscan.imaging.preprocessing`.
 
     Args:
         source: the file's bytes (with or without the 128-byte preamble) or its path.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from breastscan.manifest import resolve
-from breastscan.preprocessing import ImageDecodeError, decode_image
+from breastscan.data.manifest import resolve
+from breastscan.imaging.preprocessing import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def inspect_images(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
     """Facts about every row's files (see :func:`inspect_row`).
 
     Args:
-        df: a manifest as read by :func:`breastscan.manifest.read_manifest`.
+        df: a manifest as read by :func:`breastscan.data.manifest.read_manifest`.
         root: the dataset directory.
 
     Returns:

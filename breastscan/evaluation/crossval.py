@@ -193,7 +193,7 @@ def prepare_dataset(spec: BenchmarkSpec) -> pd.DataFrame:
         MissingDataset: the source is not there (the message says what is needed).
     """
     from breastscan.data.adapters import ingest
-    from breastscan.manifest import read_manifest
+    from breastscan.data.manifest import read_manifest
 
     if not spec.source.exists():
         raise MissingDataset(
@@ -213,7 +213,7 @@ def make_folds(spec: BenchmarkSpec, manifest: pd.DataFrame) -> tuple[pd.DataFram
     Conflict rows stay in the fold assignment (so they can be scored on test) and are
     removed from training and validation by :func:`fold_splits`.
     """
-    from breastscan.splits import cv_folds, label_conflicts
+    from breastscan.data.splits import cv_folds, label_conflicts
 
     cv, report = cv_folds(manifest, stratify=list(spec.stratify), n_folds=spec.folds,
                           group_column=spec.group_column, seed=spec.seed, val_fraction=spec.val_fraction,
@@ -261,9 +261,9 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
     """
     import keras
 
-    from breastscan.datasets import load_split
-    from breastscan.evaluation import evaluate_classifier, evaluate_segmenter
-    from breastscan.training import train_model
+    from breastscan.data.loading import load_split
+    from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter
+    from breastscan.models.training import train_model
 
     cfg = spec.model(task)
     if max_epochs is not None:
@@ -338,7 +338,7 @@ def _binary_metrics(frame: pd.DataFrame, threshold: float | np.ndarray
     ``threshold`` is one value or one per row. The AUC is the evaluate stage's rank-sum AUC
     (equal to scikit-learn's ``roc_auc_score``, and fast enough for a thousand resamples).
     """
-    from breastscan.evaluation import _auc
+    from breastscan.evaluation.scoring import _auc
 
     y = frame["y"].to_numpy().astype(bool)
     score = frame["score"].to_numpy(np.float64)
@@ -366,7 +366,7 @@ def _value(fn: Callable[[np.ndarray], float], n: int) -> float | None:
 
 def _pooled(fns: dict[str, Callable[[np.ndarray], float]], n: int, groups: np.ndarray,
             seed: int) -> dict[str, dict[str, float | None]]:
-    from breastscan.metrics import bootstrap_ci
+    from breastscan.evaluation.metrics import bootstrap_ci
 
     out: dict[str, dict[str, float | None]] = {}
     for name, fn in fns.items():
@@ -387,9 +387,13 @@ def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None,
     """Metric name -> (index function, n, groups) on ``pred``.
 
     The model's own metrics are the evaluate stage's functions (those of
-    :func:`breastscan.evaluation.metric_intervals`), so a fold here scores as the pipeline does.
+    :func:`breastscan.evaluation.scoring.metric_intervals`), so a fold here scores as the pipeline does.
     """
-    from breastscan.evaluation import SEGMENTATION_HEADLINES, _classification_metric, _segmentation_metric
+    from breastscan.evaluation.scoring import (
+        SEGMENTATION_HEADLINES,
+        _classification_metric,
+        _segmentation_metric,
+    )
 
     fns: dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]] = {}
     if not len(pred):

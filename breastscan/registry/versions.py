@@ -51,9 +51,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from breastscan.bundle import ModelBundle, read_contract
-from breastscan.metrics import finite_float
-from breastscan.preprocessing import PreprocessSpec
+from breastscan.evaluation.metrics import finite_float
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.registry.bundle import ModelBundle, read_contract
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -91,7 +91,7 @@ class RegistryError(LookupError):
 
 
 class BundlePyfunc(PythonModel):
-    """MLflow pyfunc around a :class:`~breastscan.bundle.ModelBundle`.
+    """MLflow pyfunc around a :class:`~breastscan.registry.bundle.ModelBundle`.
 
     The bundle directory is the model artifact ``"bundle"``; :meth:`predict` returns what
     :meth:`ModelBundle.predict` returns, so the registry serves calibrated probabilities.
@@ -322,7 +322,7 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         model_uri: URI returned by :func:`log_bundle` (``models:/m-...``) or ``runs:/...``.
         metrics: the evaluation report (``metrics.json``): metric name -> value, plus
             ``headline_value`` and optionally ``headline_ci_low``/``headline_ci_high``, ``n_test``.
-        split_id: id of the test split (:func:`breastscan.splits.split_id`).
+        split_id: id of the test split (:func:`breastscan.data.splits.split_id`).
         run_id: the run that produced the model.
         data_hash: DVC hash of the data (default: from the run's tags).
         git_commit: code version (default: from the run's tags).
@@ -330,8 +330,8 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     Returns:
         The new version number.
     """
-    from breastscan.tracking import TAG_COMMIT as RUN_COMMIT
-    from breastscan.tracking import TAG_DATA_HASH as RUN_DATA_HASH
+    from breastscan.registry.tracking import TAG_COMMIT as RUN_COMMIT
+    from breastscan.registry.tracking import TAG_DATA_HASH as RUN_DATA_HASH
 
     client = _client()
     name = cfg.registered_name

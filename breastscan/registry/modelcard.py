@@ -7,7 +7,7 @@ interval, calibration, and known limitations. The card carries no version number
 registry version it belongs to is recorded in MLflow next to it.
 
 Inputs are the model's :class:`~breastscan.config.ModelConfig`, its
-:class:`~breastscan.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
+:class:`~breastscan.registry.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
 ``data`` mapping describing the dataset (see :func:`render_model_card`).
 """
 
@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from breastscan.metrics import finite_float
+from breastscan.evaluation.metrics import finite_float
 
 if TYPE_CHECKING:
-    from breastscan.bundle import ModelContract
     from breastscan.config import ModelConfig
+    from breastscan.registry.bundle import ModelContract
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Two suites per dataset:
 
 * the *manifest* suite runs on the manifest joined with the image-level facts of
-  :mod:`breastscan.validation.images` (columns, domains, unique images, files present and
+  :mod:`breastscan.data.validation.images` (columns, domains, unique images, files present and
   decodable, size range, not all-black, masks present, same size, binary);
 * the *class-count* suite runs on a small table of label counts (every class present
   must have at least ``min_class_count`` rows).
@@ -17,8 +17,8 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 
 from breastscan.config import DatasetConfig, ValidationRules
+from breastscan.data.manifest import CONTRACT_COLUMNS
 from breastscan.labels import DENSITY_LEVELS, MODALITIES, PATHOLOGIES
-from breastscan.manifest import CONTRACT_COLUMNS
 
 
 def _add(suite: gx.ExpectationSuite, expectation: Any, meaning: str) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 
 import mlflow
 
-from breastscan import tracking
-from breastscan.bundle import ModelBundle
+from breastscan.registry import tracking
+from breastscan.registry.bundle import ModelBundle
 
-log = logging.getLogger("pipelines.run")
+log = logging.getLogger("breastscan.registry.runs")
 
 RUN_FILE = "run.json"
 LOGGED_MODEL_FILE = "logged_model.json"
@@ -59,19 +59,19 @@ def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path
     """Log the calibrated bundle, with its model card, as an MLflow model of the active run.
 
     The logged model (signature, input example, preprocessing spec, class names,
-    calibration; see :func:`breastscan.registry.log_bundle`) also gets the test metrics
+    calibration; see :func:`breastscan.registry.versions.log_bundle`) also gets the test metrics
     (``test_<name>``), so MLflow shows them on the model's page. Needs TensorFlow (MLflow
     checks the input example by loading the logged model and running it).
 
     Returns:
         Its URI, ``models:/m-<id>``: what the register stage registers.
     """
-    from breastscan import registry
+    from breastscan.registry import versions
 
     with tempfile.TemporaryDirectory() as tmp:
         served = calibrated(bundle, metrics).save(Path(tmp) / "bundle")
-        model_uri = registry.log_bundle(served, extra_artifacts={"model_card.md": card})
-    mlflow.log_metrics(as_test_metrics(metrics), model_id=registry.logged_model_id(model_uri))
+        model_uri = versions.log_bundle(served, extra_artifacts={"model_card.md": card})
+    mlflow.log_metrics(as_test_metrics(metrics), model_id=versions.logged_model_id(model_uri))
     return model_uri
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from breastscan.config import DedupConfig, SplitConfig
-from breastscan.manifest import resolve
-from breastscan.preprocessing import decode_image
+from breastscan.data.manifest import resolve
+from breastscan.imaging.preprocessing import decode_image
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run the suites of :mod:`breastscan.validation.suites` and turn results into a report."""
+"""Run the suites of :mod:`breastscan.data.validation.suites` and turn results into a report."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from breastscan.config import DatasetConfig, ValidationRules
-from breastscan.manifest import MANIFEST_NAME, read_manifest
-from breastscan.validation.images import inspect_images
+from breastscan.data.manifest import MANIFEST_NAME, read_manifest
+from breastscan.data.validation.images import inspect_images
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def validate_dataset(
         The report; ``report.success`` is False when any expectation failed (including a
         missing or unreadable manifest, reported as a failure rather than raised).
     """
-    from breastscan.validation import suites
+    from breastscan.data.validation import suites
 
     root = Path(root)
     try:

@@ -1,8 +1,8 @@
 """Model inputs from the split artefact: arrays per split, class weights and ``tf.data`` pipelines.
 
 :func:`load_split` reads the rows of one split of ``artifacts/prepared/<dataset>/splits.csv``
-(written by the prepare stage, see :mod:`breastscan.splits`) and turns them into arrays
-through :func:`breastscan.preprocessing.preprocess_image`, the same function the service
+(written by the prepare stage, see :mod:`breastscan.data.splits`) and turns them into arrays
+through :func:`breastscan.imaging.preprocessing.preprocess_image`, the same function the service
 uses, so training and serving cannot drift. :func:`make_dataset` wraps the arrays in a
 batched ``tf.data.Dataset``: shuffled, augmented and optionally class-balanced for
 training; in file order and untouched for evaluation.
@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from breastscan.config import ModelConfig
-from breastscan.io import read_mask
-from breastscan.manifest import resolve
-from breastscan.preprocessing import decode_image, preprocess_image, preprocess_mask
+from breastscan.data.manifest import resolve
+from breastscan.imaging.files import read_mask
+from breastscan.imaging.preprocessing import decode_image, preprocess_image, preprocess_mask
 
 if TYPE_CHECKING:
     import tensorflow as tf

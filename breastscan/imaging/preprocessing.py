@@ -224,7 +224,7 @@ def decode_image(
     if not data:
         raise ImageDecodeError("empty input: no bytes to decode")
     if is_dicom(data):
-        from breastscan.dicom import read_dicom  # pydicom is imported only when needed
+        from breastscan.imaging.dicom import read_dicom  # pydicom is imported only when needed
 
         pixels = read_dicom(data).pixels
         _check_size(pixels.shape[0], pixels.shape[1], min_side, max_side)

@@ -2,16 +2,16 @@
 
 Everything is measured on the **test** split; the only thing learnt from data here, the
 calibration temperature of a classifier, is fitted on the **validation** split
-(:func:`breastscan.metrics.fit_temperature`), and the test metrics are computed on the
+(:func:`breastscan.evaluation.metrics.fit_temperature`), and the test metrics are computed on the
 calibrated probabilities: the ones the service returns.
 
 An :class:`Evaluation` holds a JSON-able ``metrics`` dict (a ``dvc metrics`` file, and
 the input of the promotion gates), plot data as lists of row dicts (``dvc plots`` CSV
 files) and one prediction row per test image; :func:`write_evaluation` writes them, with
-static PNGs (:mod:`breastscan.plots`).
+static PNGs (:mod:`breastscan.evaluation.plots`).
 
 The headline metric (``cfg.headline``) carries a 95 % percentile bootstrap interval that
-resamples whole ``dup_group`` groups (:func:`breastscan.metrics.bootstrap_ci`), so
+resamples whole ``dup_group`` groups (:func:`breastscan.evaluation.metrics.bootstrap_ci`), so
 images of one patient, or near-duplicates of one scan, are never counted as independent.
 
 Nothing here imports TensorFlow: the bundle runs the model.
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from breastscan import metrics as M
-from breastscan.bundle import ModelBundle
-from breastscan.datasets import SplitData
+from breastscan.data.loading import SplitData
+from breastscan.evaluation import metrics as M
 from breastscan.labels import BIRADS_DENSITY
+from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path) -> dict[str, P
     Returns:
         Name (``metrics``, ``predictions``, ``<plot>_csv``, ``<plot>_png``) -> path written.
     """
-    from breastscan import plots
+    from breastscan.evaluation import plots
 
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """Score a registered model on an external dataset: ``breastscan evaluate``.
 
-An external dataset is any directory in the manifest contract (:mod:`breastscan.manifest`)
+An external dataset is any directory in the manifest contract (:mod:`breastscan.data.manifest`)
 that the model has never seen: a hospital's export, a public set converted with
 ``breastscan ingest``. It has no splits and no validation part, so nothing is learnt from
 it: a classifier keeps the calibration temperature stored with the model
-(:func:`breastscan.evaluation.evaluate_classifier` with ``val=None``), a segmenter its
+(:func:`breastscan.evaluation.scoring.evaluate_classifier` with ``val=None``), a segmenter its
 threshold.
 
 The steps, each a public function:
@@ -13,12 +13,12 @@ The steps, each a public function:
    ``tumor@staging`` (an alias; ``production`` by default) or ``tumor/3`` (a version) to
    one registry version, its run and its bundle (spec and contract).
 2. :func:`load_external`: every manifest row the model can score, decoded and
-   preprocessed with the bundle's own :class:`~breastscan.preprocessing.PreprocessSpec`;
+   preprocessed with the bundle's own :class:`~breastscan.imaging.preprocessing.PreprocessSpec`;
    every other row is counted under one reason of :data:`SKIP_REASONS` (wrong modality,
    no label, a label outside the model's classes, a missing or undecodable image or
    mask), with example paths. Nothing is dropped silently.
 3. :func:`score_external`: the project's evaluation code on those rows
-   (:mod:`breastscan.evaluation`), with a 95 % bootstrap interval for every metric that
+   (:mod:`breastscan.evaluation.scoring`), with a 95 % bootstrap interval for every metric that
    resamples whole ``group`` s (patients).
 4. :func:`build_report`, :func:`write_report` and :func:`log_external_run`:
    ``<out>/<dataset>/<model>.json`` and ``.md`` (plus ``<model>_predictions.csv``), and a
@@ -45,21 +45,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from breastscan.bundle import ModelContract, read_contract
-from breastscan.datasets import SplitData
-from breastscan.io import read_mask
-from breastscan.manifest import file_md5, read_manifest, resolve
-from breastscan.preprocessing import (
+from breastscan.data.loading import SplitData
+from breastscan.data.manifest import file_md5, read_manifest, resolve
+from breastscan.imaging.files import read_mask
+from breastscan.imaging.preprocessing import (
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
     preprocess_image,
     preprocess_mask,
 )
+from breastscan.registry.bundle import ModelContract, read_contract
 
 if TYPE_CHECKING:
-    from breastscan.bundle import ModelBundle
-    from breastscan.evaluation import Evaluation
+    from breastscan.evaluation.scoring import Evaluation
+    from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ TAG_MODEL_RUN = "breastscan.model_run_id"
 TAG_DATASET = "breastscan.dataset"
 TAG_DATASET_PATH = "breastscan.dataset_path"
 TAG_DATASET_MD5 = "breastscan.dataset_manifest_md5"
-TAG_EVALUATION = "breastscan.evaluation"
+TAG_EVALUATION = "breastscan.evaluation.scoring"
 
 SKIP_REASONS: dict[str, str] = {
     "wrong_modality": "modality is not the model's (or is empty)",
@@ -184,7 +184,7 @@ class ResolvedModel:
 
     def load_bundle(self) -> ModelBundle:
         """Load the Keras model with its spec and contract (imports Keras)."""
-        from breastscan.bundle import ModelBundle
+        from breastscan.registry.bundle import ModelBundle
 
         return ModelBundle.load(self.bundle_dir)
 
@@ -203,7 +203,7 @@ def _registered_names() -> list[str]:
 def resolve_model(ref: ModelRef, dst: Path) -> ResolvedModel:
     """Find the registry version of a reference and download its bundle (no Keras import).
 
-    Uses the MLflow registry MLflow is configured with (:func:`breastscan.tracking.configure`).
+    Uses the MLflow registry MLflow is configured with (:func:`breastscan.registry.tracking.configure`).
     The bundle is downloaded by version number, so an alias moved meanwhile cannot mix
     two versions.
 
@@ -215,19 +215,19 @@ def resolve_model(ref: ModelRef, dst: Path) -> ResolvedModel:
         The resolved version.
 
     Raises:
-        breastscan.registry.RegistryError: no such model, alias or version; the message
+        breastscan.registry.versions.RegistryError: no such model, alias or version; the message
             lists the registered breastscan models.
     """
     from mlflow import MlflowClient
 
-    from breastscan import registry
+    from breastscan.registry import versions
 
     client = MlflowClient()
     try:
-        mv = registry._get_version(client, ref.registered_name, ref.version, ref.alias or DEFAULT_ALIAS)
-    except registry.RegistryError as exc:
+        mv = versions._get_version(client, ref.registered_name, ref.version, ref.alias or DEFAULT_ALIAS)
+    except versions.RegistryError as exc:
         known = [n[len(REGISTERED_PREFIX):] for n in _registered_names()]
-        raise registry.RegistryError(f"{exc}. Registered breastscan models: "
+        raise versions.RegistryError(f"{exc}. Registered breastscan models: "
                                      f"{', '.join(known) or 'none'}") from None
     version = int(mv.version)
     try:
@@ -236,7 +236,7 @@ def resolve_model(ref: ModelRef, dst: Path) -> ResolvedModel:
         log.warning("could not read the aliases of %s: %s", ref.registered_name, exc)
         holders = {}
     aliases = sorted(a for a, v in holders.items() if str(v) == str(version))
-    bundle_dir = registry.download_bundle(ref.registered_name, dst=Path(dst), version=version)
+    bundle_dir = versions.download_bundle(ref.registered_name, dst=Path(dst), version=version)
     log.info("%s resolved to %s v%d (aliases: %s, run %s)", ref, ref.registered_name, version,
              ", ".join(aliases) or "none", mv.run_id)
     return ResolvedModel(ref=ref, version=version, aliases=aliases, run_id=mv.run_id or None,
@@ -319,7 +319,7 @@ def class_index(classes: tuple[str, ...], value: str) -> int | None:
     """Index of a label value among a model's classes (compared as text), ``None`` if absent.
 
     ``"2.0"`` (a density written by a float column) matches class ``"2"``, as in training
-    (:func:`breastscan.datasets.load_split`).
+    (:func:`breastscan.data.loading.load_split`).
     """
     texts = [str(c) for c in classes]
     if value in texts:
@@ -360,7 +360,7 @@ def load_external(root: str | Path, contract: ModelContract, spec: PreprocessSpe
     root = Path(root)
     manifest = read_manifest(root)
     if "image" not in manifest.columns:
-        raise ValueError(f"{root}/manifest.csv has no 'image' column (see breastscan/manifest.py)")
+        raise ValueError(f"{root}/manifest.csv has no 'image' column (see breastscan/data/manifest.py)")
     segmentation = contract.task == "segmentation"
     modality = contract.modality.strip().lower()
     h, w, _ = contract.input_shape
@@ -475,7 +475,7 @@ def default_headline(contract: ModelContract, tagged: str | None = None) -> str:
 
     Defaults: ``mean_dice`` (segmentation), ``quadratic_kappa`` (density), ``macro_auc``.
     """
-    from breastscan.evaluation import CLASSIFICATION_HEADLINES, SEGMENTATION_HEADLINES
+    from breastscan.evaluation.scoring import CLASSIFICATION_HEADLINES, SEGMENTATION_HEADLINES
 
     if contract.task == "segmentation":
         return tagged if tagged in SEGMENTATION_HEADLINES else "mean_dice"
@@ -488,11 +488,11 @@ def score_external(bundle: ModelBundle, dataset: ExternalDataset, *, headline: s
                    seed: int = 0) -> tuple[Evaluation, dict[str, dict[str, float | None]]]:
     """Evaluate a bundle on the usable rows of an external dataset.
 
-    Classifiers go through :func:`breastscan.evaluation.evaluate_classifier` with no
+    Classifiers go through :func:`breastscan.evaluation.scoring.evaluate_classifier` with no
     validation split, so the temperature stored in the contract is kept (not refitted);
-    segmenters through :func:`breastscan.evaluation.evaluate_segmenter` at the contract's
+    segmenters through :func:`breastscan.evaluation.scoring.evaluate_segmenter` at the contract's
     threshold. Every metric then gets a 95 % percentile bootstrap interval resampling
-    whole manifest groups (:func:`breastscan.evaluation.metric_intervals`).
+    whole manifest groups (:func:`breastscan.evaluation.scoring.metric_intervals`).
 
     Args:
         bundle: the model (its contract must match the one the dataset was loaded for).
@@ -502,14 +502,14 @@ def score_external(bundle: ModelBundle, dataset: ExternalDataset, *, headline: s
         seed: bootstrap seed.
 
     Returns:
-        The :class:`~breastscan.evaluation.Evaluation` and metric name ->
+        The :class:`~breastscan.evaluation.scoring.Evaluation` and metric name ->
         ``{"value", "ci_low", "ci_high"}``.
 
     Raises:
         NoUsableRows: the dataset has no usable row.
         ValueError: unknown headline for the task.
     """
-    from breastscan.evaluation import evaluate_classifier, evaluate_segmenter, metric_intervals
+    from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter, metric_intervals
 
     contract = bundle.contract
     require_usable(dataset, contract)
@@ -554,7 +554,7 @@ def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Eva
         (every metric the evaluation computed), ``mlflow`` (filled by
         :func:`log_external_run`, else ``None``) and ``created`` (UTC ISO time).
     """
-    from breastscan.evaluation import CALIBRATION_BINS
+    from breastscan.evaluation.scoring import CALIBRATION_BINS
 
     contract = model.contract
     m = evaluation.metrics
@@ -749,7 +749,7 @@ def external_metrics(report: dict[str, Any]) -> dict[str, float]:
     ``external_skipped_<reason>`` for each reason of :data:`SKIP_REASONS` (0 included);
     undefined values are left out.
     """
-    from breastscan.tracking import numeric_items
+    from breastscan.registry.tracking import numeric_items
 
     flat: dict[str, Any] = {}
     for name, v in report["metrics"].items():
@@ -772,11 +772,11 @@ def log_external_run(report: dict[str, Any], evaluation: Evaluation, out_root: s
     """Log an external evaluation as a new MLflow run and (re)write the report files with its id.
 
     The run is ``external:<dataset>`` in the model's experiment ``breastscan-<model>``
-    (created if missing, see :func:`breastscan.tracking.ensure_experiment`), in the store
+    (created if missing, see :func:`breastscan.registry.tracking.ensure_experiment`), in the store
     MLflow is configured with. It carries tags ``breastscan.model``,
     ``breastscan.registered_model``, ``breastscan.model_version``, ``breastscan.model_stage``,
     ``breastscan.model_run_id``, ``breastscan.dataset``, ``breastscan.dataset_path``,
-    ``breastscan.dataset_manifest_md5``, ``breastscan.evaluation=external`` and the code
+    ``breastscan.dataset_manifest_md5``, ``breastscan.evaluation.scoring=external`` and the code
     version; the Markdown summary as its description; a few params; the metrics of
     :func:`external_metrics`; the manifest as an MLflow dataset input (context
     ``external``); and the three report files as artifacts under ``external/<dataset>/``.
@@ -794,7 +794,7 @@ def log_external_run(report: dict[str, Any], evaluation: Evaluation, out_root: s
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
-    from breastscan import tracking
+    from breastscan.registry import tracking
 
     project_root = Path(project_root)
     dataset = report["dataset"]["name"]
@@ -888,7 +888,7 @@ def evaluate_external(
 
     Raises:
         ValueError: a malformed model reference or an unknown headline.
-        breastscan.registry.RegistryError: the model, stage or version does not exist.
+        breastscan.registry.versions.RegistryError: the model, stage or version does not exist.
         FileNotFoundError: no ``manifest.csv`` in ``dataset_dir``.
         NoUsableRows: no row can be scored (the message gives the reasons).
     """

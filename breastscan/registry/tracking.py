@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from breastscan.metrics import finite_float
+from breastscan.evaluation.metrics import finite_float
 
 if TYPE_CHECKING:
     import mlflow

@@ -1,0 +1,1 @@
+"""Images before a model sees them: decoding (PNG, JPEG, PGM, DICOM), files, preprocessing."""

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from breastscan.logs import configure_logging
 
@@ -146,34 +145,6 @@ def validate(root: Path | None, dataset: str | None, params: Path, modality: str
     sys.exit(0 if result.success else 1)
 
 
-def _score_on_workspace_split(cfg: Any, params: Any, expected_split: str | None) -> Any:
-    """An ``evaluate(bundle) -> metrics`` callback scoring on this checkout's test split."""
-    from breastscan.data.loading import load_split
-    from breastscan.data.splits import split_id
-    from breastscan.evaluation.metrics import classification_report, segmentation_report
-
-    dataset = params.dataset(cfg.dataset)
-    splits = Path("artifacts/prepared") / dataset.name / "splits.csv"
-
-    def evaluate(bundle: Any) -> dict[str, Any]:
-        if not splits.is_file():
-            raise click.ClickException(f"{splits} is missing: run `dvc repro prepare@{dataset.name}` first")
-        here = split_id(splits, "test")
-        if expected_split and here != expected_split:
-            raise click.ClickException(
-                f"the test split here ({here}) is not the one the candidate was evaluated on "
-                f"({expected_split}); check out the commit that produced it (git checkout + dvc checkout)")
-        test = load_split(splits, dataset.path, cfg, "test")
-        chunks = [bundle.predict(test.images[i:i + 64]) for i in range(0, len(test.images), 64)]
-        probs = np.concatenate(chunks)
-        if cfg.task == "classification":
-            return classification_report(test.targets, probs, list(cfg.class_names),
-                                         quadratic_kappa=cfg.label == "density")
-        return segmentation_report(test.targets, probs, threshold=bundle.contract.threshold)
-
-    return evaluate
-
-
 @main.command()
 @click.argument("model_names", metavar="MODEL...", nargs=-1)
 @click.option("--all", "all_models", is_flag=True, help="every model declared in params.yaml")
@@ -191,7 +162,7 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
     Exits 1 and names the failed gates when any promotion is refused.
     """
     from breastscan.config import load_params
-    from breastscan.registry import tracking, versions
+    from breastscan.registry import promotion, tracking, versions
 
     p = load_params(params)
     if all_models:
@@ -208,9 +179,11 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
     refused = 0
     for cfg in cfgs:
         try:
+            dataset = p.dataset(cfg.dataset)
+            splits = Path("artifacts/prepared") / dataset.name / "splits.csv"
             candidate_split = versions.version_split_id(cfg, version)
-            result = versions.promote(cfg, version=version, to=to,
-                                      evaluate=_score_on_workspace_split(cfg, p, candidate_split))
+            rescore = promotion.rescore_on_split(cfg, splits, dataset.path, candidate_split)
+            result = promotion.promote(cfg, version=version, to=to, evaluate=rescore)
         except versions.RegistryError as exc:
             raise click.ClickException(str(exc)) from None
         for check in result.checks:
@@ -220,6 +193,9 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
             click.echo(f"refused: {cfg.registered_name} v{result.version} stays where it is -- "
                        + "; ".join(result.failures), err=True)
             refused += 1
+            continue
+        if result.previous == result.version:
+            click.echo(f"{cfg.registered_name} v{result.version} already holds stage {to}: nothing changed")
             continue
         previous = f" (was v{result.previous})" if result.previous else ""
         click.echo(f"{cfg.registered_name} v{result.version} is now at stage {to}{previous}")
@@ -285,10 +261,10 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
     The calibration stored with the model is used as is (nothing is refitted).
     """
     from breastscan.evaluation import external
-    from breastscan.registry import tracking, versions
+    from breastscan.registry import resolver, tracking, versions
 
     try:
-        external.parse_model_ref(model_ref)
+        resolver.parse_model_ref(model_ref)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     tracking.configure(Path.cwd())

@@ -24,10 +24,11 @@ markdown table (printed, and written to ``reports/serving_benchmark.md``):
    ``max_latency_ms``).
 
 The load generator (asyncio: ``aiohttp`` for HTTP, ``grpc.aio`` for gRPC) runs in this
-process, the server in its own processes, the in-process measurement in a child process
-of its own (TensorFlow never loads here). All of them share this machine's cores: on a
-2-core machine the load generator takes CPU from the server, which the JSON records (CPU
-per process) and the table notes say.
+process, the server in its own processes (started, timed and stopped by
+:func:`breastscan.serving.launch.launch_service`, as the service tests start theirs), the
+in-process measurement in a child process of its own (TensorFlow never loads here). All of
+them share this machine's cores: on a 2-core machine the load generator takes CPU from the
+server, which the JSON records (CPU per process) and the table notes say.
 
 Run (``make bench-serving``)::
 
@@ -57,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ import click
 import numpy as np
 import yaml
 
-from breastscan.processes import free_port, stop_process_group
+from breastscan.serving.launch import LaunchedService, ServiceStartError, launch_service
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,7 +74,6 @@ log = logging.getLogger("breastscan.bench")
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MODEL_MODALITY = {"density": "mammography", "tumor": "mammography", "lesion": "ultrasound"}
-START_TIMEOUT_S = 300.0
 REF_CONCURRENCY = 32
 """The concurrency the ratios and targets are read at."""
 SHARED_CORES_NOTE = ("load generator, server (front and model workers) and the in-process measurement "
@@ -129,16 +129,15 @@ class Settings:
 
 
 def git_facts() -> dict[str, Any]:
-    """The commit of the checkout and whether it has uncommitted changes."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
+    """The checkout's commit and whether tracked files are modified (``None`` when unknown).
 
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    :func:`breastscan.registry.tracking.git_state`, the provenance every MLflow run records,
+    so a benchmark and a training run name a checkout the same way.
+    """
+    from breastscan.registry.tracking import git_state
+
+    commit, dirty = git_state(REPO)
+    return {"commit": commit, "dirty": dirty}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -305,66 +304,6 @@ def inprocess_in_child(models: Sequence[str], settings: Settings, env: dict[str,
 # =========================================================================== processes
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        import psutil
-
-        t = psutil.Process(pid).cpu_times()
-        return float(t.user + t.system)
-    except ImportError:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
-    except Exception:  # noqa: BLE001 -- the process is gone
-        return None
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-    except ImportError:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
-        return None
-    except Exception:  # noqa: BLE001 -- the process is gone
-        return None
-
-
-def _children(pid: int) -> list[tuple[int, list[str]]]:
-    """``(pid, argv)`` of every descendant of ``pid``."""
-    try:
-        import psutil
-
-        return [(p.pid, p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
-    except ImportError:
-        out, todo = [], [pid]
-        while todo:
-            parent = todo.pop()
-            for task in Path(f"/proc/{parent}/task").glob("*"):
-                try:
-                    kids = [int(k) for k in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                for kid in kids:
-                    try:
-                        argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode().split("\0")
-                    except OSError:
-                        continue
-                    out.append((kid, [a for a in argv if a]))
-                    todo.append(kid)
-        return out
-    except Exception:  # noqa: BLE001 -- the process is gone
-        return []
-
-
 def machine_busy_seconds() -> float | None:
     """CPU seconds all cores of the machine have been busy (``/proc/stat``; ``None`` elsewhere)."""
     try:
@@ -375,107 +314,23 @@ def machine_busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _arg(argv: list[str], flag: str) -> str | None:
-    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
-
-
-@dataclass
-class Server:
-    """A running ``bentoml serve`` and its worker processes."""
-
-    process: subprocess.Popen[bytes]
-    http_url: str
-    grpc_target: str
-    log_path: Path
-    workers: dict[str, int] = field(default_factory=dict)
-    """``{"<service>#<worker id>": pid}`` (e.g. ``breastscan#1``, ``breastscan-models#1``)."""
-
-    def find_workers(self) -> None:
-        """Name the worker processes by their ``--service-name`` and ``--worker-id``."""
-        self.workers = {}
-        for pid, argv in _children(self.process.pid):
-            service = _arg(argv, "--service-name")
-            if service:
-                self.workers[f"{service}#{_arg(argv, '--worker-id') or '?'}"] = pid
-
-    def pids(self) -> dict[str, int]:
-        """Every process of the server, ``bentoml serve`` itself as ``arbiter``."""
-        return {"arbiter": self.process.pid, **self.workers}
-
-    def rss_mb(self) -> dict[str, float | None]:
-        """Resident memory of each process, MiB (and their ``total``)."""
-        out = {name: _rss_mb(pid) for name, pid in self.pids().items()}
-        out["total"] = round(sum(v for v in out.values() if v), 1)
-        return out
-
-    def cpu_seconds(self) -> dict[str, float | None]:
-        """CPU time (user + system) each process has used so far."""
-        return {name: _cpu_seconds(pid) for name, pid in self.pids().items()}
-
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL what is left after 30 s."""
-        stop_process_group(self.process, 30)
-
-
-def start_server(env: dict[str, str], config: Path, logdir: Path,
-                 label: str) -> tuple[Server, dict[str, Any]]:
-    """Start the service with ``config`` and wait for /readyz 200 and gRPC SERVING.
+def start_server(env: dict[str, str], config: Path, logdir: Path, label: str) -> LaunchedService:
+    """Start the service with ``config`` (:func:`launch_service`), its log in ``logdir``.
 
     Returns:
-        the server and its cold start: seconds from process start to /readyz 200
-        (``ready_s``) and to gRPC ``SERVING`` (``grpc_serving_s``).
-    """
-    import grpc
-    import httpx
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+        The running service; its ``cold_start()`` is the seconds from process start to
+        /readyz 200 (``ready_s``) and to gRPC ``SERVING`` (``grpc_serving_s``), its
+        ``workers`` the pids whose memory and CPU time the benchmark reads.
 
-    http_port, grpc_port = free_port(), free_port()
-    env = {**env, "BREASTSCAN_SERVING_CONFIG": str(config), "BREASTSCAN_GRPC_PORT": str(grpc_port)}
-    log_path = logdir / f"serve-{label}.log"
-    handle = log_path.open("wb")
-    t0 = time.perf_counter()
-    process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", "services.service:BreastScan", "--host", "127.0.0.1",
-         "--port", str(http_port)],
-        cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    handle.close()
-    server = Server(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path)
-    ready_s = grpc_s = None
-    channel = grpc.insecure_channel(server.grpc_target)
-    health = health_pb2_grpc.HealthStub(channel)
+    Raises:
+        click.ClickException: it exited or was not ready in time.
+    """
     try:
-        while time.perf_counter() - t0 < START_TIMEOUT_S:
-            if process.poll() is not None:
-                raise click.ClickException(f"bentoml serve exited {process.returncode}; log: {log_path}")
-            if ready_s is None:
-                try:
-                    if httpx.get(f"{server.http_url}/readyz", timeout=1).status_code == 200:
-                        ready_s = time.perf_counter() - t0
-                except httpx.HTTPError:
-                    pass
-            if grpc_s is None:
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        grpc_s = time.perf_counter() - t0
-                except grpc.RpcError:
-                    pass
-            if ready_s is not None and grpc_s is not None:
-                break
-            time.sleep(0.1)
-        else:
-            server.stop()
-            raise click.ClickException(f"service not ready in {START_TIMEOUT_S:g} s; log: {log_path}")
-    except BaseException:
-        server.stop()
-        raise
-    finally:
-        channel.close()
-    server.find_workers()
-    cold = {"ready_s": round(ready_s, 2), "grpc_serving_s": round(grpc_s, 2)}
-    log.info("%s: ready in %.1f s (gRPC SERVING %.1f s), workers %s", label, ready_s, grpc_s,
-             ", ".join(server.workers))
-    return server, cold
+        server = launch_service(env, logdir / f"serve-{label}.log", serving_config=config, cwd=REPO)
+    except ServiceStartError as exc:
+        raise click.ClickException(f"{label}: {exc}") from None
+    log.info("%s: cold start %s, workers %s", label, server.cold_start(), ", ".join(server.workers))
+    return server
 
 
 # =========================================================================== load
@@ -532,7 +387,7 @@ def summarize(records: list[Record], t_from: float, t_to: float, windows: int) -
 class LoadGenerator:
     """Closed- and open-loop load of one endpoint over HTTP and gRPC, from this process."""
 
-    def __init__(self, server: Server, endpoint: str, settings: Settings) -> None:
+    def __init__(self, server: LaunchedService, endpoint: str, settings: Settings) -> None:
         self.server = server
         self.endpoint = endpoint
         self.settings = settings
@@ -700,7 +555,7 @@ class LoadGenerator:
         return await self._with_sender(protocol, max_in_flight, body)
 
 
-def measure_server(server: Server, settings: Settings, *, half_saturation: bool) -> dict[str, Any]:
+def measure_server(server: LaunchedService, settings: Settings, *, half_saturation: bool) -> dict[str, Any]:
     """Every closed-loop point over HTTP and gRPC (and the open-loop point at half saturation)."""
     gen = LoadGenerator(server, settings.endpoint, settings)
     out: dict[str, Any] = {"http": [], "grpc": []}
@@ -1005,14 +860,14 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
                         for name, info in result["in_process"]["models"].items()}
     result["served"] = {}
     for label, config in (("batching_on", serving_config), ("batching_off", off_config)):
-        server, cold = start_server(env, config, workdir, label)
+        server = start_server(env, config, workdir, label)
         try:
-            block: dict[str, Any] = {"cold_start": cold, "rss_mb_idle": server.rss_mb()}
+            block: dict[str, Any] = {"cold_start": server.cold_start(), "rss_mb_idle": server.rss_mb()}
             block.update(measure_server(server, settings,
                                         half_saturation=settings.half_saturation and label == "batching_on"))
             block["rss_mb_after_load"] = server.rss_mb()
         finally:
-            server.stop()
+            server.stop(30)
         result["served"][label] = block
     max_latency = float(cfg_on["batching"]["max_latency_ms"])
     result["ratios"], result["targets"] = ratios_and_targets(result, endpoint, max_latency)

@@ -1,7 +1,7 @@
 """Stage ``eight_category``: the 8-category view (benign/malignant x density A-D) on a mammogram.
 
 An older tool reported one of eight categories per mammogram; here it is derived from the
-density and tumor models (see :func:`breastscan.evaluation.scoring.eight_category`) on the test
+density and tumor models (see :func:`breastscan.evaluation.combined.eight_category`) on the test
 split the two models share. It combines the calibrated probabilities that
 ``evaluate@<density>`` and ``evaluate@<tumor>`` wrote to their ``predictions.csv`` (the
 probabilities the service returns), so no model is run again here.
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from breastscan.config import ModelConfig, load_params
-from breastscan.evaluation.scoring import eight_category
+from breastscan.evaluation.combined import eight_category
 from breastscan.logs import configure_logging
 from pipelines._stage import REPORTS, model_reports
 

@@ -30,7 +30,8 @@ from breastscan.config import DatasetConfig
 from breastscan.data.loading import load_split, read_splits
 from breastscan.data.splits import split_id
 from breastscan.evaluation.plots import plot_history
-from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter, write_evaluation
+from breastscan.evaluation.reports import write_evaluation
+from breastscan.evaluation.scoring import Scoring, score_bundle
 from breastscan.registry import tracking
 from breastscan.registry.bundle import ModelBundle
 from breastscan.registry.modelcard import write_model_card
@@ -60,12 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle = ModelBundle.load(model_dir(cfg.name))
     test = load_split(splits, dataset.path, cfg, "test")
     reports = model_reports(cfg.name)
-    if cfg.task == "classification":
-        val = load_split(splits, dataset.path, cfg, "val")
-        evaluation = evaluate_classifier(bundle, val, test, headline=cfg.headline,
-                                         quadratic_kappa=cfg.label == "density", seed=cfg.seed)
-    else:
-        evaluation = evaluate_segmenter(bundle, test, headline=cfg.headline, seed=cfg.seed)
+    val = load_split(splits, dataset.path, cfg, "val") if cfg.task == "classification" else None
+    evaluation = score_bundle(bundle, test, val=val, scoring=Scoring.from_config(cfg), seed=cfg.seed)
     written = write_evaluation(evaluation, reports)
     history = reports / "history.csv"
     if history.is_file():

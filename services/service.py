@@ -58,13 +58,51 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 
 
 def gpu_count() -> int:
-    """GPUs this machine has (as BentoML sees them); 0 without one."""
-    try:
-        from bentoml._internal.resource import system_resources
+    """NVIDIA GPUs this process may use; 0 without one, without NVML, or with none visible.
 
-        return len(system_resources().get("nvidia.com/gpu", []) or [])
-    except Exception:  # noqa: BLE001 -- no NVML: no GPU
+    BentoML 1.4 has no public API for the machine's resources, so this asks NVML (the
+    ``nvidia-ml-py`` package BentoML itself uses) for the device count, limited by
+    ``CUDA_VISIBLE_DEVICES`` when it is set. Cheap, and never imports TensorFlow: this runs
+    in every process that imports the service, the front included.
+    """
+    visible = _cuda_visible_devices()
+    if visible == 0:
         return 0
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 -- no driver or library: no GPU
+        return 0
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001
+        count = 0
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    return count if visible is None else min(count, visible)
+
+
+def _cuda_visible_devices() -> int | None:
+    """How many devices ``CUDA_VISIBLE_DEVICES`` lists (``None`` when unset).
+
+    CUDA stops at the first invalid entry, so ``""``, ``"-1"`` and ``"-1,0"`` all hide every GPU.
+    """
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    count = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        count += 1
+    return count
 
 
 def pinned_model_tags(bento_dir: Path) -> dict[str, str]:
@@ -197,7 +235,7 @@ class _FrontImpl:
     backend = bentoml.depends(BreastScanModels)
 
     def __init__(self) -> None:
-        import breastscan.evaluation.scoring  # noqa: F401  (the 8-category view: imported before traffic)
+        import breastscan.evaluation.combined  # noqa: F401  (the 8-category view: imported before traffic)
 
         configure_service_logging()
         served = {}

@@ -1,51 +1,79 @@
-"""Model inputs from the split artefact: arrays per split, class weights and ``tf.data`` pipelines.
+"""Model inputs from manifest rows: the one row loader.
 
-:func:`load_split` reads the rows of one split of ``artifacts/prepared/<dataset>/splits.csv``
-(written by the prepare stage, see :mod:`breastscan.data.splits`) and turns them into arrays
-through :func:`breastscan.imaging.preprocessing.preprocess_image`, the same function the service
-uses, so training and serving cannot drift. :func:`make_dataset` wraps the arrays in a
-batched ``tf.data.Dataset``: shuffled, augmented and optionally class-balanced for
-training; in file order and untouched for evaluation.
+:func:`load_rows` turns manifest rows into arrays through
+:func:`breastscan.imaging.preprocessing.preprocess_image`, the function the service uses,
+so training, evaluation and serving cannot drift. It runs in two modes:
 
-TensorFlow is imported inside :func:`make_dataset` only: loading arrays stays cheap.
+* **strict** (the pipeline: :func:`load_split` over the prepare stage's ``splits.csv``):
+  validated data, so a label outside the model's classes or a missing file is an error;
+  rows with no label, and lesion rows with no mask, are dropped and counted in the log.
+* **lenient** (outside data: ``breastscan evaluate``): every row the model cannot score is
+  counted under one reason of :data:`SKIP_REASONS` with its detail, nothing is dropped
+  silently, and only rows of the model's modality are decoded.
+
+A row's group (the unit the bootstrap resamples) is its ``dup_group`` (patients merged
+through near-duplicates), else its ``group`` (patient), else the image itself.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from breastscan.config import ModelConfig
 from breastscan.data.manifest import resolve
 from breastscan.imaging.files import read_mask
-from breastscan.imaging.preprocessing import decode_image, preprocess_image, preprocess_mask
+from breastscan.imaging.preprocessing import (
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    preprocess_image,
+    preprocess_mask,
+)
 
 if TYPE_CHECKING:
-    import tensorflow as tf
+    from breastscan.config import ModelConfig
+    from breastscan.registry.bundle import ModelContract
 
 log = logging.getLogger(__name__)
 
 LOADABLE_SPLITS: tuple[str, ...] = ("train", "val", "test")
 """Splits :func:`load_split` serves; ``excluded`` rows are never used."""
 
+GROUP_COLUMNS: tuple[str, ...] = ("dup_group", "group")
+"""Columns naming a row's group, in order of preference (the image itself otherwise)."""
+
+SKIP_REASONS: dict[str, str] = {
+    "wrong_modality": "modality is not the model's",
+    "no_label": "label cell is empty",
+    "unknown_label": "label is not one of the model's classes",
+    "no_mask": "lesion image without a mask",
+    "missing_image": "image file not found",
+    "unreadable_image": "image cannot be decoded or preprocessed",
+    "missing_mask": "mask file not found",
+    "unreadable_mask": "mask cannot be read or differs in size from its image",
+}
+"""Why a row is not scored, in the order the checks run (the first failing check is the reason)."""
+
+DROPPED_IN_STRICT: tuple[str, ...] = ("no_label", "no_mask")
+"""Reasons a strict load drops a row (with a log line) instead of failing."""
+
 
 @dataclass
 class SplitData:
-    """The arrays of one split, ready for a model.
+    """Arrays of loaded rows, ready for a model.
 
     Attributes:
         images: ``(n, H, W, 1)`` float32 in [0, 1], preprocessed with the model's spec.
         targets: classification: ``(n,)`` int64 class indices in ``[0, k)``;
             segmentation: ``(n, H, W, 1)`` float32 masks in {0, 1}.
-        frame: the ``n`` split rows used, in the order of the arrays (index reset).
-        groups: ``(n,)`` ``dup_group`` ids (patients merged through near-duplicates), the
-            unit of the grouped bootstrap.
+        frame: the ``n`` rows used, in the order of the arrays (index reset).
+        groups: ``(n,)`` group ids (:data:`GROUP_COLUMNS`), the unit of the grouped bootstrap.
     """
 
     images: np.ndarray
@@ -55,6 +83,262 @@ class SplitData:
 
     def __len__(self) -> int:
         return int(len(self.images))
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What a model needs from a manifest row.
+
+    Attributes:
+        name: the model's name (messages).
+        task: ``classification`` or ``segmentation``.
+        label: the label column (classification).
+        classes: the model's classes as manifest text, in class-index order.
+        spec: the model's preprocessing spec (input size, contrast steps, side limits).
+        modality: rows of another modality are skipped (lenient loads); ``None``: no check.
+    """
+
+    name: str
+    task: str
+    label: str
+    classes: tuple[str, ...]
+    spec: PreprocessSpec
+    modality: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> RowSpec:
+        """The rows a model declared in params.yaml trains and is tested on."""
+        return cls(name=cfg.name, task=cfg.task, label=cfg.label, classes=tuple(str(c) for c in cfg.classes),
+                   spec=cfg.preprocess)
+
+    @classmethod
+    def from_contract(cls, contract: ModelContract, spec: PreprocessSpec) -> RowSpec:
+        """The rows a trained model can score: its contract's label, classes and modality."""
+        return cls(name=contract.name, task=contract.task, label=contract.label, classes=contract.classes,
+                   spec=spec, modality=contract.modality)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(H, W, 1)`` of one input."""
+        return (int(self.spec.height), int(self.spec.width), 1)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A manifest row that was not loaded.
+
+    Attributes:
+        row: 0-based row index in the table given (``manifest.csv`` line ``row + 2``).
+        image: the row's ``image`` cell as written.
+        detail: what was wrong, e.g. the decoder's message or the unknown label.
+    """
+
+    row: int
+    image: str
+    detail: str
+
+
+@dataclass
+class LoadedRows:
+    """Rows loaded by :func:`load_rows`: the arrays, and every row left out with its reason."""
+
+    data: SplitData
+    n_rows: int
+    skipped: dict[str, list[SkippedRow]] = field(default_factory=dict)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Reason -> rows skipped for it (reasons with at least one row, in check order)."""
+        return {r: len(self.skipped[r]) for r in SKIP_REASONS if self.skipped.get(r)}
+
+    def skip_summary(self) -> str:
+        """``wrong_modality 12, missing_image 1`` (or ``none``)."""
+        return ", ".join(f"{r} {n}" for r, n in self.skip_counts().items()) or "none"
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def cell(row: pd.Series, column: str) -> str | None:
+    """A row's cell as stripped text; ``None`` when the column is absent or the cell empty."""
+    if column not in row.index:
+        return None
+    value = row[column]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def class_index(classes: tuple[str, ...], value: Any) -> int | None:
+    """Index of a label among a model's classes (compared as text), ``None`` if absent.
+
+    ``"2.0"`` (a density written by a float column) matches class ``"2"``.
+    """
+    text = str(value).strip()
+    if text in classes:
+        return classes.index(text)
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if number.is_integer() and str(int(number)) in classes:
+        return classes.index(str(int(number)))
+    return None
+
+
+# --------------------------------------------------------------------------- one row
+
+
+def _target_of(row: pd.Series, rs: RowSpec) -> int | None:
+    """The class index of a row (classification), ``None`` for a segmenter; or skip."""
+    if rs.task == "segmentation":
+        pathology = (cell(row, "pathology") or "").lower()
+        if cell(row, "mask") is None and pathology != "normal":
+            raise _Skip("no_mask", f"no mask (pathology={pathology or 'unknown'})")
+        return None
+    value = cell(row, rs.label)
+    if value is None:
+        raise _Skip("no_label", f"{rs.label} is empty")
+    index = class_index(rs.classes, value)
+    if index is None:
+        raise _Skip("unknown_label", f"{rs.label}={value!r} is not a class of model {rs.name} "
+                                     f"{list(rs.classes)}")
+    return index
+
+
+def _check_row(row: pd.Series, rs: RowSpec) -> int | None:
+    if rs.modality is not None:
+        modality = cell(row, "modality")
+        if modality is None or modality.lower() != rs.modality.strip().lower():
+            raise _Skip("wrong_modality", f"modality={modality or ''!r}, model: {rs.modality}")
+    return _target_of(row, rs)
+
+
+def _image_of(row: pd.Series, root: Path, rs: RowSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(decoded pixels (h, w), model input (H, W, 1))`` of a row; or skip."""
+    image = cell(row, "image")
+    if image is None or not resolve(root, image).is_file():
+        raise _Skip("missing_image", "no such file")
+    try:
+        pixels = decode_image(resolve(root, image), min_side=rs.spec.min_side, max_side=rs.spec.max_side)
+        return pixels, preprocess_image(pixels, rs.spec)[0]
+    except (ImageDecodeError, OSError, ValueError) as exc:
+        raise _Skip("unreadable_image", str(exc)) from None
+
+
+def _mask_of(row: pd.Series, root: Path, rs: RowSpec, pixels: np.ndarray) -> np.ndarray:
+    """The ``(H, W, 1)`` mask of a row (empty for a normal image without one); or skip."""
+    mask_rel = cell(row, "mask")
+    if mask_rel is None:
+        return np.zeros(rs.shape, np.float32)
+    path = resolve(root, mask_rel)
+    if not path.is_file():
+        raise _Skip("missing_mask", f"mask {mask_rel}: no such file")
+    try:
+        raw = read_mask(path)
+    except (OSError, ValueError) as exc:
+        raise _Skip("unreadable_mask", str(exc)) from None
+    if raw.shape != pixels.shape:
+        raise _Skip("unreadable_mask", f"mask {mask_rel} is {raw.shape[1]}x{raw.shape[0]}, "
+                                       f"the image {pixels.shape[1]}x{pixels.shape[0]}")
+    return preprocess_mask(raw, rs.spec)
+
+
+# --------------------------------------------------------------------------- many rows
+
+
+def row_groups(frame: pd.DataFrame) -> np.ndarray:
+    """``(n,)`` group of each row: ``dup_group``, else ``group``, else the image."""
+    groups = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    for column in GROUP_COLUMNS:
+        if column in frame.columns:
+            filled = frame[column].where(frame[column].astype(str).str.strip() != "")
+            groups = groups.where(groups.notna(), filled)
+    return groups.where(groups.notna(), frame["image"]).astype(str).to_numpy()
+
+
+def _strict_failure(reason: str, image: str, detail: str) -> Exception:
+    if reason in ("missing_image", "missing_mask"):
+        return FileNotFoundError(f"{image}: {detail}")
+    return ValueError(f"{image}: {detail}")
+
+
+def load_rows(frame: pd.DataFrame, root: str | Path, rs: RowSpec, *, strict: bool) -> LoadedRows:
+    """Load and preprocess manifest rows for one model.
+
+    Args:
+        frame: manifest (or split) rows, with at least ``image``.
+        root: the directory the ``image`` / ``mask`` paths are relative to.
+        rs: what the model needs.
+        strict: fail on a bad row (pipeline data, validated) instead of counting it;
+            rows with no label or lesion rows with no mask are dropped either way.
+
+    Returns:
+        The arrays and the skipped rows by reason.
+
+    Raises:
+        ValueError: (strict) a label outside the model's classes -- checked for every row
+            before any image is decoded -- an unreadable image or mask, a mask whose size
+            differs from its image.
+        FileNotFoundError: (strict) an image or mask file is missing.
+    """
+    root = Path(root)
+    rows = frame.reset_index(drop=True)
+    skipped: dict[str, list[SkippedRow]] = {}
+    checked: list[tuple[int, int | None]] = []
+    for i in range(len(rows)):
+        row = rows.iloc[i]
+        try:
+            checked.append((i, _check_row(row, rs)))
+        except _Skip as skip:
+            if strict and skip.reason not in DROPPED_IN_STRICT:
+                raise _strict_failure(skip.reason, str(row.get("image")), skip.detail) from None
+            skipped.setdefault(skip.reason, []).append(SkippedRow(i, cell(row, "image") or "", skip.detail))
+    used, images, targets = _decode_rows(rows, checked, root, rs, strict, skipped)
+    data = _split_data(rows.iloc[used].reset_index(drop=True).assign(manifest_row=used), images, targets, rs)
+    loaded = LoadedRows(data=data, n_rows=len(rows), skipped=skipped)
+    for reason in DROPPED_IN_STRICT:
+        if strict and skipped.get(reason):
+            log.warning("%s: dropped %d row(s) (%s), e.g. %s", rs.name, len(skipped[reason]),
+                        SKIP_REASONS[reason], skipped[reason][0].image)
+    return loaded
+
+
+def _decode_rows(rows: pd.DataFrame, checked: list[tuple[int, int | None]], root: Path, rs: RowSpec,
+                 strict: bool, skipped: dict[str, list[SkippedRow]]) -> tuple[list[int], list, list]:
+    used: list[int] = []
+    images: list[np.ndarray] = []
+    targets: list[Any] = []
+    for i, label in checked:
+        row = rows.iloc[i]
+        try:
+            pixels, x = _image_of(row, root, rs)
+            target = _mask_of(row, root, rs, pixels) if rs.task == "segmentation" else label
+        except _Skip as skip:
+            if strict:
+                raise _strict_failure(skip.reason, str(row.get("image")), skip.detail) from None
+            skipped.setdefault(skip.reason, []).append(SkippedRow(i, cell(row, "image") or "", skip.detail))
+            continue
+        used.append(i)
+        images.append(x)
+        targets.append(target)
+    return used, images, targets
+
+
+def _split_data(frame: pd.DataFrame, images: list, targets: list, rs: RowSpec) -> SplitData:
+    empty = np.zeros((0, *rs.shape), np.float32)
+    if rs.task == "segmentation":
+        target_array = np.stack(targets).astype(np.float32) if targets else empty
+    else:
+        target_array = np.asarray(targets, dtype=np.int64)
+    return SplitData(images=np.stack(images).astype(np.float32) if images else empty,
+                     targets=target_array, frame=frame, groups=row_groups(frame))
+
+
+# --------------------------------------------------------------------------- the pipeline's splits
 
 
 def read_splits(splits_csv: str | Path) -> pd.DataFrame:
@@ -80,32 +364,8 @@ def read_splits(splits_csv: str | Path) -> pd.DataFrame:
     return df
 
 
-def _class_index(cfg: ModelConfig, value: Any, image: str) -> int:
-    try:
-        return cfg.class_index(value)
-    except KeyError:
-        pass
-    try:  # "2.0" written by a float column still means class 2
-        number = float(value)
-        if number.is_integer():
-            return cfg.class_index(int(number))
-    except (TypeError, ValueError, KeyError):
-        pass
-    raise ValueError(f"{image}: {cfg.label}={value!r} is not a class of model {cfg.name} "
-                     f"{[str(c) for c in cfg.classes]}")
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
-
-
 def load_split(splits_csv: str | Path, dataset_root: str | Path, cfg: ModelConfig, split: str) -> SplitData:
-    """Load and preprocess the rows of one split for one model.
-
-    Every image goes through ``preprocess_image(decode_image(path), cfg.preprocess)``.
-    Classification rows with an empty label are dropped (the count is logged); a label
-    outside ``cfg.classes`` is an error. Segmentation rows without a mask get an empty mask
-    when their pathology is ``normal`` and are dropped (with a warning) otherwise.
+    """Load and preprocess the rows of one split for one model (strict :func:`load_rows`).
 
     Args:
         splits_csv: the prepare stage's ``splits.csv``.
@@ -117,189 +377,18 @@ def load_split(splits_csv: str | Path, dataset_root: str | Path, cfg: ModelConfi
         The split's arrays (possibly empty, with a warning).
 
     Raises:
-        ValueError: unknown split, a label value that is not a class of the model (the
-            message names the image and the value), a mask whose size differs from its
-            image, or a missing column.
+        ValueError: unknown split, a missing column, or a bad row (see :func:`load_rows`).
         FileNotFoundError: the split artefact, an image or a mask is missing.
     """
     if split not in LOADABLE_SPLITS:
         raise ValueError(f"split must be one of {LOADABLE_SPLITS}, got {split!r}")
-    root = Path(dataset_root)
     df = read_splits(splits_csv)
     needed = [cfg.label] if cfg.task == "classification" else ["mask"]
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(f"{splits_csv}: model {cfg.name} needs column(s) {', '.join(missing)}")
-    rows = df[df["split"].astype(str).str.strip() == split].reset_index(drop=True)
-
-    if cfg.task == "classification":
-        empty = rows[cfg.label].map(_is_missing).to_numpy(dtype=bool)
-        if empty.any():
-            log.info("%s/%s: dropped %d row(s) with no %s label", cfg.name, split, int(empty.sum()),
-                     cfg.label)
-        rows = rows[~empty].reset_index(drop=True)
-        # Check every label before decoding a single image: a bad value fails fast.
-        labels = np.array([_class_index(cfg, v, str(img)) for v, img in zip(rows[cfg.label], rows["image"],
-                                                                            strict=True)], dtype=np.int64)
-    else:
-        no_mask = rows["mask"].map(_is_missing).to_numpy(dtype=bool)
-        pathology = rows["pathology"] if "pathology" in rows.columns else pd.Series([None] * len(rows))
-        normal = pathology.astype("string").str.strip().str.lower().eq("normal").fillna(False).to_numpy(bool)
-        drop = no_mask & ~normal
-        if drop.any():
-            log.warning("%s/%s: dropped %d lesion row(s) without a mask (e.g. %s)", cfg.name, split,
-                        int(drop.sum()), rows.loc[drop, "image"].iloc[0])
-        rows = rows[~drop].reset_index(drop=True)
-
-    spec = cfg.preprocess
-    h, w, _ = cfg.input_shape
-    images = np.zeros((len(rows), h, w, 1), np.float32)
-    masks = np.zeros((len(rows), h, w, 1), np.float32) if cfg.task == "segmentation" else None
-    for i, row in enumerate(rows.itertuples(index=False)):
-        image_path = resolve(root, str(row.image))
-        pixels = decode_image(image_path, min_side=spec.min_side, max_side=spec.max_side)
-        images[i] = preprocess_image(pixels, spec)[0]
-        if masks is not None:
-            mask_rel = row.mask
-            if _is_missing(mask_rel):
-                continue  # a normal image: no lesion, empty mask
-            mask = read_mask(resolve(root, str(mask_rel)))
-            if mask.shape != pixels.shape:
-                raise ValueError(f"{row.image}: mask {mask_rel} is {mask.shape[1]}x{mask.shape[0]}, "
-                                 f"the image {pixels.shape[1]}x{pixels.shape[0]}")
-            masks[i] = preprocess_mask(mask, spec)
-
-    targets = labels if masks is None else masks
-    group_col = next((c for c in ("dup_group", "group") if c in rows.columns), "image")
-    groups = rows[group_col].fillna(rows["image"]).astype(str).to_numpy()
-    if not len(rows):
+    rows = df[df["split"].astype(str).str.strip() == split]
+    data = load_rows(rows, dataset_root, RowSpec.from_config(cfg), strict=True).data
+    if not len(data):
         log.warning("%s/%s: no usable rows in %s", cfg.name, split, splits_csv)
-    log.debug("%s/%s: %d images %s", cfg.name, split, len(rows), images.shape)
-    return SplitData(images=images, targets=targets, frame=rows, groups=groups)
-
-
-def class_weights(targets: np.ndarray, n_classes: int) -> dict[int, float]:
-    """Inverse-frequency class weights (scikit-learn's ``compute_class_weight("balanced")``).
-
-    The weight of a present class ``c`` is ``n / (n_present * count_c)``; a class with no
-    sample gets 1.0.
-
-    Args:
-        targets: ``(n,)`` int class indices in ``[0, n_classes)``.
-        n_classes: number of classes of the model.
-
-    Returns:
-        ``{class index: weight}`` for every index in ``range(n_classes)``.
-
-    Raises:
-        ValueError: no targets, or an index outside ``[0, n_classes)``.
-    """
-    from sklearn.utils.class_weight import compute_class_weight
-
-    y = np.asarray(targets).astype(np.int64).ravel()
-    if y.size == 0:
-        raise ValueError("no targets to weight")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"targets hold class indices outside [0, {n_classes - 1}]")
-    present = np.unique(y)
-    weights = compute_class_weight("balanced", classes=present, y=y)
-    out = {c: 1.0 for c in range(int(n_classes))}
-    out.update({int(c): float(wt) for c, wt in zip(present, weights, strict=True)})
-    return out
-
-
-def steps_per_epoch(n: int, cfg: ModelConfig) -> int:
-    """Training steps (batches) in one epoch of :func:`make_dataset` over ``n`` images.
-
-    ``n // batch_size`` full batches (one when ``n < batch_size``); ``ceil(n / batch_size)``
-    with balanced sampling (classification).
-    """
-    bs = int(cfg.batch_size)
-    if cfg.task == "classification" and cfg.imbalance == "balanced_sampling":
-        return max(1, math.ceil(n / bs))
-    return max(1, n // bs)
-
-
-def make_dataset(data: SplitData, cfg: ModelConfig, *, training: bool) -> tf.data.Dataset:
-    """Wrap a split in a batched ``tf.data`` pipeline.
-
-    Training: shuffled (seeded by ``cfg.seed``, reshuffled every epoch), augmented per batch
-    with :func:`breastscan.models.build_augmentation` (classification, images only) or a
-    :class:`breastscan.models.PairAugmenter` (segmentation, one geometric transform for the
-    image and its mask), and, when ``cfg.imbalance == "balanced_sampling"`` (classification),
-    drawn with equal probability from each class present (``sample_from_datasets``), the
-    epoch keeping ``ceil(n / batch_size)`` batches. Training batches are full: an epoch is
-    ``n // batch_size`` of them (the ``n % batch_size`` left over differ from epoch to epoch),
-    or one smaller batch when ``n < batch_size``. Evaluation: file order, no augmentation.
-
-    Args:
-        data: the split's arrays.
-        cfg: batch size, seed, augmentation and imbalance handling of the model.
-        training: build the training pipeline (else the evaluation one).
-
-    Returns:
-        A dataset of ``(x, y)`` batches: ``x`` ``(b, H, W, 1)`` float32 in [0, 1]; ``y``
-        ``(b,)`` int64 class indices or ``(b, H, W, 1)`` float32 masks in {0, 1};
-        ``b <= cfg.batch_size``.
-
-    Raises:
-        ValueError: the split is empty.
-    """
-    import tensorflow as tf
-
-    n = len(data)
-    if n == 0:
-        raise ValueError(f"model {cfg.name}: cannot build a dataset from an empty split")
-    images = np.asarray(data.images, np.float32)
-    targets = np.asarray(data.targets)
-    targets = targets.astype(np.int64) if cfg.task == "classification" else targets.astype(np.float32)
-    bs = int(cfg.batch_size)
-
-    if not training:
-        ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(bs)
-    elif cfg.task == "classification" and cfg.imbalance == "balanced_sampling":
-        present = [int(c) for c in np.unique(targets)]
-        per_class = []
-        for c in present:
-            idx = np.flatnonzero(targets == c)
-            per_class.append(
-                tf.data.Dataset.from_tensor_slices((images[idx], targets[idx]))
-                .shuffle(len(idx), seed=cfg.seed + 1 + c, reshuffle_each_iteration=True)
-                .repeat()
-            )
-        ds = tf.data.Dataset.sample_from_datasets(
-            per_class, weights=[1.0 / len(present)] * len(present), seed=cfg.seed,
-            rerandomize_each_iteration=True,
-        )
-        ds = ds.batch(bs).take(math.ceil(n / bs))
-        log.debug("%s: balanced sampling over classes %s", cfg.name, present)
-    else:
-        # Full batches only (unless the split is smaller than one): a smaller last batch has
-        # another shape, for which Keras would trace and optimise the training step again
-        # (seconds per model on a CPU). Reshuffled every epoch, a different remainder sits out.
-        ds = (tf.data.Dataset.from_tensor_slices((images, targets))
-              .shuffle(n, seed=cfg.seed, reshuffle_each_iteration=True)
-              .batch(bs, drop_remainder=n >= bs))
-
-    if training:
-        # Augmentation layers hold seeded random state: mapped sequentially, so that a seed
-        # gives the same transforms run after run.
-        if cfg.task == "classification":
-            from breastscan.models import build_augmentation
-
-            augment = build_augmentation(cfg.augment, seed=cfg.seed)
-            ds = ds.map(lambda x, y: (augment(x, training=True), y))
-        else:
-            from breastscan.models import PairAugmenter
-
-            pair = PairAugmenter(cfg.augment, seed=cfg.seed)
-            ds = ds.map(lambda x, y: pair(x, y))
-
-    options = tf.data.Options()
-    # In-memory arrays: split by element across workers (no files to shard by).
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # No autotuning: the arrays are in memory and one batch ahead is enough. On a 2-core CPU
-    # the autotuner's extra parallelism competed with the training step: every other epoch
-    # ran ~60 % slower (tumor: 340 instead of 210 ms a step); without it, every epoch ~210 ms.
-    options.autotune.enabled = False
-    return ds.with_options(options).prefetch(2)
+    return data

@@ -20,7 +20,7 @@ image-level split then puts the same scan in training and test. Here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,81 @@ def assign_splits(y: np.ndarray, groups: np.ndarray, cfg: SplitConfig) -> np.nda
     return split
 
 
+def _exclude_and_split(
+    df: pd.DataFrame, conflicts: Mapping[str, Any], stratify: Sequence[str], cfg: SplitConfig
+) -> np.ndarray:
+    """In place: fill ``exclusion`` (label conflicts, when excluded) and ``split``.
+
+    Returns:
+        ``(n,)`` bool, True for the rows kept (assigned to train/val/test).
+    """
+    df["exclusion"] = pd.Series([None] * len(df), dtype="string")
+    if cfg.exclude_label_conflicts and conflicts:
+        df.loc[df["dup_cluster"].isin(list(conflicts)), "exclusion"] = "label_conflict"
+    keep = df["exclusion"].isna().to_numpy()
+    split = np.full(len(df), EXCLUDED, dtype=object)
+    split[keep] = assign_splits(
+        _strata(df[keep], stratify), df.loc[keep, "dup_group"].to_numpy(), cfg
+    )
+    df["split"] = split
+    return keep
+
+
+def _split_counts(df: pd.DataFrame, stratify: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per split: images, ``dup_group`` groups and images per ``column=value`` of ``stratify``."""
+    return {
+        s: {
+            "images": int((df["split"] == s).sum()),
+            "groups": int(df.loc[df["split"] == s, "dup_group"].nunique()),
+            **{
+                f"{col}={v}": int(n)
+                for col in stratify
+                for v, n in df.loc[df["split"] == s, col].dropna().value_counts().sort_index().items()
+            },
+        }
+        for s in SPLITS
+    }
+
+
+def _prepare_summary(
+    df: pd.DataFrame,
+    pairs: Sequence[tuple[int, int]],
+    conflicts: Mapping[str, Any],
+    keep: np.ndarray,
+    stratify: Sequence[str],
+) -> dict[str, Any]:
+    """The ``summary`` part of :func:`prepare_splits`' report: counts of images, groups,
+    near-duplicates, conflicts, exclusions, and per split."""
+    sizes = df.groupby("dup_group").size()
+    return {
+        "n_images": len(df),
+        "n_groups": int(df["group"].nunique()),
+        "n_dup_groups": int(df["dup_group"].nunique()),
+        "near_duplicate_pairs": len(pairs),
+        "merged_groups": int((sizes > 1).sum()),
+        "images_in_merged_groups": int(sizes[sizes > 1].sum()),
+        "label_conflict_groups": len(conflicts),
+        "excluded_images": int((~keep).sum()),
+        "splits": _split_counts(df, stratify),
+    }
+
+
+def _prepare_details(
+    df: pd.DataFrame, pairs: Sequence[tuple[int, int]], conflicts: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``details`` part of :func:`prepare_splits`' report: the near-duplicate image pairs
+    and, per conflicting cluster, its labels and images."""
+    return {
+        "near_duplicate_pairs": [
+            [str(df.at[i, "image"]), str(df.at[j, "image"])] for i, j in pairs
+        ],
+        "label_conflicts": {
+            g: {"labels": v, "images": df.loc[df["dup_cluster"] == g, "image"].astype(str).tolist()}
+            for g, v in sorted(conflicts.items())
+        },
+    }
+
+
 def prepare_splits(
     manifest: pd.DataFrame,
     root: str | Path,
@@ -235,49 +310,10 @@ def prepare_splits(
     # rightly carry different labels (a normal left breast, a malignant right one).
     df["dup_cluster"] = merge_groups([str(p) for p in df["image"]], pairs)
     conflicts = label_conflicts(df, "dup_cluster", labels)
+    keep = _exclude_and_split(df, conflicts, stratify, cfg)
 
-    df["exclusion"] = pd.Series([None] * len(df), dtype="string")
-    if cfg.exclude_label_conflicts and conflicts:
-        df.loc[df["dup_cluster"].isin(list(conflicts)), "exclusion"] = "label_conflict"
-    keep = df["exclusion"].isna().to_numpy()
-    split = np.full(len(df), EXCLUDED, dtype=object)
-    split[keep] = assign_splits(
-        _strata(df[keep], stratify), df.loc[keep, "dup_group"].to_numpy(), cfg
-    )
-    df["split"] = split
-
-    sizes = df.groupby("dup_group").size()
-    report: dict[str, Any] = {
-        "n_images": len(df),
-        "n_groups": int(df["group"].nunique()),
-        "n_dup_groups": int(df["dup_group"].nunique()),
-        "near_duplicate_pairs": len(pairs),
-        "merged_groups": int((sizes > 1).sum()),
-        "images_in_merged_groups": int(sizes[sizes > 1].sum()),
-        "label_conflict_groups": len(conflicts),
-        "excluded_images": int((~keep).sum()),
-        "splits": {
-            s: {
-                "images": int((df["split"] == s).sum()),
-                "groups": int(df.loc[df["split"] == s, "dup_group"].nunique()),
-                **{
-                    f"{col}={v}": int(n)
-                    for col in stratify
-                    for v, n in df.loc[df["split"] == s, col].dropna().value_counts().sort_index().items()
-                },
-            }
-            for s in SPLITS
-        },
-    }
-    details = {
-        "near_duplicate_pairs": [
-            [str(df.at[i, "image"]), str(df.at[j, "image"])] for i, j in pairs
-        ],
-        "label_conflicts": {
-            g: {"labels": v, "images": df.loc[df["dup_cluster"] == g, "image"].astype(str).tolist()}
-            for g, v in sorted(conflicts.items())
-        },
-    }
+    report = _prepare_summary(df, pairs, conflicts, keep, stratify)
+    details = _prepare_details(df, pairs, conflicts)
     log.info(
         "%d images, %d near-duplicate pairs, %d merged groups, %d label-conflict groups (%s), "
         "split %s",
@@ -351,6 +387,140 @@ def _fold_index(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> n
     return fold
 
 
+def _check_fold_settings(n_folds: int, val_fraction: float) -> None:
+    """Refuse ``n_folds < 2`` and ``val_fraction`` outside ``[0, 1 - 1/n_folds)``."""
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    if not 0 <= val_fraction < 1 - 1 / n_folds:
+        raise ValueError(
+            f"val_fraction must be in [0, {1 - 1 / n_folds:g}) for n_folds={n_folds}, got {val_fraction}"
+        )
+
+
+def _cv_conflicts(
+    df: pd.DataFrame,
+    groups: np.ndarray,
+    check: Sequence[str],
+    conflict_column: str | None,
+    exclude: bool,
+) -> tuple[dict[str, dict[str, list[str]]], np.ndarray]:
+    """Label conflicts within the conflict units (``conflict_column``, else ``groups``).
+
+    Returns:
+        The conflicts (as :func:`label_conflicts` gives them) and ``(n,)`` bool, True for
+        the rows kept: all of them unless ``exclude``, else those outside a conflicting unit
+        (rows with no unit are kept).
+    """
+    unit = "__cv_unit__"
+    units = pd.DataFrame({unit: df[conflict_column].to_numpy() if conflict_column else groups})
+    units[check] = df[check].to_numpy()
+    conflicts = label_conflicts(units, unit, check)
+    keep = np.ones(len(df), dtype=bool)
+    if exclude and conflicts:
+        keep = ~units[unit].astype(str).isin(list(conflicts)).to_numpy() | units[unit].isna().to_numpy()
+    return conflicts, keep
+
+
+def _cv_test_folds(
+    y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int, excluded: bool
+) -> tuple[np.ndarray, int]:
+    """The test fold ``0..n_folds-1`` of each kept row (``(n_kept,)`` int64), and the number
+    of groups; ``excluded`` says whether rows were dropped (for the error message only).
+
+    Raises:
+        ValueError: fewer groups than folds, or strata too small to split.
+    """
+    n_groups = len(set(groups.tolist()))
+    if n_groups < n_folds:
+        raise ValueError(
+            f"{n_groups} group(s) to split (of {len(y)} row(s)"
+            f"{', label conflicts excluded' if excluded else ''}) but n_folds={n_folds}: "
+            "need at least as many groups as folds"
+        )
+    try:
+        test_fold = _fold_index(y, groups, n_folds, seed)
+    except ValueError as e:  # e.g. every stratum smaller than n_folds
+        raise ValueError(
+            f"cannot make {n_folds} folds of {len(y)} row(s) in {n_groups} group(s): {e}"
+        ) from e
+    return test_fold, n_groups
+
+
+def _fold_parts(
+    y: np.ndarray,
+    groups: np.ndarray,
+    test_fold: np.ndarray,
+    k: int,
+    n_folds: int,
+    val_share: float,
+    seed: int,
+) -> np.ndarray:
+    """``(n_kept,)`` object array: ``test``, ``val`` or ``train`` of each kept row in fold
+    ``k``; the validation part (``val_share`` of the training groups, seed ``seed + 1 + k``)
+    is carved from the training groups.
+
+    Raises:
+        ValueError: the fold has no test rows, or too few training groups to carve from.
+    """
+    part = np.where(test_fold == k, "test", "train").astype(object)
+    if not (part == "test").any():
+        raise ValueError(
+            f"fold {k} of {n_folds} got no test rows: {len(set(groups.tolist()))} groups are too few"
+        )
+    if val_share > 0:
+        train = np.nonzero(part == "train")[0]
+        try:
+            val = _one_fold(y[train], groups[train], val_share, seed + 1 + k)
+        except ValueError as e:
+            raise ValueError(
+                f"fold {k} of {n_folds} leaves {len(train)} training row(s) in "
+                f"{len(set(groups[train].tolist()))} group(s): too few to carve a validation part "
+                f"(use more groups or val_fraction=0): {e}"
+            ) from e
+        part[train[val]] = "val"
+    return part
+
+
+def _fold_frame(
+    df: pd.DataFrame, k: int, kept: np.ndarray, part: np.ndarray, exclusion: Any
+) -> pd.DataFrame:
+    """A copy of ``df`` with ``fold = k``, ``split`` (``part`` on the ``kept`` row positions,
+    ``excluded`` elsewhere) and ``exclusion``."""
+    split = np.full(len(df), EXCLUDED, dtype=object)
+    split[kept] = part
+    out = df.copy()
+    out["fold"] = k
+    out["split"] = split
+    out["exclusion"] = exclusion
+    return out
+
+
+def _fold_summary(k: int, part: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """Rows and groups per part (train/val/test) of fold ``k``."""
+    return {
+        "fold": k,
+        **{
+            s: {"rows": int((part == s).sum()), "groups": len(set(groups[part == s].tolist()))}
+            for s in SPLITS
+        },
+    }
+
+
+def _log_cv(report: Mapping[str, Any], check: Sequence[str], excluded: bool, n_kept: int) -> None:
+    """Log the conflicts found (a warning) and the folds made."""
+    if report["label_conflict_groups"]:
+        log.warning(
+            "cv_folds: %d label-conflict group(s) over %s, %s (%d row(s))",
+            report["label_conflict_groups"], ", ".join(check),
+            "excluded" if excluded else "kept", report["excluded_rows"],
+        )
+    log.info(
+        "cv_folds: %d rows in %d groups, %d folds (seed %d), test rows per fold %s",
+        n_kept, report["n_groups"], report["n_folds"], report["seed"],
+        [f["test"]["rows"] for f in report["folds"]],
+    )
+
+
 def cv_folds(
     frame: pd.DataFrame,
     *,
@@ -407,12 +577,7 @@ def cv_folds(
             groups than folds, or strata / a fold's training part too small to split (each
             message names the numbers).
     """
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
-    if not 0 <= val_fraction < 1 - 1 / n_folds:
-        raise ValueError(
-            f"val_fraction must be in [0, {1 - 1 / n_folds:g}) for n_folds={n_folds}, got {val_fraction}"
-        )
+    _check_fold_settings(n_folds, val_fraction)
     group_cols = [group_column] if isinstance(group_column, str) else list(group_column)
     check = list(labels) if labels is not None else list(stratify)
     needed = [*group_cols, *stratify, *check, *([conflict_column] if conflict_column else [])]
@@ -422,64 +587,20 @@ def cv_folds(
 
     df = frame.drop(columns=["fold", "split", "exclusion"], errors="ignore")
     groups = _cv_groups(df, group_cols)
-    unit = "__cv_unit__"
-    units = pd.DataFrame({unit: df[conflict_column].to_numpy() if conflict_column else groups})
-    units[check] = df[check].to_numpy()
-    conflicts = label_conflicts(units, unit, check)
-    keep = np.ones(len(df), dtype=bool)
-    if exclude_label_conflicts and conflicts:
-        keep = ~units[unit].astype(str).isin(list(conflicts)).to_numpy() | units[unit].isna().to_numpy()
-
+    conflicts, keep = _cv_conflicts(df, groups, check, conflict_column, exclude_label_conflicts)
     kept = np.nonzero(keep)[0]
     y = _strata(df.iloc[kept], stratify)
     g = groups[kept]
-    n_groups = len(set(g.tolist()))
-    if n_groups < n_folds:
-        raise ValueError(
-            f"{n_groups} group(s) to split (of {len(kept)} row(s)"
-            f"{', label conflicts excluded' if (~keep).any() else ''}) but n_folds={n_folds}: "
-            "need at least as many groups as folds"
-        )
-    try:
-        test_fold = _fold_index(y, g, n_folds, seed)
-    except ValueError as e:  # e.g. every stratum smaller than n_folds
-        raise ValueError(
-            f"cannot make {n_folds} folds of {len(kept)} row(s) in {n_groups} group(s): {e}"
-        ) from e
+    test_fold, n_groups = _cv_test_folds(y, g, n_folds, seed, bool((~keep).any()))
     val_share = val_fraction / (1.0 - 1.0 / n_folds)
 
     exclusion = pd.array([None if ok else "label_conflict" for ok in keep], dtype="string")
     parts: list[pd.DataFrame] = []
     fold_report: list[dict[str, Any]] = []
     for k in range(n_folds):
-        split = np.full(len(df), EXCLUDED, dtype=object)
-        part = np.where(test_fold == k, "test", "train").astype(object)
-        if not (part == "test").any():
-            raise ValueError(f"fold {k} of {n_folds} got no test rows: {n_groups} groups are too few")
-        if val_share > 0:
-            train = np.nonzero(part == "train")[0]
-            try:
-                val = _one_fold(y[train], g[train], val_share, seed + 1 + k)
-            except ValueError as e:
-                raise ValueError(
-                    f"fold {k} of {n_folds} leaves {len(train)} training row(s) in "
-                    f"{len(set(g[train].tolist()))} group(s): too few to carve a validation part "
-                    f"(use more groups or val_fraction=0): {e}"
-                ) from e
-            part[train[val]] = "val"
-        split[kept] = part
-        out = df.copy()
-        out["fold"] = k
-        out["split"] = split
-        out["exclusion"] = exclusion
-        parts.append(out)
-        fold_report.append({
-            "fold": k,
-            **{
-                s: {"rows": int((part == s).sum()), "groups": len(set(g[part == s].tolist()))}
-                for s in SPLITS
-            },
-        })
+        part = _fold_parts(y, g, test_fold, k, n_folds, val_share, seed)
+        parts.append(_fold_frame(df, k, kept, part, exclusion))
+        fold_report.append(_fold_summary(k, part, g))
     cv = pd.concat(parts)
     report: dict[str, Any] = {
         "n_rows": len(df),
@@ -491,14 +612,5 @@ def cv_folds(
         "label_conflicts": {k: v for k, v in sorted(conflicts.items())},
         "folds": fold_report,
     }
-    if conflicts:
-        log.warning(
-            "cv_folds: %d label-conflict group(s) over %s, %s (%d row(s))",
-            len(conflicts), ", ".join(check),
-            "excluded" if exclude_label_conflicts else "kept", int((~keep).sum()),
-        )
-    log.info(
-        "cv_folds: %d rows in %d groups, %d folds (seed %d), test rows per fold %s",
-        len(kept), n_groups, n_folds, seed, [f["test"]["rows"] for f in fold_report],
-    )
+    _log_cv(report, check, exclude_label_conflicts, len(kept))
     return cv, report

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,10 @@ import pandas as pd
 import yaml
 
 from breastscan.config import ModelConfig, Params, parse_params
+from breastscan.evaluation import metrics as M
+from breastscan.evaluation.reports import fmt_interval, write_json
+from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions
+from breastscan.registry.tracking import git_state
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +266,6 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
     import keras
 
     from breastscan.data.loading import load_split
-    from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter
     from breastscan.models.training import train_model
 
     cfg = spec.model(task)
@@ -278,11 +281,8 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
     parts = {s: load_split(where / "splits.csv", dataset.path, cfg, s) for s in ("train", "val", "test")}
     keras.backend.clear_session()
     result = train_model(cfg, parts["train"], parts["val"], modality=dataset.modality)
-    if cfg.task == "classification":
-        evaluation = evaluate_classifier(result.bundle, parts["val"], parts["test"], headline=cfg.headline,
-                                         quadratic_kappa=cfg.headline == "quadratic_kappa", n_boot=0)
-    else:
-        evaluation = evaluate_segmenter(result.bundle, parts["test"], n_boot=0)
+    scoring = Scoring.from_config(cfg)
+    evaluation = score_bundle(result.bundle, parts["test"], val=parts["val"], scoring=scoring, n_boot=0)
     pred = evaluation.predictions.copy()
     pred["fold"] = fold
     pred["group"] = pred["image"].astype(str).map(bootstrap_groups(spec, frame))
@@ -331,137 +331,76 @@ def cross_fitted_thresholds(frame: pd.DataFrame, target: float) -> dict[int, flo
     return out
 
 
-def _binary_metrics(frame: pd.DataFrame, threshold: float | np.ndarray
-                    ) -> dict[str, Callable[[np.ndarray], float]]:
-    """Index -> value functions of the binary view (NaN where a resample lacks a class).
+BINARY_METRICS: tuple[str, ...] = ("auc", "sensitivity", "specificity", "accuracy")
+"""Metrics of a two-class reading (the registry's, with class 1 the positive one)."""
 
-    ``threshold`` is one value or one per row. The AUC is the evaluate stage's rank-sum AUC
-    (equal to scikit-learn's ``roc_auc_score``, and fast enough for a thousand resamples).
-    """
-    from breastscan.evaluation.scoring import _auc
 
-    y = frame["y"].to_numpy().astype(bool)
+def _binary_outcomes(frame: pd.DataFrame, threshold: float | np.ndarray) -> M.ClassOutcomes:
     score = frame["score"].to_numpy(np.float64)
-    called = score >= np.asarray(threshold, np.float64)
-
-    def rate(i: np.ndarray, truth: bool) -> float:
-        sel = y[i] == truth
-        return float(np.mean(called[i][sel] == truth)) if sel.any() else float("nan")
-
-    return {
-        "auc": lambda i: float(_auc(y[i], score[i])),
-        "sensitivity": lambda i: rate(i, True),
-        "specificity": lambda i: rate(i, False),
-        "accuracy": lambda i: float(np.mean(called[i] == y[i])),
-    }
+    return M.ClassOutcomes(y=frame["y"].to_numpy(np.int64), probs=np.stack([1.0 - score, score], axis=1),
+                           threshold=threshold)
 
 
-def _value(fn: Callable[[np.ndarray], float], n: int) -> float | None:
-    try:
-        v = float(fn(np.arange(n)))
-    except ValueError:
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _pooled(fns: dict[str, Callable[[np.ndarray], float]], n: int, groups: np.ndarray,
-            seed: int) -> dict[str, dict[str, float | None]]:
-    from breastscan.evaluation.metrics import bootstrap_ci
-
-    out: dict[str, dict[str, float | None]] = {}
-    for name, fn in fns.items():
-        value = _value(fn, n)
-        low = high = None
-        if value is not None:
-            try:
-                low, high = bootstrap_ci(fn, n, n_boot=N_BOOT, seed=seed, groups=groups)
-            except ValueError as exc:
-                log.warning("no interval for %s: %s", name, exc)
-        out[name] = {"value": value, "ci_low": low, "ci_high": high}
+def _scores(pred: pd.DataFrame, scoring: Scoring, view: BinaryView | None, thresholds: dict[int, float],
+            n_boot: int, seed: int) -> dict[str, dict[str, float | None]]:
+    """Every metric of one set of out-of-fold predictions (the scoring core), binary views included."""
+    if not len(pred):
+        return {}
+    out = score_predictions(pred, scoring, n_boot=n_boot, seed=seed)
+    if view is None:
+        return out
+    frame = _binary_frame(pred, view)
+    if not len(frame):
+        return out
+    prefix = f"{view.positive}_vs_{view.negative}"
+    groups = frame["group"].to_numpy()
+    scored = M.score(_binary_outcomes(frame, view.threshold), BINARY_METRICS, groups, n_boot=n_boot,
+                     seed=seed)
+    out.update({f"{prefix}_{name}": s for name, s in scored.items()})
+    if thresholds and frame["fold"].isin(list(thresholds)).all():
+        per_row = frame["fold"].map(thresholds).to_numpy(np.float64)
+        at = M.score(_binary_outcomes(frame, per_row), BINARY_METRICS[1:], groups, n_boot=n_boot, seed=seed)
+        out.update({f"{prefix}_{name}_at_target": s for name, s in at.items()})
     return out
 
 
-def _metric_fns(pred: pd.DataFrame, cfg: ModelConfig, view: BinaryView | None,
-                thresholds: dict[int, float] | None = None,
-                ) -> dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]]:
-    """Metric name -> (index function, n, groups) on ``pred``.
-
-    The model's own metrics are the evaluate stage's functions (those of
-    :func:`breastscan.evaluation.scoring.metric_intervals`), so a fold here scores as the pipeline does.
-    """
-    from breastscan.evaluation.scoring import (
-        SEGMENTATION_HEADLINES,
-        _classification_metric,
-        _segmentation_metric,
-    )
-
-    fns: dict[str, tuple[Callable[[np.ndarray], float], int, np.ndarray]] = {}
-    if not len(pred):
-        return fns
-    n = len(pred)
-    groups = pred["group"].astype(str).to_numpy()
-    if cfg.task == "segmentation":
-        dice, iou = pred["dice"].to_numpy(np.float64), pred["iou"].to_numpy(np.float64)
-        lesion = pred["lesion"].to_numpy().astype(bool)
-        for name in SEGMENTATION_HEADLINES:
-            fns[name] = (_segmentation_metric(name, dice, iou, lesion), n, groups)
-        return fns
-    names = [str(c) for c in cfg.class_names]
-    index = {name: i for i, name in enumerate(names)}
-    y = np.asarray([index[str(t)] for t in pred["true"]], dtype=np.int64)
-    probs = pred[[f"prob_{name}" for name in names]].to_numpy(np.float64)
-    wanted = ["accuracy", "balanced_accuracy", "macro_auc"]
-    if cfg.headline == "quadratic_kappa":
-        wanted.append("quadratic_kappa")
-    for name in wanted:
-        fns[name] = (_classification_metric(name, y, probs), n, groups)
-    if view is not None:
-        frame = _binary_frame(pred, view)
-        prefix = f"{view.positive}_vs_{view.negative}"
-        for name, fn in _binary_metrics(frame, view.threshold).items():
-            fns[f"{prefix}_{name}"] = (fn, len(frame), frame["group"].to_numpy())
-        if thresholds and frame["fold"].isin(list(thresholds)).all():
-            per_row = frame["fold"].map(thresholds).to_numpy(np.float64)
-            for name, fn in _binary_metrics(frame, per_row).items():
-                if name != "auc":
-                    fns[f"{prefix}_{name}_at_target"] = (fn, len(frame), frame["group"].to_numpy())
-    return fns
+def _subset_scores(rows: pd.DataFrame, scoring: Scoring, view: BinaryView | None,
+                   seed: int) -> dict[str, Any]:
+    thresholds: dict[int, float] = {}
+    if view is not None and view.target_sensitivity is not None and rows["fold"].nunique() > 1:
+        thresholds = cross_fitted_thresholds(_binary_frame(rows, view), view.target_sensitivity)
+    pooled = _scores(rows, scoring, view, thresholds, N_BOOT, seed)
+    folds = [_scores(rows[rows["fold"] == fold].reset_index(drop=True), scoring, view, thresholds, 0, seed)
+             for fold in sorted(rows["fold"].unique())]
+    n_binary = len(_binary_frame(rows, view)) if view is not None else len(rows)
+    metrics: dict[str, dict[str, Any]] = {}
+    for name, s in pooled.items():
+        per_fold = [f.get(name, {}).get("value") for f in folds]
+        values = [v for v in per_fold if v is not None]
+        metrics[name] = {**s, "per_fold": per_fold,
+                         "mean": float(np.mean(values)) if values else None,
+                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                         # images scored (a binary view: those of its two classes)
+                         "n": n_binary if view is not None and name.startswith(f"{view.positive}_vs_")
+                         else len(rows)}
+    out: dict[str, Any] = {"n": int(len(rows)), "metrics": metrics}
+    if thresholds:
+        out["thresholds_at_target"] = {str(k): v for k, v in thresholds.items()}
+    return out
 
 
 def score_task(spec: BenchmarkSpec, task: TaskSpec, pred: pd.DataFrame) -> dict[str, Any]:
-    """Per-fold mean +- sd and pooled values with grouped 95 % CIs, with and without conflicts."""
-    cfg = spec.model(task)
+    """Per-fold mean +- sd and pooled values with grouped 95 % CIs, with and without conflicts.
+
+    Every value comes from the scoring core (:func:`~breastscan.evaluation.scoring.score_predictions`
+    and the metric registry) on the out-of-fold prediction rows, resampling ``group``.
+    """
+    scoring = Scoring.from_config(spec.model(task))
     subsets = {"all": pred}
     if pred["conflict"].any():
         subsets["without_conflicts"] = pred[~pred["conflict"]]
-    out: dict[str, Any] = {}
-    for subset, rows in subsets.items():
-        rows = rows.reset_index(drop=True)
-        view = task.binary
-        thresholds: dict[int, float] = {}
-        if view is not None and view.target_sensitivity is not None and rows["fold"].nunique() > 1:
-            thresholds = cross_fitted_thresholds(_binary_frame(rows, view), view.target_sensitivity)
-        pooled_fns = _metric_fns(rows, cfg, view, thresholds)
-        per_fold: dict[str, list[float | None]] = {name: [] for name in pooled_fns}
-        for fold in sorted(rows["fold"].unique()):
-            fold_fns = _metric_fns(rows[rows["fold"] == fold].reset_index(drop=True), cfg, view, thresholds)
-            for name in per_fold:
-                entry = fold_fns.get(name)
-                per_fold[name].append(_value(entry[0], entry[1]) if entry else None)
-        pooled: dict[str, dict[str, Any]] = {}
-        for name, (fn, n, groups) in pooled_fns.items():
-            values = [v for v in per_fold[name] if v is not None]
-            pooled[name] = {
-                **_pooled({name: fn}, n, groups, spec.seed)[name],
-                "per_fold": per_fold[name],
-                "mean": float(np.mean(values)) if values else None,
-                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                "n": int(n),  # images scored (a binary view: those of its two classes)
-            }
-        out[subset] = {"n": int(len(rows)), "metrics": pooled}
-        if thresholds:
-            out[subset]["thresholds_at_target"] = {str(k): v for k, v in thresholds.items()}
-    return out
+    return {subset: _subset_scores(rows.reset_index(drop=True), scoring, task.binary, spec.seed)
+            for subset, rows in subsets.items()}
 
 
 # --------------------------------------------------------------------------- whole benchmark
@@ -510,7 +449,7 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: Path, *, quick: bool = False,
             "config": _config_summary(cfg), "folds": records, "scores": score_task(spec, task, pooled)}
     result["minutes"] = round((time.perf_counter() - start) / 60, 1)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    result["commit"] = _git_commit()
+    result["commit"] = git_state(Path.cwd())[0]
     result["references"] = list(spec.references)
     return result
 
@@ -544,16 +483,6 @@ def rescore(spec: BenchmarkSpec, entry: dict[str, Any], out_dir: Path) -> dict[s
     return entry
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
 def _config_summary(cfg: ModelConfig) -> dict[str, Any]:
     return {"backbone": cfg.backbone, "weights": cfg.weights,
             "input": f"{cfg.preprocess.height}x{cfg.preprocess.width}", "epochs": cfg.epochs,
@@ -572,19 +501,14 @@ def read_report(path: Path) -> dict[str, Any]:
 
 def write_report(results: dict[str, Any], path: Path) -> Path:
     """Write the JSON report and its markdown table next to it (``.md``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    write_json(results, path)
     path.with_suffix(".md").write_text(render_markdown(results))
     return path
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "n/a"
-    text = f"{m['value']:.3f}"
-    if m.get("ci_low") is not None:
-        text += f" ({m['ci_low']:.3f}-{m['ci_high']:.3f})"
-    if m.get("mean") is not None and m.get("sd") is not None:
+    text = fmt_interval(m)
+    if m and m.get("mean") is not None and m.get("sd") is not None:
         text += f"; folds {m['mean']:.3f} ± {m['sd']:.3f}"
     return text
 

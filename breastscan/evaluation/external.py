@@ -9,17 +9,15 @@ threshold.
 
 The steps, each a public function:
 
-1. :func:`parse_model_ref` and :func:`resolve_model`: ``tumor``, ``breastscan-tumor``,
-   ``tumor@staging`` (an alias; ``production`` by default) or ``tumor/3`` (a version) to
-   one registry version, its run and its bundle (spec and contract).
-2. :func:`load_external`: every manifest row the model can score, decoded and
-   preprocessed with the bundle's own :class:`~breastscan.imaging.preprocessing.PreprocessSpec`;
-   every other row is counted under one reason of :data:`SKIP_REASONS` (wrong modality,
-   no label, a label outside the model's classes, a missing or undecodable image or
-   mask), with example paths. Nothing is dropped silently.
-3. :func:`score_external`: the project's evaluation code on those rows
-   (:mod:`breastscan.evaluation.scoring`), with a 95 % bootstrap interval for every metric that
-   resamples whole ``group`` s (patients).
+1. :func:`breastscan.registry.resolver.fetch`: ``tumor``, ``tumor@staging`` or ``tumor/3``
+   to one registry version and its bundle (spec and contract), downloaded by version.
+2. :func:`load_external`: the lenient row loader
+   (:func:`breastscan.data.loading.load_rows`) with the bundle's own spec: every row the
+   model can score, and every other row counted under one reason of
+   :data:`~breastscan.data.loading.SKIP_REASONS`, with example paths.
+3. :func:`score_external`: the scoring core (:func:`breastscan.evaluation.scoring.score_bundle`)
+   with the stored calibration and a 95 % bootstrap interval for every declared metric,
+   resampling whole groups (patients).
 4. :func:`build_report`, :func:`write_report` and :func:`log_external_run`:
    ``<out>/<dataset>/<model>.json`` and ``.md`` (plus ``<model>_predictions.csv``), and a
    new MLflow run ``external:<dataset>`` in the model's experiment ``breastscan-<model>``,
@@ -31,10 +29,7 @@ the functions that need them; importing this module costs nothing.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -45,20 +40,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from breastscan.data.loading import SplitData
-from breastscan.data.manifest import file_md5, read_manifest, resolve
-from breastscan.imaging.files import read_mask
-from breastscan.imaging.preprocessing import (
-    ImageDecodeError,
-    PreprocessSpec,
-    decode_image,
-    preprocess_image,
-    preprocess_mask,
-)
-from breastscan.registry.bundle import ModelContract, read_contract
+from breastscan.data.loading import SKIP_REASONS, LoadedRows, RowSpec, SkippedRow, SplitData, load_rows
+from breastscan.data.manifest import file_md5, read_manifest
+from breastscan.evaluation import metrics as M
+from breastscan.evaluation.reports import fmt, fmt_interval, md_escape, write_json
+from breastscan.evaluation.scoring import CALIBRATION_BINS, Evaluation, Scoring, score_bundle
+from breastscan.registry.bundle import ModelContract
+from breastscan.registry.resolver import FetchedModel, fetch, parse_model_ref
 
 if TYPE_CHECKING:
-    from breastscan.evaluation.scoring import Evaluation
+    from breastscan.imaging.preprocessing import PreprocessSpec
     from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -66,10 +57,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = Path("reports/external")
 """Default root of the reports: ``<out>/<dataset>/<model>.json``."""
 
-DEFAULT_ALIAS = "production"
-"""Stage (alias) a model reference without ``@stage`` or ``/version`` resolves to."""
-
-REGISTERED_PREFIX = "breastscan-"
 RUN_NAME_PREFIX = "external:"
 METRIC_PREFIX = "external_"
 MAX_EXAMPLES = 5
@@ -83,183 +70,14 @@ TAG_MODEL_RUN = "breastscan.model_run_id"
 TAG_DATASET = "breastscan.dataset"
 TAG_DATASET_PATH = "breastscan.dataset_path"
 TAG_DATASET_MD5 = "breastscan.dataset_manifest_md5"
-TAG_EVALUATION = "breastscan.evaluation.scoring"
-
-SKIP_REASONS: dict[str, str] = {
-    "wrong_modality": "modality is not the model's (or is empty)",
-    "no_label": "the model's label column is empty",
-    "unknown_label": "the label is not one of the model's classes",
-    "no_mask": "a lesion row without a mask (segmentation)",
-    "missing_image": "the image file does not exist",
-    "unreadable_image": "the image does not decode (corrupt, truncated, not an image, size out of range)",
-    "missing_mask": "the mask file does not exist",
-    "unreadable_mask": "the mask does not decode or its size differs from the image",
-}
-"""Why a manifest row is not scored, in the order the checks run (one reason per row)."""
-
-_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*?)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$")
+TAG_EVALUATION = "breastscan.evaluation"
 
 
 class NoUsableRows(ValueError):
     """No row of the dataset can be scored by the model; the message gives the reasons."""
 
 
-# --------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model named on the command line.
-
-    Attributes:
-        name: the model's name in params.yaml (``tumor``).
-        registered_name: its registry name (``breastscan-tumor``).
-        version: the version asked for, or ``None``.
-        alias: the stage (alias) asked for, ``None`` when a version is given.
-    """
-
-    name: str
-    registered_name: str
-    version: int | None
-    alias: str | None
-
-    def __str__(self) -> str:
-        return f"{self.name}/{self.version}" if self.version is not None else f"{self.name}@{self.alias}"
-
-
-def parse_model_ref(text: str, default_alias: str = DEFAULT_ALIAS) -> ModelRef:
-    """Parse ``NAME``, ``NAME@STAGE`` or ``NAME/VERSION`` (NAME with or without ``breastscan-``).
-
-    Args:
-        text: e.g. ``tumor``, ``breastscan-tumor``, ``tumor@staging``, ``tumor/3``.
-        default_alias: the stage used when none and no version is given.
-
-    Returns:
-        The reference.
-
-    Raises:
-        ValueError: the text is not of that form (or the version is 0).
-    """
-    match = _REF.match(text.strip())
-    if not match:
-        raise ValueError(f"model reference {text!r} is not NAME, NAME@STAGE or NAME/VERSION "
-                         "(e.g. tumor, tumor@staging, tumor/3)")
-    name = match["name"]
-    short = name[len(REGISTERED_PREFIX):] if name.startswith(REGISTERED_PREFIX) else name
-    if not short:
-        raise ValueError(f"model reference {text!r} has no model name")
-    version = int(match["version"]) if match["version"] is not None else None
-    if version is not None and version < 1:
-        raise ValueError(f"model reference {text!r}: registry versions start at 1")
-    alias = None if version is not None else (match["alias"] or default_alias)
-    return ModelRef(name=short, registered_name=REGISTERED_PREFIX + short, version=version, alias=alias)
-
-
-@dataclass
-class ResolvedModel:
-    """One registry version and its bundle directory.
-
-    Attributes:
-        ref: what was asked for.
-        version: the registry version it resolved to.
-        aliases: every alias (stage) that version holds now.
-        run_id: the MLflow run that produced the version (``None`` if not recorded).
-        source: the version's source URI.
-        tags: the version's tags (headline, split id ...).
-        bundle_dir: the downloaded bundle (``model.keras``, ``preprocess.json``,
-            ``contract.json``).
-        contract: the bundle's contract (read without Keras).
-        spec: the bundle's preprocessing spec.
-    """
-
-    ref: ModelRef
-    version: int
-    aliases: list[str]
-    run_id: str | None
-    source: str | None
-    tags: dict[str, str]
-    bundle_dir: Path
-    contract: ModelContract
-    spec: PreprocessSpec
-
-    def load_bundle(self) -> ModelBundle:
-        """Load the Keras model with its spec and contract (imports Keras)."""
-        from breastscan.registry.bundle import ModelBundle
-
-        return ModelBundle.load(self.bundle_dir)
-
-
-def _registered_names() -> list[str]:
-    from mlflow import MlflowClient
-
-    try:
-        models = MlflowClient().search_registered_models(filter_string=f"name LIKE '{REGISTERED_PREFIX}%'")
-    except Exception as exc:  # only used to enrich an error message
-        log.debug("could not list registered models: %s", exc)
-        return []
-    return sorted(m.name for m in models)
-
-
-def resolve_model(ref: ModelRef, dst: Path) -> ResolvedModel:
-    """Find the registry version of a reference and download its bundle (no Keras import).
-
-    Uses the MLflow registry MLflow is configured with (:func:`breastscan.registry.tracking.configure`).
-    The bundle is downloaded by version number, so an alias moved meanwhile cannot mix
-    two versions.
-
-    Args:
-        ref: the reference (:func:`parse_model_ref`).
-        dst: directory to download into (created).
-
-    Returns:
-        The resolved version.
-
-    Raises:
-        breastscan.registry.versions.RegistryError: no such model, alias or version; the message
-            lists the registered breastscan models.
-    """
-    from mlflow import MlflowClient
-
-    from breastscan.registry import versions
-
-    client = MlflowClient()
-    try:
-        mv = versions._get_version(client, ref.registered_name, ref.version, ref.alias or DEFAULT_ALIAS)
-    except versions.RegistryError as exc:
-        known = [n[len(REGISTERED_PREFIX):] for n in _registered_names()]
-        raise versions.RegistryError(f"{exc}. Registered breastscan models: "
-                                     f"{', '.join(known) or 'none'}") from None
-    version = int(mv.version)
-    try:
-        holders = client.get_registered_model(ref.registered_name).aliases or {}
-    except Exception as exc:  # aliases are informative only
-        log.warning("could not read the aliases of %s: %s", ref.registered_name, exc)
-        holders = {}
-    aliases = sorted(a for a, v in holders.items() if str(v) == str(version))
-    bundle_dir = versions.download_bundle(ref.registered_name, dst=Path(dst), version=version)
-    log.info("%s resolved to %s v%d (aliases: %s, run %s)", ref, ref.registered_name, version,
-             ", ".join(aliases) or "none", mv.run_id)
-    return ResolvedModel(ref=ref, version=version, aliases=aliases, run_id=mv.run_id or None,
-                         source=mv.source, tags=dict(mv.tags or {}), bundle_dir=bundle_dir,
-                         contract=read_contract(bundle_dir), spec=PreprocessSpec.load(bundle_dir))
-
-
 # --------------------------------------------------------------------------- the data
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    """A manifest row that was not scored.
-
-    Attributes:
-        row: 0-based row index in ``manifest.csv`` (the file's line is ``row + 2``).
-        image: the row's ``image`` cell as written.
-        detail: what was wrong, e.g. the decoder's message or the unknown label.
-    """
-
-    row: int
-    image: str
-    detail: str
 
 
 @dataclass
@@ -270,11 +88,8 @@ class ExternalDataset:
         root: the dataset directory.
         name: the dataset's name (reports, MLflow).
         n_rows: rows in the manifest.
-        data: the scored rows: ``images`` ``(n, H, W, 1)`` float32 in [0, 1] (the model's
-            spec), ``targets`` ``(n,)`` int64 class indices or ``(n, H, W, 1)`` float32
-            masks in {0, 1}, ``frame`` the manifest rows used (index reset, with
-            ``manifest_row``), ``groups`` the ``group`` ids (image path where empty).
-        skipped: reason (a key of :data:`SKIP_REASONS`) -> the rows skipped for it.
+        data: the scored rows (``frame`` with ``manifest_row``; ``groups`` per row).
+        skipped: reason (a key of :data:`~breastscan.data.loading.SKIP_REASONS`) -> rows.
         manifest_md5: MD5 of ``manifest.csv``.
     """
 
@@ -297,61 +112,22 @@ class ExternalDataset:
 
     def skip_counts(self) -> dict[str, int]:
         """Reason -> rows skipped for it (reasons with at least one row, in check order)."""
-        return {r: len(self.skipped[r]) for r in SKIP_REASONS if self.skipped.get(r)}
+        return LoadedRows(self.data, self.n_rows, self.skipped).skip_counts()
 
     def skip_summary(self) -> str:
         """``wrong_modality 12, missing_image 1`` (or ``none``)."""
-        return ", ".join(f"{r} {n}" for r, n in self.skip_counts().items()) or "none"
-
-
-def _cell(row: pd.Series, column: str) -> str | None:
-    """A manifest cell as stripped text, ``None`` when the column is absent or the cell empty."""
-    if column not in row.index:
-        return None
-    value = row[column]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def class_index(classes: tuple[str, ...], value: str) -> int | None:
-    """Index of a label value among a model's classes (compared as text), ``None`` if absent.
-
-    ``"2.0"`` (a density written by a float column) matches class ``"2"``, as in training
-    (:func:`breastscan.data.loading.load_split`).
-    """
-    texts = [str(c) for c in classes]
-    if value in texts:
-        return texts.index(value)
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    if number.is_integer() and str(int(number)) in texts:
-        return texts.index(str(int(number)))
-    return None
+        return LoadedRows(self.data, self.n_rows, self.skipped).skip_summary()
 
 
 def load_external(root: str | Path, contract: ModelContract, spec: PreprocessSpec, *,
                   name: str | None = None) -> ExternalDataset:
-    """Read an external dataset's manifest and preprocess every row the model can score.
-
-    Checks run in the order of :data:`SKIP_REASONS` and the first that fails is the row's
-    one reason: modality (against ``contract.modality``, case-insensitive), label
-    (classification: a value of ``contract.classes``; segmentation: a mask, or pathology
-    ``normal``, which gets an empty mask as in training), image file, image decoding and
-    preprocessing (``spec``), mask file, mask decoding and size. Only the rows of the
-    model's modality are decoded.
+    """Read an external dataset's manifest and load every row the model can score (leniently).
 
     Args:
         root: dataset directory holding ``manifest.csv`` (paths relative to it, or absolute).
         contract: the model's contract (task, label, classes, modality).
-        spec: the model's preprocessing spec (input size, contrast steps, side limits).
+        spec: the model's preprocessing spec.
         name: the dataset's name (default: the directory's name).
-
-    Returns:
-        The dataset; ``data`` may be empty (see :func:`require_usable`).
 
     Raises:
         FileNotFoundError: the directory has no ``manifest.csv``.
@@ -361,87 +137,10 @@ def load_external(root: str | Path, contract: ModelContract, spec: PreprocessSpe
     manifest = read_manifest(root)
     if "image" not in manifest.columns:
         raise ValueError(f"{root}/manifest.csv has no 'image' column (see breastscan/data/manifest.py)")
-    segmentation = contract.task == "segmentation"
-    modality = contract.modality.strip().lower()
-    h, w, _ = contract.input_shape
-    skipped: dict[str, list[SkippedRow]] = {}
-    used: list[int] = []
-    images: list[np.ndarray] = []
-    targets: list[Any] = []
-
-    def skip(reason: str, i: int, image: str | None, detail: str) -> None:
-        skipped.setdefault(reason, []).append(SkippedRow(row=i, image=image or "", detail=detail))
-
-    for i, (_, row) in enumerate(manifest.iterrows()):
-        image_rel = _cell(row, "image")
-        row_modality = _cell(row, "modality")
-        if row_modality is None or row_modality.lower() != modality:
-            skip("wrong_modality", i, image_rel, f"modality={row_modality or ''!r}, model: {modality}")
-            continue
-        mask_rel = _cell(row, "mask")
-        label_index: int | None = None
-        if segmentation:
-            pathology = (_cell(row, "pathology") or "").lower()
-            if mask_rel is None and pathology != "normal":
-                skip("no_mask", i, image_rel, f"no mask (pathology={pathology or 'unknown'})")
-                continue
-        else:
-            value = _cell(row, contract.label)
-            if value is None:
-                skip("no_label", i, image_rel, f"{contract.label} is empty")
-                continue
-            label_index = class_index(contract.classes, value)
-            if label_index is None:
-                skip("unknown_label", i, image_rel, f"{contract.label}={value!r}")
-                continue
-        if image_rel is None or not resolve(root, image_rel).is_file():
-            skip("missing_image", i, image_rel, "no such file")
-            continue
-        try:
-            pixels = decode_image(resolve(root, image_rel), min_side=spec.min_side, max_side=spec.max_side)
-            x = preprocess_image(pixels, spec)[0]
-        except (ImageDecodeError, OSError, ValueError) as exc:
-            skip("unreadable_image", i, image_rel, str(exc))
-            continue
-        if segmentation:
-            mask = np.zeros((h, w, 1), np.float32)
-            if mask_rel is not None:
-                mask_path = resolve(root, mask_rel)
-                if not mask_path.is_file():
-                    skip("missing_mask", i, image_rel, f"mask {mask_rel}: no such file")
-                    continue
-                try:
-                    raw = read_mask(mask_path)
-                except (OSError, ValueError) as exc:
-                    skip("unreadable_mask", i, image_rel, str(exc))
-                    continue
-                if raw.shape != pixels.shape:
-                    skip("unreadable_mask", i, image_rel,
-                         f"mask {mask_rel} is {raw.shape[1]}x{raw.shape[0]}, "
-                         f"the image {pixels.shape[1]}x{pixels.shape[0]}")
-                    continue
-                mask = preprocess_mask(raw, spec)
-            targets.append(mask)
-        else:
-            targets.append(label_index)
-        used.append(i)
-        images.append(x)
-
-    frame = manifest.iloc[used].reset_index(drop=True).assign(manifest_row=used)
-    if "group" in frame.columns:
-        groups = frame["group"].fillna(frame["image"]).astype(str).to_numpy()
-    else:
-        groups = frame["image"].astype(str).to_numpy()
-    if segmentation:
-        target_array = np.stack(targets) if targets else np.zeros((0, h, w, 1), np.float32)
-    else:
-        target_array = np.asarray(targets, dtype=np.int64)
-    data = SplitData(
-        images=np.stack(images).astype(np.float32) if images else np.zeros((0, h, w, 1), np.float32),
-        targets=target_array, frame=frame, groups=groups,
-    )
-    dataset = ExternalDataset(root=root, name=name or root.resolve().name, n_rows=len(manifest), data=data,
-                              skipped=skipped, manifest_md5=file_md5(root / "manifest.csv"))
+    loaded = load_rows(manifest, root, RowSpec.from_contract(contract, spec), strict=False)
+    dataset = ExternalDataset(root=root, name=name or root.resolve().name, n_rows=loaded.n_rows,
+                              data=loaded.data, skipped=loaded.skipped,
+                              manifest_md5=file_md5(root / "manifest.csv"))
     log.info("%s: %d of %d rows usable by %s (%s, %s); skipped: %s", dataset.name, dataset.n_used,
              dataset.n_rows, contract.name, contract.modality, contract.label, dataset.skip_summary())
     return dataset
@@ -471,56 +170,32 @@ def require_usable(dataset: ExternalDataset, contract: ModelContract) -> None:
 
 
 def default_headline(contract: ModelContract, tagged: str | None = None) -> str:
-    """The metric to headline: the version's ``headline`` tag when it applies, else per task.
-
-    Defaults: ``mean_dice`` (segmentation), ``quadratic_kappa`` (density), ``macro_auc``.
-    """
-    from breastscan.evaluation.scoring import CLASSIFICATION_HEADLINES, SEGMENTATION_HEADLINES
-
-    if contract.task == "segmentation":
-        return tagged if tagged in SEGMENTATION_HEADLINES else "mean_dice"
-    if tagged in CLASSIFICATION_HEADLINES and not (tagged == "auc" and len(contract.classes) != 2):
+    """The metric to headline: the model's declared one, else the version's ``headline`` tag
+    when it applies, else ``mean_dice`` (segmenters) or ``macro_auc``."""
+    if contract.headline:
+        return contract.headline
+    allowed = M.headlines(contract.task, len(contract.classes))
+    if tagged in allowed:
         return str(tagged)
-    return "quadratic_kappa" if contract.label == "density" else "macro_auc"
+    return "mean_dice" if contract.task == M.SEGMENTATION else "macro_auc"
 
 
 def score_external(bundle: ModelBundle, dataset: ExternalDataset, *, headline: str, n_boot: int = 1000,
-                   seed: int = 0) -> tuple[Evaluation, dict[str, dict[str, float | None]]]:
-    """Evaluate a bundle on the usable rows of an external dataset.
+                   seed: int = 0) -> Evaluation:
+    """Score a bundle on the usable rows of an external dataset (the scoring core, stored calibration).
 
-    Classifiers go through :func:`breastscan.evaluation.scoring.evaluate_classifier` with no
-    validation split, so the temperature stored in the contract is kept (not refitted);
-    segmenters through :func:`breastscan.evaluation.scoring.evaluate_segmenter` at the contract's
-    threshold. Every metric then gets a 95 % percentile bootstrap interval resampling
-    whole manifest groups (:func:`breastscan.evaluation.scoring.metric_intervals`).
-
-    Args:
-        bundle: the model (its contract must match the one the dataset was loaded for).
-        dataset: from :func:`load_external`, with at least one usable row.
-        headline: the headline metric (see :func:`default_headline`).
-        n_boot: bootstrap resamples (0 = no intervals).
-        seed: bootstrap seed.
-
-    Returns:
-        The :class:`~breastscan.evaluation.scoring.Evaluation` and metric name ->
-        ``{"value", "ci_low", "ci_high"}``.
+    Every declared metric gets a 95 % bootstrap interval resampling whole groups
+    (``evaluation.scores``); nothing is refitted on the external data.
 
     Raises:
         NoUsableRows: the dataset has no usable row.
-        ValueError: unknown headline for the task.
+        ValueError: the headline does not apply to the model.
     """
-    from breastscan.evaluation.scoring import evaluate_classifier, evaluate_segmenter, metric_intervals
-
     contract = bundle.contract
     require_usable(dataset, contract)
-    if contract.task == "classification":
-        evaluation = evaluate_classifier(bundle, None, dataset.data, headline=headline,
-                                         quadratic_kappa=contract.label == "density", n_boot=n_boot,
-                                         seed=seed)
-    else:
-        evaluation = evaluate_segmenter(bundle, dataset.data, headline=headline, n_boot=n_boot, seed=seed)
-    intervals = metric_intervals(evaluation, dataset.data.groups, n_boot=n_boot, seed=seed)
-    return evaluation, intervals
+    scoring = Scoring.from_contract(contract, headline)
+    return score_bundle(bundle, dataset.data, val=None, scoring=scoring, n_boot=n_boot, seed=seed,
+                        all_intervals=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -528,16 +203,17 @@ def score_external(bundle: ModelBundle, dataset: ExternalDataset, *, headline: s
 
 def confusion_matrix(evaluation: Evaluation) -> list[list[int]]:
     """``(k, k)`` counts of a classifier's evaluation: rows true class, columns predicted."""
-    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    from breastscan.evaluation.scoring import outcomes_of
 
-    names = [str(n) for n in evaluation.class_names]
-    truth = evaluation.predictions["true"].astype(str)
-    matrix = sk_confusion_matrix(truth, evaluation.predictions["pred"].astype(str), labels=names)
-    return [[int(v) for v in row] for row in matrix]
+    scoring = Scoring(task=M.CLASSIFICATION, class_names=evaluation.class_names, headline="accuracy",
+                      metrics=("accuracy",))
+    outcomes = outcomes_of(evaluation.predictions, scoring)
+    assert isinstance(outcomes, M.ClassOutcomes)
+    return M.confusion(outcomes)
 
 
-def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Evaluation,
-                 intervals: dict[str, dict[str, float | None]], *, n_boot: int, seed: int) -> dict[str, Any]:
+def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Evaluation, *, n_boot: int,
+                 seed: int) -> dict[str, Any]:
     """The JSON-able report of one external evaluation.
 
     Returns:
@@ -554,17 +230,15 @@ def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Eva
         (every metric the evaluation computed), ``mlflow`` (filled by
         :func:`log_external_run`, else ``None``) and ``created`` (UTC ISO time).
     """
-    from breastscan.evaluation.scoring import CALIBRATION_BINS
-
-    contract = model.contract
+    contract, version = model.contract, model.resolved
     m = evaluation.metrics
     report: dict[str, Any] = {
-        "model": model.ref.name,
-        "registered_model": model.ref.registered_name,
-        "version": model.version,
-        "stage": model.ref.alias,
-        "aliases": model.aliases,
-        "model_run_id": model.run_id,
+        "model": version.ref.name,
+        "registered_model": version.ref.registered_name,
+        "version": version.version,
+        "stage": version.ref.alias,
+        "aliases": list(version.aliases),
+        "model_run_id": version.run_id,
         "task": contract.task,
         "label": contract.label,
         "modality": contract.modality,
@@ -581,11 +255,11 @@ def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Eva
             },
         },
         "headline": m.get("headline"),
-        "metrics": intervals,
+        "metrics": evaluation.scores,
         "ci": {"level": 0.95, "method": "percentile bootstrap over manifest groups", "n_boot": n_boot,
                "seed": seed, "n_groups": int(len(np.unique(dataset.data.groups)))},
     }
-    if contract.task == "classification":
+    if contract.task == M.CLASSIFICATION:
         report["per_class"] = m.get("per_class", {})
         report["confusion_matrix"] = {"labels": list(evaluation.class_names), "rows": "true",
                                       "columns": "predicted", "matrix": confusion_matrix(evaluation)}
@@ -599,18 +273,6 @@ def build_report(model: ResolvedModel, dataset: ExternalDataset, evaluation: Eva
     report["mlflow"] = None
     report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return report
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -646,7 +308,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["### Skipped rows", "", "| reason | rows | meaning | examples |", "|---|---:|---|---|"]
         for reason, info in counts["skipped_by_reason"].items():
             examples = "; ".join(f"`{e['image']}` ({e['detail']})" for e in info["examples"][:3])
-            lines.append(f"| {reason} | {info['count']} | {info['meaning']} | {_md_escape(examples)} |")
+            lines.append(f"| {reason} | {info['count']} | {info['meaning']} | {md_escape(examples)} |")
         lines.append("")
     ci = r["ci"]
     lines += [
@@ -658,17 +320,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for name, v in r["metrics"].items():
         label = f"**{name}** (headline)" if name == r["headline"] else name
-        interval = (f"{_fmt(v['ci_low'])} – {_fmt(v['ci_high'])}"
+        interval = (f"{fmt(v['ci_low'])} – {fmt(v['ci_high'])}"
                     if v["ci_low"] is not None and v["ci_high"] is not None else "n/a")
-        lines.append(f"| {label} | {_fmt(v['value'])} | {interval} |")
+        lines.append(f"| {label} | {fmt(v['value'])} | {interval} |")
     lines.append("")
     if r["task"] == "classification":
         cal = r["calibration"]
         lines += [
             "## Calibration",
             "",
-            f"Temperature {_fmt(cal['temperature'])} (stored with the model, not refitted on this data); "
-            f"ECE {_fmt(cal['ece'])} ({_fmt(cal['ece_at_t1'])} at T = 1), {cal['bins']} bins.",
+            f"Temperature {fmt(cal['temperature'])} (stored with the model, not refitted on this data); "
+            f"ECE {fmt(cal['ece'])} ({fmt(cal['ece_at_t1'])} at T = 1), {cal['bins']} bins.",
             "",
             "## Confusion matrix (rows: true, columns: predicted)",
             "",
@@ -681,26 +343,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Per class", "", "| class | support | sensitivity | specificity | precision | AUC |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, s in r["per_class"].items():
-            lines.append(f"| {name} | {s['support']} | {_fmt(s['sensitivity'])} | {_fmt(s['specificity'])} "
-                         f"| {_fmt(s['precision'])} | {_fmt(s['auc'])} |")
+            lines.append(f"| {name} | {s['support']} | {fmt(s['sensitivity'])} | {fmt(s['specificity'])} "
+                         f"| {fmt(s['precision'])} | {fmt(s['auc'])} |")
         lines.append("")
     else:
         seg = r["segmentation"]
         lines += ["## Segmentation", "",
-                  f"Mask threshold {_fmt(seg['threshold'])}; {seg['n_lesion_images']} scored images "
+                  f"Mask threshold {fmt(seg['threshold'])}; {seg['n_lesion_images']} scored images "
                   "show a lesion (Dice and IoU of an empty truth and empty prediction count as 1).", ""]
     lines += ["Research and engineering use only; not for diagnosis.", ""]
     return "\n".join(lines)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (Path,)):
-        return str(value)
-    raise TypeError(f"not JSON-able: {type(value).__name__}")
 
 
 def report_paths(out_root: str | Path, dataset_name: str, model: str) -> dict[str, Path]:
@@ -721,19 +373,15 @@ def write_report(report: dict[str, Any], evaluation: Evaluation, out_root: str |
         ``{"json": path, "markdown": path, "predictions": path}``.
     """
     paths = report_paths(out_root, report["dataset"]["name"], report["model"])
-    paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    paths["json"].write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
+    write_json(report, paths["json"])
     paths["markdown"].write_text(render_markdown(report))
     evaluation.predictions.to_csv(paths["predictions"], index=False, float_format="%.6g")
     return paths
 
 
 def _prediction_frame(dataset: ExternalDataset, evaluation: Evaluation) -> pd.DataFrame:
-    frame = dataset.data.frame
-    out = evaluation.predictions.drop(columns=["image"], errors="ignore").copy()
-    out.insert(0, "group", dataset.data.groups)
-    out.insert(0, "image", frame["image"].astype(str).to_numpy())
-    out.insert(0, "manifest_row", frame["manifest_row"].to_numpy())
+    out = evaluation.predictions.copy()
+    out.insert(0, "manifest_row", dataset.data.frame["manifest_row"].to_numpy())
     return out
 
 
@@ -895,14 +543,14 @@ def evaluate_external(
     ref = parse_model_ref(model)
     root = Path(dataset_dir)
     with tempfile.TemporaryDirectory(prefix="breastscan-external-") as tmp:
-        resolved = resolve_model(ref, Path(tmp))
-        dataset = load_external(root, resolved.contract, resolved.spec, name=dataset_name)
-        require_usable(dataset, resolved.contract)
-        bundle = resolved.load_bundle()
-    chosen = headline or default_headline(resolved.contract, resolved.tags.get("headline"))
-    evaluation, intervals = score_external(bundle, dataset, headline=chosen, n_boot=n_boot, seed=seed)
+        fetched = fetch(ref, Path(tmp))
+        dataset = load_external(root, fetched.contract, fetched.spec, name=dataset_name)
+        require_usable(dataset, fetched.contract)
+        bundle = fetched.load_bundle()
+    chosen = headline or default_headline(fetched.contract, fetched.resolved.tags.get("headline"))
+    evaluation = score_external(bundle, dataset, headline=chosen, n_boot=n_boot, seed=seed)
     evaluation.predictions = _prediction_frame(dataset, evaluation)
-    report = build_report(resolved, dataset, evaluation, intervals, n_boot=n_boot, seed=seed)
+    report = build_report(fetched, dataset, evaluation, n_boot=n_boot, seed=seed)
     paths = write_report(report, evaluation, out_root)
     run_id = None
     if log_to_mlflow:
@@ -910,7 +558,6 @@ def evaluate_external(
                                  manifest=read_manifest(root))
         run_id = report["mlflow"]["run_id"]
     head = report["metrics"].get(chosen, {})
-    log.info("%s v%d on %s: %d of %d rows scored, %s = %s (95%% CI %s-%s); report %s", ref.name,
-             resolved.version, dataset.name, dataset.n_used, dataset.n_rows, chosen, _fmt(head.get("value")),
-             _fmt(head.get("ci_low")), _fmt(head.get("ci_high")), paths["json"])
+    log.info("%s v%d on %s: %d of %d rows scored, %s = %s; report %s", ref.name, fetched.resolved.version,
+             dataset.name, dataset.n_used, dataset.n_rows, chosen, fmt_interval(head), paths["json"])
     return ExternalResult(report=report, paths=paths, run_id=run_id)

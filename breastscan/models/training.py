@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from breastscan.config import ModelConfig
-from breastscan.data.loading import SplitData, class_weights, make_dataset, steps_per_epoch
+from breastscan.data.loading import SplitData
+from breastscan.models.inputs import class_weights, make_dataset, steps_per_epoch
 from breastscan.registry.bundle import ModelBundle, ModelContract
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def train_model(
     or :class:`~breastscan.models.BceDiceLoss` (segmentation, with Dice and IoU metrics).
     ``cfg.imbalance == "class_weight"`` passes inverse-frequency weights to ``fit``
     (classification only); ``"balanced_sampling"`` is handled by
-    :func:`~breastscan.data.loading.make_dataset`. With ``cfg.patience > 0``, training stops
+    :func:`~breastscan.models.inputs.make_dataset`. With ``cfg.patience > 0``, training stops
     after ``patience`` epochs without a lower ``val_loss`` and the best weights are
     restored. Keras prints one progress line per epoch.
 

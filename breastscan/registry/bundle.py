@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from breastscan.evaluation.metrics import apply_temperature, sigmoid
 from breastscan.imaging.preprocessing import Letterbox, PreprocessSpec, preprocess_image
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay cheap
@@ -33,6 +32,48 @@ if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay chea
     from breastscan.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- logits to probabilities
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax.
+
+    Args:
+        logits: ``(..., k)`` real array.
+        axis: the class axis.
+
+    Returns:
+        Probabilities of the same shape (float64 unless given float32), summing to 1 along
+        ``axis``.
+    """
+    z = np.asarray(logits, dtype=np.result_type(np.asarray(logits).dtype, np.float32))
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function ``1 / (1 + exp(-x))``, elementwise, in [0, 1]."""
+    from scipy.special import expit
+
+    return expit(np.asarray(x, dtype=np.result_type(np.asarray(x).dtype, np.float32)))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities ``softmax(logits / T)``.
+
+    Args:
+        logits: ``(n, k)`` logits.
+        temperature: ``T > 0`` from :func:`breastscan.evaluation.calibration.fit_temperature`.
+
+    Returns:
+        ``(n, k)`` probabilities in [0, 1], rows summing to 1.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 MODEL_FILE = "model.keras"
 CONTRACT_FILE = "contract.json"
@@ -54,6 +95,9 @@ class ModelContract:
         temperature: calibration temperature applied to the logits (1.0 = uncalibrated).
         threshold: mask probability above which a pixel is lesion (segmentation).
         spec_id: id of the preprocessing spec (must match ``preprocess.json``).
+        headline: the metric the model is judged by (from its declaration).
+        metrics: the metrics it declares beyond its task's standard ones (its gated
+            metrics), so any scorer reports what the pipeline reported.
         extra: free-form facts (training data hash, run id ...).
     """
 
@@ -68,6 +112,8 @@ class ModelContract:
     temperature: float = 1.0
     threshold: float = 0.5
     spec_id: str = ""
+    headline: str = ""
+    metrics: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +128,9 @@ class ModelContract:
         if unknown:
             raise ValueError(f"unknown contract keys: {', '.join(unknown)}")
         data = dict(data)
-        for key in ("classes", "class_names", "input_shape"):
-            data[key] = tuple(data[key])
+        for key in ("classes", "class_names", "input_shape", "metrics"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     @classmethod
@@ -94,6 +141,7 @@ class ModelContract:
             classes=tuple(str(c) for c in cfg.classes), class_names=tuple(cfg.class_names),
             input_shape=cfg.input_shape, dataset=cfg.dataset, modality=modality,
             threshold=cfg.threshold, spec_id=cfg.preprocess.spec_id,
+            headline=cfg.headline, metrics=tuple(cfg.gates.floors),
         )
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from breastscan.evaluation.metrics import finite_float
+from breastscan.jsonable import finite_float
 
 if TYPE_CHECKING:
     import mlflow
@@ -159,6 +159,14 @@ def _git(project_root: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_state(project_root: Path) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of a checkout: the HEAD commit and whether tracked files are
+    modified; ``(None, None)`` outside a git checkout (or without git)."""
+    commit = _git(Path(project_root), "rev-parse", "HEAD")
+    status = _git(Path(project_root), "status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit, (None if status is None else bool(status))
+
+
 def _yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
@@ -229,11 +237,10 @@ def run_tags(project_root: Path, *, split: str | Path | None = None) -> dict[str
         ``breastscan.split_path`` and ``breastscan.split_md5``.
     """
     root = Path(project_root).resolve()
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
+    commit, dirty = git_state(root)
     tags = {
         TAG_COMMIT: commit or UNKNOWN,
-        TAG_DIRTY: UNKNOWN if status is None else ("true" if status else "false"),
+        TAG_DIRTY: UNKNOWN if dirty is None else ("true" if dirty else "false"),
         TAG_DATA_HASH: dvc_data_hash(root) or UNKNOWN,
     }
     if commit:

@@ -35,11 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -51,9 +49,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from breastscan.evaluation.metrics import finite_float
 from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.jsonable import finite_float, fmt_number
 from breastscan.registry.bundle import ModelBundle, read_contract
+from breastscan.registry.resolver import BUNDLE_ARTIFACT, RegistryError, get_version
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -64,7 +63,6 @@ log = logging.getLogger(__name__)
 
 STAGING = "staging"
 PRODUCTION = "production"
-BUNDLE_ARTIFACT = "bundle"
 MODEL_NAME = "model"
 CLASSIC_STAGES = {STAGING: "Staging", PRODUCTION: "Production"}
 """Alias -> classic stage mirrored for old clients."""
@@ -81,10 +79,6 @@ _REQUIREMENTS = (
     "mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "opencv-python-headless", "pydicom",
 )
 _LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
-
-
-class RegistryError(LookupError):
-    """A registered model, version or alias the caller asked for does not exist."""
 
 
 # --------------------------------------------------------------------------- pyfunc
@@ -193,7 +187,8 @@ def logged_model_exists(model_uri: str | None) -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
-def _client() -> MlflowClient:
+def registry_client() -> MlflowClient:
+    """A client of the registry MLflow is configured with."""
     return MlflowClient()
 
 
@@ -205,7 +200,7 @@ def _quiet_deprecations() -> Iterator[None]:
         yield
 
 
-def _mirror_stage(client: MlflowClient, name: str, version: int | str, alias: str) -> str | None:
+def mirror_stage(client: MlflowClient, name: str, version: int | str, alias: str) -> str | None:
     """Mirror an alias as a classic stage for old clients; never raises."""
     stage = CLASSIC_STAGES.get(alias)
     transition = getattr(client, "transition_model_version_stage", None)
@@ -221,35 +216,7 @@ def _mirror_stage(client: MlflowClient, name: str, version: int | str, alias: st
     return stage
 
 
-def _is_missing(exc: MlflowException) -> bool:
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
-
-
-def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if _is_missing(exc):
-            return None
-        raise
-
-
-def _get_version(client: MlflowClient, name: str, version: int | None, alias: str = STAGING) -> ModelVersion:
-    if version is None:
-        mv = _alias_holder(client, name, alias)
-        if mv is None:
-            raise RegistryError(f"{name} has no version with alias @{alias} in {mlflow.get_registry_uri()}; "
-                                f"register one first (the register stage) or pass a version")
-        return mv
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if _is_missing(exc):
-            raise RegistryError(f"{name} has no version {version} in {mlflow.get_registry_uri()}") from None
-        raise
-
-
-def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
+def report_metric(metrics: Mapping[str, Any], key: str) -> float | None:
     """A metric from a report: ``metrics[key]``, or the headline value when key is the headline."""
     value = finite_float(metrics.get(key))
     if value is None and metrics.get("headline") == key:
@@ -257,7 +224,8 @@ def _metric(metrics: Mapping[str, Any], key: str) -> float | None:
     return value
 
 
-def _gated_metrics(cfg: ModelConfig) -> list[str]:
+def gated_metrics(cfg: ModelConfig) -> list[str]:
+    """The metrics a model's gates compare: its floored metrics, then its headline."""
     names = list(cfg.gates.floors)
     if cfg.headline not in names:
         names.append(cfg.headline)
@@ -273,10 +241,6 @@ def version_metrics(mv: ModelVersion) -> dict[str, float]:
             if number is not None:
                 out[key[len(METRIC_TAG_PREFIX):]] = number
     return out
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 # --------------------------------------------------------------------------- register
@@ -333,7 +297,7 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     from breastscan.registry.tracking import TAG_COMMIT as RUN_COMMIT
     from breastscan.registry.tracking import TAG_DATA_HASH as RUN_DATA_HASH
 
-    client = _client()
+    client = registry_client()
     name = cfg.registered_name
     _ensure_registered_model(client, cfg)
 
@@ -349,15 +313,15 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         TAG_COMMIT: git_commit or run_tags.get(RUN_COMMIT, "unknown"),
         TAG_HEADLINE: cfg.headline,
     }
-    headline = _metric(metrics, cfg.headline)
+    headline = report_metric(metrics, cfg.headline)
     if headline is not None:
         tags[TAG_HEADLINE_VALUE] = repr(headline)
     for key in ("headline_ci_low", "headline_ci_high", "n_test"):
         value = finite_float(metrics.get(key))
         if value is not None:
             tags[key] = repr(value)
-    for metric in _gated_metrics(cfg):
-        value = _metric(metrics, metric)
+    for metric in gated_metrics(cfg):
+        value = report_metric(metrics, metric)
         if value is None:
             log.warning("%s: metric %s missing from the report; gates on it will fail", name, metric)
             continue
@@ -370,9 +334,9 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         mv = mlflow.register_model(model_uri, name, tags=tags)
     version = int(mv.version)
     client.set_registered_model_alias(name, STAGING, str(version))
-    stage = _mirror_stage(client, name, version, STAGING)
+    stage = mirror_stage(client, name, version, STAGING)
     log.info("registered %s v%d as @%s%s (%s = %s)", name, version, STAGING,
-             f" (classic stage {stage})" if stage else "", cfg.headline, _fmt(headline))
+             f" (classic stage {stage})" if stage else "", cfg.headline, fmt_number(headline))
     return version
 
 
@@ -383,173 +347,13 @@ def version_split_id(cfg: ModelConfig, version: int | None = None, *, alias: str
         The id, or ``None`` when the version does not exist or has no such tag.
     """
     try:
-        mv = _get_version(_client(), cfg.registered_name, version, alias)
+        mv = get_version(registry_client(), cfg.registered_name, version, alias)
     except RegistryError:
         return None
     return (mv.tags or {}).get(TAG_SPLIT)
 
 
-# --------------------------------------------------------------------------- promote
-
-
-@dataclass
-class PromotionResult:
-    """Outcome of :func:`promote`.
-
-    Attributes:
-        name: registered model name.
-        version: the candidate version.
-        to: the target alias.
-        passed: every gate passed and the alias now points at ``version``.
-        previous: the version that held the alias before (``None`` if none did).
-        checks: one dict per gate: ``gate``, ``metric``, ``candidate``, ``threshold``,
-            ``ok``, ``detail``.
-        failures: one line per failed gate, with the numbers.
-        reevaluated: the previous version was re-scored on the candidate's test split.
-    """
-
-    name: str
-    version: int
-    to: str
-    passed: bool
-    previous: int | None = None
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    reevaluated: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
-        return asdict(self)
-
-
-def _check(result: PromotionResult, gate: str, metric: str | None, candidate: float | None,
-           threshold: float | None, ok: bool, detail: str) -> None:
-    result.checks.append({"gate": gate, "metric": metric, "candidate": candidate, "threshold": threshold,
-                          "ok": ok, "detail": detail})
-    if not ok:
-        result.failures.append(detail)
-
-
-def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTION,
-            evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None = None) -> PromotionResult:
-    """Move alias ``to`` onto a version if the quality gates pass.
-
-    Gates (from ``cfg.gates``):
-
-    * **floors**: each metric in ``floors`` of the candidate (its version tags) >= floor.
-    * **no regression**: if another version holds ``to``, for each floored metric and the
-      headline, candidate >= current - ``max_regression``, on the same test split: when
-      the ``split_id`` tags differ, ``evaluate(current bundle)`` re-scores the current
-      version on the candidate's split; without ``evaluate`` the promotion is refused.
-
-    On success the alias moves, the classic stage is mirrored when supported (older
-    versions archived) and the version is tagged ``promoted_at``/``promoted_from``/
-    ``promoted_to``. On failure nothing changes.
-
-    Args:
-        cfg: the model's configuration (name, headline, gates).
-        version: the candidate; ``None`` = the version holding ``@staging``.
-        to: target alias (``production``).
-        evaluate: ``bundle -> metrics`` on the candidate's test split (metric name -> value).
-
-    Returns:
-        The result; ``passed`` says whether the alias moved.
-
-    Raises:
-        RegistryError: no such version, or no version holds ``@staging``.
-        Exception: whatever ``evaluate`` raises is passed on (nothing has changed then).
-    """
-    client = _client()
-    name = cfg.registered_name
-    candidate = _get_version(client, name, version, STAGING)
-    cand_version = int(candidate.version)
-    cand_metrics = version_metrics(candidate)
-    cand_split = (candidate.tags or {}).get(TAG_SPLIT)
-    current = _alias_holder(client, name, to)
-    previous = int(current.version) if current is not None else None
-    result = PromotionResult(name=name, version=cand_version, to=to, passed=False, previous=previous)
-
-    for metric, floor in cfg.gates.floors.items():
-        value = cand_metrics.get(metric)
-        if value is None:
-            _check(result, f"floor:{metric}", metric, None, floor, False,
-                   f"{metric} missing on v{cand_version} (not in its registered metrics)")
-        else:
-            ok = value >= floor
-            _check(result, f"floor:{metric}", metric, value, floor, ok,
-                   f"{metric} {_fmt(value)} {'>=' if ok else '<'} floor {_fmt(floor)}")
-
-    if current is not None and previous != cand_version:
-        baseline = _baseline(result, cfg, current, cand_split, evaluate)
-        if baseline is not None:
-            reg = cfg.gates.max_regression
-            for metric in _gated_metrics(cfg):
-                value, base = cand_metrics.get(metric), baseline.get(metric)
-                gate = f"regression:{metric}"
-                if base is None:
-                    _check(result, gate, metric, value, None, False,
-                           f"{metric} unknown for {to} v{previous}: cannot compare")
-                elif value is None:
-                    _check(result, gate, metric, None, base - reg, False,
-                           f"{metric} missing on v{cand_version}: cannot compare with {to} v{previous}")
-                else:
-                    threshold = base - reg
-                    ok = value >= threshold - 1e-12
-                    _check(result, gate, metric, value, threshold, ok,
-                           f"{metric} {_fmt(value)} {'>=' if ok else '<'} {_fmt(threshold)} "
-                           f"({to} v{previous} {_fmt(base)} - max_regression {_fmt(reg)})")
-
-    result.passed = not result.failures
-    if not result.passed:
-        log.warning("%s v%d not promoted to @%s: %s", name, cand_version, to, "; ".join(result.failures))
-        return result
-    if previous == cand_version:
-        log.info("%s v%d already holds @%s; nothing to do", name, cand_version, to)
-        return result
-
-    client.set_registered_model_alias(name, to, str(cand_version))
-    stage = _mirror_stage(client, name, cand_version, to)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    stamps = {"promoted_at": now, "promoted_from": str(previous) if previous else "none", "promoted_to": to}
-    for key, text in stamps.items():
-        client.set_model_version_tag(name, str(cand_version), key, text)
-    log.info("%s v%d is now @%s%s (was %s)", name, cand_version, to,
-             f" (classic stage {stage})" if stage else "", f"v{previous}" if previous else "none")
-    return result
-
-
-def _baseline(result: PromotionResult, cfg: ModelConfig, current: ModelVersion, cand_split: str | None,
-              evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None) -> dict[str, float] | None:
-    """The current version's metrics on the candidate's test split, or None (failure recorded)."""
-    cur_version = int(current.version)
-    cur_split = (current.tags or {}).get(TAG_SPLIT)
-    if cand_split and cur_split == cand_split:
-        _check(result, "same_split", None, None, None, True,
-               f"v{result.version} and {result.to} v{cur_version} were tested on split {cand_split}")
-        return version_metrics(current)
-    if evaluate is None:
-        _check(result, "same_split", None, None, None, False,
-               f"test split differs: v{result.version} on {cand_split or 'unknown'}, {result.to} "
-               f"v{cur_version} on {cur_split or 'unknown'}; re-evaluate v{cur_version} on the "
-               f"candidate's split (pass evaluate=) to compare")
-        return None
-    log.info("test splits differ (%s vs %s): re-evaluating %s v%d on the candidate's split",
-             cand_split, cur_split, result.name, cur_version)
-    bundle = load_bundle(result.name, version=cur_version)
-    report = evaluate(bundle)
-    result.reevaluated = True
-    _check(result, "same_split", None, None, None, True,
-           f"{result.to} v{cur_version} (tested on {cur_split or 'unknown'}) re-evaluated on the "
-           f"candidate's split {cand_split or 'unknown'}")
-    out: dict[str, float] = {}
-    for metric in _gated_metrics(cfg):
-        value = _metric(report, metric)
-        if value is not None:
-            out[metric] = value
-    return out
-
-
-# --------------------------------------------------------------------------- list, download
+# --------------------------------------------------------------------------- list
 
 
 def _paged(fetch: Callable[[str | None], Any]) -> Iterator[Any]:
@@ -579,7 +383,7 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
         (list), ``stage`` (classic stage or ``None``), ``headline`` (metric name),
         ``value`` (its value or ``None``), ``split_id``, ``created`` (UTC ISO time), ``run_id``.
     """
-    client = _client()
+    client = registry_client()
     pattern = prefix.replace("'", "''")
     models = [m for m in _paged(lambda t: client.search_registered_models(
         filter_string=f"name LIKE '{pattern}%'", page_token=t)) if m.name.startswith(prefix)]
@@ -602,53 +406,3 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
                 "run_id": mv.run_id,
             })
     return rows
-
-
-def model_uri(name_or_uri: str, alias: str = PRODUCTION, version: int | None = None) -> str:
-    """``models:/<name>@<alias>`` (or ``models:/<name>/<version>``); a URI passes through."""
-    if ":/" in name_or_uri:
-        return name_or_uri
-    if version is not None:
-        return f"models:/{name_or_uri}/{version}"
-    return f"models:/{name_or_uri}@{alias}"
-
-
-def download_bundle(name_or_uri: str, alias: str = PRODUCTION, dst: Path | None = None, *,
-                    version: int | None = None) -> Path:
-    """Download a registered model and return its bundle directory.
-
-    Args:
-        name_or_uri: registered name (``breastscan-density``) or a model URI
-            (``models:/...``, ``runs:/...``).
-        alias: alias used with a name (``production``).
-        dst: download directory (default: a new temporary directory, left to the caller).
-        version: a version number instead of the alias.
-
-    Returns:
-        The directory holding ``model.keras``, ``preprocess.json`` and ``contract.json``.
-
-    Raises:
-        RegistryError: the model, alias or version does not exist.
-    """
-    from mlflow.models import Model
-
-    uri = model_uri(name_or_uri, alias, version)
-    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="breastscan-bundle-"))
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except MlflowException as exc:
-        if _is_missing(exc):
-            raise RegistryError(f"cannot resolve {uri}: {exc.message}") from None
-        raise
-    conf = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
-    rel = (conf.get("artifacts") or {}).get(BUNDLE_ARTIFACT, {}).get("path", f"artifacts/{BUNDLE_ARTIFACT}")
-    bundle_dir = local / rel
-    read_contract(bundle_dir)  # fails clearly if this is not a breastscan bundle
-    return bundle_dir
-
-
-def load_bundle(name_or_uri: str, alias: str = PRODUCTION, *, version: int | None = None) -> ModelBundle:
-    """Download a registered model (see :func:`download_bundle`) and load its bundle."""
-    with tempfile.TemporaryDirectory(prefix="breastscan-bundle-") as tmp:
-        return ModelBundle.load(download_bundle(name_or_uri, alias, Path(tmp), version=version))

@@ -132,7 +132,7 @@ def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
 
 
 def eight_category_to_dict(msg: pb.EightCategory) -> dict[str, Any]:
-    """The dict of :func:`breastscan.evaluation.scoring.eight_category` of an ``EightCategory``."""
+    """The dict of :func:`breastscan.evaluation.combined.eight_category` of an ``EightCategory``."""
     return {
         "category": msg.category, "density": msg.density, "pathology": msg.pathology,
         "finding": msg.finding, "p_malignant": msg.p_malignant,

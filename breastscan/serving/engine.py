@@ -15,6 +15,9 @@ A request is
 Client mistakes raise :class:`breastscan.serving.requests.InputError` before anything reaches the
 model, so one bad upload can never fail a batch it would have shared with others. CPU
 work (decoding, preprocessing, PNG encoding) runs in worker threads, off the event loop.
+
+This is the only request path: in process (tests, benchmarks, notebooks)
+:func:`local_engine` builds an engine whose ``infer`` calls the bundles directly.
 """
 
 from __future__ import annotations

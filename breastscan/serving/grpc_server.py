@@ -175,7 +175,7 @@ def prediction_to_proto(answer: Mapping[str, Any]) -> pb.Prediction:
 
 
 def eight_category_to_proto(view: Mapping[str, Any]) -> pb.EightCategory:
-    """An ``EightCategory`` message of one :func:`breastscan.evaluation.scoring.eight_category` dict."""
+    """An ``EightCategory`` message of one :func:`breastscan.evaluation.combined.eight_category` dict."""
     msg = pb.EightCategory(
         category=view["category"], density=view["density"], pathology=view["pathology"],
         finding=view["finding"], p_malignant=float(view["p_malignant"]),

@@ -1,21 +1,26 @@
-"""Request-independent inference: check inputs, run bundles on batches, build JSON answers.
+"""What a request is made of, outside the model call: checked inputs, their errors, the answers.
 
-The service (HTTP and gRPC) is a thin layer over this module:
+The one request path is :class:`breastscan.serving.engine.Engine` (HTTP, gRPC, the web UI,
+and :func:`breastscan.serving.engine.local_engine` in process); this module holds the steps
+it is built from, none of which runs a model:
 
 * :func:`decode_upload` turns an uploaded file's bytes, and :func:`validate_array` a raw
   array, into the ``(H, W)`` float32 gray image in [0, 1] that preprocessing takes; every
-  client mistake becomes an :class:`InputError` whose ``code`` (a short stable word) and
-  message the service returns as a 4xx answer.
-* :func:`predict_images` runs one bundle on a whole batch (the batched API's unit of work)
-  and gives one JSON-able dict per image: calibrated class probabilities (with an optional
-  Grad-CAM heatmap), or a lesion mask with its area and bounding box, always in the
-  **original** image's pixel coordinates.
-* :func:`analyze` runs every model of one modality on one image and, for mammography with
-  a density and a tumor model, adds the 8-category view
-  (:func:`breastscan.evaluation.scoring.eight_category`).
+  client mistake becomes an :class:`InputError` whose ``code`` (one of
+  :data:`INPUT_ERROR_CODES`, a short stable word) and message the service returns as a 4xx
+  answer.
+* :func:`prepare_inputs` checks and preprocesses images into one model batch
+  (:class:`PreparedBatch`); :func:`finish_predictions` turns the model's calibrated output
+  for that batch into one :class:`Prediction` per image: class probabilities (with an
+  optional Grad-CAM heatmap), or a lesion mask with its area and bounding box
+  (:func:`lesion_bbox`), always in the **original** image's pixel coordinates.
+* :func:`models_for_modality` routes an image to the models of its modality, and
+  :func:`analysis` builds the answer of an analysis: each model's answer and, for a
+  mammogram with a density and a tumor answer, the 8-category view
+  (:func:`eight_category_view`, :func:`breastscan.evaluation.combined.eight_category`).
 
-Images, masks and overlays travel as base64-encoded PNG. Nothing here reads params, env or
-argv; Keras and TensorFlow are imported only by the bundle and :mod:`breastscan.models.gradcam`.
+Images, masks and overlays travel as base64-encoded PNG (:func:`png_base64`). Nothing here
+reads params, env or argv, or imports Keras or TensorFlow.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from breastscan.imaging.preprocessing import (
     is_dicom,
 )
 from breastscan.labels import MODALITIES
-from breastscan.models.gradcam import grad_cam, overlay
-from breastscan.registry.bundle import ModelBundle, ModelContract, prepare_batch
+from breastscan.models.gradcam import overlay
+from breastscan.registry.bundle import ModelContract, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -457,131 +462,6 @@ def finish_predictions(
     return out
 
 
-def predict_batch(
-    bundle: ModelBundle,
-    images: Sequence[np.ndarray],
-    *,
-    explain: bool = False,
-    version: str | None = None,
-    stage: str | None = None,
-) -> list[Prediction]:
-    """Run one bundle on a batch of images in process: one model call for the whole batch.
-
-    :func:`prepare_inputs`, the bundle's calibrated output (and Grad-CAM when explained),
-    then :func:`finish_predictions`: the service runs the same three steps with the model
-    call in its batching model service.
-
-    Args:
-        bundle: the served model.
-        images: raw images (see :func:`validate_array`).
-        explain: classifiers also return a Grad-CAM heatmap of the predicted class and its
-            overlay (one extra forward and backward pass); segmenters always return their
-            overlay, the mask being its own explanation.
-        version: registry version to report.
-        stage: registry stage (alias) to report.
-
-    Returns:
-        One :class:`Prediction` per image, in order.
-
-    Raises:
-        InputError: an image fails :func:`validate_array`.
-    """
-    contract = bundle.contract
-    prepared = prepare_inputs(bundle.spec, contract, images)
-    probs = bundle.predict(prepared.batch)
-    heat = None
-    if explain and contract.task == "classification" and len(prepared.batch):
-        heat = grad_cam(bundle.model, prepared.batch, class_index=np.argmax(probs, axis=1))
-    out = finish_predictions(contract, bundle.spec.spec_id, prepared, probs, heat=heat,
-                             version=version, stage=stage)
-    log.debug("model %s: %d images predicted (explain=%s)", contract.name, len(out), explain)
-    return out
-
-
-def predict_images(
-    bundle: ModelBundle,
-    images: list[np.ndarray],
-    *,
-    explain: bool = False,
-    version: str | None = None,
-    stage: str | None = None,
-) -> list[dict[str, Any]]:
-    """The batched API's core: :func:`predict_batch` as JSON-able dicts.
-
-    Args:
-        bundle: the served model.
-        images: raw images (see :func:`validate_array`), all predicted in one model call.
-        explain: add a Grad-CAM heatmap and overlay to classifier answers.
-        version: registry version to report.
-        stage: registry stage (alias) to report.
-
-    Returns:
-        One dict per image (see :meth:`Prediction.to_dict`); masks, heatmaps and boxes are
-        at the original image size.
-
-    Raises:
-        InputError: an image fails :func:`validate_array`.
-    """
-    return [p.to_dict() for p in predict_batch(bundle, images, explain=explain, version=version, stage=stage)]
-
-
-def select_bundle(bundles: Mapping[str, ModelBundle], name: str) -> ModelBundle:
-    """The served bundle called ``name``.
-
-    Raises:
-        InputError: ``unknown_model``; the message lists the served names.
-    """
-    try:
-        return bundles[name]
-    except KeyError:
-        served = ", ".join(sorted(bundles)) or "none"
-        raise InputError("unknown_model", f"no model named {name!r}; served: {served}") from None
-
-
-def analyze(
-    bundles: Mapping[str, ModelBundle],
-    image: np.ndarray,
-    modality: str,
-    *,
-    explain: bool = False,
-    versions: Mapping[str, str] | None = None,
-    stages: Mapping[str, str] | None = None,
-    density_model: str = "density",
-    tumor_model: str = "tumor",
-) -> dict[str, Any]:
-    """Run every model of one modality on one image.
-
-    Args:
-        bundles: served bundles by name; those whose ``contract.modality`` is ``modality``
-            run, in name order.
-        image: one raw image (see :func:`validate_array`).
-        modality: ``mammography`` or ``ultrasound``.
-        explain: add Grad-CAM heatmaps to classifier answers.
-        versions: registry version per model name, reported in each answer.
-        stages: registry stage per model name, reported in each answer.
-        density_model: name of the density classifier of the 8-category view.
-        tumor_model: name of the tumor classifier of the 8-category view.
-
-    Returns:
-        ``{"modality": ..., "models": {name: answer}}`` (answers as in
-        :func:`predict_images`), plus ``"eight_category"`` (one dict of
-        :func:`breastscan.evaluation.scoring.eight_category`) for mammography when both
-        ``density_model`` and ``tumor_model`` ran.
-
-    Raises:
-        InputError: ``unknown_modality`` (not a modality, or no model serves it), or any
-            code of :func:`validate_array`.
-    """
-    chosen = models_for_modality({name: b.contract.modality for name, b in bundles.items()}, modality)
-    versions, stages = versions or {}, stages or {}
-    answers = {
-        name: predict_batch(bundles[name], [image], explain=explain, version=versions.get(name),
-                            stage=stages.get(name))[0]
-        for name in chosen
-    }
-    return analysis(modality, answers, density_model=density_model, tumor_model=tumor_model)
-
-
 def models_for_modality(modalities: Mapping[str, str], modality: str) -> list[str]:
     """The names of the models of one modality, in name order.
 
@@ -629,10 +509,10 @@ def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any
     """The 8-category view (pathology x density) of one mammogram's density and tumor answers.
 
     Returns:
-        One dict of :func:`breastscan.evaluation.scoring.eight_category`, or ``None`` when either
+        One dict of :func:`breastscan.evaluation.combined.eight_category`, or ``None`` when either
         answer has no probabilities or their classes do not fit the view (logged).
     """
-    from breastscan.evaluation.scoring import eight_category
+    from breastscan.evaluation.combined import eight_category
 
     if not density.probabilities or not tumor.probabilities:
         return None

@@ -51,19 +51,14 @@ def import_model(model: str, stage: str = "production") -> str:
         already this registry version, stage and training run, it is reused.
 
     Raises:
-        breastscan.registry.versions.RegistryError: the registry has no such model or alias.
+        breastscan.registry.resolver.RegistryError: the registry has no such model or alias.
     """
     import bentoml
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from breastscan.registry.versions import RegistryError, download_bundle
+    from breastscan.registry.resolver import ModelRef, download_uri, resolve
 
     name = store_name(model)
-    try:
-        mv = MlflowClient().get_model_version_by_alias(name, stage)
-    except MlflowException as exc:
-        raise RegistryError(f"no version of {name} at stage {stage!r}: {exc.message}") from None
+    mv = resolve(ModelRef(name=model, registered_name=name, version=None, alias=stage))
     labels = {LABEL_MODEL: model, LABEL_STAGE: stage, LABEL_VERSION: str(mv.version)}
     try:
         stored = sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time)
@@ -76,7 +71,7 @@ def import_model(model: str, stage: str = "production") -> str:
                  name, mv.version, stage, stored[-1].tag)
         return str(stored[-1].tag)
     with tempfile.TemporaryDirectory(prefix="breastscan-import-") as tmp:
-        bundle_dir = download_bundle(name, stage, Path(tmp))
+        bundle_dir = download_uri(mv.uri, Path(tmp))  # by version: a moving alias cannot interfere
         contract = read_contract(bundle_dir)
         spec = PreprocessSpec.load(bundle_dir)
         metadata = {"source": f"models:/{name}@{stage}", "run_id": mv.run_id or "",

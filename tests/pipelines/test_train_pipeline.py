@@ -258,7 +258,22 @@ def test_pipeline_against_a_real_mlflow_server(tmp_path: Path, tiny_phantoms: Pa
         version = client.get_model_version_by_alias("breastscan-lesion", "staging")
         run_id = json.loads((root / "artifacts/models/lesion/run.json").read_text())["run_id"]
         assert version.run_id == run_id
-        assert client.get_run(run_id).data.metrics["test_mean_dice"] >= 0
+        # the Dice logged to the server is the one evaluate recorded, and that is the mean of
+        # the per-image Dice saved with the predictions (one row per test image) ...
+        reports = root / "reports/models/lesion"
+        recorded = json.loads((reports / "metrics.json").read_text())
+        predictions = pd.read_csv(reports / "predictions.csv")
+        assert len(predictions) == recorded["n_test"] > 0
+        assert client.get_run(run_id).data.metrics["test_mean_dice"] == pytest.approx(recorded["mean_dice"])
+        assert recorded["mean_dice"] == pytest.approx(predictions["dice"].mean(), abs=1e-5)
+        # ... each of which agrees with its pixel counts: 1 when truth and prediction are both
+        # empty, 0 when only one is, at most 2 min(|T|, |P|) / (|T| + |P|) otherwise
+        t, p, d = predictions["true_pixels"], predictions["pred_pixels"], predictions["dice"]
+        assert (predictions["lesion"] == (t > 0).astype(int)).all()
+        both_empty, one_empty = (t == 0) & (p == 0), (t == 0) ^ (p == 0)
+        assert (d[both_empty] == 1.0).all() and (d[one_empty] == 0.0).all()
+        rest = ~both_empty
+        assert (d[rest] <= 2 * np.minimum(t[rest], p[rest]) / (t[rest] + p[rest]) + 1e-6).all()
         x = np.zeros((2, 32, 48, 1), np.float32)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)

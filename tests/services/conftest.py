@@ -4,7 +4,8 @@ The path is the production one: ``tests.services.make_registry`` registers seede
 density / tumor / lesion models at ``production`` in a throwaway MLflow store,
 ``breastscan import-models`` copies them into a throwaway BentoML store, and
 ``bentoml serve services.service:BreastScan`` starts the front and model services with
-the gRPC server, on free ports of 127.0.0.1. One server serves the whole session.
+the gRPC server, on free ports of 127.0.0.1 (:func:`breastscan.serving.launch.launch_service`,
+the benchmark's starter too). One server serves the whole session.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from breastscan.processes import free_port, stop_process_group
+from breastscan.processes import free_port
+from breastscan.serving.launch import SERVICE_TARGET, LaunchedService, launch_service
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,17 +33,39 @@ START_TIMEOUT_S = 240
 
 @dataclass
 class Served:
-    """A running service and where its models came from."""
+    """A running service (:class:`breastscan.serving.launch.LaunchedService`) and its project root."""
 
-    http_url: str
-    grpc_target: str
+    launched: LaunchedService
     root: Path
-    env: dict[str, str]
-    log: Path
-    process: subprocess.Popen[bytes]
+
+    @property
+    def http_url(self) -> str:
+        """e.g. ``http://127.0.0.1:41234``."""
+        return self.launched.http_url
+
+    @property
+    def grpc_target(self) -> str:
+        """e.g. ``127.0.0.1:41235``."""
+        return self.launched.grpc_target
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The service's environment (the gRPC port included)."""
+        return self.launched.env
+
+    @property
+    def log(self) -> Path:
+        """The file the service logs to."""
+        return self.launched.log_path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """``bentoml serve`` itself."""
+        return self.launched.process
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """Everything the service has logged so far."""
+        return self.launched.log_text()
 
     def log_lines(self, needle: str, timeout_s: float = 10.0) -> list[str]:
         """The log lines containing ``needle``, waiting up to ``timeout_s`` for the first.
@@ -90,49 +113,21 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def start_service(root: Path, env: dict[str, str], *, http_port: int, grpc_port: int,
-                  log_name: str = "serve.log", target: str = "services.service:BreastScan") -> Served:
-    """Start ``bentoml serve`` and wait until /readyz answers 200 and gRPC is SERVING."""
-    env = {**env, "BREASTSCAN_GRPC_PORT": str(grpc_port)}
-    log = root / log_name
-    handle = log.open("wb")
-    process = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(http_port)],
-        cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    served = Served(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", root, env, log, process)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited {process.returncode}:\n{served.log_text()[-6000:]}")
-        try:
-            if httpx.get(f"{served.http_url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        stop_service(served)
-        raise RuntimeError(f"service not ready in {START_TIMEOUT_S} s:\n{served.log_text()[-6000:]}")
-    _wait_grpc_serving(served, deadline)
-    return served
+                  log_name: str = "serve.log", target: str = SERVICE_TARGET) -> Served:
+    """Start ``bentoml serve`` (:func:`launch_service`) and wait until /readyz is 200 and gRPC SERVING.
 
-
-def _wait_grpc_serving(served: Served, deadline: float) -> None:
-    from breastscan.serving.client import GRPCClient
-
-    with GRPCClient(served.grpc_target, timeout=5) as client:
-        while time.monotonic() < deadline:
-            try:
-                if client.health() == "SERVING":
-                    return
-            except Exception:  # noqa: BLE001 -- not listening yet
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"gRPC not SERVING:\n{served.log_text()[-6000:]}")
+    Raises:
+        breastscan.serving.launch.ServiceStartError: it exited or was not ready in time
+            (a ``RuntimeError``; the message ends with the log's tail).
+    """
+    launched = launch_service(env, root / log_name, http_port=http_port, grpc_port=grpc_port,
+                              target=target, cwd=REPO, timeout_s=START_TIMEOUT_S)
+    return Served(launched, root)
 
 
 def stop_service(served: Served) -> None:
     """SIGTERM the server's process group, then SIGKILL what is left after 20 s."""
-    stop_process_group(served.process, 20)
+    served.launched.stop(20)
 
 
 @pytest.fixture(scope="session")
@@ -166,13 +161,13 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
     try:
         import mlflow
 
-        from breastscan.registry.versions import load_bundle
+        from breastscan.registry.resolver import load_bundle
         from breastscan.serving.engine import local_engine
 
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
         names = ("density", "tumor", "lesion")
-        bundles = {n: load_bundle(f"breastscan-{n}", "production") for n in names}
+        bundles = {n: load_bundle(f"breastscan-{n}@production") for n in names}
         engine = local_engine(bundles, versions={n: "1" for n in names},
                               stages={n: "production" for n in names})
         yield engine

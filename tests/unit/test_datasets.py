@@ -1,4 +1,5 @@
-"""breastscan.data.loading: split arrays, excluded rows, labels, class weights, tf.data pipelines."""
+"""breastscan.data.loading (split arrays, excluded rows, labels) and breastscan.models.inputs (class
+weights, tf.data pipelines)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pandas as pd
 import pytest
 
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
-from breastscan.data.loading import SplitData, class_weights, load_split, make_dataset, read_splits
+from breastscan.data.loading import SplitData, load_split, read_splits
 from breastscan.data.manifest import normalize_manifest, read_manifest
 from breastscan.data.splits import prepare_splits
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image
+from breastscan.models.inputs import class_weights, make_dataset
 
 SPEC = PreprocessSpec(height=32, width=32)
 NO_AUGMENT = AugmentConfig(flip=False, rotation_deg=0.0, brightness=0.0, contrast=0.0)
@@ -150,7 +152,7 @@ def test_empty_labels_are_dropped_and_counted(mammo: tuple[Path, Path], tmp_path
         data = load_split(_edited(csv, tmp_path, blank), root, DENSITY, "val")
     assert len(data) == int((rows["split"] == "val").sum()) - 3
     assert not set(blanked) & set(data.frame["image"])
-    assert "dropped 3 row(s) with no density label" in caplog.text
+    assert f"density: dropped 3 row(s) (label cell is empty), e.g. {blanked[0]}" in caplog.text
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -189,7 +191,7 @@ def test_rows_without_mask(ultra: tuple[Path, Path], tmp_path: Path,
     assert lesion not in images
     assert normal in images and data.targets[images.index(normal)].max() == 0.0
     assert len(data) == len(test_rows) - 1
-    assert "dropped 1 lesion row(s) without a mask" in caplog.text
+    assert f"lesion: dropped 1 row(s) (lesion image without a mask), e.g. {lesion}" in caplog.text
 
 
 # --------------------------------------------------------------------------- class weights

@@ -26,11 +26,13 @@ from mlflow import MlflowClient
 
 from breastscan.cli import main
 from breastscan.config import ModelConfig
+from breastscan.data.loading import SKIP_REASONS
 from breastscan.data.manifest import CONTRACT_COLUMNS, write_manifest
 from breastscan.evaluation import external
+from breastscan.evaluation.metrics import STANDARD
 from breastscan.imaging.files import read_mask
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
-from breastscan.registry import tracking, versions
+from breastscan.registry import resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow
 
@@ -164,7 +166,7 @@ def skip_counts(report: dict[str, Any]) -> dict[str, int]:
     (" density/12 ", "density", 12, None),
 ])
 def test_parse_model_ref(text: str, name: str, version: int | None, alias: str | None) -> None:
-    ref = external.parse_model_ref(text)
+    ref = resolver.parse_model_ref(text)
     assert (ref.name, ref.version, ref.alias) == (name, version, alias)
     assert ref.registered_name == f"breastscan-{name}"
 
@@ -173,7 +175,7 @@ def test_parse_model_ref(text: str, name: str, version: int | None, alias: str |
                                   "breastscan-"])
 def test_parse_model_ref_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="model reference"):
-        external.parse_model_ref(text)
+        resolver.parse_model_ref(text)
 
 
 def test_load_external_counts_every_skip_reason(tmp_path: Path) -> None:
@@ -181,16 +183,19 @@ def test_load_external_counts_every_skip_reason(tmp_path: Path) -> None:
     tumor = external.load_external(tmp_path / "ext", TUMOR_CONTRACT, SPEC)
     assert tumor.n_rows == N_MG + N_US + 6
     assert tumor.n_used == N_MG and tumor.n_used + tumor.n_skipped == tumor.n_rows
-    assert tumor.skip_counts() == {r: PLANTED_TUMOR[r] for r in external.SKIP_REASONS if r in PLANTED_TUMOR}
+    assert tumor.skip_counts() == {r: PLANTED_TUMOR[r] for r in SKIP_REASONS if r in PLANTED_TUMOR}
+    assert tumor.skip_summary() == ", ".join(f"{r} {n}" for r, n in tumor.skip_counts().items())
     assert [s.image for s in tumor.skipped["missing_image"]] == ["images/mg_missing.png"]
     assert [s.image for s in tumor.skipped["unreadable_image"]] == ["images/mg_corrupt.png"]
     assert "not an image" in tumor.skipped["unreadable_image"][0].detail
-    assert tumor.skipped["unknown_label"][0].detail == "pathology='atypical'"
+    assert tumor.skipped["unknown_label"][0].detail == \
+        "pathology='atypical' is not a class of model tumor ['benign', 'malignant', 'normal']"
+    assert tumor.skipped["no_label"][0].detail == "pathology is empty"
     assert tumor.data.images.shape == (N_MG, 32, 32, 1) and tumor.data.images.dtype == np.float32
     assert 0.0 <= tumor.data.images.min() and tumor.data.images.max() <= 1.0
     assert tumor.data.targets.dtype == np.int64 and set(tumor.data.targets) <= {0, 1, 2}
     assert list(tumor.data.frame["manifest_row"]) == list(range(N_MG))
-    assert len(tumor.data.groups) == N_MG
+    assert list(tumor.data.groups) == list(tumor.data.frame["group"].astype(str))  # patients
 
     lesion = external.load_external(tmp_path / "ext", LESION_CONTRACT, SPEC, name="other")
     assert lesion.name == "other"
@@ -251,6 +256,7 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
     np.testing.assert_allclose(preds[[f"prob_{c}" for c in TUMOR_CLASSES]].to_numpy(), probs, atol=1e-5)
     y = np.asarray([TUMOR_CLASSES.index(p) for p in store["manifest"]["pathology"][:N_MG]])
     assert list(preds["true"]) == [TUMOR_CLASSES[i] for i in y]
+    assert list(preds["group"]) == list(store["manifest"]["group"][:N_MG])  # the resampling unit
     assert len(set(y)) == 3
     m = report["metrics"]
     assert m["accuracy"]["value"] == pytest.approx(accuracy_score(y, probs.argmax(axis=1)), abs=1e-12)
@@ -264,9 +270,9 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
 
     assert report["confusion_matrix"]["matrix"] == confusion_matrix(y, probs.argmax(axis=1)).tolist()
     assert report["confusion_matrix"]["labels"] == list(TUMOR_CLASSES)
-    # every metric has a grouped 95 % interval; the headline's is evaluate_classifier's own
+    # every declared metric has a grouped 95 % interval; the headline's is the scoring core's own
     assert report["headline"] == "macro_auc"
-    assert set(m) == {"accuracy", "balanced_accuracy", "macro_auc", "log_loss"}
+    assert list(m) == list(STANDARD["classification"])  # kappa only when declared (see below)
     for name, v in m.items():
         assert v["ci_low"] is not None and v["ci_low"] <= v["ci_high"], (name, v)
     assert m["macro_auc"]["ci_low"] == report["evaluation"]["headline_ci_low"]
@@ -293,7 +299,7 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
     tags = run.data.tags
     assert tags["breastscan.model_version"] == "1" and tags["breastscan.dataset"] == "ext"
     assert tags["breastscan.model_run_id"] == report["model_run_id"]
-    assert tags["breastscan.evaluation.scoring"] == "external"
+    assert tags["breastscan.evaluation"] == "external"
     metrics = run.data.metrics
     assert metrics["external_macro_auc"] == pytest.approx(m["macro_auc"]["value"])
     assert metrics["external_accuracy_ci_low"] == pytest.approx(m["accuracy"]["ci_low"])
@@ -385,3 +391,94 @@ def test_unknown_model_and_bad_reference(store: dict[str, Any]) -> None:
     assert result.exit_code == 1 and "breastscan-tumor has no version 9" in result.output
     result = evaluate(store, "tumor@@x", "--no-mlflow")
     assert result.exit_code == 2 and "is not NAME, NAME@STAGE or NAME/VERSION" in result.output
+
+
+def test_a_headline_adds_its_metric(store: dict[str, Any]) -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    result = evaluate(store, "tumor", "--no-mlflow", "--name", "kappa", "--headline", "quadratic_kappa")
+    assert result.exit_code == 0, result.output
+    report = read_report(store, "tumor", "kappa")
+    assert report["headline"] == "quadratic_kappa"
+    # the model's own headline (the version's tag) stays reported beside the one asked for
+    assert list(report["metrics"]) == [*STANDARD["classification"], "quadratic_kappa"]
+    preds = pd.read_csv(store["root"] / "reports" / "kappa" / "tumor_predictions.csv")
+    kappa = cohen_kappa_score(preds["true"], preds["pred"], weights="quadratic", labels=list(TUMOR_CLASSES))
+    assert report["metrics"]["quadratic_kappa"]["value"] == pytest.approx(kappa, abs=1e-9)
+    assert report["evaluation"]["headline_value"] == report["metrics"]["quadratic_kappa"]["value"]
+    result = evaluate(store, "tumor", "--no-mlflow", "--name", "kappa", "--headline", "auc")
+    assert result.exit_code == 1 and "'auc' is not a metric of a classification model with 3" in result.output
+
+
+def test_default_headline() -> None:
+    from dataclasses import replace
+
+    assert external.default_headline(TUMOR_CONTRACT) == "macro_auc"
+    assert external.default_headline(TUMOR_CONTRACT, "quadratic_kappa") == "quadratic_kappa"
+    assert external.default_headline(TUMOR_CONTRACT, "mean_dice") == "macro_auc"  # not a classifier metric
+    assert external.default_headline(TUMOR_CONTRACT, "auc") == "macro_auc"  # binary models only
+    assert external.default_headline(LESION_CONTRACT, "lesion_mean_iou") == "lesion_mean_iou"
+    assert external.default_headline(LESION_CONTRACT) == "mean_dice"
+    declared = replace(TUMOR_CONTRACT, headline="balanced_accuracy")
+    assert external.default_headline(declared, "quadratic_kappa") == "balanced_accuracy"  # the model's own
+
+
+def test_fetch_score_and_report_through_the_api(store: dict[str, Any], tmp_path: Path) -> None:
+    """The steps of ``breastscan evaluate`` one by one: resolver.fetch, load_external, score_external,
+    build_report."""
+    fetched = resolver.fetch("tumor@staging", tmp_path / "dl")
+    assert fetched.resolved.version == 2 and fetched.resolved.aliases == ("staging",)
+    assert fetched.resolved.uri == "models:/breastscan-tumor/2"
+    assert fetched.resolved.tags["headline"] == "macro_auc"
+    assert fetched.contract == TUMOR_CONTRACT and fetched.spec == SPEC
+    assert fetched.bundle_dir.is_relative_to(tmp_path / "dl")
+    dataset = external.load_external(store["dataset"], fetched.contract, fetched.spec)
+    bundle = fetched.load_bundle()
+    evaluation = external.score_external(bundle, dataset, headline="accuracy", n_boot=100, seed=2)
+    assert list(evaluation.scores) == list(STANDARD["classification"])
+    for name, s in evaluation.scores.items():  # every declared metric, not only the headline
+        assert s["ci_low"] is not None and s["ci_low"] <= s["value"] <= s["ci_high"], name
+    assert evaluation.temperature == TUMOR_TEMPERATURE and evaluation.metrics["n_val"] == 0
+    assert evaluation.metrics["headline"] == "accuracy"
+    np.testing.assert_allclose(
+        evaluation.predictions[[f"prob_{c}" for c in TUMOR_CLASSES]].to_numpy(),
+        _direct_tumor_probs(store, list(evaluation.predictions["image"])), atol=1e-5)
+    again = external.score_external(bundle, dataset, headline="accuracy", n_boot=100, seed=2)
+    assert again.scores == evaluation.scores  # seeded
+
+    report = external.build_report(fetched, dataset, evaluation, n_boot=100, seed=2)
+    assert (report["version"], report["stage"], report["aliases"]) == (2, "staging", ["staging"])
+    assert report["metrics"] == evaluation.scores and report["headline"] == "accuracy"
+    assert report["ci"]["n_boot"] == 100 and report["ci"]["seed"] == 2
+    assert report["ci"]["n_groups"] == len(set(store["manifest"]["group"][:N_MG]))
+    y = [TUMOR_CLASSES.index(t) for t in evaluation.predictions["true"]]
+    pred = [TUMOR_CLASSES.index(t) for t in evaluation.predictions["pred"]]
+    from sklearn.metrics import confusion_matrix
+
+    assert report["confusion_matrix"]["matrix"] == confusion_matrix(y, pred, labels=[0, 1, 2]).tolist()
+    assert report["per_class"] == evaluation.metrics["per_class"]
+    assert report["calibration"]["refitted"] is False
+    assert report["calibration"]["ece"] == evaluation.metrics["ece_after"]
+
+    # a dataset with nothing usable fails before any model call
+    root = tmp_path / "us_only"
+    write_manifest(store["manifest"][store["manifest"]["modality"] == "ultrasound"], root)
+    unusable = external.load_external(root, fetched.contract, fetched.spec)
+    with pytest.raises(external.NoUsableRows, match="wrong_modality 12"):
+        external.score_external(bundle, unusable, headline="accuracy")
+    with pytest.raises(ValueError, match="'mean_dice' is not a metric"):
+        external.score_external(bundle, dataset, headline="mean_dice")
+
+
+def test_resolver_errors_and_downloads(store: dict[str, Any], tmp_path: Path) -> None:
+    resolved = resolver.resolve("breastscan-tumor")
+    assert (resolved.version, resolved.aliases, resolved.ref.alias) == (1, ("production",), "production")
+    with pytest.raises(resolver.RegistryError, match="breastscan-tumor has no version with alias @nope"):
+        resolver.resolve("tumor@nope")
+    with pytest.raises(resolver.RegistryError, match="Registered breastscan models: lesion, tumor"):
+        resolver.fetch("density", tmp_path / "x")
+    bundle_dir = resolver.download_uri("models:/breastscan-lesion/1", tmp_path / "lesion")
+    assert bundle_dir.is_relative_to(tmp_path / "lesion")
+    assert {p.name for p in bundle_dir.iterdir()} >= {"model.keras", "preprocess.json", "contract.json"}
+    assert resolver.load_bundle("lesion/1").contract == LESION_CONTRACT
+    assert resolver.load_bundle("models:/breastscan-tumor@staging").contract == TUMOR_CONTRACT

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from breastscan.evaluation.metrics import dice_score, iou_score
+from breastscan.evaluation.metrics import MaskOutcomes
 from breastscan.models import (
     BACKBONES,
     AugmentConfig,
@@ -404,9 +404,11 @@ def test_dice_and_iou_keras_metrics_are_per_image_and_stateful() -> None:
     truth[3] = 0.0  # an empty mask ...
     probs = rng.random((4, 16, 16, 1)).astype("float32")
     probs[3] = 0.1  # ... predicted empty: counts as 1.0
-    pairs = [(t[..., 0] > 0, p[..., 0] >= 0.5) for t, p in zip(truth, probs, strict=True)]
-    expected_dice = np.mean([dice_score(t, p) for t, p in pairs])
-    expected_iou = np.mean([iou_score(t, p) for t, p in pairs])
+    # the evaluation's per-image Dice and IoU (empty truth, empty prediction: 1), averaged
+    outcomes = MaskOutcomes.from_masks(truth, probs, threshold=0.5)
+    assert outcomes.dice[3] == 1.0 and outcomes.iou[3] == 1.0
+    expected_dice = float(outcomes.dice.mean())
+    expected_iou = float(outcomes.iou.mean())
 
     dice = DiceCoefficient(from_logits=False)
     iou = IoUScore(from_logits=False)
@@ -431,7 +433,8 @@ def test_dice_and_iou_keras_metrics_are_per_image_and_stateful() -> None:
 
 
 def _overlap_after(image: np.ndarray, mask: np.ndarray) -> float:
-    return dice_score(image[..., 0] > 0.5, mask[..., 0] > 0.5)
+    """Dice of the pixels above 0.5 in ``image`` and in ``mask`` (both ``(H, W, 1)``)."""
+    return float(MaskOutcomes.from_masks(mask[None], (image[None] > 0.5).astype(np.float32)).dice[0])
 
 
 def test_augment_pair_keeps_image_and_mask_aligned() -> None:

@@ -149,6 +149,13 @@ def test_scores_are_per_fold_mean_sd_and_pooled_with_intervals(tmp_path: Path) -
     assert set(scores) == {"all", "without_conflicts"} and scores["without_conflicts"]["n"] == 86
     acc = scores["all"]["metrics"]["accuracy"]
     assert acc["value"] == pytest.approx(accuracy_score(pred["true"], pred["pred"]))
+    probs = pred[["prob_benign", "prob_malignant", "prob_normal"]].to_numpy()
+    auc = scores["all"]["metrics"]["macro_auc"]
+    assert auc["value"] == pytest.approx(roc_auc_score(pred["true"], probs, multi_class="ovr"), abs=1e-12)
+    # each fold of these rows holds one class only: no AUC per fold, a pooled one all the same
+    assert pred.groupby("fold")["true"].nunique().tolist() == [1, 1, 1]
+    assert auc["per_fold"] == [None, None, None] and auc["mean"] is None and auc["sd"] is None
+    assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
     per_fold = [accuracy_score(f["true"], f["pred"]) for _, f in pred.groupby("fold")]
     assert acc["per_fold"] == pytest.approx(per_fold)
     assert acc["mean"] == pytest.approx(np.mean(per_fold))
@@ -191,7 +198,22 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
     assert result["folds_run"] == [1] and set(result["tasks"]) == {"tumor", "lesion"}
     tumor = result["tasks"]["tumor"]
     assert tumor["folds"][0]["n_test"] > 0 and tumor["folds"][0]["epochs_run"] == 1
-    assert 0 <= tumor["scores"]["all"]["metrics"]["macro_auc"]["value"] <= 1
+    # the pooled AUC is scikit-learn's on the pooled out-of-fold scores (one-vs-rest, macro over
+    # the classes the test rows hold), and the per-fold value of the only fold run is the same
+    oof = pd.read_csv(tmp_path / "out" / "phantom_us" / "tumor" / "fold1" / "predictions.csv")
+    assert len(oof) == tumor["folds"][0]["n_test"] == tumor["scores"]["all"]["n"]
+    classes = ["benign", "malignant", "normal"]
+    probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
+    present = [i for i, c in enumerate(classes) if 0 < (oof["true"] == c).sum() < len(oof)]
+    expected = np.mean([roc_auc_score(oof["true"] == classes[i], probs[:, i]) for i in present])
+    macro_auc = tumor["scores"]["all"]["metrics"]["macro_auc"]
+    assert macro_auc["value"] == pytest.approx(expected, abs=1e-9)
+    assert macro_auc["per_fold"] == [macro_auc["value"]]
+    assert macro_auc["ci_low"] <= macro_auc["value"] <= macro_auc["ci_high"]
+    binary = oof[oof["true"].isin(["benign", "malignant"])]
+    score = binary["prob_malignant"] / (binary["prob_malignant"] + binary["prob_benign"])
+    assert tumor["scores"]["all"]["metrics"]["malignant_vs_benign_auc"]["value"] == pytest.approx(
+        roc_auc_score(binary["true"] == "malignant", score), abs=1e-9)
     assert "malignant_vs_benign_sensitivity" in tumor["scores"]["all"]["metrics"]
     lesion = result["tasks"]["lesion"]
     pred = pd.read_csv(tmp_path / "out" / "phantom_us" / "lesion" / "fold1" / "predictions.csv")

@@ -1,4 +1,6 @@
-"""breastscan.registry.versions on a SQLite store: pyfunc logging, register, gated promotion, listing.
+"""breastscan.registry.versions (pyfunc logging, register, listing), breastscan.registry.promotion
+(gated promotion, re-scoring on the candidate's split) and breastscan.registry.resolver (downloads)
+on a SQLite store.
 
 One store and one logged model per module (logging costs about a second); every test
 registers versions of its own registered model (``breastscan-<test>``), so tests do not
@@ -21,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry import tracking, versions
+from breastscan.registry import promotion, resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow
 
@@ -157,7 +159,7 @@ def test_register_mirrors_classic_staging_stage(store: dict[str, Any]) -> None:
 def test_register_missing_metric_is_tagged_absent(store: dict[str, Any]) -> None:
     cfg = make_cfg("missing")
     reg(store, cfg, {"macro_auc": 0.9})
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert not result.passed
     assert result.failures == ["accuracy missing on v1 (not in its registered metrics)"]
 
@@ -165,7 +167,7 @@ def test_register_missing_metric_is_tagged_absent(store: dict[str, Any]) -> None
 def test_promote_first_version_passes(store: dict[str, Any]) -> None:
     cfg = make_cfg("first")
     reg(store, cfg)
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert result.passed and result.version == 1 and result.previous is None and not result.failures
     assert {c["gate"] for c in result.checks} == {"floor:macro_auc", "floor:accuracy"}
     assert all(c["ok"] for c in result.checks)
@@ -176,14 +178,14 @@ def test_promote_first_version_passes(store: dict[str, Any]) -> None:
     assert re.match(r"\d{4}-\d\d-\d\dT", mv.tags["promoted_at"])
     assert mv.current_stage == "Production"
     # promoting the holder again changes nothing
-    again = versions.promote(cfg, version=1)
+    again = promotion.promote(cfg, version=1)
     assert again.passed and again.previous == 1
 
 
 def test_promote_floor_failure_names_the_gate(store: dict[str, Any]) -> None:
     cfg = make_cfg("floor")
     reg(store, cfg, {**GOOD, "macro_auc": 0.61, "headline_value": 0.61})
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert not result.passed
     assert result.failures == ["macro_auc 0.610 < floor 0.700"]
     failed = [c for c in result.checks if not c["ok"]]
@@ -197,16 +199,16 @@ def test_promote_floor_failure_names_the_gate(store: dict[str, Any]) -> None:
 def test_promote_regression_gate_same_split(store: dict[str, Any]) -> None:
     cfg = make_cfg("regress")
     reg(store, cfg)                                   # v1: 0.85 / 0.70
-    assert versions.promote(cfg).passed
+    assert promotion.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80})  # v2: above floor, -0.05
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert not result.passed and result.previous == 1
     assert result.failures == ["macro_auc 0.800 < 0.820 (production v1 0.850 - max_regression 0.030)"]
     assert any(c["gate"] == "same_split" and c["ok"] for c in result.checks)
     assert alias_version(cfg.registered_name, "production") == 1
 
     reg(store, cfg, {**GOOD, "macro_auc": 0.83, "headline_value": 0.83, "accuracy": 0.68})  # v3: within 0.03
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert result.passed, result.failures
     assert result.version == 3 and result.previous == 1
     gates = {c["gate"] for c in result.checks}
@@ -221,9 +223,9 @@ def test_promote_regression_gate_same_split(store: dict[str, Any]) -> None:
 def test_promote_split_mismatch_without_evaluate_is_refused(store: dict[str, Any]) -> None:
     cfg = make_cfg("splitref")
     reg(store, cfg, split="split-a")
-    assert versions.promote(cfg).passed
+    assert promotion.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.95, "headline_value": 0.95}, split="split-b")
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert not result.passed
     assert len(result.failures) == 1
     assert result.failures[0].startswith("test split differs: v2 on split-b, production v1 on split-a")
@@ -234,7 +236,7 @@ def test_promote_split_mismatch_without_evaluate_is_refused(store: dict[str, Any
 def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -> None:
     cfg = make_cfg("spliteval")
     reg(store, cfg, split="split-a")                                   # v1, 0.85 on split a
-    assert versions.promote(cfg).passed
+    assert promotion.promote(cfg).passed
     reg(store, cfg, {**GOOD, "macro_auc": 0.80, "headline_value": 0.80}, split="split-b")  # v2, 0.80 on b
     seen: list[ModelBundle] = []
 
@@ -242,7 +244,7 @@ def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -
         seen.append(bundle)
         return {"macro_auc": 0.78, "accuracy": 0.6}   # v1 re-scored on split b: worse than v2
 
-    result = versions.promote(cfg, evaluate=evaluate_low)
+    result = promotion.promote(cfg, evaluate=evaluate_low)
     assert result.passed, result.failures
     assert result.reevaluated and result.previous == 1
     assert len(seen) == 1 and isinstance(seen[0], ModelBundle)
@@ -255,28 +257,28 @@ def test_promote_split_mismatch_re_evaluates_production(store: dict[str, Any]) -
     def evaluate_high(bundle: ModelBundle) -> dict[str, Any]:
         return {"macro_auc": 0.9, "accuracy": None}  # v2 re-scored on c: much better; accuracy unknown
 
-    result = versions.promote(cfg, evaluate=evaluate_high)
+    result = promotion.promote(cfg, evaluate=evaluate_high)
     assert not result.passed and result.reevaluated
     assert result.failures == ["macro_auc 0.800 < 0.870 (production v2 0.900 - max_regression 0.030)",
                                "accuracy unknown for production v2: cannot compare"]
 
 
 def test_promote_without_staging_version_is_a_clear_error(store: dict[str, Any]) -> None:
-    with pytest.raises(versions.RegistryError, match="breastscan-nothing has no version with alias @staging"):
-        versions.promote(make_cfg("nothing"))
+    with pytest.raises(resolver.RegistryError, match="breastscan-nothing has no version with alias @staging"):
+        promotion.promote(make_cfg("nothing"))
     cfg = make_cfg("noversion")
     reg(store, cfg)
-    with pytest.raises(versions.RegistryError, match="has no version 7"):
-        versions.promote(cfg, version=7)
+    with pytest.raises(resolver.RegistryError, match="has no version 7"):
+        promotion.promote(cfg, version=7)
     MlflowClient().delete_registered_model_alias(cfg.registered_name, "staging")
-    with pytest.raises(versions.RegistryError, match="no version with alias @staging"):
-        versions.promote(cfg)
+    with pytest.raises(resolver.RegistryError, match="no version with alias @staging"):
+        promotion.promote(cfg)
 
 
 def test_list_models_rows(store: dict[str, Any]) -> None:
     cfg = make_cfg("listed")
     reg(store, cfg)
-    versions.promote(cfg)
+    promotion.promote(cfg)
     reg(store, cfg, {**GOOD, "macro_auc": 0.9, "headline_value": 0.9})
     rows = [r for r in versions.list_models() if r["name"] == cfg.registered_name]
     assert [r["version"] for r in rows] == [2, 1]
@@ -292,26 +294,33 @@ def test_list_models_rows(store: dict[str, Any]) -> None:
 def test_download_and_load_bundle(store: dict[str, Any], tmp_path: Path) -> None:
     cfg = make_cfg("download")
     reg(store, cfg)
-    versions.promote(cfg)
-    bundle_dir = versions.download_bundle(cfg.registered_name, dst=tmp_path / "prod")
+    promotion.promote(cfg)
+    fetched = resolver.fetch(cfg.registered_name, tmp_path / "prod")  # @production by default
+    assert fetched.resolved.version == 1 and fetched.resolved.ref.alias == "production"
+    bundle_dir = fetched.bundle_dir
     assert bundle_dir == tmp_path / "prod" / "artifacts" / "bundle"
     assert {p.name for p in bundle_dir.iterdir()} >= {"model.keras", "preprocess.json", "contract.json"}
-    bundle = versions.load_bundle(cfg.registered_name, "staging")
+    assert fetched.contract == store["bundle"].contract and fetched.spec == store["bundle"].spec
+    assert resolver.download_uri(f"models:/{cfg.registered_name}@production", tmp_path / "uri") == \
+        tmp_path / "uri" / "artifacts" / "bundle"
+    bundle = resolver.load_bundle(f"{cfg.registered_name}@staging")
     x = np.random.default_rng(1).random((2, 32, 32, 1), dtype=np.float32)
     np.testing.assert_allclose(bundle.predict(x), store["bundle"].predict(x), rtol=1e-5, atol=1e-6)
     assert bundle.contract.temperature == 1.5
-    assert versions.load_bundle(cfg.registered_name, version=1).contract.name == "tiny"
-    with pytest.raises(versions.RegistryError):
-        versions.download_bundle(cfg.registered_name, alias="nope", dst=tmp_path / "x")
+    assert resolver.load_bundle(f"{cfg.name}/1").contract.name == "tiny"
+    with pytest.raises(resolver.RegistryError):
+        resolver.fetch(f"{cfg.registered_name}@nope", tmp_path / "x")
+    with pytest.raises(resolver.RegistryError):
+        resolver.download_uri(f"models:/{cfg.registered_name}/9", tmp_path / "y")
 
 
 def test_classic_stage_uri_still_resolves(store: dict[str, Any], tmp_path: Path) -> None:
     """``models:/<name>/Production`` (deprecated stage URI) resolves in MLflow 3.17 after mirroring."""
     cfg = make_cfg("stageuri")
     reg(store, cfg)
-    versions.promote(cfg)
+    promotion.promote(cfg)
     uri = f"models:/{cfg.registered_name}/Production"
-    bundle_dir = versions.download_bundle(uri, dst=tmp_path / "stage")
+    bundle_dir = resolver.download_uri(uri, tmp_path / "stage")
     assert (bundle_dir / "model.keras").is_file()
     pyfunc = mlflow.pyfunc.load_model(uri)
     assert pyfunc.predict(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 3)
@@ -325,7 +334,75 @@ def test_stage_mirror_failure_is_not_fatal(store: dict[str, Any], monkeypatch: p
     monkeypatch.setattr(MlflowClient, "transition_model_version_stage", gone)
     cfg = make_cfg("nostage")
     reg(store, cfg)
-    assert versions.promote(cfg).passed
+    assert promotion.promote(cfg).passed
     mv = MlflowClient().get_model_version_by_alias(cfg.registered_name, "production")
     assert mv.current_stage == "None"
     assert "could not mirror" in caplog.text
+
+
+# --------------------------------------------------------------------------- re-scoring on a split
+
+
+@pytest.fixture(scope="module")
+def mammo_split(tiny_phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(splits.csv, dataset root) of the tiny mammography phantoms."""
+    from breastscan.config import DedupConfig, SplitConfig
+    from breastscan.data.manifest import normalize_manifest, read_manifest
+    from breastscan.data.splits import prepare_splits
+
+    root = tiny_phantoms / "mammography"
+    df, _ = prepare_splits(normalize_manifest(read_manifest(root)), root, labels=("pathology",),
+                           stratify=("pathology",), dedup=DedupConfig(max_hamming=10, min_correlation=0.9),
+                           cfg=SplitConfig(seed=1, test_fraction=0.3, val_fraction=0.2))
+    csv = tmp_path_factory.mktemp("split") / "splits.csv"
+    df.to_csv(csv, index=False)
+    return csv, root
+
+
+def test_rescore_on_split_is_the_evaluate_stage_with_the_stored_calibration(
+        store: dict[str, Any], mammo_split: tuple[Path, Path], tmp_path: Path) -> None:
+    from breastscan.data.loading import load_split
+    from breastscan.data.splits import split_id
+    from breastscan.evaluation.scoring import Scoring, score_bundle
+
+    csv, root = mammo_split
+    cfg = make_cfg("rescored")
+    evaluate = promotion.rescore_on_split(cfg, csv, root, split_id(csv, "test"))
+    metrics = evaluate(store["bundle"])
+    test = load_split(csv, root, cfg, "test")
+    expected = score_bundle(store["bundle"], test, scoring=Scoring.from_config(cfg), n_boot=0).metrics
+    assert metrics == expected
+    assert metrics["n_test"] == len(test) > 0
+    assert metrics["temperature"] == 1.5 and metrics["n_val"] == 0  # nothing refitted
+    assert all(versions.report_metric(metrics, m) is not None for m in versions.gated_metrics(cfg))
+    with pytest.raises(resolver.RegistryError, match="is not the one the candidate was evaluated on"):
+        promotion.rescore_on_split(cfg, csv, root, "0123456789ab")(store["bundle"])
+    with pytest.raises(resolver.RegistryError, match="is missing"):
+        promotion.rescore_on_split(cfg, tmp_path / "none.csv", root, None)(store["bundle"])
+
+
+def test_promote_rescores_production_on_the_candidates_split(store: dict[str, Any],
+                                                            mammo_split: tuple[Path, Path]) -> None:
+    from breastscan.data.splits import split_id
+
+    csv, root = mammo_split
+    here = split_id(csv, "test")
+    cfg = make_cfg("rescoring", floors={})  # the headline alone is compared
+    reg(store, cfg, split="split-a")
+    assert promotion.promote(cfg).passed
+    evaluate = promotion.rescore_on_split(cfg, csv, root, here)
+    # v2 is the same model registered with the numbers of this split: it ties with v1 re-scored there
+    scored = dict(evaluate(store["bundle"]))
+    reg(store, cfg, scored, split=here)
+    result = promotion.promote(cfg, evaluate=evaluate)
+    assert result.passed and result.reevaluated, result.failures
+    check = next(c for c in result.checks if c["gate"] == "regression:macro_auc")
+    assert check["candidate"] == pytest.approx(scored["macro_auc"])
+    assert check["threshold"] == pytest.approx(scored["macro_auc"] - cfg.gates.max_regression)
+    assert alias_version(cfg.registered_name, "production") == 2
+
+    # a re-score that cannot run is passed on, and nothing moves
+    reg(store, cfg, scored, split="split-z")
+    with pytest.raises(resolver.RegistryError, match="is not the one the candidate"):
+        promotion.promote(cfg, evaluate=promotion.rescore_on_split(cfg, csv, root, "split-z"))
+    assert alias_version(cfg.registered_name, "production") == 2

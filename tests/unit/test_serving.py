@@ -1,9 +1,12 @@
-"""breastscan.serving: its config file, the HTTP request guard, and the engine's input handling."""
+"""breastscan.serving: its config file, the HTTP request guard, the engine's input handling, the launcher."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import yaml
 from breastscan.serving.config import load_serving_config, parse_serving_config
 from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, parse_roi
 from breastscan.serving.http import RequestGuard
+from breastscan.serving.launch import LaunchedService, ServiceStartError, serve_command, wait_until_serving
 from breastscan.serving.requests import InputError
 from tests.services import images
 
@@ -271,3 +275,111 @@ def test_shed_calls_are_overloaded_and_timeouts_are_not_retried() -> None:
     with pytest.raises(BentoMLException):
         asyncio.run(call_models(failing(BentoMLException("model failed"))))  # type: ignore[arg-type]
     assert calls == ["ServiceUnavailable", "ServerTimeoutError", "BentoMLException"]
+
+
+# --------------------------------------------------------------------------- launching a service
+
+
+def _process(code: str, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as handle:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _launched(process: subprocess.Popen[bytes], log_path: Path, http_port: int,
+              grpc_port: int) -> LaunchedService:
+    return LaunchedService(process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_path,
+                           {}, time.perf_counter())
+
+
+def test_serve_command_is_bentoml_serve_on_loopback() -> None:
+    cmd = serve_command(1234)
+    assert cmd[-6:] == ["serve", "services.service:BreastScan", "--host", "127.0.0.1", "--port", "1234"]
+    assert serve_command(1, target="breastscan:v1")[-5] == "breastscan:v1"
+
+
+def test_waiting_records_when_http_and_grpc_began_to_serve(tmp_path: Path) -> None:
+    import http.server
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 -- the handler's API
+            self.send_response(200 if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    server = grpc.server(ThreadPoolExecutor(2))
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    service = _launched(_process("import time; time.sleep(60)", tmp_path / "log"), tmp_path / "log",
+                        web.server_address[1], grpc_port)
+    try:
+        wait_until_serving(service, timeout_s=30)
+        cold = service.cold_start()
+        assert cold["ready_s"] is not None and cold["grpc_serving_s"] is not None
+        assert 0 <= cold["ready_s"] < 30 and service.running()
+    finally:
+        service.stop(5)
+        server.stop(None)
+        web.shutdown()
+    assert not service.running()
+
+
+def test_a_service_that_exits_or_never_answers_is_reported_with_its_log(tmp_path: Path) -> None:
+    from breastscan.processes import free_port
+
+    port = free_port()
+    exited = _launched(_process("print('boom: no models'); raise SystemExit(3)", tmp_path / "a.log"),
+                       tmp_path / "a.log", port, port)
+    with pytest.raises(ServiceStartError, match=r"exited 3 \(log .*a\.log\):\n.*boom: no models"):
+        wait_until_serving(exited, timeout_s=30)
+    sleeper = _process("import time; time.sleep(60)", tmp_path / "b.log")
+    slow = _launched(sleeper, tmp_path / "b.log", port, port)
+    try:
+        with pytest.raises(ServiceStartError, match=r"not ready in 0.5 s"):
+            wait_until_serving(slow, timeout_s=0.5)
+    finally:
+        slow.stop(5)
+
+
+def test_workers_are_found_measured_and_stopped_with_their_group(tmp_path: Path) -> None:
+    import psutil
+
+    worker = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(60)', '--service-name', 'breastscan', '--worker-id', '2']); "
+              "time.sleep(60)")
+    service = _launched(_process(worker, tmp_path / "log"), tmp_path / "log", 1, 1)
+    try:
+        deadline = time.monotonic() + 30
+        while not service.find_workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(service.workers) == ["breastscan#2"]
+        assert list(service.pids()) == ["arbiter", "breastscan#2"]
+        rss = service.rss_mb()
+        assert set(rss) == {"arbiter", "breastscan#2", "total"} and rss["total"] > 0
+        assert all(v is not None and v >= 0 for v in service.cpu_seconds().values())
+    finally:
+        service.stop(5)
+    pid = service.workers["breastscan#2"]
+
+    def gone() -> bool:
+        try:
+            return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 10  # the signal reaches the worker a moment after its parent
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone() and not service.running()

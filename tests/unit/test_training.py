@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
-from breastscan.data.loading import SplitData, class_weights, load_split, make_dataset, steps_per_epoch
+from breastscan.data.loading import SplitData, load_split
 from breastscan.data.manifest import normalize_manifest, read_manifest
 from breastscan.data.splits import prepare_splits
 from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.models.inputs import class_weights, make_dataset, steps_per_epoch
 from breastscan.models.training import get_strategy, train_model, write_history
 from breastscan.registry.bundle import ModelBundle, ModelContract
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,6 +34,9 @@ from breastscan.data.adapters.generic import finish_manifest, image_size
 from breastscan.imaging.files import write_png
 from breastscan.imaging.preprocessing import DICOM_MAGIC, ImageDecodeError
 from breastscan.labels import MODALITIES
+
+if TYPE_CHECKING:
+    from breastscan.imaging.dicom import DicomImage
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +87,164 @@ def _read_labels(labels_csv: Path) -> dict[str, dict[str, str]]:
     }
 
 
+@dataclass
+class _Conversion:
+    """The settings and running state of one :func:`convert_dicom` call.
+
+    Attributes:
+        source_dir: the folder walked.
+        out_dir: the output dataset folder, as given.
+        out_abs: ``out_dir`` made absolute (mask paths are written relative to it).
+        salt: the HMAC key of the ``group`` ids.
+        modality: the modality override, or ``None`` to use the Modality tag.
+        labels: labels CSV rows by file key (empty without a labels CSV).
+        labels_dir: the folder the labels' mask paths are relative to.
+        used_labels: label keys matched by a converted file so far.
+        seen_outputs: image paths (relative to ``out_dir``) written so far.
+        unreadable: files that did not decode as a DICOM image.
+        skipped_modality: files skipped for a modality other than MG / US.
+    """
+
+    source_dir: Path
+    out_dir: Path
+    out_abs: Path
+    salt: str
+    modality: str | None
+    labels: dict[str, dict[str, str]]
+    labels_dir: Path
+    used_labels: set[str] = field(default_factory=set)
+    seen_outputs: set[str] = field(default_factory=set)
+    unreadable: int = 0
+    skipped_modality: int = 0
+
+
+def _check_arguments(source_dir: Path, modality: str | None, salt: str) -> None:
+    """Refuse a missing source folder, an unknown modality override or an empty salt."""
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"DICOM source folder not found: {source_dir}")
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    if not salt:
+        raise ValueError("salt must be a non-empty string")
+
+
+def _load_labels(
+    labels_csv: str | Path | None,
+) -> tuple[dict[str, dict[str, str]], set[Path], Path]:
+    """The labels by file key, the files never tried as DICOM (the labels CSV itself) and
+    the folder the labels' mask paths are relative to; all empty / ``.`` without a CSV."""
+    labels: dict[str, dict[str, str]] = {}
+    exclude: set[Path] = set()
+    labels_dir = Path(".")
+    if labels_csv is not None:
+        labels_csv = Path(labels_csv)
+        labels = _read_labels(labels_csv)
+        exclude.add(labels_csv.resolve())
+        labels_dir = Path(os.path.abspath(labels_csv.parent))
+    return labels, exclude, labels_dir
+
+
+def _decode(path: Path, rel: Path) -> tuple[DicomImage, str, str] | None:
+    """Decode one candidate file: its image, PatientID and laterality (upper case), or
+    ``None`` (a warning logged, naming the file only) when it is not a readable DICOM image."""
+    from breastscan.imaging.dicom import dataset_to_image, load_dataset
+
+    try:
+        ds = load_dataset(path)
+        image = dataset_to_image(ds)
+        patient_id = str(ds.get("PatientID", "") or "").strip()
+        laterality = str(
+            ds.get("ImageLaterality", "") or ds.get("Laterality", "") or ""
+        ).strip().upper()
+    except ImageDecodeError as exc:
+        if _has_preamble(path):
+            logger.warning("unreadable DICOM %s: %s", rel.as_posix(), exc)
+        else:
+            logger.warning("not a readable DICOM file, skipped: %s", rel.as_posix())
+        return None
+    return image, patient_id, laterality
+
+
+def _output_name(rel: Path, seen_outputs: set[str]) -> str:
+    """``images/<folders>/<stem>.png`` for a source file, ``<name>.png`` when that stem is
+    taken already; recorded in ``seen_outputs``."""
+    image_rel = (Path("images") / rel.parent / f"{rel.stem}.png").as_posix()
+    if image_rel in seen_outputs:  # a.dcm and a.DCM, or a and a.dcm, in one folder
+        image_rel = (Path("images") / rel.parent / f"{rel.name}.png").as_posix()
+    seen_outputs.add(image_rel)
+    return image_rel
+
+
+def _match_label(conv: _Conversion, rel: Path, path: Path) -> dict[str, str]:
+    """A file's labels row (keyed by its path under the source, else by its name; ``{}`` if
+    none); the key matched is recorded in ``conv.used_labels``."""
+    labels = conv.labels
+    label = labels.get(rel.as_posix()) or labels.get(path.name)
+    if label is not None:
+        conv.used_labels.add(rel.as_posix() if rel.as_posix() in labels else path.name)
+    return label or {}
+
+
+def _label_mask(conv: _Conversion, label: dict[str, str], rel: Path, shape: tuple[int, ...]) -> str:
+    """The path of a file's labels mask relative to ``conv.out_abs`` (``""`` when none).
+
+    Raises:
+        FileNotFoundError: the mask does not exist.
+        ValueError: its ``(H, W)`` differs from the image's ``shape``.
+    """
+    if not label.get("mask"):
+        return ""
+    mask_path = Path(label["mask"])
+    mask_path = mask_path if mask_path.is_absolute() else conv.labels_dir / mask_path
+    if not mask_path.is_file():
+        raise FileNotFoundError(f"mask for {rel.as_posix()} not found: {mask_path}")
+    if image_size(mask_path) != shape:
+        h, w = image_size(mask_path)
+        raise ValueError(
+            f"mask {mask_path} is {w}x{h} but image {rel.as_posix()} is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    return Path(os.path.relpath(mask_path, conv.out_abs)).as_posix()
+
+
+def _convert_file(conv: _Conversion, path: Path) -> dict[str, object] | None:
+    """Convert one candidate file: write its 16-bit PNG and return its manifest row, or
+    ``None`` (counted in ``conv``) when it is unreadable or of another modality."""
+    from breastscan.imaging.dicom import pseudonymize
+
+    rel = path.relative_to(conv.source_dir)
+    decoded = _decode(path, rel)
+    if decoded is None:
+        conv.unreadable += 1
+        return None
+    image, patient_id, laterality = decoded
+    row_modality = conv.modality or image.modality
+    if row_modality is None:
+        conv.skipped_modality += 1
+        logger.warning("skipped %s: modality is neither MG nor US (pass modality= to "
+                       "override)", rel.as_posix())
+        return None
+
+    image_rel = _output_name(rel, conv.seen_outputs)
+    u16 = np.clip(np.rint(image.pixels * 65535.0), 0, 65535).astype(np.uint16)
+    write_png(conv.out_dir / image_rel, u16)
+    label = _match_label(conv, rel, path)
+    mask_rel = _label_mask(conv, label, rel, u16.shape)
+    group = pseudonymize(patient_id, conv.salt) if patient_id else (
+        "file-" + pseudonymize(rel.as_posix(), conv.salt)
+    )
+    return {
+        "image": image_rel,
+        "modality": row_modality,
+        "density": label.get("density", ""),
+        "pathology": label.get("pathology", ""),
+        "mask": mask_rel,
+        "group": group,
+        "laterality": laterality if laterality in ("L", "R") else "",
+        "source_file": rel.as_posix(),
+    }
+
+
 def convert_dicom(
     source_dir: str | Path,
     out_dir: str | Path,
@@ -114,104 +277,30 @@ def convert_dicom(
             ``file`` column or with duplicate keys, a labels mask whose size differs from
             its image, or no file could be converted.
     """
-    from breastscan.imaging.dicom import dataset_to_image, load_dataset, pseudonymize
-
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if not source_dir.is_dir():
-        raise FileNotFoundError(f"DICOM source folder not found: {source_dir}")
-    if modality is not None and modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    if not salt:
-        raise ValueError("salt must be a non-empty string")
-    labels: dict[str, dict[str, str]] = {}
-    exclude: set[Path] = set()
-    labels_dir = Path(".")
-    if labels_csv is not None:
-        labels_csv = Path(labels_csv)
-        labels = _read_labels(labels_csv)
-        exclude.add(labels_csv.resolve())
-        labels_dir = Path(os.path.abspath(labels_csv.parent))
-    out_abs = Path(os.path.abspath(out_dir))
-
+    _check_arguments(source_dir, modality, salt)
+    labels, exclude, labels_dir = _load_labels(labels_csv)
+    conv = _Conversion(source_dir, out_dir, Path(os.path.abspath(out_dir)), salt, modality,
+                       labels, labels_dir)
     rows: list[dict[str, object]] = []
-    unreadable = skipped_modality = 0
-    used_labels: set[str] = set()
-    seen_outputs: set[str] = set()
     for path in _candidates(source_dir, exclude):
-        rel = path.relative_to(source_dir)
-        try:
-            ds = load_dataset(path)
-            image = dataset_to_image(ds)
-            patient_id = str(ds.get("PatientID", "") or "").strip()
-            laterality = str(
-                ds.get("ImageLaterality", "") or ds.get("Laterality", "") or ""
-            ).strip().upper()
-        except ImageDecodeError as exc:
-            unreadable += 1
-            if _has_preamble(path):
-                logger.warning("unreadable DICOM %s: %s", rel.as_posix(), exc)
-            else:
-                logger.warning("not a readable DICOM file, skipped: %s", rel.as_posix())
-            continue
-        row_modality = modality or image.modality
-        if row_modality is None:
-            skipped_modality += 1
-            logger.warning("skipped %s: modality is neither MG nor US (pass modality= to "
-                           "override)", rel.as_posix())
-            continue
+        row = _convert_file(conv, path)
+        if row is not None:
+            rows.append(row)
 
-        image_rel = (Path("images") / rel.parent / f"{rel.stem}.png").as_posix()
-        if image_rel in seen_outputs:  # a.dcm and a.DCM, or a and a.dcm, in one folder
-            image_rel = (Path("images") / rel.parent / f"{rel.name}.png").as_posix()
-        seen_outputs.add(image_rel)
-        u16 = np.clip(np.rint(image.pixels * 65535.0), 0, 65535).astype(np.uint16)
-        write_png(out_dir / image_rel, u16)
-
-        label = labels.get(rel.as_posix()) or labels.get(path.name)
-        if label is not None:
-            used_labels.add(rel.as_posix() if rel.as_posix() in labels else path.name)
-        label = label or {}
-        mask_rel = ""
-        if label.get("mask"):
-            mask_path = Path(label["mask"])
-            mask_path = mask_path if mask_path.is_absolute() else labels_dir / mask_path
-            if not mask_path.is_file():
-                raise FileNotFoundError(f"mask for {rel.as_posix()} not found: {mask_path}")
-            if image_size(mask_path) != u16.shape:
-                h, w = image_size(mask_path)
-                raise ValueError(
-                    f"mask {mask_path} is {w}x{h} but image {rel.as_posix()} is "
-                    f"{u16.shape[1]}x{u16.shape[0]}"
-                )
-            mask_rel = Path(os.path.relpath(mask_path, out_abs)).as_posix()
-
-        group = pseudonymize(patient_id, salt) if patient_id else (
-            "file-" + pseudonymize(rel.as_posix(), salt)
-        )
-        rows.append({
-            "image": image_rel,
-            "modality": row_modality,
-            "density": label.get("density", ""),
-            "pathology": label.get("pathology", ""),
-            "mask": mask_rel,
-            "group": group,
-            "laterality": laterality if laterality in ("L", "R") else "",
-            "source_file": rel.as_posix(),
-        })
-
-    unused = len(labels) - len(used_labels)
+    unused = len(labels) - len(conv.used_labels)
     if unused:
         logger.warning("%d label rows name no converted DICOM file", unused)
     if not rows:
         raise ValueError(
-            f"no DICOM image converted from {source_dir} ({unreadable} unreadable, "
-            f"{skipped_modality} skipped for modality)"
+            f"no DICOM image converted from {source_dir} ({conv.unreadable} unreadable, "
+            f"{conv.skipped_modality} skipped for modality)"
         )
     df = finish_manifest(rows, out_dir)
     logger.info(
         "DICOM: %d images converted (%s), %d unreadable, %d skipped (modality not MG/US), "
         "%d distinct groups -> %s",
-        len(df), df["modality"].value_counts().to_dict(), unreadable, skipped_modality,
+        len(df), df["modality"].value_counts().to_dict(), conv.unreadable, conv.skipped_modality,
         df["group"].nunique(), out_dir,
     )
     return df

@@ -168,6 +168,171 @@ def _relative(path: Path, out_dir: Path) -> str:
     return Path(os.path.relpath(path, out_dir)).as_posix()
 
 
+def _source_path(value: str, csv_dir: Path) -> Path:
+    """A path cell of the CSV as a file path: absolute as is, else under ``csv_dir``."""
+    p = Path(value)
+    return p if p.is_absolute() else csv_dir / p
+
+
+def _locate_source(source_csv: str | Path, out_dir: Path) -> Path:
+    """The CSV to read (``manifest.csv`` inside a folder); refuse a missing one or one the
+    output would overwrite."""
+    source_csv = Path(source_csv)
+    if source_csv.is_dir():
+        source_csv = source_csv / MANIFEST_NAME
+    if not source_csv.is_file():
+        raise FileNotFoundError(f"source CSV not found: {source_csv}")
+    target = out_dir / MANIFEST_NAME
+    if target.exists() and target.resolve() == source_csv.resolve():
+        raise ValueError(f"refusing to overwrite the source CSV {source_csv}: choose another out_dir")
+    return source_csv
+
+
+def _roi_values(
+    df: pd.DataFrame, roi: tuple[str, str, str], source_csv: Path
+) -> tuple[tuple[str, str, str], pd.DataFrame]:
+    """Check the three ROI column names and copy their source values (before any rename)."""
+    roi = tuple(roi)  # type: ignore[assignment]
+    if len(roi) != 3:
+        raise ValueError(f"roi must name 3 columns (x, y, radius), got {roi!r}")
+    missing_roi = [c for c in roi if c not in df.columns]
+    if missing_roi:
+        raise ValueError(f"{source_csv}: ROI columns not found: {', '.join(missing_roi)}")
+    return roi, df[list(roi)].copy()
+
+
+def _rename_columns(df: pd.DataFrame, columns: Mapping[str, str], source_csv: Path) -> pd.DataFrame:
+    """Apply the source → contract column renames, refusing missing or colliding columns."""
+    columns = dict(columns)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{source_csv}: columns to map not found: {', '.join(missing)} "
+            f"(columns are: {', '.join(df.columns)})"
+        )
+    targets = list(columns.values())
+    clash = [t for t in targets if t in df.columns and t not in columns]
+    dup_targets = {t for t in targets if targets.count(t) > 1}
+    if clash or dup_targets:
+        raise ValueError(
+            f"{source_csv}: mapping would create duplicate columns: "
+            f"{', '.join(sorted(set(clash) | dup_targets))}"
+        )
+    return df.rename(columns=columns)
+
+
+def _normalise_cells(
+    df: pd.DataFrame,
+    modality: str | None,
+    values: Mapping[str, Mapping[str, str]] | None,
+    source_csv: Path,
+) -> None:
+    """In place: add empty contract columns, strip every cell, fill ``modality``, apply the
+    value renames; refuse rows without an image path."""
+    for col in CONTRACT_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
+
+    if modality is not None:
+        df.loc[df["modality"] == "", "modality"] = modality
+    for col, mapping in (values or {}).items():
+        if col not in df.columns:
+            raise ValueError(f"values given for unknown column {col!r}")
+        df[col] = df[col].map(lambda v, m=dict(mapping): m.get(v, v))
+
+    if (df["image"] == "").any():
+        bad = int((df["image"] == "").sum())
+        raise ValueError(f"{source_csv}: {bad} rows have no image path")
+
+
+def _check_files_exist(df: pd.DataFrame, csv_dir: Path, source_csv: Path) -> None:
+    """Refuse a CSV naming image or mask files that do not exist (the first three named)."""
+    missing_files = [
+        v for col in PATH_COLUMNS for v in df[col] if v and not _source_path(v, csv_dir).is_file()
+    ]
+    if missing_files:
+        raise FileNotFoundError(
+            f"{source_csv}: {len(missing_files)} referenced files do not exist, e.g. "
+            f"{', '.join(missing_files[:3])} (paths are relative to {csv_dir})"
+        )
+
+
+def _place_files(
+    images: list[Path], masks: list[Path | None], csv_dir: Path, out_abs: Path, copy: bool
+) -> tuple[list[str], list[str]]:
+    """Copy (or reference in place) every image and mask; their paths relative to ``out_abs``
+    (``""`` for a row without a mask)."""
+    new_images: list[str] = []
+    new_masks: list[str] = []
+    for img, msk in zip(images, masks, strict=True):
+        if copy:
+            dst = _copy_target(img, csv_dir, out_abs, "image")
+            _copy(img, dst)
+            new_images.append(_relative(dst, out_abs))
+            if msk is not None:
+                mdst = _copy_target(msk, csv_dir, out_abs, "mask")
+                _copy(msk, mdst)
+                new_masks.append(_relative(mdst, out_abs))
+            else:
+                new_masks.append("")
+        else:
+            new_images.append(_relative(img, out_abs))
+            new_masks.append(_relative(msk, out_abs) if msk is not None else "")
+    return new_images, new_masks
+
+
+def _roi_mask(
+    img: Path, own_path: Path | None, x: float | None, y: float | None, r: float | None
+) -> tuple[np.ndarray, bool]:
+    """The ``(H, W)`` uint8 {0, 255} mask of one row: its circle (when ``x``, ``y``, ``r`` are
+    all given and ``r > 0``) united with its own mask file, if any; and whether it had a circle."""
+    circle = x is not None and y is not None and r is not None and r > 0
+    shape = image_size(img)
+    mask = rasterise_circles(shape, [(x, y, r)] if circle else [])  # type: ignore[list-item]
+    if own_path is not None:
+        own = read_mask(own_path)
+        if own.shape != shape:
+            raise ValueError(
+                f"mask {own_path} is {own.shape[1]}x{own.shape[0]} but its image "
+                f"{img} is {shape[1]}x{shape[0]}"
+            )
+        mask = np.where(own, 255, mask).astype(np.uint8)
+    return mask, bool(circle)
+
+
+def _roi_mask_path(img: Path, csv_dir: Path, out_abs: Path) -> Path:
+    """Where an image's rasterised mask goes: ``out_abs/masks/<image path>_mask.png``."""
+    rel = _inside(img, csv_dir)
+    stem = rel.with_suffix("") if rel is not None else Path(img.stem)
+    if len(stem.parts) > 1 and stem.parts[0] == "images":
+        stem = Path(*stem.parts[1:])  # images/a/b.png -> masks/a/b_mask.png
+    return out_abs / "masks" / f"{stem.as_posix()}_mask.png"
+
+
+def _rasterise_roi_masks(
+    df: pd.DataFrame,
+    images: list[Path],
+    masks: list[Path | None],
+    roi: tuple[str, str, str],
+    roi_values: pd.DataFrame,
+    csv_dir: Path,
+    out_abs: Path,
+) -> list[bool]:
+    """Write every row's ROI mask and point its ``mask`` cell at it (in place); return
+    ``has_roi`` per row."""
+    has_roi: list[bool] = []
+    for i, img in enumerate(images):
+        x, y, r = (_to_float(roi_values.iloc[i][c]) for c in roi)
+        mask, circle = _roi_mask(img, masks[i], x, y, r)
+        has_roi.append(circle)
+        dst = _roi_mask_path(img, csv_dir, out_abs)
+        write_mask(dst, mask)
+        df.loc[df.index[i], "mask"] = _relative(dst, out_abs)
+    return has_roi
+
+
 def convert_csv(
     source_csv: str | Path,
     out_dir: str | Path,
@@ -208,123 +373,26 @@ def convert_csv(
             column, the ``image`` column is missing or has empty cells, the output would
             overwrite the source CSV, or an existing mask's size differs from its image.
     """
-    source_csv = Path(source_csv)
-    if source_csv.is_dir():
-        source_csv = source_csv / MANIFEST_NAME
-    if not source_csv.is_file():
-        raise FileNotFoundError(f"source CSV not found: {source_csv}")
     out_dir = Path(out_dir)
-    target = out_dir / MANIFEST_NAME
-    if target.exists() and target.resolve() == source_csv.resolve():
-        raise ValueError(f"refusing to overwrite the source CSV {source_csv}: choose another out_dir")
+    source_csv = _locate_source(source_csv, out_dir)
     csv_dir = Path(os.path.abspath(source_csv.parent))
     out_abs = Path(os.path.abspath(out_dir))
 
     df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)
     df.columns = [str(c).strip() for c in df.columns]
     if roi is not None:
-        roi = tuple(roi)  # type: ignore[assignment]
-        if len(roi) != 3:
-            raise ValueError(f"roi must name 3 columns (x, y, radius), got {roi!r}")
-        missing_roi = [c for c in roi if c not in df.columns]
-        if missing_roi:
-            raise ValueError(f"{source_csv}: ROI columns not found: {', '.join(missing_roi)}")
-        roi_values = df[list(roi)].copy()
-
-    columns = dict(columns or {})
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"{source_csv}: columns to map not found: {', '.join(missing)} "
-            f"(columns are: {', '.join(df.columns)})"
-        )
-    targets = list(columns.values())
-    clash = [t for t in targets if t in df.columns and t not in columns]
-    dup_targets = {t for t in targets if targets.count(t) > 1}
-    if clash or dup_targets:
-        raise ValueError(
-            f"{source_csv}: mapping would create duplicate columns: "
-            f"{', '.join(sorted(set(clash) | dup_targets))}"
-        )
-    df = df.rename(columns=columns)
-
-    for col in CONTRACT_COLUMNS:
-        if col not in df.columns:
-            df[col] = ""
-    for col in df.columns:
-        df[col] = df[col].astype(str).str.strip()
-
-    if modality is not None:
-        df.loc[df["modality"] == "", "modality"] = modality
-    for col, mapping in (values or {}).items():
-        if col not in df.columns:
-            raise ValueError(f"values given for unknown column {col!r}")
-        df[col] = df[col].map(lambda v, m=dict(mapping): m.get(v, v))
-
-    if (df["image"] == "").any():
-        bad = int((df["image"] == "").sum())
-        raise ValueError(f"{source_csv}: {bad} rows have no image path")
-
-    def src_path(value: str) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else csv_dir / p
-
-    missing_files = [
-        v for col in PATH_COLUMNS for v in df[col] if v and not src_path(v).is_file()
-    ]
-    if missing_files:
-        raise FileNotFoundError(
-            f"{source_csv}: {len(missing_files)} referenced files do not exist, e.g. "
-            f"{', '.join(missing_files[:3])} (paths are relative to {csv_dir})"
-        )
+        roi, roi_values = _roi_values(df, roi, source_csv)
+    df = _rename_columns(df, columns or {}, source_csv)
+    _normalise_cells(df, modality, values, source_csv)
+    _check_files_exist(df, csv_dir, source_csv)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = [src_path(v) for v in df["image"]]
-    masks = [src_path(v) if v else None for v in df["mask"]]
-
-    new_images: list[str] = []
-    new_masks: list[str] = []
-    for img, msk in zip(images, masks, strict=True):
-        if copy:
-            dst = _copy_target(img, csv_dir, out_abs, "image")
-            _copy(img, dst)
-            new_images.append(_relative(dst, out_abs))
-            if msk is not None:
-                mdst = _copy_target(msk, csv_dir, out_abs, "mask")
-                _copy(msk, mdst)
-                new_masks.append(_relative(mdst, out_abs))
-            else:
-                new_masks.append("")
-        else:
-            new_images.append(_relative(img, out_abs))
-            new_masks.append(_relative(msk, out_abs) if msk is not None else "")
-    df["image"] = new_images
-    df["mask"] = new_masks
+    images = [_source_path(v, csv_dir) for v in df["image"]]
+    masks = [_source_path(v, csv_dir) if v else None for v in df["mask"]]
+    df["image"], df["mask"] = _place_files(images, masks, csv_dir, out_abs, copy)
 
     if roi is not None:
-        has_roi: list[bool] = []
-        for i, img in enumerate(images):
-            x, y, r = (_to_float(roi_values.iloc[i][c]) for c in roi)
-            circle = x is not None and y is not None and r is not None and r > 0
-            has_roi.append(bool(circle))
-            shape = image_size(img)
-            mask = rasterise_circles(shape, [(x, y, r)] if circle else [])  # type: ignore[list-item]
-            own_path = masks[i]
-            if own_path is not None:
-                own = read_mask(own_path)
-                if own.shape != shape:
-                    raise ValueError(
-                        f"mask {own_path} is {own.shape[1]}x{own.shape[0]} but its image "
-                        f"{img} is {shape[1]}x{shape[0]}"
-                    )
-                mask = np.where(own, 255, mask).astype(np.uint8)
-            rel = _inside(img, csv_dir)
-            stem = rel.with_suffix("") if rel is not None else Path(img.stem)
-            if len(stem.parts) > 1 and stem.parts[0] == "images":
-                stem = Path(*stem.parts[1:])  # images/a/b.png -> masks/a/b_mask.png
-            dst = out_abs / "masks" / f"{stem.as_posix()}_mask.png"
-            write_mask(dst, mask)
-            df.loc[df.index[i], "mask"] = _relative(dst, out_abs)
+        has_roi = _rasterise_roi_masks(df, images, masks, roi, roi_values, csv_dir, out_abs)
         df["has_roi"] = has_roi
         logger.info("rasterised %d circular ROIs into %s", sum(has_roi), out_dir / "masks")
 

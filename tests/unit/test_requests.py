@@ -1,7 +1,13 @@
-"""breastscan.serving.requests: every client mistake gets its code; answers map back to the original image."""
+"""breastscan.serving.requests: every client mistake gets its code; answers map back to the original image.
+
+Input checks are tested on the functions themselves; predictions and analyses through the
+one request path, :class:`breastscan.serving.engine.Engine` (:func:`local_engine` runs the
+models in this process).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -15,15 +21,15 @@ import pytest
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.registry.bundle import ModelBundle, ModelContract
+from breastscan.serving.engine import ImageInput, local_engine
 from breastscan.serving.requests import (
     INPUT_ERROR_CODES,
     InputError,
-    analyze,
     decode_upload,
+    finish_predictions,
     lesion_bbox,
     png_base64,
-    predict_images,
-    select_bundle,
+    prepare_inputs,
     validate_array,
 )
 from tests.services import images
@@ -247,17 +253,29 @@ def test_arrays_convert_like_decoded_files() -> None:
     assert _code(validate_array, np.zeros((40, 60)), PreprocessSpec(min_side=41)) == "too_small"
 
 
-# --------------------------------------------------------------------------- predictions
+# --------------------------------------------------------------------------- predictions (through the Engine)
 
 
-def test_batch_of_three_equals_one_by_one(tumor: ModelBundle) -> None:
+def _predict(bundles: dict[str, ModelBundle], model: str, image: np.ndarray, *, explain: bool = False,
+             versions: dict[str, str] | None = None) -> dict:
+    """One answer of :func:`local_engine` over ``bundles`` for an array input."""
+    engine = local_engine(bundles, versions=versions)
+    return asyncio.run(engine.predict(model, ImageInput(array=image), explain=explain))
+
+
+def test_concurrent_requests_equal_one_model_call_of_their_batch(tumor: ModelBundle) -> None:
     images = [_mammogram(0), _mammogram(1, 120, 100), _mammogram(2, 200, 90)]
-    answers = predict_images(tumor, images, version="7", stage="production")
+    engine = local_engine({"tumor": tumor}, versions={"tumor": "7"}, stages={"tumor": "production"})
+
+    async def all_at_once() -> list[dict]:
+        return await asyncio.gather(*(engine.predict("tumor", ImageInput(array=img)) for img in images))
+
+    answers = asyncio.run(all_at_once())
     assert len(answers) == 3
     json.dumps(answers)  # JSON-able as is
-    for img, answer in zip(images, answers, strict=True):
-        batch, _ = tumor.prepare([img.astype(np.float32) / 255.0])
-        expected = tumor.predict(batch)[0]
+    # The model service merges concurrent requests into one call: its rows are the answers.
+    batch, _ = tumor.prepare([img.astype(np.float32) / 255.0 for img in images])
+    for img, answer, expected in zip(images, answers, tumor.predict(batch), strict=True):
         got = np.array([answer["probabilities"][c] for c in ("benign", "malignant", "normal")])
         np.testing.assert_allclose(got, expected, atol=1e-5)
         assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -268,20 +286,19 @@ def test_batch_of_three_equals_one_by_one(tumor: ModelBundle) -> None:
             "model": "tumor", "version": "7", "stage": "production", "spec_id": CLS_SPEC.spec_id,
             "task": "classification", "width": img.shape[1], "height": img.shape[0],
             "probabilities": None, "predicted": None, "confidence": None,
-        }  # no heatmap keys without explain
+        }  # no heatmap keys without explain, no roi key without a roi
 
 
 def test_calibration_temperature_is_applied(tumor: ModelBundle) -> None:
     img = _mammogram(4)
-    hot = predict_images(tumor, [img])[0]["probabilities"]
-    cold = predict_images(tumor.with_temperature(0.5), [img])[0]["probabilities"]
+    hot = _predict({"tumor": tumor}, "tumor", img)["probabilities"]
+    cold = _predict({"tumor": tumor.with_temperature(0.5)}, "tumor", img)["probabilities"]
     assert max(cold.values()) >= max(hot.values())  # lower temperature: more confident
 
 
 def test_explain_returns_heatmap_and_overlay_at_original_size(tumor: ModelBundle) -> None:
-    images = [_mammogram(5, 150, 70), _mammogram(6)]
-    answers = predict_images(tumor, images, explain=True)
-    for img, answer in zip(images, answers, strict=True):
+    for img in (_mammogram(5, 150, 70), _mammogram(6)):
+        answer = _predict({"tumor": tumor}, "tumor", img, explain=True)
         heat = _decode_b64_png(answer["heatmap_png"])
         assert heat.shape == img.shape and heat.dtype == np.uint8
         over = _decode_b64_png(answer["overlay_png"])
@@ -301,8 +318,9 @@ def test_explain_returns_heatmap_and_overlay_at_original_size(tumor: ModelBundle
 def test_mask_and_box_map_back_to_the_original_image(size: tuple[int, int], bbox: list[int]) -> None:
     bundle = _FixedMask(None, SEG_SPEC, _lesion_contract())
     image = np.random.default_rng(0).random(size, dtype=np.float32)
-    answer = predict_images(bundle, [image], version="3")[0]
+    answer = _predict({"lesion": bundle}, "lesion", image, versions={"lesion": "3"})
     json.dumps(answer)
+    assert answer["version"] == "3"
     x, y, w, h = bbox
     expected = np.zeros(size, np.uint8)
     expected[y : y + h, x : x + w] = 255
@@ -322,7 +340,7 @@ def test_empty_mask_has_no_box() -> None:
         def logits(self, batch: np.ndarray) -> np.ndarray:
             return np.full((len(batch), 32, 32, 1), -5.0, np.float32)
 
-    answer = predict_images(_Empty(None, SEG_SPEC, _lesion_contract()), [np.zeros((50, 40))])[0]
+    answer = _predict({"lesion": _Empty(None, SEG_SPEC, _lesion_contract())}, "lesion", np.zeros((50, 40)))
     assert answer["bbox"] is None and answer["lesion_area_px"] == 0 and answer["lesion_fraction"] == 0.0
     assert not _decode_b64_png(answer["mask_png"]).any()
     assert lesion_bbox(np.zeros((3, 3), bool)) is None
@@ -330,9 +348,8 @@ def test_empty_mask_has_no_box() -> None:
 
 def test_real_unet_bundle_answers(lesion: ModelBundle) -> None:
     rng = np.random.default_rng(0)
-    images = [ultrasound_phantom(rng, pathology=p)[0] for p in ("benign", "normal")]
-    answers = predict_images(lesion, images)
-    for img, answer in zip(images, answers, strict=True):
+    for img in (ultrasound_phantom(rng, pathology=p)[0] for p in ("benign", "normal")):
+        answer = _predict({"lesion": lesion}, "lesion", img)
         assert answer["task"] == "segmentation" and answer["model"] == "lesion"
         mask = _decode_b64_png(answer["mask_png"])
         assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 255}
@@ -340,11 +357,29 @@ def test_real_unet_bundle_answers(lesion: ModelBundle) -> None:
         assert answer["bbox"] == lesion_bbox(mask > 0)
 
 
-def test_one_bad_image_names_its_index(tumor: ModelBundle) -> None:
+def test_a_bad_image_is_refused_before_the_model_runs(tumor: ModelBundle) -> None:
+    calls: list[int] = []
+
+    class _Spy(ModelBundle):
+        def logits(self, batch: np.ndarray) -> np.ndarray:
+            calls.append(len(batch))
+            return super().logits(batch)
+
+    engine = local_engine({"tumor": _Spy(tumor.model, tumor.spec, tumor.contract)})
+    nan = ImageInput(array=np.full((40, 40), np.nan))
+    assert _code(asyncio.run, engine.predict("tumor", nan)) == "not_finite"
+    assert calls == []
+    asyncio.run(engine.predict("tumor", ImageInput(array=_mammogram(0))))
+    assert calls == [1]
+
+
+def test_one_bad_image_of_a_batch_names_its_index(tumor: ModelBundle) -> None:
     with pytest.raises(InputError, match="image 1") as info:
-        predict_images(tumor, [_mammogram(0), np.full((40, 40), np.nan)])
+        prepare_inputs(tumor.spec, tumor.contract, [_mammogram(0), np.full((40, 40), np.nan)])
     assert info.value.code == "not_finite"
-    assert predict_images(tumor, []) == []
+    empty = prepare_inputs(tumor.spec, tumor.contract, [])
+    assert empty.batch.shape == (0, 48, 40, 1)
+    assert finish_predictions(tumor.contract, tumor.spec.spec_id, empty, tumor.predict(empty.batch)) == []
 
 
 def test_png_base64_round_trips_rgb() -> None:
@@ -354,35 +389,45 @@ def test_png_base64_round_trips_rgb() -> None:
     assert back.shape == (4, 5, 3) and (back[..., 2] == 200).all() and not back[..., 0].any()
 
 
-# --------------------------------------------------------------------------- analyze
+# --------------------------------------------------------------------------- analyze (through the Engine)
 
 
 def test_analyze_mammography_adds_eight_category(density: ModelBundle, tumor: ModelBundle,
                                                  lesion: ModelBundle) -> None:
-    bundles = {"density": density, "tumor": tumor, "lesion": lesion}
+    engine = local_engine({"density": density, "tumor": tumor, "lesion": lesion},
+                          versions={"tumor": "2"}, stages={"tumor": "production"})
     img = _mammogram(7)
-    result = analyze(bundles, img, "mammography", versions={"tumor": "2"}, stages={"tumor": "production"})
+    result = asyncio.run(engine.analyze(ImageInput(array=img), modality="mammography"))
     json.dumps(result)
     assert result["modality"] == "mammography" and set(result["models"]) == {"density", "tumor"}
     assert result["models"]["tumor"]["version"] == "2" and result["models"]["density"]["version"] is None
+    assert result["models"]["tumor"]["stage"] == "production" and "roi" not in result
     view = result["eight_category"]
     assert sum(view["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert view["density"] == result["models"]["density"]["predicted"]
     assert view["category"] == f"{view['pathology']}-{view['density']}"
     np.testing.assert_allclose(result["models"]["tumor"]["probabilities"]["benign"],
-                               predict_images(tumor, [img])[0]["probabilities"]["benign"])
+                               _predict({"tumor": tumor}, "tumor", img)["probabilities"]["benign"])
 
 
 def test_analyze_ultrasound_runs_only_its_models(density: ModelBundle, lesion: ModelBundle) -> None:
     img = ultrasound_phantom(np.random.default_rng(1), pathology="malignant")[0]
-    result = analyze({"density": density, "lesion": lesion}, img, "ultrasound")
+    engine = local_engine({"density": density, "lesion": lesion})
+    result = asyncio.run(engine.analyze(ImageInput(array=img), modality="ultrasound"))
     assert set(result["models"]) == {"lesion"} and "eight_category" not in result
     # Mammography with a density model only: no combined view.
-    assert "eight_category" not in analyze({"density": density}, _mammogram(0), "mammography")
+    alone = local_engine({"density": density})
+    assert "eight_category" not in asyncio.run(alone.analyze(ImageInput(array=_mammogram(0)),
+                                                             modality="mammography"))
 
 
 def test_unknown_modality_and_model(density: ModelBundle) -> None:
-    assert _code(analyze, {"density": density}, _mammogram(0), "mri") == "unknown_modality"
-    assert _code(analyze, {"density": density}, _mammogram(0), "ultrasound") == "unknown_modality"
-    assert select_bundle({"density": density}, "density") is density
-    assert _code(select_bundle, {"density": density}, "tumour") == "unknown_model"
+    engine = local_engine({"density": density})
+    image = ImageInput(array=_mammogram(0))
+    assert _code(asyncio.run, engine.analyze(image, modality="mri")) == "unknown_modality"
+    assert _code(asyncio.run, engine.analyze(image, modality="ultrasound")) == "unknown_modality"
+    assert engine.select("density").contract is density.contract
+    assert _code(engine.select, "tumour") == "unknown_model"
+    with pytest.raises(InputError, match="served: density") as info:
+        asyncio.run(engine.predict("tumour", image))
+    assert info.value.code == "unknown_model"

@@ -303,11 +303,16 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
         click.echo(f"MLflow run {result.run_id} ({r['mlflow']['run_name']}) in {r['mlflow']['experiment']}")
 
 
-def _serving_models(serving_config: Path, names: tuple[str, ...]) -> tuple[list[str], str]:
+def _serving_models(serving_config: Path, names: tuple[str, ...],
+                    params: Path) -> tuple[list[str], str, bool]:
+    """The models to import, the stage, and whether they were chosen automatically."""
+    from breastscan.config import load_params
     from breastscan.serving.config import load_serving_config
 
     cfg = load_serving_config(serving_config)
-    return (list(names) or list(cfg.models)), cfg.stage
+    if names or cfg.models:
+        return list(names or cfg.models), cfg.stage, False
+    return list(load_params(params).models), cfg.stage, True
 
 
 @main.command("import-models")
@@ -315,22 +320,33 @@ def _serving_models(serving_config: Path, names: tuple[str, ...]) -> tuple[list[
 @click.option("--stage", default=None, help="registry stage (alias) to import [default: the config's]")
 @click.option("--serving-config", type=click.Path(path_type=Path, exists=True),
               default=Path("services/serving.yaml"), show_default=True)
-def import_models(model_names: tuple[str, ...], stage: str | None, serving_config: Path) -> None:
+@click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+def import_models(model_names: tuple[str, ...], stage: str | None, serving_config: Path,
+                  params: Path) -> None:
     """Copy each MODEL's registry version at a stage into the BentoML model store.
 
-    Default: every model the service config serves, at its stage (production).
+    Default: the models the serving config lists or, with `models: auto`, every model declared
+    in params.yaml that has a version at the stage (the others are named and skipped).
     """
-    from breastscan.registry import tracking, versions
+    from breastscan.registry import resolver, tracking
     from breastscan.serving.store import import_model
 
-    names, default_stage = _serving_models(serving_config, model_names)
+    names, default_stage, auto = _serving_models(serving_config, model_names, params)
     tracking.configure(Path.cwd())
+    imported = 0
     for name in names:
         try:
             tag = import_model(name, stage or default_stage)
-        except versions.RegistryError as exc:
-            raise click.ClickException(f"{exc} -- train and promote it first (make demo)") from None
+        except resolver.RegistryError as exc:
+            if not auto:
+                raise click.ClickException(f"{exc} -- train and promote it first (make demo)") from None
+            click.echo(f"{name}: skipped, no version at stage {stage or default_stage}")
+            continue
+        imported += 1
         click.echo(f"{name}: {tag}")
+    if not imported:
+        raise click.ClickException(f"no declared model has a version at stage {stage or default_stage}: "
+                                   "train and promote one first (make demo)")
 
 
 @main.command()
@@ -344,7 +360,8 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
     import subprocess
 
     ctx = click.get_current_context()
-    ctx.invoke(import_models, model_names=(), stage=None, serving_config=serving_config)
+    ctx.invoke(import_models, model_names=(), stage=None, serving_config=serving_config,
+               params=Path("params.yaml"))
     cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "."]
     if bento_version:
         cmd[4:4] = ["--version", bento_version]

@@ -19,6 +19,15 @@ from breastscan.labels import MODALITIES, class_display_names
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+PER_CLASS_STATS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "auc")
+"""Per-class statistics a gate can floor (``per_class.<class>.<stat>``)."""
+
+BACKBONES: tuple[str, ...] = ("compact", "mobilenetv3small", "efficientnetb0", "resnet50", "densenet121",
+                              "densenet201")
+"""Classifier backbones (``compact`` or a keras.applications name), in lower case; params.yaml
+may spell them in any case (``EfficientNetB0``)."""
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     """Near-duplicate detection: a pair is a duplicate when both conditions hold.
@@ -141,13 +150,18 @@ class GateConfig:
     """Quality gates a version must pass to be promoted (``breastscan promote``).
 
     Attributes:
-        floors: metric name -> smallest accepted value on the test split (absolute floors).
+        floors: metric name -> smallest accepted value on the test split (absolute floors);
+            a per-class statistic is named ``per_class.<class>.<stat>`` (e.g.
+            ``per_class.malignant.sensitivity``; stats: sensitivity, specificity, precision, auc).
         max_regression: largest accepted drop of each floored metric (and the headline
             metric) versus the version currently in the target stage, on the same split.
+        every_class_predicted: refuse a classifier that never predicts one of its classes
+            on the test split.
     """
 
     floors: dict[str, float] = field(default_factory=dict)
     max_regression: float = 0.02
+    every_class_predicted: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,7 +175,7 @@ class ModelConfig:
         label: manifest column learnt (``density`` / ``pathology``; ``mask`` for segmentation).
         classes: manifest values in class-index order (classification), e.g. ``[1, 2, 3, 4]``.
         class_names: display names in the same order (default: from :mod:`breastscan.labels`).
-        backbone: ``compact`` or a keras.applications name (see ``breastscan.models.BACKBONES``).
+        backbone: ``compact`` or a keras.applications name (:data:`BACKBONES`, any case).
         weights: ``none``, ``imagenet`` or a path of saved weights.
         freeze: backbone layers frozen for fine-tuning (int count or float fraction).
         dropout: dropout rate before the output layer.
@@ -208,7 +222,7 @@ class ModelConfig:
     seed: int = 0
     distribution: str = "none"
     threshold: float = 0.5
-    headline: str = "accuracy"
+    headline: str = ""
     gates: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
@@ -242,6 +256,25 @@ class ModelConfig:
             object.__setattr__(self, "class_names", ("lesion",))
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError(f"{where}: epochs, batch_size and learning_rate must be positive")
+        self._check_metric_names(where)
+
+    def _check_metric_names(self, where: str) -> None:
+        """Default the headline per task; refuse a headline or gate that is not a metric of this model."""
+        from breastscan.evaluation.metrics import headlines
+
+        if not self.headline:
+            object.__setattr__(self, "headline", "accuracy" if self.task == "classification" else "mean_dice")
+        allowed = headlines(self.task, len(self.classes) if self.task == "classification" else 0)
+        for name in (self.headline, *self.gates.floors):
+            if name.startswith("per_class.") and self.task == "classification":
+                _, cls, stat = (name.split(".", 2) + ["", ""])[:3]
+                if cls in self.class_names and stat in PER_CLASS_STATS:
+                    continue
+                raise ValueError(f"{where}: {name!r}: per-class metrics are per_class.<class>.<stat> with a "
+                                 f"class of {list(self.class_names)} and a stat of {list(PER_CLASS_STATS)}")
+            if name not in allowed:
+                raise ValueError(f"{where}: {name!r} is not a metric of this model; choose one of "
+                                 f"{', '.join(allowed)}")
 
     @property
     def registered_name(self) -> str:
@@ -322,7 +355,8 @@ def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -
                          f"{sorted(datasets)}")
     gates = dict(raw.pop("gates", {}) or {})
     gate = GateConfig(floors={str(k): float(v) for k, v in (gates.pop("floors", {}) or {}).items()},
-                      max_regression=float(gates.pop("max_regression", 0.02)))
+                      max_regression=float(gates.pop("max_regression", 0.02)),
+                      every_class_predicted=bool(gates.pop("every_class_predicted", False)))
     _no_extra(f"{where}.gates", gates)
     try:
         preprocess = PreprocessSpec.from_dict(dict(raw.pop("preprocess", {}) or {}))
@@ -334,9 +368,20 @@ def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -
     for key in ("classes", "class_names"):
         if key in raw:
             raw[key] = tuple(raw[key])
-    if "weights" in raw:
-        raw["weights"] = str(raw["weights"]).lower() if raw["weights"] is not None else "none"
+    if "backbone" in raw:
+        raw["backbone"] = _backbone(where, raw["backbone"])
+    if "weights" in raw:  # a path is kept verbatim; the two keywords in any case
+        text = "none" if raw["weights"] is None else str(raw["weights"])
+        raw["weights"] = text.lower() if text.lower() in ("none", "imagenet") else text
     return ModelConfig(name=name, preprocess=preprocess, augment=augment, gates=gate, **raw)
+
+
+def _backbone(where: str, value: Any) -> str:
+    name = str(value).strip().lower()
+    if name not in BACKBONES:
+        raise ValueError(f"params.yaml: {where}.backbone: unknown backbone {value!r}; choose one of "
+                         f"{', '.join(BACKBONES)} (any case, e.g. EfficientNetB0)")
+    return name
 
 
 def parse_params(raw: dict[str, Any]) -> Params:

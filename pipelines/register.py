@@ -11,7 +11,13 @@ use (``MLFLOW_TRACKING_URI`` changed since evaluate, or DVC restored evaluate's 
 from its cache): then the bundle of ``train@<model>`` is logged again here, with
 evaluate's temperature and model card.
 
-Writes ``reports/models/<model>/registered.json`` (name, version, run, model URI).
+Inside ``dvc exp run`` (DVC sets ``DVC_EXP_NAME``) the version is tagged with the
+experiment's name and baseline commit and takes **no** stage: an experiment someone is only
+trying never changes what the next promotion picks up. Promote a winning experiment's
+version by number (``breastscan promote <model> --version N``), or apply the experiment
+(``dvc exp apply``), commit it and ``dvc repro``.
+
+Writes ``reports/models/<model>/registered.json`` (name, version, stage, run, model URI).
 
 Run: ``python -m pipelines.register --model lesion``
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import mlflow
 
@@ -50,17 +57,22 @@ def main(argv: list[str] | None = None) -> int:
 
             model_uri = log_served_model(ModelBundle.load(model_dir(cfg.name)), metrics,
                                          reports / "model_card.md")
+        experiment = os.environ.get("DVC_EXP_NAME")
+        alias = None if experiment else versions.STAGING
+        tags = {versions.TAG_EXPERIMENT: experiment,
+                "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")} if experiment else {}
         version = versions.register(cfg, model_uri, metrics=metrics, split_id=test_split,
-                                    run_id=run.info.run_id)
+                                    run_id=run.info.run_id, alias=alias, extra_tags=tags)
         out = {
-            "name": cfg.registered_name, "version": version, "alias": "staging",
+            "name": cfg.registered_name, "version": version, "alias": alias, "experiment": experiment,
             "run_id": run.info.run_id, "model_uri": model_uri,
             "headline": metrics["headline"], "headline_value": metrics["headline_value"],
         }
     (reports / "registered.json").write_text(json.dumps(out, indent=2) + "\n")
-    log.info("registered %s version %s as staging (%s %.3f); promote with: "
-             "breastscan promote %s --to production", cfg.registered_name, version,
-             metrics["headline"], metrics["headline_value"], cfg.name)
+    where = f"as {alias}" if alias else f"for experiment {experiment}, with no stage"
+    how = f"breastscan promote {cfg.name}" + ("" if alias else f" --version {version}") + " --to production"
+    log.info("registered %s version %s %s (%s %.3f); promote with: %s", cfg.registered_name, version, where,
+             metrics["headline"], metrics["headline_value"], how)
     return 0
 
 

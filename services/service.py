@@ -30,21 +30,18 @@ import bentoml
 import numpy as np
 
 from breastscan.logs import configure_service_logging
-from breastscan.serving.config import CONFIG_ENV, load_serving_config
+from breastscan.serving.config import CONFIG_ENV, load_serving_config, with_models
 from breastscan.serving.engine import Engine, ImageInput, Overloaded, parse_roi
 from breastscan.serving.http import RequestGuard
 from breastscan.serving.remote import call_models
 from breastscan.serving.requests import InputError
-from breastscan.serving.store import load_served, store_name
+from breastscan.serving.store import PREFIX as STORE_PREFIX
+from breastscan.serving.store import load_served, store_name, stored_models
 from breastscan.serving.ui import make_ui_app
 
 log = logging.getLogger("breastscan.service")
 
-CONFIG = load_serving_config(os.environ.get(CONFIG_ENV) or Path(__file__).with_name("serving.yaml"),
-                             dict(os.environ))
 RESERVED = {"predict", "predict_array", "analyze", "preview", "models", "explain", "run", "backend", "engine"}
-if RESERVED & set(CONFIG.models):
-    raise ValueError(f"model names may not be {', '.join(sorted(RESERVED & set(CONFIG.models)))}")
 
 REQUESTS = bentoml.metrics.Counter(
     name="breastscan_requests", documentation="Requests answered by the front service, by endpoint and "
@@ -125,6 +122,20 @@ def pinned_model_tags(bento_dir: Path) -> dict[str, str]:
 
 # In a Bento this file is <bento>/src/services/service.py.
 PINNED = pinned_model_tags(Path(__file__).resolve().parents[2])
+
+
+def _served_here(stage: str) -> tuple[str, ...]:
+    """What ``models: auto`` serves: a Bento's pinned models, else the store's at ``stage``."""
+    if PINNED:
+        return tuple(tag[len(STORE_PREFIX):] for tag in PINNED if tag.startswith(STORE_PREFIX))
+    return stored_models(stage)
+
+
+_config = load_serving_config(os.environ.get(CONFIG_ENV) or Path(__file__).with_name("serving.yaml"),
+                              dict(os.environ))
+CONFIG = with_models(_config, () if _config.models else _served_here(_config.stage))
+if RESERVED & set(CONFIG.models):
+    raise ValueError(f"model names may not be {', '.join(sorted(RESERVED & set(CONFIG.models)))}")
 
 
 def model_tag(name: str) -> str:

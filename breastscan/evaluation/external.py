@@ -4,7 +4,7 @@ An external dataset is any directory in the manifest contract (:mod:`breastscan.
 that the model has never seen: a hospital's export, a public set converted with
 ``breastscan ingest``. It has no splits and no validation part, so nothing is learnt from
 it: a classifier keeps the calibration temperature stored with the model
-(:func:`breastscan.evaluation.scoring.evaluate_classifier` with ``val=None``), a segmenter its
+(:func:`breastscan.evaluation.scoring.score_bundle` with ``val=None``), a segmenter its
 threshold.
 
 The steps, each a public function:
@@ -424,7 +424,7 @@ def log_external_run(report: dict[str, Any], evaluation: Evaluation, out_root: s
     MLflow is configured with. It carries tags ``breastscan.model``,
     ``breastscan.registered_model``, ``breastscan.model_version``, ``breastscan.model_stage``,
     ``breastscan.model_run_id``, ``breastscan.dataset``, ``breastscan.dataset_path``,
-    ``breastscan.dataset_manifest_md5``, ``breastscan.evaluation.scoring=external`` and the code
+    ``breastscan.dataset_manifest_md5``, ``breastscan.evaluation=external`` and the code
     version; the Markdown summary as its description; a few params; the metrics of
     :func:`external_metrics`; the manifest as an MLflow dataset input (context
     ``external``); and the three report files as artifacts under ``external/<dataset>/``.

@@ -66,6 +66,8 @@ class ClassOutcomes:
             raise ValueError(f"y holds class indices outside [0, {p.shape[1] - 1}]")
         if self.threshold is not None and p.shape[1] != 2:
             raise ValueError("a decision threshold needs exactly two classes")
+        if len(p) and (not np.isfinite(p).all() or p.min() < 0 or np.abs(p.sum(axis=1) - 1).max() > 1e-3):
+            raise ValueError("probs must be probabilities in [0, 1] with rows summing to 1 (not logits)")
         pred = (p[:, 1] >= np.asarray(self.threshold, np.float64)).astype(np.int64) \
             if self.threshold is not None else p.argmax(axis=1)
         object.__setattr__(self, "y", y)
@@ -306,7 +308,7 @@ def value(name: str, outcomes: Outcomes, idx: np.ndarray | None = None) -> float
     """
     metric = METRICS[name]
     index = np.arange(outcomes.n) if idx is None else idx
-    if not len(index):
+    if not len(index) or (metric.binary_only and getattr(outcomes, "k", 2) != 2):
         return None
     try:
         v = float(metric.fn(outcomes, index))

@@ -285,15 +285,34 @@ def score_bundle(bundle: ModelBundle, rows: SplitData, *, val: SplitData | None 
     return _score_segmenter(bundle, rows, scoring, (n_boot, seed, wanted))
 
 
-def _temperature(bundle: ModelBundle, val: SplitData | None) -> float:
+def _temperature(bundle: ModelBundle, val: SplitData | None) -> tuple[float, dict[str, Any]]:
+    """The served temperature and the calibration record (``calibration`` in the metrics).
+
+    With validation rows, ``T`` is fitted there and kept only when it lowers the validation
+    NLL without raising the validation ECE; otherwise the model is served uncalibrated
+    (``T = 1``). Both candidates' validation numbers are recorded.
+    """
     name = bundle.contract.name
     if val is None:
         log.info("model %s: keeping the stored temperature %.3f", name, bundle.contract.temperature)
-        return float(bundle.contract.temperature)
+        return float(bundle.contract.temperature), {"source": "stored"}
     if not len(val):
         log.warning("model %s: empty validation split, temperature left at 1.0", name)
-        return 1.0
-    return calibration.fit_temperature(batched_logits(bundle, val.images), np.asarray(val.targets))
+        return 1.0, {"source": "no validation rows"}
+    logits, y = batched_logits(bundle, val.images), np.asarray(val.targets).astype(np.int64)
+    fitted = calibration.fit_temperature(logits, y)
+    record: dict[str, Any] = {"fitted_temperature": fitted}
+    for label, t in (("before", 1.0), ("after", fitted)):
+        probs = _normalised(bundle.with_temperature(t).probabilities(logits))
+        record[f"val_nll_{label}"] = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0))))
+        record[f"val_ece_{label}"] = calibration.expected_calibration_error(probs, y, n_bins=CALIBRATION_BINS)
+    keep = (record["val_nll_after"] < record["val_nll_before"]
+            and record["val_ece_after"] <= record["val_ece_before"] + 1e-12)
+    record["source"] = "fitted on validation" if keep else "uncalibrated: scaling did not help on validation"
+    if not keep:
+        log.warning("model %s: temperature %.3f raised the validation ECE (%.3f -> %.3f) or NLL: served "
+                    "uncalibrated (T = 1)", name, fitted, record["val_ece_before"], record["val_ece_after"])
+    return (fitted if keep else 1.0), record
 
 
 Bootstrap = tuple[int, int, Sequence[str]]
@@ -304,7 +323,7 @@ def _score_classifier(bundle: ModelBundle, rows: SplitData, val: SplitData | Non
                       boot: Bootstrap) -> Evaluation:
     from breastscan.evaluation import curves
 
-    temperature = _temperature(bundle, val)
+    temperature, record = _temperature(bundle, val)
     logits = batched_logits(bundle, rows.images)
     before = _normalised(bundle.with_temperature(1.0).probabilities(logits))
     probs = _normalised(bundle.with_temperature(temperature).probabilities(logits))
@@ -316,7 +335,8 @@ def _score_classifier(bundle: ModelBundle, rows: SplitData, val: SplitData | Non
     ece_after = calibration.expected_calibration_error(probs, y, n_bins=CALIBRATION_BINS)
     n_test = metrics.pop("n_test")
     metrics.update({"ece_before": ece_before, "ece_after": ece_after, "temperature": float(temperature),
-                    "n_test": n_test, "n_val": int(len(val)) if val is not None else 0})
+                    "calibration": record, "n_test": n_test,
+                    "n_val": int(len(val)) if val is not None else 0})
     log.info("%s: T = %.3f, ECE %.3f -> %.3f, %s = %s on %d images", bundle.contract.name, temperature,
              ece_before, ece_after, scoring.headline, metrics["headline_value"], len(y))
     plots = curves.classifier_rows(y, before, probs, scoring.class_names, CALIBRATION_BINS)

@@ -26,12 +26,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from breastscan.config import BACKBONES
 from breastscan.models.layers import BackbonePreprocess, GrayToRGB, Standardize
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("compact", "mobilenetv3small", "efficientnetb0", "resnet50", "densenet121", "densenet201")
-"""Backbones accepted by :func:`build_classifier`."""
 
 _COMPACT_WIDTHS = (1, 2, 4, 6, 8)  # filters of the compact blocks, in units of base_filters
 _APP_MIN_SIDE = 32  # five stride-2 stages in every keras.applications backbone
@@ -123,6 +122,7 @@ def build_classifier(
         built from a path uses the plain architecture, so to continue from an EfficientNet
         that started from ImageNet, load its ``.keras`` file directly instead.
     """
+    backbone = str(backbone).strip().lower()
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:

@@ -51,7 +51,8 @@ DEFAULT_LIMITATIONS: tuple[str, ...] = (
 # Report keys that are not test metrics (shown elsewhere on the card, or bookkeeping).
 _NOT_METRICS = {
     "headline", "headline_value", "headline_ci_low", "headline_ci_high", "headline_ci_level",
-    "n_test", "n", "n_val", "temperature", "threshold", "class_names", "confusion_matrix", "per_class",
+    "n_test", "n", "n_val", "temperature", "calibration", "threshold", "class_names", "confusion_matrix",
+    "per_class",
 }
 _ECE_BEFORE = ("ece_before", "ece_uncalibrated", "ece_raw", "val_ece_before", "test_ece_before")
 _ECE_AFTER = ("ece_after", "ece_calibrated", "ece", "val_ece_after", "test_ece_after")
@@ -236,11 +237,20 @@ def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Map
     if temperature is None:
         temperature = contract.temperature
     before, after = _first(metrics, _ECE_BEFORE), _first(metrics, _ECE_AFTER)
-    out = ["## Calibration", "",
-           f"Temperature scaling fitted on the validation split: T = {_fmt(temperature)} "
-           "(served probabilities are `softmax(logits / T)`).", ""]
-    return out + _table(["expected calibration error (ECE)", "value"],
-                        [["before calibration", _fmt(before)], ["after calibration", _fmt(after)]]) + [""]
+    found = metrics.get("calibration")
+    record: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    if record.get("fitted_temperature") is not None and temperature == 1.0:
+        served = (f"Temperature scaling was fitted on the validation split (T = "
+                  f"{_fmt(record['fitted_temperature'])}) but did not lower the validation ECE and NLL "
+                  "(below), so the served probabilities are **uncalibrated** (T = 1).")
+    else:
+        served = (f"Temperature scaling fitted on the validation split: T = {_fmt(temperature)} "
+                  "(served probabilities are `softmax(logits / T)`).")
+    rows = [["test, before calibration", _fmt(before)], ["test, as served", _fmt(after)]]
+    rows += [[f"validation, {label}", _fmt(record.get(f"val_ece_{key}"))]
+             for key, label in (("before", "T = 1"), ("after", "fitted T")) if f"val_ece_{key}" in record]
+    table = _table(["expected calibration error (ECE)", "value"], rows)
+    return ["## Calibration", "", served, ""] + table + [""]
 
 
 def _limitations_section(limitations: Sequence[str] | None) -> list[str]:

@@ -20,6 +20,7 @@ from breastscan.registry.resolver import RegistryError, alias_holder, get_versio
 from breastscan.registry.versions import (
     PRODUCTION,
     STAGING,
+    TAG_NEVER_PREDICTED,
     TAG_SPLIT,
     gated_metrics,
     mirror_stage,
@@ -114,6 +115,7 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
     result = PromotionResult(name=name, version=int(candidate.version), to=to, passed=False,
                              previous=previous)
     _check_floors(result, cfg, cand_metrics)
+    _check_every_class(result, cfg, candidate.tags or {})
     if current is not None and previous != result.version:
         baseline = _baseline(result, cfg, current, (candidate.tags or {}).get(TAG_SPLIT), evaluate)
         if baseline is not None:
@@ -126,6 +128,20 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
     else:
         _move_alias(client, result)
     return result
+
+
+def _check_every_class(result: PromotionResult, cfg: ModelConfig, tags: Mapping[str, str]) -> None:
+    if not (cfg.gates.every_class_predicted and cfg.task == "classification"):
+        return
+    if TAG_NEVER_PREDICTED not in tags:
+        _check(result, "every_class_predicted", None, None, None, False,
+               f"v{result.version} does not record which classes it never predicts (registered by an "
+               "older version of breastscan): re-register it")
+        return
+    missing = [c for c in tags[TAG_NEVER_PREDICTED].split(",") if c]
+    _check(result, "every_class_predicted", None, None, None, not missing,
+           f"v{result.version} never predicts {', '.join(missing)} on its test split (sensitivity 0.000)"
+           if missing else f"v{result.version} predicts every class on its test split")
 
 
 def _check_floors(result: PromotionResult, cfg: ModelConfig, cand_metrics: Mapping[str, float]) -> None:

@@ -74,6 +74,8 @@ TAG_SPLIT = "split_id"
 TAG_DATA_HASH = "data_hash"
 TAG_COMMIT = "git_commit"
 METRIC_TAG_PREFIX = "metric."
+TAG_NEVER_PREDICTED = "classes_never_predicted"
+TAG_EXPERIMENT = "dvc_experiment"
 
 _REQUIREMENTS = (
     "mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "opencv-python-headless", "pydicom",
@@ -217,11 +219,22 @@ def mirror_stage(client: MlflowClient, name: str, version: int | str, alias: str
 
 
 def report_metric(metrics: Mapping[str, Any], key: str) -> float | None:
-    """A metric from a report: ``metrics[key]``, or the headline value when key is the headline."""
-    value = finite_float(metrics.get(key))
+    """A metric from a report: ``metrics[key]``, a nested ``per_class.<class>.<stat>``, or the
+    headline value when key is the headline."""
+    node: Any = metrics
+    for part in key.split(".", 2) if key.startswith("per_class.") else [key]:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    value = finite_float(node)
     if value is None and metrics.get("headline") == key:
         value = finite_float(metrics.get("headline_value"))
     return value
+
+
+def never_predicted(metrics: Mapping[str, Any]) -> list[str]:
+    """Classes of a classifier's report that were never predicted (no true or false positive)."""
+    per_class = metrics.get("per_class") or {}
+    return [name for name, s in per_class.items()
+            if isinstance(s, Mapping) and s.get("precision") is None and s.get("support") is not None]
 
 
 def gated_metrics(cfg: ModelConfig) -> list[str]:
@@ -271,8 +284,9 @@ def _ensure_registered_model(client: MlflowClient, cfg: ModelConfig) -> None:
 
 
 def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], split_id: str,
-             run_id: str | None, data_hash: str | None = None, git_commit: str | None = None) -> int:
-    """Create a new version of ``breastscan-<model>`` and point ``@staging`` at it.
+             run_id: str | None, data_hash: str | None = None, git_commit: str | None = None,
+             alias: str | None = STAGING, extra_tags: Mapping[str, str] | None = None) -> int:
+    """Create a new version of ``breastscan-<model>`` and point ``@staging`` (``alias``) at it.
 
     Version tags: ``headline`` and ``headline_value`` (plus ``headline_ci_low/high`` when
     the report has them), ``metric.<name>`` for the headline and every floored metric,
@@ -290,6 +304,8 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         run_id: the run that produced the model.
         data_hash: DVC hash of the data (default: from the run's tags).
         git_commit: code version (default: from the run's tags).
+        alias: the stage the new version takes; ``None``: none (an experiment's version).
+        extra_tags: more version tags (e.g. the DVC experiment that produced it).
 
     Returns:
         The new version number.
@@ -326,6 +342,9 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
             log.warning("%s: metric %s missing from the report; gates on it will fail", name, metric)
             continue
         tags[METRIC_TAG_PREFIX + metric] = repr(value)
+    if cfg.task == "classification":
+        tags[TAG_NEVER_PREDICTED] = ",".join(never_predicted(metrics))
+    tags.update(extra_tags or {})
 
     model_id = logged_model_id(model_uri)
     if model_id or not model_uri.startswith("runs:/"):
@@ -333,9 +352,11 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     else:  # runs:/<run>/<name>: MLflow resolves it to the logged model of that run
         mv = mlflow.register_model(model_uri, name, tags=tags)
     version = int(mv.version)
-    client.set_registered_model_alias(name, STAGING, str(version))
-    stage = mirror_stage(client, name, version, STAGING)
-    log.info("registered %s v%d as @%s%s (%s = %s)", name, version, STAGING,
+    stage = None
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, str(version))
+        stage = mirror_stage(client, name, version, alias)
+    log.info("registered %s v%d %s%s (%s = %s)", name, version, f"as @{alias}" if alias else "with no stage",
              f" (classic stage {stage})" if stage else "", cfg.headline, fmt_number(headline))
     return version
 

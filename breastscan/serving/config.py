@@ -15,6 +15,8 @@ import yaml
 
 CONFIG_ENV = "BREASTSCAN_SERVING_CONFIG"
 """Environment variable naming another serving config file (benchmarks, tests)."""
+AUTO = "auto"
+"""``models: auto``: serve what the registry has at the stage (imported into the store)."""
 GRPC_PORT_ENV = "BREASTSCAN_GRPC_PORT"
 """Environment variable overriding ``grpc.port``."""
 GRPC_HOST_ENV = "BREASTSCAN_GRPC_HOST"
@@ -41,7 +43,8 @@ class ServingConfig:
     """Everything the service needs that does not travel with the models.
 
     Attributes:
-        models: served model names; each is ``breastscan-<name>`` in the BentoML store.
+        models: served model names, each ``breastscan-<name>`` in the BentoML store; empty
+            (``models: auto``): every model imported at ``stage`` (:func:`with_models`).
         stage: registry alias ``breastscan build`` imports (``production``).
         batching: default batching of every model API.
         per_model: batching overrides by model name.
@@ -57,7 +60,7 @@ class ServingConfig:
         grpc_max_workers: gRPC handler threads per front worker.
     """
 
-    models: tuple[str, ...] = ("density", "tumor", "lesion")
+    models: tuple[str, ...] = ()
     stage: str = "production"
     batching: Batching = field(default_factory=Batching)
     per_model: dict[str, Batching] = field(default_factory=dict)
@@ -109,9 +112,10 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
     per_model = {name: _batching(dict(v or {}), batching) for name, v in per_model_raw.items()}
     ms, api = raw.get("models_service") or {}, raw.get("api_service") or {}
     limits, grpc = raw.get("limits") or {}, raw.get("grpc") or {}
-    models = tuple(str(m) for m in raw.get("models") or ServingConfig.models)
-    if not models:
-        raise ValueError("serve at least one model")
+    listed = raw.get("models", AUTO)
+    models = () if listed in (AUTO, None) else tuple(str(m) for m in listed)
+    if listed not in (AUTO, None) and not models:
+        raise ValueError(f"models: name at least one model, or `{AUTO}`")
     return ServingConfig(
         models=models, stage=str(raw.get("stage", "production")), batching=batching, per_model=per_model,
         models_workers=int(ms.get("workers", 1)), models_threads=int(ms.get("threads", 1)),
@@ -131,3 +135,18 @@ def load_serving_config(path: str | Path, env: dict[str, str] | None = None) -> 
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping")
     return parse_serving_config(raw, env)
+
+
+def with_models(cfg: ServingConfig, available: tuple[str, ...]) -> ServingConfig:
+    """The config with its served models settled: the listed ones, or (``auto``) ``available``.
+
+    Raises:
+        ValueError: nothing to serve.
+    """
+    from dataclasses import replace
+
+    models = cfg.models or tuple(sorted(available))
+    if not models:
+        raise ValueError(f"no model to serve: none is imported at stage {cfg.stage!r}; run "
+                         "`breastscan import-models` (or `make serve`) after promoting one")
+    return replace(cfg, models=models)

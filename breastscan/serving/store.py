@@ -108,3 +108,17 @@ def load_served(model: str, path: str | Path, labels: dict[str, Any] | None = No
                        version=str(labels[LABEL_VERSION]) if labels.get(LABEL_VERSION) else None,
                        stage=str(labels[LABEL_STAGE]) if labels.get(LABEL_STAGE) else None,
                        source=source)
+
+
+def stored_models(stage: str) -> tuple[str, ...]:
+    """Models whose newest ``breastscan-<model>`` in the BentoML store was imported at ``stage``."""
+    import bentoml
+
+    newest: dict[str, Any] = {}
+    for stored in bentoml.models.list():
+        if stored.tag.name.startswith(PREFIX):
+            current = newest.get(stored.tag.name)
+            if current is None or stored.info.creation_time > current.info.creation_time:
+                newest[stored.tag.name] = stored
+    return tuple(sorted(_labels(m).get(LABEL_MODEL, name[len(PREFIX):]) for name, m in newest.items()
+                        if _labels(m).get(LABEL_STAGE) == stage))

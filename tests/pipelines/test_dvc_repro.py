@@ -41,6 +41,22 @@ def test_exp_run_with_param_override_changes_splits(repo: Path) -> None:
     assert 7 in seeds
     history = pd.read_csv(repo / "reports/models/lesion/history.csv")
     assert len(history) == 1  # the epochs override reached training
+    _experiment_leaves_stages_alone(repo)
+
+
+def _experiment_leaves_stages_alone(repo: Path) -> None:
+    """The experiment's version is tagged with it and gets no stage: @staging stays on v1."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{repo}/mlflow.db"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    model = client.get_registered_model("breastscan-lesion")
+    assert {alias: str(v) for alias, v in model.aliases.items()} == {"staging": "1"}
+    experiment_version = client.get_model_version("breastscan-lesion", "2")
+    assert experiment_version.tags.get("dvc_experiment")
+    registered = json.loads((repo / "reports/models/lesion/registered.json").read_text())
+    assert registered["version"] == 2 and registered["alias"] is None
+    assert registered["experiment"] == experiment_version.tags["dvc_experiment"]
 
 
 @pytest.mark.parametrize(

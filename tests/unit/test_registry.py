@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +407,27 @@ def test_promote_rescores_production_on_the_candidates_split(store: dict[str, An
     with pytest.raises(resolver.RegistryError, match="is not the one the candidate"):
         promotion.promote(cfg, evaluate=promotion.rescore_on_split(cfg, csv, root, "split-z"))
     assert alias_version(cfg.registered_name, "production") == 2
+
+
+def test_per_class_floor_and_every_class_gate_refuse_a_model_that_never_predicts_a_class(
+        store: dict[str, Any]) -> None:
+    """A classifier that never calls `benign` is refused, and the refusal gives the numbers."""
+    floors = {"macro_auc": 0.7, "per_class.benign.sensitivity": 0.3}
+    cfg = make_cfg("blind", floors)
+    cfg = replace(cfg, gates=replace(cfg.gates, every_class_predicted=True))
+    blind = {**GOOD, "per_class": {
+        "benign": {"support": 10, "sensitivity": 0.0, "specificity": 1.0, "precision": None, "auc": 0.7},
+        "malignant": {"support": 10, "sensitivity": 0.9, "specificity": 0.5, "precision": 0.5, "auc": 0.9},
+        "normal": {"support": 10, "sensitivity": 0.8, "specificity": 0.8, "precision": 0.7, "auc": 0.9}}}
+    version = reg(store, cfg, blind)
+    tags = MlflowClient().get_model_version(cfg.registered_name, str(version)).tags
+    assert tags["metric.per_class.benign.sensitivity"] == "0.0"
+    assert tags["classes_never_predicted"] == "benign"
+    result = promotion.promote(cfg)
+    assert not result.passed
+    assert result.failures == ["per_class.benign.sensitivity 0.000 < floor 0.300",
+                               f"v{version} never predicts benign on its test split (sensitivity 0.000)"]
+    seeing = {**blind, "per_class": {**blind["per_class"], "benign": {
+        "support": 10, "sensitivity": 0.4, "specificity": 0.9, "precision": 0.6, "auc": 0.8}}}
+    reg(store, cfg, seeing)
+    assert promotion.promote(cfg).passed

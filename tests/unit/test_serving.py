@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_committed_serving_config_parses() -> None:
     cfg = load_serving_config(REPO / "services" / "serving.yaml")
-    assert cfg.models == ("density", "tumor", "lesion") and cfg.stage == "production"
+    assert cfg.models == () and cfg.stage == "production"  # models: auto, the registry decides
     assert cfg.batching.enabled and cfg.batching.max_batch_size >= 2
     assert cfg.grpc_host == "127.0.0.1"
 
@@ -45,8 +45,20 @@ def test_config_overrides_and_env() -> None:
     assert cfg.batching_for("other").max_latency_ms == cfg.batching.max_latency_ms
 
 
+def test_auto_serves_what_the_registry_has_and_a_list_wins() -> None:
+    from breastscan.serving.config import with_models
+
+    auto = parse_serving_config({"models": "auto"})
+    assert with_models(auto, ("tumor", "busi_lesion")).models == ("busi_lesion", "tumor")
+    with pytest.raises(ValueError, match="no model to serve: none is imported at stage 'production'"):
+        with_models(auto, ())
+    listed = parse_serving_config({"models": ["density"]})
+    assert with_models(listed, ("tumor",)).models == ("density",)
+
+
 @pytest.mark.parametrize(("raw", "message"), [
     ({"modelz": []}, "unknown serving config keys: modelz"),
+    ({"models": []}, "name at least one model"),
     ({"batching": {"max_batch_size": 1}}, "at least 2"),
     ({"batching": {"max_latency": 5}}, "unknown batching keys"),
     ({"batching": {"max_latency_ms": 0}}, "positive"),

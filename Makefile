@@ -41,8 +41,11 @@ demo: data  ## the main job: dvc repro on the demo data, then promote the models
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 	$(BIN)/breastscan promote --all --to production
 
-test: $(STAMP)  ## the whole test suite
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest --slow
+# The behavioural tests (tests/model) run against the production models the demo promotes.
+MODEL_URIS := $(foreach m,density tumor lesion,--model-uri models:/breastscan-$(m)@production)
+
+test: demo  ## the whole test suite, with the behavioural tests of the demo's production models
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest --slow $(MODEL_URIS)
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check breastscan pipelines services tests load_tests

@@ -15,10 +15,12 @@ contract fits; with no ``--model-uri``, or none that fits, it is skipped with th
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from breastscan.labels import MODALITIES as PHANTOM_MODALITIES  # what breastscan.data.phantoms draws
-from tests.model.plugin import OPTION, model_refs
+from tests.conftest import REPO
+from tests.model.plugin import OPTION, model_refs, model_store
 
 if TYPE_CHECKING:
     from breastscan.registry.bundle import ModelBundle, ModelContract
@@ -120,8 +123,36 @@ def given_models(config: pytest.Config) -> list[GivenModel]:
         refs = model_refs(config) or []
         root = Path(tempfile.mkdtemp(prefix="breastscan-model-tests-"))
         config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
-        config.stash[_GIVEN] = [fetch_given(ref, root / f"m{i}") for i, ref in enumerate(refs)]
+        with _registry(config):
+            config.stash[_GIVEN] = [fetch_given(ref, root / f"m{i}") for i, ref in enumerate(refs)]
     return config.stash[_GIVEN]
+
+
+@contextmanager
+def _registry(config: pytest.Config) -> Iterator[None]:
+    """MLflow pointed at the models' store while they are fetched, and restored afterwards.
+
+    The store is ``--model-store``, else ``$MLFLOW_TRACKING_URI``, else the project's own
+    (``sqlite:///<repo>/mlflow.db``, where ``make demo`` registers); nothing else in the
+    session sees it.
+    """
+    import mlflow
+
+    from breastscan.registry.tracking import tracking_uri
+
+    uri = model_store(config) or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(REPO)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        for key, value in saved.items():  # MLflow 3 mirrors the URIs into the environment
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -17,6 +17,8 @@ import pytest
 
 OPTION = "--model-uri"
 DEST = "model_uri"
+STORE_OPTION = "--model-store"
+STORE_DEST = "model_store"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,9 +29,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "models:/breastscan-NAME@ALIAS, NAME@ALIAS, NAME/VERSION or an MLflow model URI; "
              "may be given several times",
     )
+    group.addoption(
+        STORE_OPTION, default=None, dest=STORE_DEST, metavar="URI",
+        help="the MLflow store the --model-uri references resolve in [default: $MLFLOW_TRACKING_URI, "
+             "else the project's sqlite:///<repo>/mlflow.db, where make demo registers]",
+    )
 
 
 def model_refs(config: pytest.Config) -> list[str] | None:
     """The ``--model-uri`` values in the order given, or ``None`` when this plugin is not loaded."""
     refs = config.getoption(DEST, default=None)
     return None if refs is None else [str(r) for r in refs]
+
+
+def model_store(config: pytest.Config) -> str | None:
+    """The ``--model-store`` value, or ``None`` when not given (or the plugin is not loaded)."""
+    value = config.getoption(STORE_DEST, default=None)
+    return None if value is None else str(value)

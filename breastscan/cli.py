@@ -53,6 +53,11 @@ def synth(out: Path, seed: int, n_mammography: int, n_ultrasound: int,
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """Parse ``SRC=DST`` option values into a dict (later ones win).
+
+    Raises:
+        click.BadParameter: a value without ``=``.
+    """
     out: dict[str, str] = {}
     for item in values:
         if "=" not in item:
@@ -65,34 +70,55 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @main.command()
 @click.option("--format", "fmt", required=True, type=click.Choice(["busi", "mias", "csv", "dicom"]),
               help="layout of SOURCE")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--map", "mapping", multiple=True, metavar="SRC=DST",
               help="csv: rename a source column to a contract column (repeatable)")
 @click.option("--value", "values", multiple=True, metavar="COLUMN:SRC=DST",
-              help="csv: map a value of a contract column, e.g. density:F=1 (repeatable)")
+              help="csv: map a value of a column (after --map), e.g. density:F=1 (repeatable); "
+                   "unmapped values: see above")
 @click.option("--roi", default=None, metavar="X,Y,RADIUS",
               help="csv: columns of a circular lesion ROI to rasterise into masks")
 @click.option("--modality", default=None, type=click.Choice(["mammography", "ultrasound"]),
               help="csv/dicom: modality of every row")
 @click.option("--copy/--no-copy", default=False, show_default=True,
               help="csv: copy files under OUT instead of referencing them in place")
-@click.option("--labels", "labels_csv", default=None, type=click.Path(exists=True, path_type=Path),
+@click.option("--labels", "labels_csv", default=None, type=click.Path(path_type=Path),
               help="dicom: CSV keyed by file name with density/pathology/mask")
 @click.option("--salt", default="breastscan", show_default=True,
               help="dicom: key of the hash that turns PatientID into a group id")
 def ingest(fmt: str, source: Path, out: Path, mapping: tuple[str, ...], values: tuple[str, ...],
            roi: str | None, modality: str | None, copy: bool, labels_csv: Path | None,
            salt: str) -> None:
-    """Convert a dataset from SOURCE (a public layout) into the manifest contract in OUT."""
+    """Convert a dataset from SOURCE (a public layout) into the manifest contract in OUT.
+
+    \b
+    SOURCE, by --format:
+      busi   the original Dataset_BUSI_with_GT/ folder (benign/, malignant/, normal/)
+      mias   the folder holding Info.txt and the mdbNNN.pgm films
+      csv    a CSV file, or a folder holding manifest.csv
+      dicom  a folder of DICOM files (MG or US)
+    A SOURCE not in that layout (or a missing column, file or option value) is refused
+    with one line saying what was expected and what was found, and exit code 1.
+
+    \b
+    --value COLUMN:SRC=DST renames values of COLUMN. Values of COLUMN that no --value
+    lists are kept as they are, with one warning naming them and their counts; empty
+    cells stay empty (unknown). In modality, density (1-4) and pathology (benign,
+    malignant, normal), a value that is still not valid after the mapping is refused:
+    map every value, e.g. --value density:A=1 --value density:B=2 ...
+    """
+    from breastscan.data.adapters import IngestError
     from breastscan.data.adapters import ingest as run_ingest
 
     options: dict[str, object] = {}
     if fmt == "csv":
         value_maps: dict[str, dict[str, str]] = {}
         for item in values:
-            column, _, pair = item.partition(":")
-            value_maps.setdefault(column, {}).update(_pairs((pair,), "--value"))
+            column, colon, pair = item.partition(":")
+            if not colon or not column.strip():
+                raise click.BadParameter(f"expected COLUMN:SRC=DST, got {item!r}", param_hint="--value")
+            value_maps.setdefault(column.strip(), {}).update(_pairs((pair,), "--value"))
         options.update(columns=_pairs(mapping, "--map") or None, values=value_maps or None,
                        modality=modality, copy=copy)
         if roi:
@@ -102,7 +128,12 @@ def ingest(fmt: str, source: Path, out: Path, mapping: tuple[str, ...], values: 
             options["roi"] = parts
     elif fmt == "dicom":
         options.update(labels_csv=labels_csv, salt=salt, modality=modality)
-    df = run_ingest(fmt, source, out, **options)
+    try:
+        df = run_ingest(fmt, source, out, **options)
+    except IngestError as exc:  # the source or an option is wrong: one line, no traceback
+        raise click.ClickException(" ".join(str(exc).splitlines())) from exc
+    except OSError as exc:  # e.g. OUT not writable
+        raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or out}") from exc
     click.echo(f"{out}/manifest.csv: {len(df)} rows")
 
 
@@ -442,3 +473,34 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
         crossval.write_report(results, out)  # after each benchmark: a long run keeps what it has
     click.echo(out.with_suffix(".md").read_text())
     click.echo(f"report: {out} and {out.with_suffix('.md').name}")
+
+
+@main.command()
+@click.argument("benchmark")
+@click.option("--path", "data_path", type=click.Path(path_type=Path), default=None,
+              help="the converted dataset's folder [default: datasets/<dataset>]")
+@click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+@click.option("--force", is_flag=True, help="replace entries params.yaml already has")
+def declare(benchmark: str, data_path: Path | None, params: Path, force: bool) -> None:
+    """Declare BENCHMARK's ready-made dataset and models (benchmarks/BENCHMARK.yaml) in params.yaml.
+
+    \b
+    Copies the benchmark file's `datasets:` and `models:` entries (the best configuration
+    the quality benchmark found) into params.yaml, the dataset's path set to --path;
+    params.yaml keeps its comments and order. The pipeline's foreach stages then train,
+    evaluate and register the models: no code to edit. An entry params.yaml already has
+    is refused (exit 1) unless --force. BENCHMARK: busi, mini_mias, or a benchmark file.
+    """
+    from breastscan.data.declare import DeclareError, next_steps
+    from breastscan.data.declare import declare as run_declare
+
+    try:
+        done = run_declare(benchmark, params, data_path, force=force)
+    except DeclareError as exc:
+        raise click.ClickException(str(exc)) from None
+    replaced = f" (replaced {', '.join(done.replaced)})" if done.replaced else ""
+    click.echo(f"{params}: declared datasets.{done.dataset} (path {done.data_path}) and models "
+               f"{', '.join(done.models)} from {done.spec.name}{replaced}")
+    click.echo("next:")
+    for line in next_steps(done):
+        click.echo(f"  {line}")

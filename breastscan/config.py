@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -17,6 +17,31 @@ from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.labels import MODALITIES, class_display_names
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+class MetricKind(NamedTuple):
+    """What a metric applies to."""
+
+    task: str
+    binary_only: bool = False
+
+
+METRIC_KINDS: dict[str, MetricKind] = {
+    "accuracy": MetricKind("classification"), "balanced_accuracy": MetricKind("classification"),
+    "macro_auc": MetricKind("classification"), "auc": MetricKind("classification", True),
+    "quadratic_kappa": MetricKind("classification"), "log_loss": MetricKind("classification"),
+    "sensitivity": MetricKind("classification", True), "specificity": MetricKind("classification", True),
+    "mean_dice": MetricKind("segmentation"), "mean_iou": MetricKind("segmentation"),
+    "lesion_mean_dice": MetricKind("segmentation"), "lesion_mean_iou": MetricKind("segmentation"),
+}
+"""Every metric name a model can headline or gate on, and what it applies to (the functions
+are :data:`breastscan.evaluation.metrics.METRICS`, which must name exactly these)."""
+
+
+def metric_names(task: str, n_classes: int = 0) -> tuple[str, ...]:
+    """Metrics a model of ``task`` with ``n_classes`` classes reports (binary-only ones need two)."""
+    return tuple(name for name, kind in METRIC_KINDS.items()
+                 if kind.task == task and not (kind.binary_only and n_classes != 2))
 
 
 PER_CLASS_STATS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "auc")
@@ -260,11 +285,9 @@ class ModelConfig:
 
     def _check_metric_names(self, where: str) -> None:
         """Default the headline per task; refuse a headline or gate that is not a metric of this model."""
-        from breastscan.evaluation.metrics import headlines
-
         if not self.headline:
             object.__setattr__(self, "headline", "accuracy" if self.task == "classification" else "mean_dice")
-        allowed = headlines(self.task, len(self.classes) if self.task == "classification" else 0)
+        allowed = metric_names(self.task, len(self.classes) if self.task == "classification" else 0)
         for name in (self.headline, *self.gates.floors):
             if name.startswith("per_class.") and self.task == "classification":
                 _, cls, stat = (name.split(".", 2) + ["", ""])[:3]

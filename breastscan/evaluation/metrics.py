@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from breastscan.config import METRIC_KINDS, metric_names
+
 log = logging.getLogger(__name__)
 
 CLASSIFICATION = "classification"
@@ -221,44 +223,49 @@ def _mean_over(values: str, lesion_only: bool) -> Callable[[MaskOutcomes, np.nda
 
 @dataclass(frozen=True)
 class Metric:
-    """One registered metric.
+    """One registered metric; its task and whether it is binary-only come from
+    :data:`breastscan.config.METRIC_KINDS`, where every metric name is declared.
 
     Attributes:
         name: its name in reports, gates and MLflow.
-        task: ``classification`` or ``segmentation``.
         fn: ``fn(outcomes, idx) -> float`` (NaN or ``ValueError`` where undefined).
-        binary_only: defined for two-class outcomes only (class 1 is the positive one).
         higher_is_better: the direction gates compare in.
         doc: one line for people.
     """
 
     name: str
-    task: str
     fn: Callable[[Any, np.ndarray], float]
-    binary_only: bool = False
     higher_is_better: bool = True
     doc: str = ""
 
+    @property
+    def task(self) -> str:
+        """``classification`` or ``segmentation``."""
+        return METRIC_KINDS[self.name].task
+
+    @property
+    def binary_only(self) -> bool:
+        """Defined for two-class outcomes only (class 1 is the positive one)."""
+        return METRIC_KINDS[self.name].binary_only
+
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("accuracy", CLASSIFICATION, _accuracy, doc="share of images whose called class is true"),
-    Metric("balanced_accuracy", CLASSIFICATION, _balanced_accuracy,
-           doc="mean sensitivity over the classes present"),
-    Metric("macro_auc", CLASSIFICATION, _macro_auc, doc="mean one-vs-rest ROC AUC over defined classes"),
-    Metric("auc", CLASSIFICATION, _auc, binary_only=True, doc="ROC AUC of class 1"),
-    Metric("quadratic_kappa", CLASSIFICATION, _quadratic_kappa,
-           doc="quadratic-weighted Cohen's kappa (ordinal classes)"),
-    Metric("log_loss", CLASSIFICATION, _log_loss, higher_is_better=False, doc="mean negative log-likelihood"),
-    Metric("sensitivity", CLASSIFICATION, _sensitivity, binary_only=True,
-           doc="share of class-1 images called class 1"),
-    Metric("specificity", CLASSIFICATION, _specificity, binary_only=True,
-           doc="share of class-0 images called class 0"),
-    Metric("mean_dice", SEGMENTATION, _mean_over("dice", False), doc="mean per-image Dice"),
-    Metric("mean_iou", SEGMENTATION, _mean_over("iou", False), doc="mean per-image IoU"),
-    Metric("lesion_mean_dice", SEGMENTATION, _mean_over("dice", True), doc="mean Dice, lesion images"),
-    Metric("lesion_mean_iou", SEGMENTATION, _mean_over("iou", True), doc="mean IoU, lesion images"),
+    Metric("accuracy", _accuracy, doc="share of images whose called class is true"),
+    Metric("balanced_accuracy", _balanced_accuracy, doc="mean sensitivity over the classes present"),
+    Metric("macro_auc", _macro_auc, doc="mean one-vs-rest ROC AUC over defined classes"),
+    Metric("auc", _auc, doc="ROC AUC of class 1"),
+    Metric("quadratic_kappa", _quadratic_kappa, doc="quadratic-weighted Cohen's kappa (ordinal classes)"),
+    Metric("log_loss", _log_loss, higher_is_better=False, doc="mean negative log-likelihood"),
+    Metric("sensitivity", _sensitivity, doc="share of class-1 images called class 1"),
+    Metric("specificity", _specificity, doc="share of class-0 images called class 0"),
+    Metric("mean_dice", _mean_over("dice", False), doc="mean per-image Dice"),
+    Metric("mean_iou", _mean_over("iou", False), doc="mean per-image IoU"),
+    Metric("lesion_mean_dice", _mean_over("dice", True), doc="mean Dice, lesion images"),
+    Metric("lesion_mean_iou", _mean_over("iou", True), doc="mean IoU, lesion images"),
 )}
-"""Every metric the project reports, by name."""
+"""Every metric the project reports, by name (the names and kinds of :data:`METRIC_KINDS`)."""
+if set(METRICS) != set(METRIC_KINDS):  # a name declared without a function, or the reverse
+    raise ImportError(f"metric registry and METRIC_KINDS differ: {sorted(set(METRICS) ^ set(METRIC_KINDS))}")
 
 STANDARD: dict[str, tuple[str, ...]] = {
     CLASSIFICATION: ("accuracy", "balanced_accuracy", "macro_auc", "log_loss"),
@@ -269,8 +276,7 @@ STANDARD: dict[str, tuple[str, ...]] = {
 
 def headlines(task: str, n_classes: int = 0) -> tuple[str, ...]:
     """Names a model of ``task`` with ``n_classes`` classes can headline or gate on."""
-    return tuple(m.name for m in METRICS.values()
-                 if m.task == task and not (m.binary_only and n_classes != 2))
+    return metric_names(task, n_classes)
 
 
 def declared_metrics(task: str, n_classes: int, headline: str, gated: Iterable[str] = ()) -> tuple[str, ...]:

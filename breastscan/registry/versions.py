@@ -23,11 +23,22 @@ Facts about MLflow 3.17 this module relies on (checked against the installed pac
   the older versions archived on promotion); a failure or a future removal is logged and
   ignored, never fatal.
 
-The logged pyfunc (:class:`BundlePyfunc`) is pickled by reference to this module, so
-loading it needs ``breastscan`` importable (installed with ``pip install -e .`` or as a
-wheel in the serving image); no ``code_paths`` are logged. Its ``requirements.txt`` pins the
-libraries the bundle needs (MLflow, Keras, TensorFlow, NumPy, OpenCV, pydicom) at the
-versions installed when logging; breastscan itself is not on PyPI and is not listed.
+The logged pyfunc is usable by any MLflow client, without breastscan installed:
+
+* :class:`BundlePyfunc` is pickled (cloudpickle) by reference to this module, and the
+  ``breastscan`` package source is logged with it as ``code_paths`` (``code/breastscan`` in
+  the model; MLflow puts ``<model>/code`` first on ``sys.path`` before unpickling, so the
+  model's own copy is what ``import breastscan`` finds in a process that has not imported
+  breastscan yet). ``mlflow.pyfunc.load_model`` and ``mlflow models serve --env-manager
+  local`` in a venv holding only the model's ``requirements.txt`` are tested
+  (``tests/integration/test_pyfunc_anywhere.py``).
+* Its ``requirements.txt`` pins, at the versions installed when logging, every distribution
+  that code imports on the load/predict path (:data:`_REQUIREMENTS`): MLflow, Keras,
+  TensorFlow, NumPy, OpenCV and pydicom, plus PyYAML and pandas (``breastscan.models``
+  imports ``breastscan.config``, which imports ``yaml`` and ``breastscan.data.manifest`` ->
+  ``pandas``), SciPy (mask sigmoid) and cloudpickle (the pickled model). Nothing on that
+  path imports BentoML, DVC or Great Expectations. breastscan itself is not on PyPI and is
+  not listed.
 """
 
 from __future__ import annotations
@@ -79,7 +90,10 @@ TAG_EXPERIMENT = "dvc_experiment"
 
 _REQUIREMENTS = (
     "mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "opencv-python-headless", "pydicom",
+    "pyyaml", "pandas", "scipy", "cloudpickle",
 )
+"""Distributions the logged pyfunc needs, pinned at their installed versions (absent ones,
+e.g. ``tensorflow`` beside ``tensorflow-cpu``, are skipped)."""
 _LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
 
 
@@ -91,6 +105,9 @@ class BundlePyfunc(PythonModel):
 
     The bundle directory is the model artifact ``"bundle"``; :meth:`predict` returns what
     :meth:`ModelBundle.predict` returns, so the registry serves calibrated probabilities.
+    Loading it imports only this module's dependencies and, in :meth:`load_context`, Keras
+    and :mod:`breastscan.models` (all covered by the logged requirements; see the module
+    docstring).
     """
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -114,6 +131,7 @@ class BundlePyfunc(PythonModel):
 
 
 def _pip_requirements() -> list[str]:
+    """``dist==version`` of every installed distribution of :data:`_REQUIREMENTS`."""
     reqs = []
     for dist in _REQUIREMENTS:
         try:
@@ -121,6 +139,20 @@ def _pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return reqs
+
+
+def _code_paths() -> list[str]:
+    """The ``breastscan`` package directory, logged as the model's ``code/breastscan``.
+
+    MLflow copies it without ``__pycache__`` and prepends ``<model>/code`` to ``sys.path``
+    when loading, so the package must be logged as a directory named ``breastscan``.
+    """
+    import breastscan
+
+    package = Path(breastscan.__file__).resolve().parent
+    if package.name != "breastscan" or not (package / "registry" / "versions.py").is_file():
+        raise RuntimeError(f"breastscan package source not found at {package}")
+    return [str(package)]
 
 
 def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
@@ -131,7 +163,9 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
     1)``, output ``float32 (-1, k)`` (classifier, ``k`` classes) or ``(-1, H, W, 1)``
     (segmenter). One all-zero image is stored as the input example; MLflow checks it by
     loading the logged model and running it (the only time the model is loaded here). The
-    contract and preprocessing spec also go into the ``MLmodel`` metadata.
+    contract and preprocessing spec also go into the ``MLmodel`` metadata. The ``breastscan``
+    package source is logged as the model's code (``code_paths``) and ``requirements.txt``
+    pins what it imports, so any MLflow client loads the model without breastscan installed.
 
     Args:
         bundle_dir: a directory written by :meth:`ModelBundle.save`.
@@ -161,6 +195,7 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
         signature=signature,
         input_example=example,
         pip_requirements=_pip_requirements(),
+        code_paths=_code_paths(),
         metadata={"contract": contract.to_dict(), "preprocess": spec.to_dict()},
     )
     log.info("logged bundle %s as %s", bundle_dir, info.model_uri)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from breastscan.registry import tracking, versions
+from breastscan.registry import promotion, resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle
 from tests.mlflow_server import mlflow_server
 from tests.unit.test_registry import GOOD, make_bundle, make_cfg
@@ -76,11 +76,11 @@ def test_log_register_promote_over_http(remote: str, server: tuple[str, Path], t
     assert any((workdir / "artifacts").rglob("model.keras"))
 
     # gates: a weak second version is refused, then the good one is promoted
-    result = versions.promote(cfg)
+    result = promotion.promote(cfg)
     assert result.passed and result.previous is None
     weak = versions.register(cfg, model_uri, metrics={**GOOD, "accuracy": 0.4}, split_id="split-a",
                              run_id=run.info.run_id)
-    refused = versions.promote(cfg, version=weak)
+    refused = promotion.promote(cfg, version=weak)
     assert not refused.passed
     assert refused.failures == ["accuracy 0.400 < floor 0.500",
                                 "accuracy 0.400 < 0.670 (production v1 0.700 - max_regression 0.030)"]
@@ -93,8 +93,9 @@ def test_log_register_promote_over_http(remote: str, server: tuple[str, Path], t
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_name}@production")
     expected = ModelBundle.load(bundle_dir).predict(x)
     np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
-    assert (versions.download_bundle(cfg.registered_name, dst=tmp_path / "dl") / "model.keras").is_file()
-    assert versions.load_bundle(f"models:/{cfg.registered_name}/Production").contract.name == "tiny"
+    assert (resolver.fetch(f"{cfg.registered_name}@production", tmp_path / "dl").bundle_dir
+            / "model.keras").is_file()
+    assert resolver.load_bundle(f"models:/{cfg.registered_name}/Production").contract.name == "tiny"
 
     rows = versions.list_models()
     assert [(r["version"], r["aliases"]) for r in rows if r["name"] == cfg.registered_name] == [

@@ -173,27 +173,20 @@ def test_model_from_registry_reproduces_the_evaluation(trained: tuple[Path, str]
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from breastscan.config import load_params
     from breastscan.data.loading import load_split
-    from breastscan.evaluation.metrics import classification_report, segmentation_report
-    from breastscan.evaluation.scoring import batched_logits
-    from breastscan.registry.versions import load_bundle
+    from breastscan.evaluation.scoring import Scoring, score_bundle
+    from breastscan.registry.resolver import load_bundle
 
     root, _ = trained
     monkeypatch.chdir(root)
     cfg = load_params(root / "params.yaml").model(name)
     dataset = load_params(root / "params.yaml").dataset(cfg.dataset)
     recorded = json.loads((root / f"reports/models/{name}/metrics.json").read_text())
-    bundle = load_bundle(f"breastscan-{name}", alias="staging")
+    bundle = load_bundle(f"{name}@staging")  # as registered: the temperature evaluate kept
     test = load_split(root / f"artifacts/prepared/{dataset.name}/splits.csv", dataset.path, cfg, "test")
-    probs = bundle.probabilities(batched_logits(bundle, test.images))
-    if cfg.task == "classification":
-        again = classification_report(test.targets, probs, list(cfg.class_names),
-                                      quadratic_kappa=cfg.label == "density")
-        keys = ["accuracy", "balanced_accuracy", "macro_auc", "log_loss"]
-    else:
-        again = segmentation_report(test.targets, probs, threshold=bundle.contract.threshold)
-        keys = ["mean_dice", "mean_iou"]
-    for key in keys:
-        assert again[key] == recorded[key], key
+    scoring = Scoring.from_config(cfg)
+    again = score_bundle(bundle, test, scoring=scoring, n_boot=0).metrics
+    assert scoring.metrics
+    assert {k: again[k] for k in scoring.metrics} == {k: recorded[k] for k in scoring.metrics}
 
 
 def test_promotion_is_gated(trained: tuple[Path, str], client) -> None:

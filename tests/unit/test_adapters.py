@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from breastscan.data.adapters import FORMATS, ingest
+from breastscan.data.adapters import FORMATS, IngestError, LayoutError, ingest
 from breastscan.data.adapters.busi import convert_busi
 from breastscan.data.adapters.dicom_dir import convert_dicom
 from breastscan.data.adapters.generic import convert_csv
@@ -99,16 +99,31 @@ def test_busi_image_without_mask_warns(busi_src: Path, tmp_path: Path,
 
 def test_busi_mask_size_mismatch_names_file(busi_src: Path, tmp_path: Path) -> None:
     cv2.imwrite(str(busi_src / "malignant" / "malignant (3)_mask.png"), np.zeros((7, 9), np.uint8))
-    with pytest.raises(ValueError, match=r"malignant \(3\)_mask\.png"):
+    with pytest.raises(LayoutError, match=r"malignant \(3\)_mask\.png"):
         convert_busi(busi_src, tmp_path / "out")
 
 
 def test_busi_missing_source(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(LayoutError, match="not a BUSI layout: expected .*; found nothing at .*nowhere"):
         convert_busi(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="class folders"):
+    with pytest.raises(LayoutError, match="benign/, malignant/, normal/.*found an empty folder"):
         convert_busi(tmp_path / "empty", tmp_path / "out")
+
+
+def test_busi_class_folders_without_images(busi_src: Path, tmp_path: Path) -> None:
+    for path in busi_src.rglob("*.png"):
+        path.rename(path.with_name(path.name.replace(" (", "_").replace(")", "")))
+    with pytest.raises(LayoutError, match=r"benign/, malignant/, normal/ in .* but no image named"):
+        convert_busi(busi_src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written before the layout is checked
+
+
+def test_busi_hint_for_a_manifest_folder(tmp_path: Path) -> None:
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack" / "manifest.csv").write_text("image\n")
+    with pytest.raises(LayoutError, match="holding .*manifest.csv.*read by format csv"):
+        convert_busi(tmp_path / "pack", tmp_path / "out")
 
 
 # --------------------------------------------------------------------------- mini-MIAS
@@ -177,12 +192,27 @@ def test_mias_masks_union_and_empty(mias: tuple[Path, pd.DataFrame]) -> None:
 
 
 def test_mias_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(LayoutError, match="not a mini-MIAS layout: .*found nothing at .*nowhere"):
         convert_mias(tmp_path / "nowhere", tmp_path / "out")
     src = make_mias_layout(tmp_path / "src")
     (src / "Info.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="Info.txt"):
+    with pytest.raises(LayoutError, match=r"expected a folder holding Info.txt.*files mdb001.pgm"):
         convert_mias(src, tmp_path / "out")
+
+
+def test_mias_info_without_films_or_pgms(tmp_path: Path) -> None:
+    src = make_mias_layout(tmp_path / "src")
+    for pgm in src.glob("*.pgm"):
+        pgm.unlink()
+    with pytest.raises(LayoutError, match=r"none of the 8 films listed in Info.txt \(e.g. mdb001.pgm\)"):
+        convert_mias(src, tmp_path / "out")
+    (src / "Info.txt").write_text("REFNUM BG CLASS\n")
+    with pytest.raises(LayoutError, match="no line starting with 'mdb'"):
+        convert_mias(src, tmp_path / "out")
+    (src / "Info.txt").write_text("mdb001 X NORM\n")
+    with pytest.raises(LayoutError, match="unknown tissue code 'X'"):
+        convert_mias(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- generic CSV
@@ -266,20 +296,52 @@ def test_csv_missing_contract_columns_added(tmp_path: Path) -> None:
 
 
 def test_csv_errors(csv_source: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(LayoutError, match="not a CSV layout: .*found nothing at .*nope.csv"):
         convert_csv(tmp_path / "nope.csv", tmp_path / "o")
-    with pytest.raises(ValueError, match="missing_col"):
+    with pytest.raises(LayoutError, match="missing_col"):
         convert_csv(csv_source, tmp_path / "o", columns={"missing_col": "image"})
-    with pytest.raises(ValueError, match="no image|image"):
+    with pytest.raises(LayoutError, match="no 'image' column.*columns are: img, lbl"):
         convert_csv(csv_source, tmp_path / "o")  # no image column after mapping
+    with pytest.raises(LayoutError, match="ROI columns not found: radius"):
+        convert_csv(csv_source, tmp_path / "o", columns=_MAPPING, roi=("cx", "cy", "radius"))
+    with pytest.raises(LayoutError, match="column 'tissue', which the CSV does not have"):
+        convert_csv(csv_source, tmp_path / "o", columns=_MAPPING, values={"tissue": {"F": "1"}})
     broken = csv_source.parent / "broken.csv"
     broken.write_text("img\nimages/sub/none.png\n")
-    with pytest.raises(FileNotFoundError, match="none.png"):
+    with pytest.raises(LayoutError, match="none.png"):
         convert_csv(broken, tmp_path / "o", columns={"img": "image"})
+    with pytest.raises(LayoutError, match="a CSV file, or a folder holding manifest.csv.*labels.csv"):
+        convert_csv(csv_source.parent, tmp_path / "o")  # a folder without manifest.csv
+    with pytest.raises(LayoutError, match="a text CSV with a header row.*does not parse"):
+        convert_csv(csv_source.parent / "images" / "sub" / "a.png", tmp_path / "o")
     manifest = csv_source.parent / "manifest.csv"
     manifest.write_text("image\nimages/sub/a.png\n")
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(IngestError, match="overwrite"):
         convert_csv(manifest, csv_source.parent)
+
+
+def test_csv_unmapped_values_warned(csv_source: Path, tmp_path: Path,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        df = convert_csv(csv_source, tmp_path / "o", columns=_MAPPING,
+                         values={"pathology": {"malignant": "malignant"}, "note": {"x": "X"}})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "labels.csv: 2 values of 'pathology' have no value mapping, kept as they are: "
+        "benign (1), normal (1)",
+        "labels.csv: 2 values of 'note' have no value mapping, kept as they are: y (1), z (1)",
+    ]
+    assert list(df["note"]) == ["X", "y", "z"]
+
+
+def test_csv_invalid_label_after_mapping_refused(csv_source: Path, tmp_path: Path) -> None:
+    with pytest.raises(IngestError, match=r"values of 'density' not valid after the value mapping: "
+                                          r"D \(1\), G \(1\); valid: 1, 2, 3, 4 or empty"):
+        convert_csv(csv_source, tmp_path / "o", columns=_MAPPING, values={"density": {"F": "1"}})
+    with pytest.raises(IngestError, match=r"F->5 \(1\)"):
+        convert_csv(csv_source, tmp_path / "o", columns=_MAPPING,
+                    values={"density": {"F": "5", "G": "2", "D": "3"}})
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- DICOM folder
@@ -309,7 +371,8 @@ def test_dicom_folder(dicom_src: Path, tmp_path: Path, caplog: pytest.LogCapture
     assert g == r["group"] == pseudonymize(FAKE_PATIENT_ID, "k1")
     assert df["group"].nunique() == 3
     # Bad files are counted and named, not fatal.
-    assert "2 unreadable" in caplog.text and "1 skipped" in caplog.text
+    assert "1 unreadable" in caplog.text and "1 skipped" in caplog.text
+    assert "1 not DICOM" in caplog.text
     assert "no_pixels.dcm" in caplog.text and "garbage.dcm" in caplog.text
 
 
@@ -353,12 +416,26 @@ def test_dicom_labels_csv(dicom_src: Path, tmp_path: Path) -> None:
 
 
 def test_dicom_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(LayoutError, match="not a DICOM layout: .*found nothing at .*nowhere"):
         convert_dicom(tmp_path / "nowhere", tmp_path / "out")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.dcm").write_bytes(b"junk" * 100)
-    with pytest.raises(ValueError, match="1 unreadable"):
+    with pytest.raises(LayoutError, match=r"1 files not DICOM \(e.g. a.dcm\), 0 unreadable"):
         convert_dicom(tmp_path / "junk", tmp_path / "out")
+    (tmp_path / "junk" / "a.dcm").rename(tmp_path / "junk" / "a.png")
+    with pytest.raises(LayoutError, match="no candidate file .*files a.png"):
+        convert_dicom(tmp_path / "junk", tmp_path / "out")
+    with pytest.raises(IngestError, match="salt"):
+        convert_dicom(make_dicom_files(tmp_path / "src"), tmp_path / "out", salt="")
+
+
+def test_dicom_labels_errors(dicom_src: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    with pytest.raises(LayoutError, match="not a labels CSV layout: .*found nothing at"):
+        convert_dicom(dicom_src, tmp_path / "out", labels_csv=labels)
+    labels.write_text("name,density\nmg_mono2.dcm,3\n")
+    with pytest.raises(LayoutError, match="'file' column.*found .*with columns name, density"):
+        convert_dicom(dicom_src, tmp_path / "out", labels_csv=labels)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -371,7 +448,7 @@ def test_ingest_dispatch(tmp_path: Path) -> None:
     df = ingest("dicom", make_dicom_files(tmp_path / "src"), tmp_path / "d", salt="s",
                 labels_csv=None, modality=None)
     assert len(df) == 4
-    with pytest.raises(ValueError, match="busi, mias, csv, dicom"):
+    with pytest.raises(IngestError, match="busi, mias, csv, dicom"):
         ingest("nifti", tmp_path, tmp_path / "x")
-    with pytest.raises(ValueError, match="roi"):
+    with pytest.raises(IngestError, match="roi"):
         ingest("busi", tmp_path / "src", tmp_path / "x", roi=("x", "y", "r"))

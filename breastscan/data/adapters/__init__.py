@@ -11,6 +11,11 @@ format     source                                     function
 
 Each writes ``out_dir/manifest.csv`` (paths relative to ``out_dir``) and returns it as a
 DataFrame. Modules are imported on first use, so importing this package is cheap.
+
+Input the user can fix (a source not in the expected layout, a missing column, an invalid
+option) is refused with an :class:`~.errors.IngestError` -- usually its subclass
+:class:`~.errors.LayoutError` -- whose message is one line saying what was expected and what
+was found; ``breastscan ingest`` prints it as one ``Error:`` line.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from breastscan.data.adapters.errors import IngestError, LayoutError
 
 FORMATS: tuple[str, ...] = ("busi", "mias", "csv", "dicom")
 """Source formats :func:`ingest` understands."""
@@ -48,11 +55,12 @@ def ingest(fmt: str, source: str | Path, out_dir: str | Path, **options: Any) ->
         The manifest written.
 
     Raises:
-        ValueError: an unknown format, or an option the converter does not take.
+        IngestError: an unknown format, or an option the converter does not take; or the
+            converter's own refusal (:class:`LayoutError` for a source not in the layout).
     """
     key = str(fmt).strip().lower()
     if key not in _DISPATCH:
-        raise ValueError(f"unknown dataset format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+        raise IngestError(f"unknown dataset format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     module, name = _DISPATCH[key]
     convert = getattr(import_module(module), name)
     options = {k: v for k, v in options.items() if v is not None}
@@ -60,7 +68,7 @@ def ingest(fmt: str, source: str | Path, out_dir: str | Path, **options: Any) ->
                                                               "source_dir", "out_dir"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(
+        raise IngestError(
             f"format {key!r} does not take option(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(sorted(accepted)) or 'no options'}"
         )
@@ -75,4 +83,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FORMATS", "ingest", "convert_busi", "convert_mias", "convert_csv", "convert_dicom"]
+__all__ = ["FORMATS", "IngestError", "LayoutError", "ingest", "convert_busi", "convert_mias",
+           "convert_csv", "convert_dicom"]

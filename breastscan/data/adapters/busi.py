@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from breastscan.data.adapters.errors import LayoutError, not_layout
 from breastscan.data.adapters.generic import finish_manifest, read_gray_u8
 from breastscan.imaging.files import write_mask, write_png
 from breastscan.labels import PATHOLOGIES
@@ -42,7 +43,22 @@ _NAME = re.compile(
 )
 
 
-def _scan(class_dir: Path, cls: str) -> tuple[dict[int, Path], dict[int, list[Path]]]:
+_EXPECTED = (
+    "a folder with sub-folders benign/, malignant/, normal/ holding images '<class> (N).png' "
+    "and masks '<class> (N)_mask.png'"
+)
+"""What :func:`convert_busi` needs, as its layout errors say."""
+
+_Scan = tuple[dict[int, Path], dict[int, list[Path]]]
+"""One class folder's images and mask files by original number N."""
+
+
+def _scan(class_dir: Path, cls: str) -> _Scan:
+    """Find a class folder's images and masks (any depth); other files are ignored.
+
+    Raises:
+        LayoutError: two image files carry the same number.
+    """
     images: dict[int, Path] = {}
     masks: dict[int, list[Path]] = {}
     for path in sorted(class_dir.rglob("*")):
@@ -56,12 +72,75 @@ def _scan(class_dir: Path, cls: str) -> tuple[dict[int, Path], dict[int, list[Pa
         if m["mask"]:
             masks.setdefault(n, []).append(path)
         elif n in images:
-            raise ValueError(f"two image files numbered {n} in {class_dir}: {images[n]}, {path}")
+            raise LayoutError(f"two image files numbered {n} in {class_dir}: {images[n]}, {path}")
         else:
             images[n] = path
     for n in masks:
         masks[n].sort(key=lambda p: int(_NAME.match(p.name)["k"] or 0))  # type: ignore[index]
     return images, masks
+
+
+def _scan_source(source: Path) -> dict[str, _Scan]:
+    """Scan every class folder of ``source``, refusing a source that is not a BUSI layout.
+
+    Raises:
+        LayoutError: ``source`` is not a folder, has no class folder, or its class folders
+            hold no image named ``<class> (N).png``.
+    """
+    if not source.is_dir():
+        raise not_layout("BUSI", _EXPECTED, source)
+    class_dirs = {cls: source / cls for cls in PATHOLOGIES if (source / cls).is_dir()}
+    if not class_dirs:
+        raise not_layout("BUSI", _EXPECTED, source)
+    scans = {cls: _scan(class_dir, cls) for cls, class_dir in class_dirs.items()}
+    if not any(images for images, _ in scans.values()):
+        folders = ", ".join(f"{cls}/" for cls in class_dirs)
+        raise not_layout("BUSI", _EXPECTED, source,
+                         found=f"{folders} in {source} but no image named '<class> (N).png' in them")
+    return scans
+
+
+def _union_mask(mask_files: list[Path], image: np.ndarray, img_path: Path) -> np.ndarray:
+    """The union of an image's mask files, as bool.
+
+    Raises:
+        LayoutError: a mask does not decode or its size differs from the image's.
+    """
+    union = np.zeros(image.shape, bool)
+    for mask_path in mask_files:
+        mask = read_gray_u8(mask_path)
+        if mask.shape != image.shape:
+            raise LayoutError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{img_path.name} is {image.shape[1]}x{image.shape[0]}"
+            )
+        union |= mask > 127
+    return union
+
+
+def _convert_image(cls: str, n: int, img_path: Path, mask_files: list[Path],
+                   out_dir: Path) -> dict[str, object]:
+    """Write one image (and the union of its masks) under ``out_dir``; its manifest row."""
+    image = read_gray_u8(img_path)
+    stem = f"{cls}_{n:04d}"
+    image_rel = f"images/{cls}/{stem}.png"
+    write_png(out_dir / image_rel, image)
+    mask_rel = ""
+    if mask_files:
+        mask_rel = f"masks/{cls}/{stem}_mask.png"
+        write_mask(out_dir / mask_rel, _union_mask(mask_files, image, img_path))
+    else:
+        logger.warning("image without mask file: %s/%s", cls, img_path.name)
+    return {
+        "image": image_rel,
+        "modality": "ultrasound",
+        "density": "",
+        "pathology": cls,
+        "mask": mask_rel,
+        "group": f"busi-{cls}-{n:04d}",
+        "source_file": f"{cls}/{img_path.name}",
+        "n_masks": len(mask_files),
+    }
 
 
 def convert_busi(source: str | Path, out_dir: str | Path) -> pd.DataFrame:
@@ -78,65 +157,24 @@ def convert_busi(source: str | Path, out_dir: str | Path) -> pd.DataFrame:
         ``n_masks`` (number of mask files united).
 
     Raises:
-        FileNotFoundError: ``source`` is not a folder.
-        ValueError: no class folder or no image found; an image does not decode; a mask's
-            size differs from its image (the message names the file).
+        LayoutError: ``source`` is not a folder, has no class folder or no image; two
+            images share a number; an image or mask does not decode; a mask's size differs
+            from its image (the message names the file). Nothing is written before the
+            layout is checked.
     """
     source, out_dir = Path(source), Path(out_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"BUSI source folder not found: {source}")
-    class_dirs = {cls: source / cls for cls in PATHOLOGIES if (source / cls).is_dir()}
-    if not class_dirs:
-        raise ValueError(
-            f"{source} has none of the BUSI class folders {', '.join(PATHOLOGIES)}"
-        )
-
+    scans = _scan_source(source)
     rows: list[dict[str, object]] = []
-    no_mask = orphans = 0
-    for cls, class_dir in class_dirs.items():
-        images, masks = _scan(class_dir, cls)
+    orphans = 0
+    for cls, (images, masks) in scans.items():
         for n in sorted(set(masks) - set(images)):
             orphans += 1
             logger.warning("mask without image ignored: %s", masks[n][0].name)
-        for n in sorted(images):
-            img_path = images[n]
-            image = read_gray_u8(img_path)
-            stem = f"{cls}_{n:04d}"
-            image_rel = f"images/{cls}/{stem}.png"
-            write_png(out_dir / image_rel, image)
-            mask_files = masks.get(n, [])
-            mask_rel = ""
-            if mask_files:
-                union = np.zeros(image.shape, bool)
-                for mask_path in mask_files:
-                    mask = read_gray_u8(mask_path)
-                    if mask.shape != image.shape:
-                        raise ValueError(
-                            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                            f"{img_path.name} is {image.shape[1]}x{image.shape[0]}"
-                        )
-                    union |= mask > 127
-                mask_rel = f"masks/{cls}/{stem}_mask.png"
-                write_mask(out_dir / mask_rel, union)
-            else:
-                no_mask += 1
-                logger.warning("image without mask file: %s/%s", cls, img_path.name)
-            rows.append({
-                "image": image_rel,
-                "modality": "ultrasound",
-                "density": "",
-                "pathology": cls,
-                "mask": mask_rel,
-                "group": f"busi-{cls}-{n:04d}",
-                "source_file": f"{cls}/{img_path.name}",
-                "n_masks": len(mask_files),
-            })
-    if not rows:
-        raise ValueError(f"no BUSI images ('<class> (N).png') found under {source}")
+        rows += [_convert_image(cls, n, images[n], masks.get(n, []), out_dir) for n in sorted(images)]
     df = finish_manifest(rows, out_dir)
-    counts = df["pathology"].value_counts().to_dict()
     logger.info(
         "BUSI: %d images %s, %d without mask, %d orphan masks -> %s",
-        len(df), counts, no_mask, orphans, out_dir,
+        len(df), df["pathology"].value_counts().to_dict(), int((df["n_masks"] == 0).sum()),
+        orphans, out_dir,
     )
     return df

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from breastscan.data.adapters.generic import finish_manifest, image_size
+from breastscan.data.adapters.errors import IngestError, LayoutError, describe, not_layout
+from breastscan.data.adapters.generic import finish_manifest, image_size, read_table
 from breastscan.imaging.files import write_png
 from breastscan.imaging.preprocessing import DICOM_MAGIC, ImageDecodeError
 from breastscan.labels import MODALITIES
@@ -48,6 +49,9 @@ SKIP_SUFFIXES = frozenset({
 
 LABEL_COLUMNS = ("density", "pathology", "mask")
 """Columns a labels CSV may provide (anything else in it is ignored)."""
+
+_EXPECTED = "a folder of DICOM files (MG or US; any extension, sub-folders allowed)"
+"""What :func:`convert_dicom` needs, as its layout errors say."""
 
 
 def _candidates(source: Path, exclude: set[Path]) -> list[Path]:
@@ -70,16 +74,23 @@ def _has_preamble(path: Path) -> bool:
 
 
 def _read_labels(labels_csv: Path) -> dict[str, dict[str, str]]:
+    """The labels CSV's rows by file key.
+
+    Raises:
+        LayoutError: the CSV is missing, does not parse, has no ``file`` column or lists a
+            file twice.
+    """
+    expected = "a labels CSV with a 'file' column and any of density, pathology, mask"
     if not labels_csv.is_file():
-        raise FileNotFoundError(f"labels CSV not found: {labels_csv}")
-    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
-    table.columns = [str(c).strip() for c in table.columns]
+        raise not_layout("labels CSV", expected, labels_csv)
+    table = read_table(labels_csv)
     if "file" not in table.columns:
-        raise ValueError(f"labels CSV {labels_csv} needs a 'file' column (the DICOM file name)")
+        raise not_layout("labels CSV", expected, labels_csv,
+                         found=f"{labels_csv} with columns {', '.join(table.columns)}")
     keys = table["file"].str.strip()
     dups = sorted(set(keys[keys.duplicated()]))
     if dups:
-        raise ValueError(f"labels CSV {labels_csv} lists files more than once: {', '.join(dups[:5])}")
+        raise LayoutError(f"labels CSV {labels_csv} lists files more than once: {', '.join(dups[:5])}")
     cols = [c for c in LABEL_COLUMNS if c in table.columns]
     return {
         key: {c: str(row[c]).strip() for c in cols}
@@ -101,7 +112,9 @@ class _Conversion:
         labels_dir: the folder the labels' mask paths are relative to.
         used_labels: label keys matched by a converted file so far.
         seen_outputs: image paths (relative to ``out_dir``) written so far.
-        unreadable: files that did not decode as a DICOM image.
+        not_dicom: files that are not DICOM at all (no preamble, do not parse), by path
+            under ``source_dir``.
+        unreadable: DICOM files (with the preamble) that did not decode as an image.
         skipped_modality: files skipped for a modality other than MG / US.
     """
 
@@ -114,18 +127,24 @@ class _Conversion:
     labels_dir: Path
     used_labels: set[str] = field(default_factory=set)
     seen_outputs: set[str] = field(default_factory=set)
+    not_dicom: list[str] = field(default_factory=list)
     unreadable: int = 0
     skipped_modality: int = 0
 
 
 def _check_arguments(source_dir: Path, modality: str | None, salt: str) -> None:
-    """Refuse a missing source folder, an unknown modality override or an empty salt."""
+    """Refuse a missing source folder, an unknown modality override or an empty salt.
+
+    Raises:
+        LayoutError: ``source_dir`` is not a folder.
+        IngestError: an unknown ``modality`` or an empty ``salt``.
+    """
     if not source_dir.is_dir():
-        raise FileNotFoundError(f"DICOM source folder not found: {source_dir}")
+        raise not_layout("DICOM", _EXPECTED, source_dir)
     if modality is not None and modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        raise IngestError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if not salt:
-        raise ValueError("salt must be a non-empty string")
+        raise IngestError("salt must be a non-empty string")
 
 
 def _load_labels(
@@ -144,11 +163,19 @@ def _load_labels(
     return labels, exclude, labels_dir
 
 
-def _decode(path: Path, rel: Path) -> tuple[DicomImage, str, str] | None:
-    """Decode one candidate file: its image, PatientID and laterality (upper case), or
-    ``None`` (a warning logged, naming the file only) when it is not a readable DICOM image."""
+def _decode(path: Path, rel: Path) -> tuple[DicomImage, str, str] | str:
+    """Decode one candidate file: its image, PatientID and laterality (upper case); or why
+    not: ``"unreadable"`` (a DICOM file that does not decode; a warning logged, naming the
+    file only) or ``"not DICOM"`` (logged at DEBUG: folders often hold other files)."""
+    import pydicom  # noqa: F401  (imported first: its import sets its logger's level)
+
     from breastscan.imaging.dicom import dataset_to_image, load_dataset
 
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    # pydicom logs what it makes of a file that is not DICOM (and may quote element values):
+    # keep it out of the log; this function says what it needs to.
+    pydicom_log.setLevel(logging.ERROR)
     try:
         ds = load_dataset(path)
         image = dataset_to_image(ds)
@@ -159,9 +186,11 @@ def _decode(path: Path, rel: Path) -> tuple[DicomImage, str, str] | None:
     except ImageDecodeError as exc:
         if _has_preamble(path):
             logger.warning("unreadable DICOM %s: %s", rel.as_posix(), exc)
-        else:
-            logger.warning("not a readable DICOM file, skipped: %s", rel.as_posix())
-        return None
+            return "unreadable"
+        logger.debug("not a readable DICOM file, skipped: %s", rel.as_posix())
+        return "not DICOM"
+    finally:
+        pydicom_log.setLevel(level)
     return image, patient_id, laterality
 
 
@@ -189,18 +218,18 @@ def _label_mask(conv: _Conversion, label: dict[str, str], rel: Path, shape: tupl
     """The path of a file's labels mask relative to ``conv.out_abs`` (``""`` when none).
 
     Raises:
-        FileNotFoundError: the mask does not exist.
-        ValueError: its ``(H, W)`` differs from the image's ``shape``.
+        LayoutError: the mask does not exist or its ``(H, W)`` differs from the image's
+            ``shape``.
     """
     if not label.get("mask"):
         return ""
     mask_path = Path(label["mask"])
     mask_path = mask_path if mask_path.is_absolute() else conv.labels_dir / mask_path
     if not mask_path.is_file():
-        raise FileNotFoundError(f"mask for {rel.as_posix()} not found: {mask_path}")
+        raise LayoutError(f"mask for {rel.as_posix()} not found: {mask_path}")
     if image_size(mask_path) != shape:
         h, w = image_size(mask_path)
-        raise ValueError(
+        raise LayoutError(
             f"mask {mask_path} is {w}x{h} but image {rel.as_posix()} is "
             f"{shape[1]}x{shape[0]}"
         )
@@ -214,7 +243,10 @@ def _convert_file(conv: _Conversion, path: Path) -> dict[str, object] | None:
 
     rel = path.relative_to(conv.source_dir)
     decoded = _decode(path, rel)
-    if decoded is None:
+    if decoded == "not DICOM":
+        conv.not_dicom.append(rel.as_posix())
+        return None
+    if isinstance(decoded, str):
         conv.unreadable += 1
         return None
     image, patient_id, laterality = decoded
@@ -271,11 +303,10 @@ def convert_dicom(
         ``laterality`` and ``source_file``).
 
     Raises:
-        FileNotFoundError: ``source_dir`` or ``labels_csv`` does not exist, or a mask
-            named by the labels does not exist.
-        ValueError: an unknown ``modality``, an empty ``salt``, a labels CSV without a
-            ``file`` column or with duplicate keys, a labels mask whose size differs from
-            its image, or no file could be converted.
+        LayoutError: ``source_dir`` is not a folder or no file in it converts; the labels
+            CSV is missing, has no ``file`` column or duplicate keys; a labels mask is
+            missing or its size differs from its image.
+        IngestError: an unknown ``modality`` or an empty ``salt``.
     """
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     _check_arguments(source_dir, modality, salt)
@@ -288,19 +319,32 @@ def convert_dicom(
         if row is not None:
             rows.append(row)
 
+    if not rows:
+        raise _nothing_converted(conv)
     unused = len(labels) - len(conv.used_labels)
     if unused:
         logger.warning("%d label rows name no converted DICOM file", unused)
-    if not rows:
-        raise ValueError(
-            f"no DICOM image converted from {source_dir} ({conv.unreadable} unreadable, "
-            f"{conv.skipped_modality} skipped for modality)"
-        )
+    if conv.not_dicom:
+        logger.warning("%d files are not DICOM and were skipped (e.g. %s)",
+                       len(conv.not_dicom), ", ".join(conv.not_dicom[:3]))
     df = finish_manifest(rows, out_dir)
     logger.info(
         "DICOM: %d images converted (%s), %d unreadable, %d skipped (modality not MG/US), "
-        "%d distinct groups -> %s",
+        "%d not DICOM, %d distinct groups -> %s",
         len(df), df["modality"].value_counts().to_dict(), conv.unreadable, conv.skipped_modality,
-        df["group"].nunique(), out_dir,
+        len(conv.not_dicom), df["group"].nunique(), out_dir,
     )
     return df
+
+
+def _nothing_converted(conv: _Conversion) -> LayoutError:
+    """The error for a folder from which no file converted, saying what it holds."""
+    if not (conv.not_dicom or conv.unreadable or conv.skipped_modality):
+        return not_layout("DICOM", _EXPECTED, conv.source_dir,
+                          found=f"no candidate file (images, text and CSV files are never tried) "
+                                f"in {describe(conv.source_dir)}")
+    found = (f"no convertible DICOM image in {conv.source_dir}: {len(conv.not_dicom)} files not "
+             f"DICOM{' (e.g. ' + ', '.join(conv.not_dicom[:3]) + ')' if conv.not_dicom else ''}, "
+             f"{conv.unreadable} unreadable DICOM, {conv.skipped_modality} of a modality other "
+             f"than MG/US (a modality override converts those)")
+    return not_layout("DICOM", _EXPECTED, conv.source_dir, found=found)

@@ -16,8 +16,8 @@ By default the output manifest references the source files in place (paths relat
 the output folder), so nothing is duplicated; ``copy=True`` copies them under the output
 folder. Masks rasterised from ROI columns are always written under ``out_dir/masks/``.
 
-The helpers :func:`read_gray_u8` and :func:`finish_manifest` are shared by the other
-adapters of this package.
+The helpers :func:`read_gray_u8`, :func:`read_table` and :func:`finish_manifest` are shared by
+the other adapters of this package.
 """
 
 from __future__ import annotations
@@ -32,13 +32,25 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from breastscan.data.adapters.errors import IngestError, LayoutError, not_layout
 from breastscan.data.manifest import CONTRACT_COLUMNS, MANIFEST_NAME, order_columns, write_manifest
 from breastscan.imaging.files import read_mask, write_mask
+from breastscan.labels import DENSITY_LEVELS, MODALITIES, PATHOLOGIES
 
 logger = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("image", "mask")
 """Contract columns holding file paths."""
+
+VALUE_SETS: dict[str, tuple[str, ...]] = {
+    "modality": tuple(MODALITIES),
+    "density": tuple(str(d) for d in DENSITY_LEVELS),
+    "pathology": tuple(PATHOLOGIES),
+}
+"""Contract columns with a fixed set of values (besides empty = unknown)."""
+
+_EXPECTED = "a CSV file, or a folder holding manifest.csv"
+"""What :func:`convert_csv` reads, as its layout errors say."""
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -55,18 +67,18 @@ def read_gray_u8(path: str | Path) -> np.ndarray:
         16-bit images are scaled by 255/65535.
 
     Raises:
-        ValueError: when the file does not decode as an image (the message names it).
+        LayoutError: when the file does not decode as an image (the message names it).
     """
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise ValueError(f"not a readable image: {path}")
+        raise LayoutError(f"not a readable image: {path}")
     if arr.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if arr.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         arr = arr[:, :, 0] if arr.shape[2] == 1 else cv2.cvtColor(arr, code)
     if arr.dtype == np.uint16:
         arr = np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
     elif arr.dtype != np.uint8:
-        raise ValueError(f"unsupported pixel type {arr.dtype} in {path}")
+        raise LayoutError(f"unsupported pixel type {arr.dtype} in {path}")
     return arr
 
 
@@ -87,6 +99,28 @@ def finish_manifest(rows: list[dict[str, object]] | pd.DataFrame, out_dir: Path)
             df[col] = ""
     df = order_columns(df).reset_index(drop=True)
     write_manifest(df, out_dir)
+    return df
+
+
+def read_table(source_csv: Path) -> pd.DataFrame:
+    """Read a CSV file, every cell as text (empty cells as ``""``), header names stripped.
+
+    Args:
+        source_csv: the CSV file.
+
+    Returns:
+        Its rows, columns as in the file.
+
+    Raises:
+        LayoutError: the file is not a text CSV with a header row.
+    """
+    try:
+        df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        reason = " ".join(str(exc).split())
+        raise not_layout("CSV", "a text CSV with a header row", source_csv,
+                         found=f"{source_csv}, which does not parse ({reason})") from exc
+    df.columns = [str(c).strip() for c in df.columns]
     return df
 
 
@@ -174,17 +208,20 @@ def _source_path(value: str, csv_dir: Path) -> Path:
     return p if p.is_absolute() else csv_dir / p
 
 
-def _locate_source(source_csv: str | Path, out_dir: Path) -> Path:
-    """The CSV to read (``manifest.csv`` inside a folder); refuse a missing one or one the
-    output would overwrite."""
-    source_csv = Path(source_csv)
-    if source_csv.is_dir():
-        source_csv = source_csv / MANIFEST_NAME
+def _locate_source(source: str | Path, out_dir: Path) -> Path:
+    """The CSV to read (``manifest.csv`` inside a folder).
+
+    Raises:
+        LayoutError: no such CSV.
+        IngestError: the output would overwrite it.
+    """
+    source = Path(source)
+    source_csv = source / MANIFEST_NAME if source.is_dir() else source
     if not source_csv.is_file():
-        raise FileNotFoundError(f"source CSV not found: {source_csv}")
+        raise not_layout("CSV", _EXPECTED, source)
     target = out_dir / MANIFEST_NAME
     if target.exists() and target.resolve() == source_csv.resolve():
-        raise ValueError(f"refusing to overwrite the source CSV {source_csv}: choose another out_dir")
+        raise IngestError(f"refusing to overwrite the source CSV {source_csv}: choose another out_dir")
     return source_csv
 
 
@@ -194,19 +231,25 @@ def _roi_values(
     """Check the three ROI column names and copy their source values (before any rename)."""
     roi = tuple(roi)  # type: ignore[assignment]
     if len(roi) != 3:
-        raise ValueError(f"roi must name 3 columns (x, y, radius), got {roi!r}")
+        raise IngestError(f"roi must name 3 columns (x, y, radius), got {roi!r}")
     missing_roi = [c for c in roi if c not in df.columns]
     if missing_roi:
-        raise ValueError(f"{source_csv}: ROI columns not found: {', '.join(missing_roi)}")
+        raise LayoutError(f"{source_csv}: ROI columns not found: {', '.join(missing_roi)} "
+                          f"(columns are: {', '.join(df.columns)})")
     return roi, df[list(roi)].copy()
 
 
 def _rename_columns(df: pd.DataFrame, columns: Mapping[str, str], source_csv: Path) -> pd.DataFrame:
-    """Apply the source → contract column renames, refusing missing or colliding columns."""
+    """Apply the source → contract column renames.
+
+    Raises:
+        LayoutError: a column to rename is missing, or no ``image`` column results.
+        IngestError: a rename collides with an existing column or another rename.
+    """
     columns = dict(columns)
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise LayoutError(
             f"{source_csv}: columns to map not found: {', '.join(missing)} "
             f"(columns are: {', '.join(df.columns)})"
         )
@@ -214,11 +257,51 @@ def _rename_columns(df: pd.DataFrame, columns: Mapping[str, str], source_csv: Pa
     clash = [t for t in targets if t in df.columns and t not in columns]
     dup_targets = {t for t in targets if targets.count(t) > 1}
     if clash or dup_targets:
-        raise ValueError(
+        raise IngestError(
             f"{source_csv}: mapping would create duplicate columns: "
             f"{', '.join(sorted(set(clash) | dup_targets))}"
         )
+    if "image" not in targets and "image" not in df.columns:
+        raise LayoutError(
+            f"{source_csv}: no 'image' column: expected a column of image paths named 'image' "
+            f"or mapped to it (columns are: {', '.join(df.columns)})"
+        )
     return df.rename(columns=columns)
+
+
+def _counts(values: pd.Series) -> str:
+    """``"B (12), C (7)"``: each distinct value with its count, most frequent first."""
+    counts = sorted(values.value_counts().items(), key=lambda vn: (-vn[1], str(vn[0])))
+    return ", ".join(f"{v} ({n})" for v, n in counts)
+
+
+def _map_values(df: pd.DataFrame, column: str, mapping: Mapping[str, str], source_csv: Path) -> None:
+    """In place: rename the values of one column; warn about the values left unmapped.
+
+    Empty cells stay empty (unknown). For a column with a fixed value set
+    (:data:`VALUE_SETS`), a value that is not valid after the mapping is refused.
+
+    Raises:
+        IngestError: a value of a :data:`VALUE_SETS` column is invalid after the mapping.
+    """
+    mapping = {str(k).strip(): str(v).strip() for k, v in mapping.items()}
+    source = df[column]
+    mapped = source.map(lambda v: mapping.get(v, v))
+    valid = VALUE_SETS.get(column)
+    if valid is not None:
+        bad = (mapped != "") & ~mapped.isin(valid)
+        if bad.any():
+            shown = source.where(~source.isin(list(mapping)), source + "->" + mapped)
+            raise IngestError(
+                f"{source_csv}: values of {column!r} not valid after the value mapping: "
+                f"{_counts(shown[bad])}; valid: {', '.join(valid)} or empty (map each one, "
+                f"e.g. --value {column}:SRC=DST)"
+            )
+    unmapped = (source != "") & ~source.isin(list(mapping))
+    if unmapped.any():
+        logger.warning("%s: %d values of %r have no value mapping, kept as they are: %s",
+                       source_csv.name, source[unmapped].nunique(), column, _counts(source[unmapped]))
+    df[column] = mapped
 
 
 def _normalise_cells(
@@ -227,33 +310,45 @@ def _normalise_cells(
     values: Mapping[str, Mapping[str, str]] | None,
     source_csv: Path,
 ) -> None:
-    """In place: add empty contract columns, strip every cell, fill ``modality``, apply the
-    value renames; refuse rows without an image path."""
+    """In place: add empty contract columns, strip every cell, apply the value renames
+    (:func:`_map_values`), fill empty ``modality`` cells.
+
+    Raises:
+        LayoutError: a row has no image path, or a value mapping names a column the CSV
+            does not have (after the column renames).
+        IngestError: a value is not valid after its column's value mapping.
+    """
+    unknown = [repr(c) for c in (values or {}) if c not in df.columns]
+    if unknown:
+        raise LayoutError(f"{source_csv}: values given for column {', '.join(unknown)}, which the "
+                          f"CSV does not have (columns after the renames: {', '.join(df.columns)})")
     for col in CONTRACT_COLUMNS:
         if col not in df.columns:
             df[col] = ""
     for col in df.columns:
         df[col] = df[col].astype(str).str.strip()
 
+    for col, mapping in (values or {}).items():
+        _map_values(df, col, mapping, source_csv)
     if modality is not None:
         df.loc[df["modality"] == "", "modality"] = modality
-    for col, mapping in (values or {}).items():
-        if col not in df.columns:
-            raise ValueError(f"values given for unknown column {col!r}")
-        df[col] = df[col].map(lambda v, m=dict(mapping): m.get(v, v))
 
     if (df["image"] == "").any():
         bad = int((df["image"] == "").sum())
-        raise ValueError(f"{source_csv}: {bad} rows have no image path")
+        raise LayoutError(f"{source_csv}: {bad} rows have no image path")
 
 
 def _check_files_exist(df: pd.DataFrame, csv_dir: Path, source_csv: Path) -> None:
-    """Refuse a CSV naming image or mask files that do not exist (the first three named)."""
+    """Refuse a CSV naming image or mask files that do not exist (the first three named).
+
+    Raises:
+        LayoutError: a named file does not exist.
+    """
     missing_files = [
         v for col in PATH_COLUMNS for v in df[col] if v and not _source_path(v, csv_dir).is_file()
     ]
     if missing_files:
-        raise FileNotFoundError(
+        raise LayoutError(
             f"{source_csv}: {len(missing_files)} referenced files do not exist, e.g. "
             f"{', '.join(missing_files[:3])} (paths are relative to {csv_dir})"
         )
@@ -294,7 +389,7 @@ def _roi_mask(
     if own_path is not None:
         own = read_mask(own_path)
         if own.shape != shape:
-            raise ValueError(
+            raise LayoutError(
                 f"mask {own_path} is {own.shape[1]}x{own.shape[0]} but its image "
                 f"{img} is {shape[1]}x{shape[0]}"
             )
@@ -353,8 +448,11 @@ def convert_csv(
             ``{"label": "pathology", "dup_group": "group"}``.
         modality: modality written into every row whose ``modality`` is empty (or every
             row when the CSV has no such column).
-        values: per contract column, value renames, e.g. ``{"density": {"F": "1"}}``;
-            values not listed are kept.
+        values: per column (after the ``columns`` renames), value renames, e.g.
+            ``{"density": {"F": "1"}}``. Values not listed are kept, with ONE warning per
+            column naming them and their counts; empty cells stay empty. In ``modality``,
+            ``density`` and ``pathology`` (:data:`VALUE_SETS`), a value that is still not
+            valid after the renames (unmapped, or mapped to an invalid value) is refused.
         roi: ``(x_col, y_col, radius_col)`` source columns of a circular lesion (centre
             column ``x``, row ``y``, radius, all in the image's pixels, origin at the
             top-left). Each row gets ``masks/<image path>_mask.png``: the circle (united
@@ -368,18 +466,19 @@ def convert_csv(
         values as text, empty cells as ``""`` (an empty ``group`` stays empty).
 
     Raises:
-        FileNotFoundError: the CSV, or an image/mask it names, does not exist.
-        ValueError: a mapped column is missing, a rename collides with an existing
-            column, the ``image`` column is missing or has empty cells, the output would
-            overwrite the source CSV, or an existing mask's size differs from its image.
+        LayoutError: the CSV, or an image/mask it names, does not exist; the CSV does not
+            parse; a column to rename, a value-mapped column or a ROI column is missing;
+            there is no ``image`` column or it has empty cells; an existing mask's size
+            differs from its image.
+        IngestError: a rename collides with an existing column, a value is not valid
+            after its value mapping, or the output would overwrite the source CSV.
     """
     out_dir = Path(out_dir)
     source_csv = _locate_source(source_csv, out_dir)
     csv_dir = Path(os.path.abspath(source_csv.parent))
     out_abs = Path(os.path.abspath(out_dir))
 
-    df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)
-    df.columns = [str(c).strip() for c in df.columns]
+    df = read_table(source_csv)
     if roi is not None:
         roi, roi_values = _roi_values(df, roi, source_csv)
     df = _rename_columns(df, columns or {}, source_csv)

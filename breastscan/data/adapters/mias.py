@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from breastscan.data.adapters.errors import LayoutError, describe, not_layout
 from breastscan.data.adapters.generic import finish_manifest, rasterise_circles, read_gray_u8
 from breastscan.imaging.files import write_mask, write_png
 from breastscan.labels import MIAS_DENSITY
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 _REFNUM = re.compile(r"^mdb(\d{3,})$", re.IGNORECASE)
 _SEVERITY = {"B": "benign", "M": "malignant"}
+_EXPECTED = "a folder holding Info.txt and the films it lists as mdbNNN.pgm"
+"""What :func:`convert_mias` needs, as its layout errors say."""
 
 
 @dataclass
@@ -74,7 +77,7 @@ def parse_info(path: str | Path) -> dict[str, _Film]:
         ``refnum`` (e.g. ``"mdb001"``) → film record, in file order.
 
     Raises:
-        ValueError: a film line with an unknown tissue code or too few fields.
+        LayoutError: a film line with an unknown tissue code or too few fields.
     """
     films: dict[str, _Film] = {}
     for lineno, raw in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
@@ -82,10 +85,10 @@ def parse_info(path: str | Path) -> dict[str, _Film]:
         if not tokens or not _REFNUM.match(tokens[0]):
             continue
         if len(tokens) < 3:
-            raise ValueError(f"{path}:{lineno}: expected REFNUM TISSUE CLASS, got {raw.strip()!r}")
+            raise LayoutError(f"{path}:{lineno}: expected REFNUM TISSUE CLASS, got {raw.strip()!r}")
         refnum, tissue, cls = tokens[0].lower(), tokens[1].upper(), tokens[2].upper()
         if tissue not in MIAS_DENSITY:
-            raise ValueError(
+            raise LayoutError(
                 f"{path}:{lineno}: unknown tissue code {tissue!r} (expected one of "
                 f"{', '.join(MIAS_DENSITY)})"
             )
@@ -114,13 +117,78 @@ def _pathology(film: _Film) -> str:
 
 
 def _find_info(source: Path) -> Path:
-    for name in ("Info.txt", "info.txt", "INFO.TXT"):
-        if (source / name).is_file():
-            return source / name
-    matches = [p for p in source.iterdir() if p.is_file() and p.name.lower() == "info.txt"]
-    if matches:
-        return matches[0]
-    raise FileNotFoundError(f"no Info.txt in MIAS source folder {source}")
+    """The ``Info.txt`` of a MIAS folder (any case of the name).
+
+    Raises:
+        LayoutError: ``source`` is not a folder or holds no ``Info.txt``.
+    """
+    if not source.is_dir():
+        raise not_layout("mini-MIAS", _EXPECTED, source)
+    matches = [p for p in sorted(source.iterdir()) if p.is_file() and p.name.lower() == "info.txt"]
+    if not matches:
+        raise not_layout("mini-MIAS", _EXPECTED, source)
+    return next((p for p in matches if p.name == "Info.txt"), matches[0])
+
+
+def _films_with_pgm(source: Path) -> tuple[Path, dict[str, tuple[_Film, Path]]]:
+    """Read ``Info.txt`` and pair each film it lists with its PGM; warn about the rest.
+
+    Returns:
+        The ``Info.txt`` path, and ``refnum`` → (film, PGM path) for the films whose PGM exists.
+
+    Raises:
+        LayoutError: no ``Info.txt``, it lists no film, or no listed film has a PGM.
+    """
+    info = _find_info(source)
+    films = parse_info(info)
+    if not films:
+        raise not_layout("mini-MIAS", "Info.txt lines 'mdbNNN TISSUE CLASS ...'", source,
+                         found=f"no line starting with 'mdb' in {info}")
+    pgms = {p.stem.lower(): p for p in source.iterdir() if p.suffix.lower() == ".pgm"}
+    paired = {ref: (film, pgms[ref]) for ref, film in films.items() if ref in pgms}
+    if not paired:
+        raise not_layout("mini-MIAS", _EXPECTED, source,
+                         found=f"none of the {len(films)} films listed in {info.name} "
+                               f"(e.g. {next(iter(films))}.pgm) in {describe(source)}")
+    missing = [ref for ref in films if ref not in paired]
+    if missing:
+        logger.warning("%d films listed in %s have no PGM file and were skipped (e.g. %s.pgm)",
+                       len(missing), info.name, missing[0])
+    extra = sorted(set(pgms) - set(films))
+    if extra:
+        logger.warning("%d PGM files are not listed in %s and were skipped (e.g. %s)",
+                       len(extra), info.name, extra[0])
+    return info, paired
+
+
+def _convert_film(film: _Film, pgm: Path, out_dir: Path) -> dict[str, object]:
+    """Write one film and its lesion mask under ``out_dir``; its manifest row."""
+    refnum = film.refnum
+    image = read_gray_u8(pgm)
+    height = image.shape[0]
+    number = int(_REFNUM.match(refnum)[1])  # type: ignore[index]
+    # MIAS coordinates: origin at the bottom-left → row = H - y.
+    circles = [(x, height - y, r) for x, y, r in film.circles]
+    image_rel, mask_rel = f"images/{refnum}.png", f"masks/{refnum}_mask.png"
+    write_png(out_dir / image_rel, image)
+    write_mask(out_dir / mask_rel, rasterise_circles(image.shape, circles))
+    pathology = _pathology(film)
+    if not pathology:
+        logger.warning("%s: abnormality without B/M severity; pathology left empty", refnum)
+    return {
+        "image": image_rel,
+        "modality": "mammography",
+        "density": MIAS_DENSITY.index(film.tissue) + 1,
+        "pathology": pathology,
+        "mask": mask_rel,
+        "group": f"p{(number + 1) // 2:03d}",
+        "refnum": refnum,
+        "laterality": "R" if number % 2 else "L",
+        "tissue": film.tissue,
+        "abnormality": "|".join(dict.fromkeys(film.classes)) or "NORM",
+        "n_lesions": len(film.classes),
+        "has_roi": bool(circles),
+    }
 
 
 def convert_mias(source: str | Path, out_dir: str | Path) -> pd.DataFrame:
@@ -135,66 +203,17 @@ def convert_mias(source: str | Path, out_dir: str | Path) -> pd.DataFrame:
         The manifest written, one row per film listed in ``Info.txt`` whose PGM exists.
 
     Raises:
-        FileNotFoundError: ``source`` is not a folder or has no ``Info.txt``.
-        ValueError: ``Info.txt`` lists no film, no listed film has a PGM, a film does not
-            decode.
+        LayoutError: ``source`` is not a folder or has no ``Info.txt``; ``Info.txt`` lists
+            no film or has a malformed film line; no listed film has a PGM; a film does not
+            decode. Nothing is written before the layout is checked.
     """
     source, out_dir = Path(source), Path(out_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"MIAS source folder not found: {source}")
-    info = _find_info(source)
-    films = parse_info(info)
-    if not films:
-        raise ValueError(f"{info} lists no film (no line starts with 'mdb')")
-    pgms = {p.stem.lower(): p for p in source.iterdir() if p.suffix.lower() == ".pgm"}
-
-    rows: list[dict[str, object]] = []
-    missing = 0
-    unknown_pathology = 0
-    for refnum, film in films.items():
-        pgm = pgms.get(refnum)
-        if pgm is None:
-            missing += 1
-            logger.warning("%s is listed in %s but %s.pgm is missing; skipped",
-                           refnum, info.name, refnum)
-            continue
-        image = read_gray_u8(pgm)
-        height = image.shape[0]
-        number = int(_REFNUM.match(refnum)[1])  # type: ignore[index]
-        # MIAS coordinates: origin at the bottom-left → row = H - y.
-        circles = [(x, height - y, r) for x, y, r in film.circles]
-        mask = rasterise_circles(image.shape, circles)
-        image_rel, mask_rel = f"images/{refnum}.png", f"masks/{refnum}_mask.png"
-        write_png(out_dir / image_rel, image)
-        write_mask(out_dir / mask_rel, mask)
-        pathology = _pathology(film)
-        if not pathology:
-            unknown_pathology += 1
-            logger.warning("%s: abnormality without B/M severity; pathology left empty", refnum)
-        rows.append({
-            "image": image_rel,
-            "modality": "mammography",
-            "density": MIAS_DENSITY.index(film.tissue) + 1,
-            "pathology": pathology,
-            "mask": mask_rel,
-            "group": f"p{(number + 1) // 2:03d}",
-            "refnum": refnum,
-            "laterality": "R" if number % 2 else "L",
-            "tissue": film.tissue,
-            "abnormality": "|".join(dict.fromkeys(film.classes)) or "NORM",
-            "n_lesions": len(film.classes),
-            "has_roi": bool(circles),
-        })
-    extra = sorted(set(pgms) - set(films))
-    if extra:
-        logger.warning("%d PGM files are not listed in %s and were skipped (e.g. %s)",
-                       len(extra), info.name, extra[0])
-    if not rows:
-        raise ValueError(f"none of the films listed in {info} has a PGM file in {source}")
+    info, paired = _films_with_pgm(source)
+    rows = [_convert_film(film, pgm, out_dir) for film, pgm in paired.values()]
     df = finish_manifest(rows, out_dir)
     logger.info(
-        "MIAS: %d films %s, %d with ROI, %d listed but missing, %d with unknown pathology -> %s",
+        "MIAS: %d films %s, %d with ROI, %d with unknown pathology (from %s) -> %s",
         len(df), df["pathology"].value_counts().to_dict(), int(df["has_roi"].sum()),
-        missing, unknown_pathology, out_dir,
+        int((df["pathology"] == "").sum()), info.name, out_dir,
     )
     return df

@@ -1,0 +1,192 @@
+"""Real data, first class: from the public BUSI pack to served models, with no code edit.
+
+In a throwaway git+DVC repo (:func:`tests.pipelines.repo.make_repo`) the test runs what the
+README's "Real data" section tells a user to run, on a small real subset of the BUSI pack
+(../shared/datasets; skipped when absent): ``breastscan ingest ... --copy`` into
+``datasets/busi``, ``dvc add``, ``breastscan declare busi``, then the commands ``declare``
+prints (``git add``, ``dvc repro register@busi_tumor register@busi_lesion``, ``breastscan
+promote``), ``breastscan import-models`` and a real ``bentoml serve``
+(:func:`breastscan.serving.launch.launch_service`). The HTTP (``POST /busi_tumor``,
+``/busi_lesion``, ``/predict``) and gRPC answers for real images must equal the in-process
+prediction of the registered production versions.
+
+The one departure from the README: after ``declare``, the test shrinks the declared models
+(32x32 inputs, 2 epochs) so that they train in seconds. The declared entries have no gate
+floors, so the first promotion to production passes (nothing to regress against).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.pipelines.repo import env, make_repo, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+SUBSET_ROWS = 120
+MODELS = ("busi_tumor", "busi_lesion")
+TINY = {
+    "busi_tumor": {"epochs": 2, "batch_size": 16, "patience": 0, "preprocess": {"height": 32, "width": 32}},
+    "busi_lesion": {"epochs": 2, "batch_size": 8, "patience": 0, "depth": 2, "base_filters": 4,
+                    "preprocess": {"height": 32, "width": 32}},
+}
+"""Applied to the declared entries: seconds of training instead of minutes."""
+
+
+def busi_subset(pack: Path, out: Path, n: int = SUBSET_ROWS, seed: int = 0) -> Path:
+    """A ``manifest.csv`` in ``out`` of about ``n`` rows of the BUSI pack, its files referenced in place.
+
+    Stratified by label, duplicate groups kept whole (a group is never cut), groups with
+    conflicting labels left out; image and mask paths absolute.
+    """
+    df = pd.read_csv(pack / "manifest.csv", dtype=str, keep_default_na=False)
+    df = df[df["dup_label_conflict"] != "1"].copy()
+    df["_group"] = df["dup_group"].where(df["dup_group"] != "", df["image"])
+    rng = np.random.default_rng(seed)
+    picked = []
+    for _, rows in df.groupby("label"):
+        quota, taken = round(len(rows) * n / len(df)), 0
+        for group in rng.permutation(rows["_group"].unique()):
+            if taken >= quota:
+                break
+            members = rows[rows["_group"] == group]
+            picked.append(members)
+            taken += len(members)
+    subset = pd.concat(picked).drop(columns="_group")
+    for col in ("image", "mask"):
+        subset[col] = [str(pack / v) if v else "" for v in subset[col]]
+    out.mkdir(parents=True)
+    subset.to_csv(out / "manifest.csv", index=False)
+    return out / "manifest.csv"
+
+
+def shrink_models(params: Path) -> None:
+    """Merge :data:`TINY` into the declared models of ``params``."""
+    raw = yaml.safe_load(params.read_text())
+    for name, over in TINY.items():
+        entry = raw["models"][name]
+        for key, value in over.items():
+            entry[key] = {**entry[key], **value} if isinstance(value, dict) else value
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture()
+def reference_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``make(repo)``: an in-process engine over the production versions in ``repo``'s registry."""
+    import mlflow
+
+    def make(repo: Path) -> Any:
+        from breastscan.registry.resolver import load_bundle
+        from breastscan.serving.engine import local_engine
+
+        uri = f"sqlite:///{repo}/mlflow.db"
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            monkeypatch.setenv(var, uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        bundles = {n: load_bundle(f"breastscan-{n}@production") for n in MODELS}
+        return local_engine(bundles, versions=dict.fromkeys(MODELS, "1"),
+                            stages=dict.fromkeys(MODELS, "production"))
+
+    try:
+        yield make
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
+def test_busi_pack_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_datasets: Path,
+                                    reference_engine: Any) -> None:
+    import httpx
+
+    from breastscan.serving.client import GRPCClient, HTTPClient
+    from breastscan.serving.engine import ImageInput
+    from breastscan.serving.launch import launch_service
+    from tests.services.test_service_http import assert_same_answer
+
+    manifest = busi_subset(shared_datasets / "busi", tmp_path / "pack")
+    rows = len(pd.read_csv(manifest))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    make_repo(repo, tiny_phantoms)
+    shutil.copytree(REPO / "benchmarks", repo / "benchmarks")  # a checkout has them
+    with (repo / ".gitignore").open("a") as fh:
+        fh.write("/datasets/*/\n")  # the project's .gitignore line for real data
+
+    # 1. convert and version the data
+    ingested = run(["breastscan", "ingest", "--format", "csv", str(manifest), "datasets/busi",
+                    "--map", "label=pathology", "--map", "dup_group=group", "--modality", "ultrasound",
+                    "--copy"], repo)
+    assert f"datasets/busi/manifest.csv: {rows} rows" in ingested.stdout
+    assert not any(p.is_symlink() for p in (repo / "datasets/busi").rglob("*"))  # self-contained
+    run(["dvc", "add", "datasets/busi"], repo)
+
+    # 2. declare the benchmark's ready-made entries; it names the next commands
+    declared = run(["breastscan", "declare", "busi"], repo).stdout
+    assert declared.startswith("params.yaml: declared datasets.busi (path datasets/busi) and models "
+                               "busi_tumor, busi_lesion from busi\n")
+    steps = [line.strip() for line in declared.split("next:\n", 1)[1].splitlines()]
+    assert steps == ["git add params.yaml datasets/busi.dvc",
+                     "dvc repro register@busi_tumor register@busi_lesion",
+                     "breastscan promote busi_tumor busi_lesion --to production",
+                     "make serve"]
+    again = run(["breastscan", "declare", "busi"], repo, check=False)
+    assert again.returncode == 1 and "already declares datasets.busi" in again.stderr
+    shrink_models(repo / "params.yaml")  # the test's only departure: seconds of training
+
+    # 3. train, evaluate, register, promote: the printed commands, as they are
+    run(shlex.split(steps[0]), repo)
+    run(["git", "commit", "-qm", "declare busi"], repo)
+    reproduced = run(shlex.split(steps[1]), repo)
+    for stage in ("validate@busi", "prepare@busi", *(f"{s}@{m}" for m in MODELS
+                                                       for s in ("train", "evaluate", "register"))):
+        assert f"Running stage '{stage}'" in reproduced.stdout, reproduced.stdout[-3000:]
+    assert "@density" not in reproduced.stdout  # the demo models are not retrained
+    promoted = run(shlex.split(steps[2]), repo).stdout
+    for name in MODELS:
+        assert f"breastscan-{name} v1 is now at stage production" in promoted, promoted
+
+    # 4. serve (`make serve` = import-models + bentoml serve; here on free loopback ports)
+    bentoml_home = str(repo / "bentoml")
+    imported = run(["breastscan", "import-models", "--serving-config", str(REPO / "services/serving.yaml")],
+                   repo, BENTOML_HOME=bentoml_home).stdout
+    assert "density: skipped, no version at stage production" in imported
+    assert all(f"{name}: " in imported and f"{name}: skipped" not in imported for name in MODELS), imported
+    service_env = env(MLFLOW_TRACKING_URI=f"sqlite:///{repo}/mlflow.db", BENTOML_HOME=bentoml_home,
+                      PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    served = launch_service(service_env, repo / "serve.log", cwd=REPO, timeout_s=240)
+    try:
+        listed = httpx.post(f"{served.http_url}/models", json={}, timeout=30).json()
+        assert [(m["name"], m["version"], m["stage"]) for m in listed] == \
+            [(n, "1", "production") for n in sorted(MODELS)]
+        engine = reference_engine(repo)
+        ds = pd.read_csv(repo / "datasets/busi/manifest.csv", dtype=str, keep_default_na=False)
+        images = [(repo / "datasets/busi" / ds[ds["pathology"] == label]["image"].iloc[0]).read_bytes()
+                  for label in ("benign", "malignant", "normal")]
+        with HTTPClient(served.http_url, timeout=60) as http, \
+                GRPCClient(served.grpc_target, timeout=60) as rpc:
+            for name in MODELS:
+                for data in images:
+                    local = asyncio.run(engine.predict(name, ImageInput(data=data)))
+                    r = httpx.post(f"{served.http_url}/{name}", files={"image": ("scan.png", data)},
+                                   timeout=60)
+                    assert r.status_code == 200, r.text
+                    assert_same_answer(r.json(), local)
+                    assert_same_answer(http.predict(name, data), local)
+                    assert_same_answer(rpc.predict(name, data), local)
+    except BaseException:
+        print(served.log_tail())
+        raise
+    finally:
+        served.stop(20)

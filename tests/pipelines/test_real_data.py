@@ -11,8 +11,8 @@ promote``), ``breastscan import-models`` and a real ``bentoml serve``
 prediction of the registered production versions.
 
 The one departure from the README: after ``declare``, the test shrinks the declared models
-(32x32 inputs, 2 epochs) so that they train in seconds. The declared entries have no gate
-floors, so the first promotion to production passes (nothing to regress against).
+(32x32 inputs, 2 epochs) so that they train in seconds, and drops their gates, which such
+models would not pass.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def shrink_models(params: Path) -> None:
     raw = yaml.safe_load(params.read_text())
     for name, over in TINY.items():
         entry = raw["models"][name]
+        entry.pop("gates", None)
         for key, value in over.items():
             entry[key] = {**entry[key], **value} if isinstance(value, dict) else value
     params.write_text(yaml.safe_dump(raw, sort_keys=False))

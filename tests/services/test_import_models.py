@@ -30,5 +30,5 @@ def test_a_missing_stage_is_a_clear_error(served_project: tuple[Path, dict[str, 
     _, env = served_project
     missing = _import(env, "tumor", "--stage", "champion")  # no such alias: nothing imported
     assert missing.returncode == 1
-    assert "no version of breastscan-tumor at stage 'champion'" in missing.stderr
+    assert "breastscan-tumor has no version with alias @champion" in missing.stderr
     assert "make demo" in missing.stderr

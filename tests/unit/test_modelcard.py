@@ -56,7 +56,8 @@ def test_classifier_card() -> None:
     assert "79 images" in card
     # calibration
     assert "T = 1.370" in card
-    assert "| before calibration | 0.121 |" in card and "| after calibration | 0.043 |" in card
+    assert "| test, before calibration | 0.121 |" in card and "| test, as served | 0.043 |" in card
+    assert "Temperature scaling fitted on the validation split" in card
     # default limitations
     for item in DEFAULT_LIMITATIONS:
         assert f"- {item}" in card
@@ -89,3 +90,17 @@ def test_real_data_card_has_no_synthetic_note() -> None:
     assert "synthetic phantoms" not in card
     assert "**quadratic_kappa = 0.600** (95% CI not computed)" in card
     assert card.rstrip().endswith("## Known limitations")
+
+
+def test_card_says_when_the_served_model_is_uncalibrated() -> None:
+    """A fitted temperature that did not help on validation is not served, and the card says so."""
+    cfg = density_cfg()
+    contract = ModelContract.from_config(cfg, "mammography")
+    record = {"fitted_temperature": 2.5, "val_nll_before": 0.70, "val_nll_after": 0.69,
+              "val_ece_before": 0.05, "val_ece_after": 0.08, "source": "uncalibrated"}
+    metrics = {"headline": "quadratic_kappa", "headline_value": 0.7, "quadratic_kappa": 0.7, "n_test": 79,
+               "temperature": 1.0, "ece_before": 0.06, "ece_after": 0.06, "calibration": record}
+    card = render_model_card(cfg, contract, metrics, data=DATA, limitations=None)
+    assert "(T = 2.500) but did not lower the validation ECE and NLL" in card
+    assert "**uncalibrated** (T = 1)" in card
+    assert "| validation, T = 1 | 0.050 |" in card and "| validation, fitted T | 0.080 |" in card

@@ -757,12 +757,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _config_dict(path: Path) -> dict[str, Any]:
-    from breastscan.serving.config import load_serving_config
+def _config_dict(path: Path, bentoml_home: Path) -> dict[str, Any]:
+    """A serving config with its served models settled as the service settles them (``models:
+    auto``: what the benchmark's BentoML store holds at the stage)."""
+    from breastscan.serving.config import load_serving_config, with_models
+    from breastscan.serving.store import stored_models
 
-    cfg = dataclasses.asdict(load_serving_config(path))
-    cfg["file"] = str(path)
-    return cfg
+    cfg = load_serving_config(path)
+    if not cfg.models:
+        os.environ["BENTOML_HOME"] = str(bentoml_home)  # before bentoml is imported here
+        cfg = with_models(cfg, stored_models(cfg.stage))
+    settled = dataclasses.asdict(cfg)
+    settled["file"] = str(path)
+    return settled
 
 
 def _batching_off_copy(config: Path, workdir: Path) -> Path:
@@ -833,9 +840,6 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
     bentoml_home = bentoml_home.expanduser().resolve()
     serving_config = serving_config.resolve()
     env = _env(bentoml_home, tracking_uri)
-    cfg_on = _config_dict(serving_config)
-    if endpoint not in cfg_on["models"]:
-        raise click.BadParameter(f"{endpoint!r} is not served (models: {', '.join(cfg_on['models'])})")
     workdir = Path(tempfile.mkdtemp(prefix="breastscan-bench-"))
     log.info("work directory (server logs): %s", workdir)
     if do_import:
@@ -845,13 +849,16 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         if done.returncode:
             raise click.ClickException(f"import-models failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         log.info("imported: %s", done.stdout.strip().replace("\n", "; "))
+    cfg_on = _config_dict(serving_config, bentoml_home)
+    if endpoint not in cfg_on["models"]:
+        raise click.BadParameter(f"{endpoint!r} is not served (models: {', '.join(cfg_on['models'])})")
     off_config = _batching_off_copy(serving_config, workdir)
     result: dict[str, Any] = {
         "benchmark": "breastscan serving", "started_at": started.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git": git_facts(),
         "machine": machine_facts(), "settings": dataclasses.asdict(settings),
         "stores": {"bentoml_home": str(bentoml_home), "tracking_uri": tracking_uri},
-        "config": {"batching_on": cfg_on, "batching_off": _config_dict(off_config)},
+        "config": {"batching_on": cfg_on, "batching_off": _config_dict(off_config, bentoml_home)},
     }
     result["in_process"] = inprocess_in_child(cfg_on["models"], settings, env, workdir)
     result["machine"]["gpus"] = result["in_process"]["gpus"]

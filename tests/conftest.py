@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,15 @@ def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
         mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         mp.undo()
+
+
+def tiny_model(task: str, n_classes: int = 0, seed: int = 0) -> Any:
+    """An untrained, seeded Keras model of the project's builders at 32x32 (tests that need any model)."""
+    import keras
+
+    from breastscan.models import build_model
+
+    keras.utils.set_random_seed(seed)
+    if task == "classification":
+        return build_model("classification", n_classes=n_classes, input_shape=(32, 32, 1), dropout=0.0)
+    return build_model("segmentation", input_shape=(32, 32, 1), base_filters=4, depth=2, dropout=0.0)

@@ -285,6 +285,16 @@ def score_bundle(bundle: ModelBundle, rows: SplitData, *, val: SplitData | None 
     return _score_segmenter(bundle, rows, scoring, (n_boot, seed, wanted))
 
 
+def calibration_helps(record: dict[str, Any]) -> bool:
+    """Keep a fitted temperature only when it lowers the validation NLL without raising its ECE.
+
+    Args:
+        record: ``val_nll_before/after`` and ``val_ece_before/after`` (T = 1 / fitted T).
+    """
+    return bool(record["val_nll_after"] < record["val_nll_before"]
+                and record["val_ece_after"] <= record["val_ece_before"] + 1e-12)
+
+
 def _temperature(bundle: ModelBundle, val: SplitData | None) -> tuple[float, dict[str, Any]]:
     """The served temperature and the calibration record (``calibration`` in the metrics).
 
@@ -306,8 +316,7 @@ def _temperature(bundle: ModelBundle, val: SplitData | None) -> tuple[float, dic
         probs = _normalised(bundle.with_temperature(t).probabilities(logits))
         record[f"val_nll_{label}"] = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0))))
         record[f"val_ece_{label}"] = calibration.expected_calibration_error(probs, y, n_bins=CALIBRATION_BINS)
-    keep = (record["val_nll_after"] < record["val_nll_before"]
-            and record["val_ece_after"] <= record["val_ece_before"] + 1e-12)
+    keep = calibration_helps(record)
     record["source"] = "fitted on validation" if keep else "uncalibrated: scaling did not help on validation"
     if not keep:
         log.warning("model %s: temperature %.3f raised the validation ECE (%.3f -> %.3f) or NLL: served "

@@ -334,3 +334,18 @@ def test_plot_history_renders(tmp_path: Path) -> None:
     png = plot_history(csv, tmp_path / "png" / "curves.png")
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
 
+
+
+@pytest.mark.parametrize(("nll", "ece", "kept"), [
+    ((0.80, 0.70), (0.10, 0.05), True),    # both better: served calibrated
+    ((0.80, 0.70), (0.10, 0.12), False),   # NLL better but ECE worse: served at T = 1
+    ((0.80, 0.80), (0.10, 0.05), False),   # NLL not lower: nothing gained
+    ((0.80, 0.70), (0.10, 0.10), True),    # ECE unchanged, NLL lower
+])
+def test_calibration_is_kept_only_when_it_helps_on_validation(nll: tuple[float, float],
+                                                              ece: tuple[float, float], kept: bool) -> None:
+    from breastscan.evaluation.scoring import calibration_helps
+
+    record = {"val_nll_before": nll[0], "val_nll_after": nll[1],
+              "val_ece_before": ece[0], "val_ece_after": ece[1]}
+    assert calibration_helps(record) is kept

@@ -34,7 +34,7 @@ from breastscan.imaging.files import read_mask
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
 from breastscan.registry import resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle, ModelContract
-from tests.conftest import sqlite_mlflow
+from tests.conftest import sqlite_mlflow, tiny_model
 
 SPEC = PreprocessSpec(height=32, width=32)
 TUMOR_CLASSES = ("benign", "malignant", "normal")
@@ -90,16 +90,7 @@ def make_dataset(root: Path) -> pd.DataFrame:
 
 
 def _bundle(contract: ModelContract, directory: Path) -> Path:
-    import keras
-
-    from breastscan.models import build_model
-
-    keras.utils.set_random_seed(7)
-    if contract.task == "classification":
-        model = build_model("classification", n_classes=len(contract.classes), input_shape=(32, 32, 1),
-                            dropout=0.0)
-    else:
-        model = build_model("segmentation", input_shape=(32, 32, 1), base_filters=4, depth=2, dropout=0.0)
+    model = tiny_model(contract.task, len(contract.classes), seed=7)
     return ModelBundle(model=model, spec=SPEC, contract=contract).save(directory)
 
 

@@ -20,6 +20,7 @@ from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions
 from breastscan.registry.bundle import ModelBundle, ModelContract
 from breastscan.registry.promotion import rescore_on_split
+from tests.conftest import tiny_model
 
 MODELS: dict[str, dict[str, Any]] = {
     "density": dict(task="classification", dataset="mg", label="density", classes=[1, 2, 3, 4],
@@ -54,16 +55,7 @@ def _config(name: str, root: Path) -> ModelConfig:
 
 
 def _bundle(cfg: ModelConfig) -> ModelBundle:
-    import keras
-
-    from breastscan.models import build_model
-
-    keras.utils.set_random_seed(3)
-    if cfg.task == "classification":
-        model = build_model("classification", n_classes=len(cfg.classes), input_shape=(32, 32, 1),
-                            dropout=0.0)
-    else:
-        model = build_model("segmentation", input_shape=(32, 32, 1), base_filters=4, depth=2, dropout=0.0)
+    model = tiny_model(cfg.task, len(cfg.classes), seed=3)
     contract = ModelContract.from_config(cfg, "mammography")
     return ModelBundle(model=model, spec=cfg.preprocess, contract=contract)
 

@@ -421,7 +421,8 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
                   out: Path | None) -> None:
     """Leak-free cross-validated quality of the benchmark models on real datasets.
 
-    BENCHMARK: busi, mini_mias (files in benchmarks/); all by default. Exits 1 with what
+    BENCHMARK: busi, mini_mias, busi_gpu (files in benchmarks/); all by default, except
+    the full-size ones declaring ``device: gpu`` when no GPU is visible. Exits 1 with what
     is missing when a dataset is not on this machine.
     """
     from breastscan.evaluation import crossval

@@ -106,6 +106,8 @@ class AugmentConfig:
         brightness: maximum brightness shift as a fraction of the [0, 1] range.
         contrast: maximum contrast change factor (``1 +- contrast``).
         zoom: maximum zoom in or out as a fraction of the size (zero fill).
+        noise: standard deviation of additive Gaussian noise on the [0, 1] image (another
+            scanner's speckle and gain); the result is clipped to [0, 1].
     """
 
     flip: bool = True
@@ -113,11 +115,12 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     zoom: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rotation_deg <= 180.0:
             raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
-        for field_name in ("brightness", "contrast", "zoom"):
+        for field_name in ("brightness", "contrast", "zoom", "noise"):
             value = getattr(self, field_name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{field_name} must be in [0, 1), got {value}")
@@ -168,6 +171,7 @@ TASKS: tuple[str, ...] = ("classification", "segmentation")
 IMBALANCE: tuple[str, ...] = ("none", "class_weight", "balanced_sampling")
 DISTRIBUTION: tuple[str, ...] = ("none", "mirrored", "multi_worker")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+NORMALIZE: tuple[str, ...] = ("none", "per_image")
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,57 @@ class GateConfig:
     floors: dict[str, float] = field(default_factory=dict)
     max_regression: float = 0.02
     every_class_predicted: bool = False
+
+
+@dataclass(frozen=True)
+class RoiConfig:
+    """Classify the lesion, not the picture: segment, crop the lesion's neighbourhood, classify the crop.
+
+    A classifier with ``roi:`` is one Keras model (:func:`breastscan.models.build_roi_classifier`):
+    its own U-Net segments the input (at ``seg_size``), the box around the predicted lesion,
+    enlarged ``margin`` times and made square, is cut from the full-resolution input and
+    resized to ``crop_size``, and the classification network sees only that crop. Where the
+    U-Net finds no lesion the crop is the whole image. Training has two phases: the U-Net on
+    the dataset's lesion masks, then the classifier on crops of the frozen U-Net's output.
+
+    Attributes:
+        seg_size: ``(H, W)`` the U-Net sees (divisible by ``2**seg_depth``).
+        seg_filters: U-Net filters of the first level.
+        seg_depth: U-Net down-sampling steps.
+        seg_epochs: U-Net training epochs (cosine-decayed learning rate).
+        seg_learning_rate: U-Net peak learning rate.
+        seg_batch_size: U-Net images per step.
+        crop_size: ``(H, W)`` of the crop the classifier sees.
+        margin: box side = ``margin`` x the lesion's longer side (context: margin and halo).
+        min_side: smallest box side as a fraction of the image's longer side.
+        threshold: lesion probability above which a pixel is lesion.
+    """
+
+    seg_size: tuple[int, int] = (96, 96)
+    seg_filters: int = 16
+    seg_depth: int = 4
+    seg_epochs: int = 30
+    seg_learning_rate: float = 0.003
+    seg_batch_size: int = 16
+    crop_size: tuple[int, int] = (96, 96)
+    margin: float = 1.5
+    min_side: float = 0.15
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seg_size", tuple(int(v) for v in self.seg_size))
+        object.__setattr__(self, "crop_size", tuple(int(v) for v in self.crop_size))
+        step = 2 ** int(self.seg_depth)
+        if len(self.seg_size) != 2 or any(v < step or v % step for v in self.seg_size):
+            raise ValueError(f"roi.seg_size must be two sides divisible by 2**seg_depth = {step}, "
+                             f"got {self.seg_size}")
+        if len(self.crop_size) != 2 or min(self.crop_size) < 16:
+            raise ValueError(f"roi.crop_size must be two sides >= 16, got {self.crop_size}")
+        if self.margin < 1.0 or not 0.0 < self.min_side <= 1.0 or not 0.0 < self.threshold < 1.0:
+            raise ValueError("roi: margin >= 1, min_side in (0, 1] and threshold in (0, 1) required")
+        if min(self.seg_filters, self.seg_epochs, self.seg_batch_size) < 1 or self.seg_learning_rate <= 0:
+            raise ValueError("roi: seg_filters, seg_epochs, seg_batch_size and seg_learning_rate "
+                             "must be positive")
 
 
 @dataclass(frozen=True)
@@ -220,6 +275,10 @@ class ModelConfig:
         distribution: ``none``, ``mirrored`` (several local devices) or ``multi_worker``
             (``TF_CONFIG`` across hosts).
         threshold: probability above which a pixel is lesion (segmentation).
+        normalize: ``none``, or ``per_image``: the network standardises each input (zero mean,
+            unit variance) first, so a scanner's gain and contrast matter less.
+        roi: classify the segmented lesion's neighbourhood (:class:`RoiConfig`; classification
+            on a dataset with lesion masks), or ``None`` for the whole image.
         headline: the metric with a bootstrap CI, used for promotion comparisons.
         gates: promotion quality gates.
     """
@@ -247,6 +306,8 @@ class ModelConfig:
     seed: int = 0
     distribution: str = "none"
     threshold: float = 0.5
+    normalize: str = "none"
+    roi: RoiConfig | None = None
     headline: str = ""
     gates: GateConfig = field(default_factory=GateConfig)
 
@@ -260,6 +321,10 @@ class ModelConfig:
             raise ValueError(f"{where}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.distribution not in DISTRIBUTION:
             raise ValueError(f"{where}.distribution must be one of {DISTRIBUTION}, got {self.distribution!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"{where}.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if self.roi is not None and self.task != "classification":
+            raise ValueError(f"{where}.roi applies to classification models only")
         if self.task == "classification":
             if self.label not in LABEL_COLUMNS:
                 raise ValueError(f"{where}.label must be one of {LABEL_COLUMNS}, got {self.label!r}")
@@ -384,6 +449,9 @@ def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -
     try:
         preprocess = PreprocessSpec.from_dict(dict(raw.pop("preprocess", {}) or {}))
         augment = AugmentConfig(**(raw.pop("augment", {}) or {}))
+        roi = raw.pop("roi", None)
+        if roi is not None:
+            raw["roi"] = RoiConfig(**roi)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"params.yaml: {where}: {exc}") from None
     known = {f for f in ModelConfig.__dataclass_fields__} - {"name", "preprocess", "augment", "gates"}

@@ -74,12 +74,15 @@ class SplitData:
             segmentation: ``(n, H, W, 1)`` float32 masks in {0, 1}.
         frame: the ``n`` rows used, in the order of the arrays (index reset).
         groups: ``(n,)`` group ids (:data:`GROUP_COLUMNS`), the unit of the grouped bootstrap.
+        masks: lesion-aware classifiers (:attr:`RowSpec.with_masks`): ``(n, H, W, 1)``
+            float32 lesion masks in {0, 1} (empty where a row has none); else ``None``.
     """
 
     images: np.ndarray
     targets: np.ndarray
     frame: pd.DataFrame
     groups: np.ndarray
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.images))
@@ -96,6 +99,7 @@ class RowSpec:
         classes: the model's classes as manifest text, in class-index order.
         spec: the model's preprocessing spec (input size, contrast steps, side limits).
         modality: rows of another modality are skipped (lenient loads); ``None``: no check.
+        with_masks: a classifier that also needs each row's lesion mask (``roi``).
     """
 
     name: str
@@ -104,12 +108,13 @@ class RowSpec:
     classes: tuple[str, ...]
     spec: PreprocessSpec
     modality: str | None = None
+    with_masks: bool = False
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RowSpec:
         """The rows a model declared in params.yaml trains and is tested on."""
         return cls(name=cfg.name, task=cfg.task, label=cfg.label, classes=tuple(str(c) for c in cfg.classes),
-                   spec=cfg.preprocess)
+                   spec=cfg.preprocess, with_masks=cfg.roi is not None)
 
     @classmethod
     def from_contract(cls, contract: ModelContract, spec: PreprocessSpec) -> RowSpec:
@@ -297,8 +302,9 @@ def load_rows(frame: pd.DataFrame, root: str | Path, rs: RowSpec, *, strict: boo
             if strict and skip.reason not in DROPPED_IN_STRICT:
                 raise _strict_failure(skip.reason, str(row.get("image")), skip.detail) from None
             skipped.setdefault(skip.reason, []).append(SkippedRow(i, cell(row, "image") or "", skip.detail))
-    used, images, targets = _decode_rows(rows, checked, root, rs, strict, skipped)
-    data = _split_data(rows.iloc[used].reset_index(drop=True).assign(manifest_row=used), images, targets, rs)
+    used, images, targets, masks = _decode_rows(rows, checked, root, rs, strict, skipped)
+    data = _split_data(rows.iloc[used].reset_index(drop=True).assign(manifest_row=used), images, targets,
+                       masks, rs)
     loaded = LoadedRows(data=data, n_rows=len(rows), skipped=skipped)
     for reason in DROPPED_IN_STRICT:
         if strict and skipped.get(reason):
@@ -308,15 +314,16 @@ def load_rows(frame: pd.DataFrame, root: str | Path, rs: RowSpec, *, strict: boo
 
 
 def _decode_rows(rows: pd.DataFrame, checked: list[tuple[int, int | None]], root: Path, rs: RowSpec,
-                 strict: bool, skipped: dict[str, list[SkippedRow]]) -> tuple[list[int], list, list]:
+                 strict: bool, skipped: dict[str, list[SkippedRow]]) -> tuple[list[int], list, list, list]:
     used: list[int] = []
     images: list[np.ndarray] = []
     targets: list[Any] = []
+    masks: list[np.ndarray] = []
     for i, label in checked:
         row = rows.iloc[i]
         try:
             pixels, x = _image_of(row, root, rs)
-            target = _mask_of(row, root, rs, pixels) if rs.task == "segmentation" else label
+            mask = _mask_of(row, root, rs, pixels) if rs.task == "segmentation" or rs.with_masks else None
         except _Skip as skip:
             if strict:
                 raise _strict_failure(skip.reason, str(row.get("image")), skip.detail) from None
@@ -324,18 +331,20 @@ def _decode_rows(rows: pd.DataFrame, checked: list[tuple[int, int | None]], root
             continue
         used.append(i)
         images.append(x)
-        targets.append(target)
-    return used, images, targets
+        targets.append(mask if rs.task == "segmentation" else label)
+        if rs.with_masks and mask is not None:
+            masks.append(mask)
+    return used, images, targets, masks
 
 
-def _split_data(frame: pd.DataFrame, images: list, targets: list, rs: RowSpec) -> SplitData:
-    empty = np.zeros((0, *rs.shape), np.float32)
-    if rs.task == "segmentation":
-        target_array = np.stack(targets).astype(np.float32) if targets else empty
-    else:
-        target_array = np.asarray(targets, dtype=np.int64)
-    return SplitData(images=np.stack(images).astype(np.float32) if images else empty,
-                     targets=target_array, frame=frame, groups=row_groups(frame))
+def _stack(arrays: list, rs: RowSpec) -> np.ndarray:
+    return np.stack(arrays).astype(np.float32) if arrays else np.zeros((0, *rs.shape), np.float32)
+
+
+def _split_data(frame: pd.DataFrame, images: list, targets: list, masks: list, rs: RowSpec) -> SplitData:
+    target_array = _stack(targets, rs) if rs.task == "segmentation" else np.asarray(targets, dtype=np.int64)
+    return SplitData(images=_stack(images, rs), targets=target_array, frame=frame, groups=row_groups(frame),
+                     masks=_stack(masks, rs) if rs.with_masks else None)
 
 
 # --------------------------------------------------------------------------- the pipeline's splits

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import yaml
 from breastscan.config import ModelConfig, Params, parse_params
 from breastscan.evaluation import metrics as M
 from breastscan.evaluation.reports import fmt_interval, write_json
-from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions
+from breastscan.evaluation.scoring import Scoring, pooled_calibration, score_bundle, score_predictions
 from breastscan.registry.tracking import git_state
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,15 @@ class TaskSpec:
         rows: manifest column -> values kept in every part (train, val, test), e.g.
             ``{"pathology": ("benign", "malignant")}`` to segment lesion images only.
         binary: an extra two-class reading of a classifier, or ``None``.
+        segmenter: a lesion-aware classifier (``roi``) reuses this earlier task's model of the
+            same fold as its U-Net instead of training its own (one training less per fold);
+            the two declarations must agree on the U-Net's recipe (:func:`segmenter_mismatch`).
     """
 
     model: str
     rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
     binary: BinaryView | None = None
+    segmenter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ def load_benchmark(path: str | Path, overrides: dict[str, Any] | None = None) ->
         tasks = tuple(
             TaskSpec(model=str(t["model"]),
                      rows={str(k): tuple(str(v) for v in vals) for k, vals in (t.get("rows") or {}).items()},
-                     binary=BinaryView(**t["binary"]) if t.get("binary") else None)
+                     binary=BinaryView(**t["binary"]) if t.get("binary") else None,
+                     segmenter=str(t["segmenter"]) if t.get("segmenter") else None)
             for t in b["tasks"])
         spec = BenchmarkSpec(
             name=str(b.get("name", path.stem)), title=str(b.get("title", path.stem)),
@@ -177,6 +182,8 @@ def load_benchmark(path: str | Path, overrides: dict[str, Any] | None = None) ->
     except KeyError as exc:
         raise ValueError(f"{path}: benchmark.{exc.args[0]} is missing") from None
     params.dataset(spec.dataset)
+    if declared_device(path) not in ("cpu", "gpu"):
+        raise ValueError(f"{path}: benchmark.device must be cpu or gpu, got {declared_device(path)!r}")
     for task in spec.tasks:
         cfg = spec.model(task)
         if cfg.dataset != spec.dataset:
@@ -184,7 +191,45 @@ def load_benchmark(path: str | Path, overrides: dict[str, Any] | None = None) ->
                              f"converts {spec.dataset!r}")
         if task.binary and cfg.task != "classification":
             raise ValueError(f"{path}: model {task.model}: a binary view needs a classifier")
+        if task.segmenter:
+            _check_segmenter(path, spec, task)
     return spec
+
+
+def segmenter_mismatch(cfg: ModelConfig, segmenter: ModelConfig) -> list[str]:
+    """The U-Net recipe fields on which a lesion-aware classifier and a segmentation model differ.
+
+    Compared: input size, preprocessing (contrast steps, aspect), filters, depth, epochs,
+    learning rate, batch size, schedule, normalisation, augmentation, seed, dropout, patience.
+    Empty: the segmentation model is the U-Net the classifier would train.
+    """
+    from breastscan.models.roi import segmenter_config
+
+    own = segmenter_config(cfg)
+    fields = ("base_filters", "depth", "epochs", "learning_rate", "batch_size", "schedule", "normalize",
+              "augment", "seed", "dropout", "patience")
+    diff = [f for f in fields if getattr(own, f) != getattr(segmenter, f)]
+    own_spec, seg_spec = own.preprocess, segmenter.preprocess
+    if (own_spec.height, own_spec.width) != (seg_spec.height, seg_spec.width):
+        diff.append("input size")
+    if replace(own_spec, height=seg_spec.height, width=seg_spec.width) != seg_spec:
+        diff.append("preprocessing")
+    return diff
+
+
+def _check_segmenter(path: Path, spec: BenchmarkSpec, task: TaskSpec) -> None:
+    names = [t.model for t in spec.tasks]
+    cfg = spec.model(task)
+    if cfg.roi is None:
+        raise ValueError(f"{path}: model {task.model} reuses a segmenter but declares no roi")
+    if task.segmenter not in names[:names.index(task.model)]:
+        raise ValueError(f"{path}: model {task.model} reuses {task.segmenter!r}, which must be an "
+                         "earlier task")
+    seg = spec.params.model(str(task.segmenter))
+    diff = segmenter_mismatch(cfg, seg) if seg.task == "segmentation" else ["task"]
+    if diff:
+        raise ValueError(f"{path}: {task.model}.roi and {task.segmenter} differ in {', '.join(diff)}: "
+                         "the reused U-Net would not be the one the pipeline trains")
 
 
 # --------------------------------------------------------------------------- data and folds
@@ -256,8 +301,13 @@ def bootstrap_groups(spec: BenchmarkSpec, frame: pd.DataFrame) -> dict[str, str]
 
 
 def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, out_dir: Path,
-             *, max_epochs: int | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+             *, max_epochs: int | None = None, trained: dict[tuple[str, int], Any] | None = None,
+             ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Train one task's model on one fold and predict the fold's test part.
+
+    Args:
+        trained: ``(task, fold) -> keras model`` of the tasks run so far; this task's model
+            is added, and a ``task.segmenter`` is taken from it.
 
     Returns:
         The test predictions (the evaluation's columns plus ``fold``, ``group``,
@@ -270,21 +320,28 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
 
     cfg = spec.model(task)
     if max_epochs is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, epochs=min(cfg.epochs, max_epochs))
+        if cfg.roi is not None:
+            cfg = replace(cfg, roi=replace(cfg.roi, seg_epochs=min(cfg.roi.seg_epochs, max_epochs)))
     dataset = spec.params.dataset(spec.dataset)
     frame = fold_splits(spec, cv, fold, task)
     where = out_dir / spec.name / task.model / f"fold{fold}"
     where.mkdir(parents=True, exist_ok=True)
     frame.to_csv(where / "splits.csv", index=False)
     parts = {s: load_split(where / "splits.csv", dataset.path, cfg, s) for s in ("train", "val", "test")}
+    trained = {} if trained is None else trained
+    segmenter = trained.get((task.segmenter, fold)) if task.segmenter else None
+    if task.segmenter and segmenter is None:
+        log.warning("%s fold %d: no trained %s to reuse; training its own U-Net", task.model, fold,
+                    task.segmenter)
     keras.backend.clear_session()
-    result = train_model(cfg, parts["train"], parts["val"], modality=dataset.modality)
+    result = train_model(cfg, parts["train"], parts["val"], modality=dataset.modality, segmenter=segmenter)
+    trained[(task.model, fold)] = result.bundle.model
     scoring = Scoring.from_config(cfg)
     evaluation = score_bundle(result.bundle, parts["test"], val=parts["val"], scoring=scoring, n_boot=0)
     pred = evaluation.predictions.copy()
     pred["fold"] = fold
+    pred["temperature"] = evaluation.temperature  # the served (calibrated) probabilities' T
     pred["group"] = pred["image"].astype(str).map(bootstrap_groups(spec, frame))
     conflict = dict(zip(frame["image"].astype(str), frame["conflict"], strict=True))
     pred["conflict"] = pred["image"].map(conflict).fillna(False).astype(bool)
@@ -384,6 +441,9 @@ def _subset_scores(rows: pd.DataFrame, scoring: Scoring, view: BinaryView | None
                          "n": n_binary if view is not None and name.startswith(f"{view.positive}_vs_")
                          else len(rows)}
     out: dict[str, Any] = {"n": int(len(rows)), "metrics": metrics}
+    ece = pooled_calibration(rows, scoring)
+    if ece is not None:
+        out["calibration"] = ece
     if thresholds:
         out["thresholds_at_target"] = {str(k): v for k, v in thresholds.items()}
     return out
@@ -434,11 +494,13 @@ def run_benchmark(spec: BenchmarkSpec, out_dir: Path, *, quick: bool = False,
                               "conflict_groups": fold_report["conflict_groups"],
                               "conflict_rows": fold_report["conflict_rows"], "n_rows": int(len(manifest)),
                               "tasks": {}}
+    trained: dict[tuple[str, int], Any] = {}
     for task in spec.tasks:
         cfg = spec.model(task)
         preds, records = [], []
         for fold in folds:
-            pred, record = run_fold(spec, cv, fold, task, out_dir, max_epochs=3 if quick else None)
+            pred, record = run_fold(spec, cv, fold, task, out_dir, max_epochs=3 if quick else None,
+                                    trained=trained)
             preds.append(pred)
             records.append(record)
         pooled = pd.concat(preds, ignore_index=True)
@@ -528,6 +590,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                 for metric, m in scored["metrics"].items():
                     n = m.get("n", scored["n"])
                     lines.append(f"| {model} | {metric} | {subset} (n={n}) | {_fmt(m)} |")
+                cal = scored.get("calibration")
+                if cal:
+                    lines.append(f"| {model} | ECE, served (at T = 1) | {subset} (n={scored['n']}) | "
+                                 f"{cal['ece']:.3f} ({cal['ece_at_t1']:.3f}) |")
         if bench.get("references"):
             lines += ["", "Published references:", ""]
             lines += [f"- {ref.get('what', '')}: {ref.get('value', '')} ({ref.get('source', '')})"
@@ -536,8 +602,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def benchmark_files(names: Sequence[str] = ()) -> list[Path]:
-    """The shipped benchmark files, all or those named (``busi``, ``mini_mias``)."""
+def benchmark_files(names: Sequence[str] = (), *, gpu: bool | None = None) -> list[Path]:
+    """The shipped benchmark files, those named (``busi``, ``mini_mias``), or all that fit here.
+
+    Args:
+        names: file stems to run; empty: every file, but those declaring ``device: gpu``
+            only when ``gpu`` (a full-size configuration takes hours on a CPU).
+        gpu: whether a GPU is available; ``None``: ask TensorFlow (only when some file
+            declares ``device: gpu``).
+    """
     files = sorted(BENCHMARKS_DIR.glob("*.yaml"))
     if names:
         by_name = {f.stem: f for f in files}
@@ -545,5 +618,22 @@ def benchmark_files(names: Sequence[str] = ()) -> list[Path]:
         if unknown:
             raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(by_name))}")
-        files = [by_name[n] for n in names]
+        return [by_name[n] for n in names]
+    needs_gpu = {f for f in files if declared_device(f) == "gpu"}
+    if needs_gpu and not (gpu if gpu is not None else _gpu_visible()):
+        log.info("no GPU: skipping %s (name it to run it anyway)",
+                 ", ".join(f.stem for f in sorted(needs_gpu)))
+        files = [f for f in files if f not in needs_gpu]
     return files
+
+
+def declared_device(path: Path) -> str:
+    """``benchmark.device`` of a benchmark file: ``cpu`` (default) or ``gpu``."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return str((raw.get("benchmark") or {}).get("device", "cpu"))
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))

@@ -201,6 +201,30 @@ def outcomes_of(pred: pd.DataFrame, scoring: Scoring) -> M.ClassOutcomes | M.Mas
 # --------------------------------------------------------------------------- metrics
 
 
+def pooled_calibration(pred: pd.DataFrame, scoring: Scoring) -> dict[str, Any] | None:
+    """Top-label ECE of a classifier's prediction rows, as served and before calibration.
+
+    The rows hold calibrated probabilities ``softmax(z / T)`` and, per row, the ``temperature``
+    ``T`` of the model that scored it (e.g. out-of-fold rows of five folds' models), so the
+    uncalibrated ``softmax(z)`` is recovered as ``softmax(T * log p)``.
+
+    Returns:
+        ``{"ece", "ece_at_t1", "n_bins"}`` (ECE in [0, 1]), or ``None`` for a segmenter,
+        rows without a ``temperature`` column, or no rows.
+    """
+    if scoring.task == M.SEGMENTATION or "temperature" not in pred.columns or not len(pred):
+        return None
+    out = outcomes_of(pred, scoring)
+    assert isinstance(out, M.ClassOutcomes)
+    temperature = pred["temperature"].to_numpy(np.float64)[:, None]
+    z = temperature * np.log(np.clip(out.probs, 1e-12, 1.0))
+    raw = np.exp(z - z.max(axis=1, keepdims=True))
+    raw /= raw.sum(axis=1, keepdims=True)
+    return {"ece": calibration.expected_calibration_error(out.probs, out.y, n_bins=CALIBRATION_BINS),
+            "ece_at_t1": calibration.expected_calibration_error(raw, out.y, n_bins=CALIBRATION_BINS),
+            "n_bins": CALIBRATION_BINS}
+
+
 def score_predictions(pred: pd.DataFrame, scoring: Scoring, *, n_boot: int = 1000, seed: int = 0,
                       intervals: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
     """Every declared metric of prediction rows, with grouped 95 % bootstrap intervals.

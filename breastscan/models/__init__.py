@@ -1,4 +1,5 @@
-"""Model builders (classifier, U-Net), layers, losses, augmentation, input pipelines, training, Grad-CAM.
+"""Model builders (classifier, U-Net, lesion-aware classifier), layers, losses, augmentation,
+input pipelines, training, Grad-CAM.
 
 Importing this package registers the custom layers, losses and metrics with Keras, so
 ``keras.models.load_model(path)`` reloads the project's ``.keras`` files without
@@ -13,8 +14,9 @@ import keras
 
 from breastscan.models.augment import AugmentConfig, PairAugmenter, augment_pair, build_augmentation
 from breastscan.models.classifier import BACKBONES, backbone_layers, build_classifier, last_conv_layer_name
-from breastscan.models.layers import BackbonePreprocess, GrayToRGB, Standardize
+from breastscan.models.layers import BackbonePreprocess, CropResize, GrayToRGB, LesionBox, Standardize
 from breastscan.models.losses import BceDiceLoss, DiceCoefficient, DiceLoss, IoUScore
+from breastscan.models.roi import build_roi_classifier
 from breastscan.models.unet import build_unet
 
 TASKS = ("classification", "segmentation")
@@ -48,10 +50,12 @@ __all__ = [
     "AugmentConfig",
     "BackbonePreprocess",
     "BceDiceLoss",
+    "CropResize",
     "DiceCoefficient",
     "DiceLoss",
     "GrayToRGB",
     "IoUScore",
+    "LesionBox",
     "PairAugmenter",
     "Standardize",
     "augment_pair",
@@ -59,6 +63,7 @@ __all__ = [
     "build_augmentation",
     "build_classifier",
     "build_model",
+    "build_roi_classifier",
     "build_unet",
     "last_conv_layer_name",
 ]

@@ -51,6 +51,8 @@ def _photometric_layers(cfg: AugmentConfig, seed: int | None) -> list[keras.laye
     if cfg.contrast > 0:
         layers.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0.0, 1.0),
                                                   seed=_seed(seed, 4)))
+    if cfg.noise > 0:  # active in training only; clipped back to [0, 1] below
+        layers.append(keras.layers.GaussianNoise(cfg.noise, seed=_seed(seed, 5)))
     return layers
 
 
@@ -67,12 +69,22 @@ def build_augmentation(cfg: AugmentConfig, *, seed: int | None = None) -> keras.
     Returns:
         A ``keras.Sequential`` mapping ``(batch, H, W, C)`` (or ``(H, W, C)``) float32 in
         [0, 1] to the same shape in [0, 1]: horizontal flip, rotation, zoom (geometric, zero
-        fill), then brightness and contrast. With everything switched off it is an identity.
+        fill), then brightness, contrast and additive Gaussian noise (clipped). With everything
+        switched off it is an identity.
     """
     layers = _geometric_layers(cfg, seed) + _photometric_layers(cfg, seed)
     if not layers:
         layers = [keras.layers.Identity(name="no_augmentation")]
+    elif cfg.noise > 0:
+        layers.append(_Clip01(name="clip01"))
     return keras.Sequential(layers, name="augmentation")
+
+
+class _Clip01(keras.layers.Layer):
+    """Clip to [0, 1] (after additive noise); training pipeline only, never saved."""
+
+    def call(self, inputs: Any) -> Any:
+        return ops.clip(inputs, 0.0, 1.0)
 
 
 class PairAugmenter:

@@ -74,6 +74,7 @@ def build_classifier(
     freeze: float | int = 0,
     dropout: float = 0.2,
     base_filters: int = 16,
+    normalize: str = "none",
     name: str = "classifier",
 ) -> keras.Model:
     """Build an (untrained unless ``weights`` says otherwise) image classifier.
@@ -104,6 +105,8 @@ def build_classifier(
         dropout: dropout rate before the logits layer, in [0, 1).
         base_filters: filters of the compact backbone's first block (>= 1; the cost of a
             training step grows about with its square). Ignored by the other backbones.
+        normalize: ``"none"``, or ``"per_image"``: a :class:`Standardize` layer first (each
+            image to zero mean and unit variance; compact backbone only).
         name: the model's name.
 
     Returns:
@@ -136,20 +139,8 @@ def build_classifier(
     weights_path = _parse_weights(weights, backbone)
 
     inputs = keras.Input(shape=shape, name="image")
-    if backbone == "compact":
-        pooled = _compact_features(inputs, int(base_filters))
-    else:
-        app_weights: str | None = None
-        if weights_path is None and str(weights).lower() == "imagenet":
-            app_weights = "imagenet"
-        elif weights_path is not None and _is_legacy_h5(weights_path):
-            app_weights = str(weights_path)
-        pooled = _application_features(inputs, backbone, app_weights)
-
-    x = pooled
-    if dropout > 0:
-        x = keras.layers.Dropout(float(dropout), name="dropout")(x)
-    logits = keras.layers.Dense(int(n_classes), name="logits", dtype="float32")(x)
+    logits = classifier_logits(inputs, n_classes=int(n_classes), backbone=backbone, weights=weights,
+                               dropout=dropout, base_filters=int(base_filters), normalize=normalize)
     model = keras.Model(inputs, logits, name=name)
 
     if weights_path is not None and not _is_legacy_h5(weights_path):
@@ -158,6 +149,38 @@ def build_classifier(
     logger.debug("built %s classifier %r: %d classes, input %s, %d backbone layers frozen",
                  backbone, name, n_classes, shape, n_frozen)
     return model
+
+
+def classifier_logits(inputs: Any, *, n_classes: int, backbone: str = "compact", weights: str = "none",
+                      dropout: float = 0.2, base_filters: int = 16, normalize: str = "none") -> Any:
+    """The classifier's layers applied inline to a ``(batch, H, W, C)`` tensor in [0, 1].
+
+    The body of :func:`build_classifier` (which checks the arguments), also used where the
+    classifier's input is computed inside a bigger model (a lesion crop,
+    :func:`breastscan.models.roi.build_roi_classifier`), so Grad-CAM finds its layers.
+
+    Returns:
+        The ``(batch, n_classes)`` float32 logits tensor (layer ``"logits"``).
+    """
+    x = inputs
+    if normalize == "per_image":
+        if backbone != "compact":
+            raise ValueError("normalize: per_image is for the compact backbone (the others scale "
+                             "their input as their weights expect)")
+        x = Standardize(name="standardize")(x)
+    if backbone == "compact":
+        pooled = _compact_features(x, int(base_filters))
+    else:
+        weights_path = _parse_weights(weights, backbone)
+        app_weights: str | None = None
+        if weights_path is None and str(weights).lower() == "imagenet":
+            app_weights = "imagenet"
+        elif weights_path is not None and _is_legacy_h5(weights_path):
+            app_weights = str(weights_path)
+        pooled = _application_features(x, backbone, app_weights)
+    if dropout > 0:
+        pooled = keras.layers.Dropout(float(dropout), name="dropout")(pooled)
+    return keras.layers.Dense(int(n_classes), name="logits", dtype="float32")(pooled)
 
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -45,7 +45,9 @@ def grad_cam(
         model: a functional classifier mapping ``(n, H, W, C)`` to ``(n, k)`` logits, whose
             feature map ``layer`` is a layer of the model itself (as
             :func:`breastscan.models.build_classifier` builds them, keras.applications
-            backbones included). Needs the TensorFlow backend (``tf.GradientTape``).
+            backbones included). Needs the TensorFlow backend (``tf.GradientTape``). A
+            lesion-aware classifier's map, computed on its crop, is placed back in the
+            lesion's box (:func:`paste_into_boxes`); it is zero elsewhere.
         batch: ``(n, H, W, C)`` float32 model input, e.g. from
             :meth:`breastscan.registry.bundle.ModelBundle.prepare` (in [0, 1]).
         class_index: the class explained for each image: ``(n,)`` integers in ``[0, k)``, one
@@ -67,6 +69,7 @@ def grad_cam(
     import tensorflow as tf
 
     from breastscan.models.classifier import last_conv_layer_name
+    from breastscan.models.roi import lesion_boxes
 
     if keras.backend.backend() != "tensorflow":
         backend = keras.backend.backend()
@@ -102,13 +105,42 @@ def grad_cam(
 
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (n, 1, 1, c): channel importance
     cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))  # (n, h, w, 1)
-    cam = tf.image.resize(cam, (height, width), method="bilinear")
-    heat = np.asarray(cam, dtype=np.float32)[..., 0]
+    boxes = lesion_boxes(model, inputs)
+    if boxes is None:
+        heat = np.asarray(tf.image.resize(cam, (height, width), method="bilinear"), np.float32)[..., 0]
+    else:  # the classifier saw a crop: put its map back where the crop came from
+        heat = paste_into_boxes(np.asarray(cam, np.float32)[..., 0], boxes, (height, width))
     peak = heat.reshape(n, -1).max(axis=1)
     scale = np.where(peak > _EPS, 1.0 / np.maximum(peak, _EPS), 0.0).astype(np.float32)
     heat = np.clip(heat * scale[:, None, None], 0.0, 1.0)
     log.debug("Grad-CAM of %d images on layer %r (classes %s)", n, layer_name, index.tolist())
     return heat.astype(np.float32, copy=False)
+
+
+def paste_into_boxes(maps: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize each map to its box and place it on an empty image (the parts outside are cut).
+
+    Args:
+        maps: ``(n, h, w)`` float32 maps of crops.
+        boxes: ``(n, 4)`` normalised ``[y1, x1, y2, x2]`` boxes the crops were cut from.
+        size: ``(H, W)`` of the image.
+
+    Returns:
+        ``(n, H, W)`` float32, zero outside the boxes.
+    """
+    height, width = size
+    out = np.zeros((len(maps), height, width), np.float32)
+    for i, (y1, x1, y2, x2) in enumerate(np.asarray(boxes, np.float64)):
+        top, left = int(round(y1 * height)), int(round(x1 * width))
+        bottom, right = int(round(y2 * height)), int(round(x2 * width))
+        if bottom - top < 1 or right - left < 1:
+            continue
+        tile = cv2.resize(maps[i], (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
+        r0, c0 = max(top, 0), max(left, 0)
+        r1, c1 = min(bottom, height), min(right, width)
+        if r1 > r0 and c1 > c0:
+            out[i, r0:r1, c0:c1] = tile[r0 - top:r1 - top, c0 - left:c1 - left]
+    return out
 
 
 def _class_indices(class_index: np.ndarray | int, n: int, n_classes: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Custom Keras layers that travel inside saved models (gray-to-RGB, backbone input scaling).
+"""Custom Keras layers that travel inside saved models (gray-to-RGB, input scaling, lesion crops).
 
 Every layer is registered with ``keras.saving.register_keras_serializable`` under the
 ``breastscan`` package and implements ``get_config``, so a ``.keras`` file reloads with a
@@ -113,3 +113,92 @@ class Standardize(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="breastscan")
+class LesionBox(keras.layers.Layer):
+    """The square box around the lesion a segmenter found, as normalised ``[y1, x1, y2, x2]``.
+
+    Input ``(batch, h, w, 1)`` mask logits; output ``(batch, 4)`` float32 box corners as
+    fractions of the image's height and width (they may reach outside [0, 1]: the crop is
+    zero-padded there). The box is centred on the bounding box of the pixels whose
+    probability is at least ``threshold``; its side is ``margin`` times that bounding box's
+    longer side, at least ``min_side`` of the image's longer side, in pixels, so the lesion
+    keeps its shape. No lesion pixel: the whole image ``[0, 0, 1, 1]``. Not differentiable
+    (a box is a decision), and not trained.
+
+    Args:
+        threshold: lesion probability threshold in (0, 1).
+        margin: box side over the lesion's longer side (>= 1).
+        min_side: smallest box side, a fraction of the image's longer side, in (0, 1].
+    """
+
+    def __init__(self, threshold: float = 0.5, margin: float = 1.5, min_side: float = 0.15,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.threshold, self.margin, self.min_side = float(threshold), float(margin), float(min_side)
+
+    def call(self, inputs: Any) -> Any:
+        logits = ops.stop_gradient(ops.cast(inputs, "float32"))
+        height, width = int(logits.shape[1]), int(logits.shape[2])
+        lesion = ops.cast(ops.sigmoid(logits[..., 0]) >= self.threshold, "float32")  # (b, h, w)
+        y1, y2, found_rows = _extent(ops.max(lesion, axis=2))
+        x1, x2, _ = _extent(ops.max(lesion, axis=1))
+        scale = float(max(height, width))
+        side = ops.maximum(ops.maximum(y2 - y1, x2 - x1) * self.margin, self.min_side * scale)
+        cy, cx = (y1 + y2) / 2.0, (x1 + x2) / 2.0
+        box = ops.stack([(cy - side / 2) / height, (cx - side / 2) / width,
+                         (cy + side / 2) / height, (cx + side / 2) / width], axis=-1)
+        whole = ops.convert_to_tensor([0.0, 0.0, 1.0, 1.0], "float32")
+        return ops.where(found_rows[:, None], box, whole[None, :])
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (input_shape[0], 4)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "threshold": self.threshold, "margin": self.margin,
+                "min_side": self.min_side}
+
+
+def _extent(profile: Any) -> tuple[Any, Any, Any]:
+    """``(first, last + 1, any)`` index of the non-zero entries of ``(batch, n)`` 0/1 profiles."""
+    n = int(profile.shape[1])
+    positions = ops.cast(ops.arange(n), "float32")[None, :]
+    present = profile > 0.5
+    first = ops.min(ops.where(present, positions, float(n)), axis=1)
+    last = ops.max(ops.where(present, positions, -1.0), axis=1) + 1.0
+    return first, last, ops.any(present, axis=1)
+
+
+@keras.saving.register_keras_serializable(package="breastscan")
+class CropResize(keras.layers.Layer):
+    """Cut boxes out of images and resize them (bilinear, zero outside the image).
+
+    Inputs ``[images (batch, H, W, C), boxes (batch, 4)]`` with normalised
+    ``[y1, x1, y2, x2]`` boxes (:class:`LesionBox`); output ``(batch, *size, C)`` float32.
+    TensorFlow backend (``tf.image.crop_and_resize``).
+
+    Args:
+        size: ``(height, width)`` of each crop.
+    """
+
+    def __init__(self, size: tuple[int, int] = (96, 96), **kwargs: Any) -> None:
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.size = (int(size[0]), int(size[1]))
+
+    def call(self, inputs: Any) -> Any:
+        import tensorflow as tf
+
+        images, boxes = inputs
+        n = tf.shape(images)[0]
+        return tf.image.crop_and_resize(tf.cast(images, tf.float32), tf.stop_gradient(boxes),
+                                        tf.range(n), self.size, method="bilinear", extrapolation_value=0.0)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[int | None, ...]:
+        images = input_shape[0]
+        return (images[0], *self.size, images[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "size": list(self.size)}

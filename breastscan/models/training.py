@@ -184,32 +184,62 @@ def _learning_rate(cfg: ModelConfig, epoch_steps: int) -> Any:
 
 
 def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1) -> Any:
+    """The model a config declares, compiled."""
     import keras
 
     from breastscan.models import BceDiceLoss, DiceCoefficient, IoUScore, build_model
 
-    if cfg.task == "classification":
-        model = build_model(
-            "classification", n_classes=len(cfg.classes), input_shape=cfg.input_shape,
-            backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
-            base_filters=cfg.base_filters, name=cfg.name,
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(_learning_rate(cfg, epoch_steps)),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
-    else:
-        model = build_model(
-            "segmentation", input_shape=cfg.input_shape, base_filters=cfg.base_filters,
-            depth=cfg.depth, dropout=cfg.dropout, name=cfg.name,
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(_learning_rate(cfg, epoch_steps)),
-            loss=BceDiceLoss(from_logits=True),
-            metrics=[DiceCoefficient(threshold=cfg.threshold), IoUScore(threshold=cfg.threshold)],
-        )
+    optimizer = keras.optimizers.Adam(_learning_rate(cfg, epoch_steps))
+    if cfg.task == "segmentation":
+        model = build_model("segmentation", input_shape=cfg.input_shape, base_filters=cfg.base_filters,
+                            depth=cfg.depth, dropout=cfg.dropout, normalize=cfg.normalize, name=cfg.name)
+        model.compile(optimizer=optimizer, loss=BceDiceLoss(from_logits=True),
+                      metrics=[DiceCoefficient(threshold=cfg.threshold), IoUScore(threshold=cfg.threshold)])
+        return model
+    model = build_model(
+        "classification", n_classes=len(cfg.classes), input_shape=cfg.input_shape,
+        backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
+        base_filters=cfg.base_filters, normalize=cfg.normalize, name=cfg.name,
+    )
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     return model
+
+
+def _train_segmenter(cfg: ModelConfig, train: SplitData, val: SplitData, modality: str,
+                     strategy: tf.distribute.Strategy) -> Any:
+    """First phase of a lesion-aware classifier: its U-Net on the rows' lesion masks."""
+    from breastscan.models.roi import segmenter_config, segmenter_data
+
+    seg_cfg = segmenter_config(cfg)
+    size = (seg_cfg.preprocess.height, seg_cfg.preprocess.width)
+    log.info("%s: phase 1, the lesion segmenter (%dx%d, %d epochs)", cfg.name, *size, seg_cfg.epochs)
+    result = train_model(seg_cfg, segmenter_data(train, size), segmenter_data(val, size), modality=modality,
+                         strategy=strategy)
+    log.info("%s: segmenter val Dice %.3f", cfg.name, result.history.get("val_dice", [float("nan")])[-1])
+    return result.bundle.model
+
+
+def _train_roi(cfg: ModelConfig, train: SplitData, val: SplitData, modality: str, callbacks: Sequence[Any],
+               strategy: tf.distribute.Strategy, segmenter: Any) -> TrainResult:
+    """Both phases of a lesion-aware classifier; the bundle holds the composed model."""
+    from breastscan.models.roi import build_roi_classifier, copy_classifier_weights, crop_config, lesion_crops
+
+    if segmenter is None:
+        segmenter = _train_segmenter(cfg, train, val, modality, strategy)
+    else:
+        log.info("%s: phase 1 skipped, the segmenter %r given", cfg.name, segmenter.name)
+    crops = crop_config(cfg)
+    log.info("%s: phase 2, the classifier on the segmenter's %dx%d lesion crops", cfg.name,
+             *cfg.roi.crop_size)  # type: ignore[union-attr]
+    result = train_model(crops, lesion_crops(segmenter, cfg, train), lesion_crops(segmenter, cfg, val),
+                         modality=modality, callbacks=callbacks, strategy=strategy)
+    with strategy.scope():
+        model = build_roi_classifier(segmenter, cfg)
+    copy_classifier_weights(result.bundle.model, model)
+    bundle = ModelBundle(model=model, spec=cfg.preprocess, contract=ModelContract.from_config(cfg, modality))
+    return TrainResult(bundle=bundle, history=result.history, best_epoch=result.best_epoch,
+                       epochs_run=result.epochs_run, seconds=result.seconds)
 
 
 def train_model(
@@ -220,6 +250,7 @@ def train_model(
     modality: str,
     callbacks: Sequence[Any] = (),
     strategy: tf.distribute.Strategy | None = None,
+    segmenter: Any = None,
 ) -> TrainResult:
     """Build, compile and fit the model a config declares.
 
@@ -230,7 +261,11 @@ def train_model(
     (classification only); ``"balanced_sampling"`` is handled by
     :func:`~breastscan.models.inputs.make_dataset`. With ``cfg.patience > 0``, training stops
     after ``patience`` epochs without a lower ``val_loss`` and the best weights are
-    restored. Keras prints one progress line per epoch.
+    restored. Keras prints one progress line per epoch. A classifier with ``cfg.roi`` trains
+    in two phases: its U-Net on the rows' lesion masks (``train.masks``; skipped when
+    ``segmenter`` is given), then the classifier on the crops the U-Net yields for the
+    (un-augmented) images, augmented as any classifier's; the bundle holds the two composed
+    (:func:`breastscan.models.roi.build_roi_classifier`).
 
     Args:
         cfg: the model declaration.
@@ -241,6 +276,8 @@ def train_model(
             early stopping one.
         strategy: distribution strategy; ``None`` uses :func:`get_strategy` of
             ``cfg.distribution``.
+        segmenter: a lesion-aware classifier's trained U-Net, reused instead of training one
+            (it must take ``cfg.roi.seg_size`` inputs); ignored without ``cfg.roi``.
 
     Returns:
         The trained bundle and its history.
@@ -254,6 +291,8 @@ def train_model(
         raise ValueError(f"model {cfg.name}: need training and validation images "
                          f"(got {len(train)} and {len(val)})")
     strategy = strategy if strategy is not None else get_strategy(cfg.distribution)
+    if cfg.roi is not None:
+        return _train_roi(cfg, train, val, modality, callbacks, strategy, segmenter)
     keras.utils.set_random_seed(cfg.seed)
     # Seeds alone do not make CPU training repeatable: multithreaded kernels (convolution
     # gradients, reductions) add in a varying order. Deterministic kernels cost a little speed.

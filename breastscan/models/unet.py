@@ -14,6 +14,7 @@ from typing import Any
 import keras
 
 from breastscan.models.classifier import BN_MOMENTUM
+from breastscan.models.layers import Standardize
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def build_unet(
     base_filters: int = 16,
     depth: int = 4,
     dropout: float = 0.1,
+    normalize: str = "none",
     name: str = "unet",
 ) -> keras.Model:
     """Build a U-Net (Ronneberger et al. 2015) with batch norm and transposed-conv upsampling.
@@ -38,6 +40,7 @@ def build_unet(
         base_filters: filters of the first level (>= 1).
         depth: number of down-sampling steps (>= 1).
         dropout: dropout rate in [0, 1) at the bottom of the network.
+        normalize: ``"none"``, or ``"per_image"``: a :class:`Standardize` layer first.
         name: the model's name.
 
     Returns:
@@ -69,7 +72,7 @@ def build_unet(
         )
 
     inputs = keras.Input(shape=shape, name="image")
-    x = inputs
+    x = Standardize(name="standardize")(inputs) if normalize == "per_image" else inputs
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2**level, f"enc{level + 1}")

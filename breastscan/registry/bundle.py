@@ -98,7 +98,9 @@ class ModelContract:
         headline: the metric the model is judged by (from its declaration).
         metrics: the metrics it declares beyond its task's standard ones (its gated
             metrics), so any scorer reports what the pipeline reported.
-        extra: free-form facts (training data hash, run id ...).
+        extra: free-form facts (training data hash, run id ...); a lesion-aware classifier
+            says ``decision: lesion-aware`` and its ``roi`` (it still returns class
+            probabilities of the whole image; they rest on the lesion's neighbourhood).
     """
 
     name: str
@@ -142,7 +144,13 @@ class ModelContract:
             input_shape=cfg.input_shape, dataset=cfg.dataset, modality=modality,
             threshold=cfg.threshold, spec_id=cfg.preprocess.spec_id,
             headline=cfg.headline, metrics=tuple(cfg.gates.floors),
+            extra={} if cfg.roi is None else {"decision": "lesion-aware", "roi": _roi_facts(cfg.roi)},
         )
+
+
+def _roi_facts(roi: Any) -> dict[str, Any]:
+    """A lesion-aware classifier's crop, for its contract: JSON-able ``RoiConfig`` fields."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(roi).items()}
 
 
 @dataclass

@@ -177,6 +177,14 @@ def _outputs_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
         out += _table(["index", "label value", "class"],
                       [[i, f"`{v}`", n] for i, (v, n) in enumerate(zip(contract.classes, contract.class_names,
                                                                         strict=False))]) + [""]
+        if cfg.roi is not None:
+            roi = cfg.roi
+            out += [f"Lesion-aware: the model segments its input with its own U-Net ({roi.seg_size[0]}x"
+                    f"{roi.seg_size[1]}), cuts the square around the predicted lesion ({roi.margin:g} times "
+                    f"its longer side) out of the input and classifies that crop ({roi.crop_size[0]}x"
+                    f"{roi.crop_size[1]}); with no lesion found it classifies the whole image. The "
+                    "probabilities rest on the lesion's neighbourhood; Grad-CAM maps are drawn in its box.",
+                    ""]
     else:
         h, w, _ = contract.input_shape
         out += [f"Lesion probability per pixel, `(batch, {h}, {w}, 1)` in [0, 1]; a pixel is lesion "

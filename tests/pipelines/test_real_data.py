@@ -37,7 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.data]
 SUBSET_ROWS = 120
 MODELS = ("busi_tumor", "busi_lesion")
 TINY = {
-    "busi_tumor": {"epochs": 2, "batch_size": 16, "patience": 0, "preprocess": {"height": 32, "width": 32}},
+    "busi_tumor": {"epochs": 2, "batch_size": 16, "patience": 0, "preprocess": {"height": 32, "width": 32},
+                   "roi": {"seg_size": [32, 32], "seg_filters": 4, "seg_depth": 2, "seg_epochs": 2,
+                           "seg_batch_size": 8, "crop_size": [32, 32]}},
     "busi_lesion": {"epochs": 2, "batch_size": 8, "patience": 0, "depth": 2, "base_filters": 4,
                     "preprocess": {"height": 32, "width": 32}},
 }

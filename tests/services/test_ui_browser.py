@@ -217,8 +217,15 @@ def test_mammogram_with_gradcam_shows_the_apis_answer(ui: UI, mammogram_file: Pa
 
     eight = page.locator("#eight-category")
     assert eight.is_visible()
-    category = expected["eight_category"]["category"]
+    view = expected["eight_category"]
+    category = view["category"]
+    # The card leads with the tumor model's finding; the category is given as conditional.
+    headline = eight.locator("[data-testid=finding-headline]").inner_text()
+    assert headline.startswith(f"Finding: {view['finding']}")
+    finding_p = expected["models"]["tumor"]["probabilities"][view["finding"]]
+    assert f"{100 * finding_p:.1f} %" in headline
     assert eight.locator("[data-testid=category]").inner_text() == category
+    assert "conditional on a lesion" in eight.locator("[data-testid=conditional]").inner_text()
     assert eight.locator("td[data-category]").count() == 8
     assert eight.locator("td.is-predicted").get_attribute("data-category") == category
     assert "Research use only — not for diagnosis" in page.locator("#results").inner_text()

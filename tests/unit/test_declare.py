@@ -48,7 +48,7 @@ def test_declare_adds_entries_and_keeps_everything_else(project: Path) -> None:
         {k: v for k, v in old.items() if k not in ("datasets", "models")}
     # every comment survives, and the benchmark's notes on its entries come along
     assert set(_comments(before)) <= set(_comments(after))
-    assert "16 filters at 128x128" in after
+    assert "Lesion-aware: the model segments the image itself" in after
     # the 8-category note still sits right above its section, after a blank line
     assert "\n\n# The 8-category view" in after
     assert after.index("busi_lesion:") < after.index("# The 8-category")
@@ -74,7 +74,7 @@ def test_second_declare_refuses_without_force(project: Path) -> None:
 
 
 def test_unknown_benchmark_lists_known_ones(project: Path) -> None:
-    with pytest.raises(DeclareError, match="unknown benchmark 'nope'; known: busi, mini_mias"):
+    with pytest.raises(DeclareError, match="unknown benchmark 'nope'; known: busi, busi_gpu, mini_mias"):
         declare("nope", Path("params.yaml"))
 
 
@@ -117,4 +117,4 @@ def test_cli(project: Path) -> None:
         "Error: params.yaml already declares datasets.mini_mias, models.mias_density, models.mias_tumor: "
         "pass --force to replace them"]
     unknown = runner.invoke(main, ["declare", "nope"])
-    assert unknown.exit_code == 1 and "known: busi, mini_mias" in unknown.output
+    assert unknown.exit_code == 1 and "known: busi, busi_gpu, mini_mias" in unknown.output

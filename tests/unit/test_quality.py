@@ -46,12 +46,47 @@ def _bench_file(tmp_path: Path, source: Path, **model_overrides: object) -> Path
 # --------------------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("name", ["busi", "mini_mias"])
+@pytest.mark.parametrize("name", ["busi", "mini_mias", "busi_gpu"])
 def test_the_shipped_benchmark_files_parse(name: str) -> None:
     spec = crossval.load_benchmark(REPO / "benchmarks" / f"{name}.yaml")
     assert spec.name == name and spec.folds == 5 and spec.tasks
     for task in spec.tasks:
         assert spec.model(task).dataset == spec.dataset  # checked by the loader as well
+
+
+def test_full_size_benchmark_runs_by_default_only_where_there_is_a_gpu() -> None:
+    names = lambda files: [f.stem for f in files]  # noqa: E731
+    assert names(crossval.benchmark_files(gpu=False)) == ["busi", "mini_mias"]
+    assert names(crossval.benchmark_files(gpu=True)) == ["busi", "busi_gpu", "mini_mias"]
+    assert names(crossval.benchmark_files(["busi_gpu"], gpu=False)) == ["busi_gpu"]  # named: runs anyway
+    gpu = crossval.load_benchmark(REPO / "benchmarks" / "busi_gpu.yaml")
+    cpu = crossval.load_benchmark(REPO / "benchmarks" / "busi.yaml")
+    big, small = gpu.params.model("busi_tumor"), cpu.params.model("busi_tumor")
+    assert big.input_shape[0] > small.input_shape[0] and big.base_filters > small.base_filters
+
+
+def test_pooled_calibration_recovers_the_uncalibrated_ece() -> None:
+    """Out-of-fold rows of models with different temperatures: ECE as served and at T = 1."""
+    from breastscan.evaluation.calibration import expected_calibration_error
+    from breastscan.evaluation.scoring import Scoring, pooled_calibration
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (200, 3))
+    y = rng.integers(0, 3, 200)
+    temperature = np.where(np.arange(200) < 100, 2.0, 0.5)
+    served = np.exp(logits / temperature[:, None])
+    served /= served.sum(axis=1, keepdims=True)
+    raw = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    names = ("benign", "malignant", "normal")
+    pred = pd.DataFrame({"image": [f"{i}.png" for i in range(200)], "true": [names[c] for c in y],
+                         **{f"prob_{n}": served[:, c] for c, n in enumerate(names)}, "temperature": temperature})
+    scoring = Scoring(task="classification", class_names=names, headline="macro_auc", metrics=("macro_auc",))
+    cal = pooled_calibration(pred, scoring)
+    assert cal is not None
+    assert cal["ece"] == pytest.approx(expected_calibration_error(served, y, n_bins=15))
+    assert cal["ece_at_t1"] == pytest.approx(expected_calibration_error(raw, y, n_bins=15))
+    assert cal["ece"] != pytest.approx(cal["ece_at_t1"])
+    assert pooled_calibration(pred.drop(columns="temperature"), scoring) is None
 
 
 def test_overrides_change_a_run_like_dvc_exp_run_set() -> None:

@@ -591,23 +591,36 @@
           td.style.backgroundColor = `rgba(${tone}, ${(0.07 + 0.75 * Math.min(1, Math.max(0, p))).toFixed(3)})`;
           return td;
         })))));
+    const lesionFinding = e.finding === "benign" || e.finding === "malignant";
     return h("section", { class: "card eight", id: "eight-category", dataset: { testid: "eight-category" },
       "aria-labelledby": "eight-title" },
       h("header", { class: "card-head" },
         h("h3", { id: "eight-title" }, "8-category view"),
         h("span", { class: "muted" }, "pathology × BI-RADS density")),
-      h("p", { class: "category" },
+      h("p", { class: "category", dataset: { testid: "finding-headline" } },
+        h("strong", {}, `Finding: ${e.finding}`),
+        h("span", { class: "muted" }, ` ${pct(findingProbability(e))} · density ${e.density}`)),
+      h("p", { class: lesionFinding ? "conditional" : "conditional muted", dataset: { testid: "conditional" } },
+        lesionFinding ? "Category: " : "If there is a lesion after all: ",
         h("strong", { dataset: { testid: "category" } }, e.category),
-        h("span", { class: "muted" }, ` joint probability ${pct(e.confidence)}`)),
+        h("span", { class: "muted" }, ` ${pct(e.confidence)} conditional on a lesion`)),
       h("dl", { class: "meta" },
         h("dt", {}, "Density"), h("dd", {}, e.density),
-        h("dt", {}, "Pathology"), h("dd", {}, `${e.pathology} (P(malignant | lesion) ${pct(e.p_malignant)})`),
+        h("dt", {}, "Pathology if a lesion"), h("dd", {}, `${e.pathology} (P(malignant | lesion) ${pct(e.p_malignant)})`),
         h("dt", {}, "Tumor model finding"), h("dd", { dataset: { testid: "finding" } }, e.finding),
         e.p_normal != null ? h("dt", {}, "P(normal)") : null,
         e.p_normal != null ? h("dd", {}, pct(e.p_normal)) : null),
       h("div", { class: "table-wrap" }, grid),
-      h("p", { class: "hint" }, "The category crosses the more likely lesion type with the density class; " +
-        "the tumor model's own top class (which may be “normal”) is the finding."));
+      h("p", { class: "hint" }, "The finding is the tumor model's own top class (it may be “normal”). " +
+        "The grid crosses the likelier lesion type with the density class: probabilities given that " +
+        "there is a lesion, not the chance that there is one."));
+  }
+
+  // P(finding) from the view: P(normal), or P(no normal) x P(type | lesion).
+  function findingProbability(e) {
+    if (e.finding === "normal") return e.p_normal;
+    const lesion = e.p_normal != null ? 1 - e.p_normal : 1;
+    return lesion * (e.finding === "malignant" ? e.p_malignant : 1 - e.p_malignant);
   }
 
   // ------------------------------------------------------------------ start

@@ -79,7 +79,8 @@ def test_pooled_calibration_recovers_the_uncalibrated_ece() -> None:
     raw = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     names = ("benign", "malignant", "normal")
     pred = pd.DataFrame({"image": [f"{i}.png" for i in range(200)], "true": [names[c] for c in y],
-                         **{f"prob_{n}": served[:, c] for c, n in enumerate(names)}, "temperature": temperature})
+                         **{f"prob_{n}": served[:, c] for c, n in enumerate(names)},
+                         "temperature": temperature})
     scoring = Scoring(task="classification", class_names=names, headline="macro_auc", metrics=("macro_auc",))
     cal = pooled_calibration(pred, scoring)
     assert cal is not None

@@ -251,6 +251,9 @@ def test_quick_run_on_phantoms_trains_scores_and_writes_the_report(tiny_phantoms
     assert tumor["scores"]["all"]["metrics"]["malignant_vs_benign_auc"]["value"] == pytest.approx(
         roc_auc_score(binary["true"] == "malignant", score), abs=1e-9)
     assert "malignant_vs_benign_sensitivity" in tumor["scores"]["all"]["metrics"]
+    calibration = tumor["scores"]["all"]["calibration"]  # pooled ECE, as served and at T = 1
+    assert 0.0 <= calibration["ece"] <= 1.0 and 0.0 <= calibration["ece_at_t1"] <= 1.0
+    assert (oof["temperature"] == tumor["folds"][0]["temperature"]).all()
     lesion = result["tasks"]["lesion"]
     pred = pd.read_csv(tmp_path / "out" / "phantom_us" / "lesion" / "fold1" / "predictions.csv")
     assert len(pred) == lesion["scores"]["all"]["n"] and pred["lesion"].all()  # normals left out

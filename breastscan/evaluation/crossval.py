@@ -430,6 +430,7 @@ def _subset_scores(rows: pd.DataFrame, scoring: Scoring, view: BinaryView | None
     folds = [_scores(rows[rows["fold"] == fold].reset_index(drop=True), scoring, view, thresholds, 0, seed)
              for fold in sorted(rows["fold"].unique())]
     n_binary = len(_binary_frame(rows, view)) if view is not None else len(rows)
+    n_lesion = int(rows["lesion"].astype(bool).sum()) if "lesion" in rows.columns else len(rows)
     metrics: dict[str, dict[str, Any]] = {}
     for name, s in pooled.items():
         per_fold = [f.get(name, {}).get("value") for f in folds]
@@ -437,9 +438,10 @@ def _subset_scores(rows: pd.DataFrame, scoring: Scoring, view: BinaryView | None
         metrics[name] = {**s, "per_fold": per_fold,
                          "mean": float(np.mean(values)) if values else None,
                          "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                         # images scored (a binary view: those of its two classes)
+                         # images scored (a binary view: those of its two classes; lesion_*
+                         # metrics: the images with a lesion)
                          "n": n_binary if view is not None and name.startswith(f"{view.positive}_vs_")
-                         else len(rows)}
+                         else n_lesion if name.startswith("lesion_") else len(rows)}
     out: dict[str, Any] = {"n": int(len(rows)), "metrics": metrics}
     ece = pooled_calibration(rows, scoring)
     if ece is not None:

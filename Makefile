@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
+.PHONY: demo test install install-gpu data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $@
 
 install: $(STAMP)  ## create .venv (if missing) and install the project
+
+# The CUDA build of TensorFlow replaces the CPU one (both provide the `tensorflow` module).
+install-gpu: $(STAMP)  ## on an NVIDIA machine: swap tensorflow-cpu for tensorflow[and-cuda] (same version)
+	$(BIN)/uv pip uninstall -q --python $(BIN)/python tensorflow-cpu
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode "tensorflow[and-cuda]==2.21.0"
+	$(BIN)/python -c "import tensorflow as tf; print('GPUs:', tf.config.list_physical_devices('GPU'))"
 
 data: $(STAMP)  ## fetch the demo data from the in-repo DVC remote
 	$(BIN)/dvc pull --quiet data.dvc

@@ -1,39 +1,42 @@
-"""Serving benchmark: what the model service delivers against what the model alone can do.
+"""Serving benchmark: what the service delivers against an honest limit and against plain peers.
 
 One run measures, on this machine, and writes ``reports/serving_benchmark.json`` and a
 markdown table (printed, and written to ``reports/serving_benchmark.md``):
 
-1. **In-process limit** -- ``ModelBundle.predict`` (the direct model call the model service
-   makes) of every served model, loaded from the BentoML store the server uses, at batch
-   sizes 1-64: images/s, the median of repeats; the best batch size is the ceiling.
+1. **In-process limits** -- ``ModelBundle.predict`` of every served model at batch sizes
+   1-64 (the model alone), and for the endpoint under load the **end-to-end** throughput:
+   PNG bytes in, the answer's JSON out (decode and preprocess on one thread per core,
+   overlapped with the batched model call, then each answer), at each batch size; its
+   best is the limit the served numbers are held to, and best / batch 1 the headroom
+   adaptive batching can at most capture.
 2. **Served throughput and latency** -- ``bentoml serve services.service:BreastScan`` with
    the serving config as it is (adaptive batching on), then again with a copy that sets
    ``batching.enabled: false``. For each: closed-loop load over HTTP (``POST /<endpoint>``,
    multipart PNG) and over gRPC (``Predict``), one image per request, at each concurrency
    (1, 8, 32, 64), a warm-up first, then a fixed time: requests/s (median of sub-windows),
    p50/p95/p99 latency, errors, mean model batch size (from the service's ``/metrics``)
-   and the CPU used by each server process and by the load generator. With batching on,
+   and the CPU used by the server and by the load generator. With batching on, py-spy
+   profiles the worker during the HTTP point at concurrency 32 (``reports/profiles``), and
    an open-loop (Poisson) run at half the saturation throughput gives the p99 a clinic
    would see on a busy but not overloaded day.
-3. **Cold start and memory** -- process start to ``/readyz`` 200 and to gRPC ``SERVING``;
-   resident memory (RSS) of ``bentoml serve`` and of each worker process of each service,
-   idle after start and after the load.
-4. **Ratios and targets** -- served / in-process, gRPC / HTTP and batching on / off at
-   concurrency 32, and whether the targets are met (served/in-process >= 0.9, batching
-   gain >= 4x, gRPC >= HTTP, p99 at half saturation <= 2 x single-request p50 +
-   ``max_latency_ms``).
+3. **Peers** (``load_tests/peers``) on the same bundle, preprocessing, answer and load, HTTP
+   at concurrency 1 and 32: a plain FastAPI + uvicorn app calling ``ModelBundle.predict``
+   per request (1 and 2 workers: the competent baseline), the same with Keras
+   ``Model.predict`` per request, and a one-service BentoML app without batching.
+4. **Cold start and memory** -- process start to ``/readyz`` 200 and to gRPC ``SERVING``;
+   resident memory (RSS) of every server process, idle after start and after the load.
+5. **Ratios and targets** at concurrency 32 (:func:`ratios_and_targets`).
 
 The load generator (asyncio: ``aiohttp`` for HTTP, ``grpc.aio`` for gRPC) runs in this
-process, the server in its own processes (started, timed and stopped by
-:func:`breastscan.serving.launch.launch_service`, as the service tests start theirs), the
-in-process measurement in a child process of its own (TensorFlow never loads here). All of
-them share this machine's cores: on a 2-core machine the load generator takes CPU from the
-server, which the JSON records (CPU per process) and the table notes say.
+process, the servers in their own processes, the in-process measurement in a child
+process of its own (TensorFlow never loads here). All of them share this machine's
+cores: on a 2-core machine the load generator takes CPU from the server, which the JSON
+records (CPU per process) and the table notes say.
 
 Run (``make bench-serving``)::
 
-    .venv/bin/python load_tests/bench_serving.py            # full run, ~10 min on 2 cores
-    .venv/bin/python load_tests/bench_serving.py --quick    # ~3 min smoke run
+    .venv/bin/python load_tests/bench_serving.py            # full run, ~12 min on 2 cores
+    .venv/bin/python load_tests/bench_serving.py --quick    # ~4 min smoke run
 
 By default the models are the project's production models: ``breastscan import-models``
 copies them from the MLflow registry (``mlflow.db``, trained and promoted by ``make
@@ -76,7 +79,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MODEL_MODALITY = {"density": "mammography", "tumor": "mammography", "lesion": "ultrasound"}
 REF_CONCURRENCY = 32
 """The concurrency the ratios and targets are read at."""
-SHARED_CORES_NOTE = ("load generator, server (front and model workers) and the in-process measurement "
+SHARED_CORES_NOTE = ("load generator, server and the in-process measurement "
                      "share this machine's {cores} CPU cores: the load generator's own CPU (column "
                      "'loadgen CPU') is taken from the server, so served numbers are a lower bound of "
                      "what the server does on cores of its own")
@@ -242,8 +245,9 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
         best = max(by_size, key=lambda k: by_size[k]["images_per_s_median"])
         if name == settings.endpoint:
             out["request_path"] = request_path(name, bundle, settings)
+            out["end_to_end"] = end_to_end(name, bundle, settings)
         out["models"][name] = {
-            "tag": str(stored.tag), "registry_version": labels.get(LABEL_VERSION),
+            "tag": str(stored.tag), "path": str(stored.path), "registry_version": labels.get(LABEL_VERSION),
             "stage": labels.get(LABEL_STAGE), "input_shape": list(shape), "by_batch_size": by_size,
             "best": {"batch_size": int(best), "images_per_s_median": by_size[best]["images_per_s_median"]},
         }
@@ -283,6 +287,77 @@ def request_path(name: str, bundle: Any, settings: Settings, n: int = 200) -> di
     log.info("in process: %s request path %s ms (front work %.2f ms)", name, ms, front)
     return {"model": name, "median_ms": ms, "front_work_ms": round(front, 3),
             "one_at_a_time_rps": round(1000 / (front + ms["model"]), 1), "images": n}
+
+
+def end_to_end(name: str, bundle: Any, settings: Settings) -> dict[str, Any]:
+    """The honest ceiling of the served endpoint: files in, answers out, in this process.
+
+    For each batch size, batches of PNG bytes go through exactly what the service does with
+    a request -- decode and preprocess (:func:`~breastscan.serving.requests.decode_upload`,
+    :func:`~breastscan.serving.requests.prepare_inputs`) on a thread pool, one
+    ``ModelBundle.predict`` of the batch, then each answer's dict and JSON bytes -- with the
+    next batch decoded while the model runs the current one, as the server overlaps them.
+    Nothing of HTTP, gRPC or the serving framework is in it. The pool has one thread per
+    core or two, whichever is faster at the largest batch (OpenCV parallelises inside a
+    call too, so the best split depends on the preprocessing).
+
+    Returns:
+        images/s (median of repeats) by batch size, the best, and ``headroom`` = best /
+        batch 1: the most adaptive batching can gain on this machine.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    files = phantom_pngs(MODEL_MODALITY.get(name, "mammography"))
+    probe = {threads: _e2e_rate(bundle, files, BATCH_SIZES[-1], threads, settings)
+             for threads in (cores, 2 * cores)}
+    threads = max(probe, key=lambda t: probe[t])
+    by_size: dict[str, Any] = {}
+    for bs in BATCH_SIZES:
+        rates = [_e2e_rate(bundle, files, bs, threads, settings) for _ in range(settings.inprocess_repeats)]
+        by_size[str(bs)] = {"images_per_s_median": round(statistics.median(rates), 1),
+                            "images_per_s_repeats": [round(r, 1) for r in rates]}
+        log.info("in process end to end: %s batch %d: %.0f images/s", name, bs, statistics.median(rates))
+    best = max(by_size, key=lambda k: by_size[k]["images_per_s_median"])
+    best_rate = by_size[best]["images_per_s_median"]
+    return {"model": name, "threads": threads,
+            "threads_probe_images_per_s": {str(k): round(v, 1) for k, v in probe.items()},
+            "by_batch_size": by_size, "best": {"batch_size": int(best), "images_per_s_median": best_rate},
+            "headroom": round(best_rate / by_size["1"]["images_per_s_median"], 3)}
+
+
+def _e2e_rate(bundle: Any, files: list[bytes], bs: int, threads: int, settings: Settings) -> float:
+    """Images/s of :func:`end_to_end`'s loop at batch size ``bs`` with ``threads`` decoding threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import orjson
+
+    from breastscan.serving.requests import decode_upload, finish_predictions, prepare_inputs
+
+    def prepare(data: bytes) -> Any:
+        return prepare_inputs(bundle.spec, bundle.contract, [decode_upload(data, max_bytes=2**25)])
+
+    def answer(prepared: list[Any]) -> list[bytes]:
+        probs = bundle.predict(np.concatenate([p.batch for p in prepared]))
+        return [orjson.dumps(finish_predictions(bundle.contract, bundle.spec.spec_id, p, probs[i:i + 1])[0]
+                             .to_dict()) for i, p in enumerate(prepared)]
+
+    with ThreadPoolExecutor(threads) as workers, ThreadPoolExecutor(1) as ahead:
+        def prepare_all(chunk: list[bytes]) -> list[Any]:
+            return list(workers.map(prepare, chunk))
+
+        def run(batches: int) -> float:
+            chunks = [[files[(k * bs + i) % len(files)] for i in range(bs)] for k in range(batches)]
+            t0 = time.perf_counter()
+            pending = ahead.submit(prepare_all, chunks[0])
+            for k in range(batches):
+                prepared = pending.result()
+                if k + 1 < batches:
+                    pending = ahead.submit(prepare_all, chunks[k + 1])
+                answer(prepared)
+            return bs * batches / (time.perf_counter() - t0)
+
+        run(2)  # warm-up
+        batches = max(3, int(np.ceil(settings.inprocess_min_s * run(3) / bs)))
+        return run(batches)
 
 
 def inprocess_in_child(models: Sequence[str], settings: Settings, env: dict[str, str],
@@ -387,9 +462,10 @@ def summarize(records: list[Record], t_from: float, t_to: float, windows: int) -
 class LoadGenerator:
     """Closed- and open-loop load of one endpoint over HTTP and gRPC, from this process."""
 
-    def __init__(self, server: LaunchedService, endpoint: str, settings: Settings) -> None:
+    def __init__(self, server: Any, endpoint: str, settings: Settings, route: str | None = None) -> None:
         self.server = server
         self.endpoint = endpoint
+        self.route = route or endpoint
         self.settings = settings
         from urllib3.filepost import encode_multipart_formdata
 
@@ -401,7 +477,7 @@ class LoadGenerator:
     def _http_sender(self, session: Any) -> Send:
         import aiohttp
 
-        url = f"{self.server.http_url}/{self.endpoint}"
+        url = f"{self.server.http_url}/{self.route}"
 
         async def send(i: int) -> str | None:
             body, content_type = self.bodies[i % len(self.bodies)]
@@ -555,8 +631,14 @@ class LoadGenerator:
         return await self._with_sender(protocol, max_in_flight, body)
 
 
-def measure_server(server: LaunchedService, settings: Settings, *, half_saturation: bool) -> dict[str, Any]:
-    """Every closed-loop point over HTTP and gRPC (and the open-loop point at half saturation)."""
+def measure_server(server: LaunchedService, settings: Settings, *, half_saturation: bool,
+                   profile_to: Path | None = None) -> dict[str, Any]:
+    """Every closed-loop point over HTTP and gRPC (and the open-loop point at half saturation).
+
+    With ``profile_to``, py-spy samples the service's worker during one more HTTP run at
+    concurrency 32, after the measured points (speedscope file there; its summary in
+    ``out["profile"]``).
+    """
     gen = LoadGenerator(server, settings.endpoint, settings)
     out: dict[str, Any] = {"http": [], "grpc": []}
     for protocol in ("http", "grpc"):
@@ -572,6 +654,13 @@ def measure_server(server: LaunchedService, settings: Settings, *, half_saturati
                      protocol, c, point["throughput_rps"], point["latency_ms"]["p50"],
                      point["latency_ms"]["p99"], point["mean_batch_size"], point["errors"],
                      point["cpu_percent"])
+    if profile_to is not None:  # a point of its own: the sampler's CPU must not bias a measured one
+        worker = list(server.workers.values())[0]
+        spy = start_profile(worker, settings.warmup_s + settings.duration_s, profile_to)
+        profiled = asyncio.run(gen.closed_loop("http", REF_CONCURRENCY))
+        if spy is not None and spy.wait(timeout=120) == 0:
+            out["profile"] = {**profile_summary(profile_to),
+                              "throughput_rps_while_sampled": profiled["throughput_rps"]}
     if half_saturation:
         out["open_loop_half_saturation"] = {}
         for protocol in ("http", "grpc"):
@@ -598,6 +687,102 @@ async def _warm(gen: LoadGenerator, protocol: str) -> None:
     await gen._with_sender(protocol, 16, body)
 
 
+# =========================================================================== profile
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling ``pid`` (every thread, 100 Hz) for ``seconds`` into a speedscope file.
+
+    ``None`` when py-spy is not installed (``pip install py-spy``) or may not attach.
+    """
+    exe = BIN / "py-spy"
+    if not exe.is_file():
+        log.warning("py-spy is not installed: no profile")
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(exe), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "speedscope",
+           "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+_PLUMBING = ("_bootstrap", "Thread.", "_run_", "<module>", "Command.", "Context.invoke")
+
+
+def profile_summary(path: Path, top: int = 20) -> dict[str, Any]:
+    """Each sampled thread's busy seconds and the functions it spent them in (inclusive %).
+
+    Frames are named ``function file`` (file relative to site-packages or the checkout).
+    """
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+
+    def name(i: int) -> str:
+        f = frames[i]
+        file = str(f.get("file", "")).split("site-packages/")[-1].replace(str(REPO) + "/", "")
+        return f"{f['name']} {file}"
+
+    threads = []
+    for prof in data["profiles"]:
+        busy = sum(prof["weights"])
+        inclusive: dict[str, float] = {}
+        for stack, w in zip(prof["samples"], prof["weights"], strict=True):
+            for key in {name(i) for i in stack}:
+                inclusive[key] = inclusive.get(key, 0.0) + w
+        ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top * 2]
+        threads.append({"thread": prof["name"], "busy_s": round(busy, 2),
+                        "inclusive_percent": {k: round(100 * v / busy, 1) for k, v in ranked
+                                              if not k.startswith(_PLUMBING)}})
+    threads.sort(key=lambda t: -t["busy_s"])
+    return {"file": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+            "duration_s": round(max((p["endValue"] for p in data["profiles"]), default=0.0), 1),
+            "threads": threads[:8]}
+
+
+# =========================================================================== peers
+
+PEER_RUNS = (("fastapi", 1), ("fastapi", 2), ("seeds", 1), ("bentoml", 1))
+"""The plain servers the service is compared with: (kind, workers)."""
+
+
+class PeerTarget:
+    """A peer server as :class:`LoadGenerator` sees one: HTTP only, the CPU of its processes."""
+
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+        self.http_url = peer.url.rsplit("/", 1)[0]
+        self.grpc_target = ""
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU seconds of the peer's processes (server and workers together)."""
+        from breastscan.processes import cpu_seconds
+
+        return {"peer": sum(cpu_seconds(pid) or 0.0 for pid in self.peer.pids())}
+
+
+def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """Each of :data:`PEER_RUNS` on the same bundle and load: closed-loop HTTP at c=1 and 32."""
+    from peers.launch import running_peer
+
+    from breastscan.processes import free_port, rss_mb
+
+    out: dict[str, Any] = {}
+    for kind, workers in PEER_RUNS:
+        label = f"{kind}-{workers}w"
+        t0 = time.perf_counter()
+        with running_peer(kind, bundle_dir=bundle_dir, port=free_port(), workers=workers, env=env,
+                          logdir=workdir) as peer:
+            ready_s = round(time.perf_counter() - t0, 2)
+            gen = LoadGenerator(PeerTarget(peer), settings.endpoint, settings, route="predict")
+            asyncio.run(_warm(gen, "http"))
+            points = [asyncio.run(gen.closed_loop("http", c)) for c in (1, REF_CONCURRENCY)]
+            rss = round(sum(rss_mb(pid) or 0.0 for pid in peer.pids()), 1)
+        out[label] = {"kind": kind, "workers": workers, "ready_s": ready_s, "rss_mb_after_load": rss,
+                      "http": points}
+        log.info("peer %s: %s", label, ", ".join(f"c={p['concurrency']} {p['throughput_rps']:.1f} req/s"
+                                                for p in points))
+    return out
+
+
 # =========================================================================== ratios and targets
 
 
@@ -605,15 +790,28 @@ def _point(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | N
     return next((p for p in points if p["concurrency"] == concurrency), None)
 
 
+def _target(value: float, op: str, bound: float, text: str | None = None) -> dict[str, Any]:
+    met = value >= bound if op == ">=" else value <= bound
+    return {"value": round(value, 3), "target": text or f"{op} {bound:g}", "met": bool(met)}
+
+
 def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: float) -> tuple[dict, dict]:
-    """The ratios at concurrency 32 and each target's value, threshold and verdict."""
-    inproc = result["in_process"]["models"][endpoint]
-    best = inproc["best"]["images_per_s_median"]
-    max_batch = str(result["config"]["batching_on"]["batching"]["max_batch_size"])
-    at_max_batch = inproc["by_batch_size"].get(max_batch, {}).get("images_per_s_median")
+    """The ratios at concurrency 32 and each target's value, threshold and verdict.
+
+    * ``served_over_e2e_<protocol>``: served req/s over the in-process end-to-end ceiling
+      (files in, answers out, best batch size) >= 0.8;
+    * ``batching_capture_<protocol>``: (batching on / off) over the in-process headroom
+      (end to end, best batch / batch 1) >= 0.8 -- the share of the possible gain captured;
+    * ``over_peer_http``: HTTP req/s over the best plain FastAPI peer's >= 2;
+    * ``grpc_at_least_http`` >= 1; ``p99_at_half_saturation_<protocol>`` <= 2 x p50 at c=1 +
+      ``max_latency_ms``; ``cold_start_s`` (start to ready) <= 10.
+    """
+    e2e = result["in_process"]["end_to_end"]
+    model_best = result["in_process"]["models"][endpoint]["best"]["images_per_s_median"]
     on, off = result["served"]["batching_on"], result["served"]["batching_off"]
     c = REF_CONCURRENCY
-    ratios: dict[str, Any] = {"concurrency": c}
+    ratios: dict[str, Any] = {"concurrency": c, "e2e_best_images_per_s": e2e["best"]["images_per_s_median"],
+                              "e2e_headroom": e2e["headroom"]}
     targets: dict[str, Any] = {}
 
     def rps(block: dict[str, Any], protocol: str) -> float | None:
@@ -624,32 +822,37 @@ def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: fl
         served = rps(on, protocol)
         if served is None:
             continue
-        ratios[f"served_over_inprocess_best_{protocol}"] = round(served / best, 3)
-        if at_max_batch:
-            ratios[f"served_over_inprocess_at_max_batch_{protocol}"] = round(served / at_max_batch, 3)
-        targets[f"served_over_inprocess_{protocol}"] = {
-            "value": round(served / best, 3), "target": ">= 0.9", "met": served / best >= 0.9}
+        ratios[f"served_over_model_only_{protocol}"] = round(served / model_best, 3)
+        limit = e2e["best"]["images_per_s_median"]
+        targets[f"served_over_e2e_{protocol}"] = _target(served / limit, ">=", 0.8)
         off_rps = rps(off, protocol)
         if off_rps:
-            gain = served / off_rps
-            ratios[f"batching_on_over_off_{protocol}"] = round(gain, 2)
-            targets[f"batching_gain_{protocol}"] = {"value": round(gain, 2), "target": ">= 4",
-                                                    "met": gain >= 4}
+            ratios[f"batching_on_over_off_{protocol}"] = round(served / off_rps, 3)
+            targets[f"batching_capture_{protocol}"] = _target(served / off_rps / e2e["headroom"], ">=", 0.8)
+    peers = {label: rps(block, "http") for label, block in (result.get("peers") or {}).items()}
+    fastapi = {k: v for k, v in peers.items() if k.startswith("fastapi") and v}
     http_rps, grpc_rps = rps(on, "http"), rps(on, "grpc")
+    for label, value in peers.items():
+        if value and http_rps:
+            ratios[f"http_over_peer_{label}"] = round(http_rps / value, 3)
+    if fastapi and http_rps:
+        best_label = max(fastapi, key=lambda k: fastapi[k] or 0.0)
+        targets["over_peer_http"] = _target(http_rps / fastapi[best_label], ">=", 2,
+                                            f">= 2 (best plain FastAPI peer: {best_label})")
     if http_rps and grpc_rps:
-        ratios["grpc_over_http"] = round(grpc_rps / http_rps, 3)
-        targets["grpc_at_least_http"] = {"value": round(grpc_rps / http_rps, 3), "target": ">= 1",
-                                         "met": grpc_rps >= http_rps}
+        targets["grpc_at_least_http"] = _target(grpc_rps / http_rps, ">=", 1)
     for protocol, point in (on.get("open_loop_half_saturation") or {}).items():
         single = _point(on[protocol], 1)
         if single is None:
             continue
         bound = 2 * single["latency_ms"]["p50"] + max_latency_ms
-        p99 = point["latency_ms"]["p99"]
-        single_p50 = single["latency_ms"]["p50"]
-        targets[f"p99_at_half_saturation_{protocol}"] = {
-            "value": p99, "target": f"<= 2 x {single_p50} + {max_latency_ms:g} = {bound:.1f} ms",
-            "met": bool(p99 <= bound) and point["errors"] == 0}
+        t = _target(point["latency_ms"]["p99"], "<=", bound, f"<= 2 x {single['latency_ms']['p50']} + "
+                    f"{max_latency_ms:g} = {bound:.1f} ms")
+        t["met"] = t["met"] and point["errors"] == 0
+        targets[f"p99_at_half_saturation_{protocol}"] = t
+    ready = on["cold_start"].get("ready_s")
+    if ready is not None:
+        targets["cold_start_s"] = _target(ready, "<=", 10)
     return ratios, targets
 
 
@@ -680,23 +883,37 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"{info['by_batch_size'][str(b)]['images_per_s_median']:.0f}" for b in BATCH_SIZES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {info['best']['images_per_s_median']:.0f} "
                      f"(bs {info['best']['batch_size']}) |")
+    e2e = result["in_process"].get("end_to_end")
+    if e2e:
+        rates = [f"{e2e['by_batch_size'][str(b)]['images_per_s_median']:.0f}" for b in BATCH_SIZES]
+        lines += ["", f"## In process, end to end (`{endpoint}`: PNG bytes in, answer JSON out), images/s",
+                  "",
+                  "| " + " | ".join(f"bs {b}" for b in BATCH_SIZES) + " | best | headroom (best / bs 1) |",
+                  "|" + "---|" * (len(BATCH_SIZES) + 2),
+                  "| " + " | ".join(rates) + f" | {e2e['best']['images_per_s_median']:.0f} "
+                  f"(bs {e2e['best']['batch_size']}) | {e2e['headroom']} |"]
     path = result["in_process"].get("request_path")
     if path:
         lines += ["", f"In process, one `{endpoint}` request's steps (median ms): "
                   + ", ".join(f"{k} {v}" for k, v in path["median_ms"].items())
                   + f" -- the front's own work (decode + prepare + finish) {path['front_work_ms']} ms, "
                   f"one request at a time {path['one_at_a_time_rps']} req/s."]
-    lines += ["", f"## Served `/{endpoint}` (closed loop)", "",
-              "| batching | protocol | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | errors "
-              "| CPU % front / models / loadgen / other / machine | CPU ms/request front / models |",
+    lines += ["", f"## Served `/{endpoint}` (closed loop) and the peers (same model, preprocessing, load)",
+              "",
+              "| server | protocol | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | errors "
+              "| CPU % server / loadgen / other / machine | CPU ms/request server |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, block in result["served"].items():
         for protocol in ("http", "grpc"):
             for p in block.get(protocol, []):
-                lines.append(_served_row(label, protocol, str(p["concurrency"]), p))
+                name = f"breastscan, {label.replace('_', ' ')}"
+                lines.append(_served_row(name, protocol, str(p["concurrency"]), p))
+    for label, block in (result.get("peers") or {}).items():
+        for p in block["http"]:
+            lines.append(_served_row(f"peer {label}", "http", str(p["concurrency"]), p))
     lines += ["", "## Open loop at half saturation (batching on)", "",
               "| protocol | rate req/s | req/s done | p50 ms | p95 ms | p99 ms | mean batch | errors "
-              "| CPU % front / models / loadgen / other / machine | CPU ms/request front / models |",
+              "| CPU % server / loadgen / other / machine | CPU ms/request server |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for protocol, p in (result["served"]["batching_on"].get("open_loop_half_saturation") or {}).items():
         lines.append(f"| {protocol} | {p['rate_rps']:.1f} | {p['throughput_rps_overall']:.1f} | "
@@ -714,28 +931,77 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
     for name, t in result["targets"].items():
         lines.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |")
+    prof = result["served"]["batching_on"].get("profile")
+    if prof:
+        lines += ["", f"## Profile (py-spy, HTTP at concurrency {REF_CONCURRENCY}, `{prof['file']}`)", ""]
+        for t in prof["threads"][:4]:
+            top = ", ".join(f"{k.split(' ')[0]} {v} %" for k, v in list(t["inclusive_percent"].items())[:8])
+            lines.append(f"- {t['thread']}: busy {t['busy_s']} s of {prof['duration_s']} s -- {top}")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+_NOT_SERVER = ("loadgen", "machine", "other")
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The README's tables: the headline figures and the targets of a result."""
+    on, off = result["served"]["batching_on"], result["served"]["batching_off"]
+    e2e = result["in_process"]["end_to_end"]
+    endpoint = result["settings"]["endpoint"]
+
+    def rps(block: dict[str, Any], protocol: str, c: int) -> str:
+        p = _point(block.get(protocol, []), c)
+        return "-" if p is None else f"{p['throughput_rps']:.1f}"
+
+    def p50(block: dict[str, Any], protocol: str, c: int) -> str:
+        p = _point(block.get(protocol, []), c)
+        return "-" if p is None else f"{p['latency_ms']['p50']:.1f}"
+
+    c = REF_CONCURRENCY
+    half = on.get("open_loop_half_saturation") or {}
+    rows = [
+        ("in process, end to end (PNG in, answer out): batch 1 / best",
+         f"{e2e['by_batch_size']['1']['images_per_s_median']:.0f} / {e2e['best']['images_per_s_median']:.0f} "
+         f"(bs {e2e['best']['batch_size']}) images/s, headroom {e2e['headroom']}"),
+        (f"`/{endpoint}` at c=1: HTTP / gRPC", f"{rps(on, 'http', 1)} / {rps(on, 'grpc', 1)} req/s, p50 "
+         f"{p50(on, 'http', 1)} / {p50(on, 'grpc', 1)} ms"),
+        (f"`/{endpoint}` at c={c}, batching on: HTTP / gRPC",
+         f"{rps(on, 'http', c)} / {rps(on, 'grpc', c)} req/s"),
+        (f"`/{endpoint}` at c={c}, batching off: HTTP / gRPC",
+         f"{rps(off, 'http', c)} / {rps(off, 'grpc', c)} req/s"),
+    ]
+    for label, block in (result.get("peers") or {}).items():
+        rows.append((f"peer {label}, HTTP at c=1 / c={c}",
+                     f"{rps(block, 'http', 1)} / {rps(block, 'http', c)} req/s"))
+    if half:
+        rows.append(("open loop at half saturation: p99 HTTP / gRPC", " / ".join(
+            f"{half[p]['latency_ms']['p99']:.0f}" for p in ("http", "grpc") if p in half) + " ms"))
+    rows.append(("cold start (to `/readyz` 200) / memory idle", f"{on['cold_start']['ready_s']} s / "
+                 f"{on['rss_mb_idle'].get('total')} MiB "
+                 f"(after load {on['rss_mb_after_load'].get('total')} MiB)"))
+    lines = ["| | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             "| target | value | threshold | met |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+              for n, t in result["targets"].items()]
     return "\n".join(lines) + "\n"
 
 
 def _cpu(p: dict[str, Any]) -> str:
     cpu = p["cpu_percent"]
-    front = sum(v for k, v in cpu.items() if k.startswith("breastscan#"))
-    models = sum(v for k, v in cpu.items() if k.startswith("breastscan-models#"))
+    server = sum(v for k, v in cpu.items() if k not in _NOT_SERVER)
     nan = float("nan")
-    return (f"{front:.0f} / {models:.0f} / {cpu.get('loadgen', 0):.0f} / {cpu.get('other', nan):.0f} "
+    return (f"{server:.0f} / {cpu.get('loadgen', 0):.0f} / {cpu.get('other', nan):.0f} "
             f"/ {cpu.get('machine', nan):.0f}")
 
 
 def _cpu_per_request(p: dict[str, Any]) -> str:
     per = p.get("cpu_ms_per_request") or {}
-    front = sum(v or 0 for k, v in per.items() if k.startswith("breastscan#"))
-    models = sum(v or 0 for k, v in per.items() if k.startswith("breastscan-models#"))
-    return f"{front:.1f} / {models:.1f}"
+    return f"{sum(v or 0 for k, v in per.items() if k not in _NOT_SERVER):.1f}"
 
 
 def _served_row(label: str, protocol: str, c: str, p: dict[str, Any]) -> str:
-    return (f"| {label.removeprefix('batching_')} | {protocol} | {c} | {p['throughput_rps']:.1f} | "
+    return (f"| {label} | {protocol} | {c} | {p['throughput_rps']:.1f} | "
             f"{_latencies(p)} | {_tail(p)}")
 
 
@@ -823,13 +1089,24 @@ def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
               default=REPO / "reports" / "serving_benchmark.json", show_default=True)
 @click.option("--markdown-output", type=click.Path(path_type=Path, dir_okay=False),
               default=REPO / "reports" / "serving_benchmark.md", show_default=True)
+@click.option("--peers/--no-peers", "peers_on", default=True, show_default=True,
+              help="also measure the plain FastAPI / naive / minimal BentoML peers on the same model")
+@click.option("--profile-dir", type=click.Path(path_type=Path, file_okay=False),
+              default=REPO / "reports" / "profiles", show_default=True,
+              help="where the py-spy profile of the service under load goes")
+@click.option("--summary-of", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="print the README's tables of a report (e.g. reports/serving_benchmark.json) and exit")
 @click.option("--models", default=None, hidden=True)
 @click.option("--inprocess-worker", type=click.Path(path_type=Path), default=None, hidden=True)
 def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, serving_config: Path,
          endpoint: str, concurrency: tuple[int, ...] | None, duration: float | None, output: Path,
-         markdown_output: Path, models: str | None, inprocess_worker: Path | None) -> None:
-    """Benchmark the model service: in-process limit, served HTTP/gRPC with and without batching."""
+         markdown_output: Path, peers_on: bool, profile_dir: Path, summary_of: Path | None,
+         models: str | None, inprocess_worker: Path | None) -> None:
+    """Benchmark the service: in-process limits, served HTTP/gRPC with and without batching, peers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if summary_of is not None:
+        click.echo(summary(json.loads(summary_of.read_text())))
+        return
     settings = Settings.make(quick, endpoint, concurrency, duration)
     if inprocess_worker is not None:  # the child process of inprocess_in_child
         names = (models or endpoint).split(",")
@@ -870,29 +1147,36 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         server = start_server(env, config, workdir, label)
         try:
             block: dict[str, Any] = {"cold_start": server.cold_start(), "rss_mb_idle": server.rss_mb()}
-            block.update(measure_server(server, settings,
-                                        half_saturation=settings.half_saturation and label == "batching_on"))
+            on = label == "batching_on"
+            profile = profile_dir / "serving_http_c32.speedscope.json" if on else None
+            block.update(measure_server(server, settings, half_saturation=settings.half_saturation and on,
+                                        profile_to=profile))
             block["rss_mb_after_load"] = server.rss_mb()
         finally:
             server.stop(30)
         result["served"][label] = block
+    if peers_on:
+        result["peers"] = measure_peers(Path(result["in_process"]["models"][endpoint]["path"]), settings, env,
+                                        workdir)
     max_latency = float(cfg_on["batching"]["max_latency_ms"])
     result["ratios"], result["targets"] = ratios_and_targets(result, endpoint, max_latency)
     cores = result["machine"]["cpus_usable"]
     result["notes"] = [
         SHARED_CORES_NOTE.format(cores=cores),
-        "CPU % is per process over the measured window (100 % = one core fully busy); 'front' is the "
-        "BreastScan worker (HTTP + gRPC, decoding, preprocessing), 'models' the BreastScanModels worker, "
-        f"'machine' all cores together (at most {cores * 100} %), 'other' what processes outside the "
-        "benchmark used meanwhile",
+        "CPU % over the measured window (100 % = one core fully busy); 'server' is every process of the "
+        "server (bentoml serve and its worker; a peer's uvicorn/bentoml processes), 'machine' all cores "
+        f"together (at most {cores * 100} %), 'other' what processes outside the benchmark used meanwhile",
         "p99 at half saturation: open-loop Poisson arrivals at half the best closed-loop throughput, "
         f"latency from the scheduled send time; bound 2 x p50 at concurrency 1 + max_latency_ms "
         f"({max_latency:g})",
-        "points run in order of concurrency, HTTP then gRPC at each: adaptive batching adapts to the "
-        "traffic it has seen (after heavy load a lone request waits longer for a batch), so both protocols "
-        "see the same history; c=1 is measured first, on a fresh dispatcher",
-        "served/in-process compares served requests/s (one image each) with the best in-process images/s "
-        "of the same model at any batch size (served_over_inprocess_at_max_batch: at max_batch_size)",
+        "points run in order of concurrency, HTTP then gRPC at each",
+        "the limit is the in-process end-to-end throughput (PNG bytes in, answer JSON out: decode and "
+        "preprocess on one thread per core, overlapped with the batched model call) at its best batch size; "
+        "served_over_model_only compares with the model call alone, which leaves decoding and "
+        "preprocessing out",
+        "peers: the same bundle, preprocessing and answer behind a plain FastAPI + uvicorn app calling "
+        "ModelBundle.predict per request (1 and 2 workers), the same with Keras Model.predict per request "
+        "('seeds'), and a one-service BentoML app without batching; HTTP only, same load generator",
         f"machine load average at start {result['machine']['load_average_at_start']}, at end "
         f"{list(os.getloadavg())}: other work on the machine adds noise",
     ]

@@ -1,19 +1,18 @@
 """The breastscan model service: the production models over HTTP and gRPC, with a web UI.
 
-Two BentoML services, started together by ``bentoml serve services.service:BreastScan``:
+One BentoML service, started by ``bentoml serve services.service:BreastScan`` (port 3000):
+HTTP endpoints (``/density``, ``/tumor``, ``/lesion``, ``/predict``, ``/predict_array``,
+``/analyze``, ``/preview``, ``/models``), the gRPC server (port 50051, run inside its worker
+processes), the web UI at ``/ui``, health, readiness and ``/metrics``.
 
-``BreastScan`` (the front, port 3000)
-    HTTP endpoints (``/density``, ``/tumor``, ``/lesion``, ``/predict``, ``/predict_array``,
-    ``/analyze``, ``/preview``, ``/models``), the gRPC server (port 50051, run inside its
-    worker processes), the web UI at ``/ui``, health, readiness and ``/metrics``. It decodes,
-    checks and preprocesses each request (:class:`breastscan.serving.engine.Engine`), so a
-    client's mistake is answered 4xx before it reaches a model, and it sends the model input
-    to ...
-
-``BreastScanModels`` (the model service)
-    one **batchable** API per model: BentoML's adaptive batching merges the concurrent
-    requests of every front worker -- HTTP and gRPC alike -- into one model call
-    (``predict_on_batch``), on the GPU when there is one.
+Each worker holds every served model. A request is decoded, checked and preprocessed on a
+thread (:class:`breastscan.serving.engine.Engine`), so a client's mistake is answered 4xx
+before it reaches a model; its model input then joins that model's
+:class:`breastscan.serving.batching.Batcher`, which runs whatever has queued -- HTTP and
+gRPC requests alike -- as one model call on its own thread (on the GPU when there is one).
+Nothing leaves the process: the measured cost of a separate model service (pickled arrays
+over loopback HTTP, a second event loop) was larger than the model's own
+(``make bench-serving``, README "Serving performance").
 
 What is served comes from ``services/serving.yaml`` (or the file named by
 ``BREASTSCAN_SERVING_CONFIG``); the models come from the BentoML store, where
@@ -21,30 +20,34 @@ What is served comes from ``services/serving.yaml`` (or the file named by
 """
 
 import asyncio
+import gc
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import bentoml
 import numpy as np
+from starlette.responses import Response
 
 from breastscan.logs import configure_service_logging
+from breastscan.serving.batching import model_batchers
 from breastscan.serving.config import CONFIG_ENV, load_serving_config, with_models
-from breastscan.serving.engine import Engine, ImageInput, Overloaded, parse_roi
+from breastscan.serving.engine import Engine, ImageInput, parse_roi
+from breastscan.serving.fastpath import HOT, ModelRoutes, answer
 from breastscan.serving.http import RequestGuard
-from breastscan.serving.remote import call_models
-from breastscan.serving.requests import InputError
 from breastscan.serving.store import PREFIX as STORE_PREFIX
 from breastscan.serving.store import load_served, store_name, stored_models
 from breastscan.serving.ui import make_ui_app
 
 log = logging.getLogger("breastscan.service")
 
-RESERVED = {"predict", "predict_array", "analyze", "preview", "models", "explain", "run", "backend", "engine"}
+RESERVED = {"predict", "predict_array", "analyze", "preview", "models", "explain", "bundles", "engine",
+            "grpc"}
 
 REQUESTS = bentoml.metrics.Counter(
-    name="breastscan_requests", documentation="Requests answered by the front service, by endpoint and "
+    name="breastscan_requests", documentation="Requests answered by the service, by endpoint and "
     "outcome (ok, or the input error code)", labelnames=["endpoint", "outcome"])
 PREDICTIONS = bentoml.metrics.Counter(
     name="breastscan_model_predictions", documentation="Images run through each model",
@@ -60,7 +63,7 @@ def gpu_count() -> int:
     BentoML 1.4 has no public API for the machine's resources, so this asks NVML (the
     ``nvidia-ml-py`` package BentoML itself uses) for the device count, limited by
     ``CUDA_VISIBLE_DEVICES`` when it is set. Cheap, and never imports TensorFlow: this runs
-    in every process that imports the service, the front included.
+    in every process that imports the service.
     """
     visible = _cuda_visible_devices()
     if visible == 0:
@@ -151,42 +154,7 @@ def _stored(name: str) -> Any:
     return ref.stored
 
 
-# --------------------------------------------------------------------------- model service
-
-
-class _ModelsImpl:
-    """The model service: loads every bundle once per worker and runs batches through it."""
-
-    def __init__(self) -> None:
-        from breastscan.registry.bundle import ModelBundle
-
-        configure_service_logging()
-        _configure_gpus()
-        self.bundles: dict[str, ModelBundle] = {}
-        for name in CONFIG.models:
-            stored = _stored(name)
-            self.bundles[name] = ModelBundle.load(stored.path)
-            log.info("model service: loaded %s (%s)", name, stored.tag)
-        for bundle in self.bundles.values():  # trace the model functions before traffic
-            for n in (1, 2):
-                bundle.predict(np.zeros((n, *bundle.contract.input_shape), np.float32))
-
-    def __is_ready__(self) -> bool:
-        return len(self.bundles) == len(CONFIG.models)
-
-    def run(self, name: str, batch: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of a preprocessed batch ``(n, H, W, 1)`` float32 in [0, 1]."""
-        n = int(len(batch))
-        BATCH_SIZE.labels(model=name).observe(n)
-        PREDICTIONS.labels(model=name).inc(n)
-        return self.bundles[name].predict(batch)
-
-    @bentoml.api
-    def explain(self, model: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        """Grad-CAM maps ``(n, H, W)`` in [0, 1] of classifier ``model`` for ``classes``."""
-        from breastscan.models.gradcam import grad_cam
-
-        return grad_cam(self.bundles[model].model, np.asarray(batch, np.float32), np.asarray(classes))
+# --------------------------------------------------------------------------- the service
 
 
 def _configure_gpus() -> None:
@@ -200,98 +168,70 @@ def _configure_gpus() -> None:
             log.warning("memory growth not set on %s: %s", gpu.name, exc)
 
 
-def _model_api(name: str) -> Any:
-    batching = CONFIG.batching_for(name)
-
-    def predict(self: _ModelsImpl, batch: np.ndarray) -> np.ndarray:
-        return self.run(name, batch)
-
-    predict.__name__ = predict.__qualname__ = name
-    predict.__doc__ = f"Model {name!r}: served probabilities of a batch (n, H, W, 1) float32 in [0, 1]."
-    if batching.enabled:
-        return bentoml.api(batchable=True, batch_dim=0, max_batch_size=batching.max_batch_size,
-                           max_latency_ms=batching.max_latency_ms)(predict)
-    return bentoml.api(predict)
+def _count_request(endpoint: str, outcome: str) -> None:
+    REQUESTS.labels(endpoint=endpoint, outcome=outcome).inc()
 
 
-def _models_service() -> Any:
-    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": _ModelsImpl.__doc__}
-    namespace.update({name: _model_api(name) for name in CONFIG.models})
-    namespace.update({f"{name}_model": bentoml.models.BentoModel(model_tag(name)) for name in CONFIG.models})
-    inner = type("BreastScanModels", (_ModelsImpl,), namespace)
-    options: dict[str, Any] = {
-        "workers": CONFIG.models_workers, "threads": CONFIG.models_threads,
-        "traffic": {"timeout": CONFIG.timeout_s},
-        # BentoML 1.4.39 renews the front's client session to this service every 100
-        # requests / 300 s by closing the old one while concurrent requests are still in
-        # flight on it, which fails them with 500 ("Cannot write to closing transport").
-        # The renewal only matters for re-resolving replicas behind DNS, not for two local
-        # services, so the session lives as long as the worker.
-        "runner_connection": {"max_requests": 2**31 - 1, "max_age": 10.0**9},
-    }
-    if gpu_count():
-        options["resources"] = {"gpu": 1}
-    return bentoml.service(name="breastscan-models", **options)(inner)
+def _count_batch(name: str, n: int) -> None:
+    BATCH_SIZE.labels(model=name).observe(n)
+    PREDICTIONS.labels(model=name).inc(n)
 
 
-BreastScanModels = _models_service()
-
-
-# --------------------------------------------------------------------------- front service
-
-
-class _FrontImpl:
-    """The front service: HTTP and gRPC endpoints, the UI; the models run in BreastScanModels."""
-
-    backend = bentoml.depends(BreastScanModels)
+class _ServiceImpl:
+    """HTTP and gRPC endpoints and the UI; every model runs in this worker, batched."""
 
     def __init__(self) -> None:
         import breastscan.evaluation.combined  # noqa: F401  (the 8-category view: imported before traffic)
+        from breastscan.registry.bundle import ModelBundle
 
         configure_service_logging()
-        served = {}
+        started = time.perf_counter()
+        _configure_gpus()
+        served, self.bundles = {}, {}
         for name in CONFIG.models:
             stored = _stored(name)
+            self.bundles[name] = bundle = ModelBundle.load(stored.path)
             served[name] = load_served(name, stored.path, dict(stored.info.labels or {}),
                                        source=str(stored.info.metadata.get("source", stored.tag)))
+            bundle.predict(np.zeros((1, *bundle.contract.input_shape), np.float32))  # one trace, every size
         self.engine = Engine(served, self._infer, self._explain, max_upload_bytes=CONFIG.max_upload_bytes)
+        self.engine.batchers = model_batchers({n: b.predict for n, b in self.bundles.items()},
+                                              CONFIG.batching_for, on_batch=_count_batch)
+        HOT.engine, HOT.on_answer = self.engine, _count_request  # POST /<model> uploads: the hot path
+        # TensorFlow and the models leave ~460,000 long-lived objects: a full garbage
+        # collection walked them all, about 0.5 s with every request waiting (measured:
+        # the p99 at half saturation was 1.6 s with a 35 ms median). Freezing them keeps
+        # collections to what requests allocate.
+        gc.collect()
+        gc.freeze()
         self.grpc: Any = None
-        log.info("front service: serving %s", ", ".join(
-            f"{m.name} v{m.version} ({m.stage})" for m in served.values()))
+        log.info("serving %s (TensorFlow, models and traces ready in %.1f s)",
+                 ", ".join(f"{m.name} v{m.version} ({m.stage})" for m in served.values()),
+                 time.perf_counter() - started)
 
-    async def __is_ready__(self) -> bool:
-        """Ready once the models are loaded: here (specs) and in the model service (weights)."""
-        if not self.engine.models:
-            return False
-        try:
-            return bool(await self.backend.is_ready(2))
-        except Exception:  # noqa: BLE001 -- the model service is not up yet
-            return False
+    def __is_ready__(self) -> bool:
+        """Ready once every model is loaded (it is by the time the worker takes requests)."""
+        return len(self.bundles) == len(CONFIG.models)
 
     async def _infer(self, name: str, batch: np.ndarray) -> np.ndarray:
-        return await call_models(lambda: getattr(self.backend.to_async, name)(batch))
+        return await self.engine.batchers[name].submit(batch)
 
     async def _explain(self, name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        return await call_models(lambda: self.backend.to_async.explain(model=name, batch=batch,
-                                                                        classes=classes))
+        from breastscan.models.gradcam import grad_cam
 
-    async def _answer(self, ctx: bentoml.Context, endpoint: str, call: Any) -> Any:
-        """Run ``call()``; a client's mistake becomes a 4xx ``{"error", "code"}`` answer."""
-        try:
-            result = await call()
-        except InputError as exc:
-            ctx.response.status_code = 413 if exc.code == "too_large" else 400
-            REQUESTS.labels(endpoint=endpoint, outcome=exc.code).inc()
-            log.info("refused %s: %s", endpoint, exc.code)
-            return {"error": exc.message, "code": exc.code}
-        except Overloaded as exc:
-            ctx.response.status_code = 503
-            ctx.response.headers["Retry-After"] = "1"
-            REQUESTS.labels(endpoint=endpoint, outcome=exc.code).inc()
-            log.warning("shed %s: the model service is at capacity", endpoint)
-            return {"error": exc.message, "code": exc.code}
-        REQUESTS.labels(endpoint=endpoint, outcome="ok").inc()
-        return result
+        return await asyncio.to_thread(grad_cam, self.bundles[name].model, batch, np.asarray(classes))
+
+    async def _answer(self, endpoint: str, call: Any) -> Any:
+        """Run ``call()`` and send its JSON; a client's mistake becomes a 4xx ``{"error", "code"}``.
+
+        The answer goes out as a ready JSON response (:func:`breastscan.serving.fastpath.answer`,
+        as on the hot path): BentoML would otherwise validate the dict against the endpoint's
+        output schema and rebuild that schema on every request.
+        """
+        result = await answer(endpoint, call)
+        _count_request(endpoint, result.outcome)
+        return Response(result.body, status_code=result.status, media_type="application/json",
+                        headers=result.headers)
 
     # ------------------------------------------------------------------ gRPC
     @bentoml.on_startup
@@ -305,40 +245,31 @@ class _FrontImpl:
             self.engine, asyncio.get_running_loop(), host=CONFIG.grpc_host, port=CONFIG.grpc_port,
             max_workers=CONFIG.grpc_max_workers, max_message_bytes=CONFIG.max_upload_bytes + 2**20,
             timeout_s=CONFIG.timeout_s)
-        self.grpc.set_serving(False)
-        self._grpc_ready = asyncio.get_running_loop().create_task(self._grpc_serving_when_ready())
+        self.grpc.set_serving(True)
         log.info("gRPC listening on %s:%d", CONFIG.grpc_host, self.grpc.port)
-
-    async def _grpc_serving_when_ready(self) -> None:
-        while True:
-            try:
-                if await self.backend.is_ready(5):
-                    self.grpc.set_serving(True)
-                    return
-            except Exception:  # noqa: BLE001 -- not up yet
-                pass
-            await asyncio.sleep(0.5)
 
     @bentoml.on_shutdown
     def stop_grpc(self) -> None:
-        """Stop the gRPC server, letting calls in flight finish."""
+        """Stop the gRPC server, letting calls in flight finish, then the model threads."""
         if self.grpc is not None:
             self.grpc.set_serving(False)
             self.grpc.stop(5)
+        for batcher in self.engine.batchers.values():
+            batcher.close()
 
     # ------------------------------------------------------------------ HTTP API
     @bentoml.api(route="/predict")
-    async def predict(self, model: str, image: Path, ctx: bentoml.Context, explain: bool = False,
+    async def predict(self, model: str, image: Path, explain: bool = False,
                       roi: str = "") -> dict[str, Any]:
         """One model's answer for an uploaded image (PNG, JPEG, PGM, DICOM; 8/16-bit).
 
         ``roi`` ``"x,y,w,h"`` crops first; ``explain`` adds a Grad-CAM heatmap (classifiers).
         """
-        return await self._answer(ctx, "predict", lambda: self.engine.predict(
+        return await self._answer("predict", lambda: self.engine.predict(
             model, ImageInput(data=image.read_bytes(), roi=parse_roi(roi)), explain=explain))
 
     @bentoml.api(route="/predict_array")
-    async def predict_array(self, model: str, array: list[Any], ctx: bentoml.Context,
+    async def predict_array(self, model: str, array: list[Any],
                             dtype: str | None = None, explain: bool = False,
                             roi: str = "") -> dict[str, Any]:
         """One model's answer for an image sent as nested lists ``(H, W)`` or ``(H, W, C)``.
@@ -346,24 +277,24 @@ class _FrontImpl:
         ``dtype`` (uint8, uint16, int16, int32, float32, float64) says how to read the
         numbers: uint8 is 0-255, other integers are min-max stretched, floats must be in [0, 1].
         """
-        return await self._answer(ctx, "predict_array", lambda: self.engine.predict(
+        return await self._answer("predict_array", lambda: self.engine.predict(
             model, ImageInput.from_array(array, dtype, parse_roi(roi)), explain=explain))
 
     @bentoml.api(route="/analyze")
-    async def analyze(self, image: Path, ctx: bentoml.Context, modality: str = "", explain: bool = False,
+    async def analyze(self, image: Path, modality: str = "", explain: bool = False,
                       roi: str = "") -> dict[str, Any]:
         """Every model of the image's modality; for a mammogram also the 8-category view.
 
         ``modality`` (mammography, ultrasound) may be left empty for a DICOM file (MG/US).
         """
-        return await self._answer(ctx, "analyze", lambda: self.engine.analyze(
+        return await self._answer("analyze", lambda: self.engine.analyze(
             ImageInput(data=image.read_bytes(), roi=parse_roi(roi)), modality=modality or None,
             explain=explain))
 
     @bentoml.api(route="/preview")
-    async def preview(self, image: Path, ctx: bentoml.Context) -> dict[str, Any]:
+    async def preview(self, image: Path) -> dict[str, Any]:
         """The decoded image as an 8-bit PNG, as the models see it (DICOM windowed)."""
-        return await self._answer(ctx, "preview",
+        return await self._answer("preview",
                                   lambda: self.engine.preview(ImageInput(data=image.read_bytes())))
 
     @bentoml.api(route="/models")
@@ -373,9 +304,9 @@ class _FrontImpl:
 
 
 def _front_api(name: str) -> Any:
-    async def endpoint(self: _FrontImpl, image: Path, ctx: bentoml.Context, explain: bool = False,
+    async def endpoint(self: _ServiceImpl, image: Path, explain: bool = False,
                        roi: str = "") -> dict[str, Any]:
-        return await self._answer(ctx, name, lambda: self.engine.predict(
+        return await self._answer(name, lambda: self.engine.predict(
             name, ImageInput(data=image.read_bytes(), roi=parse_roi(roi)), explain=explain))
 
     endpoint.__name__ = endpoint.__qualname__ = name
@@ -384,17 +315,26 @@ def _front_api(name: str) -> Any:
     return bentoml.api(route=f"/{name}")(endpoint)
 
 
-def _front_service() -> Any:
-    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": _FrontImpl.__doc__}
+def _service() -> Any:
+    namespace: dict[str, Any] = {"__module__": __name__, "__doc__": _ServiceImpl.__doc__}
     namespace.update({name: _front_api(name) for name in CONFIG.models})
-    inner = type("BreastScan", (_FrontImpl,), namespace)
-    svc = bentoml.service(
-        name="breastscan", workers=CONFIG.api_workers,
-        traffic={"timeout": CONFIG.timeout_s, "max_concurrency": CONFIG.max_concurrency},
-    )(inner)
+    # Declared models: `bentoml build` packs these exact versions into the Bento.
+    namespace.update({f"{name}_model": bentoml.models.BentoModel(model_tag(name)) for name in CONFIG.models})
+    inner = type("BreastScan", (_ServiceImpl,), namespace)
+    options: dict[str, Any] = {
+        "name": "breastscan", "workers": CONFIG.api_workers,
+        "traffic": {"timeout": CONFIG.timeout_s, "max_concurrency": CONFIG.max_concurrency},
+        # breastscan.serving.http.RequestGuard logs every request once (id, status, time,
+        # size); BentoML's access log would log each a second time.
+        "logging": {"access": {"enabled": False}},
+    }
+    if gpu_count():
+        options["resources"] = {"gpu": 1}
+    svc = bentoml.service(**options)(inner)
     svc.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_upload_bytes)
+    svc.add_asgi_middleware(ModelRoutes, models=list(CONFIG.models))  # inside RequestGuard
     svc.mount_asgi_app(make_ui_app(), path="/ui", name="ui")
     return svc
 
 
-BreastScan = _front_service()
+BreastScan = _service()

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from breastscan.serving.engine import Overloaded
+from breastscan.serving.batching import Overloaded
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
 from breastscan.serving.requests import INPUT_ERROR_CODES

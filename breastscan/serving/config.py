@@ -25,12 +25,12 @@ GRPC_HOST_ENV = "BREASTSCAN_GRPC_HOST"
 
 @dataclass(frozen=True)
 class Batching:
-    """Adaptive batching of one model's API in the model service.
+    """Adaptive batching of one model (:class:`breastscan.serving.batching.Batcher`).
 
     Attributes:
         enabled: ``False`` serves one request per model call (for comparison).
-        max_batch_size: the largest batch the dispatcher forms (> 1).
-        max_latency_ms: the longest a request may wait for its batch, model time included.
+        max_batch_size: the most images one model call takes (> 1).
+        max_latency_ms: the longest a request may wait in the queue before it is shed.
     """
 
     enabled: bool = True
@@ -48,24 +48,20 @@ class ServingConfig:
         stage: registry alias ``breastscan build`` imports (``production``).
         batching: default batching of every model API.
         per_model: batching overrides by model name.
-        models_workers: worker processes of the model service (each holds every model).
-        models_threads: model calls at once per model-service worker.
-        api_workers: worker processes of the front service (HTTP, gRPC, UI).
-        max_concurrency: requests at once per front service before it answers 503.
-        timeout_s: request timeout of both services.
+        api_workers: worker processes of the service (each holds every model; HTTP, gRPC, UI).
+        max_concurrency: requests at once per worker before it answers 503.
+        timeout_s: request timeout.
         max_upload_bytes: largest request body / image file accepted (413 beyond).
-        grpc_enabled: serve gRPC from the front service's workers.
+        grpc_enabled: serve gRPC from the service's workers.
         grpc_host: address the gRPC server binds.
         grpc_port: its port.
-        grpc_max_workers: gRPC handler threads per front worker.
+        grpc_max_workers: gRPC handler threads per worker.
     """
 
     models: tuple[str, ...] = ()
     stage: str = "production"
     batching: Batching = field(default_factory=Batching)
     per_model: dict[str, Batching] = field(default_factory=dict)
-    models_workers: int = 1
-    models_threads: int = 1
     api_workers: int = 1
     max_concurrency: int = 512
     timeout_s: float = 60.0
@@ -102,7 +98,10 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`).
     """
     env = env or {}
-    known = {"models", "stage", "batching", "models_service", "api_service", "limits", "grpc"}
+    known = {"models", "stage", "batching", "api_service", "limits", "grpc"}
+    if "models_service" in raw:
+        raise ValueError("models_service is gone: the models run in the service's own workers "
+                         "(api_service.workers)")
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown serving config keys: {', '.join(sorted(unknown))}")
@@ -110,7 +109,7 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
     per_model_raw = batching_raw.pop("per_model", None) or {}
     batching = _batching(batching_raw, Batching())
     per_model = {name: _batching(dict(v or {}), batching) for name, v in per_model_raw.items()}
-    ms, api = raw.get("models_service") or {}, raw.get("api_service") or {}
+    api = raw.get("api_service") or {}
     limits, grpc = raw.get("limits") or {}, raw.get("grpc") or {}
     listed = raw.get("models", AUTO)
     models = () if listed in (AUTO, None) else tuple(str(m) for m in listed)
@@ -118,7 +117,6 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         raise ValueError(f"models: name at least one model, or `{AUTO}`")
     return ServingConfig(
         models=models, stage=str(raw.get("stage", "production")), batching=batching, per_model=per_model,
-        models_workers=int(ms.get("workers", 1)), models_threads=int(ms.get("threads", 1)),
         api_workers=int(api.get("workers", 1)), max_concurrency=int(api.get("max_concurrency", 512)),
         timeout_s=float(api.get("timeout_s", 60.0)),
         max_upload_bytes=int(limits.get("max_upload_bytes", 32 * 2**20)),

@@ -7,8 +7,9 @@ A request is
 1. decoded and checked (:func:`breastscan.serving.requests.decode_upload` /
    :func:`breastscan.serving.requests.validate_array`), optionally cropped to a region of interest,
 2. preprocessed into a one-image batch (:func:`breastscan.serving.requests.prepare_inputs`),
-3. sent to the model through ``infer`` -- in the service, the batchable API of the model
-   service, where adaptive batching merges concurrent requests into one model call,
+3. sent to the model through ``infer`` -- in the service, the model's
+   :class:`breastscan.serving.batching.Batcher`, which merges concurrent requests into one
+   model call,
 4. turned into the answer at the original image size
    (:func:`breastscan.serving.requests.finish_predictions`).
 
@@ -23,6 +24,7 @@ This is the only request path: in process (tests, benchmarks, notebooks)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,9 +34,11 @@ import numpy as np
 
 from breastscan.imaging.preprocessing import PreprocessSpec, is_dicom
 from breastscan.registry.bundle import ModelContract
+from breastscan.serving.batching import Batcher, BatchSettings, model_batchers
 from breastscan.serving.requests import (
     InputError,
     Prediction,
+    PreparedBatch,
     analysis,
     decode_upload,
     finish_predictions,
@@ -51,26 +55,6 @@ InferFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
 
 ExplainFn = Callable[[str, np.ndarray, list[int]], Awaitable[np.ndarray]]
 """``(model name, (n, H, W, 1) batch, class index per image) -> (n, H, W)`` Grad-CAM maps."""
-
-OVERLOADED_MESSAGE = "the model service is at capacity: retry shortly"
-"""What a client is told when adaptive batching sheds its request (HTTP 503, gRPC UNAVAILABLE)."""
-
-
-class Overloaded(Exception):
-    """The model service refused a call because it could not meet its latency bound.
-
-    BentoML's adaptive batching sheds requests whose wait would exceed ``max_latency_ms``
-    rather than let the queue grow without end; that is a temporary condition a client may
-    retry, not a server fault, so both front ends answer it as such (HTTP 503 with
-    ``Retry-After``, gRPC ``UNAVAILABLE``) with the code ``overloaded``.
-    """
-
-    code = "overloaded"
-
-    def __init__(self, message: str = OVERLOADED_MESSAGE) -> None:
-        super().__init__(message)
-        self.message = message
-
 
 ARRAY_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 """dtype names an array input may declare (JSON and gRPC carry no dtype of their own)."""
@@ -233,6 +217,7 @@ class Engine:
         self._infer = infer
         self._explain = explain
         self.max_upload_bytes = int(max_upload_bytes)
+        self.batchers: dict[str, Batcher] = {}
 
     # ------------------------------------------------------------------ helpers
     def describe(self) -> list[dict[str, Any]]:
@@ -266,8 +251,13 @@ class Engine:
             gray = validate_array(image.array)
         return crop(gray, image.roi)
 
-    async def _run(self, served: ServedModel, gray: np.ndarray, explain: bool) -> Prediction:
-        prepared = await asyncio.to_thread(prepare_inputs, served.spec, served.contract, [gray])
+    def _prepare(self, served: ServedModel, image: ImageInput | np.ndarray) -> PreparedBatch:
+        """Decode (unless already decoded) and preprocess one image for ``served``: one thread hop."""
+        gray = image if isinstance(image, np.ndarray) else self.decode(image)
+        return prepare_inputs(served.spec, served.contract, [gray])
+
+    async def _run(self, served: ServedModel, image: ImageInput | np.ndarray, explain: bool) -> Prediction:
+        prepared = await asyncio.to_thread(self._prepare, served, image)
         probs = np.asarray(await self._infer(served.name, prepared.batch), dtype=np.float32)
         if probs.shape[0] != len(prepared.batch):
             raise RuntimeError(f"model {served.name} answered {probs.shape[0]} rows for "
@@ -275,10 +265,11 @@ class Engine:
         heat = None
         if explain and served.contract.task == "classification":
             heat = await self._explain(served.name, prepared.batch, [int(np.argmax(probs[0]))])
-        answers = await asyncio.to_thread(
-            finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
-            heat=heat, version=served.version, stage=served.stage)
-        return answers[0]
+        finish = functools.partial(finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
+                                   heat=heat, version=served.version, stage=served.stage)
+        if heat is None and served.contract.task == "classification":
+            return finish()[0]  # a few dict entries: cheaper here than a thread hop
+        return (await asyncio.to_thread(finish))[0]
 
     # ------------------------------------------------------------------ requests
     async def predict(self, model: str, image: ImageInput, *, explain: bool = False) -> dict[str, Any]:
@@ -291,8 +282,7 @@ class Engine:
             InputError: the client's mistake (unknown model, bad image, bad roi).
         """
         served = self.select(model)
-        gray = await asyncio.to_thread(self.decode, image)
-        answer = (await self._run(served, gray, explain)).to_dict()
+        answer = (await self._run(served, image, explain)).to_dict()
         if image.roi is not None:
             answer["roi"] = list(image.roi)
         return answer
@@ -347,7 +337,8 @@ class Engine:
 
 def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**20,
                  versions: Mapping[str, str] | None = None,
-                 stages: Mapping[str, str] | None = None) -> Engine:
+                 stages: Mapping[str, str] | None = None,
+                 batching: BatchSettings | None = None) -> Engine:
     """An :class:`Engine` whose models run in this process (tests, benchmarks, notebooks).
 
     Args:
@@ -355,15 +346,21 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
         max_upload_bytes: largest image file accepted.
         versions: registry version per name, reported in answers.
         stages: registry stage per name, reported in answers.
+        batching: batch concurrent requests as the service does (its batchers are the
+            engine's ``batchers``); ``None`` calls each bundle directly, one request a call.
 
     Returns:
-        An engine that calls each bundle directly (one model call per request, no batching).
+        The engine.
     """
     from breastscan.models.gradcam import grad_cam
 
     versions, stages = versions or {}, stages or {}
+    batchers = {} if batching is None else model_batchers(
+        {name: b.predict for name, b in bundles.items()}, lambda _: batching)
 
     async def infer(name: str, batch: np.ndarray) -> np.ndarray:
+        if batchers:
+            return await batchers[name].submit(batch)
         return await asyncio.to_thread(bundles[name].predict, batch)
 
     async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -371,4 +368,6 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
 
     served = {name: ServedModel(name=name, spec=b.spec, contract=b.contract, version=versions.get(name),
                                 stage=stages.get(name)) for name, b in bundles.items()}
-    return Engine(served, infer, explain, max_upload_bytes=max_upload_bytes)
+    engine = Engine(served, infer, explain, max_upload_bytes=max_upload_bytes)
+    engine.batchers = batchers
+    return engine

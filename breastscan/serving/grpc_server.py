@@ -1,7 +1,7 @@
-"""The gRPC front end of the model service: ``breastscan.v1.BreastScan`` over the request engine.
+"""The gRPC front end of the service: ``breastscan.v1.BreastScan`` over the request engine.
 
 The service's gRPC API is served by a plain (synchronous) ``grpcio`` server that runs
-inside the model service's front worker process, beside its HTTP API, and sends every
+inside each of the service's worker processes, beside its HTTP API, and sends every
 request through the same :class:`breastscan.serving.engine.Engine`. The engine's
 coroutines belong to the event loop of that worker (BentoML's), which this module does
 not own: each RPC runs on one of the server's threads, hands its coroutine to that loop
@@ -16,11 +16,11 @@ Statuses (the API's contract, see ``proto/breastscan/v1/breastscan.proto``):
   entry ``error-code`` (:data:`ERROR_CODE_KEY`);
 * a request larger than ``max_message_bytes`` is refused by gRPC itself
   (``RESOURCE_EXHAUSTED``) before it reaches a handler;
-* the model service shedding the call (adaptive batching could not meet its latency bound,
-  :class:`breastscan.serving.engine.Overloaded`): ``UNAVAILABLE``, code ``overloaded`` --
+* the model's batcher shedding the call (it waited past ``max_latency_ms``,
+  :class:`breastscan.serving.batching.Overloaded`): ``UNAVAILABLE``, code ``overloaded`` --
   a retryable condition, not a fault;
 * no answer within the time limit: ``DEADLINE_EXCEEDED`` (the engine's work is cancelled);
-  so is a time-out inside the engine (its call to the model service);
+  so is a time-out inside the engine;
 * anything else is logged here with its traceback and answered ``INTERNAL`` with a
   generic message, so nothing of the request (pixels, file contents) leaves in an error.
 
@@ -47,7 +47,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, Overloaded, parse_roi
+from breastscan.serving.batching import Overloaded
+from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, parse_roi
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
 from breastscan.serving.requests import InputError
@@ -305,7 +306,7 @@ class BreastScanServicer(pb_grpc.BreastScanServicer):
         except _Deadline as exc:
             log.warning("gRPC %s: %s", method, exc)
             _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        except _TIMEOUTS:  # the engine's own time limit (e.g. its call to the model service)
+        except _TIMEOUTS:  # the engine's own time limit
             log.warning("gRPC %s: the engine timed out", method, exc_info=True)
             _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the model did not answer in time")
         except concurrent.futures.CancelledError:

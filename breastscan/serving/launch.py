@@ -202,7 +202,11 @@ def wait_until_serving(service: LaunchedService, timeout_s: float = START_TIMEOU
     import grpc
     from grpc_health.v1 import health_pb2_grpc
 
-    channel = grpc.insecure_channel(service.grpc_target)
+    # gRPC backs off reconnecting (1 s, growing 1.6x) while nothing listens yet, which would
+    # record the port opening seconds late: poll it as often as /readyz.
+    backoff = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 200)]
+    channel = grpc.insecure_channel(service.grpc_target, options=backoff)
     health = health_pb2_grpc.HealthStub(channel)
     try:
         while True:

@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from breastscan.imaging.overlay import overlay
 from breastscan.imaging.preprocessing import (
     ImageDecodeError,
     Letterbox,
@@ -42,7 +43,6 @@ from breastscan.imaging.preprocessing import (
     is_dicom,
 )
 from breastscan.labels import MODALITIES
-from breastscan.models.gradcam import overlay
 from breastscan.registry.bundle import ModelContract, prepare_batch
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ model, preprocessing spec, contract with calibration) into the BentoML store as
 ``bentoml build`` packs it into the Bento and the service needs no registry at run time.
 Importing the same registry version again reuses the stored model.
 
-:func:`load_served` reads a stored model's spec and contract without Keras (for the
-front service); :func:`stored_bundle_dir` is where the model service loads the weights.
+:func:`load_served` reads a stored model's spec and contract without Keras (what the
+engine knows of a model); :func:`stored_bundle_dir` is where the service loads the weights.
 """
 
 from __future__ import annotations

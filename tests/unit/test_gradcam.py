@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from breastscan.models.gradcam import grad_cam, overlay
+from breastscan.imaging.overlay import overlay
+from breastscan.models.gradcam import grad_cam
 
 SQUARE = (slice(8, 24), slice(12, 28))  # rows, cols of the planted bright square (4-aligned)
 CORE = (slice(10, 22), slice(14, 26))  # the square less the 2 px bilinear upsampling blurs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -182,3 +183,40 @@ def test_load_image_same_as_decode_then_preprocess(tmp_path) -> None:
     direct = load_image(data, spec)
     two_step, _ = preprocess_image(decode_image(data), spec)
     np.testing.assert_array_equal(direct, two_step)
+
+
+# --------------------------------------------------------------------------- CLAHE depth
+
+
+def test_clahe_bits_default_keeps_saved_specs_and_their_ids(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    legacy = {"height": 160, "width": 128, "keep_aspect": True, "clahe": True, "clahe_clip_limit": 2.0,
+              "clahe_tile_grid": 8, "unsharp": False, "unsharp_sigma": 1.0, "unsharp_amount": 0.5,
+              "min_side": 16, "max_side": 16384}  # a spec as saved before clahe_bits existed
+    legacy_id = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
+    (tmp_path / "preprocess.json").write_text(json.dumps({**legacy, "spec_id": legacy_id}))
+    loaded = PreprocessSpec.load(tmp_path)
+    assert loaded.clahe_bits == 16 and loaded.spec_id == legacy_id
+    fast = PreprocessSpec.from_dict({**legacy, "clahe_bits": 8})
+    assert fast.spec_id != legacy_id
+    fast.save(tmp_path / "fast")
+    assert PreprocessSpec.load(tmp_path / "fast") == fast
+    with pytest.raises(ValueError, match="clahe_bits"):
+        PreprocessSpec(clahe=True, clahe_bits=12)
+
+
+def test_clahe_at_8_bits_is_opencvs_8_bit_clahe_and_differs_from_16() -> None:
+
+
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.random((160, 128)).astype(np.float32), (0, 0), 6)
+    image = (image - image.min()) / (image.max() - image.min())
+    eight = enhance(image, PreprocessSpec(clahe=True, clahe_bits=8))
+    sixteen = enhance(image, PreprocessSpec(clahe=True, clahe_bits=16))
+    levels = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(levels).astype(np.float32) / 255
+    np.testing.assert_array_equal(eight, expected)
+    assert eight.dtype == sixteen.dtype == np.float32 and 0 <= eight.min() and eight.max() <= 1
+    assert np.abs(eight - sixteen).mean() > 0.01  # two transforms, not one at two precisions

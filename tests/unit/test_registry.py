@@ -431,3 +431,18 @@ def test_per_class_floor_and_every_class_gate_refuse_a_model_that_never_predicts
         "support": 10, "sensitivity": 0.4, "specificity": 0.9, "precision": 0.6, "auc": 0.8}}}
     reg(store, cfg, seeing)
     assert promotion.promote(cfg).passed
+
+
+def test_the_inference_function_is_traced_once_for_every_batch_size() -> None:
+    """ModelBundle.logits: one graph with an open batch dimension, the values of predict_on_batch."""
+    from breastscan.registry.bundle import inference_function
+    from tests.conftest import tiny_model
+
+    model = tiny_model("classification", n_classes=3, seed=4)
+    fn = inference_function(model, (32, 32, 1))
+    assert inference_function(model, (32, 32, 1)) is fn  # cached per model
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 8, 5):
+        batch = rng.random((n, 32, 32, 1), dtype=np.float32)
+        np.testing.assert_array_equal(np.asarray(fn(batch)), np.asarray(model.predict_on_batch(batch)))
+    assert fn.experimental_get_tracing_count() == 1

@@ -62,6 +62,7 @@ def test_auto_serves_what_the_registry_has_and_a_list_wins() -> None:
     ({"batching": {"max_batch_size": 1}}, "at least 2"),
     ({"batching": {"max_latency": 5}}, "unknown batching keys"),
     ({"batching": {"max_latency_ms": 0}}, "positive"),
+    ({"models_service": {"workers": 2}}, "models_service is gone: the models run in the service"),
 ])
 def test_config_mistakes_are_named(raw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -79,12 +80,9 @@ def test_config_file_must_be_a_mapping(tmp_path: Path) -> None:
 
 
 async def _echo(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    from breastscan.serving.fastpath import read_body
+
+    body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": str(len(body)).encode()})
 
@@ -222,71 +220,6 @@ def test_engine_answers_at_the_original_size_with_registry_facts() -> None:
     assert ("lesion", (1, 32, 24, 1)) in calls and all(shape[0] == 1 for _, shape in calls)
     described = engine.describe()
     assert [m["name"] for m in described] == ["density", "lesion", "tumor"]
-
-
-# --------------------------------------------------------------------------- front -> model service calls
-
-
-async def _flaky_server(drops: int) -> tuple[asyncio.Server, list[int]]:
-    """A loopback HTTP server that closes the first ``drops`` connections without answering."""
-    seen: list[int] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        seen.append(len(seen))
-        if len(seen) > drops:
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-            await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0), seen
-
-
-@pytest.mark.parametrize("drops, answered", [(0, True), (1, True), (2, False)])
-def test_a_call_on_a_dropped_connection_is_sent_once_more(drops: int, answered: bool) -> None:
-    import aiohttp
-
-    from breastscan.serving.remote import call_models
-
-    async def scenario() -> tuple[str | None, int]:
-        server, seen = await _flaky_server(drops)
-        port = server.sockets[0].getsockname()[1]
-        async with server, aiohttp.ClientSession() as session:
-            async def call() -> str:
-                async with session.post(f"http://127.0.0.1:{port}/density", data=b"x") as r:
-                    return await r.text()
-            try:
-                return await call_models(call), len(seen)
-            except aiohttp.ServerDisconnectedError:
-                return None, len(seen)
-
-    text, calls = asyncio.run(scenario())
-    assert (text == "ok") is answered
-    assert calls == min(drops + 1, 2)  # never more than one retry
-
-
-def test_shed_calls_are_overloaded_and_timeouts_are_not_retried() -> None:
-    import aiohttp
-    from bentoml.exceptions import BentoMLException, ServiceUnavailable
-
-    from breastscan.serving.engine import Overloaded
-    from breastscan.serving.remote import call_models
-
-    calls: list[str] = []
-
-    def failing(exc: Exception) -> object:
-        async def call() -> None:
-            calls.append(type(exc).__name__)
-            raise exc
-        return call
-
-    with pytest.raises(Overloaded):
-        asyncio.run(call_models(failing(ServiceUnavailable("shed"))))  # type: ignore[arg-type]
-    with pytest.raises(aiohttp.ServerTimeoutError):
-        asyncio.run(call_models(failing(aiohttp.ServerTimeoutError("slow"))))  # type: ignore[arg-type]
-    with pytest.raises(BentoMLException):
-        asyncio.run(call_models(failing(BentoMLException("model failed"))))  # type: ignore[arg-type]
-    assert calls == ["ServiceUnavailable", "ServerTimeoutError", "BentoMLException"]
 
 
 # --------------------------------------------------------------------------- launching a service

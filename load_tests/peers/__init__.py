@@ -1,0 +1,1 @@
+"""Benchmark peers: plain servers of the same model bundle the serving benchmark compares with."""

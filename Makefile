@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install install-gpu data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
+.PHONY: demo test browser install install-gpu data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,8 +50,41 @@ demo: data  ## the main job: dvc repro on the demo data, then promote the models
 # The behavioural tests (tests/model) run against the production models the demo promotes.
 MODEL_URIS := $(foreach m,density tumor lesion,--model-uri models:/breastscan-$(m)@production)
 
-test: demo  ## the whole test suite, with the behavioural tests of the demo's production models
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest --slow $(MODEL_URIS)
+test: browser demo  ## the whole test suite, with the behavioural tests of the demo's production models
+	PATH=$(abspath $(BIN)):$$PATH BREASTSCAN_BROWSER_TESTS=$(BROWSER_MODE) \
+	  $(BIN)/python -m pytest --slow $(MODEL_URIS)
+
+# The web-UI test (tests/services/test_ui_browser.py) drives Debian's chromium (Playwright's
+# own browsers are not downloaded), or the browser $BREASTSCAN_CHROMIUM names. `make test`
+# installs chromium with apt-get when it is missing and make runs as root, else stops saying
+# what to install; under `make test` the browser tests then fail, never skip, without it.
+# `make test BROWSER=skip` goes without: those tests are skipped, the reason in the summary.
+# ($BROWSER in the environment is often a desktop's web browser: only require/skip count there.)
+BROWSER_MODE := $(if $(filter command line,$(origin BROWSER)),$(BROWSER),$(or $(filter require skip,$(BROWSER)),require))
+CHROMIUM_BIN = $(or $(BREASTSCAN_CHROMIUM),chromium)
+
+browser:  ## Debian's chromium for the web-UI test (apt-get when root; `make test BROWSER=skip`: none)
+ifeq ($(BROWSER_MODE),skip)
+	@echo "*** BROWSER=skip: the web-UI browser tests (tests/services/test_ui_browser.py) will be SKIPPED ***" >&2
+else ifeq ($(BROWSER_MODE),require)
+	@if command -v "$(CHROMIUM_BIN)" >/dev/null 2>&1; then exit 0; fi; \
+	if [ -n "$(BREASTSCAN_CHROMIUM)" ]; then \
+	  echo "error: BREASTSCAN_CHROMIUM=$(BREASTSCAN_CHROMIUM) is not an executable browser" >&2; exit 1; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the web-UI test (apt-get install chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null && command -v chromium >/dev/null \
+	  || { echo "error: could not install Debian's package chromium (apt-get install chromium)" >&2; exit 1; }; \
+	else \
+	  echo "error: the web-UI test needs a chromium browser and none is installed. On Debian/Ubuntu:" >&2; \
+	  echo "    sudo apt-get install --no-install-recommends chromium" >&2; \
+	  echo "or name one: make test BREASTSCAN_CHROMIUM=/path/to/chromium;" \
+	       "or skip those tests: make test BROWSER=skip" >&2; \
+	  exit 1; \
+	fi
+else
+	$(error BROWSER must be require or skip, not '$(BROWSER_MODE)')
+endif
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check breastscan pipelines services tests load_tests

@@ -85,11 +85,19 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
               help="csv: copy files under OUT instead of referencing them in place")
 @click.option("--labels", "labels_csv", default=None, type=click.Path(path_type=Path),
               help="dicom: CSV keyed by file name with density/pathology/mask")
-@click.option("--salt", default="breastscan", show_default=True,
-              help="dicom: key of the hash that turns PatientID into a group id")
+@click.option("--salt-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="dicom: file holding the secret key of the hash that turns PatientID into a "
+                   "group id (default: $BREASTSCAN_PSEUDONYM_SALT, else .breastscan/pseudonym.salt, "
+                   "created on first use)")
+@click.option("--salt", default=None,
+              help="dicom: that key given inline (visible to other users in the process list: "
+                   "prefer the variable or --salt-file)")
+@click.option("--allow-public-salt", is_flag=True,
+              help="dicom: accept a public or short key, the public default without one "
+                   "(demo and tests only: such ids are reversible)")
 def ingest(fmt: str, source: Path, out: Path, mapping: tuple[str, ...], values: tuple[str, ...],
            roi: str | None, modality: str | None, copy: bool, labels_csv: Path | None,
-           salt: str) -> None:
+           salt_file: Path | None, salt: str | None, allow_public_salt: bool) -> None:
     """Convert a dataset from SOURCE (a public layout) into the manifest contract in OUT.
 
     \b
@@ -107,6 +115,11 @@ def ingest(fmt: str, source: Path, out: Path, mapping: tuple[str, ...], values: 
     cells stay empty (unknown). In modality, density (1-4) and pathology (benign,
     malignant, normal), a value that is still not valid after the mapping is refused:
     map every value, e.g. --value density:A=1 --value density:B=2 ...
+
+    \b
+    dicom: PatientID becomes an HMAC keyed by a secret salt, from $BREASTSCAN_PSEUDONYM_SALT,
+    else --salt/--salt-file, else .breastscan/pseudonym.salt (created on first use, mode 0600:
+    keep it and back it up; a new salt gives new group ids). A public or short salt is refused.
     """
     from breastscan.data.adapters import IngestError
     from breastscan.data.adapters import ingest as run_ingest
@@ -127,7 +140,13 @@ def ingest(fmt: str, source: Path, out: Path, mapping: tuple[str, ...], values: 
                 raise click.BadParameter("expected X,Y,RADIUS column names", param_hint="--roi")
             options["roi"] = parts
     elif fmt == "dicom":
-        options.update(labels_csv=labels_csv, salt=salt, modality=modality)
+        from breastscan.data.pseudonym_salt import SaltError, resolve_salt
+
+        try:
+            secret = resolve_salt(salt, salt_file, allow_public=allow_public_salt)
+        except SaltError as exc:
+            raise click.ClickException(str(exc)) from exc
+        options.update(labels_csv=labels_csv, salt=secret, modality=modality)
     try:
         df = run_ingest(fmt, source, out, **options)
     except IngestError as exc:  # the source or an option is wrong: one line, no traceback
@@ -505,3 +524,41 @@ def declare(benchmark: str, data_path: Path | None, params: Path, force: bool) -
     click.echo("next:")
     for line in next_steps(done):
         click.echo(f"  {line}")
+
+
+@main.group("api-key")
+def api_key() -> None:
+    """API keys of the service (when `auth.enabled` in the serving config)."""
+
+
+@api_key.command("add")
+@click.option("--label", required=True, help="who the key is for (one word; shown in the service's log)")
+@click.option("--serving-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("services/serving.yaml"), show_default=True)
+@click.option("--keys-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="append to this file (default: the config's auth.keys_file)")
+def api_key_add(label: str, serving_config: Path, keys_file: Path | None) -> None:
+    """Create a key: print it once, store only its SHA-256 hash.
+
+    \b
+    The key is printed on stdout and kept nowhere: hand it to the client. The file gets
+    `sha256:<hash> <label>` (mode 0600). For a deployment, put such lines in the variable
+    the config's auth.keys_env names (e.g. from a secret) instead of a file.
+    """
+    import os
+
+    from breastscan.serving.auth import add_key, hash_key
+    from breastscan.serving.config import load_serving_config
+
+    config = load_serving_config(serving_config, dict(os.environ))
+    target = keys_file or (Path(config.auth.keys_file) if config.auth.keys_file else None)
+    if target is None:
+        raise click.ClickException("no keys file: give --keys-file or set auth.keys_file in the config")
+    try:
+        key = add_key(target, label)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(key)
+    click.echo(f"stored {hash_key(key)[:15]}... for {label!r} in {target}"
+               + ("" if config.auth.enabled else " (auth is off in the serving config: turn it on, "
+                  "or set BREASTSCAN_AUTH=on)"), err=True)

@@ -12,6 +12,9 @@ from typing import Any, Final
 MODALITIES: Final = ("mammography", "ultrasound")
 """Imaging modalities of the manifest's ``modality`` column."""
 
+DICOM_MODALITY_CODES: Final = {"MG": "mammography", "US": "ultrasound"}
+"""DICOM Modality (0008,0060) codes of the platform's modalities, and their names."""
+
 PATHOLOGIES: Final = ("benign", "malignant", "normal")
 """Values of the manifest's ``pathology`` column (``normal`` = no lesion)."""
 

@@ -8,6 +8,12 @@ Start the service (``make serve``: HTTP on 127.0.0.1:3000, gRPC on 127.0.0.1:500
 
 (``make load`` runs exactly this; drop ``--headless`` for Locust's web UI on :8089.)
 
+API key
+    When the service requires one (``auth:`` in ``services/serving.yaml``), export it as
+    ``BREASTSCAN_API_KEY``: both kinds of user send it with every request (HTTP
+    ``Authorization: Bearer <key>``, gRPC the same metadata). Without it every request
+    fails with 401 / ``UNAUTHENTICATED``.
+
 Users
     :class:`ClinicHTTPUser` (weight 3) posts one image per request, weighted as a clinic
     calls the API -- ``/analyze`` 4, ``/tumor`` 3, ``/density`` 2, ``/lesion`` 1 -- and now
@@ -54,7 +60,7 @@ from locust.runners import WorkerRunner
 from urllib3.filepost import encode_multipart_formdata
 
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
-from breastscan.serving.client import GRPCClient, ServiceError
+from breastscan.serving.client import GRPCClient, ServiceError, resolve_api_key
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 
 # gRPC's core must cooperate with gevent's loop; this must run before any channel exists.
@@ -122,6 +128,12 @@ class ClinicHTTPUser(HttpUser):
     weight = 3
     wait_time = between(0.2, 1.0)
 
+    def on_start(self) -> None:
+        """Send the API key of ``BREASTSCAN_API_KEY`` (when set) with every request."""
+        key = resolve_api_key(None)
+        if key:
+            self.client.headers["Authorization"] = f"Bearer {key}"
+
     def _post(self, endpoint: str, image: bytes, name: str | None = None, **fields: str) -> None:
         body, content_type = multipart(image, **fields)
         with self.client.post(f"/{endpoint}", data=body, headers={"Content-Type": content_type},
@@ -178,7 +190,7 @@ class ClinicGRPCUser(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         target = getattr(environment.parsed_options, "grpc_target", None) or DEFAULT_GRPC_TARGET
-        self.client = GRPCClient(target, timeout=60)
+        self.client = GRPCClient(target, timeout=60)  # sends BREASTSCAN_API_KEY's key when set
 
     def on_stop(self) -> None:
         """Close the channel."""

@@ -32,8 +32,10 @@ import numpy as np
 from starlette.responses import Response
 
 from breastscan.logs import configure_service_logging
+from breastscan.serving.auth import ApiKeyGuard, ApiKeys, grpc_interceptor
 from breastscan.serving.batching import model_batchers
 from breastscan.serving.config import CONFIG_ENV, load_serving_config, with_models
+from breastscan.serving.edge import RequestCheck, route_specs
 from breastscan.serving.engine import Engine, ImageInput, parse_roi
 from breastscan.serving.fastpath import HOT, ModelRoutes, answer
 from breastscan.serving.http import RequestGuard
@@ -137,6 +139,7 @@ def _served_here(stage: str) -> tuple[str, ...]:
 _config = load_serving_config(os.environ.get(CONFIG_ENV) or Path(__file__).with_name("serving.yaml"),
                               dict(os.environ))
 CONFIG = with_models(_config, () if _config.models else _served_here(_config.stage))
+KEYS = ApiKeys.load(CONFIG.auth.keys_file, CONFIG.auth.keys_env) if CONFIG.auth.enabled else None
 if RESERVED & set(CONFIG.models):
     raise ValueError(f"model names may not be {', '.join(sorted(RESERVED & set(CONFIG.models)))}")
 
@@ -244,7 +247,7 @@ class _ServiceImpl:
         self.grpc = start_grpc_server(
             self.engine, asyncio.get_running_loop(), host=CONFIG.grpc_host, port=CONFIG.grpc_port,
             max_workers=CONFIG.grpc_max_workers, max_message_bytes=CONFIG.max_upload_bytes + 2**20,
-            timeout_s=CONFIG.timeout_s)
+            timeout_s=CONFIG.timeout_s, interceptors=[grpc_interceptor(KEYS)] if KEYS else [])
         self.grpc.set_serving(True)
         log.info("gRPC listening on %s:%d", CONFIG.grpc_host, self.grpc.port)
 
@@ -331,8 +334,14 @@ def _service() -> Any:
     if gpu_count():
         options["resources"] = {"gpu": 1}
     svc = bentoml.service(**options)(inner)
+    # Outermost first: request id, size limit and log; the API key (when on); every API
+    # request checked against its declared fields (4xx at the edge); the hot path, which
+    # reads the checked form.
     svc.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_upload_bytes)
-    svc.add_asgi_middleware(ModelRoutes, models=list(CONFIG.models))  # inside RequestGuard
+    if KEYS is not None:  # a request without a key is refused before its body is read
+        svc.add_asgi_middleware(ApiKeyGuard, keys=KEYS)
+    svc.add_asgi_middleware(RequestCheck, routes=route_specs(svc.apis))
+    svc.add_asgi_middleware(ModelRoutes, models=list(CONFIG.models))
     svc.mount_asgi_app(make_ui_app(), path="/ui", name="ui")
     return svc
 

@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from breastscan.imaging.preprocessing import ImageDecodeError, to_float_gray
+from breastscan.labels import DICOM_MODALITY_CODES
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
-MODALITY_CODES: dict[str, str] = {"MG": "mammography", "US": "ultrasound"}
-"""DICOM Modality (0008,0060) codes understood by the platform, and their manifest names."""
+MODALITY_CODES = DICOM_MODALITY_CODES
+"""DICOM Modality (0008,0060) codes understood by the platform (:mod:`breastscan.labels`)."""
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _COLOR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")

@@ -4,19 +4,60 @@ Gates come from the model's declaration in params.yaml (``gates``): **floors** o
 candidate's registered metrics, and **no regression** beyond ``max_regression`` against
 the version now holding the stage, compared on the same test split (the current version is
 re-scored on the candidate's split when the two differ, through the one scoring core).
+
+**Concurrency.** The whole of a promotion (read the alias holder, run the gates, move the
+alias, record it) runs under one inter-process lock per registered model
+(:func:`promotion_lock`): a :mod:`filelock` (``flock``) file beside a local store
+(``sqlite:///<db>`` -> ``<db>.locks/<model>.lock``; a file store likewise), so concurrent
+promotions of one model are serialised and each one's gates compare against the version that
+really holds the alias. ``flock`` dies with its process: a killed promotion leaves no stale
+lock. A remote store (``http(s)://``, a database server) has no shared file; there promotions
+rely on an optimistic check only: the alias is re-read just before and just after it is moved,
+and a promotion that finds it moved by someone else reports a failure (nothing of its own is
+recorded; promote again). That narrows the race without closing it (MLflow has no
+compare-and-set; two concurrent writes of the pending tag below can also make one promotion
+raise, before its alias moves), so against a server run the promotions of one model from one
+place at a time.
+
+**Interruption.** A promotion writes, in this order (what a reader sees after each write):
+
+1. registered-model tag ``promotion_pending.<alias>`` = ``{"version", "previous", "at"}``:
+   nothing else changed yet; the tag says a promotion of that alias is under way.
+2. the alias -> the candidate: the commit point. ``models:/<name>@<alias>`` resolves to the
+   candidate from here on.
+3. the candidate's ``promoted_at``/``promoted_from``/``promoted_to`` tags: until then the
+   holder's tags are missing or left from an older promotion of it.
+4. the classic stage mirror (best effort): until then ``models:/<name>/Production`` (old
+   clients) still resolves to the previous version.
+5. the pending tag is deleted: the promotion is complete.
+
+While ``promotion_pending.<alias>`` exists, only the alias is to be trusted. A promotion
+killed or failing anywhere in between leaves the old state (before 2) or the new one (from
+2), and the next promotion of the model, under the lock and before reading the holder,
+finishes it (:func:`finish_pending`): alias on the pending version -> writes 3-5 again
+(idempotent, with the recorded ``previous`` and time); otherwise the alias never moved and
+the tag is dropped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from filelock import FileLock, Timeout
 
 from breastscan.jsonable import fmt_number
 from breastscan.registry.resolver import RegistryError, alias_holder, get_version, load_bundle
+from breastscan.registry.tracking import is_local_store
 from breastscan.registry.versions import (
     PRODUCTION,
     STAGING,
@@ -37,6 +78,12 @@ if TYPE_CHECKING:
     from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
+
+PENDING_TAG_PREFIX = "promotion_pending."
+"""Registered-model tag ``promotion_pending.<alias>``: a promotion of that alias is under way
+(or was interrupted); see the module docstring."""
+LOCK_TIMEOUT_S = 3600.0
+"""How long a promotion waits for another promotion of the same model (its gates may re-score)."""
 
 
 @dataclass
@@ -91,7 +138,9 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
 
     On success the alias moves, the classic stage is mirrored when supported (older
     versions archived) and the version is tagged ``promoted_at``/``promoted_from``/
-    ``promoted_to``. On failure nothing changes.
+    ``promoted_to``. On failure nothing changes. The whole runs under :func:`promotion_lock`
+    and first finishes an interrupted promotion (:func:`finish_pending`); see the module
+    docstring.
 
     Args:
         cfg: the model's configuration (name, headline, gates).
@@ -108,7 +157,19 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
     """
     client = registry_client()
     name = cfg.registered_name
-    candidate = get_version(client, name, version, STAGING)
+    with promotion_lock(name):
+        candidate = get_version(client, name, version, STAGING)
+        finish_pending(client, name, to)
+        result = _gate(client, cfg, candidate, to, evaluate)
+        if result.passed and result.previous != result.version:
+            _move_alias(client, result)
+    return result
+
+
+def _gate(client: MlflowClient, cfg: ModelConfig, candidate: ModelVersion, to: str,
+          evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None) -> PromotionResult:
+    """Run the gates of ``candidate`` against the version now holding ``to`` (nothing is written)."""
+    name = cfg.registered_name
     cand_metrics = version_metrics(candidate)
     current = alias_holder(client, name, to)
     previous = int(current.version) if current is not None else None
@@ -125,8 +186,6 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
         log.warning("%s v%d not promoted to @%s: %s", name, result.version, to, "; ".join(result.failures))
     elif previous == result.version:
         log.info("%s v%d already holds @%s; nothing to do", name, result.version, to)
-    else:
-        _move_alias(client, result)
     return result
 
 
@@ -177,17 +236,145 @@ def _check_regression(result: PromotionResult, cfg: ModelConfig, cand_metrics: M
 
 
 def _move_alias(client: MlflowClient, result: PromotionResult) -> None:
-    """Point the alias at the candidate, mirror the classic stage, stamp the version."""
-    name, version, previous = result.name, result.version, result.previous
-    client.set_registered_model_alias(name, result.to, str(version))
-    stage = mirror_stage(client, name, version, result.to)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    stamps = {"promoted_at": now, "promoted_from": str(previous) if previous else "none",
-              "promoted_to": result.to}
+    """Point the alias at the candidate and record it: writes 1-5 of the module docstring.
+
+    The alias is re-read before and after it moves (the optimistic check, which is all a
+    remote store gets); a move by someone else turns ``result`` into a failure.
+    """
+    name, to = result.name, result.to
+    if not _still_held(client, result, result.previous, "while the gates ran; nothing changed"):
+        return
+    pending = {"version": result.version, "previous": result.previous,
+               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    client.set_registered_model_tag(name, PENDING_TAG_PREFIX + to, json.dumps(pending))
+    client.set_registered_model_alias(name, to, str(result.version))
+    if not _still_held(client, result, result.version, "right after this promotion moved it"):
+        return
+    _record(client, name, to, pending)
+
+
+def _still_held(client: MlflowClient, result: PromotionResult, expected: int | None, when: str) -> bool:
+    """The alias is held by ``expected``; otherwise a failure is recorded on ``result``."""
+    holder = _holder(client, result.name, result.to)
+    if holder == expected:
+        return True
+    result.passed = False
+    _check(result, "concurrent_promotion", None, None, None, False,
+           f"@{result.to} was moved to {_v(holder)} by another promotion {when} "
+           f"(expected {_v(expected)}); promote again")
+    log.warning("%s v%d: %s", result.name, result.version, result.failures[-1])
+    return False
+
+
+def _record(client: MlflowClient, name: str, to: str, pending: Mapping[str, Any]) -> None:
+    """Writes 3-5: stamp the new holder, mirror the classic stage, drop the pending tag (idempotent)."""
+    version, previous = int(pending["version"]), pending.get("previous")
+    stamps = {"promoted_at": str(pending["at"]), "promoted_from": str(previous) if previous else "none",
+              "promoted_to": to}
     for key, text in stamps.items():
         client.set_model_version_tag(name, str(version), key, text)
-    log.info("%s v%d is now @%s%s (was %s)", name, version, result.to,
-             f" (classic stage {stage})" if stage else "", f"v{previous}" if previous else "none")
+    stage = mirror_stage(client, name, version, to)
+    client.delete_registered_model_tag(name, PENDING_TAG_PREFIX + to)
+    log.info("%s v%d is now @%s%s (was %s)", name, version, to,
+             f" (classic stage {stage})" if stage else "", _v(previous))
+
+
+def finish_pending(client: MlflowClient, name: str, to: str) -> dict[str, Any] | None:
+    """Finish a promotion to ``to`` that was interrupted (call it under :func:`promotion_lock`).
+
+    Rolls forward (writes 3-5 again) when the alias already holds the pending version, else
+    drops the pending tag: the alias never moved, the old state is intact.
+
+    Returns:
+        The pending record that was found (``version``, ``previous``, ``at``), or ``None``.
+    """
+    text = (client.get_registered_model(name).tags or {}).get(PENDING_TAG_PREFIX + to)
+    if text is None:
+        return None
+    pending: dict[str, Any] = json.loads(text)
+    holder = _holder(client, name, to)
+    if holder == int(pending["version"]):
+        log.warning("%s: completing the interrupted promotion of v%s to @%s", name, pending["version"], to)
+        _record(client, name, to, pending)
+    else:
+        log.warning("%s: dropping the interrupted promotion of v%s to @%s (the alias never moved; "
+                    "it is on %s)", name, pending["version"], to, _v(holder))
+        client.delete_registered_model_tag(name, PENDING_TAG_PREFIX + to)
+    return pending
+
+
+def _holder(client: MlflowClient, name: str, alias: str) -> int | None:
+    current = alias_holder(client, name, alias)
+    return int(current.version) if current is not None else None
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version else "none"
+
+
+def promotion_lock_path(registry_uri: str, name: str) -> Path | None:
+    """The lock file of the promotions of ``name``: beside a local store, ``None`` for a remote one.
+
+    ``sqlite:///<db>`` -> ``<db>.locks/<name>.lock``; a file store (``file://`` or a path)
+    ``<dir>`` -> ``<dir>.locks/<name>.lock``. Any other scheme (``http(s)``, a database
+    server, an in-memory SQLite) has no file every promoter shares.
+    """
+    store = _local_store(registry_uri)
+    if store is None:
+        return None
+    return store.parent / f"{store.name}.locks" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
+
+
+def _local_store(registry_uri: str) -> Path | None:
+    """The absolute path of a local store (SQLite file, file-store directory); ``None`` otherwise."""
+    if not is_local_store(registry_uri):
+        return None
+    parsed = urlparse(registry_uri)
+    if parsed.scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy's rule)
+        prefix = "sqlite:///"
+        database = registry_uri[len(prefix):].split("?", 1)[0] if registry_uri.startswith(prefix) else ""
+        return Path(unquote(database)).resolve() if database and database != ":memory:" else None
+    return Path(unquote(parsed.path) if parsed.scheme == "file" else registry_uri).resolve()
+
+
+@contextmanager
+def promotion_lock(name: str, registry_uri: str | None = None,
+                   timeout: float | None = None) -> Iterator[Path | None]:
+    """Hold the inter-process lock of the promotions of registered model ``name``.
+
+    A no-op (yielding ``None``) for a remote store, where :func:`promote` relies on its
+    optimistic check. The lock is an ``flock``, released by the kernel when its holder dies.
+
+    Args:
+        name: registered model name.
+        registry_uri: the registry (default: the one MLflow is configured with).
+        timeout: seconds to wait for another promotion (default :data:`LOCK_TIMEOUT_S`).
+
+    Yields:
+        The lock file, or ``None`` when there is none.
+
+    Raises:
+        RegistryError: another promotion held the lock for longer than ``timeout``.
+    """
+    path = promotion_lock_path(registry_uri or mlflow.get_registry_uri(), name)
+    if path is None:
+        yield None
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for %s: another promotion of %s is under way", path, name)
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S if timeout is None else timeout)
+        except Timeout:
+            raise RegistryError(f"another promotion of {name} held {path} for more than "
+                                f"{LOCK_TIMEOUT_S if timeout is None else timeout:g} s") from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def _baseline(result: PromotionResult, cfg: ModelConfig, current: ModelVersion, cand_split: str | None,

@@ -36,14 +36,14 @@ def model_run(model: str, bundle_dir: Path, *, stage: str) -> Iterator[mlflow.Ac
     recorded = json.loads((bundle_dir / RUN_FILE).read_text()) if (bundle_dir / RUN_FILE).is_file() else {}
     run_id = recorded.get("run_id")
     if run_id and tracking.run_exists(run_id):
-        with tracking.resume_run(run_id) as run:
+        with tracking.resume_run(run_id, stage=stage) as run:
             mlflow.set_tag(f"breastscan.{stage}", "done")
             yield run
         return
     log.warning("run %s of %s is not in %s; logging %s to a new run", run_id, model,
                 mlflow.get_tracking_uri(), stage)
     tags = {**tracking.run_tags(project), "breastscan.model": model, "breastscan.continued_from": str(run_id)}
-    with tracking.start_training_run(model, project, params={}, tags=tags) as run:
+    with tracking.start_training_run(model, project, params={}, tags=tags, stage=stage) as run:
         mlflow.set_tag(f"breastscan.{stage}", "done")
         yield run
 

@@ -16,6 +16,13 @@ MLflow and Keras are imported inside the functions that need them: importing thi
 costs nothing, so the CLI stays fast. :class:`MlflowEpochLogger` is built on first access
 (``tracking.MlflowEpochLogger``), which is when Keras is imported.
 
+Runs that die: every run a stage opens (:func:`start_training_run`, :func:`resume_run`)
+records its owner process (:func:`owner_tags`). SIGTERM and SIGINT end the stage's open
+runs as KILLED before the process dies (:func:`install_signal_handlers`); an exception
+ends them as FAILED (MLflow's ``ActiveRun``). A SIGKILL cannot be caught, so the next
+stage that opens a run of the model closes every RUNNING run of the model's experiment
+whose owner process is gone from this host as KILLED (:func:`close_dead_runs`).
+
 Note: ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the process
 environment (so subprocesses inherit it); after :func:`configure`, :func:`tracking_uri`
 therefore returns the configured URI for any project root.
@@ -23,14 +30,20 @@ therefore returns the configured URI for any project root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import numbers
 import os
 import re
+import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -54,6 +67,19 @@ TAG_DATA_HASH = "breastscan.data_hash"
 TAG_SPLIT_HASH = "breastscan.split_md5"
 TAG_SPLIT_PATH = "breastscan.split_path"
 UNKNOWN = "unknown"
+
+TAG_OWNER_HOST = "breastscan.owner.host"
+"""Short hash of the host name of the process that has the run open (no machine names in runs)."""
+TAG_OWNER_PID = "breastscan.owner.pid"
+TAG_OWNER_STARTED = "breastscan.owner.started"
+"""Start time of the owner process (seconds since the epoch): a reused pid is not the owner."""
+TAG_OWNER_STAGE = "breastscan.owner.stage"
+TAG_ENDED_BY = "breastscan.ended_by"
+"""Why a run was ended as KILLED: a signal, or the next start of a stage that found it dead."""
+TAG_REOPENED = "breastscan.reopened_after"
+"""Set when a stage reopens a KILLED/FAILED run: its former status and ``ended_by``."""
+START_TIME_TOLERANCE_S = 1.0
+"""How far a live process's start time may be from the recorded one and still be the owner."""
 
 _LOCAL_SCHEMES = ("sqlite", "file", "")
 _METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -327,14 +353,210 @@ def _as_number(value: Any) -> float | None:
     return finite_float(value)
 
 
+# --------------------------------------------------------------------------- run owners
+
+
+def host_id() -> str:
+    """A short, stable hash of this machine's host name (runs carry no machine names)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:16]
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Start time (seconds since the epoch) of a live process; None when it is gone or a
+    zombie; NaN when it exists but may not be inspected (no mismatch can be shown: alive)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return float(proc.create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return math.nan
+
+
+def owner_tags(stage: str) -> dict[str, str]:
+    """Tags naming this process as the owner of a run, so that a later start can tell it died.
+
+    Args:
+        stage: the DVC stage, e.g. ``train@tumor``.
+
+    Returns:
+        ``breastscan.owner.host`` (:func:`host_id`), ``breastscan.owner.pid``,
+        ``breastscan.owner.started`` (process start time) and ``breastscan.owner.stage``.
+    """
+    pid = os.getpid()
+    started = _process_start_time(pid)
+    return {TAG_OWNER_HOST: host_id(), TAG_OWNER_PID: str(pid),
+            TAG_OWNER_STARTED: UNKNOWN if started is None else f"{started:.2f}",
+            TAG_OWNER_STAGE: stage}
+
+
+def owner_gone(tags: Mapping[str, str]) -> str | None:
+    """Why the owner of a run with these tags is dead, or None when it may be alive.
+
+    Only owners on this host can be checked: the owner is gone when no process has its pid,
+    or the process with that pid started at another time (the pid was reused). Runs without
+    owner tags, or owned by another host, count as alive.
+
+    Args:
+        tags: the run's tags.
+
+    Returns:
+        e.g. ``"owner process 1234 is gone"``, or None.
+    """
+    if tags.get(TAG_OWNER_HOST) != host_id() or not str(tags.get(TAG_OWNER_PID, "")).isdigit():
+        return None
+    pid = int(tags[TAG_OWNER_PID])
+    started = _process_start_time(pid)
+    if started is None:
+        return f"owner process {pid} is gone"
+    try:
+        recorded = float(tags.get(TAG_OWNER_STARTED, ""))
+    except ValueError:
+        return None
+    if abs(started - recorded) > START_TIME_TOLERANCE_S:  # False for NaN: maybe alive
+        return f"owner process {pid} is gone (pid reused by a process started at {started:.0f})"
+    return None
+
+
+def close_dead_runs(experiment_id: str, *, by: str) -> list[str]:
+    """End as KILLED the RUNNING runs of an experiment whose owner process died on this host.
+
+    A run left RUNNING by a process that was SIGKILLed (or lost its machine) would otherwise
+    stay RUNNING forever. Each closed run gets ``breastscan.ended_by``. Runs owned by other
+    hosts, or without owner tags, are left alone and logged.
+
+    Args:
+        experiment_id: the experiment to look in (one model's).
+        by: who is looking, e.g. ``train@tumor`` (goes into ``breastscan.ended_by``).
+
+    Returns:
+        The ids of the runs closed.
+    """
+    from mlflow import MlflowClient
+
+    client, host = MlflowClient(), host_id()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                 max_results=1000)
+    closed, foreign = [], 0
+    for run in running:
+        reason = owner_gone(run.data.tags)
+        if reason is None:
+            if run.data.tags.get(TAG_OWNER_HOST) != host:
+                foreign += 1
+            continue
+        _close_dead_run(client, run.info.run_id, f"next start of {by}: {reason}")
+        closed.append(run.info.run_id)
+    if foreign:
+        log.info("%d RUNNING run(s) in experiment %s are not owned by a process on this host "
+                 "(or record no owner); left alone", foreign, experiment_id)
+    return closed
+
+
+def _close_dead_runs_quietly(experiment_id: str, by: str) -> None:
+    """:func:`close_dead_runs`, whose failure never stops the stage that calls it."""
+    try:
+        close_dead_runs(experiment_id, by=by)
+    except Exception as exc:  # housekeeping: the next start tries again
+        log.warning("could not look for dead runs in experiment %s (%s: %s)", experiment_id,
+                    type(exc).__name__, exc)
+
+
+def _close_dead_run(client: Any, run_id: str, why: str) -> None:
+    client.set_tag(run_id, TAG_ENDED_BY, why)
+    client.set_terminated(run_id, "KILLED")
+    log.warning("MLflow run %s was left RUNNING; ended it as KILLED (%s)", run_id, why)
+
+
+# --------------------------------------------------------------------------- signals
+
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_previous_handlers: dict[int, Any] = {}
+_handler_pid: int | None = None
+"""The process that installed the handlers: a forked child must not end its parent's runs."""
+_ending = False
+
+
+def install_signal_handlers() -> None:
+    """On SIGTERM or SIGINT, end this process's open MLflow runs as KILLED, then die as before.
+
+    After the runs are ended the signal gets its previous handling: SIGINT raises
+    ``KeyboardInterrupt``, SIGTERM terminates the process (exit status 143 in a shell).
+    A signal this process ignores stays ignored. Calling it again changes nothing; outside
+    the main thread (where Python cannot set handlers) it does nothing.
+    """
+    global _handler_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _handler_pid = os.getpid()
+    for sig in _HANDLED_SIGNALS:
+        current = signal.getsignal(sig)
+        if current is _on_signal or current in (signal.SIG_IGN, None):
+            continue
+        _previous_handlers[sig] = current
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _ending
+    if not _ending and os.getpid() == _handler_pid:
+        _ending = True
+        try:
+            end_active_runs("KILLED", why=f"signal {signal.Signals(signum).name} to process {os.getpid()}")
+        finally:
+            _ending = False
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def end_active_runs(status: str, *, why: str) -> list[str]:
+    """End every run open in this process (MLflow's active-run stack) with ``status``.
+
+    Never raises: a tracking store that cannot be reached is logged, and the next start of a
+    stage closes the run instead (:func:`close_dead_runs`).
+
+    Args:
+        status: ``KILLED`` or ``FAILED``.
+        why: goes into the ``breastscan.ended_by`` tag.
+
+    Returns:
+        The ids of the runs ended.
+    """
+    import mlflow
+
+    ended: list[str] = []
+    while (active := mlflow.active_run()) is not None:
+        run_id = active.info.run_id
+        try:
+            mlflow.set_tag(TAG_ENDED_BY, why)
+            mlflow.end_run(status=status)
+        except Exception as exc:  # dying anyway: the next start closes the run
+            log.warning("could not end MLflow run %s as %s (%s: %s)", run_id, status, type(exc).__name__, exc)
+            return ended
+        ended.append(run_id)
+        log.warning("MLflow run %s ended as %s: %s", run_id, status, why)
+    return ended
+
+
 # --------------------------------------------------------------------------- runs
 
 
 def start_training_run(model: str, project_root: Path, *, params: Mapping[str, Any],
-                       tags: Mapping[str, str], run_name: str | None = None) -> mlflow.ActiveRun:
+                       tags: Mapping[str, str], run_name: str | None = None,
+                       stage: str = "train") -> mlflow.ActiveRun:
     """Start a run in the model's experiment and log its parameters.
 
-    Use as a context manager: ``with start_training_run(...) as run:``.
+    Use as a context manager: ``with start_training_run(...) as run:``. First closes the
+    runs of the experiment that dead processes of this host left RUNNING
+    (:func:`close_dead_runs`); the new run records this process as its owner
+    (:func:`owner_tags`) and a SIGTERM/SIGINT ends it as KILLED (:func:`install_signal_handlers`).
 
     Args:
         model: model name in params.yaml.
@@ -342,6 +564,7 @@ def start_training_run(model: str, project_root: Path, *, params: Mapping[str, A
         params: flat parameters (see :func:`flatten_params`); values are logged as text.
         tags: run tags (e.g. :func:`run_tags` plus ``breastscan.model``).
         run_name: optional display name (MLflow invents one otherwise).
+        stage: the stage starting the run (``train``, ``evaluate``...), for the owner tags.
 
     Returns:
         The active run.
@@ -350,8 +573,11 @@ def start_training_run(model: str, project_root: Path, *, params: Mapping[str, A
 
     configure(project_root)
     experiment_id = ensure_experiment(model, project_root)
+    label = f"{stage}@{model}"
+    _close_dead_runs_quietly(experiment_id, label)
+    install_signal_handlers()
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                           tags={k: str(v) for k, v in tags.items()})
+                           tags={**{k: str(v) for k, v in tags.items()}, **owner_tags(label)})
     try:
         if params:
             mlflow.log_params({k: _param_text(v) for k, v in params.items()})
@@ -363,18 +589,46 @@ def start_training_run(model: str, project_root: Path, *, params: Mapping[str, A
     return run
 
 
-def resume_run(run_id: str) -> mlflow.ActiveRun:
+def resume_run(run_id: str, *, stage: str = "resume") -> mlflow.ActiveRun:
     """Reopen an existing run (evaluate and register add to the training run).
+
+    Like :func:`start_training_run`, first closes the runs of the run's experiment that dead
+    processes of this host left RUNNING, then makes this process the run's owner and ends
+    the run as KILLED on SIGTERM/SIGINT. A run that was ended as KILLED or FAILED (a stage
+    died while it had the run open) is reopened: its former status and ``ended_by`` go
+    into ``breastscan.reopened_after``.
 
     Args:
         run_id: id of a run in the configured tracking store.
+        stage: the stage reopening the run (``evaluate``, ``register``), for the owner tags.
 
     Returns:
         The active run (use as a context manager).
     """
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
 
-    return mlflow.start_run(run_id=run_id)
+    client = MlflowClient()
+    before = client.get_run(run_id)
+    label = f"{stage}@{before.data.tags.get('breastscan.model', before.info.experiment_id)}"
+    _close_dead_runs_quietly(before.info.experiment_id, label)
+    status = client.get_run(run_id).info.status
+    install_signal_handlers()
+    # Owner first, then RUNNING: a run never shows RUNNING under the dead owner's tags.
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags(label).items()])
+    run = mlflow.start_run(run_id=run_id)
+    if status in ("KILLED", "FAILED"):
+        _note_reopened(client, run_id, status, label)
+    return run
+
+
+def _note_reopened(client: Any, run_id: str, status: str, label: str) -> None:
+    ended_by = client.get_run(run_id).data.tags.get(TAG_ENDED_BY)
+    client.set_tag(run_id, TAG_REOPENED, f"{status}: {ended_by}" if ended_by else status)
+    if ended_by:
+        client.delete_tag(run_id, TAG_ENDED_BY)
+    log.warning("%s reopens MLflow run %s, which had ended as %s", label, run_id, status)
 
 
 def run_exists(run_id: str | None) -> bool:

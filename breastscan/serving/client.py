@@ -15,15 +15,25 @@ stable input-error code (:data:`breastscan.serving.requests.INPUT_ERROR_CODES`, 
 ``not_an_image``, ``bad_roi``) for a client mistake, and otherwise names what happened
 (``bad_request``, ``too_large``, ``deadline_exceeded``, ``unavailable``, ``internal`` ...).
 
+API keys: when the service requires one (``auth:`` in ``services/serving.yaml``), pass it
+as ``api_key=`` or set the environment variable ``BREASTSCAN_API_KEY`` (:data:`API_KEY_ENV`),
+which both clients read when ``api_key`` is ``None``; ``api_key=""`` sends none. The HTTP
+client sends it as ``Authorization: Bearer <key>``, the gRPC client as the same metadata on
+every call. A missing or refused key raises :class:`ServiceError` with code ``unauthorized``
+(HTTP 401 / gRPC ``UNAUTHENTICATED``)::
+
+    export BREASTSCAN_API_KEY=...   # printed once by `breastscan api-key add`
+
 The clients need ``httpx`` and ``grpcio``, and no model library (Keras is never imported).
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import mimetypes
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeAlias
@@ -41,14 +51,21 @@ from breastscan.serving.requests import INPUT_ERROR_CODES
 ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview"
 """An image file: its path, or its bytes."""
 
+API_KEY_ENV = "BREASTSCAN_API_KEY"
+"""Environment variable holding the API key both clients send when ``api_key`` is ``None``.
+
+Not to be confused with the service's ``BREASTSCAN_API_KEYS``, which holds the *hashes* of
+the keys it accepts.
+"""
 ERROR_CODE_KEY = "error-code"
 """Trailing-metadata key of a gRPC error's input-error code (as the server sets it)."""
 
 SERVICE_CODES = frozenset(INPUT_ERROR_CODES) | {Overloaded.code}
 """Error codes the service itself sets: the input-error codes and ``overloaded`` (shed by batching)."""
-_HTTP_FALLBACK_CODES = {413: "too_large", 503: "unavailable", 504: "deadline_exceeded"}
+_HTTP_FALLBACK_CODES = {401: "unauthorized", 413: "too_large", 503: "unavailable", 504: "deadline_exceeded"}
 _GRPC_FALLBACK_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "bad_request",
-                        grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large"}
+                        grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large",
+                        grpc.StatusCode.UNAUTHENTICATED: "unauthorized"}
 _JSON_KINDS = "biuf"  # array dtype kinds JSON numbers can carry
 
 
@@ -62,7 +79,9 @@ class ServiceError(Exception):
             for a request over the size limit; otherwise the gRPC status name in lower
             case or its HTTP equivalent (``internal``, ``unavailable``,
             ``deadline_exceeded`` ...); ``overloaded`` when adaptive batching shed the
-            request (HTTP 503 / gRPC ``UNAVAILABLE``: retry after a moment).
+            request (HTTP 503 / gRPC ``UNAVAILABLE``: retry after a moment);
+            ``unauthorized`` for a missing or refused API key (HTTP 401 / gRPC
+            ``UNAUTHENTICATED``).
         message: what the service (or the transport) said.
         status: the HTTP status code (``int``) or the ``grpc.StatusCode``; ``None`` when
             no answer came (connection failed, timed out) or the client refused to send.
@@ -76,6 +95,23 @@ class ServiceError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def resolve_api_key(api_key: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The API key to send: ``api_key``, else :data:`API_KEY_ENV` when ``api_key`` is ``None``.
+
+    ``""`` (given, or an empty variable) sends no key. Surrounding whitespace is dropped.
+
+    Raises:
+        ValueError: a key with characters a header cannot carry (spaces, control or non-ASCII).
+    """
+    if api_key is None:
+        api_key = (os.environ if env is None else env).get(API_KEY_ENV, "")
+    key = api_key.strip()
+    if any(not 0x21 <= ord(c) <= 0x7E for c in key):
+        raise ValueError(f"the API key may hold only printable ASCII characters without spaces "
+                         f"(check {API_KEY_ENV} or api_key)")
+    return key or None
 
 
 def _read_image(image: ImageSource) -> tuple[str, bytes]:
@@ -189,16 +225,24 @@ class HTTPClient:
         base_url: the service's address.
         timeout: seconds to wait for each answer (and to connect).
         transport: an ``httpx`` transport to use instead of the network (tests).
-        headers: extra headers sent with every request (e.g. authorization).
+        headers: extra headers sent with every request.
+        api_key: the service's API key, sent as ``Authorization: Bearer <key>`` with every
+            request (unless ``headers`` has an ``Authorization`` or ``X-API-Key`` of its
+            own); ``None`` (the default) reads :data:`API_KEY_ENV` (``BREASTSCAN_API_KEY``),
+            ``""`` sends none.
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:3000", timeout: float = 60, *,
                  transport: httpx.BaseTransport | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = float(timeout)
+        sent = dict(headers or {})
+        key = resolve_api_key(api_key)
+        if key and not any(name.lower() in ("authorization", "x-api-key") for name in sent):
+            sent["Authorization"] = f"Bearer {key}"
         self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout, transport=transport,
-                                    headers=dict(headers or {}))
+                                    headers=sent)
 
     # ------------------------------------------------------------------ API
     def predict(self, model: str, image: ImageSource, *, explain: bool = False,
@@ -335,8 +379,8 @@ def http_error(response: httpx.Response) -> ServiceError:
 
     The service answers a client mistake with ``{"error": message, "code": code}``;
     BentoML's own validation with ``{"error": ..., "detail": [...]}``. An answer without a
-    code of :data:`breastscan.serving.requests.INPUT_ERROR_CODES` is read by its status: 413
-    ``too_large``, 503 ``unavailable``, 504 ``deadline_exceeded``, other 4xx
+    code of :data:`breastscan.serving.requests.INPUT_ERROR_CODES` is read by its status: 401
+    ``unauthorized``, 413 ``too_large``, 503 ``unavailable``, 504 ``deadline_exceeded``, other 4xx
     ``bad_request``, 5xx ``internal``.
     """
     status = response.status_code
@@ -378,18 +422,26 @@ class GRPCClient:
             carry PNGs at the image's size).
         credentials: channel credentials for TLS (``None``: plaintext).
         options: extra channel options.
+        api_key: the service's API key, sent as the metadata ``authorization: Bearer <key>``
+            with every call made through this client's channel (:attr:`stub`,
+            :attr:`channel`, the health check); ``None`` (the default) reads
+            :data:`API_KEY_ENV` (``BREASTSCAN_API_KEY``), ``""`` sends none.
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 60, *,
                  max_message_bytes: int = 256 * 2**20,
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None) -> None:
         self.target = target
         self.timeout = float(timeout)
         opts = [("grpc.max_receive_message_length", int(max_message_bytes)),
                 ("grpc.max_send_message_length", int(max_message_bytes)), *options]
         self._channel = (grpc.secure_channel(target, credentials, options=opts) if credentials is not None
                          else grpc.insecure_channel(target, options=opts))
+        key = resolve_api_key(api_key)
+        if key:
+            metadata = _MetadataInterceptor((("authorization", f"Bearer {key}"),))
+            self._channel = grpc.intercept_channel(self._channel, metadata)
         self.stub = pb_grpc.BreastScanStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -482,14 +534,50 @@ class GRPCClient:
         self.close()
 
 
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                            "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    """A call's details with other metadata (``grpc.ClientCallDetails`` is abstract)."""
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the API key) to every call of a channel."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any,
+                              request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: Any,
+                               request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], client_call_details: Any,
+                               request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], client_call_details: Any,
+                                request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 def grpc_error(exc: grpc.RpcError) -> ServiceError:
     """The :class:`ServiceError` of a failed gRPC call.
 
     The code is the server's ``error-code`` trailer when it is one of
     :data:`breastscan.serving.requests.INPUT_ERROR_CODES` (a client mistake, status
     ``INVALID_ARGUMENT``); otherwise ``bad_request`` for ``INVALID_ARGUMENT``,
-    ``too_large`` for ``RESOURCE_EXHAUSTED`` (the message size limit), and the status name
-    in lower case for the rest (``deadline_exceeded``, ``unavailable``, ``internal`` ...).
+    ``too_large`` for ``RESOURCE_EXHAUSTED`` (the message size limit), ``unauthorized`` for
+    ``UNAUTHENTICATED`` (no valid API key), and the status name in lower case for the rest
+    (``deadline_exceeded``, ``unavailable``, ``internal`` ...).
     """
     status = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else None

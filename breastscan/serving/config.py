@@ -21,6 +21,26 @@ GRPC_PORT_ENV = "BREASTSCAN_GRPC_PORT"
 """Environment variable overriding ``grpc.port``."""
 GRPC_HOST_ENV = "BREASTSCAN_GRPC_HOST"
 """Environment variable overriding ``grpc.host`` (``0.0.0.0`` in a container)."""
+AUTH_ENV = "BREASTSCAN_AUTH"
+"""Environment variable overriding ``auth.enabled`` (``on`` / ``off``)."""
+KEYS_FILE_ENV = "BREASTSCAN_API_KEYS_FILE"
+"""Environment variable overriding ``auth.keys_file``."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    """API-key authentication (:mod:`breastscan.serving.auth`).
+
+    Attributes:
+        enabled: require a key on every API call, both protocols (health, UI files and the
+            API description stay open).
+        keys_file: a file of hashed keys (``breastscan api-key add`` writes it), or ``None``.
+        keys_env: an environment variable holding hashed keys (comma-separated), or ``None``.
+    """
+
+    enabled: bool = False
+    keys_file: str | None = None
+    keys_env: str | None = "BREASTSCAN_API_KEYS"
 
 
 @dataclass(frozen=True)
@@ -56,6 +76,7 @@ class ServingConfig:
         grpc_host: address the gRPC server binds.
         grpc_port: its port.
         grpc_max_workers: gRPC handler threads per worker.
+        auth: API-key authentication.
     """
 
     models: tuple[str, ...] = ()
@@ -70,6 +91,7 @@ class ServingConfig:
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     grpc_max_workers: int = 64
+    auth: Auth = field(default_factory=Auth)
 
     def batching_for(self, model: str) -> Batching:
         """The batching of ``model``'s API (its override, else the default)."""
@@ -95,10 +117,11 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
 
     Args:
         raw: the parsed YAML.
-        env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`).
+        env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`,
+            :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`).
     """
     env = env or {}
-    known = {"models", "stage", "batching", "api_service", "limits", "grpc"}
+    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth"}
     if "models_service" in raw:
         raise ValueError("models_service is gone: the models run in the service's own workers "
                          "(api_service.workers)")
@@ -124,7 +147,26 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         grpc_host=str(env.get(GRPC_HOST_ENV) or grpc.get("host", "127.0.0.1")),
         grpc_port=int(env.get(GRPC_PORT_ENV) or grpc.get("port", 50051)),
         grpc_max_workers=int(grpc.get("max_workers", 64)),
+        auth=_auth(dict(raw.get("auth") or {}), env),
     )
+
+
+def _auth(raw: dict[str, Any], env: dict[str, str]) -> Auth:
+    unknown = set(raw) - {"enabled", "keys_file", "keys_env"}
+    if unknown:
+        raise ValueError(f"unknown auth keys: {', '.join(sorted(unknown))}")
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"auth.enabled must be true or false, got {enabled!r}")
+    switch = env.get(AUTH_ENV, "").strip().lower()
+    if switch:
+        if switch not in ("on", "off", "true", "false", "1", "0"):
+            raise ValueError(f"{AUTH_ENV} must be on or off, got {switch!r}")
+        enabled = switch in ("on", "true", "1")
+    keys_file = env.get(KEYS_FILE_ENV) or raw.get("keys_file")
+    keys_env = raw.get("keys_env", Auth.keys_env)
+    return Auth(enabled=enabled, keys_file=str(keys_file) if keys_file else None,
+                keys_env=str(keys_env) if keys_env else None)
 
 
 def load_serving_config(path: str | Path, env: dict[str, str] | None = None) -> ServingConfig:

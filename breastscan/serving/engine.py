@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from breastscan.imaging.preprocessing import PreprocessSpec, is_dicom
+from breastscan.labels import DICOM_MODALITY_CODES
 from breastscan.registry.bundle import ModelContract
 from breastscan.serving.batching import Batcher, BatchSettings, model_batchers
 from breastscan.serving.requests import (
@@ -188,17 +189,18 @@ def crop(gray: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
     return gray[y : y + h, x : x + w]
 
 
-def dicom_modality(data: bytes) -> str | None:
-    """The modality a DICOM file's header names (MG, US), read without its pixels."""
+def dicom_modality_code(data: bytes) -> str:
+    """The Modality code a DICOM file's header names (``MG``, ``US``, ``CT`` ...), read without
+    its pixels; ``""`` for another kind of file, a header without the tag, or one that does not parse."""
     if not is_dicom(data):
-        return None
+        return ""
     from breastscan.imaging.dicom import load_dataset
 
     try:
         header = load_dataset(data, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 -- decoding reports what is wrong with the file
-        return None
-    return {"MG": "mammography", "US": "ultrasound"}.get(str(header.get("Modality", "")).upper())
+        return ""
+    return str(header.get("Modality", "") or "").strip().upper()
 
 
 class Engine:
@@ -236,24 +238,28 @@ class Engine:
             served = ", ".join(sorted(self.models)) or "none"
             raise InputError("unknown_model", f"no model named {name!r}; served: {served}") from None
 
-    def decode(self, image: ImageInput) -> np.ndarray:
+    def decode(self, image: ImageInput, modality: str | None = None) -> np.ndarray:
         """The request's image as ``(H, W)`` float32 gray in [0, 1], cropped to its roi.
 
+        Args:
+            image: the request's image.
+            modality: the modality it must be, checked against a DICOM file's header.
+
         Raises:
-            InputError: any code of :func:`decode_upload` / :func:`validate_array`, or
-                ``bad_roi``.
+            InputError: any code of :func:`decode_upload` (``wrong_modality`` included) /
+                :func:`validate_array`, or ``bad_roi``.
         """
         if (image.data is None) == (image.array is None):
             raise InputError("empty", "send exactly one image: a file or an array")
         if image.data is not None:
-            gray = decode_upload(image.data, max_bytes=self.max_upload_bytes)
+            gray = decode_upload(image.data, max_bytes=self.max_upload_bytes, modality=modality)
         else:
             gray = validate_array(image.array)
         return crop(gray, image.roi)
 
     def _prepare(self, served: ServedModel, image: ImageInput | np.ndarray) -> PreparedBatch:
         """Decode (unless already decoded) and preprocess one image for ``served``: one thread hop."""
-        gray = image if isinstance(image, np.ndarray) else self.decode(image)
+        gray = image if isinstance(image, np.ndarray) else self.decode(image, served.contract.modality)
         return prepare_inputs(served.spec, served.contract, [gray])
 
     async def _run(self, served: ServedModel, image: ImageInput | np.ndarray, explain: bool) -> Prediction:
@@ -302,11 +308,18 @@ class Engine:
             mammogram when a density and a tumor model both answered, and ``"roi"``.
 
         Raises:
-            InputError: ``unknown_modality`` or any image error.
+            InputError: ``unknown_modality``, ``wrong_modality`` (a DICOM header naming
+                another modality than the one asked for, or one no model serves) or any
+                image error.
         """
         modality = (modality or "").strip().lower() or None
         if modality is None and image.data is not None:
-            modality = await asyncio.to_thread(dicom_modality, image.data)
+            code = await asyncio.to_thread(dicom_modality_code, image.data)
+            modality = DICOM_MODALITY_CODES.get(code)
+            if code and modality is None:
+                known = ", ".join(sorted(DICOM_MODALITY_CODES))
+                raise InputError("wrong_modality", f"the DICOM header says Modality {code[:16]!r}; the "
+                                                   f"models are for {known}")
         served_modalities = sorted({m.contract.modality for m in self.models.values()})
         if modality is None:
             if len(served_modalities) != 1:
@@ -314,7 +327,7 @@ class Engine:
                                                      f"{', '.join(served_modalities)}")
             modality = served_modalities[0]
         chosen = models_for_modality({n: m.contract.modality for n, m in self.models.items()}, modality)
-        gray = await asyncio.to_thread(self.decode, image)
+        gray = await asyncio.to_thread(self.decode, image, modality)
         answers = await asyncio.gather(*(self._run(self.models[n], gray, explain) for n in chosen))
         result = analysis(modality, dict(zip(chosen, answers, strict=True)))
         if image.roi is not None:
@@ -329,7 +342,8 @@ class Engine:
             "png" (base64)}`` of the whole image (the roi is ignored).
         """
         gray = await asyncio.to_thread(self.decode, ImageInput(data=image.data, array=image.array))
-        modality = await asyncio.to_thread(dicom_modality, image.data) if image.data else None
+        code = await asyncio.to_thread(dicom_modality_code, image.data) if image.data else ""
+        modality = DICOM_MODALITY_CODES.get(code)
         png = await asyncio.to_thread(
             png_base64, np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8))
         return {"width": int(gray.shape[1]), "height": int(gray.shape[0]), "modality": modality, "png": png}

@@ -11,11 +11,12 @@ understands itself:
 text fields ``explain`` (``true``/``false``/``1``/``0``) and ``roi`` (``x,y,w,h``)
 
 through the very call the BentoML endpoint makes (:func:`answer` around
-:meth:`breastscan.serving.engine.Engine.predict`). Anything else -- another route or
-method, another content type, another field, a second file, a value it does not read the
-way BentoML would -- is handed to BentoML unchanged (its body replayed), so both paths
-accept the same requests and give the same answers. Request ids, the size limit and the
-request log stay in :class:`breastscan.serving.http.RequestGuard`, outside this middleware.
+:meth:`breastscan.serving.engine.Engine.predict`). It reads the form that
+:class:`breastscan.serving.edge.RequestCheck`, outside it, has already parsed and checked (the
+body is parsed once). Anything else -- another route or method, a JSON body, a value it
+does not read the way BentoML would -- is handed to BentoML unchanged, so both paths accept
+the same requests and give the same answers. Request ids, the size limit and the request
+log stay in :class:`breastscan.serving.http.RequestGuard`, outermost.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from typing import Any
 import orjson
 
 from breastscan.serving.batching import Overloaded
+from breastscan.serving.edge import FORM_STATE, Form
 from breastscan.serving.engine import Engine, ImageInput, parse_roi
-from breastscan.serving.http import ASGIApp, Message, Receive, Scope, Send
+from breastscan.serving.http import ASGIApp, Receive, Scope, Send
 from breastscan.serving.requests import InputError
 
 log = logging.getLogger(__name__)
@@ -101,14 +103,12 @@ class ModelRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         engine = HOT.engine
-        if name is None or engine is None or scope.get("method") != "POST" or not _is_multipart(scope):
+        form = scope.get("state", {}).get(FORM_STATE) if name is not None else None
+        request = _read(form) if form is not None and engine is not None else None
+        if request is None:  # not a form this path reads exactly as BentoML does
             await self.app(scope, receive, send)
             return
-        body = await read_body(receive)
-        request = await _parse(scope, body)
-        if request is None:  # not a request this path reads exactly as BentoML would
-            await self.app(scope, _replay(body, receive), send)
-            return
+        assert engine is not None and name is not None
         image, explain, roi = request
         result = await answer(name, lambda: engine.predict(
             name, ImageInput(data=image, roi=parse_roi(roi)), explain=explain))
@@ -121,66 +121,13 @@ class ModelRoutes:
         await send({"type": "http.response.body", "body": result.body})
 
 
-def _is_multipart(scope: Scope) -> bool:
-    for key, value in scope.get("headers", []):
-        if key == b"content-type":
-            return value.lower().startswith(b"multipart/form-data") and b"boundary=" in value.lower()
-    return False
-
-
-async def read_body(receive: Receive) -> bytes:
-    """An ASGI request's whole body (here its size is bounded by ``RequestGuard`` outside)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` giving ``body`` once, then the original channel (disconnects)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _parse(scope: Scope, body: bytes) -> tuple[bytes, bool, str] | None:
-    """``(image bytes, explain, roi)`` of a form this path reads exactly as BentoML; else ``None``."""
-    from starlette.datastructures import UploadFile
-    from starlette.requests import Request
-
-    request = Request(scope, _replay(body, _closed))
-    try:
-        form = await request.form(max_files=1, max_fields=2)
-    except Exception:  # noqa: BLE001 -- malformed: BentoML's own parser answers it
+def _read(form: Form) -> tuple[bytes, bool, str] | None:
+    """``(image bytes, explain, roi)`` of a checked form this path reads exactly as BentoML; else ``None``."""
+    image = form.parts.get("image")
+    if image is None or not image.is_file or set(form.parts) - {"image", "explain", "roi"}:
         return None
-    try:
-        keys = set(form.keys())
-        unique = all(len(form.getlist(k)) == 1 for k in keys)
-        if keys - {"image", "explain", "roi"} or "image" not in keys or not unique:
-            return None
-        image = form["image"]
-        explain_text, roi = form.get("explain", "false"), form.get("roi", "")
-        if not isinstance(image, UploadFile) or not isinstance(explain_text, str) or not isinstance(roi, str):
-            return None
-        explain = _BOOLS.get(explain_text.strip().lower())
-        if explain is None or (roi and not _ROI.match(roi)):
-            return None
-        return await image.read(), explain, roi
-    finally:
-        await form.close()
-
-
-async def _closed() -> Message:
-    return {"type": "http.disconnect"}
+    explain = _BOOLS.get(form.text("explain", "false").strip().lower())
+    roi = form.text("roi")
+    if explain is None or (roi and not _ROI.match(roi)):
+        return None
+    return image.data, explain, roi

@@ -326,6 +326,43 @@ def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str,
     raise AssertionError("grpc.ServicerContext.abort returned")  # it always raises
 
 
+class DecodeGuard(grpc.ServerInterceptor):
+    """Server interceptor: a request message that is not valid protobuf is ``INVALID_ARGUMENT``.
+
+    grpcio answers a request its deserializer cannot read with ``INTERNAL`` ("Exception
+    deserializing request!"), a server error for a client's mistake. This interceptor
+    takes the decoding over for every method (streams included): the handler receives raw
+    bytes and decodes them itself, refusing undecodable ones with code ``malformed_request``.
+    """
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = _guarded_decoder(handler.request_deserializer, details.method)
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary")
+        inner, streaming = getattr(handler, kind), handler.request_streaming
+
+        def behavior(received: Any, context: grpc.ServicerContext) -> Any:
+            if streaming:
+                return inner((decode(raw, context) for raw in received), context)
+            return inner(decode(received, context), context)
+
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(behavior, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+def _guarded_decoder(deserializer: Callable[[bytes], Any], method: str) -> Callable[[bytes, Any], Any]:
+    def decode(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 -- any decoding failure is the client's message
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                   f"the request message of {method} is not valid protobuf", code="malformed_request")
+    return decode
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -403,6 +440,7 @@ def start_grpc_server(
     max_message_bytes: int,
     timeout_s: float,
     serving: bool = True,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> GrpcServerHandle:
     """Start the ``breastscan.v1.BreastScan`` gRPC server (with health and reflection).
 
@@ -419,6 +457,8 @@ def start_grpc_server(
             ``H * W * C * itemsize`` of the largest raw array accepted.
         timeout_s: longest time one RPC waits for the engine (``DEADLINE_EXCEEDED`` after).
         serving: the initial health status.
+        interceptors: server interceptors, e.g. API-key authentication
+            (:func:`breastscan.serving.auth.grpc_interceptor`).
 
     Returns:
         The started server's handle.
@@ -438,7 +478,7 @@ def start_grpc_server(
         ("grpc.max_send_message_length", -1),  # answers carry PNGs at the image's own size
         ("grpc.so_reuseport", 1),  # several worker processes may share the port
     ]
-    server = grpc.server(executor, options=options)
+    server = grpc.server(executor, options=options, interceptors=[*interceptors, DecodeGuard()])
     pb_grpc.add_BreastScanServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -118,19 +118,22 @@ def _round(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 2)
 
 
-def serve_command(http_port: int, target: str = SERVICE_TARGET) -> list[str]:
-    """The ``bentoml serve`` command line of this Python's environment, on 127.0.0.1.
+def serve_command(http_port: int, target: str = SERVICE_TARGET,
+                  python: str | Path | None = None) -> list[str]:
+    """The ``bentoml serve`` command line of a Python environment, on 127.0.0.1.
 
     Args:
         http_port: the HTTP port.
         target: what to serve: the service (default) or a built Bento's tag.
+        python: the environment's interpreter (default: this one, ``sys.executable``).
 
     Returns:
-        The argv: the ``bentoml`` script next to ``sys.executable`` when there is one,
-        else ``python -m bentoml``.
+        The argv: the ``bentoml`` script next to the interpreter when there is one, else
+        ``python -m bentoml``.
     """
-    script = Path(sys.executable).parent / "bentoml"
-    head = [str(script)] if script.is_file() else [sys.executable, "-m", "bentoml"]
+    python = str(python or sys.executable)
+    script = Path(python).parent / "bentoml"
+    head = [str(script)] if script.is_file() else [python, "-m", "bentoml"]
     return [*head, "serve", target, "--host", HOST, "--port", str(http_port)]
 
 
@@ -144,6 +147,7 @@ def launch_service(
     target: str = SERVICE_TARGET,
     cwd: Path = PROJECT_ROOT,
     timeout_s: float = START_TIMEOUT_S,
+    python: str | Path | None = None,
 ) -> LaunchedService:
     """Start ``bentoml serve`` on 127.0.0.1 and wait until HTTP and gRPC both serve.
 
@@ -158,6 +162,8 @@ def launch_service(
         target: what to serve: the service (default) or a built Bento's tag.
         cwd: the directory it runs in (the checkout holding ``services/``).
         timeout_s: how long to wait for ``/readyz`` 200 and gRPC ``SERVING``.
+        python: the interpreter of the environment to serve from (default: this one; e.g.
+            a fresh venv holding only a Bento's declared requirements).
 
     Returns:
         The running service, its workers found and its cold start recorded.
@@ -172,8 +178,8 @@ def launch_service(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as handle:
         started = time.perf_counter()
-        process = subprocess.Popen(serve_command(http_port, target), cwd=cwd, env=full_env, stdout=handle,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(serve_command(http_port, target, python), cwd=cwd, env=full_env,
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     service = LaunchedService(process, f"http://{HOST}:{http_port}", f"{HOST}:{grpc_port}", log_path,
                               full_env, started)
     log.info("started %s (pid %d, HTTP %s, gRPC %s, log %s)", target, process.pid, service.http_url,

@@ -42,7 +42,7 @@ from breastscan.imaging.preprocessing import (
     decode_image,
     is_dicom,
 )
-from breastscan.labels import MODALITIES
+from breastscan.labels import DICOM_MODALITY_CODES, MODALITIES
 from breastscan.registry.bundle import ModelContract, prepare_batch
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,16 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "unknown_model": "no model of that name is served",
     "unknown_modality": "no model is served for that modality, or the modality is not given",
     "bad_roi": "the region of interest is not x,y,w,h inside the image",
+    "wrong_modality": "the DICOM header names a modality the model was not trained on",
+    "malformed_request": "the body does not parse (JSON, or multipart without a boundary / cut short)",
+    "unsupported_media_type": "the Content-Type is neither multipart/form-data nor application/json",
+    "unknown_field": "a field the endpoint does not declare",
+    "missing_field": "a required field is missing",
+    "bad_field": "a field sent twice, as the wrong kind (file vs text), not UTF-8, or of the wrong type",
+    "not_found": "no such route",
+    "method_not_allowed": "the route does not take that HTTP method",
+    "bad_request": "any other request the service refuses",
+    "unauthorized": "no API key, or not a valid one (when authentication is on)",
 }
 """Every :attr:`InputError.code`, with what it means (for API documentation)."""
 
@@ -116,18 +126,22 @@ def decode_upload(
     *,
     max_bytes: int,
     spec: PreprocessSpec | None = None,
+    modality: str | None = None,
 ) -> np.ndarray:
     """Decode an uploaded image file (PNG, JPEG, PGM, TIFF, BMP, DICOM; 8/16-bit; gray/RGB/RGBA).
 
     Sizes are checked before pixels are decoded: the byte count first, then the width and
     height from the file's header (for DICOM from Rows/Columns), so a decompression bomb is
-    refused without allocating it.
+    refused without allocating it. A DICOM header's Modality must be ``modality`` when one
+    is asked for (a file without the tag passes: nothing says it is wrong).
 
     Args:
         data: the file's bytes.
         max_bytes: largest accepted upload in bytes.
         spec: the preprocessing spec whose ``min_side``/``max_side`` apply (default: the
             defaults of :class:`PreprocessSpec`).
+        modality: the modality the image must be (``mammography``, ``ultrasound``), checked
+            against a DICOM header's Modality (0008,0060); ``None`` checks nothing.
 
     Returns:
         ``(H, W)`` float32 gray in [0, 1] at the file's own size (see
@@ -136,8 +150,8 @@ def decode_upload(
 
     Raises:
         InputError: ``empty``, ``too_large``, ``too_small``, ``not_an_image``,
-            ``truncated``, ``corrupt``, ``unsupported``, ``no_pixel_data``, ``not_finite``
-            or ``bad_shape``.
+            ``truncated``, ``corrupt``, ``unsupported``, ``no_pixel_data``, ``not_finite``,
+            ``bad_shape`` or ``wrong_modality``.
     """
     spec = spec or PreprocessSpec()
     raw = bytes(data)
@@ -153,17 +167,19 @@ def decode_upload(
         raise InputError("truncated", "truncated JPEG: the end-of-image marker is missing")
     try:
         if is_dicom(raw):
-            _check_dicom_size(raw, spec)
+            _check_dicom_header(raw, spec, modality)
         return decode_image(raw, min_side=spec.min_side, max_side=spec.max_side)
     except ImageDecodeError as exc:
         raise InputError(_decode_code(str(exc)), str(exc)) from None
 
 
-def _check_dicom_size(raw: bytes, spec: PreprocessSpec) -> None:
-    """Check Rows/Columns from the DICOM header before its pixel data is decoded."""
+def _check_dicom_header(raw: bytes, spec: PreprocessSpec, modality: str | None) -> None:
+    """Check the Modality and Rows/Columns of a DICOM header before its pixel data is decoded."""
     from breastscan.imaging.dicom import load_dataset
 
     header = load_dataset(raw, stop_before_pixels=True)
+    if modality is not None:
+        check_modality(str(header.get("Modality", "") or ""), modality)
     rows, cols = header.get("Rows"), header.get("Columns")
     if rows is None or cols is None:
         return  # no image attributes: decoding says what is missing
@@ -172,6 +188,24 @@ def _check_dicom_size(raw: bytes, spec: PreprocessSpec) -> None:
     except (TypeError, ValueError):
         raise ImageDecodeError("corrupt DICOM image attributes (Rows/Columns)") from None
     _check_side(height, width, spec)
+
+
+def check_modality(code: str, modality: str) -> None:
+    """Refuse an image whose DICOM Modality code is not the one a model was trained on.
+
+    Args:
+        code: the header's Modality (0008,0060), e.g. ``MG``, ``US``, ``CT``; empty when
+            the header has none (accepted: nothing says the image is wrong).
+        modality: the model's modality (``mammography``, ``ultrasound``).
+
+    Raises:
+        InputError: ``wrong_modality`` naming both.
+    """
+    code = code.strip().upper()
+    if code and DICOM_MODALITY_CODES.get(code) != modality:
+        wanted = ", ".join(c for c, name in DICOM_MODALITY_CODES.items() if name == modality) or modality
+        raise InputError("wrong_modality", f"the DICOM header says Modality {code[:16]!r}; the model is "
+                                           f"for {modality} ({wanted})")
 
 
 def _decode_code(message: str) -> str:

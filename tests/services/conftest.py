@@ -11,6 +11,7 @@ the benchmark's starter too). One server serves the whole session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from breastscan.processes import free_port
 from breastscan.serving.launch import SERVICE_TARGET, LaunchedService, launch_service
@@ -123,6 +125,30 @@ def start_service(root: Path, env: dict[str, str], *, http_port: int, grpc_port:
     launched = launch_service(env, root / log_name, http_port=http_port, grpc_port=grpc_port,
                               target=target, cwd=REPO, timeout_s=START_TIMEOUT_S)
     return Served(launched, root)
+
+
+@contextlib.contextmanager
+def variant_service(served_project: tuple[Path, dict[str, str]], name: str, changes: dict[str, Any],
+                    env: dict[str, str] | None = None) -> Iterator[Served]:
+    """Another service over the session's models, with ``services/serving.yaml`` changed.
+
+    Args:
+        served_project: the ``served_project`` fixture's value.
+        name: names its config (``serving-<name>.yaml``) and log (``serve-<name>.log``).
+        changes: top-level config keys replaced (e.g. ``{"batching": {...}}``).
+        env: the service's environment (default: the project's).
+    """
+    root, project_env = served_project
+    config = yaml.safe_load((REPO / "services" / "serving.yaml").read_text())
+    config.update(changes)
+    path = root / f"serving-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    served = start_service(root, {**(env or project_env), "BREASTSCAN_SERVING_CONFIG": str(path)},
+                           http_port=free_port(), grpc_port=free_port(), log_name=f"serve-{name}.log")
+    try:
+        yield served
+    finally:
+        stop_service(served)
 
 
 def stop_service(served: Served) -> None:

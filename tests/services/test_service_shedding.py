@@ -15,13 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from breastscan.processes import free_port
 from breastscan.serving.batching import OVERLOADED_MESSAGE
 from breastscan.serving.client import GRPCClient, ServiceError
 from tests.services import images
-from tests.services.conftest import REPO, Served, start_service, stop_service
+from tests.services.conftest import Served, variant_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
@@ -30,17 +28,9 @@ US = images.png(images.ultrasound(3))
 
 @pytest.fixture(scope="module")
 def shedding(served_project: tuple[Path, dict[str, str]]) -> Iterator[Served]:
-    root, env = served_project
-    config = yaml.safe_load((REPO / "services" / "serving.yaml").read_text())
-    config["batching"] = {"enabled": False, "max_batch_size": 32, "max_latency_ms": 1}
-    path = root / "serving-shedding.yaml"
-    path.write_text(yaml.safe_dump(config))
-    served = start_service(root, {**env, "BREASTSCAN_SERVING_CONFIG": str(path)}, http_port=free_port(),
-                           grpc_port=free_port(), log_name="serve-shedding.log")
-    try:
+    batching = {"enabled": False, "max_batch_size": 32, "max_latency_ms": 1}
+    with variant_service(served_project, "shedding", {"batching": batching}) as served:
         yield served
-    finally:
-        stop_service(served)
 
 
 def test_a_burst_past_the_latency_bound_is_shed_over_http(shedding: Served) -> None:

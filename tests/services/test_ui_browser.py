@@ -8,12 +8,14 @@ service's (loopback) for anything: no CDN, no framework download.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,7 +27,11 @@ from tests.services.conftest import Served
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
 # Debian's Chromium (Playwright's own browsers cannot be downloaded here); BREASTSCAN_CHROMIUM names another.
-CHROMIUM = Path(os.environ.get("BREASTSCAN_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("BREASTSCAN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
+# Set by `make test` (its BROWSER variable): "require", a missing browser fails the tests
+# (`make test` installs it first); "skip", they are skipped. Unset (a plain pytest run): skipped
+# when the browser is missing, with the reason, except under CI (fail).
+BROWSER_TESTS = os.environ.get("BREASTSCAN_BROWSER_TESTS", "")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -41,6 +47,24 @@ CLASSIFIERS = ("density", "tumor")
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _chromium_present() -> None:
+    """Skip, or fail (see BROWSER_TESTS), without a browser.
+
+    Session-scoped (autouse, this module only) so that it runs before the session's service
+    is started for nothing.
+    """
+    if BROWSER_TESTS == "skip":
+        pytest.skip("web UI NOT tested in a browser: skipped on purpose (make test BROWSER=skip)")
+    if not CHROMIUM.exists():
+        reason = (f"{CHROMIUM} is missing: the UI tests need Debian's chromium (as root: apt-get "
+                  f"install --no-install-recommends chromium; `make test` installs it) or "
+                  f"BREASTSCAN_CHROMIUM naming another")
+        if BROWSER_TESTS == "require" or os.environ.get("CI"):
+            pytest.fail(f"{reason}; `make test BROWSER=skip` to skip these tests", pytrace=False)
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (Debian's: Playwright's own browsers cannot be downloaded here).
@@ -48,11 +72,6 @@ def browser() -> Iterator[Any]:
     Module-scoped on purpose: Playwright's sync API keeps an event loop marked as running on
     the main thread while it is open, which would break ``asyncio.run`` in later test modules.
     """
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing: the UI tests need Debian's chromium (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -72,6 +91,13 @@ class UI:
     console_errors: list[str] = field(default_factory=list)
     foreign_requests: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+
+    def record(self, request: Any) -> None:
+        """Note a request the page made (and whether it left this machine)."""
+        url = urlsplit(request.url)
+        self.requests.append(f"{request.method} {url.path}")
+        if url.scheme not in LOCAL_SCHEMES and url.hostname not in LOOPBACK_HOSTS:
+            self.foreign_requests.append(request.url)
 
     def open(self) -> None:
         """Load ``/ui/`` and wait for the models table."""
@@ -106,31 +132,30 @@ class UI:
         assert self.foreign_requests == [], f"requests off this machine: {self.foreign_requests}"
 
 
-@pytest.fixture
-def ui(browser: Any, service: Served) -> Iterator[UI]:
+_U = TypeVar("_U", bound="UI")
+
+
+@contextlib.contextmanager
+def open_page(browser: Any, make: Callable[[Any], _U]) -> Iterator[_U]:
     """A page in a fresh browser context, 1280x900, its console and requests recorded."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    handle = UI(page, service)
-
-    def on_console(message: Any) -> None:
-        if message.type == "error":
-            handle.console_errors.append(message.text)
-
-    def on_request(request: Any) -> None:
-        url = urlsplit(request.url)
-        handle.requests.append(f"{request.method} {url.path}")
-        if url.scheme not in LOCAL_SCHEMES and url.hostname not in LOOPBACK_HOSTS:
-            handle.foreign_requests.append(request.url)
-
-    page.on("console", on_console)
+    handle = make(page)
+    page.on("console", lambda m: handle.console_errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda exc: handle.console_errors.append(f"page error: {exc}"))
-    page.on("request", on_request)
+    page.on("request", handle.record)
     try:
         yield handle
     finally:
         context.close()
+
+
+@pytest.fixture
+def ui(browser: Any, service: Served) -> Iterator[UI]:
+    """A page on the session's service (:func:`open_page`)."""
+    with open_page(browser, lambda page: UI(page, service)) as handle:
+        yield handle
 
 
 def api_analyze(service: Served, path: Path, **fields: str) -> httpx.Response:
@@ -337,3 +362,72 @@ def test_an_api_error_is_shown_and_the_page_keeps_working(ui: UI, mammogram_file
     assert ui.card("tumor").is_visible() and ui.card("density").is_visible()
     ui.assert_clean(bad_requests_expected=True)
     assert sum(bool(HTTP_4XX_LOG.match(e)) for e in ui.console_errors) <= 2
+
+
+# --------------------------------------------------------------------------- API keys
+# The service with API keys required (tests.services.auth_server), shared with test_auth.py.
+
+pytest_plugins = ["tests.services.auth_server"]  # the auth_service fixture: one server a session
+
+NEEDS_KEY = "This service needs an API key: enter it above."
+
+
+@dataclass
+class KeyedUI(UI):
+    """A :class:`UI` that also records each request's path and ``X-API-Key`` (``None``: none)."""
+
+    sent_keys: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def record(self, request: Any) -> None:
+        """Note a request, and the key it carried."""
+        super().record(request)
+        self.sent_keys.append((urlsplit(request.url).path, request.headers.get("x-api-key")))
+
+
+@pytest.fixture
+def auth_ui(browser: Any, auth_service: Any) -> Iterator[KeyedUI]:
+    """A page on the service that requires API keys (:func:`open_page`)."""
+    with open_page(browser, lambda page: KeyedUI(page, auth_service.served)) as handle:
+        yield handle
+
+
+def test_the_page_asks_for_an_api_key_and_works_with_it(auth_ui: KeyedUI, auth_service: Any,
+                                                        mammogram_file: Path) -> None:
+    page, key = auth_ui.page, auth_service.file_key
+    page.goto(f"{auth_service.http_url}/ui/")
+    page.locator("#error:not([hidden])").wait_for()
+    assert page.locator("#error-message").inner_text() == NEEDS_KEY
+    assert "unauthorized" in page.locator("#error").inner_text()
+    assert NEEDS_KEY in page.locator("#models tbody").inner_text()
+    field = page.get_by_label("API key")  # shown once the service asked for a key
+    assert field.is_visible() and field.get_attribute("type") == "password"
+    assert field.input_value() == ""  # nothing prefilled
+
+    field.fill("not-a-key")  # a wrong key: refused, and said so
+    field.press("Enter")
+    page.wait_for_function("() => document.querySelector('#error-message').textContent"
+                           ".includes('not accepted')")
+    assert field.get_attribute("aria-invalid") == "true"
+
+    field.fill(key)
+    field.press("Enter")
+    page.locator("#models tbody tr[data-model]").first.wait_for()
+    names = sorted(r.get_attribute("data-model") for r in page.locator("#models tbody tr[data-model]").all())
+    assert names == ["density", "lesion", "tumor"]
+    assert page.locator("#error").is_hidden() and field.get_attribute("aria-invalid") is None
+    # kept for this tab only: sessionStorage, never localStorage or a cookie
+    assert page.evaluate("() => Object.values(sessionStorage)") == [key]
+    assert page.evaluate("() => localStorage.length") == 0 and page.evaluate("() => document.cookie") == ""
+
+    assert [k for p, k in auth_ui.sent_keys if p == "/models"] == [None, "not-a-key", key]
+    page.reload()  # the tab keeps the key: the page works at once
+    page.locator("#models tbody tr[data-model]").first.wait_for()
+    assert field.input_value() == key and page.locator("#error").is_hidden()
+
+    auth_ui.choose_file(mammogram_file)  # every call sends the key: /preview, /analyze
+    page.select_option("#modality", "mammography")
+    auth_ui.analyze()
+    assert page.locator("#error").is_hidden() and auth_ui.card("tumor").is_visible()
+    assert {k for p, k in auth_ui.sent_keys if p in ("/preview", "/analyze")} == {key}
+    auth_ui.assert_clean(bad_requests_expected=True)
+    assert sum(bool(HTTP_4XX_LOG.match(e)) for e in auth_ui.console_errors) == 2  # no key, the wrong key

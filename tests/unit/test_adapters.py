@@ -31,6 +31,20 @@ from tests.layouts import (
 )
 
 
+@pytest.fixture(autouse=True)
+def secret_salt(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The project's pseudonymisation secret, from the environment (no salt file is created)."""
+    salt = "unit-test-secret-salt-0123456789"
+    monkeypatch.setenv("BREASTSCAN_PSEUDONYM_SALT", salt)
+    return salt
+
+
+def test_dicom_without_a_salt_takes_the_projects_secret(tmp_path: Path, secret_salt: str) -> None:
+    df = convert_dicom(make_dicom_files(tmp_path / "src"), tmp_path / "out")
+    assert pseudonymize(FAKE_PATIENT_ID, secret_salt) in set(df["group"])
+    assert pseudonymize(FAKE_PATIENT_ID, "breastscan") not in set(df["group"])
+
+
 def _rect_mask(shape: tuple[int, int], rects: list[tuple[int, int, int, int]]) -> np.ndarray:
     out = np.zeros(shape, bool)
     for r0, r1, c0, c1 in rects:

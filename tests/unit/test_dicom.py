@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from breastscan.data.pseudonym_salt import SALT_ENV, SaltError, resolve_salt
 from breastscan.imaging.dicom import DicomImage, pseudonymize, read_dicom
 from breastscan.imaging.preprocessing import ImageDecodeError, decode_image
 from tests.layouts import MONO1_BRIGHT, make_dicom_files
@@ -139,3 +140,26 @@ def test_pseudonymize_is_deterministic_and_keyed() -> None:
         pseudonymize("", "salt")
     with pytest.raises(ValueError):
         pseudonymize("PID-1", "")
+
+
+def test_resolve_salt_order_and_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    default = tmp_path / "salts" / "pseudonym.salt"
+    monkeypatch.delenv(SALT_ENV, raising=False)
+    created = resolve_salt(default_file=default)  # created on first use, 0600, then reused
+    assert len(created) == 64 and default.stat().st_mode & 0o777 == 0o600
+    assert resolve_salt(default_file=default) == created
+    assert resolve_salt("an-explicit-salt-0001", default_file=default) == "an-explicit-salt-0001"
+    monkeypatch.setenv(SALT_ENV, "the-environment-salt-01")
+    assert resolve_salt("an-explicit-salt-0001", default_file=default) == "the-environment-salt-01"
+    assert resolve_salt(default_file=default) == "the-environment-salt-01"
+    monkeypatch.delenv(SALT_ENV)
+    for weak in ("breastscan", "fifteen-chars!!"):
+        with pytest.raises(SaltError, match="could reverse"):
+            resolve_salt(weak, default_file=default)
+        assert resolve_salt(weak, allow_public=True, default_file=default) == weak
+    assert resolve_salt(allow_public=True, default_file=default) == "breastscan"
+    with pytest.raises(SaltError, match="not both"):
+        resolve_salt("an-explicit-salt-0001", default, default_file=default)
+    default.write_text("\n")
+    with pytest.raises(SaltError, match="is empty"):
+        resolve_salt(default_file=default)

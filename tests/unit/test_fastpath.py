@@ -1,5 +1,7 @@
-"""The HTTP hot path (breastscan.serving.fastpath): what it answers itself, what it hands to the
-application unchanged (body replayed byte for byte), and the answers it gives."""
+"""The HTTP hot path (breastscan.serving.fastpath) behind the edge check
+(breastscan.serving.edge.RequestCheck), as the service stacks them: what it answers itself from
+the checked form, what it hands to the application unchanged (body replayed byte for byte),
+and the answers it gives. What the edge refuses is tested in test_edge.py."""
 
 from __future__ import annotations
 
@@ -12,8 +14,18 @@ from urllib3.filepost import encode_multipart_formdata
 
 from breastscan.serving import fastpath
 from breastscan.serving.batching import Overloaded
-from breastscan.serving.fastpath import HOT, ModelRoutes, answer, read_body
+from breastscan.serving.edge import FORM_STATE, RequestCheck, RouteSpec
+from breastscan.serving.fastpath import HOT, ModelRoutes, answer
+from breastscan.serving.http import read_body
 from breastscan.serving.requests import InputError
+
+
+def _route(path: str, *values: str, required: tuple[str, ...] = ("image",)) -> RouteSpec:
+    return RouteSpec(path, files=frozenset({"image"}), values=frozenset(values), required=frozenset(required))
+
+
+ROUTES = {"/tumor": _route("/tumor", "explain", "roi"), "/density": _route("/density", "explain", "roi"),
+          "/predict": _route("/predict", "model", "explain", "roi", required=("model", "image"))}
 
 
 class FakeEngine:
@@ -31,13 +43,15 @@ class FakeEngine:
 
 
 class App:
-    """The wrapped application: records the body it received."""
+    """The wrapped application: records the body (and the checked form) it received."""
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
+        self.forms: list[Any] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.bodies.append(await read_body(receive))
+        self.forms.append(scope.get("state", {}).get(FORM_STATE))
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b"app"})
 
@@ -45,13 +59,13 @@ class App:
 def call(fields: dict[str, Any] | None, *, path: str = "/tumor", method: str = "POST",
          content_type: str | None = None, body: bytes | None = None,
          chunks: int = 1) -> tuple[int, bytes, dict[str, str], App]:
-    """Send one request through ModelRoutes(App); ``(status, body, headers, app)``."""
+    """Send one request through RequestCheck(ModelRoutes(App)); ``(status, body, headers, app)``."""
     if fields is not None:
         body, ctype = encode_multipart_formdata(fields)
         content_type = content_type or ctype
     body = body or b""
     app = App()
-    routes = ModelRoutes(app, models=["tumor", "density"])
+    routes = RequestCheck(ModelRoutes(app, models=["tumor", "density"]), routes=ROUTES)
     headers = [(b"content-type", content_type.encode())] if content_type else []
     scope = {"type": "http", "method": method, "path": path, "headers": headers}
     size = max(1, len(body) // chunks + 1)
@@ -92,37 +106,65 @@ def test_an_upload_is_answered_on_the_hot_path(engine: FakeEngine) -> None:
 
 
 @pytest.mark.parametrize("fields", [
-    {"image": IMAGE, "comment": "x"},                   # a field the endpoint does not have
-    {"explain": "true"},                                # no image
-    {"image": IMAGE, "explain": "maybe"},               # a value BentoML reads its own way
+    {"image": IMAGE, "explain": "maybe"},               # values BentoML reads its own way
+    {"image": IMAGE, "explain": "yes"},
     {"image": IMAGE, "roi": "[1, 2, 3, 4]"},
-    {"image": "http://example.org/x.png"},              # a text part where the file belongs
+    {"image": IMAGE, "roi": '"1,2,3,4"'},               # how BentoML's own client sends a str
 ])
-def test_anything_else_goes_to_the_application_with_its_body_intact(engine: FakeEngine,
-                                                                    fields: dict[str, Any]) -> None:
+def test_values_bentoml_reads_its_own_way_go_to_the_application_intact(engine: FakeEngine,
+                                                                       fields: dict[str, Any]) -> None:
     sent, _ = encode_multipart_formdata(fields, boundary="b0undary")
     status, body, _, app = call(None, body=sent, content_type="multipart/form-data; boundary=b0undary",
                                 chunks=2)
     assert (status, body) == (299, b"app") and app.bodies == [sent] and engine.calls == []
+    assert app.forms[0] is not None and set(app.forms[0].parts) == set(fields)
 
 
-def test_duplicated_fields_and_malformed_bodies_go_to_the_application(engine: FakeEngine) -> None:
-    fields = [("image", IMAGE), ("image", IMAGE)]
-    sent, ctype = encode_multipart_formdata(fields)
-    assert call(None, body=sent, content_type=ctype)[0] == 299
-    assert call(None, body=b"--x\r\nnonsense", content_type="multipart/form-data; boundary=x")[0] == 299
-    assert engine.calls == []
-
-
-@pytest.mark.parametrize("kwargs", [
-    {"path": "/predict"}, {"path": "/lesion"}, {"method": "GET"},
-    {"content_type": "application/json"},
+@pytest.mark.parametrize(("fields", "content_type", "code"), [
+    ({"image": IMAGE, "comment": "x"}, None, "unknown_field"),
+    ({"explain": "true"}, None, "missing_field"),
+    ({"image": "http://example.org/x.png"}, None, "bad_field"),   # a text part where the file belongs
+    ([("image", IMAGE), ("image", IMAGE)], None, "bad_field"),
+    (b"--x\r\nnonsense", "multipart/form-data; boundary=x", "malformed_request"),
+    (b'{"explain": true}', "application/json", "missing_field"),
 ])
-def test_other_routes_methods_and_types_are_not_touched(engine: FakeEngine, kwargs: dict[str, Any]) -> None:
-    ctype = kwargs.pop("content_type", None)
-    fields = None if ctype else {"image": IMAGE}
-    status, _, _, _ = call(fields, content_type=ctype, body=b"{}" if ctype else None, **kwargs)
-    assert status == 299 and engine.calls == []
+def test_what_the_edge_refuses_reaches_neither_path(engine: FakeEngine, fields: Any, content_type: str | None,
+                                                    code: str) -> None:
+    if isinstance(fields, bytes):
+        status, body, _, app = call(None, body=fields, content_type=content_type)
+    else:
+        status, body, _, app = call(fields)
+    assert status == 400 and json.loads(body)["code"] == code
+    assert app.bodies == [] and engine.calls == []
+
+
+@pytest.mark.parametrize("kwargs", [{"path": "/predict"}, {"path": "/lesion"}, {"method": "GET"}])
+def test_other_routes_and_methods_are_not_touched(engine: FakeEngine, kwargs: dict[str, Any]) -> None:
+    fields = {"image": IMAGE, "model": "tumor"} if kwargs.get("path") == "/predict" else {"image": IMAGE}
+    sent, ctype = encode_multipart_formdata(fields)
+    status, _, _, app = call(None, body=sent, content_type=ctype, **kwargs)
+    assert status == 299 and engine.calls == [] and app.bodies == [sent]
+
+
+@pytest.mark.parametrize("state", [{}, {FORM_STATE: None}])
+def test_without_a_checked_form_requests_go_to_the_application(engine: FakeEngine,
+                                                               state: dict[str, Any]) -> None:
+    """ModelRoutes only reads what RequestCheck has parsed: a JSON body, or no RequestCheck outside."""
+    sent, ctype = encode_multipart_formdata({"image": IMAGE})
+    app = App()
+    scope = {"type": "http", "method": "POST", "path": "/tumor", "state": state,
+             "headers": [(b"content-type", ctype.encode())]}
+    messages = [{"type": "http.request", "body": sent, "more_body": False}]
+    replies: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        replies.append(message)
+
+    asyncio.run(ModelRoutes(app, models=["tumor"])(scope, receive, send))
+    assert replies[0]["status"] == 299 and app.bodies == [sent] and engine.calls == []
 
 
 def test_before_the_models_are_loaded_requests_go_to_the_application() -> None:

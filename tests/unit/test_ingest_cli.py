@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from breastscan.cli import main
-from tests.layouts import make_busi_layout, make_dicom_files, make_mias_layout
+from breastscan.data.pseudonym_salt import SALT_ENV
+from breastscan.imaging.dicom import pseudonymize
+from tests.layouts import FAKE_PATIENT_ID, make_busi_layout, make_dicom_files, make_mias_layout
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +27,15 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+TEST_SALT = "0123456789abcdef-test-salt"
+
+
+@pytest.fixture(autouse=True)
+def _secret_salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strong salt in the environment, so that no test creates a salt file in the checkout."""
+    monkeypatch.setenv(SALT_ENV, TEST_SALT)
 
 
 def _ingest(*args: str | Path) -> Result:
@@ -182,3 +193,77 @@ def test_good_layout_converts(tmp_path: Path) -> None:
     result = _ingest("--format", "busi", make_busi_layout(tmp_path / "src"), tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"{tmp_path / 'out'}/manifest.csv: 7 rows"
+
+
+# --------------------------------------------------------------------------- the DICOM salt
+
+
+def _dicom_groups(out: Path) -> set[str]:
+    return set(pd.read_csv(out / "manifest.csv")["group"])
+
+
+@pytest.mark.parametrize("salt", ["breastscan", "short-salt"])
+def test_public_or_short_salt_is_refused(salt: str, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SALT_ENV)
+    line = _one_error_line(_ingest("--format", "dicom", make_dicom_files(tmp_path / "src"),
+                                   tmp_path / "out", "--salt", salt))
+    assert "could reverse the group ids" in line and "--allow-public-salt" in line
+    assert ("public default" if salt == "breastscan" else "shorter than 16") in line
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_env_salt_wins(tmp_path: Path) -> None:
+    result = _ingest("--format", "dicom", make_dicom_files(tmp_path / "src"), tmp_path / "out",
+                     "--salt", "another-salt-of-enough-length")
+    assert result.exit_code == 0, result.output
+    assert pseudonymize(FAKE_PATIENT_ID, TEST_SALT) in _dicom_groups(tmp_path / "out")
+    assert "is set: it is used" in result.stderr
+    assert TEST_SALT not in result.output
+
+
+def test_salt_file_created_0600_on_first_use_and_reused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SALT_ENV)
+    monkeypatch.chdir(tmp_path)
+    src = make_dicom_files(tmp_path / "src")
+    first = _ingest("--format", "dicom", src, tmp_path / "out1")
+    assert first.exit_code == 0, first.output
+    salt_file = tmp_path / ".breastscan" / "pseudonym.salt"
+    assert salt_file.stat().st_mode & 0o777 == 0o600
+    salt = salt_file.read_text().strip()
+    assert len(salt) == 64
+    assert "created a new pseudonymisation salt" in first.stderr and "back it up" in first.stderr
+    assert salt not in first.output
+    assert pseudonymize(FAKE_PATIENT_ID, salt) in _dicom_groups(tmp_path / "out1")
+
+    second = _ingest("--format", "dicom", src, tmp_path / "out2")
+    assert second.exit_code == 0, second.output
+    assert "pseudonym_salt" not in second.stderr
+    assert salt_file.read_text().strip() == salt
+    assert _dicom_groups(tmp_path / "out2") == _dicom_groups(tmp_path / "out1")
+
+
+def test_salt_file_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SALT_ENV)
+    src = make_dicom_files(tmp_path / "src")
+    line = _one_error_line(_ingest("--format", "dicom", src, tmp_path / "out",
+                                   "--salt-file", tmp_path / "missing.salt"))
+    assert "missing.salt not found" in line
+    (tmp_path / "mine.salt").write_text("a-salt-kept-elsewhere-0001\n")
+    result = _ingest("--format", "dicom", src, tmp_path / "out", "--salt-file", tmp_path / "mine.salt")
+    assert result.exit_code == 0, result.output
+    assert pseudonymize(FAKE_PATIENT_ID, "a-salt-kept-elsewhere-0001") in _dicom_groups(tmp_path / "out")
+
+
+def test_allow_public_salt_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SALT_ENV)
+    monkeypatch.chdir(tmp_path)
+    result = _ingest("--format", "dicom", make_dicom_files(tmp_path / "src"), tmp_path / "out",
+                     "--allow-public-salt")
+    assert result.exit_code == 0, result.output
+    assert pseudonymize(FAKE_PATIENT_ID, "breastscan") in _dicom_groups(tmp_path / "out")
+    warnings = [line for line in result.stderr.splitlines() if "pseudonym_salt" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], result.stderr
+    assert "public default salt" in warnings[0] and "reversible" in warnings[0]
+    assert not (tmp_path / ".breastscan").exists()

@@ -25,6 +25,7 @@ from breastscan.serving.engine import ImageInput, local_engine
 from breastscan.serving.requests import (
     INPUT_ERROR_CODES,
     InputError,
+    check_modality,
     decode_upload,
     finish_predictions,
     lesion_bbox,
@@ -202,13 +203,44 @@ def test_compressed_dicom_without_decoder_is_unsupported() -> None:
     assert _code(decode_upload, buf.getvalue(), max_bytes=MAX_BYTES) == "unsupported"
 
 
+def test_a_dicom_of_another_modality_is_refused() -> None:
+    pixels = np.tile(np.arange(48) * 80, (32, 1))
+    mammogram, ct = images.dicom(pixels, modality="MG"), images.dicom(pixels, modality="CT")
+    assert decode_upload(mammogram, max_bytes=MAX_BYTES, modality="mammography").shape == (32, 48)
+    assert decode_upload(mammogram, max_bytes=MAX_BYTES).shape == (32, 48)  # nothing asked: nothing checked
+    for data, modality, named in [(mammogram, "ultrasound", "'MG'"), (ct, "mammography", "'CT'")]:
+        with pytest.raises(InputError) as info:
+            decode_upload(data, max_bytes=MAX_BYTES, modality=modality)
+        assert info.value.code == "wrong_modality"
+        assert named in info.value.message and modality in info.value.message
+    # no Modality in the header, or not a DICOM at all: nothing says it is wrong
+    untagged = images.dicom(pixels, modality="")
+    assert decode_upload(untagged, max_bytes=MAX_BYTES, modality="ultrasound").shape == (32, 48)
+    png = _png(_mammogram(0, 64, 48))
+    assert decode_upload(png, max_bytes=MAX_BYTES, modality="ultrasound").shape == (64, 48)
+
+
+def test_check_modality() -> None:
+    check_modality("MG", "mammography")
+    check_modality(" us ", "ultrasound")
+    check_modality("", "mammography")
+    for code, modality in [("US", "mammography"), ("MG", "ultrasound"), ("CT", "mammography"),
+                           ("MG", "xray")]:
+        with pytest.raises(InputError) as info:
+            check_modality(code, modality)
+        assert info.value.code == "wrong_modality" and repr(code) in info.value.message
+    with pytest.raises(InputError, match=r"for ultrasound \(US\)"):
+        check_modality("MG", "ultrasound")
+
+
 def test_input_error_codes_are_closed() -> None:
     err = InputError("empty", "nothing")
     assert isinstance(err, ValueError) and err.to_dict() == {"code": "empty", "message": "nothing"}
     with pytest.raises(ValueError, match="unknown input error code"):
         InputError("oops", "no such code")
     assert {"empty", "not_an_image", "truncated", "too_small", "too_large", "bad_shape", "bad_dtype",
-            "not_finite", "no_pixel_data", "unknown_model"} <= set(INPUT_ERROR_CODES)
+            "not_finite", "no_pixel_data", "unknown_model", "wrong_modality", "malformed_request",
+            "unsupported_media_type", "unknown_field", "missing_field", "bad_field"} <= set(INPUT_ERROR_CODES)
 
 
 # --------------------------------------------------------------------------- validate_array

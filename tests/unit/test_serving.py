@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from breastscan.serving.config import load_serving_config, parse_serving_config
-from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, parse_roi
+from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, dicom_modality_code, parse_roi
 from breastscan.serving.http import RequestGuard
 from breastscan.serving.launch import LaunchedService, ServiceStartError, serve_command, wait_until_serving
 from breastscan.serving.requests import InputError
@@ -80,7 +80,7 @@ def test_config_file_must_be_a_mapping(tmp_path: Path) -> None:
 
 
 async def _echo(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-    from breastscan.serving.fastpath import read_body
+    from breastscan.serving.http import read_body
 
     body = await read_body(receive)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
@@ -220,6 +220,42 @@ def test_engine_answers_at_the_original_size_with_registry_facts() -> None:
     assert ("lesion", (1, 32, 24, 1)) in calls and all(shape[0] == 1 for _, shape in calls)
     described = engine.describe()
     assert [m["name"] for m in described] == ["density", "lesion", "tumor"]
+
+
+def test_dicom_modality_code_reads_the_header() -> None:
+    pixels = images.ultrasound(1).astype(np.uint16)
+    assert dicom_modality_code(images.dicom(pixels, modality="US")) == "US"
+    assert dicom_modality_code(images.dicom(pixels, modality="CT")) == "CT"
+    assert dicom_modality_code(images.dicom(pixels, modality="")) == ""
+    assert dicom_modality_code(images.png(images.mammogram(1))) == ""
+    assert dicom_modality_code(b"\0" * 128 + b"DICM" + b"\xff" * 20) == ""  # does not parse
+
+
+def test_engine_refuses_a_dicom_of_another_modality_before_calling_a_model() -> None:
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    engine = _engine(calls)
+    us = images.dicom(images.ultrasound(1).astype(np.uint16), modality="US")
+    mg = images.dicom(images.mammogram(1).astype(np.uint16), modality="MG")
+    ct = images.dicom(images.mammogram(1).astype(np.uint16), modality="CT")
+    for call, named in [
+        (engine.predict("tumor", ImageInput(data=us)), "'US'"),          # a mammography model
+        (engine.predict("lesion", ImageInput(data=mg)), "'MG'"),         # an ultrasound model
+        (engine.predict("density", ImageInput(data=ct)), "'CT'"),
+        (engine.analyze(ImageInput(data=ct)), "'CT'"),                   # no model serves CT
+        (engine.analyze(ImageInput(data=us), modality="mammography"), "'US'"),  # header contradicts
+        (engine.analyze(ImageInput(data=mg), modality="Ultrasound"), "'MG'"),
+    ]:
+        with pytest.raises(InputError) as info:
+            asyncio.run(call)
+        assert info.value.code == "wrong_modality" and named in info.value.message
+    with pytest.raises(InputError, match="'US'.*mammography") as info:
+        engine.decode(ImageInput(data=us), "mammography")
+    assert calls == []
+    assert engine.decode(ImageInput(data=us), "ultrasound").shape == (112, 144)
+    assert engine.decode(ImageInput(data=us)).shape == (112, 144)  # no modality asked: not checked
+    mammo = asyncio.run(engine.analyze(ImageInput(data=mg)))  # the header says which models
+    assert mammo["modality"] == "mammography" and sorted(mammo["models"]) == ["density", "tumor"]
+    assert asyncio.run(engine.predict("lesion", ImageInput(data=us)))["model"] == "lesion"
 
 
 # --------------------------------------------------------------------------- launching a service

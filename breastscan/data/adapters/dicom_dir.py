@@ -282,7 +282,7 @@ def convert_dicom(
     out_dir: str | Path,
     *,
     labels_csv: str | Path | None = None,
-    salt: str = "breastscan",
+    salt: str | None = None,
     modality: str | None = None,
 ) -> pd.DataFrame:
     """Convert a folder of DICOM files into a dataset in the manifest contract.
@@ -294,7 +294,10 @@ def convert_dicom(
             ``source_dir``, or just its name) and any of ``density``, ``pathology``,
             ``mask`` (mask paths relative to the labels CSV's folder; referenced in place).
         salt: the HMAC key that turns PatientID into the ``group`` id
-            (:func:`breastscan.imaging.dicom.pseudonymize`).
+            (:func:`breastscan.imaging.dicom.pseudonymize`); ``None`` (the default) takes
+            the project's secret from :func:`breastscan.data.pseudonym_salt.resolve_salt`
+            (``$BREASTSCAN_PSEUDONYM_SALT``, else ``.breastscan/pseudonym.salt``, created on
+            first use); a public or short salt is refused there.
         modality: ``mammography`` or ``ultrasound`` for every file, overriding the
             Modality tag. Without it, files whose tag is neither MG nor US are skipped.
 
@@ -309,6 +312,10 @@ def convert_dicom(
         IngestError: an unknown ``modality`` or an empty ``salt``.
     """
     source_dir, out_dir = Path(source_dir), Path(out_dir)
+    if salt is None:
+        from breastscan.data.pseudonym_salt import resolve_salt
+
+        salt = resolve_salt()
     _check_arguments(source_dir, modality, salt)
     labels, exclude, labels_dir = _load_labels(labels_csv)
     conv = _Conversion(source_dir, out_dir, Path(os.path.abspath(out_dir)), salt, modality,

@@ -6,6 +6,11 @@
  *
  * The page lives at <service>/ui/, so the API is one level up ("../analyze"), which also
  * works behind a reverse proxy that serves the service under a path prefix.
+ *
+ * API key: when the service requires one, its first 401 answer shows the header's key field
+ * (hidden until then, or while no key is kept) and asks for the key, which is then sent as
+ * "X-API-Key" with every call. It is kept in sessionStorage (this tab, until it closes),
+ * never in localStorage or a cookie.
  */
 (function () {
   "use strict";
@@ -13,6 +18,9 @@
   const API_BASE = new URL("../", document.baseURI);
   const MIN_ROI_PX = 2;          // a drag smaller than this (image pixels) is a click
   const MAX_BACKING_PX = 4096;   // canvas backing store cap (huge mammograms)
+  const KEY_STORE = "breastscan.apiKey";  // sessionStorage only
+  const NEEDS_KEY = "This service needs an API key: enter it above.";
+  const WRONG_KEY = "This API key was not accepted: enter a valid one above.";
 
   const $ = (sel) => document.querySelector(sel);
   const els = {
@@ -21,7 +29,7 @@
     viewer: $("#viewer"), viewerEmpty: $("#viewer-empty"), canvas: $("#canvas"),
     imageInfo: $("#image-info"), roi: $("#roi"), clearRoi: $("#clear-roi"),
     error: $("#error"), errorMessage: $("#error-message"), results: $("#results"),
-    models: $("#models"),
+    models: $("#models"), keyForm: $("#key-form"), apiKey: $("#api-key"),
   };
 
   const state = {
@@ -34,6 +42,8 @@
     busy: 0,
     previewSeq: 0,
     analyzing: false,
+    modelsSeq: 0,
+    key: "",           // the API key in use (sent as X-API-Key when not empty)
   };
 
   // ------------------------------------------------------------------ helpers
@@ -94,6 +104,15 @@
   /** POST to an API endpoint; JSON (object) or multipart (FormData) body; JSON answer. */
   async function api(path, body) {
     const init = { method: "POST", headers: { Accept: "application/json" }, cache: "no-store" };
+    const key = state.key;
+    if (key) {
+      if (!/^[\x21-\x7e]+$/.test(key)) {
+        markKey(true);
+        throw new ApiError("The API key holds characters no key has (spaces, or letters outside ASCII): " +
+          "check it above.", 0, "unauthorized");
+      }
+      init.headers["X-API-Key"] = key;
+    }
     if (body instanceof FormData) {
       init.body = body;
     } else {
@@ -107,6 +126,10 @@
       throw new ApiError(`Could not reach the service (${exc.message || exc}).`, 0, "network");
     }
     const text = await resp.text();
+    if (resp.status === 401) {
+      markKey(true);
+      throw new ApiError(key ? WRONG_KEY : NEEDS_KEY, 401, "unauthorized");
+    }
     let data = null;
     try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
     if (!resp.ok) {
@@ -152,12 +175,58 @@
     els.results.replaceChildren(h("p", { class: "placeholder" }, text));
   }
 
+  // ------------------------------------------------------------------ API key
+
+  function storedKey() {
+    try { return sessionStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+  }
+
+  function storeKey(key) {
+    try {
+      if (key) sessionStorage.setItem(KEY_STORE, key);
+      else sessionStorage.removeItem(KEY_STORE);
+    } catch (_) { /* storage off: the key lasts as long as the page */ }
+  }
+
+  /** Flag the key field (refused or missing key), showing it, or clear the flag. */
+  function markKey(bad) {
+    if (!bad) {
+      els.apiKey.removeAttribute("aria-invalid");
+      return;
+    }
+    els.apiKey.setAttribute("aria-invalid", "true");
+    if (els.keyForm.hidden) {
+      els.keyForm.hidden = false;
+      if (document.activeElement === document.body) els.apiKey.focus();
+    }
+  }
+
+  /** Use the key now in the field: store it, and redo what a refused key left undone. */
+  function applyKey() {
+    const key = els.apiKey.value.trim();
+    if (key === state.key) return;
+    state.key = key;
+    storeKey(key);
+    markKey(false);
+    if (els.error.dataset.code === "unauthorized") hideError();
+    loadModels();
+    if (state.file && !state.preview && !state.busy) onFile(state.file);
+  }
+
+  els.keyForm.addEventListener("submit", (ev) => { ev.preventDefault(); applyKey(); });
+  els.apiKey.addEventListener("change", applyKey);
+
   // ------------------------------------------------------------------ models table
 
   async function loadModels() {
     const tbody = els.models.tBodies[0];
+    const seq = ++state.modelsSeq;
+    if (!tbody.querySelector("tr.loading")) {
+      tbody.replaceChildren(h("tr", { class: "loading" }, h("td", { colspan: 7 }, "Loading…")));
+    }
     try {
       const list = await api("models", {});
+      if (seq !== state.modelsSeq) return;
       state.models = {};
       const rows = list.map((m) => {
         state.models[m.name] = m;
@@ -173,6 +242,7 @@
       tbody.replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 7 }, "No models are served."))]));
       updateModalityHint();
     } catch (exc) {
+      if (seq !== state.modelsSeq) return;
       tbody.replaceChildren(h("tr", { class: "failed" },
         h("td", { colspan: 7 }, `Could not load the models: ${exc.message}`)));
       showError(exc);
@@ -624,6 +694,9 @@
   }
 
   // ------------------------------------------------------------------ start
+  state.key = storedKey();
+  els.apiKey.value = state.key;
+  els.keyForm.hidden = !state.key;
   updateModalityHint();
   updateButtons();
   loadModels();

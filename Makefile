@@ -50,7 +50,7 @@ demo: data  ## the main job: dvc repro on the demo data, then promote the models
 # The behavioural tests (tests/model) run against the production models the demo promotes.
 MODEL_URIS := $(foreach m,density tumor lesion,--model-uri models:/breastscan-$(m)@production)
 
-test: browser demo  ## the whole test suite, with the behavioural tests of the demo's production models
+test: browser postgres demo  ## the whole test suite, with the behavioural tests of the demo's production models
 	PATH=$(abspath $(BIN)):$$PATH BREASTSCAN_BROWSER_TESTS=$(BROWSER_MODE) \
 	  $(BIN)/python -m pytest --slow $(MODEL_URIS)
 
@@ -67,23 +67,35 @@ browser:  ## Debian's chromium for the web-UI test (apt-get when root; `make tes
 ifeq ($(BROWSER_MODE),skip)
 	@echo "*** BROWSER=skip: the web-UI browser tests (tests/services/test_ui_browser.py) will be SKIPPED ***" >&2
 else ifeq ($(BROWSER_MODE),require)
-	@if command -v "$(CHROMIUM_BIN)" >/dev/null 2>&1; then exit 0; fi; \
-	if [ -n "$(BREASTSCAN_CHROMIUM)" ]; then \
-	  echo "error: BREASTSCAN_CHROMIUM=$(BREASTSCAN_CHROMIUM) is not an executable browser" >&2; exit 1; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Debian's chromium for the web-UI test (apt-get install chromium)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends chromium >/dev/null && command -v chromium >/dev/null \
-	  || { echo "error: could not install Debian's package chromium (apt-get install chromium)" >&2; exit 1; }; \
-	else \
-	  echo "error: the web-UI test needs a chromium browser and none is installed. On Debian/Ubuntu:" >&2; \
-	  echo "    sudo apt-get install --no-install-recommends chromium" >&2; \
-	  echo "or name one: make test BREASTSCAN_CHROMIUM=/path/to/chromium;" \
-	       "or skip those tests: make test BROWSER=skip" >&2; \
-	  exit 1; \
-	fi
+	@if [ -n "$(BREASTSCAN_CHROMIUM)" ] && ! command -v "$(BREASTSCAN_CHROMIUM)" >/dev/null 2>&1; then \
+	  echo "error: BREASTSCAN_CHROMIUM=$(BREASTSCAN_CHROMIUM) is not an executable browser" >&2; exit 1; fi
+	@scripts/need-debian-package.sh chromium "the web-UI test" BREASTSCAN_CHROMIUM BROWSER \
+	  command -v "$(CHROMIUM_BIN)"
 else
 	$(error BROWSER must be require or skip, not '$(BROWSER_MODE)')
+endif
+
+# The test of a team's tracking server (tests/integration/test_mlflow_postgres.py) runs
+# `mlflow server` on a real PostgreSQL: Debian's postgresql, whose binaries (not on PATH, in
+# /usr/lib/postgresql/<major>/bin, or $BREASTSCAN_PG_BINDIR) the test setup starts itself
+# (initdb + pg_ctl in /tmp, unix socket only; no system service is used). Like chromium above:
+# `make test` installs it with apt-get when it is missing and make runs as root, else stops
+# saying what to install; under `make test` those tests then fail, never skip, without it.
+# `make test POSTGRES=skip` goes without: those tests are skipped, the reason in the summary.
+POSTGRES_MODE := $(if $(filter command line,$(origin POSTGRES)),$(POSTGRES),$(or $(filter require skip,$(POSTGRES)),require))
+test: export BREASTSCAN_POSTGRES_TESTS = $(POSTGRES_MODE)
+
+.PHONY: postgres
+postgres:  ## Debian's postgresql for the MLflow-on-PostgreSQL test (apt-get when root; `make test POSTGRES=skip`: none)
+ifeq ($(POSTGRES_MODE),skip)
+	@echo "*** POSTGRES=skip: the MLflow-on-PostgreSQL tests (tests/integration/test_mlflow_postgres.py) will be SKIPPED ***" >&2
+else ifeq ($(POSTGRES_MODE),require)
+	@scripts/need-debian-package.sh postgresql "the MLflow-on-PostgreSQL test" BREASTSCAN_PG_BINDIR POSTGRES \
+	  bash -c 'for d in "$(BREASTSCAN_PG_BINDIR)" /usr/lib/postgresql/*/bin; do \
+	    [ -n "$$d" ] && [ -x "$$d/initdb" ] && [ -x "$$d/pg_ctl" ] && exit 0; done; \
+	    command -v initdb && command -v pg_ctl'
+else
+	$(error POSTGRES must be require or skip, not '$(POSTGRES_MODE)')
 endif
 
 lint: $(STAMP)  ## ruff and mypy

@@ -562,3 +562,122 @@ def api_key_add(label: str, serving_config: Path, keys_file: Path | None) -> Non
     click.echo(f"stored {hash_key(key)[:15]}... for {label!r} in {target}"
                + ("" if config.auth.enabled else " (auth is off in the serving config: turn it on, "
                   "or set BREASTSCAN_AUTH=on)"), err=True)
+
+
+@main.command("predict")
+@click.argument("source", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", "model_ref", required=True, metavar="NAME[@STAGE|/VERSION]",
+              help="registered model: tumor, tumor@staging, tumor/3 [default stage: production]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="folder for predictions.csv, predictions.jsonl and errors.csv")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="images submitted and written together (the most per model call)")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="only the first N images of INPUT")
+@click.option("--dicom", "write_dicom", is_flag=True,
+              help="also write a DICOM SEG / SR per DICOM input, under OUT/dicom/")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar on stderr")
+def predict_command(source: Path, model_ref: str, out: Path, batch_size: int, limit: int | None,
+                    write_dicom: bool, progress: bool) -> None:
+    """Run a registered model over INPUT, in process, exactly as the service answers each file.
+
+    \b
+    INPUT: a folder of images (png, jpg, pgm, tif, dcm; recursive; files without an extension
+    are taken when they are DICOM, as in a study/series tree), a manifest CSV (its `image`
+    column), or a folder holding manifest.csv. Refused files are counted by code in
+    OUT/errors.csv. A rerun skips the images OUT already holds for that model version, so
+    an interrupted run (Ctrl-C) continues where it stopped.
+    """
+    from breastscan.registry import resolver, tracking
+    from breastscan.serving import batch
+
+    try:
+        resolver.parse_model_ref(model_ref)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    if write_dicom and not batch.dicom_results_available():
+        raise click.ClickException("--dicom needs breastscan.imaging.dicom_results (DICOM SEG/SR "
+                                   "writing), which this installation does not have")
+    try:
+        inputs = batch.find_inputs(source, exclude=out)
+    except batch.BatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not inputs:
+        raise click.ClickException(f"no image in {source}")
+    tracking.configure(Path.cwd())
+    try:
+        model = batch.load_model(model_ref)
+    except resolver.RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    engine = batch.batch_engine(model, batch_size)
+    served = engine.select(model.name)
+    hook = batch.DicomWriter(out, served) if write_dicom else None
+    try:
+        summary = batch.predict_files(engine, model.name, inputs, out, batch_size=batch_size,
+                                      limit=limit, progress=progress, dicom=hook)
+    except batch.BatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: the finished batches are in {out}; run the same command again "
+                   "to continue", err=True)
+        sys.exit(130)
+    stage = f"@{model.stage}" if model.stage else "(pinned)"
+    click.echo(f"{served.contract.name} v{model.version} {stage}: {summary.line()}")
+    click.echo(f"results: {out / batch.PREDICTIONS_CSV}, {batch.PREDICTIONS_JSONL}, {batch.ERRORS_CSV}")
+    if write_dicom:
+        click.echo(f"DICOM results: {summary.dicom_files} files under {out / 'dicom'}")
+
+
+def _monitored_bundle(model: str) -> Path:
+    """Where ``breastscan monitor`` finds a model's reference: the newest ``breastscan-<model>`` in
+    the BentoML store (what the service serves, calibrated), else ``artifacts/models/<model>``."""
+    try:
+        import bentoml
+
+        from breastscan.serving.store import store_name
+
+        return Path(bentoml.models.get(f"{store_name(model)}:latest").path)
+    except Exception as exc:  # noqa: BLE001 -- no store, or not imported: the pipeline's bundle
+        log.info("%s is not in the BentoML store (%s): using artifacts/models/%s", model, exc, model)
+        return Path("artifacts/models") / model
+
+
+@main.command("monitor")
+@click.option("--model", required=True, help="served model name (density, tumor, lesion ...)")
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="the service's record store [default: the serving config's monitoring.store]")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="newest records compared [default: the serving config's monitoring.window]")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="model bundle holding reference.json and contract.json [default: the "
+                                 "BentoML store's newest, else artifacts/models/MODEL]")
+@click.option("--serving-config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("services/serving.yaml"), show_default=True,
+              help="monitoring: store, window and drift thresholds")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="report directory: drift.json, drift.md and PNG plots")
+def monitor(model: str, store: Path | None, window: int | None, bundle_dir: Path | None,
+            serving_config: Path, out: Path) -> None:
+    """Compare the newest served requests of MODEL with its training reference (no labels needed).
+
+    \b
+    PSI of the intensity histogram, Kolmogorov-Smirnov of the scalar statistics (intensity
+    percentiles, texture, size, confidence, lesion fraction), chi-square of modality,
+    manufacturer and predicted class; thresholds from the config's monitoring.thresholds.
+    Exits 0 whether or not the window drifted (drift.json says); 1 when there is no
+    reference or no store.
+    """
+    import os
+
+    from breastscan.monitoring.report import monitor as run_monitor
+    from breastscan.serving.config import load_serving_config
+
+    cfg = load_serving_config(serving_config, dict(os.environ)).monitoring
+    bundle_dir = bundle_dir or _monitored_bundle(model)
+    try:
+        report, paths = run_monitor(model, bundle_dir, store or Path(cfg.store), out,
+                                    window=window or cfg.window, thresholds=cfg.thresholds)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    log.log(logging.WARNING if report.drift else logging.INFO, "%s", report.summary())
+    click.echo(f"report: {paths['json']}, {paths['markdown'].name} and "
+               f"{', '.join(paths[k].name for k in ('histogram', 'scalars', 'categories'))}")

@@ -3,7 +3,12 @@
 Reads ``artifacts/prepared/<dataset>/splits.csv`` (train and val rows), fits with early
 stopping on the validation loss, and writes the model bundle to
 ``artifacts/models/<model>/`` (``model.keras``, ``preprocess.json``, ``contract.json``,
-``run.json``) and the per-epoch curves to ``reports/models/<model>/history.csv``.
+``reference.json``, ``run.json``) and the per-epoch curves to ``reports/models/<model>/history.csv``.
+
+With ``distribution: multi_worker`` every node of the cluster runs this same command with
+its own ``TF_CONFIG``; only the chief (:func:`~breastscan.models.training.is_chief`) writes
+the bundle and the MLflow run. The other workers train in lock-step with it and save their
+copy to a temporary directory they delete (every worker must take part in saving).
 
 The MLflow run of the model starts here: params, per-epoch metrics, the GX validation
 result, the split artefact, and the git commit and DVC data hash as tags. Its id goes to
@@ -16,18 +21,41 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
+import numpy as np
+import pandas as pd
 
 from breastscan.data.loading import load_split
-from breastscan.models.training import get_strategy, train_model, write_history
+from breastscan.data.manifest import resolve
+from breastscan.imaging.preprocessing import decode_image
+from breastscan.models.training import get_strategy, is_chief, train_model, write_history
+from breastscan.monitoring.drift import DICOM_HEAD_BYTES, REFERENCE_LIMIT, dicom_facts, model_reference
 from breastscan.registry import tracking
+from breastscan.registry.bundle import ModelBundle
 from breastscan.registry.runs import RUN_FILE
 from pipelines._stage import model_dir, model_reports, parse, splits_csv, validation_report
 
 log = logging.getLogger("pipelines.train")
+
+
+def training_reference(bundle: ModelBundle, frame: pd.DataFrame, root: Path, modality: str) -> dict[str, Any]:
+    """The drift reference saved with the model (``reference.json``): statistics of up to
+    :data:`REFERENCE_LIMIT` training images (a seeded sample), as the service decodes them,
+    and the model's outputs on them (:func:`breastscan.monitoring.drift.model_reference`)."""
+    rows = frame if len(frame) <= REFERENCE_LIMIT else frame.sample(n=REFERENCE_LIMIT, random_state=0)
+    grays: list[np.ndarray] = []
+    headers: list[Any] = []
+    for image in rows["image"]:
+        path = resolve(root, str(image))
+        grays.append(decode_image(path, min_side=bundle.spec.min_side, max_side=bundle.spec.max_side))
+        with path.open("rb") as f:
+            headers.append(dicom_facts(f.read(DICOM_HEAD_BYTES))[1])
+    return model_reference(bundle, grays, modality=modality, headers=headers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     val = load_split(splits, dataset.path, cfg, "val")
     log.info("%s: %d training and %d validation images from %s", cfg.name, len(train.frame),
              len(val.frame), splits)
+    if cfg.distribution == "multi_worker" and not is_chief():
+        # A non-chief worker: the same steps as the chief, no MLflow run, its save discarded.
+        result = train_model(cfg, train, val, modality=dataset.modality, strategy=strategy)
+        with tempfile.TemporaryDirectory(prefix=f"breastscan-{cfg.name}-worker-") as scratch:
+            result.bundle.save(scratch)
+            log.info("%s: worker done (%d epochs); its copy of the bundle in %s is discarded, the chief "
+                     "saves and logs", cfg.name, result.epochs_run, scratch)
+        return 0
 
     project = Path.cwd()
     tags = {**tracking.run_tags(project, split=splits), "breastscan.model": cfg.name,
@@ -54,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     with tracking.start_training_run(cfg.name, project, params=params, tags=tags) as run:
         result = train_model(cfg, train, val, modality=dataset.modality, strategy=strategy,
                              callbacks=[tracking.MlflowEpochLogger()])
-        result.bundle.save(out_dir)
+        reference = training_reference(result.bundle, train.frame, Path(dataset.path), dataset.modality)
+        replace(result.bundle, reference=reference).save(out_dir)
         history_csv = write_history(result.history, reports / "history.csv")
         mlflow.log_artifact(str(history_csv), "training")
         mlflow.log_artifact(str(splits), "data")

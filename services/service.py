@@ -57,6 +57,16 @@ PREDICTIONS = bentoml.metrics.Counter(
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="breastscan_model_batch_size", documentation="Images per model call (adaptive batches)",
     labelnames=["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, float("inf")))
+DRIFT_SCORE = bentoml.metrics.Gauge(
+    name="breastscan_drift_score", documentation="Drift of the latest window of requests from the "
+    "model's training reference, per feature: PSI (histogram), KS D (scalars), Cramer's V (categories)",
+    labelnames=["model", "feature"])
+DRIFT_DETECTED = bentoml.metrics.Gauge(
+    name="breastscan_drift_detected", documentation="1 when the latest window of a model drifted "
+    "(monitoring.thresholds), else 0", labelnames=["model"])
+DRIFT_DROPPED = bentoml.metrics.Gauge(
+    name="breastscan_drift_records_dropped", documentation="Requests not recorded for drift "
+    "monitoring because its queue was full (this worker)", labelnames=["model"])
 
 
 def gpu_count() -> int:
@@ -180,6 +190,33 @@ def _count_batch(name: str, n: int) -> None:
     PREDICTIONS.labels(model=name).inc(n)
 
 
+def _publish_drift(report: Any, dropped: int) -> None:
+    """Set the drift gauges of one model from a scoring (on the recorder's thread)."""
+    DRIFT_DROPPED.labels(model=report.model).set(dropped)
+    if not report.enough_data:
+        return
+    for feature in report.features:
+        DRIFT_SCORE.labels(model=report.model, feature=feature.feature).set(feature.score)
+    DRIFT_DETECTED.labels(model=report.model).set(int(report.drift))
+
+
+def _recorder(bundles: dict[str, Any]) -> Any:
+    """The drift recorder of the served models (``None`` when ``monitoring.enabled`` is false)."""
+    monitoring = CONFIG.monitoring
+    if not monitoring.enabled:
+        return None
+    from breastscan.monitoring.drift import reference_records
+    from breastscan.monitoring.recorder import Recorder
+
+    references = {n: reference_records(b.reference, b.contract) for n, b in bundles.items() if b.reference}
+    if set(bundles) - set(references):
+        log.warning("no drift reference (reference.json) in %s: recorded, not scored",
+                    ", ".join(sorted(set(bundles) - set(references))))
+    return Recorder(monitoring.store, max_records=monitoring.max_records, window=monitoring.window,
+                    interval_s=monitoring.interval_s, queue_size=monitoring.queue_size,
+                    references=references, thresholds=monitoring.thresholds, on_report=_publish_drift).start()
+
+
 class _ServiceImpl:
     """HTTP and gRPC endpoints and the UI; every model runs in this worker, batched."""
 
@@ -197,7 +234,9 @@ class _ServiceImpl:
             served[name] = load_served(name, stored.path, dict(stored.info.labels or {}),
                                        source=str(stored.info.metadata.get("source", stored.tag)))
             bundle.predict(np.zeros((1, *bundle.contract.input_shape), np.float32))  # one trace, every size
-        self.engine = Engine(served, self._infer, self._explain, max_upload_bytes=CONFIG.max_upload_bytes)
+        self.recorder = _recorder(self.bundles)
+        self.engine = Engine(served, self._infer, self._explain, max_upload_bytes=CONFIG.max_upload_bytes,
+                             recorder=self.recorder)
         self.engine.batchers = model_batchers({n: b.predict for n, b in self.bundles.items()},
                                               CONFIG.batching_for, on_batch=_count_batch)
         HOT.engine, HOT.on_answer = self.engine, _count_request  # POST /<model> uploads: the hot path
@@ -259,6 +298,8 @@ class _ServiceImpl:
             self.grpc.stop(5)
         for batcher in self.engine.batchers.values():
             batcher.close()
+        if self.recorder is not None:
+            self.recorder.close()
 
     # ------------------------------------------------------------------ HTTP API
     @bentoml.api(route="/predict")
@@ -285,14 +326,17 @@ class _ServiceImpl:
 
     @bentoml.api(route="/analyze")
     async def analyze(self, image: Path, modality: str = "", explain: bool = False,
-                      roi: str = "") -> dict[str, Any]:
+                      roi: str = "", dicom: bool = False) -> dict[str, Any]:
         """Every model of the image's modality; for a mammogram also the 8-category view.
 
         ``modality`` (mammography, ultrasound) may be left empty for a DICOM file (MG/US).
+        ``dicom`` (a DICOM image, no roi) adds ``"dicom": {"sr", "seg": {model: ...}}``: a
+        Structured Report of every answer and a Segmentation per segmentation model, each a
+        base64 DICOM Part 10 file referencing the source image ("NOT FOR DIAGNOSTIC USE").
         """
         return await self._answer("analyze", lambda: self.engine.analyze(
             ImageInput(data=image.read_bytes(), roi=parse_roi(roi)), modality=modality or None,
-            explain=explain))
+            explain=explain, dicom=dicom))
 
     @bentoml.api(route="/preview")
     async def preview(self, image: Path) -> dict[str, Any]:

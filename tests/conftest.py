@@ -7,6 +7,7 @@ with the reason when it is absent.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests.model.plugin"]  # --model-uri: behavioural tests of trained models
+pytest_plugins = ["tests.model.plugin", "tests.postgres"]  # --model-uri; the `postgres` fixture
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -43,6 +44,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    """A CLI run by click's runner configures the root logger onto the runner's stream: undo that."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

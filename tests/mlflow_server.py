@@ -8,7 +8,8 @@ Usage::
         ...
 
 The server runs the installed MLflow (``python -m mlflow server``) with a SQLite backend
-(``<workdir>/mlflow.db``) and proxied artifacts (``--artifacts-destination
+(``<workdir>/mlflow.db``), or the database ``backend_store_uri`` names (PostgreSQL: see
+tests/postgres.py), and proxied artifacts (``--serve-artifacts --artifacts-destination
 <workdir>/artifacts``, so clients see ``mlflow-artifacts:/`` URIs and never touch the files
 directly), one worker, telemetry off. Its output goes to ``<workdir>/server.log``, which
 is quoted in the error when the server does not come up. On exit the whole process group
@@ -26,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from breastscan.processes import free_port, stop_process_group
 
@@ -60,13 +63,16 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
 
 
 @contextmanager
-def mlflow_server(workdir: Path, *, host: str = "127.0.0.1", timeout: float = 120.0) -> Iterator[str]:
+def mlflow_server(workdir: Path, *, host: str = "127.0.0.1", timeout: float = 120.0,
+                  backend_store_uri: str | None = None) -> Iterator[str]:
     """Run ``mlflow server`` for the duration of the block and yield its URI.
 
     Args:
         workdir: directory for the SQLite database, the artifacts and ``server.log``.
         host: interface to bind (loopback only).
         timeout: seconds to wait for ``/health``.
+        backend_store_uri: the tracking and registry store (default ``sqlite:///<workdir>/mlflow.db``),
+            e.g. ``postgresql+psycopg2://...`` (needs ``psycopg2``).
 
     Yields:
         ``http://<host>:<port>``.
@@ -81,8 +87,8 @@ def mlflow_server(workdir: Path, *, host: str = "127.0.0.1", timeout: float = 12
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--host", host, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
-        "--artifacts-destination", str((workdir / "artifacts").resolve()),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "--serve-artifacts", "--artifacts-destination", str((workdir / "artifacts").resolve()),
     ]
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -92,3 +98,20 @@ def mlflow_server(workdir: Path, *, host: str = "127.0.0.1", timeout: float = 12
         yield uri
     finally:
         _stop(proc)
+
+
+@contextmanager
+def tracking_against(uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This process tracks (and registers) against the server at ``uri``; undone afterwards."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        yield uri
+    finally:
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import hmac
 import io
 import logging
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,7 @@ def load_dataset(
     data, what = _open_bytes(source)
     if not data:
         raise ImageDecodeError(f"{what}: empty input, no bytes to decode")
+    _check_inflated_size(data, what)
     with warnings.catch_warnings():
         # pydicom warnings can quote element values (names, dates): keep them out of logs.
         warnings.simplefilter("ignore")
@@ -124,6 +126,44 @@ def load_dataset(
     return ds
 
 
+def _check_inflated_size(data: bytes, what: str) -> None:
+    """Refuse a Deflated Explicit VR file that inflates past :data:`_MAX_INFLATED_BYTES`.
+
+    pydicom inflates a deflated dataset in one piece (header only or not), so a small
+    upload could otherwise expand to many gigabytes before any size check runs.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    if DeflatedExplicitVRLittleEndian.encode("ascii") not in data[:4096]:
+        return
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:
+        return  # not a Part 10 file meta: dcmread decides what it is
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    begin, total, step = fp.tell(), 0, 1 << 20
+    try:
+        for start in range(begin, len(data), step):
+            chunk = data[start:start + step]
+            while chunk:
+                total += len(inflater.decompress(chunk, step))
+                if total > _MAX_INFLATED_BYTES:
+                    raise ImageDecodeError(
+                        f"{what}: Deflated Explicit VR Little Endian dataset inflates past "
+                        f"{_MAX_INFLATED_BYTES >> 20} MiB; refused (a deflate bomb?)"
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error:
+        raise ImageDecodeError(
+            f"{what}: corrupt DICOM file, its deflated dataset does not inflate"
+        ) from None
+
+
 def _ensure_transfer_syntax(ds: Dataset) -> None:
     """Give a bare dataset (no file meta) the transfer syntax it was actually read with."""
     from pydicom.dataset import FileMetaDataset
@@ -151,25 +191,126 @@ def _transfer_syntax(ds: Dataset) -> Any:
     return uid
 
 
+_MAX_INFLATED_BYTES = 1 << 30
+"""Largest inflated size of a Deflated Explicit VR dataset (a deflate bomb is refused)."""
+
+
+def _syntax_label(uid: Any) -> str:
+    name = str(getattr(uid, "name", "") or "")
+    return f"{name} ({uid})" if name and name != str(uid) else str(uid)
+
+
 def _check_decodable(ds: Dataset) -> None:
-    """Refuse a compressed transfer syntax for which no decoder plugin is installed."""
+    """Refuse a transfer syntax whose pixel data cannot be decoded here, naming it and why.
+
+    Refused: a UID that is not a known DICOM transfer syntax (private or unknown: its
+    encoding is undefined), a compressed syntax pydicom has no decoder for, one whose
+    decoder plugin (python-gdcm, pylibjpeg-openjpeg, pyjpegls) is not installed, and
+    12-bit JPEG Extended (:func:`_check_precision`). The messages contain "transfer
+    syntax", which the service answers as ``unsupported``.
+    """
     from pydicom.pixels import get_decoder
 
     uid = _transfer_syntax(ds)
-    if uid is None or not uid.is_compressed or "PixelData" not in ds:
+    if uid is None or "PixelData" not in ds:
+        return
+    if not uid.is_transfer_syntax:
+        kind = "private" if uid.is_private else "unknown"
+        raise ImageDecodeError(
+            f"transfer syntax {uid} is not supported: an {kind} transfer syntax, its pixel "
+            "encoding is not defined by the DICOM standard"
+        )
+    if not uid.is_compressed:
         return
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
         raise ImageDecodeError(
-            f"compressed transfer syntax {uid.name} ({uid}) is not supported: no decoder exists"
+            f"compressed transfer syntax {_syntax_label(uid)} is not supported: no decoder "
+            "exists for it"
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
         raise ImageDecodeError(
-            f"compressed transfer syntax {uid.name} ({uid}) has no decoder available "
+            f"compressed transfer syntax {_syntax_label(uid)} has no decoder available "
             f"(install one of: {missing})"
         )
+    _check_precision(ds, uid, decoder)
+    _check_codestream_size(ds, uid)
+
+
+def _check_precision(ds: Dataset, uid: Any, decoder: Any) -> None:
+    """Refuse 12-bit JPEG Extended (.4.51) without a decoder that reads it.
+
+    GDCM and Pillow (the permissively licensed plugins shipped) decode it only at 8 bits;
+    the one that reads 12-bit samples, pylibjpeg-libjpeg, is GPL-3.0 and not shipped.
+    """
+    from pydicom.uid import JPEGExtended12Bit
+
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if uid == JPEGExtended12Bit and bits > 8 and "pylibjpeg" not in decoder.available_plugins:
+        raise ImageDecodeError(
+            f"compressed transfer syntax {_syntax_label(uid)} with {bits}-bit samples has no decoder "
+            "available (only pylibjpeg-libjpeg reads it; it is GPL-3.0 and not shipped)"
+        )
+
+
+def _check_codestream_size(ds: Dataset, uid: Any) -> None:
+    """Refuse a first frame whose JPEG / JPEG-LS / JPEG 2000 header is larger than Rows/Columns.
+
+    The decoder plugins allocate what the codestream says, not what the DICOM header says:
+    without this check a small upload with honest Rows/Columns (checked by the service)
+    could carry a codestream that decodes to gigabytes.
+    """
+    from pydicom.encaps import generate_fragments
+    from pydicom.pixels.utils import _get_jpg_parameters
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    jpeg = uid in JPEGTransferSyntaxes or uid in JPEGLSTransferSyntaxes
+    if not (jpeg or uid in JPEG2000TransferSyntaxes):
+        return  # RLE: pydicom sizes the output from Rows/Columns itself
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+        # Skip the Basic Offset Table item (8-byte item header + its length); BytesIO
+        # shares the bytes, so a large PixelData is not copied.
+        stream = io.BytesIO(data)
+        stream.seek(8 + int.from_bytes(data[4:8], "little"))
+        first = next(generate_fragments(stream), b"")
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"corrupt encapsulated DICOM pixel data ({uid.name}): {type(exc).__name__}"
+        ) from None
+    if jpeg:
+        info = _get_jpg_parameters(first)
+        height, width = int(info.get("height", 0)), int(info.get("width", 0))
+    else:
+        height, width = _j2k_size(first)
+    if height > rows or width > cols:
+        raise ImageDecodeError(
+            f"corrupt DICOM pixel data ({uid.name}): the codestream is {width}x{height} "
+            f"pixels, the header says {cols}x{rows}"
+        )
+
+
+def _j2k_size(codestream: bytes) -> tuple[int, int]:
+    """``(height, width)`` of a JPEG 2000 codestream's image area, ``(0, 0)`` if unreadable."""
+    offset = 0
+    if codestream.startswith(b"\x00\x00\x00\x0cjP  "):  # JP2 file format: find jp2c
+        offset = 12
+        while offset + 8 <= len(codestream):
+            length = int.from_bytes(codestream[offset:offset + 4], "big")
+            if codestream[offset + 4:offset + 8] == b"jp2c":
+                offset += 8
+                break
+            if length < 8:
+                return 0, 0
+            offset += length
+    siz = codestream[offset:offset + 28]
+    if len(siz) < 28 or siz[0:4] != b"\xff\x4f\xff\x51":
+        return 0, 0
+    xsiz, ysiz, x0, y0 = (int.from_bytes(siz[i:i + 4], "big") for i in (8, 12, 16, 20))
+    return max(ysiz - y0, 0), max(xsiz - x0, 0)
 
 
 def _first_frame(ds: Dataset) -> np.ndarray:
@@ -322,9 +463,17 @@ def read_dicom(source: bytes | bytearray | memoryview | str | Path) -> DicomImag
         converted to gray, first frame of a multi-frame file.
 
     Raises:
-        ImageDecodeError: not DICOM or corrupt; "DICOM file has no pixel data"; compressed
-            transfer syntax without an installed decoder (the message names the syntax);
-            NaN/inf values.
+        ImageDecodeError: not DICOM or corrupt; "DICOM file has no pixel data"; a
+            transfer syntax that cannot be decoded here -- private/unknown, compressed
+            without a decoder in pydicom (MPEG, HEVC ...) or without its plugin installed
+            (the message names the syntax and says "transfer syntax"); a codestream larger
+            than Rows/Columns or a deflated dataset past ``_MAX_INFLATED_BYTES``
+            (corrupt); NaN/inf values.
+
+    Compressed syntaxes decoded (pydicom's pixel handlers with pylibjpeg-libjpeg,
+    pylibjpeg-openjpeg and pyjpegls): JPEG baseline / extended / lossless (.50, .51, .57,
+    .70), JPEG-LS (.80, .81), JPEG 2000 and HTJ2K (.90, .91, .201-.203), RLE Lossless (.5);
+    Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99) is inflated by pydicom.
     """
     return dataset_to_image(load_dataset(source))
 

@@ -7,6 +7,8 @@ On disk a bundle is a directory::
     preprocess.json    the PreprocessSpec used in training (breastscan.imaging.preprocessing)
     contract.json      ModelContract: task, label, classes, class names, input shape,
                        calibration temperature, mask threshold, spec id
+    reference.json     optional: statistics of training images and the model's outputs on
+                       them, the reference of drift monitoring (breastscan.monitoring.drift)
 
 :meth:`ModelBundle.predict` is the only place logits become served probabilities
 (temperature-scaled softmax for classifiers, sigmoid for masks), and
@@ -78,6 +80,7 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 MODEL_FILE = "model.keras"
 CONTRACT_FILE = "contract.json"
+REFERENCE_FILE = "reference.json"
 
 
 @dataclass(frozen=True)
@@ -163,11 +166,14 @@ class ModelBundle:
             a classifier, ``(batch, H, W, 1)`` for a segmenter.
         spec: the preprocessing applied to every input.
         contract: classes, calibration and threshold.
+        reference: the drift-monitoring reference (``reference.json``, see
+            :func:`breastscan.monitoring.drift.model_reference`), or ``None`` (older bundles).
     """
 
     model: keras.Model
     spec: PreprocessSpec
     contract: ModelContract
+    reference: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.contract.spec_id and self.contract.spec_id != self.spec.spec_id:
@@ -179,12 +185,15 @@ class ModelBundle:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
-        """Write ``model.keras``, ``preprocess.json`` and ``contract.json`` into ``directory``."""
+        """Write ``model.keras``, ``preprocess.json``, ``contract.json`` (and ``reference.json``
+        when the bundle has one) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save(directory / MODEL_FILE)
         self.spec.save(directory)
         write_contract(self.contract, directory)
+        if self.reference is not None:
+            (directory / REFERENCE_FILE).write_text(json.dumps(self.reference) + "\n")
         return directory
 
     @classmethod
@@ -203,7 +212,8 @@ class ModelBundle:
         if not (directory / MODEL_FILE).is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {directory}")
         model = keras.models.load_model(directory / MODEL_FILE, compile=compile)
-        return cls(model=model, spec=PreprocessSpec.load(directory), contract=read_contract(directory))
+        return cls(model=model, spec=PreprocessSpec.load(directory), contract=read_contract(directory),
+                   reference=read_reference(directory))
 
     def with_temperature(self, temperature: float) -> ModelBundle:
         """The same bundle with a new calibration temperature (> 0)."""
@@ -333,6 +343,12 @@ def write_contract(contract: ModelContract, directory: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(contract.to_dict(), indent=2) + "\n")
     return path
+
+
+def read_reference(directory: str | Path) -> dict[str, Any] | None:
+    """Read ``reference.json`` from a bundle directory; ``None`` when it has none (no Keras import)."""
+    path = Path(directory) / REFERENCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_contract(directory: str | Path) -> ModelContract:

@@ -186,6 +186,10 @@ def analysis_to_dict(msg: pb.AnalyzeResponse) -> dict[str, Any]:
         out["eight_category"] = eight_category_to_dict(msg.eight_category)
     if msg.roi:
         out["roi"] = list(msg.roi)
+    if msg.dicom_sr:
+        out["dicom"] = {"sr": base64.b64encode(msg.dicom_sr).decode("ascii"),
+                        "seg": {n: base64.b64encode(msg.dicom_seg[n]).decode("ascii")
+                                for n in sorted(msg.dicom_seg)}}
     return out
 
 
@@ -290,7 +294,7 @@ class HTTPClient:
         return self._post("/predict_array", json=body)
 
     def analyze(self, image: ImageSource, *, modality: str | None = None, explain: bool = False,
-                roi: Sequence[int] | None = None) -> dict[str, Any]:
+                roi: Sequence[int] | None = None, dicom: bool = False) -> dict[str, Any]:
         """Every model of the image's modality (``POST /analyze``).
 
         Args:
@@ -299,13 +303,17 @@ class HTTPClient:
                 whose header says, or when the service serves one modality.
             explain: add Grad-CAM heatmaps to classifier answers.
             roi: ``(x, y, w, h)`` to answer about that crop only.
+            dicom: also return DICOM results (a DICOM image, no roi).
 
         Returns:
             ``{"modality", "models": {name: answer}}`` plus ``"eight_category"`` (mammograms
-            with density and tumor models) and ``"roi"``.
+            with density and tumor models), ``"roi"``, and with ``dicom`` ``"dicom": {"sr":
+            base64 Structured Report, "seg": {model: base64 Segmentation}}`` (DICOM Part 10).
         """
-        return self._post("/analyze", data={"modality": modality or "", **self._options(explain, roi)},
-                          files=self._files(image))
+        fields = {"modality": modality or "", **self._options(explain, roi)}
+        if dicom:
+            fields["dicom"] = "true"
+        return self._post("/analyze", data=fields, files=self._files(image))
 
     def preview(self, image: ImageSource) -> dict[str, Any]:
         """The decoded image as the service sees it (``POST /preview``).
@@ -471,11 +479,11 @@ class GRPCClient:
         return prediction_to_dict(self.call("Predict", request))
 
     def analyze(self, image: ImageSource, *, modality: str | None = None, explain: bool = False,
-                roi: Sequence[int] | None = None) -> dict[str, Any]:
+                roi: Sequence[int] | None = None, dicom: bool = False) -> dict[str, Any]:
         """Every model of the image's modality (``Analyze``); see :meth:`HTTPClient.analyze`."""
         _, data = _read_image(image)
         request = pb.AnalyzeRequest(image=pb.Image(file=data, roi=_roi_values(roi)),
-                                    modality=modality or "", explain=explain)
+                                    modality=modality or "", explain=explain, dicom=dicom)
         return analysis_to_dict(self.call("Analyze", request))
 
     def preview(self, image: ImageSource) -> dict[str, Any]:

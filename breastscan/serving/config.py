@@ -7,11 +7,13 @@ adaptive batching, workers, limits, the gRPC port -- is in this one file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from breastscan.monitoring.drift import Thresholds
 
 CONFIG_ENV = "BREASTSCAN_SERVING_CONFIG"
 """Environment variable naming another serving config file (benchmarks, tests)."""
@@ -25,6 +27,8 @@ AUTH_ENV = "BREASTSCAN_AUTH"
 """Environment variable overriding ``auth.enabled`` (``on`` / ``off``)."""
 KEYS_FILE_ENV = "BREASTSCAN_API_KEYS_FILE"
 """Environment variable overriding ``auth.keys_file``."""
+MONITORING_STORE_ENV = "BREASTSCAN_MONITORING_STORE"
+"""Environment variable overriding ``monitoring.store``."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,29 @@ class Auth:
     enabled: bool = False
     keys_file: str | None = None
     keys_env: str | None = "BREASTSCAN_API_KEYS"
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """Drift monitoring of served requests (:mod:`breastscan.monitoring.recorder`).
+
+    Attributes:
+        enabled: record per-request statistics and score drift.
+        store: the SQLite file of records (relative paths: to the service's working directory).
+        max_records: records kept per model, oldest dropped.
+        window: newest records compared with the model's training reference.
+        interval_s: seconds between drift scorings (the Prometheus gauges).
+        queue_size: requests waiting to be recorded at most; beyond, dropped and counted.
+        thresholds: when a feature, and a window, drift.
+    """
+
+    enabled: bool = True
+    store: str = ".breastscan/monitoring/requests.sqlite"
+    max_records: int = 10000
+    window: int = 500
+    interval_s: float = 60.0
+    queue_size: int = 1024
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,7 @@ class ServingConfig:
         grpc_port: its port.
         grpc_max_workers: gRPC handler threads per worker.
         auth: API-key authentication.
+        monitoring: drift monitoring.
     """
 
     models: tuple[str, ...] = ()
@@ -92,6 +120,7 @@ class ServingConfig:
     grpc_port: int = 50051
     grpc_max_workers: int = 64
     auth: Auth = field(default_factory=Auth)
+    monitoring: Monitoring = field(default_factory=Monitoring)
 
     def batching_for(self, model: str) -> Batching:
         """The batching of ``model``'s API (its override, else the default)."""
@@ -118,10 +147,10 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
     Args:
         raw: the parsed YAML.
         env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`,
-            :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`).
+            :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`, :data:`MONITORING_STORE_ENV`).
     """
     env = env or {}
-    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth"}
+    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring"}
     if "models_service" in raw:
         raise ValueError("models_service is gone: the models run in the service's own workers "
                          "(api_service.workers)")
@@ -148,7 +177,44 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         grpc_port=int(env.get(GRPC_PORT_ENV) or grpc.get("port", 50051)),
         grpc_max_workers=int(grpc.get("max_workers", 64)),
         auth=_auth(dict(raw.get("auth") or {}), env),
+        monitoring=parse_monitoring(dict(raw.get("monitoring") or {}), env),
     )
+
+
+def _as(default: Any, value: Any) -> Any:
+    """``value`` converted to ``default``'s type (``default`` when ``None``)."""
+    return default if value is None else type(default)(value)
+
+
+def parse_monitoring(raw: dict[str, Any], env: dict[str, str] | None = None) -> Monitoring:
+    """The ``monitoring:`` section (unknown keys are errors; missing ones take the defaults).
+
+    Raises:
+        ValueError: an unknown key, or a count or interval below 1.
+    """
+    env = env or {}
+    thresholds_raw = dict(raw.pop("thresholds", None) or {})
+    known = {f.name for f in fields(Monitoring)} - {"thresholds"}
+    unknown = set(raw) - known
+    unknown_th = set(thresholds_raw) - {f.name for f in fields(Thresholds)}
+    if unknown or unknown_th:
+        names = sorted(unknown) + [f"thresholds.{k}" for k in sorted(unknown_th)]
+        raise ValueError(f"unknown monitoring keys: {', '.join(names)}")
+    base, th = Monitoring(), Thresholds()
+    thresholds = Thresholds(**{f.name: _as(getattr(th, f.name), thresholds_raw.get(f.name))
+                               for f in fields(Thresholds)})
+    enabled = raw.get("enabled", base.enabled)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"monitoring.enabled must be true or false, got {enabled!r}")
+    store = env.get(MONITORING_STORE_ENV) or raw.get("store", base.store)
+    out = Monitoring(enabled=enabled, store=str(store),
+                     max_records=int(raw.get("max_records", base.max_records)),
+                     window=int(raw.get("window", base.window)),
+                     interval_s=float(raw.get("interval_s", base.interval_s)),
+                     queue_size=int(raw.get("queue_size", base.queue_size)), thresholds=thresholds)
+    if min(out.max_records, out.window, out.queue_size) < 1 or out.interval_s <= 0:
+        raise ValueError("monitoring: max_records, window, queue_size must be >= 1 and interval_s > 0")
+    return out
 
 
 def _auth(raw: dict[str, Any], env: dict[str, str]) -> Auth:

@@ -28,7 +28,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,13 +41,19 @@ from breastscan.serving.requests import (
     Prediction,
     PreparedBatch,
     analysis,
+    check_dicom_output,
     decode_upload,
+    dicom_objects,
     finish_predictions,
     models_for_modality,
     png_base64,
     prepare_inputs,
     validate_array,
 )
+
+if TYPE_CHECKING:
+    from breastscan.imaging.dicom_results import AlgorithmInfo
+    from breastscan.monitoring.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,14 @@ class ServedModel:
     version: str | None = None
     stage: str | None = None
     source: str | None = None
+
+    def algorithm(self) -> AlgorithmInfo:
+        """What identifies the model in DICOM results (name, registry version and stage)."""
+        from breastscan.imaging.dicom_results import AlgorithmInfo
+
+        c = self.contract
+        return AlgorithmInfo(name=self.name, version=self.version or "unknown", stage=self.stage or "",
+                             task=c.task, class_names=tuple(c.class_names))
 
     def describe(self) -> dict[str, Any]:
         """JSON-able facts about the model (what ``/models`` lists)."""
@@ -211,15 +225,18 @@ class Engine:
         infer: runs one model on a preprocessed batch (see :data:`InferFn`).
         explain: Grad-CAM of a classifier on a preprocessed batch (see :data:`ExplainFn`).
         max_upload_bytes: largest image file accepted.
+        recorder: drift monitoring: gets each answered image and its answer (queued, off the
+            request's path), or ``None``.
     """
 
     def __init__(self, models: Mapping[str, ServedModel], infer: InferFn, explain: ExplainFn, *,
-                 max_upload_bytes: int) -> None:
+                 max_upload_bytes: int, recorder: Recorder | None = None) -> None:
         self.models = dict(models)
         self._infer = infer
         self._explain = explain
         self.max_upload_bytes = int(max_upload_bytes)
         self.batchers: dict[str, Batcher] = {}
+        self.recorder = recorder
 
     # ------------------------------------------------------------------ helpers
     def describe(self) -> list[dict[str, Any]]:
@@ -262,7 +279,8 @@ class Engine:
         gray = image if isinstance(image, np.ndarray) else self.decode(image, served.contract.modality)
         return prepare_inputs(served.spec, served.contract, [gray])
 
-    async def _run(self, served: ServedModel, image: ImageInput | np.ndarray, explain: bool) -> Prediction:
+    async def _run(self, served: ServedModel, image: ImageInput | np.ndarray, explain: bool,
+                   data: bytes | None = None) -> Prediction:
         prepared = await asyncio.to_thread(self._prepare, served, image)
         probs = np.asarray(await self._infer(served.name, prepared.batch), dtype=np.float32)
         if probs.shape[0] != len(prepared.batch):
@@ -274,8 +292,14 @@ class Engine:
         finish = functools.partial(finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
                                    heat=heat, version=served.version, stage=served.stage)
         if heat is None and served.contract.task == "classification":
-            return finish()[0]  # a few dict entries: cheaper here than a thread hop
-        return (await asyncio.to_thread(finish))[0]
+            prediction = finish()[0]  # a few dict entries: cheaper here than a thread hop
+        else:
+            prediction = (await asyncio.to_thread(finish))[0]
+        if self.recorder is not None:  # a queue put: the statistics are computed on its thread
+            self.recorder.record(served.name, prepared.grays[0], prediction.to_dict(),
+                                 modality=served.contract.modality, version=served.version,
+                                 dicom=image.data if isinstance(image, ImageInput) else data)
+        return prediction
 
     # ------------------------------------------------------------------ requests
     async def predict(self, model: str, image: ImageInput, *, explain: bool = False) -> dict[str, Any]:
@@ -294,7 +318,7 @@ class Engine:
         return answer
 
     async def analyze(self, image: ImageInput, *, modality: str | None = None,
-                      explain: bool = False) -> dict[str, Any]:
+                      explain: bool = False, dicom: bool = False) -> dict[str, Any]:
         """Every model of the image's modality on one image, run concurrently.
 
         Args:
@@ -302,16 +326,37 @@ class Engine:
             modality: ``mammography`` or ``ultrasound``; may be left out for a DICOM file
                 whose header says (MG, US), or when only one modality is served.
             explain: add Grad-CAM heatmaps to classifier answers.
+            dicom: also return the answers as DICOM objects (a DICOM image, whole: no roi).
 
         Returns:
             ``{"modality", "models": {name: answer}}`` plus ``"eight_category"`` for a
-            mammogram when a density and a tumor model both answered, and ``"roi"``.
+            mammogram when a density and a tumor model both answered, ``"roi"``, and with
+            ``dicom`` ``"dicom": {"sr": base64 Part 10, "seg": {segmenter: base64 Part 10}}``
+            (:func:`breastscan.serving.requests.dicom_objects`).
 
         Raises:
             InputError: ``unknown_modality``, ``wrong_modality`` (a DICOM header naming
-                another modality than the one asked for, or one no model serves) or any
-                image error.
+                another modality than the one asked for, or one no model serves),
+                ``not_dicom`` / ``bad_roi`` (DICOM results of a non-DICOM file or a crop)
+                or any image error.
         """
+        if dicom:
+            check_dicom_output(image.data, image.roi)
+        modality = await self._modality_of(image, modality)
+        chosen = models_for_modality({n: m.contract.modality for n, m in self.models.items()}, modality)
+        gray = await asyncio.to_thread(self.decode, image, modality)
+        answers = dict(zip(chosen, await asyncio.gather(
+            *(self._run(self.models[n], gray, explain, image.data) for n in chosen)), strict=True))
+        result = analysis(modality, answers)
+        if image.roi is not None:
+            result["roi"] = list(image.roi)
+        if dicom and image.data is not None:
+            result["dicom"] = await asyncio.to_thread(
+                dicom_objects, image.data, answers, {n: self.models[n].algorithm() for n in chosen})
+        return result
+
+    async def _modality_of(self, image: ImageInput, modality: str | None) -> str:
+        """The modality asked for, else the DICOM header's, else the one served (if only one)."""
         modality = (modality or "").strip().lower() or None
         if modality is None and image.data is not None:
             code = await asyncio.to_thread(dicom_modality_code, image.data)
@@ -326,13 +371,7 @@ class Engine:
                 raise InputError("unknown_modality", "say which modality the image is: one of "
                                                      f"{', '.join(served_modalities)}")
             modality = served_modalities[0]
-        chosen = models_for_modality({n: m.contract.modality for n, m in self.models.items()}, modality)
-        gray = await asyncio.to_thread(self.decode, image, modality)
-        answers = await asyncio.gather(*(self._run(self.models[n], gray, explain) for n in chosen))
-        result = analysis(modality, dict(zip(chosen, answers, strict=True)))
-        if image.roi is not None:
-            result["roi"] = list(image.roi)
-        return result
+        return modality
 
     async def preview(self, image: ImageInput) -> dict[str, Any]:
         """The decoded image as an 8-bit PNG (how the service sees a DICOM or 16-bit file).

@@ -194,6 +194,10 @@ def analysis_to_proto(result: Mapping[str, Any]) -> pb.AnalyzeResponse:
         msg.models[name].CopyFrom(prediction_to_proto(answer))
     if result.get("eight_category") is not None:
         msg.eight_category.CopyFrom(eight_category_to_proto(result["eight_category"]))
+    if result.get("dicom"):
+        msg.dicom_sr = base64.b64decode(result["dicom"]["sr"])
+        for name, seg in result["dicom"]["seg"].items():
+            msg.dicom_seg[name] = base64.b64decode(seg)
     return msg
 
 
@@ -253,7 +257,7 @@ class BreastScanServicer(pb_grpc.BreastScanServicer):
         """Every model of the image's modality (:meth:`Engine.analyze`)."""
         return self._serve(context, "Analyze", lambda: self._await(context, self.engine.analyze(
             image_from_proto(request.image), modality=request.modality or None,
-            explain=request.explain)), analysis_to_proto)
+            explain=request.explain, dicom=request.dicom)), analysis_to_proto)
 
     def ListModels(self, request: pb.ListModelsRequest,
                    context: grpc.ServicerContext) -> pb.ListModelsResponse:

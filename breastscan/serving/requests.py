@@ -73,6 +73,7 @@ INPUT_ERROR_CODES: dict[str, str] = {
     "method_not_allowed": "the route does not take that HTTP method",
     "bad_request": "any other request the service refuses",
     "unauthorized": "no API key, or not a valid one (when authentication is on)",
+    "not_dicom": "DICOM results were asked for an image that is not a DICOM file",
 }
 """Every :attr:`InputError.code`, with what it means (for API documentation)."""
 
@@ -560,3 +561,44 @@ def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any
     except ValueError as exc:  # a deployment mistake (wrong classes), not the client's
         log.warning("no 8-category view from %s and %s: %s", density.model, tumor.model, exc)
         return None
+
+
+def check_dicom_output(data: bytes | None, roi: tuple[int, int, int, int] | None) -> None:
+    """Refuse a request for DICOM results that cannot have them (before any model runs).
+
+    Raises:
+        InputError: ``not_dicom`` (an array or a file that is not DICOM: there is no study
+            to reference) or ``bad_roi`` (results describe the whole image).
+    """
+    if data is None or not is_dicom(data):
+        raise InputError("not_dicom", "DICOM results reference the source image's study and series: "
+                                      "send a DICOM file")
+    if roi is not None:
+        raise InputError("bad_roi", "DICOM results describe the whole image: leave roi out")
+
+
+def dicom_objects(data: bytes, answers: Mapping[str, Prediction],
+                  algorithms: Mapping[str, Any]) -> dict[str, Any]:
+    """The answers of one analysis as DICOM objects, each referencing the source image.
+
+    Args:
+        data: the source DICOM file.
+        answers: each model's :class:`Prediction` for it (whole image).
+        algorithms: each model's :class:`breastscan.imaging.dicom_results.AlgorithmInfo`.
+
+    Returns:
+        ``{"sr": base64 Part 10 Structured Report of every answer, "seg": {segmenter name:
+        base64 Part 10 Segmentation of its mask}}``.
+    """
+    from breastscan.imaging import dicom_results as dr
+
+    source = dr.source_dataset(data)
+    segs = {}
+    for name, answer in answers.items():
+        if answer.task == "segmentation" and answer.mask_png is not None:
+            png = cv2.imdecode(np.frombuffer(base64.b64decode(answer.mask_png), np.uint8),
+                               cv2.IMREAD_GRAYSCALE)
+            seg = dr.segmentation(source, np.asarray(png) > 0, algorithms[name])
+            segs[name] = base64.b64encode(dr.to_bytes(seg)).decode("ascii")
+    report = dr.structured_report(source, {n: a.to_dict() for n, a in answers.items()}, algorithms)
+    return {"sr": base64.b64encode(dr.to_bytes(report)).decode("ascii"), "seg": segs}

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from breastscan.registry import promotion, resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle
-from tests.mlflow_server import mlflow_server
+from tests.mlflow_server import mlflow_server, tracking_against
 from tests.unit.test_registry import GOOD, make_bundle, make_cfg
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 @pytest.fixture
 def remote(server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     uri, _ = server
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "unset")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    with tracking_against(uri, monkeypatch):
+        yield uri
 
 
 def test_server_helper_is_healthy(server: tuple[str, Path]) -> None:

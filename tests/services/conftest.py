@@ -102,6 +102,7 @@ def service_env(root: Path, **extra: str) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
+        "BREASTSCAN_MONITORING_STORE": str(root / "monitoring" / "requests.sqlite"),
     })
     env.update(extra)
     return env

@@ -70,6 +70,7 @@ def dicom(pixels: np.ndarray | None, modality: str = "MG", *,
     ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     ds.Modality = modality
     ds.PatientName = "Doe^Jane"
     ds.PatientID = "SECRET-1234"

@@ -9,6 +9,7 @@ seeded, so every run serves the same numbers.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -52,11 +53,12 @@ def build_bundle(name: str, directory: Path) -> Path:
     return ModelBundle(model=model, spec=spec, contract=contract).save(directory)
 
 
-def main(root: Path) -> None:
-    """Log, register and promote (alias ``production``) each tiny model under ``root``."""
+def main(root: Path, names: Iterable[str] = tuple(MODELS)) -> None:
+    """Log, register and promote (alias ``production``) each tiny model (or only ``names``) under ``root``."""
     tracking.configure(root)
     client = MlflowClient()
-    for name, m in MODELS.items():
+    for name in names:
+        m = MODELS[name]
         bundle_dir = build_bundle(name, root / "bundles" / name)
         cfg = ModelConfig(name=name, task=m["task"], dataset=m["dataset"], label=m["label"],
                           classes=m["classes"] or ("lesion",), preprocess=m["spec"])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -18,15 +17,7 @@ from breastscan.data.pseudonym_salt import SALT_ENV
 from breastscan.imaging.dicom import pseudonymize
 from tests.layouts import FAKE_PATIENT_ID, make_busi_layout, make_dicom_files, make_mias_layout
 
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The command configures the root logger onto the runner's stream: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 TEST_SALT = "0123456789abcdef-test-salt"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62reastscan/v1/breastscan.proto\x12\rbreastscan.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x05Image\x12\x0e\n\x04\x66ile\x18\x01 \x01(\x0cH\x00\x12%\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x14.breastscan.v1.ArrayH\x00\x12\x0b\n\x03roi\x18\x03 \x03(\x05\x42\x08\n\x06source\"U\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x14.breastscan.v1.Image\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"X\n\x0e\x41nalyzeRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.breastscan.v1.Image\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"5\n\x10\x43lassProbability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"\x9e\x04\n\nPrediction\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07spec_id\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x36\n\rprobabilities\x18\x08 \x03(\x0b\x32\x1f.breastscan.v1.ClassProbability\x12\x16\n\tpredicted\x18\t \x01(\tH\x00\x88\x01\x01\x12\x17\n\nconfidence\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bheatmap_png\x18\x0b \x01(\x0cH\x02\x88\x01\x01\x12\x15\n\x08mask_png\x18\x0c \x01(\x0cH\x03\x88\x01\x01\x12\x1b\n\x0elesion_area_px\x18\r \x01(\x03H\x04\x88\x01\x01\x12\x1c\n\x0flesion_fraction\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12-\n\x04\x62\x62ox\x18\x0f \x01(\x0b\x32\x1a.breastscan.v1.BoundingBoxH\x06\x88\x01\x01\x12\x18\n\x0boverlay_png\x18\x10 \x01(\x0cH\x07\x88\x01\x01\x12\x0b\n\x03roi\x18\x11 \x03(\x05\x42\x0c\n\n_predictedB\r\n\x0b_confidenceB\x0e\n\x0c_heatmap_pngB\x0b\n\t_mask_pngB\x11\n\x0f_lesion_area_pxB\x12\n\x10_lesion_fractionB\x07\n\x05_bboxB\x0e\n\x0c_overlay_png\"\xdb\x01\n\rEightCategory\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\t\x12\x11\n\tpathology\x18\x03 \x01(\t\x12\x0f\n\x07\x66inding\x18\x04 \x01(\t\x12\x13\n\x0bp_malignant\x18\x05 \x01(\x01\x12\x15\n\x08p_normal\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nconfidence\x18\x07 \x01(\x01\x12\x36\n\rprobabilities\x18\x08 \x03(\x0b\x32\x1f.breastscan.v1.ClassProbabilityB\x0b\n\t_p_normal\"\x84\x02\n\x0f\x41nalyzeResponse\x12\x10\n\x08modality\x18\x01 \x01(\t\x12:\n\x06models\x18\x02 \x03(\x0b\x32*.breastscan.v1.AnalyzeResponse.ModelsEntry\x12\x39\n\x0e\x65ight_category\x18\x03 \x01(\x0b\x32\x1c.breastscan.v1.EightCategoryH\x00\x88\x01\x01\x12\x0b\n\x03roi\x18\x04 \x03(\x05\x1aH\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.breastscan.v1.Prediction:\x02\x38\x01\x42\x11\n\x0f_eight_category\"\x13\n\x11ListModelsRequest\"\xdb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x10\n\x08modality\x18\x06 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x05\x12\x0f\n\x07spec_id\x18\t \x01(\t\x12\x13\n\x0btemperature\x18\n \x01(\x01\x12\x16\n\tthreshold\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.breastscan.v1.ModelInfo\"5\n\x0ePreviewRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.breastscan.v1.Image\"O\n\x0fPreviewResponse\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x10\n\x08modality\x18\x03 \x01(\t\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x32\xb8\x02\n\nBreastScan\x12\x43\n\x07Predict\x12\x1d.breastscan.v1.PredictRequest\x1a\x19.breastscan.v1.Prediction\x12H\n\x07\x41nalyze\x12\x1d.breastscan.v1.AnalyzeRequest\x1a\x1e.breastscan.v1.AnalyzeResponse\x12Q\n\nListModels\x12 .breastscan.v1.ListModelsRequest\x1a!.breastscan.v1.ListModelsResponse\x12H\n\x07Preview\x12\x1d.breastscan.v1.PreviewRequest\x1a\x1e.breastscan.v1.PreviewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62reastscan/v1/breastscan.proto\x12\rbreastscan.v1\"3\n\x05\x41rray\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x05Image\x12\x0e\n\x04\x66ile\x18\x01 \x01(\x0cH\x00\x12%\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x14.breastscan.v1.ArrayH\x00\x12\x0b\n\x03roi\x18\x03 \x03(\x05\x42\x08\n\x06source\"U\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x14.breastscan.v1.Image\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"g\n\x0e\x41nalyzeRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.breastscan.v1.Image\x12\x10\n\x08modality\x18\x02 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\x12\r\n\x05\x64icom\x18\x04 \x01(\x08\"5\n\x10\x43lassProbability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"\x9e\x04\n\nPrediction\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0f\n\x07spec_id\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x36\n\rprobabilities\x18\x08 \x03(\x0b\x32\x1f.breastscan.v1.ClassProbability\x12\x16\n\tpredicted\x18\t \x01(\tH\x00\x88\x01\x01\x12\x17\n\nconfidence\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0bheatmap_png\x18\x0b \x01(\x0cH\x02\x88\x01\x01\x12\x15\n\x08mask_png\x18\x0c \x01(\x0cH\x03\x88\x01\x01\x12\x1b\n\x0elesion_area_px\x18\r \x01(\x03H\x04\x88\x01\x01\x12\x1c\n\x0flesion_fraction\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12-\n\x04\x62\x62ox\x18\x0f \x01(\x0b\x32\x1a.breastscan.v1.BoundingBoxH\x06\x88\x01\x01\x12\x18\n\x0boverlay_png\x18\x10 \x01(\x0cH\x07\x88\x01\x01\x12\x0b\n\x03roi\x18\x11 \x03(\x05\x42\x0c\n\n_predictedB\r\n\x0b_confidenceB\x0e\n\x0c_heatmap_pngB\x0b\n\t_mask_pngB\x11\n\x0f_lesion_area_pxB\x12\n\x10_lesion_fractionB\x07\n\x05_bboxB\x0e\n\x0c_overlay_png\"\xdb\x01\n\rEightCategory\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\t\x12\x11\n\tpathology\x18\x03 \x01(\t\x12\x0f\n\x07\x66inding\x18\x04 \x01(\t\x12\x13\n\x0bp_malignant\x18\x05 \x01(\x01\x12\x15\n\x08p_normal\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nconfidence\x18\x07 \x01(\x01\x12\x36\n\rprobabilities\x18\x08 \x03(\x0b\x32\x1f.breastscan.v1.ClassProbabilityB\x0b\n\t_p_normal\"\x88\x03\n\x0f\x41nalyzeResponse\x12\x10\n\x08modality\x18\x01 \x01(\t\x12:\n\x06models\x18\x02 \x03(\x0b\x32*.breastscan.v1.AnalyzeResponse.ModelsEntry\x12\x39\n\x0e\x65ight_category\x18\x03 \x01(\x0b\x32\x1c.breastscan.v1.EightCategoryH\x00\x88\x01\x01\x12\x0b\n\x03roi\x18\x04 \x03(\x05\x12\x10\n\x08\x64icom_sr\x18\x05 \x01(\x0c\x12?\n\tdicom_seg\x18\x06 \x03(\x0b\x32,.breastscan.v1.AnalyzeResponse.DicomSegEntry\x1aH\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.breastscan.v1.Prediction:\x02\x38\x01\x1a/\n\rDicomSegEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\x11\n\x0f_eight_category\"\x13\n\x11ListModelsRequest\"\xdb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x10\n\x08modality\x18\x06 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x13\n\x0binput_shape\x18\x08 \x03(\x05\x12\x0f\n\x07spec_id\x18\t \x01(\t\x12\x13\n\x0btemperature\x18\n \x01(\x01\x12\x16\n\tthreshold\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.breastscan.v1.ModelInfo\"5\n\x0ePreviewRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.breastscan.v1.Image\"O\n\x0fPreviewResponse\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x10\n\x08modality\x18\x03 \x01(\t\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x32\xb8\x02\n\nBreastScan\x12\x43\n\x07Predict\x12\x1d.breastscan.v1.PredictRequest\x1a\x19.breastscan.v1.Prediction\x12H\n\x07\x41nalyze\x12\x1d.breastscan.v1.AnalyzeRequest\x1a\x1e.breastscan.v1.AnalyzeResponse\x12Q\n\nListModels\x12 .breastscan.v1.ListModelsRequest\x1a!.breastscan.v1.ListModelsResponse\x12H\n\x07Preview\x12\x1d.breastscan.v1.PreviewRequest\x1a\x1e.breastscan.v1.PreviewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ANALYZERESPONSE_MODELSENTRY']._loaded_options = None
   _globals['_ANALYZERESPONSE_MODELSENTRY']._serialized_options = b'8\001'
+  _globals['_ANALYZERESPONSE_DICOMSEGENTRY']._loaded_options = None
+  _globals['_ANALYZERESPONSE_DICOMSEGENTRY']._serialized_options = b'8\001'
   _globals['_ARRAY']._serialized_start=49
   _globals['_ARRAY']._serialized_end=100
   _globals['_IMAGE']._serialized_start=102
@@ -41,29 +43,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_start=189
   _globals['_PREDICTREQUEST']._serialized_end=274
   _globals['_ANALYZEREQUEST']._serialized_start=276
-  _globals['_ANALYZEREQUEST']._serialized_end=364
-  _globals['_CLASSPROBABILITY']._serialized_start=366
-  _globals['_CLASSPROBABILITY']._serialized_end=419
-  _globals['_BOUNDINGBOX']._serialized_start=421
-  _globals['_BOUNDINGBOX']._serialized_end=487
-  _globals['_PREDICTION']._serialized_start=490
-  _globals['_PREDICTION']._serialized_end=1032
-  _globals['_EIGHTCATEGORY']._serialized_start=1035
-  _globals['_EIGHTCATEGORY']._serialized_end=1254
-  _globals['_ANALYZERESPONSE']._serialized_start=1257
-  _globals['_ANALYZERESPONSE']._serialized_end=1517
-  _globals['_ANALYZERESPONSE_MODELSENTRY']._serialized_start=1426
-  _globals['_ANALYZERESPONSE_MODELSENTRY']._serialized_end=1498
-  _globals['_LISTMODELSREQUEST']._serialized_start=1519
-  _globals['_LISTMODELSREQUEST']._serialized_end=1538
-  _globals['_MODELINFO']._serialized_start=1541
-  _globals['_MODELINFO']._serialized_end=1760
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1762
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1824
-  _globals['_PREVIEWREQUEST']._serialized_start=1826
-  _globals['_PREVIEWREQUEST']._serialized_end=1879
-  _globals['_PREVIEWRESPONSE']._serialized_start=1881
-  _globals['_PREVIEWRESPONSE']._serialized_end=1960
-  _globals['_BREASTSCAN']._serialized_start=1963
-  _globals['_BREASTSCAN']._serialized_end=2275
+  _globals['_ANALYZEREQUEST']._serialized_end=379
+  _globals['_CLASSPROBABILITY']._serialized_start=381
+  _globals['_CLASSPROBABILITY']._serialized_end=434
+  _globals['_BOUNDINGBOX']._serialized_start=436
+  _globals['_BOUNDINGBOX']._serialized_end=502
+  _globals['_PREDICTION']._serialized_start=505
+  _globals['_PREDICTION']._serialized_end=1047
+  _globals['_EIGHTCATEGORY']._serialized_start=1050
+  _globals['_EIGHTCATEGORY']._serialized_end=1269
+  _globals['_ANALYZERESPONSE']._serialized_start=1272
+  _globals['_ANALYZERESPONSE']._serialized_end=1664
+  _globals['_ANALYZERESPONSE_MODELSENTRY']._serialized_start=1524
+  _globals['_ANALYZERESPONSE_MODELSENTRY']._serialized_end=1596
+  _globals['_ANALYZERESPONSE_DICOMSEGENTRY']._serialized_start=1598
+  _globals['_ANALYZERESPONSE_DICOMSEGENTRY']._serialized_end=1645
+  _globals['_LISTMODELSREQUEST']._serialized_start=1666
+  _globals['_LISTMODELSREQUEST']._serialized_end=1685
+  _globals['_MODELINFO']._serialized_start=1688
+  _globals['_MODELINFO']._serialized_end=1907
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1909
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1971
+  _globals['_PREVIEWREQUEST']._serialized_start=1973
+  _globals['_PREVIEWREQUEST']._serialized_end=2026
+  _globals['_PREVIEWRESPONSE']._serialized_start=2028
+  _globals['_PREVIEWRESPONSE']._serialized_end=2107
+  _globals['_BREASTSCAN']._serialized_start=2110
+  _globals['_BREASTSCAN']._serialized_end=2422
 # @@protoc_insertion_point(module_scope)

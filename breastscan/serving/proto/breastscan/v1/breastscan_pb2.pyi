@@ -38,14 +38,16 @@ class PredictRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("image", "modality", "explain")
+    __slots__ = ("image", "modality", "explain", "dicom")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     image: Image
     modality: str
     explain: bool
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., modality: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+    dicom: bool
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., modality: _Optional[str] = ..., explain: _Optional[bool] = ..., dicom: _Optional[bool] = ...) -> None: ...
 
 class ClassProbability(_message.Message):
     __slots__ = ("name", "probability")
@@ -126,7 +128,7 @@ class EightCategory(_message.Message):
     def __init__(self, category: _Optional[str] = ..., density: _Optional[str] = ..., pathology: _Optional[str] = ..., finding: _Optional[str] = ..., p_malignant: _Optional[float] = ..., p_normal: _Optional[float] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("modality", "models", "eight_category", "roi")
+    __slots__ = ("modality", "models", "eight_category", "roi", "dicom_sr", "dicom_seg")
     class ModelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,15 +136,26 @@ class AnalyzeResponse(_message.Message):
         key: str
         value: Prediction
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+    class DicomSegEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EIGHT_CATEGORY_FIELD_NUMBER: _ClassVar[int]
     ROI_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SR_FIELD_NUMBER: _ClassVar[int]
+    DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
     modality: str
     models: _containers.MessageMap[str, Prediction]
     eight_category: EightCategory
     roi: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, modality: _Optional[str] = ..., models: _Optional[_Mapping[str, Prediction]] = ..., eight_category: _Optional[_Union[EightCategory, _Mapping]] = ..., roi: _Optional[_Iterable[int]] = ...) -> None: ...
+    dicom_sr: bytes
+    dicom_seg: _containers.ScalarMap[str, bytes]
+    def __init__(self, modality: _Optional[str] = ..., models: _Optional[_Mapping[str, Prediction]] = ..., eight_category: _Optional[_Union[EightCategory, _Mapping]] = ..., roi: _Optional[_Iterable[int]] = ..., dicom_sr: _Optional[bytes] = ..., dicom_seg: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

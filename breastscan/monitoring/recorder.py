@@ -144,6 +144,8 @@ class Recorder:
         self.on_report = on_report
         self.dropped = self.recorded = self.failed = 0
         self.dropped_by_model: dict[str, int] = {}
+        self.drifting: dict[str, bool] = {}
+        """Each scored model's latest verdict (a change is logged, a repeat is not)."""
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._pending = 0
@@ -285,6 +287,15 @@ class Recorder:
             self.failed += len(rows)
             log.exception("writing %d records to %s failed", len(rows), self.store_path)
 
+    def _log_verdict(self, model: str, report: DriftReport) -> None:
+        """WARNING when a model starts drifting, INFO when it stops; a repeat at DEBUG only
+        (scored every ``interval_s``, the log would otherwise repeat itself)."""
+        changed = report.enough_data and self.drifting.get(model, False) != report.drift
+        if report.enough_data:
+            self.drifting[model] = report.drift
+        level = (logging.WARNING if report.drift else logging.INFO) if changed else logging.DEBUG
+        log.log(level, "drift %s", report.summary())
+
     def score_all(self, store: RecordStore) -> list[DriftReport]:
         """Compare each referenced model's latest window with its reference; report each."""
         reports = []
@@ -295,7 +306,7 @@ class Recorder:
                 log.exception("drift scoring of %s failed", model)
                 continue
             reports.append(report)
-            log.log(logging.WARNING if report.drift else logging.DEBUG, "drift %s", report.summary())
+            self._log_verdict(model, report)
             if self.on_report is not None:
                 try:
                     self.on_report(report, self.dropped_by_model.get(model, 0))

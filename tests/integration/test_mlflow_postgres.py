@@ -6,7 +6,8 @@ tracking and registry store of a real ``mlflow server`` (tests/mlflow_server.py,
 the client only knows ``http://127.0.0.1:<port>``. A run is logged, a tiny model registered,
 promoted through the real gates (a remote store: no lock file, the optimistic before/after
 re-read) and loaded back by stage, and the database itself is read to show that it, not some
-file, holds the result. Without PostgreSQL these tests skip with the reason (FAIL under CI or
+file, holds the result. (The pipeline's stages against this server are in
+tests/pipelines/test_dvc_repro.py.) Without PostgreSQL these tests skip with the reason (FAIL under CI or
 ``make test``); run with ``pytest --slow``.
 """
 
@@ -124,4 +125,10 @@ def test_log_register_promote_load_over_postgres(remote: str, pg_server: tuple[s
     np.testing.assert_allclose(loaded.predict(x), expected, rtol=1e-5, atol=1e-6)
     assert resolver.resolve(f"{cfg.name}@production").version == 3
     assert resolver.load_bundle(f"models:/{name}/Production").contract.name == "tiny"
+    assert (resolver.fetch(f"{name}@production", tmp_path / "dl").bundle_dir / "model.keras").is_file()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@production")  # what the service's URI loads
+    np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
+    rows = versions.list_models()
+    assert [(r["version"], r["aliases"]) for r in rows if r["name"] == name] == [
+        (3, ["production", "staging"]), (2, []), (1, [])]
     assert tracking.run_exists(run_id)

@@ -1,7 +1,7 @@
 """A real service on loopback: tiny models registered in MLflow, imported, ``bentoml serve``d.
 
 The path is the production one: ``tests.services.make_registry`` registers seeded tiny
-density / tumor / lesion models at ``production`` in a throwaway MLflow store,
+density / tumor / lesion / mammo_lesion models at ``production`` in a throwaway MLflow store,
 ``breastscan import-models`` copies them into a throwaway BentoML store, and
 ``bentoml serve services.service:BreastScan`` starts the front and model services with
 the gRPC server, on free ports of 127.0.0.1 (:func:`breastscan.serving.launch.launch_service`,
@@ -31,6 +31,12 @@ from breastscan.serving.launch import SERVICE_TARGET, LaunchedService, launch_se
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 240
+
+MONITORING_WINDOW = 40
+"""The session service's ``monitoring.window`` (tests/services/test_service_monitoring.py)."""
+MONITORING_INTERVAL_S = 1.0
+"""... and its ``interval_s``: the drift gauges follow the store within seconds."""
+MONITORING_MIN_RECORDS = 30
 
 
 @dataclass
@@ -128,6 +134,38 @@ def start_service(root: Path, env: dict[str, str], *, http_port: int, grpc_port:
     return Served(launched, root)
 
 
+def serving_config(root: Path, name: str, changes: dict[str, Any]) -> Path:
+    """``services/serving.yaml`` with top-level keys replaced, written as ``serving-<name>.yaml``."""
+    config = yaml.safe_load((REPO / "services" / "serving.yaml").read_text())
+    config.update(changes)
+    path = root / f"serving-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def monitoring_section(store: Path) -> dict[str, Any]:
+    """The session service's drift monitoring: a short window scored every second, and room
+    for every request of the session (the store is never trimmed under a test)."""
+    thresholds = {"psi": 0.2, "ks_alpha": 0.01, "chi2_alpha": 0.01, "min_drifted": 2,
+                  "min_records": MONITORING_MIN_RECORDS}
+    return {"enabled": True, "store": str(store), "max_records": 1_000_000, "window": MONITORING_WINDOW,
+            "interval_s": MONITORING_INTERVAL_S, "queue_size": 1024, "thresholds": thresholds}
+
+
+def own_bentoml_home(root: Path, name: str) -> Path:
+    """A BentoML home of its own for another server, sharing the session's model store.
+
+    ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a
+    second server on the same home wipes the first one's metrics (its /metrics loses every
+    gauge and counter written so far).
+    """
+    home = root / f"bentoml-{name}"
+    home.mkdir(exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(root / "bentoml" / "models", target_is_directory=True)
+    return home
+
+
 @contextlib.contextmanager
 def variant_service(served_project: tuple[Path, dict[str, str]], name: str, changes: dict[str, Any],
                     env: dict[str, str] | None = None) -> Iterator[Served]:
@@ -140,12 +178,11 @@ def variant_service(served_project: tuple[Path, dict[str, str]], name: str, chan
         env: the service's environment (default: the project's).
     """
     root, project_env = served_project
-    config = yaml.safe_load((REPO / "services" / "serving.yaml").read_text())
-    config.update(changes)
-    path = root / f"serving-{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    served = start_service(root, {**(env or project_env), "BREASTSCAN_SERVING_CONFIG": str(path)},
-                           http_port=free_port(), grpc_port=free_port(), log_name=f"serve-{name}.log")
+    path = serving_config(root, name, changes)
+    server_env = {**(env or project_env), "BREASTSCAN_SERVING_CONFIG": str(path),
+                  "BENTOML_HOME": str(own_bentoml_home(root, name))}
+    served = start_service(root, server_env, http_port=free_port(), grpc_port=free_port(),
+                           log_name=f"serve-{name}.log")
     try:
         yield served
     finally:
@@ -163,15 +200,22 @@ def served_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     root = tmp_path_factory.mktemp("served")
     env = service_env(root)
     _run([sys.executable, "-m", "tests.services.make_registry", str(root)], env)
-    _run([str(BIN / "breastscan"), "import-models"], env)
+    from tests.services.make_registry import MODELS
+
+    # named: `models: auto` would import only the models params.yaml declares
+    _run([str(BIN / "breastscan"), "import-models", *MODELS], env)
     return root, env
 
 
 @pytest.fixture(scope="session")
 def service(served_project: tuple[Path, dict[str, str]]) -> Iterator[Served]:
-    """The service on free loopback ports, for the whole session."""
+    """The service on free loopback ports, for the whole session (drift monitoring with a
+    short window, :func:`monitoring_section`, into ``$BREASTSCAN_MONITORING_STORE``)."""
     root, env = served_project
-    served = start_service(root, env, http_port=free_port(), grpc_port=free_port())
+    store = Path(env["BREASTSCAN_MONITORING_STORE"])
+    config = serving_config(root, "main", {"monitoring": monitoring_section(store)})
+    served = start_service(root, {**env, "BREASTSCAN_SERVING_CONFIG": str(config)},
+                           http_port=free_port(), grpc_port=free_port())
     try:
         yield served
     finally:
@@ -190,10 +234,11 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
 
         from breastscan.registry.resolver import load_bundle
         from breastscan.serving.engine import local_engine
+        from tests.services.make_registry import MODELS
 
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
-        names = ("density", "tumor", "lesion")
+        names = tuple(MODELS)  # every model served
         bundles = {n: load_bundle(f"breastscan-{n}@production") for n in names}
         engine = local_engine(bundles, versions={n: "1" for n in names},
                               stages={n: "production" for n in names})

@@ -1,4 +1,4 @@
-"""Register tiny seeded density / tumor / lesion bundles at ``production`` in a fresh MLflow store.
+"""Register tiny seeded density, tumor, lesion and mammo_lesion bundles at ``production``.
 
 Run as ``python -m tests.services.make_registry ROOT`` with ``MLFLOW_TRACKING_URI`` set:
 the service tests serve these models through the real path (registry -> ``breastscan
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from mlflow import MlflowClient
 
 from breastscan.config import ModelConfig
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.registry import tracking, versions
 from breastscan.registry.bundle import ModelBundle, ModelContract
+from tests.services import images
 
 MODELS: dict[str, dict] = {
     "density": dict(task="classification", label="density", classes=("1", "2", "3", "4"),
@@ -30,14 +33,24 @@ MODELS: dict[str, dict] = {
     "lesion": dict(task="segmentation", label="mask", classes=(), class_names=("lesion",),
                    modality="ultrasound", dataset="ultrasound", spec=PreprocessSpec(height=32, width=32),
                    temperature=1.0),
+    "mammo_lesion": dict(task="segmentation", label="mask", classes=(), class_names=("lesion",),
+                         modality="mammography", dataset="mammography",
+                         spec=PreprocessSpec(height=48, width=32), temperature=1.0),
 }
 
 
+REFERENCE_SEEDS = range(1000, 1048)
+"""Phantom seeds of every bundle's drift reference (service tests draw their requests elsewhere)."""
+
+
 def build_bundle(name: str, directory: Path) -> Path:
-    """A seeded untrained bundle of model ``name`` saved to ``directory``."""
+    """A seeded untrained bundle of model ``name`` saved to ``directory``, with a drift reference
+    (``reference.json``) over the phantoms of :data:`REFERENCE_SEEDS` of its modality, as trained
+    bundles have."""
     import keras
 
     from breastscan.models import build_model
+    from breastscan.monitoring.drift import model_reference
 
     m = MODELS[name]
     spec: PreprocessSpec = m["spec"]
@@ -50,7 +63,11 @@ def build_bundle(name: str, directory: Path) -> Path:
     contract = ModelContract(name=name, task=m["task"], label=m["label"], classes=m["classes"],
                              class_names=m["class_names"], input_shape=shape, dataset=m["dataset"],
                              modality=m["modality"], temperature=m["temperature"], spec_id=spec.spec_id)
-    return ModelBundle(model=model, spec=spec, contract=contract).save(directory)
+    bundle = ModelBundle(model=model, spec=spec, contract=contract)
+    phantom = images.mammogram if m["modality"] == "mammography" else images.ultrasound
+    grays = [phantom(seed).astype(np.float32) / 255.0 for seed in REFERENCE_SEEDS]
+    reference = model_reference(bundle, grays, modality=m["modality"])
+    return replace(bundle, reference=reference).save(directory)
 
 
 def main(root: Path, names: Iterable[str] = tuple(MODELS)) -> None:

@@ -116,7 +116,8 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
         assert (src / packed).is_file(), packed
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     pinned = {m["tag"].split(":")[0]: m["tag"] for svc in info["services"] for m in svc["models"]}
-    assert set(pinned) == {"breastscan-density", "breastscan-tumor", "breastscan-lesion"}
+    assert set(pinned) == {"breastscan-density", "breastscan-tumor", "breastscan-lesion",
+                           "breastscan-mammo_lesion"}
     newer = subprocess.run([sys.executable, "-c", NEWER_IMPORT], env=env, capture_output=True, text=True,
                            timeout=120)
     assert newer.returncode == 0, newer.stderr[-3000:]
@@ -141,9 +142,10 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
         assert r.status_code == 200 and r.json()["stage"] == "production"
         versions = {m["name"]: m["version"] for m in httpx.post(f"{served.http_url}/models", json={},
                                                                 timeout=10).json()}
-        assert versions == {"density": "1", "tumor": "1", "lesion": "1"}  # not the newer "99"
+        assert versions == dict.fromkeys(("density", "tumor", "lesion", "mammo_lesion"), "1")  # not "99"
         with GRPCClient(served.grpc_target) as g:
             assert g.predict("lesion", images.png(images.ultrasound(2)))["task"] == "segmentation"
+            assert g.predict("mammo_lesion", upload["image"][1])["task"] == "segmentation"
         assert httpx.get(f"{served.http_url}/ui/", timeout=10).status_code == 200
     finally:
         stop_service(served)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.services.conftest import BIN, REPO
+from tests.services.make_registry import MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
@@ -19,11 +20,11 @@ def _import(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 def test_import_again_reuses_the_stored_models(served_project: tuple[Path, dict[str, str]]) -> None:
     _, env = served_project
-    again = _import(env)
+    again = _import(env, *MODELS)  # the test registry's models (params.yaml declares three)
     assert again.returncode == 0, again.stderr[-3000:]
     tags = dict(line.split(": ", 1) for line in again.stdout.splitlines())
-    assert sorted(tags) == ["density", "lesion", "tumor"]
-    assert again.stderr.count("is already the newest in the BentoML store") == 3
+    assert sorted(tags) == ["density", "lesion", "mammo_lesion", "tumor"]
+    assert again.stderr.count("is already the newest in the BentoML store") == 4
 
 
 def test_a_missing_stage_is_a_clear_error(served_project: tuple[Path, dict[str, str]]) -> None:

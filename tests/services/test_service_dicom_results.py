@@ -48,21 +48,42 @@ def _check_sr(sr: pydicom.Dataset, source: pydicom.Dataset, answer: dict[str, An
     assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID
     assert source.SOPInstanceUID in str(sr)  # the image it reports on is referenced
-    numbers = list(_numbers(sr.ContentSequence))
+    numbers, texts = list(_numbers(sr.ContentSequence)), list(_texts(sr.ContentSequence))
     for name, model in answer["models"].items():
-        for p in (model.get("probabilities") or {}).values():
+        assert name in texts  # each model's group, tracked by its name
+        values = [*(model.get("probabilities") or {}).values(),
+                  *(model[k] for k in ("lesion_area_px", "lesion_fraction") if k in model)]
+        for p in values:
             assert any(abs(n - p) < 1e-6 for n in numbers), (name, p, numbers)
-    assert any("NOT FOR DIAGNOSTIC USE" in t.upper() for t in _texts(sr.ContentSequence))
+    assert any("NOT FOR DIAGNOSTIC USE" in t.upper() for t in texts)
     assert "SECRET-1234" == sr.PatientID  # the patient module, as the standard requires; no more
 
 
+def _check_seg(text: str, source: pydicom.Dataset, answer: dict[str, Any]) -> None:
+    """A SEG of the source image (its study, series and instance referenced, its size) whose
+    one segment's pixels are the answer's mask."""
+    seg = hd.seg.segread(io.BytesIO(base64.b64decode(text)))
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.get_source_image_uids() == [(source.StudyInstanceUID, source.SeriesInstanceUID,
+                                            source.SOPInstanceUID)]
+    assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+    mask = images.decode_png_b64(answer["mask_png"]) > 0
+    assert mask.shape == (source.Rows, source.Columns) and mask.sum() == answer["lesion_area_px"]
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
+    assert pixels.shape == (1, *mask.shape, 1) and np.array_equal(pixels[0, :, :, 0] > 0, mask)
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_a_mammogram_gets_a_structured_report_of_its_answers(service: Served, protocol: str) -> None:
+def test_a_mammogram_gets_a_structured_report_and_a_segmentation(service: Served, protocol: str) -> None:
     client: Any = HTTPClient(service.http_url) if protocol == "http" else GRPCClient(service.grpc_target)
     with client:
         answer = client.analyze(MG_DICOM, dicom=True)
     source = pydicom.dcmread(io.BytesIO(MG_DICOM))
-    assert set(answer["models"]) == {"density", "tumor"} and answer["dicom"]["seg"] == {}
+    assert sorted(answer["models"]) == ["density", "mammo_lesion", "tumor"]
+    assert sorted(answer["dicom"]["seg"]) == ["mammo_lesion"]  # one SEG per segmenter, none of a classifier
+    assert 0 < answer["models"]["mammo_lesion"]["lesion_area_px"] < 160 * 128  # a mask of both values
+    _check_seg(answer["dicom"]["seg"]["mammo_lesion"], source, answer["models"]["mammo_lesion"])
     _check_sr(_read(answer["dicom"]["sr"]), source, answer)
 
 
@@ -70,12 +91,8 @@ def test_an_ultrasound_gets_a_segmentation_equal_to_the_json_mask(service: Serve
     with GRPCClient(service.grpc_target) as g:
         answer = g.analyze(US_DICOM, dicom=True)
     source = pydicom.dcmread(io.BytesIO(US_DICOM))
-    seg = hd.seg.segread(io.BytesIO(base64.b64decode(answer["dicom"]["seg"]["lesion"])))
-    assert seg.StudyInstanceUID == source.StudyInstanceUID
-    assert source.SOPInstanceUID in str(seg)
-    mask = images.decode_png_b64(answer["models"]["lesion"]["mask_png"]) > 0
-    pixels = np.asarray(seg.pixel_array).reshape(mask.shape)  # one frame, one segment
-    assert (pixels > 0).sum() == mask.sum() and np.array_equal(pixels > 0, mask)
+    assert sorted(answer["models"]) == sorted(answer["dicom"]["seg"]) == ["lesion"]
+    _check_seg(answer["dicom"]["seg"]["lesion"], source, answer["models"]["lesion"])
     _check_sr(_read(answer["dicom"]["sr"]), source, answer)
 
 

@@ -25,7 +25,8 @@ def clients(service: Served) -> Any:
         yield g, h
 
 
-@pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US)])
+@pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US),
+                                             ("mammo_lesion", MG)])
 def test_predict_equals_http(clients: Any, model: str, data: bytes) -> None:
     g, h = clients
     assert_same_answer(g.predict(model, data), h.predict(model, data))
@@ -43,7 +44,8 @@ def test_analyze_and_preview_equal_http(clients: Any) -> None:
     g, h = clients
     by_grpc, by_http = g.analyze(MG, modality="mammography"), h.analyze(MG, modality="mammography")
     assert by_grpc["eight_category"] == by_http["eight_category"]
-    for name in ("density", "tumor"):
+    assert sorted(by_grpc["models"]) == sorted(by_http["models"]) == ["density", "mammo_lesion", "tumor"]
+    for name in ("density", "mammo_lesion", "tumor"):
         assert_same_answer(by_grpc["models"][name], by_http["models"][name])
     dcm = images.dicom(images.ultrasound(4).astype(np.uint16) * 16, modality="US")
     assert g.analyze(dcm)["modality"] == "ultrasound"

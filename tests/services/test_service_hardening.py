@@ -91,6 +91,8 @@ HTTP_CASES: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
                                                           "u.dcm")), 400, "wrong_modality"),
     "CT DICOM to the ultrasound model": ("/lesion", *_case(("image", images.dicom(images.ultrasound(4), "CT"),
                                                             "c.dcm")), 400, "wrong_modality"),
+    "US DICOM to the mammography segmenter": ("/mammo_lesion", *_case(
+        ("image", images.dicom(images.ultrasound(4), "US"), "u.dcm")), 400, "wrong_modality"),
     "CT DICOM to analyze": ("/analyze", *_case(("image", images.dicom(images.mammogram(4), "CT"), "c.dcm")),
                             400, "wrong_modality"),
     "MG DICOM analyzed as ultrasound": ("/analyze", *_case(("image", images.dicom(images.mammogram(4), "MG"),
@@ -136,6 +138,8 @@ GRPC_CASES = {
                           "wrong_modality"),
     "CT DICOM to lesion": (lambda g: g.predict("lesion", images.dicom(images.ultrasound(4), "CT")),
                            "wrong_modality"),
+    "US DICOM to mammo_lesion": (lambda g: g.predict("mammo_lesion", images.dicom(images.ultrasound(4),
+                                                                                  "US")), "wrong_modality"),
     "CT DICOM to analyze": (lambda g: g.analyze(images.dicom(images.mammogram(4), "CT")), "wrong_modality"),
     "MG DICOM as ultrasound": (lambda g: g.analyze(images.dicom(images.mammogram(4), "MG"),
                                                    modality="ultrasound"), "wrong_modality"),

@@ -51,16 +51,19 @@ def test_health_and_readiness(service: Served) -> None:
 
 def test_models_lists_the_production_versions(service: Served) -> None:
     listed = httpx.post(f"{service.http_url}/models", json={}, timeout=10).json()
-    assert [m["name"] for m in listed] == ["density", "lesion", "tumor"]
+    assert [m["name"] for m in listed] == ["density", "lesion", "mammo_lesion", "tumor"]
     for m in listed:
         assert m["version"] == "1" and m["stage"] == "production"
         assert m["source"] == f"models:/breastscan-{m['name']}@production"
     by_name = {m["name"]: m for m in listed}
     assert by_name["density"]["classes"] == ["A", "B", "C", "D"]
     assert by_name["lesion"]["task"] == "segmentation" and by_name["lesion"]["modality"] == "ultrasound"
+    assert (by_name["mammo_lesion"]["task"], by_name["mammo_lesion"]["modality"]) == ("segmentation",
+                                                                                      "mammography")
 
 
-@pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US)])
+@pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US),
+                                             ("mammo_lesion", MG)])
 def test_model_endpoint_equals_in_process_prediction(service: Served, reference: Any, model: str,
                                                      data: bytes) -> None:
     r = post_file(service, f"/{model}", data)
@@ -83,17 +86,20 @@ def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Serve
     assert np.abs(heat.astype(int) - images.decode_png_b64(local["heatmap_png"]).astype(int)).max() <= 2
 
 
-def test_lesion_answer_has_mask_area_and_box(service: Served) -> None:
-    body = post_file(service, "/lesion", US).json()
+@pytest.mark.parametrize(("model", "data", "shape"), [("lesion", US, (112, 144)),
+                                                      ("mammo_lesion", MG, (160, 128))])
+def test_segmenter_answer_has_mask_area_and_box(service: Served, model: str, data: bytes,
+                                                shape: tuple[int, int]) -> None:
+    body = post_file(service, f"/{model}", data).json()
     mask = images.decode_png_b64(body["mask_png"])
-    assert mask.shape == (112, 144) and set(np.unique(mask)) <= {0, 255}
+    assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
     assert body["lesion_area_px"] == int((mask > 0).sum())
     assert body["lesion_fraction"] == pytest.approx(body["lesion_area_px"] / mask.size)
     if body["lesion_area_px"]:
         x, y, w, h = body["bbox"]
         ys, xs = np.nonzero(mask)
         assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
-    assert images.decode_png_b64(body["overlay_png"]).shape == (112, 144, 3)
+    assert images.decode_png_b64(body["overlay_png"]).shape == (*shape, 3)
 
 
 def test_array_input_equals_file_input(service: Served) -> None:
@@ -108,14 +114,15 @@ def test_array_input_equals_file_input(service: Served) -> None:
     assert as_float.json()["probabilities"] == pytest.approx(by_file["probabilities"], abs=1e-4)
 
 
-def test_analyze_mammogram_runs_both_models_and_the_eight_category_view(service: Served,
-                                                                       reference: Any) -> None:
+def test_analyze_mammogram_runs_every_mammography_model_and_the_eight_category_view(
+        service: Served, reference: Any) -> None:
     r = post_file(service, "/analyze", MG, modality="mammography")
     assert r.status_code == 200, r.text
     body = r.json()
     local = run_async(reference.analyze(ImageInput(data=MG), modality="mammography"))
-    assert body["modality"] == "mammography" and sorted(body["models"]) == ["density", "tumor"]
-    for name in ("density", "tumor"):
+    assert body["modality"] == "mammography"
+    assert sorted(body["models"]) == sorted(local["models"]) == ["density", "mammo_lesion", "tumor"]
+    for name in ("density", "mammo_lesion", "tumor"):
         assert_same_answer(body["models"][name], local["models"][name])
     view = body["eight_category"]
     assert view["category"] == local["eight_category"]["category"]
@@ -302,8 +309,8 @@ def test_request_id_is_echoed_and_logged_without_content(service: Served) -> Non
 
 def test_openapi_documents_every_endpoint(service: Served) -> None:
     spec = httpx.get(f"{service.http_url}/docs.json", timeout=10).json()
-    for path in ("/density", "/tumor", "/lesion", "/predict", "/predict_array", "/analyze", "/preview",
-                 "/models"):
+    for path in ("/density", "/tumor", "/lesion", "/mammo_lesion", "/predict", "/predict_array", "/analyze",
+                 "/preview", "/models"):
         assert path in spec["paths"], path
 
 

@@ -1,7 +1,8 @@
 """The web UI at ``/ui`` in a real browser (Debian's Chromium driven by Playwright) against the
-real service: the models table, a mammogram with Grad-CAM and the 8-category view (the shown
-answer equal to the HTTP API's), an ultrasound DICOM with the modality read from its header,
-a region of interest dragged on the canvas, and an API error shown without breaking the page.
+real service: the models table, a mammogram with Grad-CAM, its lesion mask and the
+8-category view (the shown answer equal to the HTTP API's), an ultrasound DICOM with the
+modality read from its header, a region of interest dragged on the canvas, and an API error
+shown without breaking the page.
 Every test also checks that the page logged no console error and asked no host but the
 service's (loopback) for anything: no CDN, no framework download.
 """
@@ -42,6 +43,8 @@ RESULTS_SCREENSHOT = Path("/tmp/ui_results.png")
 # bad file on purpose, nowhere else.
 HTTP_4XX_LOG = re.compile(r"^Failed to load resource: the server responded with a status of 4\d\d\b")
 CLASSIFIERS = ("density", "tumor")
+MAMMOGRAPHY_MODELS = ("density", "mammo_lesion", "tumor")  # what /analyze runs on a mammogram
+SERVED = ["density", "lesion", "mammo_lesion", "tumor"]  # tests.services.make_registry's, in name order
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -163,6 +166,21 @@ def api_analyze(service: Served, path: Path, **fields: str) -> httpx.Response:
                       data=fields, timeout=60)
 
 
+def check_segmentation_card(ui: UI, name: str, expected: dict[str, Any]) -> None:
+    """The card of segmenter ``name`` shows its answer ``expected``: area, box, mask overlay."""
+    card = ui.card(name)
+    assert card.get_attribute("data-task") == "segmentation"
+    assert card.locator("[data-testid=version]").inner_text() == "version 1"
+    assert card.locator("[data-testid=stage]").inner_text() == "production"
+    assert card.locator("[data-testid=size]").inner_text() == f"{expected['width']} × {expected['height']} px"
+    area = card.locator("[data-testid=lesion-area]").inner_text()
+    assert area == (f"{expected['lesion_area_px']:,} px" if expected["lesion_area_px"] else "No lesion found")
+    bbox = expected["bbox"]
+    assert card.locator("[data-testid=bbox]").inner_text() == (
+        f"x {bbox[0]}, y {bbox[1]}, {bbox[2]}×{bbox[3]} px" if bbox else "none")
+    assert ui.image_loaded(f'.model-card[data-model="{name}"] img[data-testid=mask-overlay]')
+
+
 def percents(card: Any) -> dict[str, float]:
     """The class -> shown percent of a classifier's card, in the order shown."""
     shown = {}
@@ -186,13 +204,15 @@ def test_models_table_lists_the_production_versions(ui: UI) -> None:
     ui.open()
     page = ui.page
     rows = page.locator("#models tbody tr[data-model]")
-    assert sorted(r.get_attribute("data-model") for r in rows.all()) == ["density", "lesion", "tumor"]
-    for name in ("density", "tumor", "lesion"):
+    assert sorted(r.get_attribute("data-model") for r in rows.all()) == SERVED
+    for name in SERVED:
         row = page.locator(f'#models tr[data-model="{name}"]')
         assert row.locator("[data-field=version]").inner_text().strip() == "1"
         assert row.locator("[data-field=stage]").inner_text().strip() == "production"
     assert page.locator('#models tr[data-model="density"] [data-field=classes]').inner_text() == "A, B, C, D"
-    assert page.locator('#models tr[data-model="lesion"] [data-field=task]').inner_text() == "segmentation"
+    for name in ("lesion", "mammo_lesion"):
+        task = page.locator(f'#models tr[data-model="{name}"] [data-field=task]')
+        assert task.inner_text() == "segmentation"
     assert "Research use only — not for diagnosis" in page.locator("#disclaimer").inner_text()
     assert page.locator("#disclaimer").is_visible()
     assert page.locator("#error").is_hidden()
@@ -219,9 +239,11 @@ def test_mammogram_with_gradcam_shows_the_apis_answer(ui: UI, mammogram_file: Pa
     assert page.locator("#error").is_hidden()
 
     expected = api_analyze(ui.service, mammogram_file, modality="mammography", explain="true").json()
-    assert sorted(expected["models"]) == sorted(CLASSIFIERS)
+    assert sorted(expected["models"]) == list(MAMMOGRAPHY_MODELS)
     assert page.locator("[data-testid=result-modality]").inner_text() == "mammography"
-    assert page.locator(".model-card").count() == 2
+    cards = [c.get_attribute("data-model") for c in page.locator(".model-card").all()]
+    assert cards == list(MAMMOGRAPHY_MODELS)  # in name order, the segmenter's card among them
+    check_segmentation_card(ui, "mammo_lesion", expected["models"]["mammo_lesion"])
     for name in CLASSIFIERS:
         card, answer = ui.card(name), expected["models"][name]
         assert card.is_visible()
@@ -278,16 +300,7 @@ def test_ultrasound_dicom_modality_from_its_header(ui: UI, tmp_path: Path) -> No
     assert page.locator("[data-testid=result-modality]").inner_text() == "ultrasound"
     assert [c.get_attribute("data-model") for c in page.locator(".model-card").all()] == ["lesion"]
     assert page.locator("#eight-category").count() == 0
-    card = ui.card("lesion")
-    assert card.locator("[data-testid=version]").inner_text() == "version 1"
-    assert card.locator("[data-testid=stage]").inner_text() == "production"
-    assert card.locator("[data-testid=size]").inner_text() == f"{expected['width']} × {expected['height']} px"
-    area = card.locator("[data-testid=lesion-area]").inner_text()
-    assert area == (f"{expected['lesion_area_px']:,} px" if expected["lesion_area_px"] else "No lesion found")
-    bbox = expected["bbox"]
-    assert card.locator("[data-testid=bbox]").inner_text() == (
-        f"x {bbox[0]}, y {bbox[1]}, {bbox[2]}×{bbox[3]} px" if bbox else "none")
-    assert ui.image_loaded('.model-card[data-model="lesion"] img[data-testid=mask-overlay]')
+    check_segmentation_card(ui, "lesion", expected)
     ui.assert_clean()
 
 
@@ -315,6 +328,7 @@ def test_roi_dragged_on_the_canvas_crops_the_request(ui: UI, mammogram_file: Pat
     assert page.locator("[data-testid=result-roi]").get_attribute("data-roi") == f"{x},{y},{w},{h}"
     assert page.locator("[data-testid=result-roi]").inner_text() == f"x {x}, y {y}, {w}×{h} px"
     expected = api_analyze(ui.service, mammogram_file, modality="mammography", roi=f"{x},{y},{w},{h}").json()
+    check_segmentation_card(ui, "mammo_lesion", expected["models"]["mammo_lesion"])  # the crop's mask
     for name in CLASSIFIERS:
         size = ui.card(name).locator("[data-testid=size]")
         assert size.inner_text() == f"{w} × {h} px"  # the answer is about (and sized as) the crop
@@ -413,7 +427,7 @@ def test_the_page_asks_for_an_api_key_and_works_with_it(auth_ui: KeyedUI, auth_s
     field.press("Enter")
     page.locator("#models tbody tr[data-model]").first.wait_for()
     names = sorted(r.get_attribute("data-model") for r in page.locator("#models tbody tr[data-model]").all())
-    assert names == ["density", "lesion", "tumor"]
+    assert names == SERVED
     assert page.locator("#error").is_hidden() and field.get_attribute("aria-invalid") is None
     # kept for this tab only: sessionStorage, never localStorage or a cookie
     assert page.evaluate("() => Object.values(sessionStorage)") == [key]

@@ -337,3 +337,21 @@ def test_the_monitor_command_writes_its_report(tmp_path: Path, reference: list, 
     missing = CliRunner().invoke(cli, [*args[:-2], "--out", str(tmp_path / "o2"), "--store",
                                        str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 1 and "no record store" in missing.output
+
+
+def test_a_verdict_is_logged_when_it_changes_not_at_every_scoring(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    recorder = Recorder(tmp_path / "store.sqlite", interval_s=0)
+
+    def verdict(drift: bool, enough: bool = True) -> Any:
+        return SimpleNamespace(drift=drift, enough_data=enough, summary=lambda: f"m: drift={drift}")
+
+    caplog.set_level("DEBUG", logger="breastscan.monitoring.recorder")
+    for report in (verdict(False), verdict(True), verdict(True), verdict(True, enough=False),
+                   verdict(True), verdict(False), verdict(False)):
+        recorder._log_verdict("m", report)
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [lv for lv, _ in levels] == ["DEBUG", "WARNING", "DEBUG", "DEBUG", "DEBUG", "INFO", "DEBUG"]
+    assert levels[1][1] == "drift m: drift=True" and recorder.drifting == {"m": False}

@@ -76,8 +76,8 @@ def tiny_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
-    """MLflow (tracking and registry) on a fresh SQLite store under ``root``, for a fixture.
+def mlflow_at(uri: str) -> Iterator[pytest.MonkeyPatch]:
+    """MLflow (tracking and registry) on the store or server ``uri``, for a fixture.
 
     Whatever ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` the environment had is set
     aside; on exit an open run is ended, the URIs are reset and every change made through
@@ -88,7 +88,7 @@ def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
     mp = pytest.MonkeyPatch()
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mp.delenv(var, raising=False)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/store.db")
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         yield mp
@@ -98,6 +98,13 @@ def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
         mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         mp.undo()
+
+
+@contextmanager
+def sqlite_mlflow(root: Path) -> Iterator[pytest.MonkeyPatch]:
+    """:func:`mlflow_at` a fresh SQLite store under ``root``."""
+    with mlflow_at(f"sqlite:///{root}/store.db") as mp:
+        yield mp
 
 
 def tiny_model(task: str, n_classes: int = 0, seed: int = 0) -> Any:

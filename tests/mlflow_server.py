@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from breastscan.processes import free_port, stop_process_group
 
 __all__ = ["free_port", "mlflow_server", "wait_healthy"]
@@ -98,20 +96,3 @@ def mlflow_server(workdir: Path, *, host: str = "127.0.0.1", timeout: float = 12
         yield uri
     finally:
         _stop(proc)
-
-
-@contextmanager
-def tracking_against(uri: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """This process tracks (and registers) against the server at ``uri``; undone afterwards."""
-    import mlflow
-
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        yield uri
-    finally:
-        if mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(None)  # type: ignore[arg-type]

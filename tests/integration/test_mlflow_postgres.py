@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 
 from breastscan.registry import promotion, resolver, tracking, versions
 from breastscan.registry.bundle import ModelBundle
-from tests.mlflow_server import mlflow_server, tracking_against
+from tests.conftest import mlflow_at
+from tests.mlflow_server import mlflow_server
 from tests.postgres import PostgresCluster
 from tests.unit.test_registry import GOOD, make_bundle, make_cfg
 
@@ -43,9 +44,9 @@ def pg_server(postgres: PostgresCluster,
 
 
 @pytest.fixture
-def remote(pg_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def remote(pg_server: tuple[str, Path]) -> Iterator[str]:
     uri, _ = pg_server
-    with tracking_against(uri, monkeypatch):
+    with mlflow_at(uri):
         yield uri
 
 

@@ -122,7 +122,7 @@ load: $(STAMP)  ## Locust, headless, 60 s against a running `make serve`; CSV + 
 bench-serving: $(STAMP)  ## serving benchmark (in-process limit, HTTP/gRPC, batching on/off) -> reports/serving_benchmark.json
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python load_tests/bench_serving.py
 
-bench-quality: $(STAMP)  ## leak-free 5-fold CV on BUSI and mini-MIAS (../shared/datasets) -> reports/quality_benchmark.json (ARGS=--quick: minutes)
+bench-quality: $(STAMP)  ## leak-free 5-fold CV on BUSI and mini-MIAS (../shared/datasets) -> reports/quality_benchmark.json (ARGS=--quick: minutes; ARGS=cross_site: trained at one hospital, scored at the other, ~1.5 h)
 	$(BIN)/breastscan bench-quality $(ARGS)
 
 proto: $(STAMP)  ## regenerate the gRPC Python code from breastscan/serving/proto/**/*.proto

@@ -270,6 +270,8 @@ def models(as_json: bool) -> None:
         click.echo(f"no breastscan models registered in {tracking.tracking_uri(Path.cwd())}; run `dvc repro`")
         return
     cols = ["name", "version", "aliases", "stage", "headline", "value", "created"]
+    if any(r.get("sites") for r in rows):  # a model trained on a pool: each site's headline
+        cols.insert(6, "sites")
     def cell(value: Any) -> str:
         if isinstance(value, list):
             return ",".join(map(str, value))
@@ -348,6 +350,8 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
     if "calibration" in r:
         cal = r["calibration"]
         click.echo(f"  calibration: T = {num(cal['temperature'])} (stored), ECE {num(cal['ece'])}")
+    if r.get("decision", {}).get("rule", "argmax") != "argmax":
+        click.echo(f"  decision rule (stored): {r['decision']['description']}")
     click.echo(f"report: {result.paths['json']} and {result.paths['markdown'].name}")
     if result.run_id:
         click.echo(f"MLflow run {result.run_id} ({r['mlflow']['run_name']}) in {r['mlflow']['experiment']}")
@@ -423,9 +427,13 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
 
 @main.command("bench-quality")
 @click.argument("names", nargs=-1, metavar="[BENCHMARK]...")
-@click.option("--quick", is_flag=True, help="fold 0 only, at most 3 epochs: a smoke run of a few minutes")
+@click.option("--quick", is_flag=True,
+              help="fold 0 only (cross_site: a subset of each site), at most 3 epochs: a smoke run of "
+                   "a few minutes")
 @click.option("--fold", "only_folds", type=int, multiple=True,
               help="run only this fold (repeatable); the report says which folds ran")
+@click.option("--run", "cross_runs", multiple=True, metavar="RUN",
+              help="cross_site: make only this run (repeatable, e.g. both); the others keep their last entry")
 @click.option("--set", "overrides", multiple=True, metavar="[BENCHMARK:]KEY=VALUE",
               help="override a value of the benchmark file(s), e.g. busi:models.busi_tumor.epochs=20")
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path), default=None,
@@ -436,20 +444,70 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
               help="JSON report [default: reports/quality_benchmark.json; with --quick or --fold: "
                    "reports/quality/partial.json]")
 def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ...],
-                  overrides: tuple[str, ...], datasets_dir: Path | None, rescore: bool,
-                  out: Path | None) -> None:
+                  cross_runs: tuple[str, ...], overrides: tuple[str, ...], datasets_dir: Path | None,
+                  rescore: bool, out: Path | None) -> None:
     """Leak-free cross-validated quality of the benchmark models on real datasets.
 
-    BENCHMARK: busi, mini_mias, busi_gpu (files in benchmarks/); all by default, except
-    the full-size ones declaring ``device: gpu`` when no GPU is visible. Exits 1 with what
-    is missing when a dataset is not on this machine.
+    BENCHMARK: busi, mini_mias, busi_gpu, cross_site ... (files in benchmarks/); all by
+    default, except those declaring ``device: gpu`` (full-size or hours-long ones) when no
+    GPU is visible. cross_site trains at one hospital and scores at the other (README,
+    "Cross-site evaluation"). Exits 1 with what is missing when a dataset is not on this machine.
     """
-    from breastscan.evaluation import crossval
+    from breastscan.evaluation import crosssite, crossval
 
     try:
         files = crossval.benchmark_files(names)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="BENCHMARK") from None
+    specs = _benchmark_specs(files, overrides, datasets_dir)
+    cross = [s for s in specs if isinstance(s, crosssite.CrossSiteSpec)]
+    if only_folds and cross:
+        raise click.BadParameter("a cross-site benchmark has no folds to choose: use --run",
+                                 param_hint="--fold")
+    if cross_runs and not cross:
+        raise click.BadParameter("--run names runs of a cross-site benchmark; none is in this run",
+                                 param_hint="--run")
+    missing = [(s, source) for s in specs for source in _benchmark_sources(s)
+               if not source.exists() and (s in cross or not rescore)]
+    if missing:
+        raise click.ClickException("\n".join(
+            f"benchmark {s.name} needs {source} ({s.title}); it is not on this machine"
+            for s, source in missing)
+            + "\nPut the datasets there (see the README, 'Clinical quality on real data') "
+              "or pass --datasets DIR.")
+    partial = quick or bool(only_folds)
+    out = out or Path("reports/quality/partial.json" if partial else "reports/quality_benchmark.json")
+    # Benchmarks not run now keep their last entry: `bench-quality mini_mias` refreshes one.
+    results: dict[str, Any] = crossval.read_report(out) if not partial else {"benchmarks": {}}
+    for spec in specs:
+        log.info("benchmark %s: %s", spec.name, spec.title)
+        previous = results["benchmarks"].get(spec.name)
+        try:
+            if isinstance(spec, crosssite.CrossSiteSpec):
+                results["benchmarks"][spec.name] = crosssite.run_cross_site(
+                    spec, Path("work/quality"), quick=quick, runs=cross_runs, train=not rescore,
+                    previous=previous)
+            elif rescore:
+                if previous is None:
+                    raise click.ClickException(f"{out} has no {spec.name} run to score again")
+                results["benchmarks"][spec.name] = crossval.rescore(spec, previous, Path("reports/quality"))
+            else:
+                results["benchmarks"][spec.name] = crossval.run_benchmark(
+                    spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        crossval.write_report(results, out)  # after each benchmark: a long run keeps what it has
+    click.echo(out.with_suffix(".md").read_text())
+    click.echo(f"report: {out} and {out.with_suffix('.md').name}")
+
+
+def _benchmark_specs(files: list[Path], overrides: tuple[str, ...], datasets_dir: Path | None) -> list[Any]:
+    """The benchmark files parsed (a cross-site one by its own loader), ``--set`` and ``--datasets``
+    applied."""
+    from dataclasses import replace
+
+    from breastscan.evaluation import crosssite, crossval
+
     per_file: dict[str, dict[str, Any]] = {f.stem: {} for f in files}
     try:
         for item in overrides:
@@ -460,39 +518,21 @@ def bench_quality(names: tuple[str, ...], quick: bool, only_folds: tuple[int, ..
                     if stem not in per_file:
                         raise ValueError(f"--set {item}: no benchmark {stem!r} in this run")
                     per_file[stem][key] = value
-        specs = [crossval.load_benchmark(f, per_file[f.stem]) for f in files]
+        specs: list[Any] = [crosssite.load_cross_site(f, per_file[f.stem]) if crosssite.is_cross_site(f)
+                            else crossval.load_benchmark(f, per_file[f.stem]) for f in files]
     except (KeyError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--set / benchmark file") from None
-    if datasets_dir is not None:
-        from dataclasses import replace
+    if datasets_dir is None:
+        return specs
+    return [crosssite.with_datasets(s, datasets_dir) if isinstance(s, crosssite.CrossSiteSpec)
+            else replace(s, source=datasets_dir / s.source.parent.name / s.source.name) for s in specs]
 
-        specs = [replace(s, source=datasets_dir / s.source.parent.name / s.source.name) for s in specs]
-    missing = [s for s in specs if not s.source.exists()] if not rescore else []
-    if missing:
-        raise click.ClickException("\n".join(
-            f"benchmark {s.name} needs {s.source} ({s.title}); it is not on this machine" for s in missing)
-            + "\nPut the datasets there (see the README, 'Clinical quality on real data') "
-              "or pass --datasets DIR.")
-    partial = quick or bool(only_folds)
-    out = out or Path("reports/quality/partial.json" if partial else "reports/quality_benchmark.json")
-    # Benchmarks not run now keep their last entry: `bench-quality mini_mias` refreshes one.
-    results: dict[str, Any] = crossval.read_report(out) if not partial else {"benchmarks": {}}
-    for spec in specs:
-        log.info("benchmark %s: %s", spec.name, spec.title)
-        if rescore:
-            if spec.name not in results["benchmarks"]:
-                raise click.ClickException(f"{out} has no {spec.name} run to score again")
-            try:
-                results["benchmarks"][spec.name] = crossval.rescore(
-                    spec, results["benchmarks"][spec.name], Path("reports/quality"))
-            except FileNotFoundError as exc:
-                raise click.ClickException(str(exc)) from None
-        else:
-            results["benchmarks"][spec.name] = crossval.run_benchmark(
-                spec, Path("reports/quality"), quick=quick, folds=list(only_folds) or None)
-        crossval.write_report(results, out)  # after each benchmark: a long run keeps what it has
-    click.echo(out.with_suffix(".md").read_text())
-    click.echo(f"report: {out} and {out.with_suffix('.md').name}")
+
+def _benchmark_sources(spec: Any) -> list[Path]:
+    """The real datasets a benchmark reads (a cross-site one: one per site)."""
+    from breastscan.evaluation import crosssite
+
+    return crosssite.sources(spec) if isinstance(spec, crosssite.CrossSiteSpec) else [spec.source]
 
 
 @main.command()

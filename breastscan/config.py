@@ -6,17 +6,22 @@ library code never reads ``params.yaml`` itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
 
 from breastscan.data.manifest import LABEL_COLUMNS
+from breastscan.decision import DECLARED_KEYS, DecisionRule
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.labels import MODALITIES, class_display_names
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+SITE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+"""A site of a pool: lower case, as it appears in the ``site`` column and in metric names."""
 
 
 class MetricKind(NamedTuple):
@@ -78,6 +83,11 @@ class DatasetConfig:
         stratify: label columns whose combination the splits keep balanced.
         masks_required: benign/malignant rows must have a lesion mask.
         dedup: near-duplicate detection thresholds.
+        sites: a *pool* of datasets trained together (one per hospital or site): site name ->
+            dataset directory, each inside :attr:`path` (the folder DVC watches for the pool).
+            Every site is validated, grouped and split on its own with the pool's settings,
+            and the pool's split artefact stacks them with a ``site`` column. Empty for a
+            plain dataset.
     """
 
     name: str
@@ -87,6 +97,7 @@ class DatasetConfig:
     stratify: tuple[str, ...] = ("pathology",)
     masks_required: bool = False
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    sites: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -94,6 +105,31 @@ class DatasetConfig:
         for col in (*self.labels, *self.stratify):
             if col not in LABEL_COLUMNS:
                 raise ValueError(f"dataset {self.name}: {col!r} is not a label column {LABEL_COLUMNS}")
+        self._check_sites()
+
+    def _check_sites(self) -> None:
+        """A pool names at least two sites, each a folder inside the pool's ``path``."""
+        if not self.sites:
+            return
+        if len(self.sites) < 2:
+            raise ValueError(f"dataset {self.name}: a pool needs at least two sites, "
+                             f"got {sorted(self.sites)}")
+        root = Path(self.path).resolve()
+        for site, folder in self.sites.items():
+            if not SITE_NAME.fullmatch(site):
+                raise ValueError(f"dataset {self.name}: site name {site!r} must match {SITE_NAME.pattern}")
+            if not Path(folder).resolve().is_relative_to(root) or Path(folder).resolve() == root:
+                raise ValueError(f"dataset {self.name}: site {site} ({folder}) must be a folder inside the "
+                                 f"pool's path {self.path} (the folder DVC watches for the pool)")
+
+    @property
+    def is_pool(self) -> bool:
+        """Several sites trained together (:attr:`sites`), rather than one dataset directory."""
+        return bool(self.sites)
+
+    def site(self, name: str) -> DatasetConfig:
+        """One site of a pool as a plain dataset with the pool's settings (named ``<pool>/<site>``)."""
+        return replace(self, name=f"{self.name}/{name}", path=Path(self.sites[name]), sites={})
 
 
 @dataclass(frozen=True)
@@ -279,6 +315,9 @@ class ModelConfig:
             unit variance) first, so a scanner's gain and contrast matter less.
         roi: classify the segmented lesion's neighbourhood (:class:`RoiConfig`; classification
             on a dataset with lesion masks), or ``None`` for the whole image.
+        decision: how a class is called from the probabilities (classification): the arg-max
+            by default, or a ``positive_ratio`` rule whose cutoff is declared or fitted on the
+            validation split for a target sensitivity (:class:`~breastscan.decision.DecisionRule`).
         headline: the metric with a bootstrap CI, used for promotion comparisons.
         gates: promotion quality gates.
     """
@@ -308,6 +347,7 @@ class ModelConfig:
     threshold: float = 0.5
     normalize: str = "none"
     roi: RoiConfig | None = None
+    decision: DecisionRule = field(default_factory=DecisionRule)
     headline: str = ""
     gates: GateConfig = field(default_factory=GateConfig)
 
@@ -336,9 +376,15 @@ class ModelConfig:
                 object.__setattr__(self, "class_names", class_display_names(self.label, self.classes))
             if len(self.class_names) != len(self.classes):
                 raise ValueError(f"{where}: class_names and classes differ in length")
+            try:
+                self.decision.check_classes(self.class_names)
+            except ValueError as exc:
+                raise ValueError(f"{where}.decision: {exc}") from None
         else:
             if self.label != "mask":
                 raise ValueError(f"{where}.label must be 'mask' for segmentation")
+            if not self.decision.is_argmax:
+                raise ValueError(f"{where}.decision applies to classification models only")
             step = 2 ** self.depth
             if self.preprocess.height % step or self.preprocess.width % step:
                 raise ValueError(f"{where}: input {self.preprocess.height}x{self.preprocess.width} "
@@ -425,6 +471,7 @@ def _dataset(name: str, raw: dict[str, Any]) -> DatasetConfig:
         stratify=tuple(raw.pop("stratify", ("pathology",))),
         masks_required=bool(raw.pop("masks_required", False)),
         dedup=dedup,
+        sites={str(k): Path(v) for k, v in (raw.pop("sites", None) or {}).items()},
         **_no_extra(name, raw),
     )
 
@@ -452,6 +499,8 @@ def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -
         roi = raw.pop("roi", None)
         if roi is not None:
             raw["roi"] = RoiConfig(**roi)
+        if raw.get("decision") is not None:
+            raw["decision"] = _decision(raw["decision"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"params.yaml: {where}: {exc}") from None
     known = {f for f in ModelConfig.__dataclass_fields__} - {"name", "preprocess", "augment", "gates"}
@@ -465,6 +514,23 @@ def _model(name: str, raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -
         text = "none" if raw["weights"] is None else str(raw["weights"])
         raw["weights"] = text.lower() if text.lower() in ("none", "imagenet") else text
     return ModelConfig(name=name, preprocess=preprocess, augment=augment, gates=gate, **raw)
+
+
+def _decision(raw: Any) -> DecisionRule:
+    """A declared decision rule: the :data:`~breastscan.decision.DECLARED_KEYS` only, a target
+    sensitivity or a fixed cutoff (not both), each in (0, 1)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"decision must be a mapping of {', '.join(DECLARED_KEYS)}")
+    unknown = sorted(set(raw) - set(DECLARED_KEYS))
+    if unknown:
+        raise ValueError(f"decision: unknown keys {', '.join(map(str, unknown))}; "
+                         f"use {', '.join(DECLARED_KEYS)}")
+    if raw.get("target_sensitivity") is not None and raw.get("cutoff") is not None:
+        raise ValueError("decision: give a target_sensitivity (the cutoff is fitted) or a cutoff, not both")
+    cutoff = raw.get("cutoff")
+    if cutoff is not None and not 0.0 < float(cutoff) < 1.0:
+        raise ValueError(f"decision: cutoff must be in (0, 1), got {cutoff}")
+    return DecisionRule.from_dict(raw)
 
 
 def _backbone(where: str, value: Any) -> str:

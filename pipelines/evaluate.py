@@ -7,7 +7,9 @@ the U-Net, Dice and IoU per image. Writes ``reports/models/<model>/``: ``metrics
 (a DVC metrics file, with the headline metric's 95 % bootstrap CI), ``plots/*.csv``
 (DVC plots: ROC, PR, confusion, calibration, Dice histogram), static PNGs under ``png/``,
 ``predictions.csv`` and ``model_card.md`` (data, intended use, metrics with CIs,
-calibration, known limitations), and logs them to the model's MLflow run.
+calibration, known limitations), and logs them to the model's MLflow run. A model trained
+on a pool of sites is scored on each site's test rows apart as well as pooled (``sites``
+in ``metrics.json``, a ``site`` column in ``predictions.csv``).
 
 The calibrated bundle is logged to that run as an MLflow model (signature, input example,
 preprocessing spec, class names, calibration, the model card) carrying the test metrics;
@@ -28,10 +30,11 @@ import mlflow
 
 from breastscan.config import DatasetConfig
 from breastscan.data.loading import load_split, read_splits
+from breastscan.data.pools import SITE_COLUMN
 from breastscan.data.splits import split_id
 from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
-from breastscan.evaluation.scoring import Scoring, score_bundle
+from breastscan.evaluation.scoring import Scoring, per_site, score_bundle
 from breastscan.registry import tracking
 from breastscan.registry.bundle import ModelBundle
 from breastscan.registry.modelcard import write_model_card
@@ -62,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(splits, dataset.path, cfg, "test")
     reports = model_reports(cfg.name)
     val = load_split(splits, dataset.path, cfg, "val") if cfg.task == "classification" else None
-    evaluation = score_bundle(bundle, test, val=val, scoring=Scoring.from_config(cfg), seed=cfg.seed)
+    scoring = Scoring.from_config(cfg)
+    evaluation = score_bundle(bundle, test, val=val, scoring=scoring, seed=cfg.seed)
+    if dataset.is_pool:  # every site scored apart as well as pooled
+        evaluation.metrics["sites"] = per_site(evaluation, test, scoring, column=SITE_COLUMN, seed=cfg.seed)
+        evaluation.predictions.insert(0, SITE_COLUMN, test.frame[SITE_COLUMN].astype(str).to_numpy())
+        for site, sm in evaluation.metrics["sites"].items():
+            value = sm["headline_value"]
+            log.info("%s at site %s (%d test images): %s = %s", cfg.name, site, sm["n_test"], sm["headline"],
+                     f"{value:.3f}" if isinstance(value, float) else "undefined")
     written = write_evaluation(evaluation, reports)
     history = reports / "history.csv"
     if history.is_file():

@@ -40,6 +40,41 @@ class DeclareError(ValueError):
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """A pool file (``pool:`` instead of ``benchmark:``): several sites' datasets trained together.
+
+    Attributes:
+        name: the file's name (``ultrasound_sites``).
+        dataset: the pool's key under ``datasets:``.
+        sites: site name -> that site's benchmark (its source and conversion).
+    """
+
+    name: str
+    dataset: str
+    sites: dict[str, BenchmarkSpec]
+
+
+def load_pool(path: Path) -> PoolSpec:
+    """Read a pool file: its ``pool:`` section names each site's benchmark file (beside it).
+
+    Raises:
+        DeclareError: no single dataset with ``sites:``, or a site the pool entry does not name.
+    """
+    raw = yaml.safe_load(path.read_text()) or {}
+    pools = [k for k, v in (raw.get("datasets") or {}).items() if (v or {}).get("sites")]
+    if len(pools) != 1:
+        raise DeclareError(f"{path}: a pool file declares one dataset with `sites:`, found {pools}")
+    files = dict(raw["pool"].get("sites") or {})
+    if sorted(files) != sorted(raw["datasets"][pools[0]]["sites"]):
+        raise DeclareError(f"{path}: pool.sites {sorted(files)} and datasets.{pools[0]}.sites differ")
+    try:
+        sites = {site: load_benchmark(path.parent / str(file)) for site, file in files.items()}
+    except (KeyError, ValueError) as exc:
+        raise DeclareError(f"{path}: {exc}") from None
+    return PoolSpec(name=str(raw["pool"].get("name", path.stem)), dataset=pools[0], sites=sites)
+
+
+@dataclass(frozen=True)
 class Declared:
     """What :func:`declare` wrote.
 
@@ -50,14 +85,17 @@ class Declared:
         data_path: the dataset's ``path`` as written.
         models: the keys added under ``models:``, in the benchmark's order.
         replaced: ``section.key`` of the entries that existed and were replaced (``force``).
+        folders: ``(benchmark, folder)`` of each converted dataset the entries read (one;
+            a pool's: one per site), for the next steps' ``breastscan ingest`` and ``dvc add``.
     """
 
-    spec: BenchmarkSpec
+    spec: BenchmarkSpec | PoolSpec
     params_path: Path
     dataset: str
     data_path: str
     models: tuple[str, ...]
     replaced: tuple[str, ...]
+    folders: tuple[tuple[BenchmarkSpec, str], ...] = ()
 
 
 def _round_trip() -> YAML:
@@ -81,7 +119,8 @@ def benchmark_file(name: str, benchmarks_dir: Path = BENCHMARKS_DIR) -> Path:
     path = benchmarks_dir / f"{name}.yaml"
     if path.is_file():
         return path
-    known = sorted(p.stem for p in benchmarks_dir.glob("*.yaml"))
+    known = sorted(p.stem for p in benchmarks_dir.glob("*.yaml")
+                   if "datasets" in (yaml.safe_load(p.read_text()) or {}))  # declarable ones
     listed = ", ".join(known) or f"none in {benchmarks_dir}/"
     raise DeclareError(f"unknown benchmark {name!r}; known: {listed}")
 
@@ -129,14 +168,20 @@ def _attach_trailing(node: CommentedMap, rest: str) -> None:
         slots[2] = CommentToken("\n" + rest, start_mark=CommentMark(0))
 
 
-def _entries(path: Path, spec: BenchmarkSpec, data_path: str) -> dict[str, CommentedMap]:
-    """``{section: {key: entry}}`` of the benchmark file, comments kept, the dataset's path set."""
+def _entries(path: Path, spec: BenchmarkSpec | PoolSpec, data_path: str) -> dict[str, CommentedMap]:
+    """``{section: {key: entry}}`` of the benchmark file, comments kept, the dataset's path set
+    (a pool's: its folder, and each site's folder inside it)."""
     raw = _round_trip().load(path.read_text())
     entries: dict[str, CommentedMap] = {}
     dataset = copy.deepcopy(raw["datasets"][spec.dataset])
     dataset["path"] = data_path
     dataset.ca.items.pop("path", None)  # the benchmark's note on its own (unversioned) folder
-    dataset.yaml_add_eol_comment("# breastscan ingest's output, versioned by dvc add", "path", column=30)
+    if isinstance(spec, PoolSpec):
+        dataset.yaml_add_eol_comment("# the folder holding every site", "path", column=30)
+        for site in spec.sites:
+            dataset["sites"][site] = f"{data_path}/{site}"
+    else:
+        dataset.yaml_add_eol_comment("# breastscan ingest's output, versioned by dvc add", "path", column=30)
     entries["datasets"] = CommentedMap([(spec.dataset, dataset)])
     entries["models"] = CommentedMap(
         (name, copy.deepcopy(raw["models"][name])) for name in raw["models"])
@@ -188,13 +233,15 @@ def declare(benchmark: str, params_path: Path = Path("params.yaml"), data_path: 
             exists (without ``force``), or a result params.yaml would not accept.
     """
     path = benchmark_file(benchmark, benchmarks_dir)
-    try:
-        spec = load_benchmark(path)
-    except (KeyError, ValueError) as exc:
-        raise DeclareError(f"{path}: {exc}") from None
+    spec = _spec(path)
     if not params_path.is_file():
         raise DeclareError(f"{params_path} not found: run this in the project's checkout or pass --params")
-    target = Path(data_path) if data_path is not None else Path("datasets") / spec.dataset
+    if isinstance(spec, PoolSpec):
+        target = Path(data_path) if data_path is not None else Path("datasets")
+        folders = tuple((site_spec, (target / site).as_posix()) for site, site_spec in spec.sites.items())
+    else:
+        target = Path(data_path) if data_path is not None else Path("datasets") / spec.dataset
+        folders = ((spec, target.as_posix()),)
     entries = _entries(path, spec, target.as_posix())
     doc = _round_trip().load(params_path.read_text())
     existing = _existing(doc, entries)
@@ -209,7 +256,17 @@ def declare(benchmark: str, params_path: Path = Path("params.yaml"), data_path: 
         raise DeclareError(f"{params_path} would be invalid after declaring {spec.name}: {exc}") from None
     params_path.write_text(text)
     return Declared(spec=spec, params_path=params_path, dataset=spec.dataset, data_path=target.as_posix(),
-                    models=tuple(entries["models"]), replaced=tuple(existing))
+                    models=tuple(entries["models"]), replaced=tuple(existing), folders=folders)
+
+
+def _spec(path: Path) -> BenchmarkSpec | PoolSpec:
+    """The benchmark (``benchmark:``) or pool (``pool:``) a declarable file describes."""
+    if "pool" in (yaml.safe_load(path.read_text()) or {}):
+        return load_pool(path)
+    try:
+        return load_benchmark(path)
+    except (KeyError, ValueError) as exc:
+        raise DeclareError(f"{path}: {exc}") from None
 
 
 def ingest_command(spec: BenchmarkSpec, out: str) -> str:
@@ -229,15 +286,16 @@ def ingest_command(spec: BenchmarkSpec, out: str) -> str:
 
 def next_steps(declared: Declared) -> list[str]:
     """The commands that take the declared entries from data to a served model."""
-    data, models = declared.data_path, declared.models
-    steps = [] if Path(data, "manifest.csv").is_file() else [ingest_command(declared.spec, data)]
+    models = declared.models
+    folders = declared.folders or ((declared.spec, declared.data_path),)
+    steps = [ingest_command(spec, data) for spec, data in folders  # type: ignore[arg-type]
+             if not Path(data, "manifest.csv").is_file()]
     params = shlex.quote(str(declared.params_path))
-    if Path(data).is_absolute():  # outside the checkout: DVC cannot version it from here
+    if any(Path(data).is_absolute() for _, data in folders):  # outside the checkout: DVC cannot version it
         steps.append(f"git add {params}")
     else:
-        if not Path(data + ".dvc").is_file():
-            steps.append(f"dvc add {shlex.quote(data)}")
-        steps.append(f"git add {params} {shlex.quote(data + '.dvc')}")
+        steps += [f"dvc add {shlex.quote(data)}" for _, data in folders if not Path(data + ".dvc").is_file()]
+        steps.append(" ".join(["git add", params, *(shlex.quote(data + ".dvc") for _, data in folders)]))
     return [
         *steps,
         "dvc repro " + " ".join(f"register@{m}" for m in models),

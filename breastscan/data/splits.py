@@ -220,7 +220,7 @@ def _exclude_and_split(
     return keep
 
 
-def _split_counts(df: pd.DataFrame, stratify: Sequence[str]) -> dict[str, dict[str, int]]:
+def split_counts(df: pd.DataFrame, stratify: Sequence[str]) -> dict[str, dict[str, int]]:
     """Per split: images, ``dup_group`` groups and images per ``column=value`` of ``stratify``."""
     return {
         s: {
@@ -255,7 +255,7 @@ def _prepare_summary(
         "images_in_merged_groups": int(sizes[sizes > 1].sum()),
         "label_conflict_groups": len(conflicts),
         "excluded_images": int((~keep).sum()),
-        "splits": _split_counts(df, stratify),
+        "splits": split_counts(df, stratify),
     }
 
 

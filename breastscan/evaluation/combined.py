@@ -7,7 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from breastscan.decision import ARGMAX_RULE, POSITIVE_RATIO, DecisionRule
 from breastscan.labels import BIRADS_DENSITY
+
+LESION_TYPES = ("benign", "malignant")
+"""The pathology of a category, in the order of its two-class reading."""
 
 
 def eight_category(
@@ -16,6 +20,7 @@ def eight_category(
     tumor_class_names: Sequence[str],
     *,
     density_names: Sequence[str] = BIRADS_DENSITY,
+    tumor_rule: DecisionRule = ARGMAX_RULE,
 ) -> list[dict[str, Any]]:
     """Combine the density and tumor models into the 8-category view of the older tool.
 
@@ -23,13 +28,14 @@ def eight_category(
     pathology crossed with BI-RADS density. Here:
 
     * the density letter is the arg-max of the density model;
-    * the pathology is the more likely of benign and malignant: the tumor model's
-      probabilities of those two are renormalised, ``P(m | lesion) = p_m / (p_b + p_m)``
-      (0.5 each if both are 0), and ``malignant`` wins ties (the cautious reading). A
-      ``normal`` class, if the tumor model has one, does not take part: it is reported
-      separately as ``p_normal``, and ``finding`` is the tumor model's own arg-max over
-      all its classes (so it may say ``normal`` while the category still names the more
-      likely lesion type);
+    * the pathology weighs benign against malignant: the tumor model's probabilities of
+      those two are renormalised, ``P(m | lesion) = p_m / (p_b + p_m)`` (0.5 each if both
+      are 0), and ``malignant`` is called at ``P(m | lesion) >= 0.5`` (it wins ties: the
+      cautious reading) -- or at the cutoff of the tumor model's decision rule when that
+      rule weighs malignant against benign. A ``normal`` class, if the tumor model has one,
+      does not take part: it is reported separately as ``p_normal``, and ``finding`` is the
+      class the tumor model's decision rule calls over all its classes (so it may say
+      ``normal`` while the category still names the more likely lesion type);
     * the joint probability of category ``(t, d)`` is ``P(density = d) * P(t | lesion)``,
       treating the two models' outputs as independent; the eight values sum to 1 and
       ``category`` is their arg-max.
@@ -40,10 +46,11 @@ def eight_category(
         tumor_probs: ``(n, k)`` tumor probabilities (rows sum to 1).
         tumor_class_names: ``k`` names; must include ``benign`` and ``malignant``.
         density_names: density letters of the columns (BI-RADS ``A``-``D``).
+        tumor_rule: the tumor model's decision rule (:class:`~breastscan.decision.DecisionRule`).
 
     Returns:
         One dict per image: ``category`` (e.g. ``"malignant-C"``), ``density`` (letter),
-        ``pathology`` (``benign`` / ``malignant``), ``finding`` (arg-max tumor class),
+        ``pathology`` (``benign`` / ``malignant``), ``finding`` (the tumor class called),
         ``p_malignant`` (renormalised), ``p_normal`` (``None`` without a normal class),
         ``confidence`` (joint probability of ``category``) and ``probabilities`` (all
         eight categories -> joint probability).
@@ -67,12 +74,15 @@ def eight_category(
         raise ValueError(f"tumor classes {list(tumor_class_names)} need 'benign' and 'malignant'")
     ib, im = names.index("benign"), names.index("malignant")
     i_normal = names.index("normal") if "normal" in names else None
+    findings = tumor_rule.decide(t, tumor_class_names)
+    two = np.stack([t[:, ib], t[:, im]], axis=1)
+    two[two.sum(axis=1) <= 0] = 0.5  # no lesion probability at all: an even call
+    pathologies = _pathology_rule(tumor_rule).decide(two, LESION_TYPES)
+    p_ms = two[:, 1] / two.sum(axis=1)
 
     out: list[dict[str, Any]] = []
-    for dp, tp in zip(d, t, strict=True):
-        lesion = tp[ib] + tp[im]
-        p_m = float(tp[im] / lesion) if lesion > 0 else 0.5
-        pathology = "malignant" if p_m >= 0.5 else "benign"
+    for dp, tp, p_m, k, called in zip(d, t, p_ms.tolist(), pathologies, findings, strict=True):
+        pathology = LESION_TYPES[int(k)]
         letter = letters[int(np.argmax(dp))]
         joint = {f"{kind}-{lt}": float(dp[j] * (p_m if kind == "malignant" else 1.0 - p_m))
                  for kind in ("benign", "malignant") for j, lt in enumerate(letters)}
@@ -81,10 +91,20 @@ def eight_category(
             "category": category,
             "density": letter,
             "pathology": pathology,
-            "finding": str(tumor_class_names[int(np.argmax(tp))]),
+            "finding": str(tumor_class_names[int(called)]),
             "p_malignant": p_m,
             "p_normal": float(tp[i_normal]) if i_normal is not None else None,
             "confidence": joint[category],
             "probabilities": joint,
         })
     return out
+
+
+def _pathology_rule(tumor_rule: DecisionRule) -> DecisionRule:
+    """The benign-vs-malignant reading of ``P(m | lesion)``: the tumor rule when it weighs those
+    two classes (its cutoff), else malignant at 0.5."""
+    if tumor_rule.rule == POSITIVE_RATIO and tumor_rule.cutoff is not None and \
+            {tumor_rule.positive.lower(), tumor_rule.versus.lower()} == set(LESION_TYPES):
+        return DecisionRule(POSITIVE_RATIO, tumor_rule.positive.lower(), tumor_rule.versus.lower(),
+                            cutoff=tumor_rule.cutoff)
+    return DecisionRule(POSITIVE_RATIO, "malignant", "benign", cutoff=0.5)

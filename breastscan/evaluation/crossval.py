@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ import pandas as pd
 import yaml
 
 from breastscan.config import ModelConfig, Params, parse_params
+from breastscan.decision import fit_cutoff
 from breastscan.evaluation import metrics as M
 from breastscan.evaluation.reports import fmt_interval, write_json
 from breastscan.evaluation.scoring import Scoring, pooled_calibration, score_bundle, score_predictions
@@ -300,6 +300,16 @@ def bootstrap_groups(spec: BenchmarkSpec, frame: pd.DataFrame) -> dict[str, str]
 # --------------------------------------------------------------------------- one fold
 
 
+def epochs_capped(cfg: ModelConfig, max_epochs: int | None) -> ModelConfig:
+    """``cfg`` with at most ``max_epochs`` epochs (its lesion-aware U-Net's too); ``None``: as is."""
+    if max_epochs is None:
+        return cfg
+    cfg = replace(cfg, epochs=min(cfg.epochs, max_epochs))
+    if cfg.roi is not None:
+        cfg = replace(cfg, roi=replace(cfg.roi, seg_epochs=min(cfg.roi.seg_epochs, max_epochs)))
+    return cfg
+
+
 def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, out_dir: Path,
              *, max_epochs: int | None = None, trained: dict[tuple[str, int], Any] | None = None,
              ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -318,11 +328,7 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
     from breastscan.data.loading import load_split
     from breastscan.models.training import train_model
 
-    cfg = spec.model(task)
-    if max_epochs is not None:
-        cfg = replace(cfg, epochs=min(cfg.epochs, max_epochs))
-        if cfg.roi is not None:
-            cfg = replace(cfg, roi=replace(cfg.roi, seg_epochs=min(cfg.roi.seg_epochs, max_epochs)))
+    cfg = epochs_capped(spec.model(task), max_epochs)
     dataset = spec.params.dataset(spec.dataset)
     frame = fold_splits(spec, cv, fold, task)
     where = out_dir / spec.name / task.model / f"fold{fold}"
@@ -367,15 +373,15 @@ def _binary_frame(pred: pd.DataFrame, view: BinaryView) -> pd.DataFrame:
 
 
 def threshold_for_sensitivity(scores: np.ndarray, target: float) -> float:
-    """The highest threshold ``t`` with ``mean(scores >= t) >= target``.
+    """The highest threshold ``t`` with ``mean(scores >= t) >= target``
+    (:func:`breastscan.decision.fit_cutoff` on positive cases only).
 
     Args:
         scores: ``(n,)`` scores of the positive cases, ``n >= 1``.
         target: sensitivity in ``(0, 1]``.
     """
-    ordered = np.sort(np.asarray(scores, np.float64))[::-1]
-    k = max(1, math.ceil(target * len(ordered) - 1e-9))
-    return float(ordered[k - 1])
+    scores = np.asarray(scores, np.float64)
+    return fit_cutoff(scores, np.ones(len(scores), bool), target)
 
 
 def cross_fitted_thresholds(frame: pd.DataFrame, target: float) -> dict[int, float]:
@@ -578,9 +584,15 @@ def _fmt(m: dict[str, Any] | None) -> str:
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    """One table per benchmark: metric, pooled value (95 % CI), per-fold mean ± sd, subset."""
+    """One table per benchmark: metric, pooled value (95 % CI), per-fold mean ± sd, subset
+    (a cross-site benchmark: :func:`breastscan.evaluation.crosssite.markdown_lines`)."""
+    from breastscan.evaluation import crosssite
+
     lines = ["# Clinical quality on real data (leak-free cross-validation)", ""]
     for name, bench in results.get("benchmarks", {}).items():
+        if bench.get("kind") == crosssite.KIND:
+            lines += crosssite.markdown_lines(name, bench)
+            continue
         lines += [f"## {name}: {bench['title']}", "",
                   f"{len(bench['folds_run'])} of {bench['folds']} folds run"
                   f"{' (quick)' if bench['quick'] else ''}, "
@@ -613,7 +625,8 @@ def benchmark_files(names: Sequence[str] = (), *, gpu: bool | None = None) -> li
         gpu: whether a GPU is available; ``None``: ask TensorFlow (only when some file
             declares ``device: gpu``).
     """
-    files = sorted(BENCHMARKS_DIR.glob("*.yaml"))
+    files = [f for f in sorted(BENCHMARKS_DIR.glob("*.yaml"))  # a pool file declares, it is no benchmark
+             if "benchmark" in (yaml.safe_load(f.read_text()) or {})]
     if names:
         by_name = {f.stem: f for f in files}
         unknown = sorted(set(names) - set(by_name))

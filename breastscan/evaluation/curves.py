@@ -59,7 +59,7 @@ def _calibration(probs: np.ndarray, y: np.ndarray, stage: str, n_bins: int) -> R
 
 
 def classifier_rows(y: np.ndarray, before: np.ndarray, probs: np.ndarray, names: Sequence[str],
-                    n_bins: int) -> dict[str, Rows]:
+                    n_bins: int, *, pred: np.ndarray | None = None) -> dict[str, Rows]:
     """``roc``, ``pr``, ``confusion`` and ``calibration`` rows of a classifier.
 
     Args:
@@ -68,9 +68,10 @@ def classifier_rows(y: np.ndarray, before: np.ndarray, probs: np.ndarray, names:
         probs: ``(n, k)`` calibrated probabilities (curves and confusion use these).
         names: ``k`` class names.
         n_bins: reliability-diagram bins.
+        pred: ``(n,)`` called class indices (the model's decision rule); ``None``: the arg-max.
     """
     roc, pr = _roc_pr(y, probs, names)
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else np.asarray(pred)
     return {
         "roc": roc,
         "pr": pr,

@@ -224,8 +224,10 @@ def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Eval
         ``count``, ``meaning``, ``examples`` of ``{"row", "image", "detail"}``),
         ``headline``, ``metrics`` (name -> ``value``, ``ci_low``, ``ci_high``), ``ci``
         (``level``, ``n_boot``, ``seed``, ``unit``, ``n_groups``), for classifiers
-        ``per_class``, ``confusion_matrix`` (``labels``, ``matrix``) and ``calibration``
-        (``temperature``, ``refitted`` false, ``ece``, ``ece_at_t1``, ``bins``), for
+        ``per_class``, ``confusion_matrix`` (``labels``, ``matrix``), ``calibration``
+        (``temperature``, ``refitted`` false, ``ece``, ``ece_at_t1``, ``bins``) and
+        ``decision`` (the stored rule the predicted classes follow, not refitted:
+        :meth:`~breastscan.decision.DecisionRule.to_dict` plus ``description``), for
         segmenters ``segmentation`` (``threshold``, ``n_lesion_images``), ``evaluation``
         (every metric the evaluation computed), ``mlflow`` (filled by
         :func:`log_external_run`, else ``None``) and ``created`` (UTC ISO time).
@@ -266,6 +268,8 @@ def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Eval
         report["calibration"] = {"temperature": m.get("temperature"), "refitted": False,
                                  "ece": m.get("ece_after"), "ece_at_t1": m.get("ece_before"),
                                  "bins": CALIBRATION_BINS}
+        rule = evaluation.decision or contract.rule
+        report["decision"] = {**rule.to_dict(), "refitted": False, "description": rule.describe()}
     else:
         report["segmentation"] = {"threshold": m.get("threshold"),
                                   "n_lesion_images": m.get("n_lesion_images")}
@@ -332,6 +336,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Temperature {fmt(cal['temperature'])} (stored with the model, not refitted on this data); "
             f"ECE {fmt(cal['ece'])} ({fmt(cal['ece_at_t1'])} at T = 1), {cal['bins']} bins.",
             "",
+        ]
+        if r.get("decision"):
+            lines += ["## Decision rule", "",
+                      f"{r['decision']['description']} Stored with the model, not refitted on this data: "
+                      "the predicted classes, sensitivities and specificities below are at this rule.", ""]
+        lines += [
             "## Confusion matrix (rows: true, columns: predicted)",
             "",
         ]

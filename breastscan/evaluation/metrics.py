@@ -8,8 +8,11 @@ cross-validation benchmark and the promotion gate cannot disagree on what a metr
 
 Outcomes are of two kinds:
 
-* :class:`ClassOutcomes` -- true class indices and calibrated probabilities of a classifier
-  (optionally a decision threshold, for two-class readings at an operating point);
+* :class:`ClassOutcomes` -- true class indices and calibrated probabilities of a classifier,
+  and the class called for each image: by the model's decision rule
+  (:class:`breastscan.decision.DecisionRule`, so sensitivity, specificity, the per-class
+  statistics and the gates on them are those of the served decisions), by a two-class
+  threshold (readings at an operating point), or the arg-max;
 * :class:`MaskOutcomes` -- per-image Dice and IoU of a segmenter, and which images hold a
   lesion.
 
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from breastscan.config import METRIC_KINDS, metric_names
+from breastscan.decision import DecisionRule
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,16 @@ class ClassOutcomes:
         probs: ``(n, k)`` float64 probabilities, rows summing to 1.
         threshold: two classes only: class 1 is called when ``probs[:, 1] >= threshold``
             (a scalar, or ``(n,)`` per image); ``None``: the arg-max is called.
+        called: ``(n,)`` class indices a decision rule called
+            (:meth:`breastscan.decision.DecisionRule.decide`, or a prediction row's ``pred``);
+            ``None``: ``threshold`` or the arg-max decides. Not with ``threshold``.
+        pred: ``(n,)`` int64, the called class of each image (derived).
     """
 
     y: np.ndarray
     probs: np.ndarray
     threshold: float | np.ndarray | None = None
+    called: np.ndarray | None = field(default=None, repr=False)
     pred: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -70,11 +79,34 @@ class ClassOutcomes:
             raise ValueError("a decision threshold needs exactly two classes")
         if len(p) and (not np.isfinite(p).all() or p.min() < 0 or np.abs(p.sum(axis=1) - 1).max() > 1e-3):
             raise ValueError("probs must be probabilities in [0, 1] with rows summing to 1 (not logits)")
-        pred = (p[:, 1] >= np.asarray(self.threshold, np.float64)).astype(np.int64) \
-            if self.threshold is not None else p.argmax(axis=1)
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "probs", p)
-        object.__setattr__(self, "pred", pred)
+        object.__setattr__(self, "pred", self._decisions(p))
+
+    def _decisions(self, p: np.ndarray) -> np.ndarray:
+        if self.called is None:
+            if self.threshold is not None:
+                return (p[:, 1] >= np.asarray(self.threshold, np.float64)).astype(np.int64)
+            return p.argmax(axis=1).astype(np.int64)
+        if self.threshold is not None:
+            raise ValueError("give a threshold or the called classes, not both")
+        called = np.asarray(self.called).astype(np.int64)
+        if called.shape != (len(p),) or (len(called) and (called.min() < 0 or called.max() >= p.shape[1])):
+            raise ValueError(f"called must be ({len(p)},) class indices in [0, {p.shape[1] - 1}]")
+        return called
+
+    @classmethod
+    def decided(cls, y: np.ndarray, probs: np.ndarray, rule: DecisionRule,
+                class_names: Sequence[str]) -> ClassOutcomes:
+        """Outcomes whose called classes are a decision rule's.
+
+        Args:
+            y: ``(n,)`` true class indices.
+            probs: ``(n, k)`` probabilities, columns in ``class_names`` order.
+            rule: the model's decision rule (fitted, or argmax).
+            class_names: ``k`` class names.
+        """
+        return cls(y=y, probs=probs, called=rule.decide(probs, class_names))
 
     @property
     def n(self) -> int:

@@ -5,11 +5,15 @@ Two steps, so that everything that judges a model agrees:
 1. :func:`score_bundle` runs the model on loaded rows (:class:`~breastscan.data.loading.SplitData`)
    and writes one **prediction row** per image (``image``, ``group``, and ``true``,
    ``pred``, ``prob_<class>`` for a classifier; ``lesion``, ``dice``, ``iou``,
-   ``true_pixels``, ``pred_pixels`` for a segmenter). A classifier's temperature is fitted
-   on a validation split when one is given (the evaluate stage, each benchmark fold) and
-   the one stored with the model is kept otherwise (external data, the promotion re-score).
+   ``true_pixels``, ``pred_pixels`` for a segmenter). A classifier's temperature, and the
+   cutoff of a decision rule that declares a target sensitivity, are fitted on a
+   validation split when one is given (the evaluate stage, each benchmark fold) and the
+   ones stored with the model are kept otherwise (external data, the promotion re-score);
+   ``pred`` is the class the rule calls (:class:`breastscan.decision.DecisionRule`).
 2. :func:`score_predictions` turns prediction rows into metrics with the metric registry
    (:mod:`breastscan.evaluation.metrics`), resampling whole ``group`` s for the intervals.
+   The called classes are the rows' ``pred`` (so pooled rows of several models, e.g. the
+   folds of a benchmark, keep each model's decisions).
    The evaluate stage, ``breastscan evaluate``, ``breastscan bench-quality`` (and its
    ``--rescore`` from saved predictions) and the promotion gate all call it.
 
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from breastscan.decision import ARGMAX_RULE, DecisionRule
 from breastscan.evaluation import calibration
 from breastscan.evaluation import metrics as M
 from breastscan.jsonable import json_clean
@@ -102,6 +107,8 @@ class Evaluation:
         predictions: one row per image (see the module docstring).
         class_names: the model's class names in index order.
         temperature: a classifier's calibration temperature, else ``None``.
+        decision: a classifier's decision rule as scored (fitted on the validation rows, or
+            the stored one), else ``None``.
         scores: metric -> ``{"value", "ci_low", "ci_high"}`` for every declared metric.
     """
 
@@ -112,6 +119,7 @@ class Evaluation:
     class_names: tuple[str, ...] = ()
     temperature: float | None = None
     scores: dict[str, dict[str, float | None]] | None = None
+    decision: DecisionRule | None = None
 
 
 # --------------------------------------------------------------------------- predictions
@@ -141,17 +149,19 @@ def _row_ids(rows: SplitData) -> tuple[list[str], list[str]]:
     return images, [str(g) for g in np.asarray(rows.groups)]
 
 
-def class_predictions(rows: SplitData, probs: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+def class_predictions(rows: SplitData, probs: np.ndarray, class_names: Sequence[str],
+                      rule: DecisionRule = ARGMAX_RULE) -> pd.DataFrame:
     """Prediction rows of a classifier: ``image``, ``group``, ``true``, ``pred``, ``prob_<class>``.
 
     Args:
         rows: the scored rows (targets are class indices).
         probs: ``(n, k)`` calibrated probabilities.
         class_names: ``k`` display names.
+        rule: the model's decision rule; ``pred`` is the class it calls.
     """
     images, groups = _row_ids(rows)
     y = np.asarray(rows.targets).astype(np.int64)
-    pred = np.asarray(probs).argmax(axis=1)
+    pred = rule.decide(probs, class_names)
     return pd.DataFrame({
         "image": images, "group": groups,
         "true": [class_names[t] for t in y], "pred": [class_names[p] for p in pred],
@@ -182,8 +192,11 @@ def mask_predictions(rows: SplitData, probs: np.ndarray, threshold: float) -> pd
 def outcomes_of(pred: pd.DataFrame, scoring: Scoring) -> M.ClassOutcomes | M.MaskOutcomes:
     """The registry's outcomes of prediction rows (the one reader of prediction rows).
 
+    A classifier's called classes are the rows' ``pred`` (the decision rule's, see
+    :func:`class_predictions`); rows without that column are read at the arg-max.
+
     Raises:
-        ValueError: a true class that is not one of the model's, or missing columns.
+        ValueError: a true or called class that is not one of the model's, or missing columns.
     """
     if scoring.task == M.SEGMENTATION:
         return M.MaskOutcomes(dice=pred["dice"].to_numpy(np.float64), iou=pred["iou"].to_numpy(np.float64),
@@ -195,7 +208,15 @@ def outcomes_of(pred: pd.DataFrame, scoring: Scoring) -> M.ClassOutcomes | M.Mas
     probs = pred[[f"prob_{name}" for name in scoring.class_names]].to_numpy(np.float64)
     if len(probs):
         probs = probs / probs.sum(axis=1, keepdims=True)  # CSV round-off
-    return M.ClassOutcomes(y=pred["true"].astype(str).map(index).to_numpy(np.int64), probs=probs)
+    called = None
+    if "pred" in pred.columns:
+        named = pred["pred"].astype(str)
+        strange = sorted(set(named) - set(index))
+        if strange:
+            raise ValueError(f"called classes {strange} are not among {list(scoring.class_names)}")
+        called = named.map(index).to_numpy(np.int64)
+    y = pred["true"].astype(str).map(index).to_numpy(np.int64)
+    return M.ClassOutcomes(y=y, probs=probs, called=called)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -319,21 +340,22 @@ def calibration_helps(record: dict[str, Any]) -> bool:
                 and record["val_ece_after"] <= record["val_ece_before"] + 1e-12)
 
 
-def _temperature(bundle: ModelBundle, val: SplitData | None) -> tuple[float, dict[str, Any]]:
+def _temperature(bundle: ModelBundle, val: SplitData | None,
+                 logits: np.ndarray | None) -> tuple[float, dict[str, Any]]:
     """The served temperature and the calibration record (``calibration`` in the metrics).
 
-    With validation rows, ``T`` is fitted there and kept only when it lowers the validation
-    NLL without raising the validation ECE; otherwise the model is served uncalibrated
-    (``T = 1``). Both candidates' validation numbers are recorded.
+    With validation rows (``logits``: the model's on them), ``T`` is fitted there and kept
+    only when it lowers the validation NLL without raising the validation ECE; otherwise the
+    model is served uncalibrated (``T = 1``). Both candidates' validation numbers are recorded.
     """
     name = bundle.contract.name
     if val is None:
         log.info("model %s: keeping the stored temperature %.3f", name, bundle.contract.temperature)
         return float(bundle.contract.temperature), {"source": "stored"}
-    if not len(val):
+    if logits is None or not len(val):
         log.warning("model %s: empty validation split, temperature left at 1.0", name)
         return 1.0, {"source": "no validation rows"}
-    logits, y = batched_logits(bundle, val.images), np.asarray(val.targets).astype(np.int64)
+    y = np.asarray(val.targets).astype(np.int64)
     fitted = calibration.fit_temperature(logits, y)
     record: dict[str, Any] = {"fitted_temperature": fitted}
     for label, t in (("before", 1.0), ("after", fitted)):
@@ -348,6 +370,31 @@ def _temperature(bundle: ModelBundle, val: SplitData | None) -> tuple[float, dic
     return (fitted if keep else 1.0), record
 
 
+def _decision(bundle: ModelBundle, val: SplitData | None, logits: np.ndarray | None, temperature: float,
+              class_names: Sequence[str]) -> DecisionRule:
+    """The decision rule as scored and served: the contract's, fitted on the validation rows.
+
+    With validation rows, a rule that declares a target sensitivity gets its cutoff fitted on
+    their calibrated probabilities (at ``temperature``, as served), and any positive-ratio
+    rule its validation sensitivity and specificity; without, the stored rule is kept.
+
+    Raises:
+        ValueError: a rule that still needs its cutoff and no validation row to fit it on.
+    """
+    rule = bundle.contract.rule
+    if rule.is_argmax:
+        return rule
+    if val is None or logits is None or not len(val):
+        if not rule.ready:
+            raise ValueError(f"model {bundle.contract.name}: its decision rule needs a cutoff fitted on "
+                             "validation rows, and none were given")
+        log.info("model %s: keeping the stored decision rule: %s", bundle.contract.name, rule.describe())
+        return rule
+    probs = _normalised(bundle.with_temperature(temperature).probabilities(logits))
+    y = np.asarray(val.targets).astype(np.int64)
+    return rule.fit(probs, y, class_names, fitted_on="validation split")
+
+
 Bootstrap = tuple[int, int, Sequence[str]]
 """``(n_boot, seed, metrics with an interval)``."""
 
@@ -356,11 +403,13 @@ def _score_classifier(bundle: ModelBundle, rows: SplitData, val: SplitData | Non
                       boot: Bootstrap) -> Evaluation:
     from breastscan.evaluation import curves
 
-    temperature, record = _temperature(bundle, val)
+    val_logits = batched_logits(bundle, val.images) if val is not None and len(val) else None
+    temperature, record = _temperature(bundle, val, val_logits)
+    rule = _decision(bundle, val, val_logits, temperature, scoring.class_names)
     logits = batched_logits(bundle, rows.images)
     before = _normalised(bundle.with_temperature(1.0).probabilities(logits))
     probs = _normalised(bundle.with_temperature(temperature).probabilities(logits))
-    pred = class_predictions(rows, probs, scoring.class_names)
+    pred = class_predictions(rows, probs, scoring.class_names, rule)
     scores = score_predictions(pred, scoring, n_boot=boot[0], seed=boot[1], intervals=boot[2])
     y = np.asarray(rows.targets).astype(np.int64)
     metrics = summary_metrics(scores, scoring, pred)
@@ -370,11 +419,15 @@ def _score_classifier(bundle: ModelBundle, rows: SplitData, val: SplitData | Non
     metrics.update({"ece_before": ece_before, "ece_after": ece_after, "temperature": float(temperature),
                     "calibration": record, "n_test": n_test,
                     "n_val": int(len(val)) if val is not None else 0})
+    if not rule.is_argmax:  # argmax models' reports stay as they were
+        metrics["decision"] = rule.to_dict()
     log.info("%s: T = %.3f, ECE %.3f -> %.3f, %s = %s on %d images", bundle.contract.name, temperature,
              ece_before, ece_after, scoring.headline, metrics["headline_value"], len(y))
-    plots = curves.classifier_rows(y, before, probs, scoring.class_names, CALIBRATION_BINS)
+    called = rule.decide(probs, scoring.class_names)
+    plots = curves.classifier_rows(y, before, probs, scoring.class_names, CALIBRATION_BINS, pred=called)
     return Evaluation(task=M.CLASSIFICATION, metrics=json_clean(metrics), plots=plots, predictions=pred,
-                      class_names=scoring.class_names, temperature=float(temperature), scores=scores)
+                      class_names=scoring.class_names, temperature=float(temperature), scores=scores,
+                      decision=rule)
 
 
 def _normalised(probs: np.ndarray) -> np.ndarray:
@@ -397,3 +450,43 @@ def _score_segmenter(bundle: ModelBundle, rows: SplitData, scoring: Scoring, boo
     plots = curves.segmenter_rows(pred, DICE_HIST_BINS)
     return Evaluation(task=M.SEGMENTATION, metrics=json_clean(metrics), plots=plots, predictions=pred,
                       class_names=scoring.class_names, scores=scores)
+
+
+# --------------------------------------------------------------------------- a pool's sites
+
+
+def per_site(evaluation: Evaluation, rows: SplitData, scoring: Scoring, *, column: str = "site",
+             n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The metrics of each site of a pool, scored apart (the pooled ones are ``evaluation.metrics``).
+
+    Each site's prediction rows are scored as a model's test split is
+    (:func:`score_predictions`, :func:`summary_metrics`, with the headline's grouped 95 %
+    interval); a classifier's site also gets its calibration (top-label ECE). A metric a
+    site cannot define (an AUC of a class the site lacks) is ``None``.
+
+    Args:
+        evaluation: the model scored on ``rows`` (:func:`score_bundle`).
+        rows: the scored rows, in the order of ``evaluation.predictions``.
+        scoring: the model's declaration.
+        column: the column naming each row's site.
+        n_boot: bootstrap resamples of the headline's interval.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{site: metrics}`` in site order; empty when the rows have no ``column``.
+    """
+    if column not in rows.frame.columns:
+        return {}
+    sites = rows.frame[column].astype(str).to_numpy()
+    out: dict[str, dict[str, Any]] = {}
+    for site in sorted(set(sites)):
+        pred = evaluation.predictions[sites == site].reset_index(drop=True)
+        scores = score_predictions(pred, scoring, n_boot=n_boot, seed=seed, intervals=(scoring.headline,))
+        metrics = summary_metrics(scores, scoring, pred)
+        if scoring.task == M.CLASSIFICATION:
+            out_ = outcomes_of(pred, scoring)
+            assert isinstance(out_, M.ClassOutcomes)
+            metrics["ece"] = calibration.expected_calibration_error(out_.probs, out_.y,
+                                                                    n_bins=CALIBRATION_BINS)
+        out[site] = json_clean(metrics)
+    return out

@@ -8,7 +8,8 @@
   TID 1500 Measurement Report: per model one measurement group with its algorithm
   identification (TID 4019), the source image reference, the predicted class, every
   calibrated probability (unit ``1``), the BI-RADS composition of a density model and the
-  lesion area / fraction of a segmenter; plus a "NOT FOR DIAGNOSTIC USE" text.
+  lesion area / fraction of a segmenter; plus a "NOT FOR DIAGNOSTIC USE" text and, per
+  classifier, a text stating the decision rule that called its predicted class.
 * :func:`to_bytes` writes either as a DICOM Part 10 file; :func:`source_dataset` parses
   the source image's bytes.
 
@@ -100,6 +101,9 @@ class AlgorithmInfo:
         task: ``"classification"`` or ``"segmentation"``.
         class_names: display names in class-index order (``("A", "B", "C", "D")``,
             ``("benign", "malignant")``, ``("lesion",)``).
+        decision: a classifier's decision rule in one sentence
+            (:meth:`breastscan.decision.DecisionRule.describe`): how its predicted class was
+            called; ``""`` for a segmenter.
     """
 
     name: str
@@ -107,6 +111,7 @@ class AlgorithmInfo:
     stage: str
     task: str
     class_names: tuple[str, ...]
+    decision: str = ""
 
     @property
     def is_density(self) -> bool:
@@ -302,7 +307,9 @@ def structured_report(
     Returns:
         The :class:`highdicom.sr.ComprehensiveSR`: one measurement group per model (in the
         order of ``answers``), tracking id = model name, each referencing the source image;
-        then a "Qualitative Evaluations" container with the disclaimer text.
+        then a "Qualitative Evaluations" container with the disclaimer text and, for each
+        classifier whose :attr:`AlgorithmInfo.decision` is set, a "Decision rule" text
+        ``"<model>: <rule>"``.
 
     Raises:
         ValueError: no answers, an answer without its AlgorithmInfo or whose ``version``
@@ -319,7 +326,9 @@ def structured_report(
         imaging_measurements=groups,
         referenced_images=[header] if _library_entry_possible(header) else None,
     )
-    report[0].ContentSequence.append(_disclaimer_container())
+    rules = [f"{name}: {algorithms[name].decision}" for name in answers
+             if algorithms[name].task == "classification" and algorithms[name].decision]
+    report[0].ContentSequence.append(_disclaimer_container(rules))
     sr = hd.sr.ComprehensiveSR(
         evidence=[header],
         content=report[0],
@@ -396,18 +405,17 @@ def _procedure(header: Dataset) -> Any:
     return codes.cid100.ImagingProcedure
 
 
-def _disclaimer_container() -> hd.sr.ContainerContentItem:
-    """TID 1500 row "Qualitative Evaluations" (UMLS C0034375) holding the disclaimer text."""
+def _disclaimer_container(rules: Sequence[str] = ()) -> hd.sr.ContainerContentItem:
+    """TID 1500 row "Qualitative Evaluations" (UMLS C0034375) holding the disclaimer text, then
+    one "Decision rule" text per classifier (``rules``)."""
     container = hd.sr.ContainerContentItem(
         name=hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS",
                                 meaning="Qualitative Evaluations"),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(
-            name=codes.DCM.Comment, value=DISCLAIMER,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
+        hd.sr.TextContentItem(name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for name, text in ((codes.DCM.Comment, DISCLAIMER), *((DECISION_RULE, rule) for rule in rules))
     ])
     return container
 
@@ -461,6 +469,9 @@ def probability_concept(name: str) -> hd.sr.CodedConcept:
     """Concept name of the measurement "Probability of <class>" (private scheme)."""
     return _private(f"P-{name}", f"Probability of {name}")
 
+
+DECISION_RULE = _private("DECISION-RULE", "Decision rule")
+"""Concept name of the text stating how a classifier called its predicted class."""
 
 LESION_FRACTION = _private("LESION-FRACTION", "Lesion fraction of image area")
 """Concept name of a segmenter's lesion fraction (unit ``1``)."""

@@ -1,6 +1,6 @@
-"""Segmentation losses and metrics for binary masks, registered so ``.keras`` files reload.
+"""Losses and metrics, registered so ``.keras`` files reload: binary masks, and partial labels.
 
-Shapes: ``y_true`` is ``(batch, H, W, 1)`` (or ``(batch, H, W)``) in {0, 1}; ``y_pred`` is the
+Masks: ``y_true`` is ``(batch, H, W, 1)`` (or ``(batch, H, W)``) in {0, 1}; ``y_pred`` is the
 same shape, logits when ``from_logits=True`` (the U-Net's output) or probabilities in
 [0, 1] otherwise. Dice and IoU are computed per image and averaged over the batch, so a
 small lesion counts as much as a large one.
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -194,3 +195,89 @@ class IoUScore(_MaskOverlapMetric):
     def _score(self, inter: Any, t_sum: Any, p_sum: Any) -> Any:
         union = t_sum + p_sum - inter
         return ops.where(union > 0, ops.divide_no_nan(inter, union), ops.ones_like(union))
+
+
+# --------------------------------------------------------------------------- partial labels (pools of sites)
+
+
+def encode_partial_labels(targets: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, list[list[bool]]]:
+    """Pack each row's class and the set of classes its site can label into one integer.
+
+    A pool's sites may lack a class (BUS-BRA has no ``normal`` images). A plain softmax loss
+    would teach the model that such a site's images are never of that class; instead each
+    row's loss is taken over the classes its site can label (:class:`PartialLabelCrossentropy`).
+    Keras passes one integer target per row, so the row's class ``y`` and the index ``s`` of
+    its class set travel together as ``y + k * s``.
+
+    Args:
+        targets: ``(n,)`` int class indices in ``[0, k)``.
+        allowed: ``(n, k)`` bool, ``True`` where the row's site can label the class (the row's
+            own class must be allowed).
+
+    Returns:
+        ``(n,)`` int64 encoded targets, and the ``(S, k)`` table of class sets they index.
+
+    Raises:
+        ValueError: a row whose own class is not allowed.
+    """
+    y = np.asarray(targets).astype(np.int64).ravel()
+    allowed = np.asarray(allowed, bool)
+    k = allowed.shape[1]
+    if len(y) and not allowed[np.arange(len(y)), y].all():
+        raise ValueError("a row's own class is outside the classes its site can label")
+    table, index = np.unique(allowed, axis=0, return_inverse=True)
+    return y + k * np.asarray(index, np.int64).ravel(), [[bool(v) for v in row] for row in table]
+
+
+def _decode(y_true: Any, table: Any, k: int) -> tuple[Any, Any]:
+    """Encoded targets -> (class indices ``(b,)``, allowed-class flags ``(b, k)``)."""
+    code = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+    return code % k, ops.take(table, code // k, axis=0)
+
+
+@keras.saving.register_keras_serializable(package="breastscan")
+class PartialLabelCrossentropy(keras.losses.Loss):
+    """Softmax cross-entropy over the classes each row's site can label.
+
+    ``y_true`` holds :func:`encode_partial_labels` codes; ``y_pred`` ``(b, k)`` logits. The
+    logits of classes the row's site cannot label are left out of its softmax (set to a very
+    large negative value), so for a BUS-BRA image the loss is ``-log p(y | benign or
+    malignant)``: the model learns benign versus malignant there and nothing about ``normal``.
+    Rows of a site with every class get the plain cross-entropy.
+
+    Args:
+        class_sets: ``(S, k)`` bool table of class sets (from :func:`encode_partial_labels`).
+        name: loss name.
+        reduction: Keras reduction over rows.
+    """
+
+    def __init__(self, class_sets: list[list[bool]], name: str = "partial_label_crossentropy",
+                 reduction: str = "sum_over_batch_size", **kwargs: Any) -> None:
+        super().__init__(name=name, reduction=reduction, **kwargs)
+        self.class_sets = [[bool(v) for v in row] for row in class_sets]
+        self.k = len(self.class_sets[0])
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        y, allowed = _decode(y_true, ops.convert_to_tensor(self.class_sets, dtype="bool"), self.k)
+        logits = ops.where(allowed, ops.cast(y_pred, "float32"), -1e9)
+        return ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_sets": self.class_sets}
+
+
+@keras.saving.register_keras_serializable(package="breastscan")
+class PartialLabelAccuracy(keras.metrics.MeanMetricWrapper):
+    """Accuracy of the arg-max against the class inside :func:`encode_partial_labels` codes."""
+
+    def __init__(self, k: int, name: str = "accuracy", dtype: Any = None) -> None:
+        self.k = int(k)
+
+        def accuracy(y_true: Any, y_pred: Any) -> Any:
+            y = ops.cast(ops.reshape(y_true, (-1,)), "int32") % self.k
+            return ops.cast(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y), "float32")
+
+        super().__init__(fn=accuracy, name=name, dtype=dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"k": self.k, "name": self.name, "dtype": self.dtype}

@@ -79,6 +79,7 @@ def segmenter_config(cfg: ModelConfig) -> ModelConfig:
     stopping, dropout at most 0.1.
     """
     from breastscan.config import GateConfig
+    from breastscan.decision import ARGMAX_RULE
 
     roi: RoiConfig = cfg.roi  # type: ignore[assignment]
     spec = replace(cfg.preprocess, height=roi.seg_size[0], width=roi.seg_size[1])
@@ -87,7 +88,7 @@ def segmenter_config(cfg: ModelConfig) -> ModelConfig:
                    epochs=roi.seg_epochs, learning_rate=roi.seg_learning_rate, schedule="cosine",
                    batch_size=roi.seg_batch_size,
                    patience=0, imbalance="none", roi=None, headline="mean_dice", gates=GateConfig(),
-                   threshold=roi.threshold, dropout=min(cfg.dropout, 0.1))
+                   threshold=roi.threshold, dropout=min(cfg.dropout, 0.1), decision=ARGMAX_RULE)
 
 
 def segmenter_data(data: SplitData, size: tuple[int, int]) -> SplitData:

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -357,11 +357,14 @@ def _learning_rate(cfg: ModelConfig, epoch_steps: int) -> Any:
     return cfg.learning_rate
 
 
-def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1) -> Any:
-    """The model a config declares, compiled."""
+def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1,
+                       class_sets: list[list[bool]] | None = None) -> Any:
+    """The model a config declares, compiled (``class_sets``: a pool's partial labels, see
+    :func:`breastscan.models.losses.encode_partial_labels`)."""
     import keras
 
     from breastscan.models import BceDiceLoss, DiceCoefficient, IoUScore, build_model
+    from breastscan.models.losses import PartialLabelAccuracy, PartialLabelCrossentropy
 
     optimizer = keras.optimizers.Adam(_learning_rate(cfg, epoch_steps))
     if cfg.task == "segmentation":
@@ -375,9 +378,38 @@ def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1) -> Any:
         backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
         base_filters=cfg.base_filters, normalize=cfg.normalize, name=cfg.name,
     )
+    if class_sets:
+        model.compile(optimizer=optimizer, loss=PartialLabelCrossentropy(class_sets),
+                      metrics=[PartialLabelAccuracy(len(cfg.classes))])
+        return model
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     return model
+
+
+def partial_labels(cfg: ModelConfig, train: SplitData, val: SplitData
+                   ) -> tuple[SplitData, SplitData, list[list[bool]] | None]:
+    """A pool's splits with targets encoded for :class:`~breastscan.models.losses.PartialLabelCrossentropy`.
+
+    Where every site has every class (or the rows have no ``site``), the splits come back
+    unchanged with ``None``. Otherwise each row's target becomes its class packed with the
+    classes its site labels in training (:func:`breastscan.data.pools.site_classes`).
+    """
+    from breastscan.data.pools import allowed_classes, site_classes
+    from breastscan.models.losses import encode_partial_labels
+
+    if cfg.task != "classification":
+        return train, val, None
+    sets = site_classes(train.frame, cfg.label, cfg.classes)
+    if not sets:
+        return train, val, None
+    k = len(cfg.classes)
+    both = np.concatenate([allowed_classes(train.frame, sets, k), allowed_classes(val.frame, sets, k)])
+    codes, table = encode_partial_labels(np.concatenate([train.targets, val.targets]), both)
+    named = {site: [c for c, ok in zip(cfg.class_names, flags, strict=True) if ok]
+             for site, flags in sets.items()}
+    log.info("%s: partial labels: %s", cfg.name, named)
+    return (replace(train, targets=codes[:len(train)]), replace(val, targets=codes[len(train):]), table)
 
 
 def _train_segmenter(cfg: ModelConfig, train: SplitData, val: SplitData, modality: str,
@@ -473,8 +505,10 @@ def train_model(
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
+    k = len(cfg.classes)
+    train, val, class_sets = partial_labels(cfg, train, val)
     with strategy.scope():
-        model = _build_and_compile(cfg, steps_per_epoch(len(train), cfg))
+        model = _build_and_compile(cfg, steps_per_epoch(len(train), cfg), class_sets)
         # Create the optimizer's slots now, eagerly. Left to the first training step, they
         # are created while tf.function traces it, which makes it trace twice (variables
         # may only be created on a first trace): 11 s instead of 5 s for a small U-Net.
@@ -497,9 +531,11 @@ def train_model(
 
     weights = None
     if cfg.task == "classification" and cfg.imbalance == "class_weight":
-        weights = class_weights(train.targets, len(cfg.classes))
+        weights = class_weights(np.asarray(train.targets) % k, k)
         log.info("%s: class weights %s", cfg.name,
                  {name: round(weights[i], 3) for i, name in enumerate(cfg.class_names)})
+        if class_sets:  # Keras looks the weight up by the encoded target
+            weights = {y + k * s: weights[y] for s in range(len(class_sets)) for y in range(k)}
 
     start = time.perf_counter()
     fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=cbs,

@@ -242,7 +242,8 @@ def reference_records(reference: Mapping[str, Any],
     Args:
         reference: a loaded ``reference.json``.
         contract: the served model's contract: classifier logits become the served
-            ``predicted`` / ``confidence`` with its calibration temperature; ``None`` drops them.
+            ``predicted`` / ``confidence`` with its calibration temperature and decision
+            rule; ``None`` drops them.
 
     Raises:
         ValueError: an unknown reference format.
@@ -255,8 +256,8 @@ def reference_records(reference: Mapping[str, Any],
     if contract is not None and contract.task == "classification" and records and all(
             x is not None for x in logits):
         probs = served_probabilities(contract, np.asarray(logits, np.float64))
-        for record, row in zip(records, probs, strict=True):
-            k = int(np.argmax(row))
+        called = contract.rule.decide(probs, contract.class_names)  # as the service calls them
+        for record, row, k in zip(records, probs, called, strict=True):
             record.update(predicted=contract.class_names[k], confidence=round(float(row[k]), 6))
     return records
 

@@ -6,7 +6,7 @@ On disk a bundle is a directory::
     model.keras        the Keras model (logits out: "logits" or "mask_logits")
     preprocess.json    the PreprocessSpec used in training (breastscan.imaging.preprocessing)
     contract.json      ModelContract: task, label, classes, class names, input shape,
-                       calibration temperature, mask threshold, spec id
+                       calibration temperature, decision rule, mask threshold, spec id
     reference.json     optional: statistics of training images and the model's outputs on
                        them, the reference of drift monitoring (breastscan.monitoring.drift)
 
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from breastscan.decision import DecisionRule
 from breastscan.imaging.preprocessing import Letterbox, PreprocessSpec, preprocess_image
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay cheap
@@ -97,13 +98,18 @@ class ModelContract:
         dataset: dataset key the model was trained on.
         modality: modality of that dataset.
         temperature: calibration temperature applied to the logits (1.0 = uncalibrated).
+        decision: how a classifier calls a class from its probabilities
+            (:meth:`breastscan.decision.DecisionRule.to_dict`; ``{"rule": "argmax"}``, the
+            default, in contracts written before rules existed). The evaluate stage fits a
+            declared cutoff on the validation split, beside the temperature; :attr:`rule`
+            reads it.
         threshold: mask probability above which a pixel is lesion (segmentation).
         spec_id: id of the preprocessing spec (must match ``preprocess.json``).
         headline: the metric the model is judged by (from its declaration).
         metrics: the metrics it declares beyond its task's standard ones (its gated
             metrics), so any scorer reports what the pipeline reported.
         extra: free-form facts (training data hash, run id ...); a lesion-aware classifier
-            says ``decision: lesion-aware`` and its ``roi`` (it still returns class
+            says ``classifies: lesion-aware`` and its ``roi`` (it still returns class
             probabilities of the whole image; they rest on the lesion's neighbourhood).
     """
 
@@ -121,6 +127,21 @@ class ModelContract:
     headline: str = ""
     metrics: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=DecisionRule().to_dict)
+
+    def __post_init__(self) -> None:
+        rule = DecisionRule.from_dict(self.decision)
+        if self.task == "classification":
+            rule.check_classes(self.class_names)
+        elif not rule.is_argmax:
+            raise ValueError(f"model {self.name}: a decision rule applies to classifiers only")
+        object.__setattr__(self, "decision", rule.to_dict())
+        object.__setattr__(self, "_rule", rule)  # read per served request: parsed once
+
+    @property
+    def rule(self) -> DecisionRule:
+        """The decision rule (:class:`~breastscan.decision.DecisionRule`) of :attr:`decision`."""
+        return self._rule  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the contract."""
@@ -148,7 +169,8 @@ class ModelContract:
             input_shape=cfg.input_shape, dataset=cfg.dataset, modality=modality,
             threshold=cfg.threshold, spec_id=cfg.preprocess.spec_id,
             headline=cfg.headline, metrics=tuple(cfg.gates.floors),
-            extra={} if cfg.roi is None else {"decision": "lesion-aware", "roi": _roi_facts(cfg.roi)},
+            extra={} if cfg.roi is None else {"classifies": "lesion-aware", "roi": _roi_facts(cfg.roi)},
+            decision=cfg.decision.to_dict(),
         )
 
 
@@ -220,6 +242,10 @@ class ModelBundle:
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         return replace(self, contract=replace(self.contract, temperature=float(temperature)))
+
+    def with_decision(self, rule: DecisionRule) -> ModelBundle:
+        """The same bundle with another decision rule (e.g. its cutoff fitted on validation data)."""
+        return replace(self, contract=replace(self.contract, decision=rule.to_dict()))
 
     # ------------------------------------------------------------------ inference
     def prepare(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:

@@ -52,7 +52,7 @@ DEFAULT_LIMITATIONS: tuple[str, ...] = (
 _NOT_METRICS = {
     "headline", "headline_value", "headline_ci_low", "headline_ci_high", "headline_ci_level",
     "n_test", "n", "n_val", "temperature", "calibration", "threshold", "class_names", "confusion_matrix",
-    "per_class",
+    "per_class", "decision", "sites",
 }
 _ECE_BEFORE = ("ece_before", "ece_uncalibrated", "ece_raw", "val_ece_before", "test_ece_before")
 _ECE_AFTER = ("ece_after", "ece_calibrated", "ece", "val_ece_after", "test_ece_after")
@@ -237,6 +237,45 @@ def _metrics_section(cfg: ModelConfig, metrics: Mapping[str, Any], data: Mapping
     return out
 
 
+def _positive_class(cfg: ModelConfig) -> str:
+    """The class whose sensitivity a site's row shows: the decision rule's positive class,
+    else ``malignant`` where the model has it, else its last class."""
+    return cfg.decision.positive or ("malignant" if "malignant" in cfg.class_names else cfg.class_names[-1])
+
+
+def _site_rows(cfg: ModelConfig, sites: Mapping[str, Any]) -> list[list[Any]]:
+    """One row per site: test images, the headline with its CI, and a classifier's malignant-class
+    (or positive-class) sensitivity / specificity at the decision rule and its ECE."""
+    positive = _positive_class(cfg)
+    rows = []
+    for site, m in sorted(sites.items()):
+        low, high = finite_float(m.get("headline_ci_low")), finite_float(m.get("headline_ci_high"))
+        row = [site, _count(m.get("n_test")), _fmt(finite_float(m.get("headline_value"))),
+               f"{_fmt(low)}-{_fmt(high)}" if low is not None and high is not None else ""]
+        if cfg.task == "classification":
+            stats = (m.get("per_class") or {}).get(positive) or {}
+            row += [_fmt(finite_float(stats.get("sensitivity"))),
+                    _fmt(finite_float(stats.get("specificity"))),
+                    _fmt(finite_float(m.get("ece")))]
+        rows.append(row)
+    return rows
+
+
+def _sites_section(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
+    """A model trained on a pool of sites: each site's test rows scored apart (none otherwise)."""
+    sites = metrics.get("sites")
+    if not isinstance(sites, Mapping) or not sites:
+        return []
+    header = ["site", "test images", cfg.headline, "95% CI"]
+    if cfg.task == "classification":
+        positive = _positive_class(cfg)
+        header += [f"{positive} sensitivity", f"{positive} specificity", "ECE"]
+    return ["## Per site", "",
+            "Trained on a pool of sites; each site's test rows scored apart (the pooled numbers are above). "
+            "A metric a site cannot define (e.g. the AUC of a class it lacks) is left out.", ""] \
+        + _table(header, _site_rows(cfg, sites)) + [""]
+
+
 def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any]) -> list[str]:
     """The temperature and the ECE before/after calibration (classifiers; none for segmenters)."""
     if cfg.task != "classification":
@@ -261,6 +300,30 @@ def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Map
     return ["## Calibration", "", served, ""] + table + [""]
 
 
+def _decision_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
+    """How a classifier calls its class: the rule, its cutoff and target, and the validation
+    sensitivity / specificity at the cutoff (none for segmenters)."""
+    if cfg.task != "classification":
+        return []
+    rule = contract.rule
+    out = ["## Decision rule", "", rule.describe(), ""]
+    if rule.is_argmax:
+        return out + ["The served `predicted` class, the test metrics and the promotion gates use this rule.",
+                      ""]
+    target = _fmt(rule.target_sensitivity, 2) if rule.target_sensitivity else "none (declared cutoff)"
+    rows = [["rule", f"`{rule.rule}`"], ["positive class", rule.positive], ["weighed against", rule.versus],
+            ["cutoff", _fmt(rule.cutoff)], ["target sensitivity", target],
+            ["fitted on", rule.fitted_on or "declared"],
+            [f"validation sensitivity ({rule.positive})", _fmt(rule.val_sensitivity)],
+            [f"validation specificity ({rule.positive} vs rest)", _fmt(rule.val_specificity)],
+            ["validation images (positive / other)",
+             f"{_count(rule.val_positives)} / {_count(rule.val_negatives)}"]]
+    return out + _table(["", ""], rows) + [
+        "", "The served `predicted` class, the test metrics (sensitivity, specificity, per-class statistics) "
+        "and the promotion gates all use this rule, not the most probable class; `confidence` stays the "
+        "probability of the predicted class.", ""]
+
+
 def _limitations_section(limitations: Sequence[str] | None) -> list[str]:
     """The known limitations as a list (:data:`DEFAULT_LIMITATIONS` when ``None``)."""
     out = ["## Known limitations", ""]
@@ -274,7 +337,8 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
 
     Args:
         cfg: the model's configuration (name, task, headline, gates, preprocessing).
-        contract: the saved model's contract (classes, input shape, temperature, threshold).
+        contract: the served model's contract (classes, input shape, temperature, decision
+            rule, threshold).
         metrics: the evaluation report: metric name -> value, ``headline_value``,
             ``headline_ci_low``/``headline_ci_high`` (95 % bootstrap CI), ``n_test``, and for
             classifiers ``temperature`` and ECE before/after calibration (``ece_before``,
@@ -293,7 +357,9 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
     out += _preprocessing_section(cfg, contract)
     out += _outputs_section(cfg, contract)
     out += _metrics_section(cfg, metrics, data)
+    out += _sites_section(cfg, metrics)
     out += _calibration_section(cfg, contract, metrics)
+    out += _decision_section(cfg, contract)
     out += _limitations_section(limitations)
     return "\n".join(out)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow
 
+from breastscan.decision import DecisionRule
 from breastscan.registry import tracking
 from breastscan.registry.bundle import ModelBundle
 
@@ -49,10 +50,14 @@ def model_run(model: str, bundle_dir: Path, *, stage: str) -> Iterator[mlflow.Ac
 
 
 def calibrated(bundle: ModelBundle, metrics: Mapping[str, Any]) -> ModelBundle:
-    """The bundle as served: a classifier with the temperature evaluate fitted (``metrics.json``)."""
+    """The bundle as served: a classifier with the temperature and the decision rule evaluate
+    fitted (``temperature`` and, for a rule other than the arg-max, ``decision`` in ``metrics.json``)."""
     if bundle.contract.task != "classification":
         return bundle
-    return bundle.with_temperature(float(metrics["temperature"]))
+    served = bundle.with_temperature(float(metrics["temperature"]))
+    if metrics.get("decision") is not None:
+        served = served.with_decision(DecisionRule.from_dict(metrics["decision"]))
+    return served
 
 
 def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path) -> str:

@@ -81,6 +81,7 @@ CLASSIC_STAGES = {STAGING: "Staging", PRODUCTION: "Production"}
 # Version tags written by register() and read by promote().
 TAG_HEADLINE = "headline"
 TAG_HEADLINE_VALUE = "headline_value"
+TAG_SITE_PREFIX = "site."
 TAG_SPLIT = "split_id"
 TAG_DATA_HASH = "data_hash"
 TAG_COMMIT = "git_commit"
@@ -379,6 +380,7 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         tags[METRIC_TAG_PREFIX + metric] = repr(value)
     if cfg.task == "classification":
         tags[TAG_NEVER_PREDICTED] = ",".join(never_predicted(metrics))
+    tags.update(site_tags(cfg, metrics))
     tags.update(extra_tags or {})
 
     model_id = logged_model_id(model_uri)
@@ -394,6 +396,28 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     log.info("registered %s v%d %s%s (%s = %s)", name, version, f"as @{alias}" if alias else "with no stage",
              f" (classic stage {stage})" if stage else "", cfg.headline, fmt_number(headline))
     return version
+
+
+def site_tags(cfg: ModelConfig, metrics: Mapping[str, Any]) -> dict[str, str]:
+    """``site.<site>.<headline>`` version tags of a model trained on a pool: each site's headline value.
+
+    Args:
+        cfg: the model's configuration (its headline).
+        metrics: the evaluation report; a pool's carries ``sites`` (site -> metrics).
+    """
+    out: dict[str, str] = {}
+    for site, site_metrics in sorted((metrics.get("sites") or {}).items()):
+        value = report_metric(site_metrics, cfg.headline)
+        if value is not None:
+            out[f"{TAG_SITE_PREFIX}{site}.{cfg.headline}"] = repr(value)
+    return out
+
+
+def _site_values(tags: Mapping[str, str]) -> str:
+    """``busbra 0.884, busi 0.912``: the per-site headline values of :func:`site_tags`."""
+    pairs = [(key[len(TAG_SITE_PREFIX):].split(".", 1)[0], finite_float(value))
+             for key, value in sorted(tags.items()) if key.startswith(TAG_SITE_PREFIX)]
+    return ", ".join(f"{site} {fmt_number(value)}" for site, value in pairs)
 
 
 def version_split_id(cfg: ModelConfig, version: int | None = None, *, alias: str = STAGING) -> str | None:
@@ -437,7 +461,8 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
     Returns:
         Rows sorted by name, newest version first: ``name``, ``version`` (int), ``aliases``
         (list), ``stage`` (classic stage or ``None``), ``headline`` (metric name),
-        ``value`` (its value or ``None``), ``split_id``, ``created`` (UTC ISO time), ``run_id``.
+        ``value`` (its value or ``None``), ``sites`` (each site's headline value, a model
+        trained on a pool; else empty), ``split_id``, ``created`` (UTC ISO time), ``run_id``.
     """
     client = registry_client()
     pattern = prefix.replace("'", "''")
@@ -458,6 +483,7 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "stage": stage, "headline": tags.get(TAG_HEADLINE),
                 "value": finite_float(tags.get(TAG_HEADLINE_VALUE)),
+                "sites": _site_values(tags),
                 "split_id": tags.get(TAG_SPLIT), "created": created.isoformat(timespec="seconds"),
                 "run_id": mv.run_id,
             })

@@ -15,7 +15,8 @@ folder holding ``manifest.csv`` (the images it lists, not the masks beside them)
 What is written to ``OUT`` (:class:`ResultWriter`), appended and flushed after every batch:
 
 * ``predictions.csv``: one row per image -- path, model, version, stage, status (``ok`` or
-  the refusal's code), size, then ``predicted``, ``confidence`` and ``p_<class>`` (classifiers)
+  the refusal's code), size, then ``predicted`` (the class the model's decision rule calls, as
+  the service answers), ``confidence`` and ``p_<class>`` (classifiers)
   or ``lesion_area_px``, ``lesion_fraction``, ``bbox`` (segmenters);
 * ``predictions.jsonl``: the engine's full answer per image (or its error), one JSON a line;
 * ``errors.csv``: path, code, message of each refused image.
@@ -500,6 +501,9 @@ def predict_files(engine: Engine, model: str, inputs: Sequence[InputFile], out: 
     from tqdm import tqdm
 
     served = engine.select(model)
+    if served.contract.task == "classification" and not served.contract.rule.is_argmax:
+        log.info("%s v%s: `predicted` follows its decision rule: %s", served.contract.name, served.version,
+                 served.contract.rule.describe())
     out.mkdir(parents=True, exist_ok=True)
     chosen = list(inputs)[:limit] if limit is not None else list(inputs)
     done = load_done(out, served)

@@ -200,6 +200,7 @@ def model_info_to_dict(msg: pb.ModelInfo) -> dict[str, Any]:
         "source": msg.source or None, "task": msg.task, "modality": msg.modality,
         "classes": list(msg.classes), "input_shape": list(msg.input_shape), "spec_id": msg.spec_id,
         "temperature": msg.temperature, "threshold": msg.threshold if msg.HasField("threshold") else None,
+        "decision": msg.decision if msg.HasField("decision") else None,
     }
 
 

@@ -94,16 +94,20 @@ class ServedModel:
 
         c = self.contract
         return AlgorithmInfo(name=self.name, version=self.version or "unknown", stage=self.stage or "",
-                             task=c.task, class_names=tuple(c.class_names))
+                             task=c.task, class_names=tuple(c.class_names),
+                             decision=c.rule.describe() if c.task == "classification" else "")
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able facts about the model (what ``/models`` lists)."""
+        """JSON-able facts about the model (what ``/models`` lists); ``decision`` says in one
+        sentence how a classifier whose rule is not the arg-max calls its class (else ``None``)."""
         c = self.contract
+        rule = c.rule
         return {
             "name": self.name, "version": self.version, "stage": self.stage, "source": self.source,
             "task": c.task, "modality": c.modality, "classes": list(c.class_names),
             "input_shape": list(c.input_shape), "spec_id": self.spec.spec_id,
             "temperature": c.temperature, "threshold": c.threshold if c.task == "segmentation" else None,
+            "decision": None if rule.is_argmax else rule.describe(),
         }
 
 
@@ -288,7 +292,9 @@ class Engine:
                                f"{len(prepared.batch)} images")
         heat = None
         if explain and served.contract.task == "classification":
-            heat = await self._explain(served.name, prepared.batch, [int(np.argmax(probs[0]))])
+            called = served.contract.rule.decide(probs[:1], served.contract.class_names)
+            # the evidence for the class the answer calls (`predicted`)
+            heat = await self._explain(served.name, prepared.batch, [int(called[0])])
         finish = functools.partial(finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
                                    heat=heat, version=served.version, stage=served.stage)
         if heat is None and served.contract.task == "classification":
@@ -347,7 +353,7 @@ class Engine:
         gray = await asyncio.to_thread(self.decode, image, modality)
         answers = dict(zip(chosen, await asyncio.gather(
             *(self._run(self.models[n], gray, explain, image.data) for n in chosen)), strict=True))
-        result = analysis(modality, answers)
+        result = analysis(modality, answers, rules={n: self.models[n].contract.rule for n in chosen})
         if image.roi is not None:
             result["roi"] = list(image.roi)
         if dicom and image.data is not None:

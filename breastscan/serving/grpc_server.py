@@ -211,6 +211,8 @@ def model_info_to_proto(info: Mapping[str, Any]) -> pb.ModelInfo:
     )
     if info.get("threshold") is not None:
         msg.threshold = float(info["threshold"])
+    if info.get("decision") is not None:
+        msg.decision = str(info["decision"])
     return msg
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from breastscan.decision import ARGMAX_RULE, DecisionRule
 from breastscan.imaging.overlay import overlay
 from breastscan.imaging.preprocessing import (
     ImageDecodeError,
@@ -308,7 +309,8 @@ class Prediction:
         width: the original image's width in pixels.
         height: the original image's height in pixels.
         probabilities: class name -> calibrated probability, in class order (classifiers).
-        predicted: the most probable class name (classifiers).
+        predicted: the class the model's decision rule calls (classifiers): the most probable
+            one, or the contract's operating point (:class:`breastscan.decision.DecisionRule`).
         confidence: its probability (classifiers).
         heatmap_png: base64 PNG, ``(height, width)`` 8-bit Grad-CAM heatmap, 255 = strongest
             evidence for ``predicted`` (classifiers, when explained).
@@ -447,7 +449,7 @@ def finish_predictions(
     """Turn one model call's probabilities into answers at the original image sizes.
 
     Args:
-        contract: the model's contract (task, class names, mask threshold).
+        contract: the model's contract (task, class names, decision rule, mask threshold).
         spec_id: id of the preprocessing spec applied.
         prepared: what :func:`prepare_inputs` returned for this call.
         probs: ``(n, k)`` calibrated class probabilities, or ``(n, H', W', 1)`` lesion
@@ -466,7 +468,7 @@ def finish_predictions(
     out: list[Prediction] = []
     if contract.task == "classification":
         names = list(contract.class_names)
-        predicted = np.argmax(probs, axis=1) if len(probs) else np.zeros(0, np.int64)
+        predicted = contract.rule.decide(probs, names)
         for i, (gray, box) in enumerate(zip(prepared.grays, prepared.boxes, strict=True)):
             extra: dict[str, Any] = {}
             if heat is not None:
@@ -517,7 +519,7 @@ def models_for_modality(modalities: Mapping[str, str], modality: str) -> list[st
 
 
 def analysis(modality: str, answers: Mapping[str, Prediction], *, density_model: str = "density",
-             tumor_model: str = "tumor") -> dict[str, Any]:
+             tumor_model: str = "tumor", rules: Mapping[str, DecisionRule] | None = None) -> dict[str, Any]:
     """The answer of an analysis: each model's answer, plus the 8-category view of a mammogram.
 
     Args:
@@ -525,6 +527,7 @@ def analysis(modality: str, answers: Mapping[str, Prediction], *, density_model:
         answers: each model's :class:`Prediction` for the image, by name.
         density_model: name of the density classifier of the 8-category view.
         tumor_model: name of the tumor classifier of the 8-category view.
+        rules: each classifier's decision rule (its contract's), by name; absent: the arg-max.
 
     Returns:
         ``{"modality", "models": {name: answer dict}}`` plus ``"eight_category"`` for
@@ -534,14 +537,16 @@ def analysis(modality: str, answers: Mapping[str, Prediction], *, density_model:
                               "models": {name: p.to_dict() for name, p in answers.items()}}
     density, tumor = answers.get(density_model), answers.get(tumor_model)
     if modality == "mammography" and density is not None and tumor is not None:
-        combined = eight_category_view(density, tumor)
+        combined = eight_category_view(density, tumor, (rules or {}).get(tumor_model, ARGMAX_RULE))
         if combined is not None:
             result["eight_category"] = combined
     return result
 
 
-def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any] | None:
-    """The 8-category view (pathology x density) of one mammogram's density and tumor answers.
+def eight_category_view(density: Prediction, tumor: Prediction,
+                        tumor_rule: DecisionRule = ARGMAX_RULE) -> dict[str, Any] | None:
+    """The 8-category view (pathology x density) of one mammogram's density and tumor answers,
+    the tumor model's called class and pathology following its decision rule.
 
     Returns:
         One dict of :func:`breastscan.evaluation.combined.eight_category`, or ``None`` when either
@@ -557,6 +562,7 @@ def eight_category_view(density: Prediction, tumor: Prediction) -> dict[str, Any
             np.asarray([list(tumor.probabilities.values())]),
             list(tumor.probabilities),
             density_names=list(density.probabilities),
+            tumor_rule=tumor_rule,
         )[0]
     except ValueError as exc:  # a deployment mistake (wrong classes), not the client's
         log.warning("no 8-category view from %s and %s: %s", density.model, tumor.model, exc)

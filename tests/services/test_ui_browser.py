@@ -259,6 +259,7 @@ def test_mammogram_with_gradcam_shows_the_apis_answer(ui: UI, mammogram_file: Pa
             data_p = card.locator(f'.prob[data-class="{cls}"]').get_attribute("data-p")
             assert float(data_p) == pytest.approx(p, abs=1e-6)
         assert card.locator("[data-testid=predicted]").inner_text() == answer["predicted"]
+        assert card.locator("[data-testid=decision]").count() == 0  # arg-max models state no rule
         assert card.locator(".prob.is-predicted").get_attribute("data-class") == answer["predicted"]
         assert ui.image_loaded(f'.model-card[data-model="{name}"] img[data-testid=gradcam]')
 

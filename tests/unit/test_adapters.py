@@ -309,6 +309,31 @@ def test_csv_missing_contract_columns_added(tmp_path: Path) -> None:
     assert df.loc[0, "modality"] == "" and df.loc[0, "group"] == ""
 
 
+def test_csv_columns_the_prepare_stage_derives_are_set_aside(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A pack's own duplicate ids (BUS-BRA: a few of a patient's images) must not pass for its groups."""
+    from breastscan.data.loading import row_groups
+
+    src = tmp_path / "s"
+    src.mkdir()
+    for name in "abc":
+        cv2.imwrite(str(src / f"{name}.png"), np.zeros((20, 20), np.uint8))
+    (src / "t.csv").write_text("image,group,dup_group,split\na.png,p1,g1,test\nb.png,p1,,train\n"
+                               "c.png,p2,g1,train\n")
+    with caplog.at_level(logging.WARNING):
+        df = convert_csv(src / "t.csv", tmp_path / "o")
+    assert "t.csv: column(s) dup_group, split kept as source_dup_group, source_split" in caplog.text
+    assert "dup_group" not in df.columns and "split" not in df.columns
+    assert list(df["source_dup_group"]) == ["g1", "", "g1"]
+    assert list(df["source_split"]) == ["test", "train", "train"]
+    assert list(row_groups(read_manifest(tmp_path / "o"))) == ["p1", "p1", "p2"]  # the patients
+    mapped = convert_csv(src / "t.csv", tmp_path / "m", columns={"group": "patient", "dup_group": "group"})
+    assert list(mapped["group"]) == ["g1", "", "g1"]  # mapped to group: BUSI's way, unchanged
+    (src / "t.csv").write_text("image,dup_group,source_dup_group\na.png,g1,x\n")
+    with pytest.raises(IngestError, match="cannot set aside dup_group: source_dup_group exists too"):
+        convert_csv(src / "t.csv", tmp_path / "x")
+
+
 def test_csv_errors(csv_source: Path, tmp_path: Path) -> None:
     with pytest.raises(LayoutError, match="not a CSV layout: .*found nothing at .*nope.csv"):
         convert_csv(tmp_path / "nope.csv", tmp_path / "o")

@@ -73,3 +73,37 @@ def test_every_class_predicted_gate_is_declared() -> None:
     raw["models"]["tumor"]["gates"]["every_class_predicted"] = True
     assert parse_params(raw).model("tumor").gates.every_class_predicted
     assert not parse_params(_raw()).model("density").gates.every_class_predicted
+
+
+def test_a_classifier_declares_its_decision_rule() -> None:
+    from breastscan.decision import ARGMAX_RULE, DecisionRule
+
+    assert parse_params(_raw()).model("tumor").decision == ARGMAX_RULE  # no key: the arg-max
+    raw = _raw()
+    ratio = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign"}
+    raw["models"]["tumor"]["decision"] = {**ratio, "target_sensitivity": 0.9}
+    assert parse_params(raw).model("tumor").decision == DecisionRule(
+        "positive_ratio", positive="malignant", versus="benign", target_sensitivity=0.9)
+    raw["models"]["tumor"]["decision"] = {**ratio, "cutoff": 0.35}
+    assert parse_params(raw).model("tumor").decision.cutoff == 0.35
+
+
+RATIO = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign"}
+
+
+@pytest.mark.parametrize(("model", "decision", "match"), [
+    ("tumor", {"rule": "positive_ratio", "positive": "cancer", "versus": "benign", "cutoff": 0.3},
+     "models.tumor.decision: .*'cancer' is not one of"),
+    ("tumor", {**RATIO, "target_sensitivity": 0.9, "cutoff": 0.3}, "not both"),
+    ("tumor", {**RATIO, "cutoff": 1.0}, r"cutoff must be in \(0, 1\)"),
+    ("tumor", {**RATIO, "target_sensitivity": 0}, r"target_sensitivity must be in \(0, 1\)"),
+    ("tumor", {"rule": "argmax", "fitted_on": "validation split"}, "unknown keys fitted_on"),
+    ("tumor", "positive_ratio", "must be a mapping"),
+    ("lesion", {"rule": "positive_ratio", "positive": "lesion", "versus": "background", "cutoff": 0.3},
+     "classification models only"),
+])
+def test_decision_rule_mistakes_are_named(model: str, decision: Any, match: str) -> None:
+    raw = _raw()
+    raw["models"][model]["decision"] = decision
+    with pytest.raises(ValueError, match=match):
+        parse_params(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_second_declare_refuses_without_force(project: Path) -> None:
 
 
 def test_unknown_benchmark_lists_known_ones(project: Path) -> None:
-    with pytest.raises(DeclareError, match="unknown benchmark 'nope'; known: busi, busi_gpu, mini_mias"):
+    known = "busbra, busi, busi_gpu, mini_mias, ultrasound_sites"
+    with pytest.raises(DeclareError, match=f"unknown benchmark 'nope'; known: {known}"):
         declare("nope", Path("params.yaml"))
 
 
@@ -104,6 +106,41 @@ def test_next_steps_name_the_commands(project: Path) -> None:
     assert not next_steps(declare("busi", Path("params.yaml"), force=True))[0].startswith("breastscan ingest")
 
 
+def test_busbra_declares_a_two_class_lesion_aware_pair(project: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(main, ["declare", "busbra"])
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines() == [
+        "params.yaml: declared datasets.busbra (path datasets/busbra) and models busbra_tumor, busbra_lesion "
+        "from busbra",
+        "next:",
+        # the pack's `group` column is the patient grouping already: no --map dup_group=group
+        "  breastscan ingest --format csv ../shared/datasets/busbra/manifest.csv datasets/busbra "
+        "--map label=pathology --modality ultrasound --copy",
+        "  dvc add datasets/busbra",
+        "  git add params.yaml datasets/busbra.dvc",
+        "  dvc repro register@busbra_tumor register@busbra_lesion",
+        "  breastscan promote busbra_tumor busbra_lesion --to production",
+        "  make serve",
+    ]
+    p = load_params("params.yaml")
+    assert p.dataset("busbra").path == Path("datasets/busbra") and p.dataset("busbra").masks_required
+    tumor, lesion = p.model("busbra_tumor"), p.model("busbra_lesion")
+    assert tumor.class_names == ("benign", "malignant") and tumor.roi is not None
+    assert tumor.headline == "auc" and lesion.task == "segmentation"
+    busi = load_params("benchmarks/busi.yaml")  # gates at least as strict as BUSI's
+    assert tumor.gates.floors["auc"] >= busi.model("busi_tumor").gates.floors["macro_auc"]
+    for name, floor in busi.model("busi_tumor").gates.floors.items():
+        assert name == "macro_auc" or tumor.gates.floors[name] >= floor, name
+    assert lesion.gates.floors["lesion_mean_dice"] >= \
+        busi.model("busi_lesion").gates.floors["lesion_mean_dice"]
+    assert tumor.gates.every_class_predicted
+    for ours, theirs in ((tumor, busi.model("busi_tumor")), (lesion, busi.model("busi_lesion"))):
+        same = {f: getattr(theirs, f)
+                for f in ("name", "dataset", "classes", "class_names", "headline", "gates")}
+        assert replace(ours, **same) == theirs, f"{ours.name} must keep {theirs.name}'s recipe"
+
+
 def test_cli(project: Path) -> None:
     runner = CliRunner()
     done = runner.invoke(main, ["declare", "mini_mias", "--path", "datasets/mias"])
@@ -117,4 +154,24 @@ def test_cli(project: Path) -> None:
         "Error: params.yaml already declares datasets.mini_mias, models.mias_density, models.mias_tumor: "
         "pass --force to replace them"]
     unknown = runner.invoke(main, ["declare", "nope"])
-    assert unknown.exit_code == 1 and "known: busi, busi_gpu, mini_mias" in unknown.output
+    assert unknown.exit_code == 1
+    assert "known: busbra, busi, busi_gpu, mini_mias, ultrasound_sites" in unknown.output
+
+
+def test_a_pool_declares_its_sites_and_the_ingest_of_each(project: Path) -> None:
+    declared = declare("ultrasound_sites", Path("params.yaml"))
+    p = load_params("params.yaml")
+    pool = p.dataset("ultrasound_sites")
+    assert pool.path == Path("datasets") and pool.sites == {"busi": Path("datasets/busi"),
+                                                             "busbra": Path("datasets/busbra")}
+    assert declared.models == ("us_tumor", "us_lesion")
+    assert p.model("us_tumor").dataset == "ultrasound_sites" and p.model("us_lesion").task == "segmentation"
+    steps = next_steps(declared)
+    ingest = [s for s in steps if s.startswith("breastscan ingest")]
+    assert [s.split()[5] for s in ingest] == ["datasets/busi", "datasets/busbra"]
+    assert "--map dup_group=group" in ingest[0] and "dup_group" not in ingest[1]
+    assert "dvc add datasets/busi" in steps and "dvc add datasets/busbra" in steps
+    assert "git add params.yaml datasets/busi.dvc datasets/busbra.dvc" in steps
+    assert "dvc repro register@us_tumor register@us_lesion" in steps
+    text = (project / "params.yaml").read_text()
+    assert "dedup: {max_hamming: 8, min_correlation: 0.9}\n" in text  # layout kept

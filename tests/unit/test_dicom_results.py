@@ -383,6 +383,24 @@ def test_sr_has_the_disclaimer_and_no_added_patient_data(mg_report: Any) -> None
     assert {"density-mg 7", "tumor-mg 3", "lesion-us 5"} <= set(ds.SoftwareVersions)
 
 
+def test_sr_states_the_decision_rule_of_a_classifier() -> None:
+    from dataclasses import replace
+
+    rule = "malignant is called when p(malignant) / (p(malignant) + p(benign)) >= 0.210, otherwise ..."
+    algorithms = {"tumor-mg": replace(TUMOR, decision=rule), "density-mg": DENSITY}  # density: none stated
+    data = to_bytes(structured_report(_roundtrip(mg_source()), {"tumor-mg": TUMOR_ANSWER,
+                                                                "density-mg": DENSITY_ANSWER}, algorithms))
+    ds = pydicom.dcmread(io.BytesIO(data))
+    texts = {item.TextValue: item.ConceptNameCodeSequence[0] for item in _walk(ds)
+             if item.get("ValueType") == "TEXT"}
+    assert f"tumor-mg: {rule}" in texts and not any(t.startswith("density-mg:") for t in texts)
+    concept = texts[f"tumor-mg: {rule}"]
+    assert (concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning) == \
+        ("DECISION-RULE", "99BREASTSCAN", "Decision rule")
+    [predicted] = _groups(data)["tumor-mg"].get_qualitative_evaluations(name=codes.SCT.Classification)
+    assert predicted.value == codes.SCT.Malignant  # the answer's predicted class, called by that rule
+
+
 def _walk(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     out = []
     for item in ds.get("ContentSequence", []):

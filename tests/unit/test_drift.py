@@ -11,6 +11,7 @@ import io
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,12 @@ def test_the_reference_holds_outputs_and_applies_the_served_temperature() -> Non
     warm = reference_records(ref, contract(temperature=4.0))
     assert cold[0]["predicted"] == warm[0]["predicted"] == "benign" and "logits" not in cold[0]
     assert cold[0]["confidence"] > warm[0]["confidence"] > 1 / 3
+    # the reference's predicted classes are called as the service calls them: by the decision rule
+    # (logits 2, 0, 0: p(malignant) / (p(malignant) + p(benign)) = 1 / (1 + e^2) = 0.119)
+    rule = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign", "cutoff": 0.1}
+    ruled = reference_records(ref, replace(contract(), decision=rule))
+    assert ruled[0]["predicted"] == "malignant"
+    assert ruled[0]["confidence"] == pytest.approx(1 / (np.exp(2.0) + 2.0), abs=1e-5)
     seg = model_reference(FakeBundle(contract("segmentation")), grays, modality="mammography")  # type: ignore[arg-type]
     fraction = seg["records"][0]["lesion_fraction"]
     assert 0.2 < fraction < 0.45  # a quarter of the input, letterboxed back to 160 x 128

@@ -168,6 +168,59 @@ def test_stored_temperature_is_kept_without_validation_rows() -> None:
     assert refit.temperature != 2.5 and refit.metrics["n_val"] == 60
 
 
+def _malignant_task(n: int, seed: int) -> SplitData:
+    """Noisy scores: malignant images score high on malignant more often than not."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return _split(np.clip(np.eye(3)[y] * 0.3 + rng.random((n, 3)) * 0.7, 0, 1), y)
+
+
+def test_a_declared_rule_is_fitted_on_validation_and_every_test_number_follows_it(tmp_path: Path) -> None:
+    from breastscan.decision import DecisionRule, fit_cutoff
+    from breastscan.registry.runs import calibrated
+
+    declared = DecisionRule("positive_ratio", positive="malignant", versus="benign", target_sensitivity=0.9)
+    bundle = _classifier(4.0).with_decision(declared)
+    test, val = _malignant_task(150, seed=1), _malignant_task(150, seed=2)
+    scoring = _scoring("macro_auc", ("per_class.malignant.sensitivity",))
+    ev = score_bundle(bundle, test, val=val, scoring=scoring, n_boot=0)
+    rule, names = ev.decision, TUMOR.class_names
+    assert rule is not None and ev.metrics["decision"] == pytest.approx(rule.to_dict())
+    # the cutoff: fitted on the validation split's calibrated probabilities (the served temperature)
+    val_probs = bundle.with_temperature(ev.temperature).predict(val.images).astype(np.float64)
+    val_probs /= val_probs.sum(axis=1, keepdims=True)
+    malignant_val = np.asarray(val.targets) == 1
+    pair = declared.in_pair(val_probs, names)  # a malignant row called normal: a miss no cutoff undoes
+    scores = np.where(pair, declared.ratio(val_probs, names), -np.inf)
+    assert rule.cutoff == pytest.approx(max(0.0, fit_cutoff(scores, malignant_val, 0.9)))
+    assert rule.val_sensitivity >= min(0.9, pair[malignant_val].mean())
+    assert rule.fitted_on == "validation split"
+    # every test number is at the rule: predictions, metrics, per-class statistics, confusion plot
+    probs = ev.predictions[[f"prob_{c}" for c in names]].to_numpy()
+    called = rule.decide(probs, names)
+    assert (called != probs.argmax(axis=1)).any()
+    assert ev.predictions["pred"].tolist() == [names[k] for k in called]
+    y = np.asarray(test.targets)
+    assert ev.metrics["accuracy"] == pytest.approx(accuracy_score(y, called))
+    m = ev.metrics["per_class"]["malignant"]
+    assert m["sensitivity"] == pytest.approx(np.mean(called[y == 1] == 1))
+    assert m["specificity"] == pytest.approx(np.mean(called[y != 1] != 1))
+    assert [r["predicted"] for r in ev.plots["confusion"]] == [names[k] for k in called]
+    # re-scoring the written rows keeps the rule's decisions (a benchmark pools several folds' rows)
+    write_evaluation(ev, tmp_path)
+    saved = pd.read_csv(tmp_path / "predictions.csv", dtype={"group": str, "true": str})
+    rescored = score_predictions(saved, scoring, n_boot=0)
+    assert rescored["accuracy"]["value"] == pytest.approx(ev.metrics["accuracy"])
+    # the served bundle carries the fitted rule; scored again without validation rows, it is kept
+    served = calibrated(bundle, ev.metrics)
+    again = score_bundle(served, test, val=None, scoring=scoring, n_boot=0)
+    assert again.decision == rule and again.predictions["pred"].tolist() == ev.predictions["pred"].tolist()
+    with pytest.raises(ValueError, match="needs a cutoff"):
+        score_bundle(bundle, test, val=None, scoring=scoring, n_boot=0)
+    # an arg-max model's report has no decision key (its metrics are as they were)
+    assert "decision" not in score_bundle(_classifier(4.0), test, val=val, scoring=scoring, n_boot=0).metrics
+
+
 def test_temperature_lowers_ece_of_an_overconfident_model() -> None:
     ev = score_bundle(_classifier(8.0), _overconfident(300, seed=2), val=_overconfident(300, seed=1),
                       scoring=_scoring("accuracy"), n_boot=100)
@@ -318,6 +371,17 @@ def test_eight_category_math() -> None:
     binary = eight_category(np.array([[0.25] * 4]), np.array([[0.5, 0.5]]), ("benign", "malignant"))[0]
     assert binary["p_normal"] is None and binary["pathology"] == "malignant"  # ties: the cautious call
     assert binary["category"] == "malignant-A"
+
+    # the tumor model's decision rule: its cutoff calls the pathology, its call is the finding
+    from breastscan.decision import DecisionRule
+
+    rule = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=0.2)
+    cautious = eight_category(density, tumor, ("benign", "malignant", "normal"), tumor_rule=rule)
+    assert cautious[0] == first  # p(m | lesion) = 0.75: the same call
+    assert cautious[1]["pathology"] == "malignant" and cautious[1]["category"] == "malignant-A"  # 0.25 >= 0.2
+    assert cautious[1]["finding"] == "normal"  # the rule's call: normal outweighs benign + malignant
+    assert cautious[1]["p_malignant"] == second["p_malignant"]
+    assert cautious[1]["confidence"] == pytest.approx(0.7 * 0.25)
 
     with pytest.raises(ValueError, match="'benign' and 'malignant'"):
         eight_category(density, tumor, ("benign", "cancer", "normal"))

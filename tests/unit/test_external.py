@@ -269,6 +269,9 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
     assert m["macro_auc"]["ci_low"] == report["evaluation"]["headline_ci_low"]
     assert m["macro_auc"]["ci_high"] == report["evaluation"]["headline_ci_high"]
     assert 0.0 <= report["calibration"]["ece"] <= 1.0
+    # the predicted classes follow the stored decision rule (here the arg-max), not refitted
+    assert report["decision"] == {"rule": "argmax", "refitted": False,
+                                  "description": "The most probable class is called (arg-max)."}
 
     # the Markdown summary says the same
     md = (store["root"] / "reports" / "ext" / "tumor.md").read_text()
@@ -279,6 +282,7 @@ def test_classifier_report_metrics_and_mlflow_run(store: dict[str, Any]) -> None
     for name, v in m.items():
         assert f"{v['value']:.3f} | {v['ci_low']:.3f} – {v['ci_high']:.3f} |" in md, name
     assert f"ECE {report['calibration']['ece']:.3f}" in md
+    assert "## Decision rule\n\nThe most probable class is called (arg-max). Stored with the model" in md
     benign_row = report["confusion_matrix"]["matrix"][0]
     assert "| benign | " + " | ".join(map(str, benign_row)) + " |" in md
 

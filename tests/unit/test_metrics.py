@@ -207,6 +207,30 @@ def test_binary_metrics_match_sklearn_at_argmax_and_at_a_threshold() -> None:
     assert expected_calibration_error(p[:, 1], y) == pytest.approx(expected_calibration_error(p, y))
 
 
+def test_a_decision_rule_moves_the_called_classes_and_every_statistic_on_them() -> None:
+    from breastscan.decision import DecisionRule
+
+    y, p = _random_task(n=400, seed=4)
+    rule = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=0.25)
+    o = ClassOutcomes.decided(y, p, rule, PATHOLOGIES)
+    called = rule.decide(p, PATHOLOGIES)
+    np.testing.assert_array_equal(o.pred, called)
+    assert (called != p.argmax(axis=1)).any()  # the rule is not the arg-max here
+    assert value("accuracy", o) == pytest.approx(accuracy_score(y, called))
+    assert value("balanced_accuracy", o) == pytest.approx(balanced_accuracy_score(y, called))
+    assert value("macro_auc", o) == value("macro_auc", ClassOutcomes(y, p))  # the scores do not move
+    stats = per_class(o, PATHOLOGIES)["malignant"]
+    assert stats["sensitivity"] == pytest.approx(recall_score(y == 1, called == 1))
+    assert stats["specificity"] == pytest.approx(recall_score(y != 1, called != 1))
+    assert stats["precision"] == pytest.approx(precision_score(y == 1, called == 1))
+    assert confusion(o) == confusion_matrix(y, called, labels=[0, 1, 2]).tolist()
+    assert stats["sensitivity"] > per_class(ClassOutcomes(y, p), PATHOLOGIES)["malignant"]["sensitivity"]
+    with pytest.raises(ValueError, match="class indices"):
+        ClassOutcomes(y, p, called=called[:-1])
+    with pytest.raises(ValueError, match="not both"):
+        ClassOutcomes(y % 2, p[:, :2] / p[:, :2].sum(axis=1, keepdims=True), threshold=0.5, called=y % 2)
+
+
 def test_perfect_predictions() -> None:
     y = np.array([0, 1, 2, 3] * 10)
     p = np.eye(4)[y] * 0.96 + 0.01

@@ -58,6 +58,8 @@ def test_classifier_card() -> None:
     assert "T = 1.370" in card
     assert "| test, before calibration | 0.121 |" in card and "| test, as served | 0.043 |" in card
     assert "Temperature scaling fitted on the validation split" in card
+    # decision rule: the arg-max, said in one line
+    assert "## Decision rule\n\nThe most probable class is called (arg-max)." in card
     # default limitations
     for item in DEFAULT_LIMITATIONS:
         assert f"- {item}" in card
@@ -104,3 +106,30 @@ def test_card_says_when_the_served_model_is_uncalibrated() -> None:
     assert "(T = 2.500) but did not lower the validation ECE and NLL" in card
     assert "**uncalibrated** (T = 1)" in card
     assert "| validation, T = 1 | 0.050 |" in card and "| validation, fitted T | 0.080 |" in card
+
+
+def test_card_states_the_fitted_decision_rule() -> None:
+    from breastscan.decision import DecisionRule
+
+    cfg = ModelConfig(name="tumor", task="classification", dataset="ultrasound", label="pathology",
+                      classes=("benign", "malignant", "normal"), preprocess=SPEC, headline="macro_auc",
+                      decision=DecisionRule("positive_ratio", positive="malignant", versus="benign",
+                                            target_sensitivity=0.9))
+    fitted = DecisionRule("positive_ratio", positive="malignant", versus="benign", target_sensitivity=0.9,
+                          cutoff=0.2134, fitted_on="validation split", val_sensitivity=0.913,
+                          val_specificity=0.624, val_positives=23, val_negatives=101)
+    contract = ModelContract.from_config(cfg, "ultrasound")
+    assert contract.rule == cfg.decision  # declared, not fitted yet
+    served = ModelContract.from_dict({**contract.to_dict(), "decision": fitted.to_dict()})
+    metrics = {"headline": "macro_auc", "headline_value": 0.8, "macro_auc": 0.8, "n_test": 150,
+               "temperature": 1.2, "decision": fitted.to_dict()}
+    card = render_model_card(cfg, served, metrics, data=DATA, limitations=[])
+    section = card.split("## Decision rule", 1)[1].split("\n## ", 1)[0]
+    assert fitted.describe() in section
+    for row in ("| cutoff | 0.213 |", "| target sensitivity | 0.90 |", "| fitted on | validation split |",
+                "| validation sensitivity (malignant) | 0.913 |",
+                "| validation specificity (malignant vs rest) | 0.624 |",
+                "| validation images (positive / other) | 23 / 101 |"):
+        assert row in section, row
+    assert "not the most probable class" in section
+    assert "| decision |" not in card  # the rule is no metric row

@@ -304,6 +304,30 @@ def test_concurrent_requests_equal_one_model_call_of_their_batch(tumor: ModelBun
         }  # no heatmap keys without explain, no roi key without a roi
 
 
+def test_the_served_class_follows_the_contracts_decision_rule(tumor: ModelBundle) -> None:
+    from breastscan.decision import DecisionRule
+
+    names = ("benign", "malignant", "normal")
+    images = [_mammogram(seed) for seed in range(6)]
+    batch, _ = tumor.prepare([img.astype(np.float32) / 255.0 for img in images])
+    expected = tumor.predict(batch)
+    ratio = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=0.5).ratio(
+        expected, names)
+    differs = False
+    for cutoff in (float(ratio.min()), float(np.nextafter(ratio.max(), 1.0))):  # every image / none
+        rule = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=cutoff)
+        served = tumor.with_decision(rule)
+        called = rule.decide(expected, names)
+        differs |= bool((called != expected.argmax(axis=1)).any())
+        for img, k, row in zip(images, called, expected, strict=True):
+            answer = _predict({"tumor": served}, "tumor", img)
+            assert answer["predicted"] == names[k]
+            assert answer["confidence"] == pytest.approx(float(row[k]), abs=1e-5)  # p of the predicted class
+            assert set(answer) == {"model", "version", "stage", "spec_id", "task", "width", "height",
+                                   "probabilities", "predicted", "confidence"}  # the answer's keys as before
+    assert differs  # one of the two rules calls some image otherwise than the arg-max
+
+
 def test_calibration_temperature_is_applied(tumor: ModelBundle) -> None:
     img = _mammogram(4)
     hot = _predict({"tumor": tumor}, "tumor", img)["probabilities"]

@@ -152,7 +152,8 @@ def test_arrays_are_read_as_their_declared_dtype() -> None:
         assert info.value.code == code, (values, dtype)
 
 
-def _engine(calls: list[tuple[str, tuple[int, ...]]]) -> Engine:
+def _engine(calls: list[tuple[str, tuple[int, ...]]], tumor_rule: dict | None = None,
+            explained: list[tuple[str, list[int]]] | None = None) -> Engine:
     from breastscan.imaging.preprocessing import PreprocessSpec
     from breastscan.registry.bundle import ModelContract
 
@@ -161,9 +162,11 @@ def _engine(calls: list[tuple[str, tuple[int, ...]]]) -> Engine:
     def contract(name: str, modality: str, task: str) -> ModelContract:
         names = ("A", "B", "C", "D") if name == "density" else ("benign", "malignant", "normal")
         classes = names if task == "classification" else ()
+        rule = {"decision": tumor_rule} if name == "tumor" and tumor_rule else {}
         return ModelContract(name=name, task=task, label="x", classes=classes,
                              class_names=classes or ("lesion",),
-                             input_shape=(32, 24, 1), dataset="d", modality=modality, spec_id=spec.spec_id)
+                             input_shape=(32, 24, 1), dataset="d", modality=modality, spec_id=spec.spec_id,
+                             **rule)  # type: ignore[arg-type]
 
     models = {n: ServedModel(n, spec, contract(n, mod, task), "3", "production")
               for n, mod, task in [("density", "mammography", "classification"),
@@ -178,6 +181,8 @@ def _engine(calls: list[tuple[str, tuple[int, ...]]]) -> Engine:
         return np.full((len(batch), k), 1.0 / k, np.float32)
 
     async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        if explained is not None:
+            explained.append((name, list(classes)))
         return np.ones(batch.shape[:3], np.float32)
 
     return Engine(models, infer, explain, max_upload_bytes=1 << 20)
@@ -220,6 +225,26 @@ def test_engine_answers_at_the_original_size_with_registry_facts() -> None:
     assert ("lesion", (1, 32, 24, 1)) in calls and all(shape[0] == 1 for _, shape in calls)
     described = engine.describe()
     assert [m["name"] for m in described] == ["density", "lesion", "tumor"]
+
+
+def test_every_consumer_of_the_engine_follows_the_decision_rule() -> None:
+    """Probabilities 1/3 each: the arg-max calls benign; malignant vs benign (ratio 0.5) at cutoff 0.4
+    calls malignant -- in the answer, Grad-CAM's target, the 8-category view and ``/models``."""
+    explained: list[tuple[str, list[int]]] = []
+    rule = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign", "cutoff": 0.4}
+    engine = _engine([], tumor_rule=rule, explained=explained)
+    png = images.png(images.mammogram(1))
+    answer = asyncio.run(engine.predict("tumor", ImageInput(data=png), explain=True))
+    assert answer["predicted"] == "malignant" and answer["confidence"] == pytest.approx(1 / 3)
+    assert explained == [("tumor", [1])]  # the heatmap shows the evidence for the predicted class
+    plain = asyncio.run(_engine([]).predict("tumor", ImageInput(data=png)))
+    assert plain["predicted"] == "benign"  # the same probabilities at the arg-max
+    view = asyncio.run(engine.analyze(ImageInput(data=png), modality="mammography"))["eight_category"]
+    assert view["finding"] == "malignant" and view["pathology"] == "malignant"
+    described = {m["name"]: m for m in engine.describe()}
+    assert described["tumor"]["decision"].startswith("malignant is called when p(malignant)")
+    assert described["density"]["decision"] is None and described["lesion"]["decision"] is None
+    assert "malignant is called" in engine.models["tumor"].algorithm().decision  # the DICOM SR's text
 
 
 def test_dicom_modality_code_reads_the_header() -> None:

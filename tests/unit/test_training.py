@@ -259,8 +259,8 @@ def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pyte
     seen: list[Any] = []
     build = training._build_and_compile
 
-    def spy(c: ModelConfig, steps: int) -> Any:
-        seen.append(build(c, steps))
+    def spy(c: ModelConfig, steps: int, class_sets: Any = None) -> Any:
+        seen.append(build(c, steps, class_sets))
         return seen[-1]
 
     monkeypatch.setattr(training, "_build_and_compile", spy)

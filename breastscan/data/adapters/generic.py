@@ -49,6 +49,12 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
 }
 """Contract columns with a fixed set of values (besides empty = unknown)."""
 
+DERIVED_COLUMNS: tuple[str, ...] = ("dup_group", "dup_cluster", "split", "exclusion")
+"""Columns the prepare stage derives (:func:`breastscan.data.splits.prepare_splits`). A source
+column of one of these names is kept as ``source_<name>``: before prepare it would pass for
+the derived one (a ``dup_group`` is read as the rows' groups, before ``group``), and prepare
+would overwrite it."""
+
 _EXPECTED = "a CSV file, or a folder holding manifest.csv"
 """What :func:`convert_csv` reads, as its layout errors say."""
 
@@ -269,6 +275,23 @@ def _rename_columns(df: pd.DataFrame, columns: Mapping[str, str], source_csv: Pa
     return df.rename(columns=columns)
 
 
+def _set_aside_derived(df: pd.DataFrame, source_csv: Path) -> pd.DataFrame:
+    """Rename each :data:`DERIVED_COLUMNS` column of the source to ``source_<name>``, with a warning.
+
+    Raises:
+        IngestError: ``source_<name>`` exists as well.
+    """
+    found = [c for c in DERIVED_COLUMNS if c in df.columns]
+    clash = [f"source_{c}" for c in found if f"source_{c}" in df.columns]
+    if clash:
+        raise IngestError(f"{source_csv}: cannot set aside {', '.join(found)}: {', '.join(clash)} exists too")
+    if found:
+        logger.warning("%s: column(s) %s kept as %s: the prepare stage derives them (map one to group "
+                       "if it is the rows' grouping)", source_csv.name, ", ".join(found),
+                       ", ".join(f"source_{c}" for c in found))
+    return df.rename(columns={c: f"source_{c}" for c in found})
+
+
 def _counts(values: pd.Series) -> str:
     """``"B (12), C (7)"``: each distinct value with its count, most frequent first."""
     counts = sorted(values.value_counts().items(), key=lambda vn: (-vn[1], str(vn[0])))
@@ -462,16 +485,19 @@ def convert_csv(
             CSV's folder) instead of referencing them in place.
 
     Returns:
-        The manifest written: contract columns first, then every other source column; all
-        values as text, empty cells as ``""`` (an empty ``group`` stays empty).
+        The manifest written: contract columns first, then every other source column (one
+        named like a column the prepare stage derives, :data:`DERIVED_COLUMNS`, as
+        ``source_<name>``); all values as text, empty cells as ``""`` (an empty ``group``
+        stays empty).
 
     Raises:
         LayoutError: the CSV, or an image/mask it names, does not exist; the CSV does not
             parse; a column to rename, a value-mapped column or a ROI column is missing;
             there is no ``image`` column or it has empty cells; an existing mask's size
             differs from its image.
-        IngestError: a rename collides with an existing column, a value is not valid
-            after its value mapping, or the output would overwrite the source CSV.
+        IngestError: a rename collides with an existing column (or a derived column with
+            its ``source_<name>``), a value is not valid after its value mapping, or the
+            output would overwrite the source CSV.
     """
     out_dir = Path(out_dir)
     source_csv = _locate_source(source_csv, out_dir)
@@ -481,7 +507,7 @@ def convert_csv(
     df = read_table(source_csv)
     if roi is not None:
         roi, roi_values = _roi_values(df, roi, source_csv)
-    df = _rename_columns(df, columns or {}, source_csv)
+    df = _set_aside_derived(_rename_columns(df, columns or {}, source_csv), source_csv)
     _normalise_cells(df, modality, values, source_csv)
     _check_files_exist(df, csv_dir, source_csv)
 

@@ -7,6 +7,6 @@ artefact of record and whose :meth:`~ValidationReport.summary` names each defect
 
 from __future__ import annotations
 
-from breastscan.data.validation.runner import ValidationReport, validate_dataset
+from breastscan.data.validation.runner import ValidationReport, validate_dataset, validate_pool
 
-__all__ = ["ValidationReport", "validate_dataset"]
+__all__ = ["ValidationReport", "validate_dataset", "validate_pool"]

@@ -280,3 +280,38 @@ def validate_dataset(
     )
     log.log(logging.INFO if report.success else logging.ERROR, "%s", report.summary())
     return report
+
+
+def validate_pool(pool: DatasetConfig, rules: ValidationRules) -> ValidationReport:
+    """Validate every site of a pool (:attr:`DatasetConfig.sites`) with the pool's suites.
+
+    Each site is validated as a dataset of its own (:func:`validate_dataset` of
+    :meth:`DatasetConfig.site`); the pool passes when every site passes. A class-count rule
+    applies per site: a site need not have every class (a site without ``normal`` images is
+    a site, not a defect), but the classes it has need ``min_class_count`` rows.
+
+    Args:
+        pool: a dataset declaration with ``sites``.
+        rules: validation thresholds.
+
+    Returns:
+        One report: failures of every site (each naming its site in ``column``'s place of
+        ``meaning``), statistics per site under ``sites``, GX documents of every site.
+    """
+    sites = {name: validate_dataset(pool.sites[name], pool.site(name), rules) for name in pool.sites}
+    failures: list[Failure] = []
+    for name, report in sites.items():
+        for failure in report.failures:
+            failure.meaning = f"[site {name}] {failure.meaning}"
+            failures.append(failure)
+    evaluated = sum(int(r.statistics.get("evaluated", 0)) for r in sites.values())
+    report = ValidationReport(
+        dataset=pool.name, root=str(pool.path), success=all(r.success for r in sites.values()),
+        n_rows=sum(r.n_rows for r in sites.values()), failures=failures,
+        statistics={"evaluated": evaluated, "failed": len(failures), "passed": evaluated - len(failures),
+                    "sites": {name: {"root": r.root, "success": r.success, "n_rows": r.n_rows, **r.statistics}
+                              for name, r in sites.items()}},
+        gx_results=[doc for r in sites.values() for doc in r.gx_results],
+    )
+    log.log(logging.INFO if report.success else logging.ERROR, "%s", report.summary())
+    return report

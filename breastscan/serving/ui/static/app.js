@@ -590,6 +590,10 @@
       card.append(h("p", { class: "predicted" }, "Predicted ",
         h("strong", { dataset: { testid: "predicted" } }, a.predicted),
         h("span", { class: "muted" }, ` ${pct(a.confidence)}`)));
+      if (described.decision) {  // an operating point other than the most probable class (/models)
+        card.append(h("p", { class: "decision muted", dataset: { testid: "decision" } },
+          `Decision rule: ${described.decision}`));
+      }
       card.append(probBars(a.probabilities, a.predicted, `${name} class probabilities`));
       if (a.overlay_png) {
         card.append(figure(a.overlay_png, "gradcam", `Grad-CAM overlay of the ${name} model for ${a.predicted}`,

@@ -162,7 +162,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "stage", "source", "task", "modality", "classes", "input_shape", "spec_id", "temperature", "threshold")
+    __slots__ = ("name", "version", "stage", "source", "task", "modality", "classes", "input_shape", "spec_id", "temperature", "threshold", "decision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class ModelInfo(_message.Message):
     SPEC_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     stage: str
@@ -185,7 +186,8 @@ class ModelInfo(_message.Message):
     spec_id: str
     temperature: float
     threshold: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., modality: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., spec_id: _Optional[str] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    decision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., modality: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., spec_id: _Optional[str] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,14 +1,15 @@
-"""Real data, first class: from the public BUSI pack to served models, with no code edit.
+"""Real data, first class: from two hospitals' public packs to served models, with no code edit.
 
 In a throwaway git+DVC repo (:func:`tests.pipelines.repo.make_repo`) the test runs what the
-README's "Real data" section tells a user to run, on a small real subset of the BUSI pack
-(../shared/datasets; skipped when absent): ``breastscan ingest ... --copy`` into
-``datasets/busi``, ``dvc add``, ``breastscan declare busi``, then the commands ``declare``
-prints (``git add``, ``dvc repro register@busi_tumor register@busi_lesion``, ``breastscan
-promote``), ``breastscan import-models`` and a real ``bentoml serve``
-(:func:`breastscan.serving.launch.launch_service`). The HTTP (``POST /busi_tumor``,
-``/busi_lesion``, ``/predict``) and gRPC answers for real images must equal the in-process
-prediction of the registered production versions.
+README's "Real data" section tells a user to run, on small real subsets of the BUSI and
+BUS-BRA packs (../shared/datasets; skipped when absent): ``breastscan ingest ... --copy``
+into ``datasets/busi`` and ``datasets/busbra``, ``dvc add``, ``breastscan declare
+ultrasound_sites`` (a pool of the two sites), then the commands ``declare`` prints (``git
+add``, ``dvc repro register@us_tumor register@us_lesion``, ``breastscan promote``),
+``breastscan import-models`` and a real ``bentoml serve``
+(:func:`breastscan.serving.launch.launch_service`). The HTTP and gRPC answers for real
+images of both sites must equal the in-process prediction of the registered production
+versions, and the evaluation must score each site apart.
 
 The one departure from the README: after ``declare``, the test shrinks the declared models
 (32x32 inputs, 2 epochs) so that they train in seconds, and drops their gates, which such
@@ -35,26 +36,28 @@ from tests.pipelines.repo import env, make_repo, run
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 SUBSET_ROWS = 120
-MODELS = ("busi_tumor", "busi_lesion")
+MODELS = ("us_tumor", "us_lesion")
+SITES = {"busi": "dup_group", "busbra": "group"}
+"""The two sites and the pack column whose groups a subset keeps whole."""
 TINY = {
-    "busi_tumor": {"epochs": 2, "batch_size": 16, "patience": 0, "preprocess": {"height": 32, "width": 32},
+    "us_tumor": {"epochs": 2, "batch_size": 16, "patience": 0, "preprocess": {"height": 32, "width": 32},
                    "roi": {"seg_size": [32, 32], "seg_filters": 4, "seg_depth": 2, "seg_epochs": 2,
                            "seg_batch_size": 8, "crop_size": [32, 32]}},
-    "busi_lesion": {"epochs": 2, "batch_size": 8, "patience": 0, "depth": 2, "base_filters": 4,
+    "us_lesion": {"epochs": 2, "batch_size": 8, "patience": 0, "depth": 2, "base_filters": 4,
                     "preprocess": {"height": 32, "width": 32}},
 }
 """Applied to the declared entries: seconds of training instead of minutes."""
 
 
-def busi_subset(pack: Path, out: Path, n: int = SUBSET_ROWS, seed: int = 0) -> Path:
-    """A ``manifest.csv`` in ``out`` of about ``n`` rows of the BUSI pack, its files referenced in place.
+def pack_subset(pack: Path, out: Path, group: str, n: int = SUBSET_ROWS, seed: int = 0) -> Path:
+    """A ``manifest.csv`` in ``out`` of about ``n`` rows of a pack, its files referenced in place.
 
-    Stratified by label, duplicate groups kept whole (a group is never cut), groups with
-    conflicting labels left out; image and mask paths absolute.
+    Stratified by label, groups (``group`` column) kept whole (a group is never cut), groups
+    with conflicting labels left out; image and mask paths absolute.
     """
     df = pd.read_csv(pack / "manifest.csv", dtype=str, keep_default_na=False)
     df = df[df["dup_label_conflict"] != "1"].copy()
-    df["_group"] = df["dup_group"].where(df["dup_group"] != "", df["image"])
+    df["_group"] = df[group].where(df[group] != "", df["image"])
     rng = np.random.default_rng(seed)
     picked = []
     for _, rows in df.groupby("label"):
@@ -109,7 +112,7 @@ def reference_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         mlflow.set_registry_uri(None)  # type: ignore[arg-type]
 
 
-def test_busi_pack_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_datasets: Path,
+def test_two_hospital_packs_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_datasets: Path,
                                     reference_engine: Any) -> None:
     import httpx
 
@@ -118,8 +121,8 @@ def test_busi_pack_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_
     from breastscan.serving.launch import launch_service
     from tests.services.test_service_http import assert_same_answer
 
-    manifest = busi_subset(shared_datasets / "busi", tmp_path / "pack")
-    rows = len(pd.read_csv(manifest))
+    manifests = {site: pack_subset(shared_datasets / site, tmp_path / site, group)
+                 for site, group in SITES.items()}
     repo = tmp_path / "repo"
     repo.mkdir()
     make_repo(repo, tiny_phantoms)
@@ -127,35 +130,40 @@ def test_busi_pack_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_
     with (repo / ".gitignore").open("a") as fh:
         fh.write("/datasets/*/\n")  # the project's .gitignore line for real data
 
-    # 1. convert and version the data
-    ingested = run(["breastscan", "ingest", "--format", "csv", str(manifest), "datasets/busi",
-                    "--map", "label=pathology", "--map", "dup_group=group", "--modality", "ultrasound",
-                    "--copy"], repo)
-    assert f"datasets/busi/manifest.csv: {rows} rows" in ingested.stdout
-    assert not any(p.is_symlink() for p in (repo / "datasets/busi").rglob("*"))  # self-contained
-    run(["dvc", "add", "datasets/busi"], repo)
+    # 1. convert and version the data of both hospitals
+    for site, manifest in manifests.items():
+        mapped = ["--map", "dup_group=group"] if site == "busi" else []  # BUSI has no patient id
+        ingested = run(["breastscan", "ingest", "--format", "csv", str(manifest), f"datasets/{site}",
+                        "--map", "label=pathology", *mapped, "--modality", "ultrasound", "--copy"], repo)
+        assert f"datasets/{site}/manifest.csv: {len(pd.read_csv(manifest))} rows" in ingested.stdout
+        assert not any(p.is_symlink() for p in (repo / f"datasets/{site}").rglob("*"))  # self-contained
+    run(["dvc", "add", "datasets/busi", "datasets/busbra"], repo)
 
-    # 2. declare the benchmark's ready-made entries; it names the next commands
-    declared = run(["breastscan", "declare", "busi"], repo).stdout
-    assert declared.startswith("params.yaml: declared datasets.busi (path datasets/busi) and models "
-                               "busi_tumor, busi_lesion from busi\n")
+    # 2. declare the pool's ready-made entries; it names the next commands
+    declared = run(["breastscan", "declare", "ultrasound_sites"], repo).stdout
+    assert declared.startswith("params.yaml: declared datasets.ultrasound_sites (path datasets) and models "
+                               "us_tumor, us_lesion from ultrasound_sites\n")
     steps = [line.strip() for line in declared.split("next:\n", 1)[1].splitlines()]
-    assert steps == ["git add params.yaml datasets/busi.dvc",
-                     "dvc repro register@busi_tumor register@busi_lesion",
-                     "breastscan promote busi_tumor busi_lesion --to production",
+    assert steps == ["git add params.yaml datasets/busi.dvc datasets/busbra.dvc",
+                     "dvc repro register@us_tumor register@us_lesion",
+                     "breastscan promote us_tumor us_lesion --to production",
                      "make serve"]
-    again = run(["breastscan", "declare", "busi"], repo, check=False)
-    assert again.returncode == 1 and "already declares datasets.busi" in again.stderr
+    again = run(["breastscan", "declare", "ultrasound_sites"], repo, check=False)
+    assert again.returncode == 1 and "already declares datasets.ultrasound_sites" in again.stderr
     shrink_models(repo / "params.yaml")  # the test's only departure: seconds of training
 
     # 3. train, evaluate, register, promote: the printed commands, as they are
     run(shlex.split(steps[0]), repo)
-    run(["git", "commit", "-qm", "declare busi"], repo)
+    run(["git", "commit", "-qm", "declare the ultrasound sites"], repo)
     reproduced = run(shlex.split(steps[1]), repo)
-    for stage in ("validate@busi", "prepare@busi", *(f"{s}@{m}" for m in MODELS
-                                                       for s in ("train", "evaluate", "register"))):
+    for stage in ("validate@ultrasound_sites", "prepare@ultrasound_sites",
+                  *(f"{s}@{m}" for m in MODELS for s in ("train", "evaluate", "register"))):
         assert f"Running stage '{stage}'" in reproduced.stdout, reproduced.stdout[-3000:]
     assert "@density" not in reproduced.stdout  # the demo models are not retrained
+    logged = reproduced.stdout + reproduced.stderr
+    assert "partial labels: {'busbra': ['benign', 'malignant'], 'busi': " in logged
+    for model in MODELS:  # every site scored apart
+        assert f"{model} at site busi" in logged and f"{model} at site busbra" in logged
     promoted = run(shlex.split(steps[2]), repo).stdout
     for name in MODELS:
         assert f"breastscan-{name} v1 is now at stage production" in promoted, promoted
@@ -174,9 +182,12 @@ def test_busi_pack_to_served_models(tmp_path: Path, tiny_phantoms: Path, shared_
         assert [(m["name"], m["version"], m["stage"]) for m in listed] == \
             [(n, "1", "production") for n in sorted(MODELS)]
         engine = reference_engine(repo)
-        ds = pd.read_csv(repo / "datasets/busi/manifest.csv", dtype=str, keep_default_na=False)
-        images = [(repo / "datasets/busi" / ds[ds["pathology"] == label]["image"].iloc[0]).read_bytes()
-                  for label in ("benign", "malignant", "normal")]
+        images = []
+        for site, labels in (("busi", ("benign", "malignant", "normal")),
+                             ("busbra", ("benign", "malignant"))):
+            ds = pd.read_csv(repo / f"datasets/{site}/manifest.csv", dtype=str, keep_default_na=False)
+            images += [(repo / f"datasets/{site}" / ds[ds["pathology"] == label]["image"].iloc[0])
+                       .read_bytes() for label in labels]
         with HTTPClient(served.http_url, timeout=60) as http, \
                 GRPCClient(served.grpc_target, timeout=60) as rpc:
             for name in MODELS:

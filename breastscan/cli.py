@@ -437,7 +437,7 @@ def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> N
 @click.option("--set", "overrides", multiple=True, metavar="[BENCHMARK:]KEY=VALUE",
               help="override a value of the benchmark file(s), e.g. busi:models.busi_tumor.epochs=20")
 @click.option("--datasets", "datasets_dir", type=click.Path(path_type=Path), default=None,
-              help="folder holding busi/ and mini_mias/ [default: the files' source, ../shared/datasets]")
+              help="folder holding the packs (busi/, busbra/, mini_mias/) [default: the files' source]")
 @click.option("--rescore", is_flag=True,
               help="score the last run's saved predictions again (no training), e.g. after a metric change")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -538,7 +538,8 @@ def _benchmark_sources(spec: Any) -> list[Path]:
 @main.command()
 @click.argument("benchmark")
 @click.option("--path", "data_path", type=click.Path(path_type=Path), default=None,
-              help="the converted dataset's folder [default: datasets/<dataset>]")
+              help="the converted dataset's folder [default: datasets/<dataset>; a pool: datasets, "
+                   "holding one folder per site]")
 @click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
 @click.option("--force", is_flag=True, help="replace entries params.yaml already has")
 def declare(benchmark: str, data_path: Path | None, params: Path, force: bool) -> None:
@@ -549,7 +550,9 @@ def declare(benchmark: str, data_path: Path | None, params: Path, force: bool) -
     the quality benchmark found) into params.yaml, the dataset's path set to --path;
     params.yaml keeps its comments and order. The pipeline's foreach stages then train,
     evaluate and register the models: no code to edit. An entry params.yaml already has
-    is refused (exit 1) unless --force. BENCHMARK: busi, mini_mias, or a benchmark file.
+    is refused (exit 1) unless --force. A pool file (ultrasound_sites: BUSI + BUS-BRA) declares
+    a pool of sites, each site's folder inside --path. BENCHMARK: busi, busbra, mini_mias,
+    ultrasound_sites, or such a file.
     """
     from breastscan.data.declare import DeclareError, next_steps
     from breastscan.data.declare import declare as run_declare

@@ -433,6 +433,23 @@ class ModelConfig:
         raise KeyError(f"{self.label}={value!r} is not a class of model {self.name} {list(self.classes)}")
 
 
+def segmenter_config(cfg: ModelConfig) -> ModelConfig:
+    """The declaration of a lesion-aware classifier's U-Net (its first training phase).
+
+    Same dataset, seed, normalisation and augmentation as the classifier; the size, width,
+    depth, epochs, learning rate and batch size of ``cfg.roi``; a cosine schedule, no early
+    stopping, dropout at most 0.1.
+    """
+    roi: RoiConfig = cfg.roi  # type: ignore[assignment]
+    spec = replace(cfg.preprocess, height=roi.seg_size[0], width=roi.seg_size[1])
+    return replace(cfg, name=f"{cfg.name}_segmenter", task="segmentation", label="mask", classes=(),
+                   class_names=(), base_filters=roi.seg_filters, depth=roi.seg_depth, preprocess=spec,
+                   epochs=roi.seg_epochs, learning_rate=roi.seg_learning_rate, schedule="cosine",
+                   batch_size=roi.seg_batch_size,
+                   patience=0, imbalance="none", roi=None, headline="mean_dice", gates=GateConfig(),
+                   threshold=roi.threshold, dropout=min(cfg.dropout, 0.1), decision=DecisionRule())
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in params.yaml that the stages read."""

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from breastscan.config import ModelConfig, Params, parse_params
+from breastscan.config import ModelConfig, Params, parse_params, segmenter_config
 from breastscan.decision import fit_cutoff
 from breastscan.evaluation import metrics as M
 from breastscan.evaluation.reports import fmt_interval, write_json
@@ -203,8 +203,6 @@ def segmenter_mismatch(cfg: ModelConfig, segmenter: ModelConfig) -> list[str]:
     learning rate, batch size, schedule, normalisation, augmentation, seed, dropout, patience.
     Empty: the segmentation model is the U-Net the classifier would train.
     """
-    from breastscan.models.roi import segmenter_config
-
     own = segmenter_config(cfg)
     fields = ("base_filters", "depth", "epochs", "learning_rate", "batch_size", "schedule", "normalize",
               "augment", "seed", "dropout", "patience")

@@ -71,26 +71,6 @@ def _uncompiled_copy(model: keras.Model, name: str) -> keras.Model:
     return keras.Model(copy.input, copy.output, name=name)
 
 
-def segmenter_config(cfg: ModelConfig) -> ModelConfig:
-    """The declaration of a lesion-aware classifier's U-Net (its first training phase).
-
-    Same dataset, seed, normalisation and augmentation as the classifier; the size, width,
-    depth, epochs, learning rate and batch size of ``cfg.roi``; a cosine schedule, no early
-    stopping, dropout at most 0.1.
-    """
-    from breastscan.config import GateConfig
-    from breastscan.decision import ARGMAX_RULE
-
-    roi: RoiConfig = cfg.roi  # type: ignore[assignment]
-    spec = replace(cfg.preprocess, height=roi.seg_size[0], width=roi.seg_size[1])
-    return replace(cfg, name=f"{cfg.name}_segmenter", task="segmentation", label="mask", classes=(),
-                   class_names=(), base_filters=roi.seg_filters, depth=roi.seg_depth, preprocess=spec,
-                   epochs=roi.seg_epochs, learning_rate=roi.seg_learning_rate, schedule="cosine",
-                   batch_size=roi.seg_batch_size,
-                   patience=0, imbalance="none", roi=None, headline="mean_dice", gates=GateConfig(),
-                   threshold=roi.threshold, dropout=min(cfg.dropout, 0.1), decision=ARGMAX_RULE)
-
-
 def segmenter_data(data: SplitData, size: tuple[int, int]) -> SplitData:
     """A classifier split's images and lesion masks at the U-Net's size.
 

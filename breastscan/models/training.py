@@ -415,7 +415,8 @@ def partial_labels(cfg: ModelConfig, train: SplitData, val: SplitData
 def _train_segmenter(cfg: ModelConfig, train: SplitData, val: SplitData, modality: str,
                      strategy: tf.distribute.Strategy) -> Any:
     """First phase of a lesion-aware classifier: its U-Net on the rows' lesion masks."""
-    from breastscan.models.roi import segmenter_config, segmenter_data
+    from breastscan.config import segmenter_config
+    from breastscan.models.roi import segmenter_data
 
     seg_cfg = segmenter_config(cfg)
     size = (seg_cfg.preprocess.height, seg_cfg.preprocess.width)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from breastscan.config import AugmentConfig, ModelConfig, RoiConfig, parse_params
+from breastscan.config import AugmentConfig, ModelConfig, RoiConfig, parse_params, segmenter_config
 from breastscan.data.loading import RowSpec, SplitData, load_rows
 from breastscan.evaluation.crossval import load_benchmark, segmenter_mismatch
 from breastscan.imaging.files import write_mask, write_png
@@ -28,7 +28,6 @@ from breastscan.models.roi import (
     crop_config,
     lesion_boxes,
     lesion_crops,
-    segmenter_config,
     segmenter_data,
 )
 from breastscan.models.training import train_model

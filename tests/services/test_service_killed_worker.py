@@ -64,6 +64,9 @@ def _load(served: Served, stop: threading.Event, outcomes: Counter[str], k: int)
             outcomes["ok"] += 1
         except ServiceError as exc:
             outcomes[f"refused {exc.code} {exc.status}"] += 1
+            if exc.code == "unavailable":  # a channel to the dead worker: reconnect, as a client does
+                client.close()  # (left alone, gRPC's reconnect back-off fails every call at once meanwhile)
+                client = None
         except Exception as exc:  # noqa: BLE001 -- a reset connection: counted, judged below
             outcomes[f"failed {type(exc).__name__}"] += 1
             client.close()

@@ -44,9 +44,11 @@ are :data:`breastscan.evaluation.metrics.METRICS`, which must name exactly these
 
 
 def metric_names(task: str, n_classes: int = 0) -> tuple[str, ...]:
-    """Metrics a model of ``task`` with ``n_classes`` classes reports (binary-only ones need two)."""
+    """Metrics a model of ``task`` with ``n_classes`` classes reports (binary-only ones need two);
+    a multi-task model reports both its classifier's and its segmenter's."""
+    tasks = ("classification", "segmentation") if task == "multitask" else (task,)
     return tuple(name for name, kind in METRIC_KINDS.items()
-                 if kind.task == task and not (kind.binary_only and n_classes != 2))
+                 if kind.task in tasks and not (kind.binary_only and n_classes != 2))
 
 
 PER_CLASS_STATS: tuple[str, ...] = ("sensitivity", "specificity", "precision", "auc")
@@ -143,7 +145,9 @@ class AugmentConfig:
         contrast: maximum contrast change factor (``1 +- contrast``).
         zoom: maximum zoom in or out as a fraction of the size (zero fill).
         noise: standard deviation of additive Gaussian noise on the [0, 1] image (another
-            scanner's speckle and gain); the result is clipped to [0, 1].
+            scanner's electronic noise); the result is clipped to [0, 1].
+        speckle: standard deviation of multiplicative Gaussian noise, ``x * (1 + speckle * n)``
+            (speckle scales with the echo, so bright tissue gets more); clipped to [0, 1].
     """
 
     flip: bool = True
@@ -152,11 +156,12 @@ class AugmentConfig:
     contrast: float = 0.1
     zoom: float = 0.0
     noise: float = 0.0
+    speckle: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rotation_deg <= 180.0:
             raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
-        for field_name in ("brightness", "contrast", "zoom", "noise"):
+        for field_name in ("brightness", "contrast", "zoom", "noise", "speckle"):
             value = getattr(self, field_name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{field_name} must be in [0, 1), got {value}")
@@ -203,11 +208,13 @@ class SplitConfig:
             raise ValueError("test_fraction + val_fraction leaves too little for training")
 
 
-TASKS: tuple[str, ...] = ("classification", "segmentation")
+TASKS: tuple[str, ...] = ("classification", "segmentation", "multitask")
 IMBALANCE: tuple[str, ...] = ("none", "class_weight", "balanced_sampling")
 DISTRIBUTION: tuple[str, ...] = ("none", "mirrored", "multi_worker")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 NORMALIZE: tuple[str, ...] = ("none", "per_image")
+TTA: tuple[str, ...] = ("none", "flip")
+WEIGHT_AVERAGE: tuple[str, ...] = ("none", "ema")
 
 
 @dataclass(frozen=True)
@@ -286,7 +293,10 @@ class ModelConfig:
 
     Attributes:
         name: key in params.yaml; the registered model is ``breastscan-<name>``.
-        task: ``classification`` or ``segmentation``.
+        task: ``classification``, ``segmentation``, or ``multitask``: one U-Net whose
+            features also feed a class head, trained on the class labels and the lesion
+            masks at once (:mod:`breastscan.models.multitask`; ``label`` is the class column,
+            ``depth`` and ``base_filters`` the U-Net's, ``threshold`` the mask's).
         dataset: key of the dataset under ``datasets:``.
         label: manifest column learnt (``density`` / ``pathology``; ``mask`` for segmentation).
         classes: manifest values in class-index order (classification), e.g. ``[1, 2, 3, 4]``.
@@ -313,6 +323,14 @@ class ModelConfig:
         threshold: probability above which a pixel is lesion (segmentation).
         normalize: ``none``, or ``per_image``: the network standardises each input (zero mean,
             unit variance) first, so a scanner's gain and contrast matter less.
+        tta: test-time augmentation, stored in the contract and applied wherever the model
+            runs (evaluation, calibration, the service): ``none``, or ``flip``: the logits of
+            the image and of its left-right mirror are averaged (a mask is mirrored back
+            first); twice the compute per image.
+        class_loss_weight: a multi-task model's loss is the mask's BCE + Dice plus this
+            weight times the class cross-entropy.
+        weight_average: ``none``, or ``ema``: the model keeps an exponential moving average of
+            its weights over the training steps (momentum 0.99) and ends with it.
         roi: classify the segmented lesion's neighbourhood (:class:`RoiConfig`; classification
             on a dataset with lesion masks), or ``None`` for the whole image.
         decision: how a class is called from the probabilities (classification): the arg-max
@@ -346,6 +364,9 @@ class ModelConfig:
     distribution: str = "none"
     threshold: float = 0.5
     normalize: str = "none"
+    tta: str = "none"
+    weight_average: str = "none"
+    class_loss_weight: float = 1.0
     roi: RoiConfig | None = None
     decision: DecisionRule = field(default_factory=DecisionRule)
     headline: str = ""
@@ -363,9 +384,16 @@ class ModelConfig:
             raise ValueError(f"{where}.distribution must be one of {DISTRIBUTION}, got {self.distribution!r}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"{where}.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if self.tta not in TTA:
+            raise ValueError(f"{where}.tta must be one of {TTA}, got {self.tta!r}")
+        if self.weight_average not in WEIGHT_AVERAGE:
+            raise ValueError(f"{where}.weight_average must be one of {WEIGHT_AVERAGE}, "
+                             f"got {self.weight_average!r}")
         if self.roi is not None and self.task != "classification":
             raise ValueError(f"{where}.roi applies to classification models only")
-        if self.task == "classification":
+        if self.task == "multitask":
+            self._check_multitask(where)
+        if self.task in ("classification", "multitask"):
             if self.label not in LABEL_COLUMNS:
                 raise ValueError(f"{where}.label must be one of {LABEL_COLUMNS}, got {self.label!r}")
             if len(self.classes) < 2:
@@ -380,27 +408,47 @@ class ModelConfig:
                 self.decision.check_classes(self.class_names)
             except ValueError as exc:
                 raise ValueError(f"{where}.decision: {exc}") from None
-        else:
-            if self.label != "mask":
-                raise ValueError(f"{where}.label must be 'mask' for segmentation")
-            if not self.decision.is_argmax:
-                raise ValueError(f"{where}.decision applies to classification models only")
+        if self.task in ("segmentation", "multitask"):
             step = 2 ** self.depth
             if self.preprocess.height % step or self.preprocess.width % step:
                 raise ValueError(f"{where}: input {self.preprocess.height}x{self.preprocess.width} "
                                  f"must be divisible by 2**depth = {step}")
+        if self.task == "segmentation":
+            if self.label != "mask":
+                raise ValueError(f"{where}.label must be 'mask' for segmentation")
+            if not self.decision.is_argmax:
+                raise ValueError(f"{where}.decision applies to classification models only")
             object.__setattr__(self, "class_names", ("lesion",))
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError(f"{where}: epochs, batch_size and learning_rate must be positive")
         self._check_metric_names(where)
 
+    def _check_multitask(self, where: str) -> None:
+        if self.roi is not None:
+            raise ValueError(f"{where}.roi: a multi-task model outlines the lesion itself (no roi)")
+        if self.imbalance == "balanced_sampling":
+            raise ValueError(f"{where}.imbalance: a multi-task model takes none or class_weight")
+        if not self.class_loss_weight > 0:
+            raise ValueError(f"{where}.class_loss_weight must be positive, got {self.class_loss_weight}")
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the model calls classes (a classifier, or a multi-task model's head)."""
+        return self.task in ("classification", "multitask")
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the model outlines lesions (a segmenter, or a multi-task model's decoder)."""
+        return self.task in ("segmentation", "multitask")
+
     def _check_metric_names(self, where: str) -> None:
         """Default the headline per task; refuse a headline or gate that is not a metric of this model."""
         if not self.headline:
-            object.__setattr__(self, "headline", "accuracy" if self.task == "classification" else "mean_dice")
-        allowed = metric_names(self.task, len(self.classes) if self.task == "classification" else 0)
+            object.__setattr__(self, "headline", {"classification": "accuracy", "segmentation": "mean_dice",
+                                                  "multitask": "macro_auc"}[self.task])
+        allowed = metric_names(self.task, len(self.classes) if self.has_classes else 0)
         for name in (self.headline, *self.gates.floors):
-            if name.startswith("per_class.") and self.task == "classification":
+            if name.startswith("per_class.") and self.has_classes:
                 _, cls, stat = (name.split(".", 2) + ["", ""])[:3]
                 if cls in self.class_names and stat in PER_CLASS_STATS:
                     continue
@@ -448,6 +496,32 @@ def segmenter_config(cfg: ModelConfig) -> ModelConfig:
                    batch_size=roi.seg_batch_size,
                    patience=0, imbalance="none", roi=None, headline="mean_dice", gates=GateConfig(),
                    threshold=roi.threshold, dropout=min(cfg.dropout, 0.1), decision=DecisionRule())
+
+
+def task_view(cfg: ModelConfig, task: str) -> ModelConfig:
+    """A multi-task model's declaration read as its classifier or its segmenter alone.
+
+    What scores one of its outputs (rows, targets, metrics, gates) takes this view: the
+    classifier keeps the class label, decision rule and class metrics; the segmenter reads
+    the ``mask`` and keeps the mask metrics. A model of another task comes back unchanged.
+
+    Args:
+        cfg: a model declaration.
+        task: ``classification`` or ``segmentation``.
+    """
+    if cfg.task != "multitask":
+        return cfg
+    kind = {"classification": "classification", "segmentation": "segmentation"}[task]
+    floors = {k: v for k, v in cfg.gates.floors.items()
+              if (k.startswith("per_class.") and kind == "classification")
+              or (k in METRIC_KINDS and METRIC_KINDS[k].task == kind)}
+    headline = cfg.headline if cfg.headline in metric_names(kind, len(cfg.classes)) else ""
+    gates = replace(cfg.gates, floors=floors, every_class_predicted=cfg.gates.every_class_predicted
+                    and kind == "classification")
+    if kind == "classification":
+        return replace(cfg, task=kind, headline=headline, gates=gates)
+    return replace(cfg, task=kind, label="mask", classes=(), class_names=(), decision=DecisionRule(),
+                   headline=headline or "lesion_mean_dice", gates=gates)
 
 
 @dataclass(frozen=True)

@@ -183,8 +183,10 @@ def _entries(path: Path, spec: BenchmarkSpec | PoolSpec, data_path: str) -> dict
     else:
         dataset.yaml_add_eol_comment("# breastscan ingest's output, versioned by dvc add", "path", column=30)
     entries["datasets"] = CommentedMap([(spec.dataset, dataset)])
+    # a benchmark's cross-validated models (its `tasks:`; e.g. not a model only cross_site runs)
+    benchmarked = {t.model for t in spec.tasks} if isinstance(spec, BenchmarkSpec) else set(raw["models"])
     entries["models"] = CommentedMap(
-        (name, copy.deepcopy(raw["models"][name])) for name in raw["models"])
+        (name, copy.deepcopy(raw["models"][name])) for name in raw["models"] if name in benchmarked)
     for section in entries.values():  # no blank lines or notes trailing after the last entry
         _split_trailing(section)
     return entries

@@ -114,7 +114,7 @@ class RowSpec:
     def from_config(cls, cfg: ModelConfig) -> RowSpec:
         """The rows a model declared in params.yaml trains and is tested on."""
         return cls(name=cfg.name, task=cfg.task, label=cfg.label, classes=tuple(str(c) for c in cfg.classes),
-                   spec=cfg.preprocess, with_masks=cfg.roi is not None)
+                   spec=cfg.preprocess, with_masks=cfg.roi is not None or cfg.task == "multitask")
 
     @classmethod
     def from_contract(cls, contract: ModelContract, spec: PreprocessSpec) -> RowSpec:

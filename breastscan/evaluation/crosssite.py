@@ -92,8 +92,9 @@ class Site:
     tumor: str
 
     def task(self, model: str) -> TaskSpec:
-        """The file's task entry of ``model`` (its row filter and U-Net reuse)."""
-        return next(t for t in self.spec.tasks if t.model == model)
+        """The file's task entry of ``model`` (its row filter and U-Net reuse); a model the file
+        declares under ``models:`` but does not cross-validate (``tasks:``) has an empty one."""
+        return next((t for t in self.spec.tasks if t.model == model), TaskSpec(model=model))
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,12 @@ def _site(path: Path, name: str, entry: dict[str, Any], overrides: dict[str, Any
     spec = crossval.load_benchmark(file, overrides)
     site = Site(name=name, file=file, spec=spec, lesion=str(entry["lesion"]), tumor=str(entry["tumor"]))
     for model, task in ((site.lesion, "segmentation"), (site.tumor, "classification")):
-        if model not in [t.model for t in spec.tasks] or spec.params.model(model).task != task:
-            raise ValueError(f"{path}: site {name}: {model} is not a {task} task of {file.name}")
+        if model not in spec.params.models or spec.params.model(model).task not in (task, "multitask"):
+            raise ValueError(f"{path}: site {name}: {model} is not a {task} (or multitask) model of "
+                             f"{file.name}")
+    if "multitask" in (spec.params.model(site.lesion).task, spec.params.model(site.tumor).task) \
+            and site.lesion != site.tumor:
+        raise ValueError(f"{path}: site {name}: a multitask model takes both roles (lesion and tumor)")
     return site
 
 
@@ -335,7 +340,7 @@ def task_rows(spec: CrossSiteSpec, frame: pd.DataFrame, cfg: ModelConfig, role: 
         task = site.task(site.lesion if role == "lesion" else site.tumor)
         for column, keep in task.rows.items():
             out.loc[(out["site"] == name) & ~out[column].astype(str).isin(keep), "split"] = "excluded"
-    if cfg.task == "classification":  # e.g. BUSI's normal images for a two-class model
+    if cfg.has_classes:  # e.g. BUSI's normal images for a two-class model
         out.loc[~out[cfg.label].astype(str).isin([str(c) for c in cfg.classes]), "split"] = "excluded"
     return out
 
@@ -358,31 +363,42 @@ def fingerprint(cfgs: Sequence[ModelConfig], frames: Sequence[pd.DataFrame], max
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _fit_and_predict(cfg: ModelConfig, frame: pd.DataFrame, where: Path, modality: str, segmenter: Any,
-                     columns: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any], Any]:
-    """Train one model on a run's table; its predictions of the val (classifier) and test rows.
+def _fit(cfg: ModelConfig, frame: pd.DataFrame, where: Path, modality: str, segmenter: Any) -> Any:
+    """Train one model on a run's table (``splits_<model>.csv`` written beside the predictions)."""
+    import keras
+
+    from breastscan.models.training import train_model
+
+    parts = _parts(cfg, frame, where, ("train", "val"))
+    keras.backend.clear_session()
+    return train_model(cfg, parts["train"], parts["val"], modality=modality, segmenter=segmenter)
+
+
+def _parts(cfg: ModelConfig, frame: pd.DataFrame, where: Path, names: Sequence[str]) -> dict[str, Any]:
+    from breastscan.data.loading import load_split
+
+    splits = where / f"splits_{cfg.name}.csv"
+    frame.to_csv(splits, index=False)
+    return {s: load_split(splits, where, cfg, s) for s in names}
+
+
+def _predict(cfg: ModelConfig, bundle: Any, frame: pd.DataFrame, where: Path, columns: Sequence[str],
+             ) -> tuple[pd.DataFrame, float | None]:
+    """A trained model's predictions of the val (classifier) and test rows, and its temperature.
 
     The prediction rows carry ``part`` (``val`` / ``test``), the calibration ``temperature``
     (classifier) and the table's ``columns`` of each image (``site``, ``group``, subgroups).
     """
-    import keras
-
-    from breastscan.data.loading import load_split
     from breastscan.evaluation.scoring import Scoring, score_bundle
-    from breastscan.models.training import train_model
 
-    splits = where / f"splits_{cfg.name}.csv"
-    frame.to_csv(splits, index=False)
-    parts = {s: load_split(splits, where, cfg, s) for s in ("train", "val", "test")}
-    keras.backend.clear_session()
-    result = train_model(cfg, parts["train"], parts["val"], modality=modality, segmenter=segmenter)
+    parts = _parts(cfg, frame, where, ("val", "test"))
     scoring = Scoring.from_config(cfg)
     preds, temperature = [], None
     # a classifier's temperature (and its own decision cutoff) are fitted on the validation
     # rows, the same for both calls; its calibrated validation rows fit the table's cutoff
     val = parts["val"] if cfg.task == "classification" else None
     for part in ("val", "test") if val is not None else ("test",):
-        scored = score_bundle(result.bundle, parts[part], val=val, scoring=scoring, n_boot=0)
+        scored = score_bundle(bundle, parts[part], val=val, scoring=scoring, n_boot=0)
         temperature = scored.temperature
         preds.append(scored.predictions.assign(part=part))
     pred = pd.concat(preds, ignore_index=True)
@@ -392,9 +408,32 @@ def _fit_and_predict(cfg: ModelConfig, frame: pd.DataFrame, where: Path, modalit
     for column in columns:
         if column in meta.columns:
             pred[column] = pred["image"].map(meta[column])
+    return pred, temperature
+
+
+def _fit_and_predict(cfg: ModelConfig, frame: pd.DataFrame, where: Path, modality: str, segmenter: Any,
+                     columns: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any], Any]:
+    """Train one model on a run's table and predict its val (classifier) and test rows."""
+    result = _fit(cfg, frame, where, modality, segmenter)
+    pred, temperature = _predict(cfg, result.bundle, frame, where, columns)
     record = _fit_record(cfg, frame, result, temperature)
     log.info("%s: %s", cfg.name, record)
     return pred, record, result.bundle.model
+
+
+def _fit_multitask(cfg: ModelConfig, frames: dict[str, pd.DataFrame], where: Path, modality: str,
+                   columns: Sequence[str]) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Train a multi-task model once; its class head scores the tumor rows, its mask the lesion rows."""
+    from breastscan.config import task_view
+
+    result = _fit(cfg, frames["tumor"], where, modality, None)
+    tumor, temperature = _predict(task_view(cfg, "classification"), result.bundle.view("classification"),
+                                  frames["tumor"], where, columns)
+    lesion, _ = _predict(task_view(cfg, "segmentation"), result.bundle.view("segmentation"),
+                         frames["lesion"], where, columns)
+    record = _fit_record(cfg, frames["tumor"], result, temperature)
+    log.info("%s: %s", cfg.name, record)
+    return {"lesion": lesion, "tumor": tumor}, record
 
 
 def _fit_record(cfg: ModelConfig, frame: pd.DataFrame, result: Any,
@@ -407,7 +446,7 @@ def _fit_record(cfg: ModelConfig, frame: pd.DataFrame, result: Any,
               for site, rows in used.groupby("site")}
     record = {"rows": counts, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
               "train_seconds": round(result.seconds, 1), "temperature": temperature}
-    if cfg.task == "classification":  # a site lacking a class: training leaves it out of its rows' loss
+    if cfg.has_classes:  # a site lacking a class: training leaves it out of its rows' loss
         sets = site_classes(used[used["split"] == "train"], cfg.label, cfg.classes)
         if sets:
             record["partial_labels"] = {site: [str(c) for c, ok in zip(cfg.class_names, flags, strict=True)
@@ -450,16 +489,21 @@ def train_run(spec: CrossSiteSpec, run: CrossRun, frame: pd.DataFrame, where: Pa
                                 "the benchmark first")
     where.mkdir(parents=True, exist_ok=True)
     columns = ("site", "group", "source_image", *spec.subgroup_columns, *spec.class_columns)
-    lesion, lesion_record, unet = _fit_and_predict(lesion_cfg, frames["lesion"], where, modality, None,
-                                                   columns)
-    reuse = spec.sites[run.recipe].task(tumor_cfg.name).segmenter == lesion_cfg.name
-    tumor, tumor_record, _ = _fit_and_predict(tumor_cfg, frames["tumor"], where, modality,
-                                              unet if reuse else None, columns)
-    for role, pred in (("lesion", lesion), ("tumor", tumor)):
+    if tumor_cfg.task == "multitask":  # one model in both roles
+        preds, fits = _fit_multitask(tumor_cfg, frames, where, modality, columns)
+        fits = {tumor_cfg.name: fits}
+    else:
+        lesion, lesion_record, unet = _fit_and_predict(lesion_cfg, frames["lesion"], where, modality, None,
+                                                       columns)
+        reuse = spec.sites[run.recipe].task(tumor_cfg.name).segmenter == lesion_cfg.name
+        tumor, tumor_record, _ = _fit_and_predict(tumor_cfg, frames["tumor"], where, modality,
+                                                  unet if reuse else None, columns)
+        preds = {"lesion": lesion, "tumor": tumor}
+        fits = {lesion_cfg.name: lesion_record, tumor_cfg.name: tumor_record}
+    for role, pred in preds.items():
         pred.to_csv(paths[role], index=False)
     record = {"fingerprint": key, "models": {"lesion": lesion_cfg.name, "tumor": tumor_cfg.name},
-              "fit": {lesion_cfg.name: lesion_record, tumor_cfg.name: tumor_record},
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "fit": fits, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     done.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return {r: _read_predictions(p) for r, p in paths.items()}, {**record, "resumed": False}
 

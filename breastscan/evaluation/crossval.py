@@ -218,8 +218,10 @@ def segmenter_mismatch(cfg: ModelConfig, segmenter: ModelConfig) -> list[str]:
 def _check_segmenter(path: Path, spec: BenchmarkSpec, task: TaskSpec) -> None:
     names = [t.model for t in spec.tasks]
     cfg = spec.model(task)
-    if cfg.roi is None:
-        raise ValueError(f"{path}: model {task.model} reuses a segmenter but declares no roi")
+    if cfg.roi is None:  # e.g. --set models.busi_tumor.roi=null: the whole-image classifier
+        log.info("%s: %s declares no roi: it classifies the whole image and reuses no segmenter",
+                 path.name, task.model)
+        return
     if task.segmenter not in names[:names.index(task.model)]:
         raise ValueError(f"{path}: model {task.model} reuses {task.segmenter!r}, which must be an "
                          "earlier task")

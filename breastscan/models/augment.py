@@ -53,6 +53,8 @@ def _photometric_layers(cfg: AugmentConfig, seed: int | None) -> list[keras.laye
                                                   seed=_seed(seed, 4)))
     if cfg.noise > 0:  # active in training only; clipped back to [0, 1] below
         layers.append(keras.layers.GaussianNoise(cfg.noise, seed=_seed(seed, 5)))
+    if cfg.speckle > 0:
+        layers.append(Speckle(cfg.speckle, seed=_seed(seed, 6), name="speckle"))
     return layers
 
 
@@ -69,15 +71,39 @@ def build_augmentation(cfg: AugmentConfig, *, seed: int | None = None) -> keras.
     Returns:
         A ``keras.Sequential`` mapping ``(batch, H, W, C)`` (or ``(H, W, C)``) float32 in
         [0, 1] to the same shape in [0, 1]: horizontal flip, rotation, zoom (geometric, zero
-        fill), then brightness, contrast and additive Gaussian noise (clipped). With everything
-        switched off it is an identity.
+        fill), then brightness, contrast, additive Gaussian noise and multiplicative speckle
+        (clipped). With everything switched off it is an identity.
     """
     layers = _geometric_layers(cfg, seed) + _photometric_layers(cfg, seed)
     if not layers:
         layers = [keras.layers.Identity(name="no_augmentation")]
-    elif cfg.noise > 0:
+    elif cfg.noise > 0 or cfg.speckle > 0:
         layers.append(_Clip01(name="clip01"))
     return keras.Sequential(layers, name="augmentation")
+
+
+class Speckle(keras.layers.Layer):
+    """Multiplicative Gaussian noise ``x * (1 + stddev * n)``, ``n ~ N(0, 1)`` per pixel.
+
+    Ultrasound speckle is multiplicative: it grows with the echo's amplitude, so bright tissue
+    is grainier than dark fluid, which additive noise does not mimic. Active with
+    ``training=True`` only (identity otherwise); training pipeline only, never saved.
+
+    Args:
+        stddev: noise strength in [0, 1).
+        seed: seed of the noise; ``None`` for non-reproducible.
+    """
+
+    def __init__(self, stddev: float, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stddev = float(stddev)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        if not training or self.stddev <= 0:
+            return inputs
+        noise = keras.random.normal(ops.shape(inputs), stddev=self.stddev, seed=self.seed_generator)
+        return inputs * (1.0 + ops.cast(noise, inputs.dtype))
 
 
 class _Clip01(keras.layers.Layer):

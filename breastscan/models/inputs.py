@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,7 +62,8 @@ def steps_per_epoch(n: int, cfg: ModelConfig) -> int:
     return max(1, n // bs)
 
 
-def make_dataset(data: SplitData, cfg: ModelConfig, *, training: bool) -> tf.data.Dataset:
+def make_dataset(data: SplitData, cfg: ModelConfig, *, training: bool,
+                 class_weight: dict[int, float] | None = None) -> tf.data.Dataset:
     """Wrap a split in a batched ``tf.data`` pipeline.
 
     Training: shuffled (seeded by ``cfg.seed``, reshuffled every epoch), augmented per batch
@@ -73,16 +74,22 @@ def make_dataset(data: SplitData, cfg: ModelConfig, *, training: bool) -> tf.dat
     epoch keeping ``ceil(n / batch_size)`` batches. Training batches are full: an epoch is
     ``n // batch_size`` of them (the ``n % batch_size`` left over differ from epoch to epoch),
     or one smaller batch when ``n < batch_size``. Evaluation: file order, no augmentation.
+    A multi-task model's rows carry their class and their mask (``data.masks``), augmented
+    as a segmenter's.
 
     Args:
         data: the split's arrays.
         cfg: batch size, seed, augmentation and imbalance handling of the model.
         training: build the training pipeline (else the evaluation one).
+        class_weight: a multi-task model's weight of each (encoded) class target, given to
+            the training batches as per-row weights of the class output (Keras'
+            ``class_weight`` takes one output).
 
     Returns:
         A dataset of ``(x, y)`` batches: ``x`` ``(b, H, W, 1)`` float32 in [0, 1]; ``y``
-        ``(b,)`` int64 class indices or ``(b, H, W, 1)`` float32 masks in {0, 1};
-        ``b <= cfg.batch_size``.
+        ``(b,)`` int64 class indices, ``(b, H, W, 1)`` float32 masks in {0, 1}, or for a
+        multi-task model ``{"logits": classes, "mask_logits": masks}`` (then ``(x, y, w)``
+        with ``class_weight``); ``b <= cfg.batch_size``.
 
     Raises:
         ValueError: the split is empty.
@@ -93,11 +100,21 @@ def make_dataset(data: SplitData, cfg: ModelConfig, *, training: bool) -> tf.dat
     if n == 0:
         raise ValueError(f"model {cfg.name}: cannot build a dataset from an empty split")
     images = np.asarray(data.images, np.float32)
-    targets = np.asarray(data.targets)
-    targets = targets.astype(np.int64) if cfg.task == "classification" else targets.astype(np.float32)
+    targets: Any = np.asarray(data.targets)
+    targets = targets.astype(np.float32) if cfg.task == "segmentation" else targets.astype(np.int64)
+    if cfg.task == "multitask":
+        if data.masks is None:
+            raise ValueError(f"model {cfg.name}: a multi-task model needs each row's lesion mask")
+        targets = (targets, np.asarray(data.masks, np.float32))
     ds = _batches(images, targets, cfg, training=training)
     if training:
         ds = _augmented(ds, cfg)
+    if cfg.task == "multitask":
+        ds = ds.map(lambda x, y: (x, {"logits": y[0], "mask_logits": y[1]}))
+        if training and class_weight:
+            table = tf.constant([class_weight.get(i, 0.0) for i in range(max(class_weight) + 1)], tf.float32)
+            ds = ds.map(lambda x, y: (x, y, {"logits": tf.gather(table, y["logits"]),
+                                             "mask_logits": tf.ones(tf.shape(y["logits"]), tf.float32)}))
     options = tf.data.Options()
     # In-memory arrays: split by element across workers (no files to shard by).
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -153,4 +170,11 @@ def _augmented(ds: tf.data.Dataset, cfg: ModelConfig) -> tf.data.Dataset:
     from breastscan.models import PairAugmenter
 
     pair = PairAugmenter(cfg.augment, seed=cfg.seed)
+    if cfg.task == "multitask":  # (classes, masks): the mask moves with the image
+        return ds.map(lambda x, y: _with_class(pair(x, y[1]), y[0]))
     return ds.map(lambda x, y: pair(x, y))
+
+
+def _with_class(pair: tuple[Any, Any], classes: Any) -> tuple[Any, tuple[Any, Any]]:
+    image, mask = pair
+    return image, (classes, mask)

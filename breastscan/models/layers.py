@@ -202,3 +202,42 @@ class CropResize(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "size": list(self.size)}
+
+
+@keras.saving.register_keras_serializable(package="breastscan")
+class LesionPool(keras.layers.Layer):
+    """Average a feature map over the lesion the model itself outlines.
+
+    Inputs ``[features (batch, h, w, c), mask_logits (batch, H, W, 1)]`` with ``H, W``
+    multiples of ``h, w``; output ``(batch, c)`` float32: the features' mean weighted by the
+    lesion probability (``sigmoid(mask_logits)``, area-averaged down to ``h x w``) plus
+    ``floor``, so where the model sees no lesion the pooling tends to a plain average. The
+    classification head of :func:`breastscan.models.multitask.build_multitask` reads the
+    lesion's features through it, and its gradient reaches the mask.
+
+    Args:
+        floor: weight every position keeps, in [0, 1).
+    """
+
+    def __init__(self, floor: float = 0.01, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.floor = float(floor)
+
+    def call(self, inputs: Any) -> Any:
+        features, mask_logits = inputs
+        features = ops.cast(features, "float32")
+        weights = ops.sigmoid(ops.cast(mask_logits, "float32"))
+        factor = (int(mask_logits.shape[1]) // int(features.shape[1]),
+                  int(mask_logits.shape[2]) // int(features.shape[2]))
+        if factor != (1, 1):
+            weights = ops.average_pool(weights, pool_size=factor, strides=factor, padding="valid")
+        weights = weights + self.floor
+        total = ops.sum(features * weights, axis=(1, 2))
+        return total / ops.sum(weights, axis=(1, 2))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[int | None, ...]:
+        features = input_shape[0]
+        return (features[0], features[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "floor": self.floor}

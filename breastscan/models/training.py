@@ -357,6 +357,20 @@ def _learning_rate(cfg: ModelConfig, epoch_steps: int) -> Any:
     return cfg.learning_rate
 
 
+def _class_weights(cfg: ModelConfig, train: SplitData, class_sets: list[list[bool]] | None
+                   ) -> dict[int, float] | None:
+    """Inverse-frequency weights by (encoded) target, when the config asks for them."""
+    if not cfg.has_classes or cfg.imbalance != "class_weight":
+        return None
+    k = len(cfg.classes)
+    weights = class_weights(np.asarray(train.targets) % k, k)
+    log.info("%s: class weights %s", cfg.name,
+             {name: round(weights[i], 3) for i, name in enumerate(cfg.class_names)})
+    if class_sets:  # looked up by the encoded target
+        weights = {y + k * s: weights[y] for s in range(len(class_sets)) for y in range(k)}
+    return weights
+
+
 def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1,
                        class_sets: list[list[bool]] | None = None) -> Any:
     """The model a config declares, compiled (``class_sets``: a pool's partial labels, see
@@ -364,26 +378,53 @@ def _build_and_compile(cfg: ModelConfig, epoch_steps: int = 1,
     import keras
 
     from breastscan.models import BceDiceLoss, DiceCoefficient, IoUScore, build_model
-    from breastscan.models.losses import PartialLabelAccuracy, PartialLabelCrossentropy
 
-    optimizer = keras.optimizers.Adam(_learning_rate(cfg, epoch_steps))
+    # weight_average "ema": Keras keeps the moving average beside the weights and fit() ends
+    # by writing it into them (Optimizer.finalize_variable_values).
+    optimizer = keras.optimizers.Adam(_learning_rate(cfg, epoch_steps), use_ema=cfg.weight_average == "ema",
+                                      ema_momentum=0.99)
     if cfg.task == "segmentation":
         model = build_model("segmentation", input_shape=cfg.input_shape, base_filters=cfg.base_filters,
                             depth=cfg.depth, dropout=cfg.dropout, normalize=cfg.normalize, name=cfg.name)
         model.compile(optimizer=optimizer, loss=BceDiceLoss(from_logits=True),
                       metrics=[DiceCoefficient(threshold=cfg.threshold), IoUScore(threshold=cfg.threshold)])
         return model
+    if cfg.task == "multitask":
+        return _compile_multitask(cfg, optimizer, class_sets)
     model = build_model(
         "classification", n_classes=len(cfg.classes), input_shape=cfg.input_shape,
         backbone=cfg.backbone, weights=cfg.weights, freeze=cfg.freeze, dropout=cfg.dropout,
         base_filters=cfg.base_filters, normalize=cfg.normalize, name=cfg.name,
     )
+    loss, accuracy = _class_loss(cfg, class_sets)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
+    return model
+
+
+def _class_loss(cfg: ModelConfig, class_sets: list[list[bool]] | None) -> tuple[Any, Any]:
+    """Cross-entropy on logits and accuracy; a pool's partial-label versions with ``class_sets``."""
+    import keras
+
+    from breastscan.models.losses import PartialLabelAccuracy, PartialLabelCrossentropy
+
     if class_sets:
-        model.compile(optimizer=optimizer, loss=PartialLabelCrossentropy(class_sets),
-                      metrics=[PartialLabelAccuracy(len(cfg.classes))])
-        return model
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return PartialLabelCrossentropy(class_sets), PartialLabelAccuracy(len(cfg.classes))
+    return (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+
+def _compile_multitask(cfg: ModelConfig, optimizer: Any, class_sets: list[list[bool]] | None) -> Any:
+    """A multi-task model compiled: BCE + Dice on the mask, ``class_loss_weight`` x cross-entropy."""
+    from breastscan.models import BceDiceLoss, DiceCoefficient
+    from breastscan.models.multitask import build_multitask
+
+    model = build_multitask(n_classes=len(cfg.classes), input_shape=cfg.input_shape,
+                            base_filters=cfg.base_filters, depth=cfg.depth, dropout=cfg.dropout,
+                            normalize=cfg.normalize, name=cfg.name)
+    loss, accuracy = _class_loss(cfg, class_sets)
+    model.compile(optimizer=optimizer, loss={"logits": loss, "mask_logits": BceDiceLoss(from_logits=True)},
+                  loss_weights={"logits": cfg.class_loss_weight, "mask_logits": 1.0},
+                  metrics={"logits": [accuracy], "mask_logits": [DiceCoefficient(threshold=cfg.threshold)]})
     return model
 
 
@@ -398,7 +439,7 @@ def partial_labels(cfg: ModelConfig, train: SplitData, val: SplitData
     from breastscan.data.pools import allowed_classes, site_classes
     from breastscan.models.losses import encode_partial_labels
 
-    if cfg.task != "classification":
+    if not cfg.has_classes:
         return train, val, None
     sets = site_classes(train.frame, cfg.label, cfg.classes)
     if not sets:
@@ -506,7 +547,6 @@ def train_model(
     import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
-    k = len(cfg.classes)
     train, val, class_sets = partial_labels(cfg, train, val)
     with strategy.scope():
         model = _build_and_compile(cfg, steps_per_epoch(len(train), cfg), class_sets)
@@ -519,7 +559,9 @@ def train_model(
     log.info("%s: %s model, %d parameters, %d replica(s), %d training / %d validation images",
              cfg.name, cfg.task, model.count_params(), strategy.num_replicas_in_sync, len(train), len(val))
 
-    train_ds = make_dataset(train, cfg, training=True)
+    weights = _class_weights(cfg, train, class_sets)
+    multitask = cfg.task == "multitask"  # Keras' class_weight takes one output: the dataset weighs rows
+    train_ds = make_dataset(train, cfg, training=True, class_weight=weights if multitask else None)
     val_ds = make_dataset(val, cfg, training=False)
 
     cbs: list[Any] = []
@@ -530,17 +572,9 @@ def train_model(
         cbs.append(stopper)
     cbs.extend(callbacks)
 
-    weights = None
-    if cfg.task == "classification" and cfg.imbalance == "class_weight":
-        weights = class_weights(np.asarray(train.targets) % k, k)
-        log.info("%s: class weights %s", cfg.name,
-                 {name: round(weights[i], 3) for i, name in enumerate(cfg.class_names)})
-        if class_sets:  # Keras looks the weight up by the encoded target
-            weights = {y + k * s: weights[y] for s in range(len(class_sets)) for y in range(k)}
-
     start = time.perf_counter()
-    fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=cbs,
-                    class_weight=weights, shuffle=False, verbose=2)  # the dataset shuffles
+    fit = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=cbs,  # dataset shuffles
+                    class_weight=None if multitask else weights, shuffle=False, verbose=2)
     seconds = time.perf_counter() - start
     for layer in synchronized_bn:
         layer.synchronized = False

@@ -9,7 +9,7 @@ applied inside the losses and metrics (``from_logits=True``, see
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 
@@ -50,6 +50,21 @@ def build_unet(
     Raises:
         ValueError: ``H`` or ``W`` not divisible by ``2**depth``, or a bad argument.
     """
+    shape = check_unet_args(input_shape, base_filters=base_filters, depth=depth, dropout=dropout)
+    depth, base_filters = int(depth), int(base_filters)
+    inputs = keras.Input(shape=shape, name="image")
+    x = Standardize(name="standardize")(inputs) if normalize == "per_image" else inputs
+    logits = unet_layers(x, base_filters=base_filters, depth=depth, dropout=dropout).mask_logits
+    logger.debug("built U-Net %r: input %s, depth %d, base filters %d", name, shape, depth, base_filters)
+    return keras.Model(inputs, logits, name=name)
+
+
+def check_unet_args(input_shape: Any, *, base_filters: int, depth: int, dropout: float) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of ints, after checking the U-Net's arguments.
+
+    Raises:
+        ValueError: a bad shape, sides not divisible by ``2**depth``, or a bad argument.
+    """
     try:
         shape = tuple(int(v) for v in input_shape)
     except (TypeError, ValueError):
@@ -62,8 +77,7 @@ def build_unet(
         raise ValueError(f"base_filters must be >= 1, got {base_filters!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    depth, base_filters = int(depth), int(base_filters)
-    factor = 2**depth
+    factor = 2 ** int(depth)
     height, width = shape[0], shape[1]
     if height % factor or width % factor:
         raise ValueError(
@@ -71,8 +85,26 @@ def build_unet(
             f"(depth={depth}), got {height}x{width}; change the input size or the depth"
         )
 
-    inputs = keras.Input(shape=shape, name="image")
-    x = Standardize(name="standardize")(inputs) if normalize == "per_image" else inputs
+    return shape
+
+
+class UNetTensors(NamedTuple):
+    """The tensors of a U-Net built inline by :func:`unet_layers`."""
+
+    bottleneck: Any
+    """``(batch, H / 2**depth, W / 2**depth, base_filters * 2**depth)`` deepest features."""
+    decoded: tuple[Any, ...]
+    """Decoder outputs, coarsest first; the last is ``(batch, H, W, base_filters)``."""
+    mask_logits: Any
+    """``(batch, H, W, 1)`` float32 mask logits (layer ``"mask_logits"``)."""
+
+
+def unet_layers(x: Any, *, base_filters: int, depth: int, dropout: float) -> UNetTensors:
+    """A U-Net's layers applied inline to ``x`` (``(batch, H, W, C)``, sides divisible by ``2**depth``).
+
+    The body of :func:`build_unet` (which checks the arguments), shared with the multi-task
+    model (:func:`breastscan.models.multitask.build_multitask`), so both name their layers alike.
+    """
     skips = []
     for level in range(depth):
         x = _conv_block(x, base_filters * 2**level, f"enc{level + 1}")
@@ -80,18 +112,19 @@ def build_unet(
             x = keras.layers.Dropout(float(dropout), name=f"enc{level + 1}_dropout")(x)
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, name=f"enc{level + 1}_pool")(x)
-    x = _conv_block(x, base_filters * factor, "bottleneck")
+    x = _conv_block(x, base_filters * 2**depth, "bottleneck")
     if dropout > 0:
         x = keras.layers.Dropout(float(dropout), name="bottleneck_dropout")(x)
+    bottleneck, decoded = x, []
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
         x = keras.layers.Conv2DTranspose(filters, 2, strides=2, padding="same",
                                          name=f"dec{level + 1}_up")(x)
         x = keras.layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level]])
         x = _conv_block(x, filters, f"dec{level + 1}")
+        decoded.append(x)
     logits = keras.layers.Conv2D(1, 1, name="mask_logits", dtype="float32")(x)
-    logger.debug("built U-Net %r: input %s, depth %d, base filters %d", name, shape, depth, base_filters)
-    return keras.Model(inputs, logits, name=name)
+    return UNetTensors(bottleneck, tuple(decoded), logits)
 
 
 def _conv_block(x: Any, filters: int, prefix: str) -> Any:

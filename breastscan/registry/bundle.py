@@ -104,6 +104,9 @@ class ModelContract:
             declared cutoff on the validation split, beside the temperature; :attr:`rule`
             reads it.
         threshold: mask probability above which a pixel is lesion (segmentation).
+        tta: test-time augmentation applied by :meth:`ModelBundle.logits` (so by evaluation,
+            calibration and the service alike): ``none``, or ``flip``: the mean of the logits
+            of the image and of its left-right mirror (a mask mirrored back first).
         spec_id: id of the preprocessing spec (must match ``preprocess.json``).
         headline: the metric the model is judged by (from its declaration).
         metrics: the metrics it declares beyond its task's standard ones (its gated
@@ -128,13 +131,16 @@ class ModelContract:
     metrics: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=DecisionRule().to_dict)
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         rule = DecisionRule.from_dict(self.decision)
-        if self.task == "classification":
+        if self.task in ("classification", "multitask"):
             rule.check_classes(self.class_names)
         elif not rule.is_argmax:
             raise ValueError(f"model {self.name}: a decision rule applies to classifiers only")
+        if self.tta not in ("none", "flip"):
+            raise ValueError(f"model {self.name}: tta must be 'none' or 'flip', got {self.tta!r}")
         object.__setattr__(self, "decision", rule.to_dict())
         object.__setattr__(self, "_rule", rule)  # read per served request: parsed once
 
@@ -143,18 +149,48 @@ class ModelContract:
         """The decision rule (:class:`~breastscan.decision.DecisionRule`) of :attr:`decision`."""
         return self._rule  # type: ignore[attr-defined]
 
+    def view(self, task: str) -> ModelContract:
+        """A multi-task model's contract read as its classifier's or its segmenter's alone.
+
+        Args:
+            task: ``classification`` or ``segmentation``.
+
+        Returns:
+            The contract of that output (this one, for a model of another task).
+        """
+        from breastscan.config import metric_names
+
+        if self.task != "multitask":
+            return self
+        if task not in ("classification", "segmentation"):
+            raise ValueError(f"a multi-task model has a classification and a segmentation view, not {task!r}")
+        names = metric_names(task, len(self.classes))
+        own = replace(self, metrics=tuple(m for m in self.metrics if m in names or
+                                          (task == "classification" and m.startswith("per_class."))),
+                      headline=self.headline if self.headline in names else "")
+        if task == "classification":
+            return replace(own, task=task)
+        return replace(own, task=task, label="mask", classes=(), class_names=("lesion",), temperature=1.0,
+                       decision=DecisionRule().to_dict(), headline=own.headline or "lesion_mean_dice")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the contract."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelContract:
-        """Build a contract from :meth:`to_dict` output (unknown keys rejected)."""
+        """Build a contract from :meth:`to_dict` output.
+
+        Keys this version does not know (written by a newer one) are left out with a warning:
+        an older worker can still read a newer model's contract; the fields it knows keep
+        their meaning, and a newer field's default is what this version does.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown contract keys: {', '.join(unknown)}")
-        data = dict(data)
+            log.warning("contract of %s: keys %s are not known to this version; ignored",
+                        data.get("name", "?"), ", ".join(unknown))
+        data = {k: v for k, v in data.items() if k in known}
         for key in ("classes", "class_names", "input_shape", "metrics"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -170,7 +206,7 @@ class ModelContract:
             threshold=cfg.threshold, spec_id=cfg.preprocess.spec_id,
             headline=cfg.headline, metrics=tuple(cfg.gates.floors),
             extra={} if cfg.roi is None else {"classifies": "lesion-aware", "roi": _roi_facts(cfg.roi)},
-            decision=cfg.decision.to_dict(),
+            decision=cfg.decision.to_dict(), tta=cfg.tta,
         )
 
 
@@ -247,6 +283,20 @@ class ModelBundle:
         """The same bundle with another decision rule (e.g. its cutoff fitted on validation data)."""
         return replace(self, contract=replace(self.contract, decision=rule.to_dict()))
 
+    def view(self, task: str) -> ModelBundle:
+        """A multi-task bundle as its classifier or its segmenter alone (shared layers, one
+        output, :meth:`ModelContract.view`); any other bundle comes back unchanged.
+
+        Args:
+            task: ``classification`` or ``segmentation``.
+        """
+        if self.contract.task != "multitask":
+            return self
+        from breastscan.models.multitask import output_model
+
+        model = output_model(self.model, "logits" if task == "classification" else "mask_logits")
+        return replace(self, model=model, contract=self.contract.view(task))
+
     # ------------------------------------------------------------------ inference
     def prepare(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
         """Preprocess decoded images into one model batch (see :func:`prepare_batch`)."""
@@ -261,6 +311,9 @@ class ModelBundle:
         Returns:
             ``(n, k)`` logits, or ``(n, H, W, 1)`` mask logits.
         """
+        if self.contract.task == "multitask":
+            raise ValueError(f"model {self.contract.name} has two outputs: take one with "
+                             "bundle.view('classification') or bundle.view('segmentation')")
         batch = np.asarray(batch, dtype=np.float32)
         expected = tuple(self.contract.input_shape)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
@@ -269,7 +322,8 @@ class ModelBundle:
         if len(batch) == 0:
             k = len(self.contract.classes)
             return np.zeros((0, k) if self.contract.task == "classification" else (0, *expected), np.float32)
-        return np.asarray(inference_function(self.model, expected)(batch), dtype=np.float32)
+        return np.asarray(inference_function(self.model, expected, self.contract.tta)(batch),
+                          dtype=np.float32)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Served probabilities of raw logits (see :func:`served_probabilities`)."""
@@ -288,10 +342,10 @@ class ModelBundle:
         return self.probabilities(self.logits(batch))
 
 
-_INFERENCE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_INFERENCE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def inference_function(model: keras.Model, input_shape: tuple[int, ...]) -> Any:
+def inference_function(model: keras.Model, input_shape: tuple[int, ...], tta: str = "none") -> Any:
     """The model's forward pass (``training=False``) as one graph for every batch size.
 
     Keras' ``predict_on_batch`` traces its function again for each batch size it has not
@@ -304,11 +358,14 @@ def inference_function(model: keras.Model, input_shape: tuple[int, ...]) -> Any:
     Args:
         model: a Keras model taking ``(n, *input_shape)`` float32.
         input_shape: one input's shape, e.g. ``(H, W, 1)``.
+        tta: ``none``, or ``flip``: the mean of the outputs of the batch and of its left-right
+            mirror (4-D outputs, masks, are mirrored back first), in the same graph.
 
     Returns:
         A callable ``(n, *input_shape) float32 -> tf.Tensor`` of the model's outputs.
     """
-    fn = _INFERENCE.get(model)
+    fns = _INFERENCE.setdefault(model, {})
+    fn = fns.get(tta)
     if fn is None:
         import tensorflow as tf
 
@@ -318,10 +375,16 @@ def inference_function(model: keras.Model, input_shape: tuple[int, ...]) -> Any:
         def forward(x: Any) -> Any:
             live = ref()
             assert live is not None, "the model was freed"
-            return live(x, training=False)
+            out = live(x, training=False)
+            if tta == "flip":
+                mirrored = live(tf.reverse(x, axis=[2]), training=False)
+                if len(out.shape) == 4:
+                    mirrored = tf.reverse(mirrored, axis=[2])
+                out = (out + mirrored) / 2.0
+            return out
 
         fn = tf.function(forward, input_signature=[spec])
-        _INFERENCE[model] = fn
+        fns[tta] = fn
     return fn
 
 

@@ -446,3 +446,46 @@ def test_the_inference_function_is_traced_once_for_every_batch_size() -> None:
         batch = rng.random((n, 32, 32, 1), dtype=np.float32)
         np.testing.assert_array_equal(np.asarray(fn(batch)), np.asarray(model.predict_on_batch(batch)))
     assert fn.experimental_get_tracing_count() == 1
+
+
+def test_test_time_flips_average_the_model_and_its_mirror(tmp_path: Path) -> None:
+    """tta "flip": ModelBundle.logits is the mean over the image and its mirror (a mask mirrored back)."""
+    from breastscan.registry.bundle import ModelBundle, inference_function
+    from tests.conftest import tiny_model
+
+    rng = np.random.default_rng(1)
+    batch = rng.random((3, 32, 32, 1), dtype=np.float32)
+    for task in ("classification", "segmentation"):
+        model = tiny_model(task, n_classes=3, seed=5)
+        plain = np.asarray(model(batch, training=False))
+        mirrored = np.asarray(model(batch[:, :, ::-1], training=False))
+        if task == "segmentation":
+            mirrored = mirrored[:, :, ::-1]
+        flipped = np.asarray(inference_function(model, (32, 32, 1), "flip")(batch))
+        np.testing.assert_allclose(flipped, (plain + mirrored) / 2, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(flipped, plain, atol=1e-4)  # an asymmetric model: the mirror counts
+        np.testing.assert_allclose(np.asarray(inference_function(model, (32, 32, 1))(batch)), plain,
+                                   rtol=1e-5, atol=1e-6)
+    bundle = ModelBundle.load(make_bundle(tmp_path / "a"))
+    flipping = replace(bundle, contract=replace(bundle.contract, tta="flip"))
+    flipping.save(tmp_path / "b")
+    again = ModelBundle.load(tmp_path / "b")
+    assert again.contract.tta == "flip"
+    image = rng.random((2, *bundle.contract.input_shape), dtype=np.float32)
+    expected = (bundle.logits(image) + bundle.logits(image[:, :, ::-1])) / 2
+    np.testing.assert_allclose(again.logits(image), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        replace(bundle.contract, tta="rotate")
+
+
+def test_a_contract_with_keys_a_newer_version_wrote_still_reads(caplog: pytest.LogCaptureFixture,
+                                                                 tmp_path: Path) -> None:
+    """An older worker reading a newer model: unknown contract keys are left out with a warning."""
+    from breastscan.registry.bundle import ModelContract, read_contract
+
+    contract = read_contract(make_bundle(tmp_path))
+    data = {**contract.to_dict(), "explained_by": "a newer field", "outputs": ["logits", "mask"]}
+    with caplog.at_level("WARNING"):
+        again = ModelContract.from_dict(data)
+    assert again == contract
+    assert "explained_by, outputs" in caplog.text

@@ -274,3 +274,40 @@ def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pyte
     assert constant == 0.01
     with pytest.raises(ValueError, match="schedule must be one of"):
         replace(cfg, schedule="step")
+
+
+def test_weight_averaging_ends_training_with_the_moving_average() -> None:
+    """weight_average "ema": the trained model holds the average, not the last step's weights."""
+    import keras
+
+    class LastWeights(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.weights = [np.array(w) for w in self.model.trainable_weights]
+
+    train, val = _synthetic(32), _synthetic(16, seed=1)
+    for average, same in (("none", True), ("ema", False)):
+        seen = LastWeights()
+        cfg = replace(TOY, epochs=3, patience=0, weight_average=average)
+        model = train_model(cfg, train, val, modality="mammography", callbacks=[seen]).bundle.model
+        final = [np.array(w) for w in model.trainable_weights]
+        equal = all(np.array_equal(a, b) for a, b in zip(final, seen.weights, strict=True))
+        assert equal is same, average
+    with pytest.raises(ValueError, match="weight_average"):
+        replace(TOY, weight_average="swa")
+
+
+def test_speckle_is_multiplicative_and_training_only() -> None:
+    """Speckle scales with the echo: black stays black, bright pixels vary most; inference is identity."""
+    from breastscan.models.augment import Speckle, build_augmentation
+
+    image = np.zeros((1, 32, 32, 1), np.float32)
+    image[:, :, 16:] = 0.8
+    layer = Speckle(0.3, seed=1)
+    noisy = np.asarray(layer(image, training=True))
+    assert np.all(noisy[:, :, :16] == 0.0)
+    assert noisy[:, :, 16:].std() > 0.1
+    np.testing.assert_array_equal(np.asarray(layer(image, training=False)), image)
+    augment = build_augmentation(AugmentConfig(flip=False, rotation_deg=0, brightness=0, contrast=0,
+                                               speckle=0.5), seed=0)
+    out = np.asarray(augment(image, training=True))
+    assert out.min() >= 0.0 and out.max() <= 1.0 and not np.array_equal(out, image)

@@ -38,7 +38,10 @@ def _site_file(folder: Path, name: str, classes: list[str], source: Path | None 
                          "conflict_labels": ["pathology"],
                          "tasks": [{"model": f"{name}_lesion"}, {"model": f"{name}_tumor"}]},
            "datasets": {name: {"path": str(folder / "work" / name), "modality": "ultrasound"}},
-           "models": {f"{name}_tumor": tumor, f"{name}_lesion": lesion}}
+           "models": {f"{name}_tumor": tumor, f"{name}_lesion": lesion, f"{name}_multitask": {
+               **lesion, "task": "multitask", "label": "pathology", "classes": classes,
+               "headline": "macro_auc", "imbalance": "class_weight",
+               **({"decision": decision} if decision else {})}}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -359,6 +362,57 @@ def test_a_cross_site_run_on_phantoms_trains_scores_and_resumes(tmp_path: Path,
     again = C.run_cross_site(spec, tmp_path / "out", runs=["both"], previous=result)
     assert again["runs"]["both"]["resumed"] and list(again["runs"]) == ["a->b", "b->a", "both"]
     assert again["runs"]["both"]["scored"] == both["scored"]
+
+
+def test_a_multitask_model_takes_both_roles_or_none(tmp_path: Path) -> None:
+    """A site's lesion and tumor may both be its multi-task model; one role alone is refused."""
+    _site_file(tmp_path, "a", ["benign", "malignant", "normal"])
+    _site_file(tmp_path, "b", ["benign", "malignant"])
+    both = {"benchmark.sites.a.lesion": "a_multitask", "benchmark.sites.a.tumor": "a_multitask"}
+    spec = C.load_cross_site(_cross_file(tmp_path), both)
+    lesion, tumor, _ = C.recipe(spec, spec.run("a->b"))
+    assert lesion is tumor or lesion == tumor
+    with pytest.raises(ValueError, match="both roles"):
+        C.load_cross_site(_cross_file(tmp_path), {"benchmark.sites.a.tumor": "a_multitask"})
+
+
+@pytest.mark.slow
+def test_a_multitask_cross_site_run_trains_once_and_scores_both_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One model per run: its class head scores the tumor table, its mask the lesion table."""
+    from breastscan.data.phantoms import generate_dataset
+    from breastscan.models import training
+
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a", 1), ("b", 2)):
+        manifest = generate_dataset(tmp_path / "data" / name, "ultrasound", n_images=30, seed=seed,
+                                    duplicate_rate=0.0, label_conflicts=0)
+        if name == "b":
+            manifest = manifest[manifest["pathology"] != "normal"]
+            manifest.to_csv(tmp_path / "data" / name / "manifest.csv", index=False)
+        classes = ["benign", "malignant", "normal"] if name == "a" else ["benign", "malignant"]
+        _site_file(tmp_path, name, classes, source=tmp_path / "data" / name / "manifest.csv")
+    trained: list[str] = []
+    real = training.train_model
+
+    def counting(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        trained.append(cfg.name)
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", counting)
+    both = {"benchmark.sites.a.lesion": "a_multitask", "benchmark.sites.a.tumor": "a_multitask"}
+    spec = C.load_cross_site(_cross_file(tmp_path, runs=[{"name": "a->b", "train": ["a"], "score": ["b"]}],
+                                         readable={"min_images": 5, "min_per_class": 2}), both)
+    result = C.run_cross_site(spec, tmp_path / "out")
+    assert trained == ["a_multitask"]
+    run = result["runs"]["a->b"]
+    assert list(run["fit"]) == ["a_multitask"]
+    assert run["models"] == {"lesion": "a_multitask", "tumor": "a_multitask"}
+    every = run["scored"]["b"]["subgroups"][0]["metrics"]
+    assert every["auc"]["value"] is not None and every["lesion_dice"]["value"] is not None
+    tumor = pd.read_csv(tmp_path / "out" / "cross" / "a-to-b" / "predictions_tumor.csv")
+    lesion = pd.read_csv(tmp_path / "out" / "cross" / "a-to-b" / "predictions_lesion.csv")
+    assert {"prob_benign", "prob_malignant", "prob_normal"} <= set(tumor.columns) and "dice" in lesion.columns
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def _bench_file(tmp_path: Path, source: Path, **model_overrides: object) -> Path
 # --------------------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("name", ["busi", "mini_mias", "busi_gpu", "busbra"])
+@pytest.mark.parametrize("name", ["busi", "mini_mias", "busi_gpu", "busbra", "busbra_gpu"])
 def test_the_shipped_benchmark_files_parse(name: str) -> None:
     spec = crossval.load_benchmark(REPO / "benchmarks" / f"{name}.yaml")
     assert spec.name == name and spec.folds == 5 and spec.tasks
@@ -57,8 +57,8 @@ def test_the_shipped_benchmark_files_parse(name: str) -> None:
 def test_full_size_benchmark_runs_by_default_only_where_there_is_a_gpu() -> None:
     names = lambda files: [f.stem for f in files]  # noqa: E731
     assert names(crossval.benchmark_files(gpu=False)) == ["busi", "mini_mias"]
-    assert names(crossval.benchmark_files(gpu=True)) == ["busbra", "busi", "busi_gpu", "cross_site",
-                                                         "mini_mias"]
+    assert names(crossval.benchmark_files(gpu=True)) == ["busbra", "busbra_gpu", "busi", "busi_gpu",
+                                                         "cross_site", "cross_site_gpu", "mini_mias"]
     assert names(crossval.benchmark_files(["busi_gpu"], gpu=False)) == ["busi_gpu"]  # named: runs anyway
     gpu = crossval.load_benchmark(REPO / "benchmarks" / "busi_gpu.yaml")
     cpu = crossval.load_benchmark(REPO / "benchmarks" / "busi.yaml")

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = ModelBundle.load(model_dir(cfg.name))
     test = load_split(splits, dataset.path, cfg, "test")
     reports = model_reports(cfg.name)
-    val = load_split(splits, dataset.path, cfg, "val") if cfg.task == "classification" else None
+    val = load_split(splits, dataset.path, cfg, "val") if cfg.has_classes else None
     scoring = Scoring.from_config(cfg)
     evaluation = score_bundle(bundle, test, val=val, scoring=scoring, seed=cfg.seed)
     if dataset.is_pool:  # every site scored apart as well as pooled

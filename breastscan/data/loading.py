@@ -120,7 +120,7 @@ class RowSpec:
     def from_contract(cls, contract: ModelContract, spec: PreprocessSpec) -> RowSpec:
         """The rows a trained model can score: its contract's label, classes and modality."""
         return cls(name=contract.name, task=contract.task, label=contract.label, classes=contract.classes,
-                   spec=spec, modality=contract.modality)
+                   spec=spec, modality=contract.modality, with_masks=contract.task == "multitask")
 
     @property
     def shape(self) -> tuple[int, int, int]:

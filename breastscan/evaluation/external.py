@@ -155,8 +155,9 @@ def require_usable(dataset: ExternalDataset, contract: ModelContract) -> None:
     """
     if dataset.n_used:
         return
-    what = (f"{contract.modality}, label {contract.label}, classes {', '.join(contract.classes)}"
-            if contract.task == "classification" else f"{contract.modality}, lesion masks")
+    classes = f"{contract.modality}, label {contract.label}, classes {', '.join(contract.classes)}"
+    what = {"classification": classes, "segmentation": f"{contract.modality}, lesion masks",
+            "multitask": f"{classes}, lesion masks"}[contract.task]
     if not dataset.n_rows:
         raise NoUsableRows(f"{dataset.root}/manifest.csv has no rows")
     reasons = "; ".join(
@@ -261,7 +262,7 @@ def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Eval
         "ci": {"level": 0.95, "method": "percentile bootstrap over manifest groups", "n_boot": n_boot,
                "seed": seed, "n_groups": int(len(np.unique(dataset.data.groups)))},
     }
-    if contract.task == M.CLASSIFICATION:
+    if contract.task in (M.CLASSIFICATION, M.MULTITASK):
         report["per_class"] = m.get("per_class", {})
         report["confusion_matrix"] = {"labels": list(evaluation.class_names), "rows": "true",
                                       "columns": "predicted", "matrix": confusion_matrix(evaluation)}
@@ -270,7 +271,7 @@ def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Eval
                                  "bins": CALIBRATION_BINS}
         rule = evaluation.decision or contract.rule
         report["decision"] = {**rule.to_dict(), "refitted": False, "description": rule.describe()}
-    else:
+    if contract.task in (M.SEGMENTATION, M.MULTITASK):
         report["segmentation"] = {"threshold": m.get("threshold"),
                                   "n_lesion_images": m.get("n_lesion_images")}
     report["evaluation"] = m
@@ -328,7 +329,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     if v["ci_low"] is not None and v["ci_high"] is not None else "n/a")
         lines.append(f"| {label} | {fmt(v['value'])} | {interval} |")
     lines.append("")
-    if r["task"] == "classification":
+    if r["task"] in ("classification", "multitask"):
         cal = r["calibration"]
         lines += [
             "## Calibration",
@@ -356,7 +357,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {s['support']} | {fmt(s['sensitivity'])} | {fmt(s['specificity'])} "
                          f"| {fmt(s['precision'])} | {fmt(s['auc'])} |")
         lines.append("")
-    else:
+    if r["task"] in ("segmentation", "multitask"):
         seg = r["segmentation"]
         lines += ["## Segmentation", "",
                   f"Mask threshold {fmt(seg['threshold'])}; {seg['n_lesion_images']} scored images "

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
+MULTITASK = "multitask"
+"""A model with both a classifier's and a segmenter's outputs (its metrics: both kinds)."""
 
 
 # --------------------------------------------------------------------------- outcomes

@@ -78,11 +78,15 @@ def _write_pngs(evaluation: Evaluation, png: Path) -> dict[str, Path]:
     from breastscan.evaluation import plots
 
     p = evaluation.plots
-    if evaluation.task != "classification":
-        return {"dice_hist_png": plots.plot_dice_hist([r["dice"] for r in p.get("dice", [])],
-                                                      png / "dice_hist.png", bins=scoring.DICE_HIST_BINS)}
+    out: dict[str, Path] = {}
+    if evaluation.task != "classification":  # a segmenter, or a multi-task model's mask
+        out["dice_hist_png"] = plots.plot_dice_hist([r["dice"] for r in p.get("dice", [])],
+                                                    png / "dice_hist.png", bins=scoring.DICE_HIST_BINS)
+    if evaluation.task == "segmentation":
+        return out
     aucs = {n: s.get("auc") for n, s in evaluation.metrics.get("per_class", {}).items()}
     return {
+        **out,
         "roc_png": plots.plot_roc(p.get("roc", []), png / "roc.png", aucs=aucs),
         "pr_png": plots.plot_pr(p.get("pr", []), png / "pr.png"),
         "confusion_png": plots.plot_confusion(p.get("confusion", []), evaluation.class_names,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -77,9 +77,29 @@ class Scoring:
             ValueError: the headline or a gated metric does not apply to the model.
         """
         names = tuple(str(c) for c in class_names)
+        if task == M.MULTITASK:  # a classifier's and a segmenter's metrics, each checked as theirs
+            parts = [cls.declare(kind, names if kind == M.CLASSIFICATION else ("lesion",),
+                                 _own_headline(kind, len(names), headline),
+                                 [g for g in gated if _kind_of(g, len(names)) == kind])
+                     for kind in (M.CLASSIFICATION, M.SEGMENTATION)]
+            if headline not in (p.headline for p in parts):
+                raise ValueError(f"{headline!r} is not a metric of a multi-task model with "
+                                 f"{len(names)} classes")
+            return cls(task=task, class_names=names, headline=headline,
+                       metrics=parts[0].metrics + parts[1].metrics)
         k = len(names) if task == M.CLASSIFICATION else 0
         return cls(task=task, class_names=names, headline=headline,
                    metrics=M.declared_metrics(task, k, headline, gated))
+
+    def view(self, task: str) -> Scoring:
+        """A multi-task model's scoring of one output (``classification`` / ``segmentation``):
+        that kind's metrics, the headline when it is one of them (else the kind's default)."""
+        if self.task != M.MULTITASK:
+            return self
+        k = len(self.class_names)
+        return Scoring(task=task, class_names=self.class_names if task == M.CLASSIFICATION else ("lesion",),
+                       headline=_own_headline(task, k, self.headline),
+                       metrics=tuple(m for m in self.metrics if _kind_of(m, k) == task))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> Scoring:
@@ -92,6 +112,18 @@ class Scoring:
         own = contract.headline or ("mean_dice" if contract.task == M.SEGMENTATION else "macro_auc")
         return cls.declare(contract.task, contract.class_names, headline or own,
                            tuple(contract.metrics) + ((own,) if headline else ()))
+
+
+def _kind_of(metric: str, n_classes: int) -> str:
+    """``classification`` or ``segmentation``: which output a metric (or ``per_class.*`` gate) reads."""
+    return M.SEGMENTATION if metric in M.headlines(M.SEGMENTATION) else M.CLASSIFICATION
+
+
+def _own_headline(task: str, n_classes: int, headline: str) -> str:
+    """``headline`` when it is a metric of ``task``, else that task's default (macro AUC, lesion Dice)."""
+    if headline in M.headlines(task, n_classes):
+        return headline
+    return "macro_auc" if task == M.CLASSIFICATION else "lesion_mean_dice"
 
 
 @dataclass
@@ -233,6 +265,7 @@ def pooled_calibration(pred: pd.DataFrame, scoring: Scoring) -> dict[str, Any] |
         ``{"ece", "ece_at_t1", "n_bins"}`` (ECE in [0, 1]), or ``None`` for a segmenter,
         rows without a ``temperature`` column, or no rows.
     """
+    scoring = scoring.view(M.CLASSIFICATION)
     if scoring.task == M.SEGMENTATION or "temperature" not in pred.columns or not len(pred):
         return None
     out = outcomes_of(pred, scoring)
@@ -262,9 +295,16 @@ def score_predictions(pred: pd.DataFrame, scoring: Scoring, *, n_boot: int = 100
     Returns:
         Metric -> ``{"value", "ci_low", "ci_high"}`` in ``scoring.metrics`` order.
     """
+    wanted = set(scoring.metrics if intervals is None else intervals)
+    if scoring.task == M.MULTITASK:  # each output's metrics from its own columns
+        parts: dict[str, dict[str, float | None]] = {}
+        for kind in (M.CLASSIFICATION, M.SEGMENTATION):
+            view = scoring.view(kind)
+            parts.update(score_predictions(pred, view, n_boot=n_boot, seed=seed,
+                                           intervals=[m for m in view.metrics if m in wanted]))
+        return {name: parts[name] for name in scoring.metrics}
     outcomes = outcomes_of(pred, scoring)
     groups = pred["group"].astype(str).to_numpy() if "group" in pred.columns else None
-    wanted = set(scoring.metrics if intervals is None else intervals)
     out: dict[str, dict[str, float | None]] = {}
     for name in scoring.metrics:
         out.update(M.score(outcomes, [name], groups, n_boot=n_boot if name in wanted else 0, seed=seed))
@@ -276,9 +316,18 @@ def summary_metrics(scores: dict[str, dict[str, float | None]], scoring: Scoring
     """The flat metrics of a report (``metrics.json``): values, the headline and its interval.
 
     Classifiers add ``per_class`` (support, sensitivity, specificity, precision, AUC);
-    segmenters ``n_lesion_images``. Both end with ``n_test``.
+    segmenters ``n_lesion_images``; a multi-task model both. All end with ``n_test``.
     """
-    out: dict[str, Any] = {name: s["value"] for name, s in scores.items()}
+    if scoring.task == M.MULTITASK:
+        views = [scoring.view(kind) for kind in (M.SEGMENTATION, M.CLASSIFICATION)]
+        out = {}
+        for view in views:
+            out.update(summary_metrics({m: scores[m] for m in view.metrics}, view, pred))
+        head = scores.get(scoring.headline, {})
+        out.update({"headline": scoring.headline, "headline_value": head.get("value"),
+                    "headline_ci_low": head.get("ci_low"), "headline_ci_high": head.get("ci_high")})
+        return json_clean(out)
+    out = {name: s["value"] for name, s in scores.items()}
     head = scores.get(scoring.headline, {})
     out.update({"headline": scoring.headline, "headline_value": head.get("value"),
                 "headline_ci_low": head.get("ci_low"), "headline_ci_high": head.get("ci_high")})
@@ -327,7 +376,36 @@ def score_bundle(bundle: ModelBundle, rows: SplitData, *, val: SplitData | None 
     wanted = scoring.metrics if all_intervals else (scoring.headline,)
     if contract.task == M.CLASSIFICATION:
         return _score_classifier(bundle, rows, val, scoring, (n_boot, seed, wanted))
+    if contract.task == M.MULTITASK:
+        return _score_multitask(bundle, rows, val, scoring, (n_boot, seed, wanted))
     return _score_segmenter(bundle, rows, scoring, (n_boot, seed, wanted))
+
+
+def _score_multitask(bundle: ModelBundle, rows: SplitData, val: SplitData | None, scoring: Scoring,
+                     boot: Bootstrap) -> Evaluation:
+    """A multi-task model: its class head as a classifier, its mask as a segmenter, one report.
+
+    The rows carry class targets and masks (``rows.masks``); the prediction rows hold both
+    kinds of columns, the metrics both kinds of values, the plots both kinds of curves.
+    """
+    if rows.masks is None:
+        raise ValueError(f"model {bundle.contract.name}: scoring a multi-task model needs the rows' masks")
+    views = {kind: scoring.view(kind) for kind in (M.CLASSIFICATION, M.SEGMENTATION)}
+    wanted = {kind: tuple(m for m in boot[2] if m in v.metrics) or (v.headline,) for kind, v in views.items()}
+    cls = _score_classifier(bundle.view(M.CLASSIFICATION), rows, val, views[M.CLASSIFICATION],
+                            (boot[0], boot[1], wanted[M.CLASSIFICATION]))
+    seg = _score_segmenter(bundle.view(M.SEGMENTATION), replace(rows, targets=rows.masks, masks=None),
+                           views[M.SEGMENTATION], (boot[0], boot[1], wanted[M.SEGMENTATION]))
+    mask_columns = seg.predictions.drop(columns=["image", "group"])
+    pred = pd.concat([cls.predictions, mask_columns], axis=1)
+    scores = {name: {**cls.scores, **seg.scores}[name] for name in scoring.metrics}  # type: ignore[dict-item]
+    metrics = summary_metrics(scores, scoring, pred)
+    for key in ("ece_before", "ece_after", "temperature", "calibration", "n_val", "decision", "threshold"):
+        if key in cls.metrics or key in seg.metrics:
+            metrics[key] = cls.metrics.get(key, seg.metrics.get(key))
+    return Evaluation(task=M.MULTITASK, metrics=json_clean(metrics), plots={**cls.plots, **seg.plots},
+                      predictions=pred, class_names=cls.class_names, temperature=cls.temperature,
+                      scores=scores, decision=cls.decision)
 
 
 def calibration_helps(record: dict[str, Any]) -> bool:
@@ -483,8 +561,8 @@ def per_site(evaluation: Evaluation, rows: SplitData, scoring: Scoring, *, colum
         pred = evaluation.predictions[sites == site].reset_index(drop=True)
         scores = score_predictions(pred, scoring, n_boot=n_boot, seed=seed, intervals=(scoring.headline,))
         metrics = summary_metrics(scores, scoring, pred)
-        if scoring.task == M.CLASSIFICATION:
-            out_ = outcomes_of(pred, scoring)
+        if scoring.task != M.SEGMENTATION:
+            out_ = outcomes_of(pred, scoring.view(M.CLASSIFICATION))
             assert isinstance(out_, M.ClassOutcomes)
             metrics["ece"] = calibration.expected_calibration_error(out_.probs, out_.y,
                                                                     n_bins=CALIBRATION_BINS)

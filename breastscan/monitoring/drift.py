@@ -193,16 +193,22 @@ def _reference_outputs(bundle: ModelBundle, grays: Sequence[np.ndarray],
 
     contract = bundle.contract
     out: list[dict[str, Any]] = []
+    kinds = [k for k in ("classification", "segmentation") if contract.task in (k, "multitask")]
     for start in range(0, len(grays), batch_size):
         batch, boxes = bundle.prepare(list(grays[start:start + batch_size]))
-        logits = bundle.logits(batch)
-        if contract.task == "classification":
-            out.extend({"logits": [round(float(v), 5) for v in row]} for row in logits)
-            continue
-        masks = (bundle.probabilities(logits)[..., 0] >= float(contract.threshold)).astype(np.uint8)
-        for box, small in zip(boxes, masks, strict=True):
-            mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT)
-            out.append({"lesion_fraction": round(float(mask.sum()) / float(mask.size), 6)})
+        records: list[dict[str, Any]] = [{} for _ in boxes]
+        for kind in kinds:  # a multi-task model: both kinds of record
+            view = bundle.view(kind) if contract.task == "multitask" else bundle
+            logits = view.logits(batch)
+            if kind == "classification":
+                for record, row in zip(records, logits, strict=True):
+                    record["logits"] = [round(float(v), 5) for v in row]
+                continue
+            masks = (view.probabilities(logits)[..., 0] >= float(contract.threshold)).astype(np.uint8)
+            for record, box, small in zip(records, boxes, masks, strict=True):
+                mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT)
+                record["lesion_fraction"] = round(float(mask.sum()) / float(mask.size), 6)
+        out.extend(records)
     return out
 
 
@@ -253,8 +259,9 @@ def reference_records(reference: Mapping[str, Any],
                          f"(expected {REFERENCE_FORMAT})")
     records = [dict(r) for r in reference.get("records") or []]
     logits = [r.pop("logits", None) for r in records]
-    if contract is not None and contract.task == "classification" and records and all(
+    if contract is not None and contract.task in ("classification", "multitask") and records and all(
             x is not None for x in logits):
+        contract = contract.view("classification")
         probs = served_probabilities(contract, np.asarray(logits, np.float64))
         called = contract.rule.decide(probs, contract.class_names)  # as the service calls them
         for record, row, k in zip(records, probs, called, strict=True):

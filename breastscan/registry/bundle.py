@@ -314,32 +314,54 @@ class ModelBundle:
         if self.contract.task == "multitask":
             raise ValueError(f"model {self.contract.name} has two outputs: take one with "
                              "bundle.view('classification') or bundle.view('segmentation')")
-        batch = np.asarray(batch, dtype=np.float32)
+        batch = self._checked(batch)
         expected = tuple(self.contract.input_shape)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-            raise ValueError(f"model {self.contract.name} takes (n, {', '.join(map(str, expected))}), "
-                             f"got {batch.shape}")
         if len(batch) == 0:
             k = len(self.contract.classes)
             return np.zeros((0, k) if self.contract.task == "classification" else (0, *expected), np.float32)
         return np.asarray(inference_function(self.model, expected, self.contract.tta)(batch),
                           dtype=np.float32)
 
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` as float32, refused unless ``(n, *input_shape)``."""
+        batch = np.asarray(batch, dtype=np.float32)
+        expected = tuple(self.contract.input_shape)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"model {self.contract.name} takes (n, {', '.join(map(str, expected))}), "
+                             f"got {batch.shape}")
+        return batch
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Served probabilities of raw logits (see :func:`served_probabilities`)."""
         return served_probabilities(self.contract, logits)
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities of a preprocessed batch.
+    def predict(self, batch: np.ndarray) -> Any:
+        """Probabilities of a preprocessed batch, in one forward pass.
 
         Args:
             batch: ``(n, H, W, 1)`` float32 in [0, 1] (from :meth:`prepare`).
 
         Returns:
             ``(n, k)`` calibrated class probabilities (rows sum to 1), or
-            ``(n, H, W, 1)`` lesion probabilities in [0, 1].
+            ``(n, H, W, 1)`` lesion probabilities in [0, 1]; for a multi-task model a dict
+            of both, ``{"probabilities": (n, k), "mask": (n, H, W, 1)}``.
         """
-        return self.probabilities(self.logits(batch))
+        if self.contract.task != "multitask":
+            return self.probabilities(self.logits(batch))
+        out = self._outputs(batch)
+        classes, masks = self.contract.view("classification"), self.contract.view("segmentation")
+        return {"probabilities": served_probabilities(classes, out["logits"]),
+                "mask": served_probabilities(masks, out["mask_logits"])}
+
+    def _outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """A multi-task model's raw outputs by name, one forward pass (test-time flips included)."""
+        batch = self._checked(batch)
+        expected = tuple(self.contract.input_shape)
+        if not len(batch):
+            return {"logits": np.zeros((0, len(self.contract.classes)), np.float32),
+                    "mask_logits": np.zeros((0, *expected), np.float32)}
+        out = inference_function(self.model, expected, self.contract.tta)(batch)
+        return {name: np.asarray(value, dtype=np.float32) for name, value in out.items()}
 
 
 _INFERENCE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -376,12 +398,12 @@ def inference_function(model: keras.Model, input_shape: tuple[int, ...], tta: st
             live = ref()
             assert live is not None, "the model was freed"
             out = live(x, training=False)
-            if tta == "flip":
-                mirrored = live(tf.reverse(x, axis=[2]), training=False)
-                if len(out.shape) == 4:
-                    mirrored = tf.reverse(mirrored, axis=[2])
-                out = (out + mirrored) / 2.0
-            return out
+            if tta != "flip":
+                return out
+            mirrored = live(tf.reverse(x, axis=[2]), training=False)
+            # a 4-D output (a mask) is mirrored back; a multi-task model's dict, output by output
+            return tf.nest.map_structure(
+                lambda o, m: (o + (tf.reverse(m, axis=[2]) if len(o.shape) == 4 else m)) / 2.0, out, mirrored)
 
         fn = tf.function(forward, input_signature=[spec])
         fns[tta] = fn

@@ -108,11 +108,12 @@ def _is_synthetic(data: Mapping[str, Any]) -> bool | None:
 def _summary_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
     """The title and a one-sentence summary of what the model does."""
     out: list[str] = [f"# Model card: {cfg.registered_name}", ""]
-    if cfg.task == "classification":
-        summary = (f"Classifies the **{cfg.label}** of a {contract.modality} image into "
-                   f"{len(contract.class_names)} classes ({', '.join(contract.class_names)}).")
-    else:
-        summary = f"Segments lesions in a {contract.modality} image: one probability per pixel."
+    classes = (f"Classifies the **{cfg.label}** of a {contract.modality} image into "
+               f"{len(contract.class_names)} classes ({', '.join(contract.class_names)}).")
+    lesions = f"Segments lesions in a {contract.modality} image: one probability per pixel."
+    summary = {"classification": classes, "segmentation": lesions,
+               "multitask": f"{classes[:-1]}, and outlines its lesion (one probability per pixel), both "
+                            "from one forward pass of one network."}[cfg.task]
     return out + [summary, ""]
 
 
@@ -172,7 +173,10 @@ def _preprocessing_section(cfg: ModelConfig, contract: ModelContract) -> list[st
 def _outputs_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
     """What the model returns: class probabilities in order, or a per-pixel probability."""
     out = ["## Outputs", ""]
-    if cfg.task == "classification":
+    if cfg.task == "multitask":
+        out += ["Two outputs from one forward pass of one U-Net (a class head reads its bottleneck and "
+                "its decoder's features pooled over the lesion it outlines):", ""]
+    if cfg.has_classes:
         out += ["Calibrated class probabilities, `(batch, k)`, rows summing to 1, in this order:", ""]
         out += _table(["index", "label value", "class"],
                       [[i, f"`{v}`", n] for i, (v, n) in enumerate(zip(contract.classes, contract.class_names,
@@ -185,10 +189,14 @@ def _outputs_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
                     f"{roi.crop_size[1]}); with no lesion found it classifies the whole image. The "
                     "probabilities rest on the lesion's neighbourhood; Grad-CAM maps are drawn in its box.",
                     ""]
-    else:
+    if cfg.has_mask:
         h, w, _ = contract.input_shape
         out += [f"Lesion probability per pixel, `(batch, {h}, {w}, 1)` in [0, 1]; a pixel is lesion "
                 f"above the threshold {_fmt(contract.threshold, 2)}.", ""]
+    if contract.tta == "flip":
+        out += ["Test-time flips: every output is the mean of the model's on the image and on its left-right "
+                "mirror (a mask mirrored back), wherever the model runs (evaluation, calibration, the "
+                "service): twice the compute per image.", ""]
     return out
 
 
@@ -252,7 +260,7 @@ def _site_rows(cfg: ModelConfig, sites: Mapping[str, Any]) -> list[list[Any]]:
         low, high = finite_float(m.get("headline_ci_low")), finite_float(m.get("headline_ci_high"))
         row = [site, _count(m.get("n_test")), _fmt(finite_float(m.get("headline_value"))),
                f"{_fmt(low)}-{_fmt(high)}" if low is not None and high is not None else ""]
-        if cfg.task == "classification":
+        if cfg.has_classes:
             stats = (m.get("per_class") or {}).get(positive) or {}
             row += [_fmt(finite_float(stats.get("sensitivity"))),
                     _fmt(finite_float(stats.get("specificity"))),
@@ -267,7 +275,7 @@ def _sites_section(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
     if not isinstance(sites, Mapping) or not sites:
         return []
     header = ["site", "test images", cfg.headline, "95% CI"]
-    if cfg.task == "classification":
+    if cfg.has_classes:
         positive = _positive_class(cfg)
         header += [f"{positive} sensitivity", f"{positive} specificity", "ECE"]
     return ["## Per site", "",
@@ -278,7 +286,7 @@ def _sites_section(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
 
 def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any]) -> list[str]:
     """The temperature and the ECE before/after calibration (classifiers; none for segmenters)."""
-    if cfg.task != "classification":
+    if not cfg.has_classes:
         return []
     temperature = finite_float(metrics.get("temperature"))
     if temperature is None:
@@ -303,7 +311,7 @@ def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Map
 def _decision_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
     """How a classifier calls its class: the rule, its cutoff and target, and the validation
     sensitivity / specificity at the cutoff (none for segmenters)."""
-    if cfg.task != "classification":
+    if not cfg.has_classes:
         return []
     rule = contract.rule
     out = ["## Decision rule", "", rule.describe(), ""]

@@ -190,7 +190,7 @@ def _gate(client: MlflowClient, cfg: ModelConfig, candidate: ModelVersion, to: s
 
 
 def _check_every_class(result: PromotionResult, cfg: ModelConfig, tags: Mapping[str, str]) -> None:
-    if not (cfg.gates.every_class_predicted and cfg.task == "classification"):
+    if not (cfg.gates.every_class_predicted and cfg.has_classes):
         return
     if TAG_NEVER_PREDICTED not in tags:
         _check(result, "every_class_predicted", None, None, None, False,

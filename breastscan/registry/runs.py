@@ -51,8 +51,9 @@ def model_run(model: str, bundle_dir: Path, *, stage: str) -> Iterator[mlflow.Ac
 
 def calibrated(bundle: ModelBundle, metrics: Mapping[str, Any]) -> ModelBundle:
     """The bundle as served: a classifier with the temperature and the decision rule evaluate
-    fitted (``temperature`` and, for a rule other than the arg-max, ``decision`` in ``metrics.json``)."""
-    if bundle.contract.task != "classification":
+    fitted (``temperature`` and, for a rule other than the arg-max, ``decision`` in ``metrics.json``);
+    a multi-task model's class head likewise."""
+    if bundle.contract.task not in ("classification", "multitask"):
         return bundle
     served = bundle.with_temperature(float(metrics["temperature"]))
     if metrics.get("decision") is not None:

@@ -185,8 +185,11 @@ def log_bundle(bundle_dir: Path, *, name: str = MODEL_NAME,
     bundle_dir = Path(bundle_dir)
     contract, spec = read_contract(bundle_dir), PreprocessSpec.load(bundle_dir)
     example = np.zeros((1, *contract.input_shape), dtype=np.float32)
-    out_shape = (1, *contract.input_shape) if contract.task == "segmentation" else (1, len(contract.classes))
-    signature = infer_signature(example, np.zeros(out_shape, dtype=np.float32))
+    classes = np.zeros((1, len(contract.classes)), dtype=np.float32)
+    mask = np.zeros((1, *contract.input_shape), dtype=np.float32)
+    outputs = {"classification": classes, "segmentation": mask,
+               "multitask": {"probabilities": classes, "mask": mask}}[contract.task]
+    signature = infer_signature(example, outputs)
     artifacts = {BUNDLE_ARTIFACT: str(bundle_dir.resolve())}
     artifacts.update({k: str(Path(v).resolve()) for k, v in extra.items()})
     info = mlflow.pyfunc.log_model(
@@ -303,10 +306,10 @@ def _ensure_registered_model(client: MlflowClient, cfg: ModelConfig) -> None:
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    if cfg.task == "classification":
-        what = f"classifies {cfg.label} into {', '.join(cfg.class_names)}"
-    else:
-        what = "segments lesions (per-pixel probability)"
+    what = {"classification": f"classifies {cfg.label} into {', '.join(cfg.class_names)}",
+            "segmentation": "segments lesions (per-pixel probability)",
+            "multitask": f"classifies {cfg.label} into {', '.join(cfg.class_names)} and segments the "
+                         "lesion in one forward pass"}[cfg.task]
     client.update_registered_model(
         name, description=(f"breastscan model `{cfg.name}` ({cfg.task}): {what}; trained on dataset "
                            f"`{cfg.dataset}`. Research and engineering use only, not for diagnosis."))
@@ -378,7 +381,7 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
             log.warning("%s: metric %s missing from the report; gates on it will fail", name, metric)
             continue
         tags[METRIC_TAG_PREFIX + metric] = repr(value)
-    if cfg.task == "classification":
+    if cfg.has_classes:
         tags[TAG_NEVER_PREDICTED] = ",".join(never_predicted(metrics))
     tags.update(site_tags(cfg, metrics))
     tags.update(extra_tags or {})

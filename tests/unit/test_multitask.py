@@ -116,3 +116,27 @@ def test_a_multitask_declaration_is_checked_and_viewed() -> None:
     assert set(classifier.gates.floors) == {"macro_auc", "per_class.malignant.sensitivity"}
     assert segmenter.task == "segmentation" and segmenter.label == "mask"
     assert set(segmenter.gates.floors) == {"lesion_mean_dice"} and segmenter.headline == "lesion_mean_dice"
+
+
+def test_the_scoring_core_reports_both_outputs_and_rescores_from_its_rows() -> None:
+    """score_bundle of a multi-task bundle: one report of both kinds, reproduced from its prediction rows."""
+    from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions, summary_metrics
+    from breastscan.models.training import train_model
+
+    train, val, test = _lesions(36), _lesions(18, seed=1), _lesions(21, seed=2)
+    bundle = train_model(replace(MT, epochs=2), train, val, modality="ultrasound").bundle
+    scoring = Scoring.from_config(MT)
+    masks = ("mean_dice", "mean_iou", "lesion_mean_dice", "lesion_mean_iou")
+    assert scoring.view("segmentation").metrics == masks
+    assert "macro_auc" in scoring.view("classification").metrics
+    evaluation = score_bundle(bundle, test, val=val, scoring=scoring, n_boot=0)
+    assert evaluation.task == "multitask" and evaluation.temperature is not None
+    m = evaluation.metrics
+    assert m["n_test"] == 21 and m["n_lesion_images"] == 14 and "per_class" in m and "lesion_mean_dice" in m
+    again = score_predictions(evaluation.predictions, scoring, n_boot=0)
+    assert list(again) == list(scoring.metrics)
+    for name, score in again.items():
+        assert score["value"] == pytest.approx(m[name], nan_ok=True), name
+    assert summary_metrics(again, scoring, evaluation.predictions)["headline"] == "macro_auc"
+    with pytest.raises(ValueError, match="masks"):
+        score_bundle(bundle, replace(test, masks=None), scoring=scoring, n_boot=0)

@@ -33,10 +33,10 @@ from starlette.responses import Response
 
 from breastscan.logs import configure_service_logging
 from breastscan.serving.auth import ApiKeyGuard, ApiKeys, grpc_interceptor
-from breastscan.serving.batching import model_batchers
+from breastscan.serving.batching import ModelOutput, model_batchers
 from breastscan.serving.config import CONFIG_ENV, load_serving_config, with_models
 from breastscan.serving.edge import RequestCheck, route_specs
-from breastscan.serving.engine import Engine, ImageInput, parse_roi
+from breastscan.serving.engine import Engine, ImageInput, explainer, parse_roi
 from breastscan.serving.fastpath import HOT, ModelRoutes, answer
 from breastscan.serving.http import RequestGuard
 from breastscan.serving.store import PREFIX as STORE_PREFIX
@@ -234,6 +234,7 @@ class _ServiceImpl:
             served[name] = load_served(name, stored.path, dict(stored.info.labels or {}),
                                        source=str(stored.info.metadata.get("source", stored.tag)))
             bundle.predict(np.zeros((1, *bundle.contract.input_shape), np.float32))  # one trace, every size
+        self.explainers = {n: explainer(b) for n, b in self.bundles.items()}  # Grad-CAM of their classes
         self.recorder = _recorder(self.bundles)
         self.engine = Engine(served, self._infer, self._explain, max_upload_bytes=CONFIG.max_upload_bytes,
                              recorder=self.recorder)
@@ -255,13 +256,11 @@ class _ServiceImpl:
         """Ready once every model is loaded (it is by the time the worker takes requests)."""
         return len(self.bundles) == len(CONFIG.models)
 
-    async def _infer(self, name: str, batch: np.ndarray) -> np.ndarray:
+    async def _infer(self, name: str, batch: np.ndarray) -> ModelOutput:
         return await self.engine.batchers[name].submit(batch)
 
     async def _explain(self, name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        from breastscan.models.gradcam import grad_cam
-
-        return await asyncio.to_thread(grad_cam, self.bundles[name].model, batch, np.asarray(classes))
+        return await asyncio.to_thread(self.explainers[name], batch, np.asarray(classes))
 
     async def _answer(self, endpoint: str, call: Any) -> Any:
         """Run ``call()`` and send its JSON; a client's mistake becomes a 4xx ``{"error", "code"}``.
@@ -307,7 +306,8 @@ class _ServiceImpl:
                       roi: str = "") -> dict[str, Any]:
         """One model's answer for an uploaded image (PNG, JPEG, PGM, DICOM; 8/16-bit).
 
-        ``roi`` ``"x,y,w,h"`` crops first; ``explain`` adds a Grad-CAM heatmap (classifiers).
+        ``roi`` ``"x,y,w,h"`` crops first; ``explain`` adds a Grad-CAM heatmap (models with classes).
+        A multi-task model answers its classes and its mask from one model call.
         """
         return await self._answer("predict", lambda: self.engine.predict(
             model, ImageInput(data=image.read_bytes(), roi=parse_roi(roi)), explain=explain))
@@ -331,7 +331,7 @@ class _ServiceImpl:
 
         ``modality`` (mammography, ultrasound) may be left empty for a DICOM file (MG/US).
         ``dicom`` (a DICOM image, no roi) adds ``"dicom": {"sr", "seg": {model: ...}}``: a
-        Structured Report of every answer and a Segmentation per segmentation model, each a
+        Structured Report of every answer and a Segmentation per model with a mask, each a
         base64 DICOM Part 10 file referencing the source image ("NOT FOR DIAGNOSTIC USE").
         """
         return await self._answer("analyze", lambda: self.engine.analyze(
@@ -358,7 +358,8 @@ def _front_api(name: str) -> Any:
 
     endpoint.__name__ = endpoint.__qualname__ = name
     endpoint.__doc__ = (f"Model {name!r} on an uploaded image (PNG, JPEG, PGM, DICOM). ``roi`` "
-                        "``\"x,y,w,h\"`` crops first; ``explain`` adds a Grad-CAM heatmap (classifiers).")
+                        "``\"x,y,w,h\"`` crops first; ``explain`` adds a Grad-CAM heatmap (models with "
+                        "classes).")
     return bentoml.api(route=f"/{name}")(endpoint)
 
 

@@ -98,7 +98,8 @@ class AlgorithmInfo:
         name: the registered model's name (e.g. ``"density-mg"``); ManufacturerModelName.
         version: its registry version (e.g. ``"7"``); SoftwareVersions, Algorithm Version.
         stage: its registry stage / alias (e.g. ``"production"``).
-        task: ``"classification"`` or ``"segmentation"``.
+        task: ``"classification"``, ``"segmentation"`` or ``"multitask"`` (a class head and a
+            mask from one model: reported as both).
         class_names: display names in class-index order (``("A", "B", "C", "D")``,
             ``("benign", "malignant")``, ``("lesion",)``).
         decision: a classifier's decision rule in one sentence
@@ -300,7 +301,8 @@ def structured_report(
         source: the source image's dataset (pixel data not needed).
         answers: model name -> its JSON answer. Classifiers: ``probabilities``
             ``{class: p}`` (p in [0, 1]) and ``predicted``; segmenters:
-            ``lesion_area_px`` (pixels, >= 0) and ``lesion_fraction`` (in [0, 1]).
+            ``lesion_area_px`` (pixels, >= 0) and ``lesion_fraction`` (in [0, 1]); a
+            multi-task model: all four.
         algorithms: model name -> :class:`AlgorithmInfo`, for every model in ``answers``.
         series_number: SeriesNumber of the new series.
 
@@ -327,7 +329,7 @@ def structured_report(
         referenced_images=[header] if _library_entry_possible(header) else None,
     )
     rules = [f"{name}: {algorithms[name].decision}" for name in answers
-             if algorithms[name].task == "classification" and algorithms[name].decision]
+             if algorithms[name].task in ("classification", "multitask") and algorithms[name].decision]
     report[0].ContentSequence.append(_disclaimer_container(rules))
     sr = hd.sr.ComprehensiveSR(
         evidence=[header],
@@ -432,6 +434,11 @@ def _model_group(
         finding: dict[str, Any] = {"finding_type": codes.DCM.BreastComposition} if density else {}
     elif algorithm.task == "segmentation":
         measurements, evaluations = _segmenter_items(answer), []
+        finding = {"finding_category": codes.SCT.MorphologicallyAbnormalStructure,
+                   "finding_type": codes.SCT.Mass}
+    elif algorithm.task == "multitask":  # the class head's items and the mask's, in one group
+        measurements, evaluations = _classifier_items(answer, algorithm)
+        measurements += _segmenter_items(answer)
         finding = {"finding_category": codes.SCT.MorphologicallyAbnormalStructure,
                    "finding_type": codes.SCT.Mass}
     else:

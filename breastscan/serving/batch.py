@@ -17,7 +17,8 @@ What is written to ``OUT`` (:class:`ResultWriter`), appended and flushed after e
 * ``predictions.csv``: one row per image -- path, model, version, stage, status (``ok`` or
   the refusal's code), size, then ``predicted`` (the class the model's decision rule calls, as
   the service answers), ``confidence`` and ``p_<class>`` (classifiers)
-  or ``lesion_area_px``, ``lesion_fraction``, ``bbox`` (segmenters);
+  and/or ``lesion_area_px``, ``lesion_fraction``, ``bbox`` (segmenters; a multi-task model
+  has both);
 * ``predictions.jsonl``: the engine's full answer per image (or its error), one JSON a line;
 * ``errors.csv``: path, code, message of each refused image.
 
@@ -49,7 +50,7 @@ from breastscan.data.manifest import MANIFEST_NAME
 from breastscan.data.manifest import resolve as resolve_manifest_path
 from breastscan.imaging.preprocessing import is_dicom
 from breastscan.serving.engine import Engine, ImageInput, ServedModel, local_engine
-from breastscan.serving.requests import InputError
+from breastscan.serving.requests import InputError, has_classes, has_mask, mask_of
 
 if TYPE_CHECKING:
     from breastscan.registry.bundle import ModelBundle
@@ -263,11 +264,13 @@ def is_image_file(path: Path) -> bool:
 
 
 def csv_columns(served: ServedModel) -> list[str]:
-    """Columns of ``predictions.csv`` for a model (class probabilities or lesion measures)."""
-    common = ["path", "model", "version", "stage", "status", "width", "height"]
-    if served.contract.task == "classification":
-        return common + ["predicted", "confidence"] + [f"p_{c}" for c in served.contract.class_names]
-    return common + ["lesion_area_px", "lesion_fraction", "bbox"]
+    """Columns of ``predictions.csv`` for a model (class probabilities, lesion measures, or both)."""
+    columns = ["path", "model", "version", "stage", "status", "width", "height"]
+    if has_classes(served.contract.task):
+        columns += ["predicted", "confidence"] + [f"p_{c}" for c in served.contract.class_names]
+    if has_mask(served.contract.task):
+        columns += ["lesion_area_px", "lesion_fraction", "bbox"]
+    return columns
 
 
 def csv_row(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
@@ -279,10 +282,10 @@ def csv_row(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
     if a is None:
         return row
     row.update(width=a["width"], height=a["height"])
-    if a["task"] == "classification":
+    if has_classes(a["task"]):
         row.update(predicted=a["predicted"], confidence=a["confidence"])
         row.update({f"p_{c}": p for c, p in a["probabilities"].items()})
-    else:
+    if has_mask(a["task"]):
         row.update(lesion_area_px=a["lesion_area_px"], lesion_fraction=a["lesion_fraction"],
                    bbox="" if a["bbox"] is None else " ".join(map(str, a["bbox"])))
     return row
@@ -501,7 +504,7 @@ def predict_files(engine: Engine, model: str, inputs: Sequence[InputFile], out: 
     from tqdm import tqdm
 
     served = engine.select(model)
-    if served.contract.task == "classification" and not served.contract.rule.is_argmax:
+    if has_classes(served.contract.task) and not served.contract.rule.is_argmax:
         log.info("%s v%s: `predicted` follows its decision rule: %s", served.contract.name, served.version,
                  served.contract.rule.describe())
     out.mkdir(parents=True, exist_ok=True)
@@ -540,7 +543,7 @@ def dicom_results_available() -> bool:
 @dataclass
 class DicomWriter:
     """A :data:`DicomHook` writing, per answered DICOM input, a DICOM SR of the answer and
-    (segmenters) a DICOM SEG of the lesion mask, with :mod:`breastscan.imaging.dicom_results`.
+    (models with a mask) a DICOM SEG of the lesion mask, with :mod:`breastscan.imaging.dicom_results`.
 
     Files go to ``out/dicom/<input path>.sr.dcm`` and ``.seg.dcm``. An input the writer
     cannot describe (e.g. a header without SOP Instance UID) is logged and skipped.
@@ -559,8 +562,8 @@ class DicomWriter:
             source = dr.source_dataset(data)
             report = dr.structured_report(source, {name: answer}, {name: algorithm})
             objects: dict[str, Any] = {".sr.dcm": report}
-            if answer["task"] == "segmentation":
-                objects[".seg.dcm"] = dr.segmentation(source, _mask_of(answer), algorithm)
+            if has_mask(answer["task"]):
+                objects[".seg.dcm"] = dr.segmentation(source, mask_of(answer["mask_png"]), algorithm)
         except ValueError as exc:  # ImageDecodeError included: a header it cannot read
             log.warning("no DICOM results for %s: %s", item.key, exc)
             return []
@@ -575,16 +578,3 @@ def _relative(key: str) -> Path:
     """A result path's relative form: a manifest's absolute or ``..`` path stays under OUT."""
     parts = [p for p in PurePosixPath(key.replace("\\", "/")).parts if p not in ("/", ".", "..")]
     return Path(*parts) if parts else Path("image")
-
-
-def _mask_of(answer: dict[str, Any]) -> Any:
-    """A segmenter answer's mask as a boolean ``(H, W)`` array."""
-    import base64
-
-    import cv2
-    import numpy as np
-
-    mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask_png"]), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError("the answer's mask_png does not decode")
-    return mask > 0

@@ -11,7 +11,9 @@ the time its batch starts is refused with :class:`Overloaded` (HTTP 503 / gRPC
 
 Every request of a process -- HTTP and gRPC alike -- goes through the same batcher, and
 nothing crosses a process boundary: the images stay NumPy arrays from decoding to the
-model (no pickling, no JSON of float arrays).
+model (no pickling, no JSON of float arrays). A model may answer one array of rows or, a
+multi-task model, a dict of such arrays (:data:`ModelOutput`); each request gets its own
+rows of every array (:func:`output_rows`, :func:`output_slice`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+ModelOutput: TypeAlias = np.ndarray | Mapping[str, np.ndarray]
+"""What one model call answers for ``n`` images: ``(n, ...)`` rows, or (a multi-task model)
+such arrays by name, e.g. ``{"probabilities": (n, k), "mask": (n, H, W, 1)}``."""
 
 OVERLOADED_MESSAGE = "the model service is at capacity: retry shortly"
 """What a client is told when its request is shed (HTTP 503, gRPC UNAVAILABLE)."""
@@ -49,10 +55,31 @@ class Overloaded(Exception):
         self.message = message
 
 
+def output_rows(out: ModelOutput) -> int:
+    """How many images a model output answers (its rows).
+
+    Raises:
+        ValueError: the arrays of a dict output disagree on their row count (or there are none).
+    """
+    if not isinstance(out, Mapping):
+        return len(out)
+    counts = {len(value) for value in out.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the model's outputs {sorted(out)} have different row counts {sorted(counts)}")
+    return counts.pop()
+
+
+def output_slice(out: ModelOutput, start: int, stop: int) -> ModelOutput:
+    """Rows ``start:stop`` of a model output (of every array of a dict output)."""
+    if isinstance(out, Mapping):
+        return {name: value[start:stop] for name, value in out.items()}
+    return out[start:stop]
+
+
 @dataclass
 class _Waiting:
     images: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[ModelOutput]
     deadline: float
 
 
@@ -86,8 +113,8 @@ class Batcher:
     """Merges concurrent requests for one model into batched model calls.
 
     Args:
-        run: the model call, ``(n, *input_shape) float32 -> (n, ...)`` outputs, row ``i``
-            answering image ``i``; it runs in this batcher's own thread (TensorFlow
+        run: the model call, ``(n, *input_shape) float32 ->`` a :data:`ModelOutput` of ``n``
+            rows, row ``i`` answering image ``i``; it runs in this batcher's own thread (TensorFlow
             releases the GIL, so the event loop keeps serving meanwhile).
         name: the model's name (thread name, logs).
         max_batch_size: most images per model call (1: no batching, one request per call).
@@ -95,7 +122,7 @@ class Batcher:
         on_batch: called on the event loop with the size of every model call (metrics).
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], *, name: str, max_batch_size: int,
+    def __init__(self, run: Callable[[np.ndarray], ModelOutput], *, name: str, max_batch_size: int,
                  max_latency_ms: float, on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -112,14 +139,14 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray) -> ModelOutput:
         """The model's outputs for one request's images, run in a batch with others.
 
         Args:
             images: ``(k, *input_shape)`` float32, ``k >= 1`` (kept together in one call).
 
         Returns:
-            ``(k, ...)`` the rows of the model's output for these images.
+            The ``k`` rows of the model's output for these images (of each array of a dict).
 
         Raises:
             Overloaded: the request waited longer than ``max_latency_ms``.
@@ -182,8 +209,8 @@ class Batcher:
             if self._on_batch is not None:
                 self._on_batch(n)
             out = await loop.run_in_executor(self._executor, self._run, images)
-            if len(out) != n:
-                raise RuntimeError(f"model {self.name} answered {len(out)} rows for {n} images")
+            if output_rows(out) != n:
+                raise RuntimeError(f"model {self.name} answered {output_rows(out)} rows for {n} images")
         except asyncio.CancelledError:  # close() while the call was in flight
             _fail(batch, Overloaded("the service is shutting down: retry shortly"))
             raise
@@ -195,7 +222,7 @@ class Batcher:
         for w in batch:
             k = len(w.images)
             if not w.future.done():
-                w.future.set_result(out[start:start + k])
+                w.future.set_result(output_slice(out, start, start + k))
             start += k
 
     def close(self) -> None:
@@ -224,7 +251,7 @@ class BatchSettings(Protocol):
     def max_latency_ms(self) -> int: ...
 
 
-def model_batchers(models: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+def model_batchers(models: Mapping[str, Callable[[np.ndarray], ModelOutput]],
                    settings: Callable[[str], BatchSettings],
                    on_batch: Callable[[str, int], None] | None = None) -> dict[str, Batcher]:
     """One :class:`Batcher` per model; batching turned off means one request per model call.

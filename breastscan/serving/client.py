@@ -46,7 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from breastscan.serving.batching import Overloaded
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
-from breastscan.serving.requests import INPUT_ERROR_CODES
+from breastscan.serving.requests import INPUT_ERROR_CODES, has_classes, has_mask
 
 ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview"
 """An image file: its path, or its bytes."""
@@ -136,7 +136,8 @@ def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
     The keys are those of the model's task, as in the HTTP answer: classifiers have
     ``probabilities``, ``predicted``, ``confidence`` (and ``heatmap_png``/``overlay_png``
     when explained); segmenters ``mask_png``, ``lesion_area_px``, ``lesion_fraction``,
-    ``bbox`` (``None`` when no pixel is lesion) and ``overlay_png``; ``roi`` when cropped.
+    ``bbox`` (``None`` when no pixel is lesion) and ``overlay_png``; a multi-task model
+    both; ``roi`` when cropped.
     """
     out: dict[str, Any] = {
         "model": msg.model, "version": msg.version or None, "stage": msg.stage or None,
@@ -149,19 +150,19 @@ def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
     def png(field: str) -> str | None:
         return _b64(getattr(msg, field)) if msg.HasField(field) else None
 
-    if msg.task == "classification":
+    if has_classes(msg.task):
         out["probabilities"] = {p.name: p.probability for p in msg.probabilities} or None
         out["predicted"] = optional("predicted")
         out["confidence"] = optional("confidence")
         if msg.HasField("heatmap_png"):
             out["heatmap_png"] = png("heatmap_png")
-            out["overlay_png"] = png("overlay_png")
-    else:
+    if has_mask(msg.task):
         box = msg.bbox
         out.update(mask_png=png("mask_png"), lesion_area_px=optional("lesion_area_px"),
                    lesion_fraction=optional("lesion_fraction"),
-                   bbox=[box.x, box.y, box.width, box.height] if msg.HasField("bbox") else None,
-                   overlay_png=png("overlay_png"))
+                   bbox=[box.x, box.y, box.width, box.height] if msg.HasField("bbox") else None)
+    if has_mask(msg.task) or msg.HasField("heatmap_png"):
+        out["overlay_png"] = png("overlay_png")
     if msg.roi:
         out["roi"] = list(msg.roi)
     return out

@@ -13,6 +13,9 @@ A request is
 4. turned into the answer at the original image size
    (:func:`breastscan.serving.requests.finish_predictions`).
 
+A multi-task model answers its classes and its mask from that one call; explained, its
+class head gets Grad-CAM on the U-Net's bottleneck (:func:`explainer`).
+
 Client mistakes raise :class:`breastscan.serving.requests.InputError` before anything reaches the
 model, so one bad upload can never fail a batch it would have shared with others. CPU
 work (decoding, preprocessing, PNG encoding) runs in worker threads, off the event loop.
@@ -35,7 +38,7 @@ import numpy as np
 from breastscan.imaging.preprocessing import PreprocessSpec, is_dicom
 from breastscan.labels import DICOM_MODALITY_CODES
 from breastscan.registry.bundle import ModelContract
-from breastscan.serving.batching import Batcher, BatchSettings, model_batchers
+from breastscan.serving.batching import Batcher, BatchSettings, ModelOutput, model_batchers, output_rows
 from breastscan.serving.requests import (
     InputError,
     Prediction,
@@ -45,23 +48,34 @@ from breastscan.serving.requests import (
     decode_upload,
     dicom_objects,
     finish_predictions,
+    has_classes,
+    has_mask,
     models_for_modality,
+    output_parts,
     png_base64,
     prepare_inputs,
     validate_array,
 )
 
 if TYPE_CHECKING:
+    import keras
+
     from breastscan.imaging.dicom_results import AlgorithmInfo
     from breastscan.monitoring.recorder import Recorder
+    from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
-InferFn = Callable[[str, np.ndarray], Awaitable[np.ndarray]]
-"""``(model name, (n, H, W, 1) float32 batch) -> served probabilities`` of that batch."""
+InferFn = Callable[[str, np.ndarray], Awaitable[ModelOutput]]
+"""``(model name, (n, H, W, 1) float32 batch) -> served probabilities`` of that batch (a
+multi-task model's: ``{"probabilities", "mask"}``)."""
 
 ExplainFn = Callable[[str, np.ndarray, list[int]], Awaitable[np.ndarray]]
 """``(model name, (n, H, W, 1) batch, class index per image) -> (n, H, W)`` Grad-CAM maps."""
+
+CLASS_POOL = "class_avg_pool"
+"""The layer of a multi-task model's class head that pools the U-Net's bottleneck
+(:func:`breastscan.models.multitask.build_multitask`): Grad-CAM explains the map it pools."""
 
 ARRAY_DTYPES = ("uint8", "uint16", "int16", "int32", "float32", "float64")
 """dtype names an array input may declare (JSON and gRPC carry no dtype of their own)."""
@@ -95,18 +109,19 @@ class ServedModel:
         c = self.contract
         return AlgorithmInfo(name=self.name, version=self.version or "unknown", stage=self.stage or "",
                              task=c.task, class_names=tuple(c.class_names),
-                             decision=c.rule.describe() if c.task == "classification" else "")
+                             decision=c.rule.describe() if has_classes(c.task) else "")
 
     def describe(self) -> dict[str, Any]:
         """JSON-able facts about the model (what ``/models`` lists); ``decision`` says in one
-        sentence how a classifier whose rule is not the arg-max calls its class (else ``None``)."""
+        sentence how a model with classes whose rule is not the arg-max calls its class (else
+        ``None``); ``threshold`` is the mask's (models with a mask, else ``None``)."""
         c = self.contract
         rule = c.rule
         return {
             "name": self.name, "version": self.version, "stage": self.stage, "source": self.source,
             "task": c.task, "modality": c.modality, "classes": list(c.class_names),
             "input_shape": list(c.input_shape), "spec_id": self.spec.spec_id,
-            "temperature": c.temperature, "threshold": c.threshold if c.task == "segmentation" else None,
+            "temperature": c.temperature, "threshold": c.threshold if has_mask(c.task) else None,
             "decision": None if rule.is_argmax else rule.describe(),
         }
 
@@ -286,18 +301,14 @@ class Engine:
     async def _run(self, served: ServedModel, image: ImageInput | np.ndarray, explain: bool,
                    data: bytes | None = None) -> Prediction:
         prepared = await asyncio.to_thread(self._prepare, served, image)
-        probs = np.asarray(await self._infer(served.name, prepared.batch), dtype=np.float32)
-        if probs.shape[0] != len(prepared.batch):
-            raise RuntimeError(f"model {served.name} answered {probs.shape[0]} rows for "
+        out = await self._infer(served.name, prepared.batch)  # one model call, every output
+        if output_rows(out) != len(prepared.batch):
+            raise RuntimeError(f"model {served.name} answered {output_rows(out)} rows for "
                                f"{len(prepared.batch)} images")
-        heat = None
-        if explain and served.contract.task == "classification":
-            called = served.contract.rule.decide(probs[:1], served.contract.class_names)
-            # the evidence for the class the answer calls (`predicted`)
-            heat = await self._explain(served.name, prepared.batch, [int(called[0])])
-        finish = functools.partial(finish_predictions, served.contract, served.spec.spec_id, prepared, probs,
+        heat = await self._heat(served, prepared, out) if explain else None
+        finish = functools.partial(finish_predictions, served.contract, served.spec.spec_id, prepared, out,
                                    heat=heat, version=served.version, stage=served.stage)
-        if heat is None and served.contract.task == "classification":
+        if heat is None and not has_mask(served.contract.task):
             prediction = finish()[0]  # a few dict entries: cheaper here than a thread hop
         else:
             prediction = (await asyncio.to_thread(finish))[0]
@@ -306,6 +317,15 @@ class Engine:
                                  modality=served.contract.modality, version=served.version,
                                  dicom=image.data if isinstance(image, ImageInput) else data)
         return prediction
+
+    async def _heat(self, served: ServedModel, prepared: PreparedBatch,
+                    out: ModelOutput) -> np.ndarray | None:
+        """Grad-CAM of the class the answer calls (``predicted``); ``None`` for a model without classes."""
+        probs, _ = output_parts(served.contract.task, out)
+        if probs is None:
+            return None
+        called = served.contract.rule.decide(probs[:1], served.contract.class_names)
+        return await self._explain(served.name, prepared.batch, [int(called[0])])
 
     # ------------------------------------------------------------------ requests
     async def predict(self, model: str, image: ImageInput, *, explain: bool = False) -> dict[str, Any]:
@@ -331,14 +351,15 @@ class Engine:
             image: the image.
             modality: ``mammography`` or ``ultrasound``; may be left out for a DICOM file
                 whose header says (MG, US), or when only one modality is served.
-            explain: add Grad-CAM heatmaps to classifier answers.
+            explain: add Grad-CAM heatmaps to the answers of models with classes.
             dicom: also return the answers as DICOM objects (a DICOM image, whole: no roi).
 
         Returns:
             ``{"modality", "models": {name: answer}}`` plus ``"eight_category"`` for a
             mammogram when a density and a tumor model both answered, ``"roi"``, and with
             ``dicom`` ``"dicom": {"sr": base64 Part 10, "seg": {segmenter: base64 Part 10}}``
-            (:func:`breastscan.serving.requests.dicom_objects`).
+            (:func:`breastscan.serving.requests.dicom_objects`; a multi-task model's mask has
+            a SEG, its class and lesion measures are in the SR).
 
         Raises:
             InputError: ``unknown_modality``, ``wrong_modality`` (a DICOM header naming
@@ -411,22 +432,56 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
     Returns:
         The engine.
     """
-    from breastscan.models.gradcam import grad_cam
-
     versions, stages = versions or {}, stages or {}
     batchers = {} if batching is None else model_batchers(
         {name: b.predict for name, b in bundles.items()}, lambda _: batching)
+    explainers = {name: explainer(b) for name, b in bundles.items()}
 
-    async def infer(name: str, batch: np.ndarray) -> np.ndarray:
+    async def infer(name: str, batch: np.ndarray) -> ModelOutput:
         if batchers:
             return await batchers[name].submit(batch)
         return await asyncio.to_thread(bundles[name].predict, batch)
 
     async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        return await asyncio.to_thread(grad_cam, bundles[name].model, batch, np.asarray(classes))
+        return await asyncio.to_thread(explainers[name], batch, np.asarray(classes))
 
     served = {name: ServedModel(name=name, spec=b.spec, contract=b.contract, version=versions.get(name),
                                 stage=stages.get(name)) for name, b in bundles.items()}
     engine = Engine(served, infer, explain, max_upload_bytes=max_upload_bytes)
     engine.batchers = batchers
     return engine
+
+
+def explainer(bundle: ModelBundle) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The Grad-CAM of a bundle's classes, ready to call per request.
+
+    A classifier's map is taken on its last feature map
+    (:func:`breastscan.models.gradcam.grad_cam`'s default). A multi-task model is explained
+    through its classification view (built once, here) on the U-Net's bottleneck
+    (:func:`class_feature_layer`): the last layer of the mask decoder would explain the
+    mask, not the class.
+
+    Returns:
+        ``(batch (n, H, W, 1), class index per image (n,)) -> (n, H, W)`` maps in [0, 1].
+    """
+    from breastscan.models.gradcam import grad_cam
+
+    if bundle.contract.task != "multitask":
+        return functools.partial(grad_cam, bundle.model)
+    model = bundle.view("classification").model
+    return functools.partial(grad_cam, model, layer=class_feature_layer(model))
+
+
+def class_feature_layer(model: keras.Model) -> str:
+    """Name of the 4-D layer a multi-task model's class head pools: the U-Net's bottleneck
+    (``bottleneck_dropout``, or ``bottleneck_relu2`` without dropout), the input of
+    :data:`CLASS_POOL`.
+
+    Raises:
+        ValueError: the model has no :data:`CLASS_POOL` layer, or nothing feeds it.
+    """
+    pooled = model.get_layer(CLASS_POOL).input
+    for layer in model.layers:
+        if layer.output is pooled:
+            return str(layer.name)
+    raise ValueError(f"no layer of {model.name!r} feeds {CLASS_POOL!r}")

@@ -12,8 +12,9 @@ it is built from, none of which runs a model:
 * :func:`prepare_inputs` checks and preprocesses images into one model batch
   (:class:`PreparedBatch`); :func:`finish_predictions` turns the model's calibrated output
   for that batch into one :class:`Prediction` per image: class probabilities (with an
-  optional Grad-CAM heatmap), or a lesion mask with its area and bounding box
-  (:func:`lesion_bbox`), always in the **original** image's pixel coordinates.
+  optional Grad-CAM heatmap), a lesion mask with its area and bounding box
+  (:func:`lesion_bbox`), or both (a multi-task model, :func:`has_classes` and
+  :func:`has_mask`), always in the **original** image's pixel coordinates.
 * :func:`models_for_modality` routes an image to the models of its modality, and
   :func:`analysis` builds the answer of an analysis: each model's answer and, for a
   mammogram with a density and a tumor answer, the 8-category view
@@ -45,6 +46,7 @@ from breastscan.imaging.preprocessing import (
 )
 from breastscan.labels import DICOM_MODALITY_CODES, MODALITIES
 from breastscan.registry.bundle import ModelContract, prepare_batch
+from breastscan.serving.batching import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +307,7 @@ class Prediction:
         version: registry version of the served model, if known.
         stage: registry stage (alias) it was served from, if known.
         spec_id: id of the preprocessing spec applied.
-        task: ``classification`` or ``segmentation``.
+        task: ``classification``, ``segmentation`` or ``multitask`` (the keys of both).
         width: the original image's width in pixels.
         height: the original image's height in pixels.
         probabilities: class name -> calibrated probability, in class order (classifiers).
@@ -319,8 +321,8 @@ class Prediction:
         lesion_fraction: lesion pixels / all pixels, in [0, 1] (segmenters).
         bbox: ``[x, y, w, h]`` of the lesion pixels in original pixel coordinates, ``None``
             when no pixel is lesion (segmenters).
-        overlay_png: base64 PNG, ``(height, width, 3)`` RGB image with the heatmap or the
-            mask drawn over it.
+        overlay_png: base64 PNG, ``(height, width, 3)`` RGB image with the heatmap (when
+            explained) or else the mask drawn over it.
     """
 
     model: str
@@ -345,21 +347,52 @@ class Prediction:
 
         Classifiers: ``probabilities``, ``predicted``, ``confidence`` and, when explained,
         ``heatmap_png`` and ``overlay_png``. Segmenters: ``mask_png``, ``lesion_area_px``,
-        ``lesion_fraction``, ``bbox`` (``null`` when empty) and ``overlay_png``.
+        ``lesion_fraction``, ``bbox`` (``null`` when empty) and ``overlay_png``. A multi-task
+        model: the keys of both, in that order (``heatmap_png`` before the mask's).
         """
         out: dict[str, Any] = {
             "model": self.model, "version": self.version, "stage": self.stage,
             "spec_id": self.spec_id, "task": self.task, "width": self.width, "height": self.height,
         }
-        if self.task == "classification":
+        if has_classes(self.task):
             out.update(probabilities=self.probabilities, predicted=self.predicted,
                        confidence=self.confidence)
             if self.heatmap_png is not None:
-                out.update(heatmap_png=self.heatmap_png, overlay_png=self.overlay_png)
-        else:
+                out["heatmap_png"] = self.heatmap_png
+        if has_mask(self.task):
             out.update(mask_png=self.mask_png, lesion_area_px=self.lesion_area_px,
-                       lesion_fraction=self.lesion_fraction, bbox=self.bbox, overlay_png=self.overlay_png)
+                       lesion_fraction=self.lesion_fraction, bbox=self.bbox)
+        if has_mask(self.task) or self.heatmap_png is not None:
+            out["overlay_png"] = self.overlay_png
         return out
+
+
+def has_classes(task: str) -> bool:
+    """Whether a model of ``task`` calls classes (a classifier, or a multi-task model's head)."""
+    return task in ("classification", "multitask")
+
+
+def has_mask(task: str) -> bool:
+    """Whether a model of ``task`` outlines lesions (a segmenter, or a multi-task model's decoder)."""
+    return task in ("segmentation", "multitask")
+
+
+def output_parts(task: str, out: ModelOutput) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A model's served output split into its class part and its mask part.
+
+    Args:
+        task: the model's task.
+        out: ``(n, k)`` class probabilities (classifiers), ``(n, H', W', 1)`` lesion
+            probabilities (segmenters), or a multi-task model's dict of both
+            (``"probabilities"``, ``"mask"``, :meth:`breastscan.registry.bundle.ModelBundle.predict`).
+
+    Returns:
+        ``(probabilities, mask)`` as float32, ``None`` for the part the task has not.
+    """
+    if isinstance(out, Mapping):
+        return np.asarray(out["probabilities"], np.float32), np.asarray(out["mask"], np.float32)
+    arr = np.asarray(out, dtype=np.float32)
+    return (arr, None) if task == "classification" else (None, arr)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -440,63 +473,90 @@ def finish_predictions(
     contract: ModelContract,
     spec_id: str,
     prepared: PreparedBatch,
-    probs: np.ndarray,
+    out: ModelOutput,
     *,
     heat: np.ndarray | None = None,
     version: str | None = None,
     stage: str | None = None,
 ) -> list[Prediction]:
-    """Turn one model call's probabilities into answers at the original image sizes.
+    """Turn one model call's output into answers at the original image sizes.
 
     Args:
         contract: the model's contract (task, class names, decision rule, mask threshold).
         spec_id: id of the preprocessing spec applied.
         prepared: what :func:`prepare_inputs` returned for this call.
-        probs: ``(n, k)`` calibrated class probabilities, or ``(n, H', W', 1)`` lesion
-            probabilities in [0, 1] (the model's served output for ``prepared.batch``).
-        heat: ``(n, H', W')`` Grad-CAM maps in [0, 1] at the model size (classifiers,
-            when explained), or ``None``.
+        out: the model's served output for ``prepared.batch`` (:func:`output_parts`):
+            ``(n, k)`` calibrated class probabilities, ``(n, H', W', 1)`` lesion probabilities
+            in [0, 1], or a multi-task model's dict of both.
+        heat: ``(n, H', W')`` Grad-CAM maps in [0, 1] at the model size (models with
+            classes, when explained), or ``None``. Explained, the overlay shows the heatmap.
         version: registry version to report.
         stage: registry stage (alias) to report.
 
     Returns:
         One :class:`Prediction` per image, in order.
     """
-    probs = np.asarray(probs, dtype=np.float32)
-    common: dict[str, Any] = dict(model=contract.name, version=version, stage=stage,
-                                  spec_id=spec_id, task=contract.task)
-    out: list[Prediction] = []
-    if contract.task == "classification":
-        names = list(contract.class_names)
-        predicted = contract.rule.decide(probs, names)
-        for i, (gray, box) in enumerate(zip(prepared.grays, prepared.boxes, strict=True)):
-            extra: dict[str, Any] = {}
-            if heat is not None:
-                heat_full = np.clip(box.unletterbox(np.asarray(heat[i], np.float32), cv2.INTER_LINEAR),
-                                    0.0, 1.0)
-                extra = dict(heatmap_png=png_base64(_to_uint8(heat_full)),
-                             overlay_png=png_base64(overlay(gray, heat_full, kind="heatmap")))
-            k = int(predicted[i])
-            out.append(Prediction(
-                **common, width=int(gray.shape[1]), height=int(gray.shape[0]),
-                probabilities={name: float(p) for name, p in zip(names, probs[i], strict=True)},
-                predicted=names[k], confidence=float(probs[i, k]), **extra,
-            ))
-    else:
-        # Thresholded at model resolution, as evaluation scores it, then mapped back to the
-        # original size with nearest-neighbour (half-pixel exact) so the served mask is the
-        # evaluated one.
-        masks = (probs[..., 0] >= float(contract.threshold)).astype(np.uint8)
-        for gray, box, small in zip(prepared.grays, prepared.boxes, masks, strict=True):
-            mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT).astype(bool)
-            area = int(mask.sum())
-            out.append(Prediction(
-                **common, width=int(gray.shape[1]), height=int(gray.shape[0]),
-                mask_png=png_base64(mask.astype(np.uint8) * 255), lesion_area_px=area,
-                lesion_fraction=area / float(mask.size), bbox=lesion_bbox(mask),
-                overlay_png=png_base64(overlay(gray, mask, kind="mask")),
-            ))
+    probs, lesion = output_parts(contract.task, out)
+    n = len(prepared.grays)
+    classes: list[dict[str, Any]] = ([{}] * n if probs is None
+                                     else _class_fields(contract, prepared, probs, heat))
+    masks: list[dict[str, Any]] = ([{}] * n if lesion is None
+                                   else _mask_fields(contract, prepared, lesion, overlaid=heat is None))
+    return [Prediction(model=contract.name, version=version, stage=stage, spec_id=spec_id, task=contract.task,
+                       width=int(gray.shape[1]), height=int(gray.shape[0]), **m, **c)
+            for gray, c, m in zip(prepared.grays, classes, masks, strict=True)]
+
+
+def _class_fields(contract: ModelContract, prepared: PreparedBatch, probs: np.ndarray,
+                  heat: np.ndarray | None) -> list[dict[str, Any]]:
+    """Each image's class fields: probabilities, the class the decision rule calls, its
+    probability and, explained, the heatmap and its overlay at the original size."""
+    names = list(contract.class_names)
+    predicted = contract.rule.decide(probs, names)
+    out = []
+    for i, (gray, box) in enumerate(zip(prepared.grays, prepared.boxes, strict=True)):
+        k = int(predicted[i])
+        fields: dict[str, Any] = dict(
+            probabilities={name: float(p) for name, p in zip(names, probs[i], strict=True)},
+            predicted=names[k], confidence=float(probs[i, k]))
+        if heat is not None:
+            heat_full = np.clip(box.unletterbox(np.asarray(heat[i], np.float32), cv2.INTER_LINEAR), 0.0, 1.0)
+            fields.update(heatmap_png=png_base64(_to_uint8(heat_full)),
+                          overlay_png=png_base64(overlay(gray, heat_full, kind="heatmap")))
+        out.append(fields)
     return out
+
+
+def _mask_fields(contract: ModelContract, prepared: PreparedBatch, lesion: np.ndarray, *,
+                 overlaid: bool = True) -> list[dict[str, Any]]:
+    """Each image's mask fields at the original size: the mask, its area, fraction and box and,
+    when ``overlaid``, the mask drawn over the image."""
+    # Thresholded at model resolution, as evaluation scores it, then mapped back to the
+    # original size with nearest-neighbour (half-pixel exact) so the served mask is the
+    # evaluated one.
+    masks = (lesion[..., 0] >= float(contract.threshold)).astype(np.uint8)
+    out = []
+    for gray, box, small in zip(prepared.grays, prepared.boxes, masks, strict=True):
+        mask = box.unletterbox(small, cv2.INTER_NEAREST_EXACT).astype(bool)
+        area = int(mask.sum())
+        fields: dict[str, Any] = dict(mask_png=png_base64(mask.astype(np.uint8) * 255), lesion_area_px=area,
+                                      lesion_fraction=area / float(mask.size), bbox=lesion_bbox(mask))
+        if overlaid:
+            fields["overlay_png"] = png_base64(overlay(gray, mask, kind="mask"))
+        out.append(fields)
+    return out
+
+
+def mask_of(mask_png: str) -> np.ndarray:
+    """An answer's ``mask_png`` (base64 PNG, 255 = lesion) as an ``(H, W)`` bool mask.
+
+    Raises:
+        ValueError: the text is not a PNG that decodes.
+    """
+    png = cv2.imdecode(np.frombuffer(base64.b64decode(mask_png), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if png is None:
+        raise ValueError("the answer's mask_png does not decode")
+    return np.asarray(png) > 0
 
 
 def models_for_modality(modalities: Mapping[str, str], modality: str) -> list[str]:
@@ -593,18 +653,16 @@ def dicom_objects(data: bytes, answers: Mapping[str, Prediction],
         algorithms: each model's :class:`breastscan.imaging.dicom_results.AlgorithmInfo`.
 
     Returns:
-        ``{"sr": base64 Part 10 Structured Report of every answer, "seg": {segmenter name:
-        base64 Part 10 Segmentation of its mask}}``.
+        ``{"sr": base64 Part 10 Structured Report of every answer, "seg": {name of a model
+        with a mask (segmenter, multi-task): base64 Part 10 Segmentation of its mask}}``.
     """
     from breastscan.imaging import dicom_results as dr
 
     source = dr.source_dataset(data)
     segs = {}
     for name, answer in answers.items():
-        if answer.task == "segmentation" and answer.mask_png is not None:
-            png = cv2.imdecode(np.frombuffer(base64.b64decode(answer.mask_png), np.uint8),
-                               cv2.IMREAD_GRAYSCALE)
-            seg = dr.segmentation(source, np.asarray(png) > 0, algorithms[name])
+        if has_mask(answer.task) and answer.mask_png is not None:
+            seg = dr.segmentation(source, mask_of(answer.mask_png), algorithms[name])
             segs[name] = base64.b64encode(dr.to_bytes(seg)).decode("ascii")
     report = dr.structured_report(source, {n: a.to_dict() for n, a in answers.items()}, algorithms)
     return {"sr": base64.b64encode(dr.to_bytes(report)).decode("ascii"), "seg": segs}

@@ -1,4 +1,4 @@
-"""Register tiny seeded density, tumor, lesion and mammo_lesion bundles at ``production``.
+"""Register tiny seeded density, tumor, lesion, mammo_lesion and us_mt bundles at ``production``.
 
 Run as ``python -m tests.services.make_registry ROOT`` with ``MLFLOW_TRACKING_URI`` set:
 the service tests serve these models through the real path (registry -> ``breastscan
@@ -17,6 +17,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from breastscan.config import ModelConfig
+from breastscan.decision import DecisionRule
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.registry import tracking, versions
 from breastscan.registry.bundle import ModelBundle, ModelContract
@@ -36,6 +37,13 @@ MODELS: dict[str, dict] = {
     "mammo_lesion": dict(task="segmentation", label="mask", classes=(), class_names=("lesion",),
                          modality="mammography", dataset="mammography",
                          spec=PreprocessSpec(height=48, width=32), temperature=1.0),
+    # one U-Net answering classes and a mask in one call; its operating point calls benign where
+    # the arg-max calls malignant, and its threshold leaves a mask of both values (seeded weights)
+    "us_mt": dict(task="multitask", label="pathology", classes=("benign", "malignant", "normal"),
+                  class_names=("benign", "malignant", "normal"), modality="ultrasound", dataset="ultrasound",
+                  spec=PreprocessSpec(height=32, width=32), temperature=1.2, tta="flip", threshold=0.51,
+                  decision=DecisionRule(rule="positive_ratio", positive="malignant", versus="benign",
+                                        cutoff=0.6)),
 }
 
 
@@ -50,6 +58,7 @@ def build_bundle(name: str, directory: Path) -> Path:
     import keras
 
     from breastscan.models import build_model
+    from breastscan.models.multitask import build_multitask
     from breastscan.monitoring.drift import model_reference
 
     m = MODELS[name]
@@ -58,11 +67,15 @@ def build_bundle(name: str, directory: Path) -> Path:
     keras.utils.set_random_seed(7)
     if m["task"] == "classification":
         model = build_model("classification", n_classes=len(m["classes"]), input_shape=shape)
+    elif m["task"] == "multitask":
+        model = build_multitask(n_classes=len(m["classes"]), input_shape=shape, base_filters=4, depth=2)
     else:
         model = build_model("segmentation", input_shape=shape, base_filters=4, depth=2)
     contract = ModelContract(name=name, task=m["task"], label=m["label"], classes=m["classes"],
                              class_names=m["class_names"], input_shape=shape, dataset=m["dataset"],
-                             modality=m["modality"], temperature=m["temperature"], spec_id=spec.spec_id)
+                             modality=m["modality"], temperature=m["temperature"], spec_id=spec.spec_id,
+                             threshold=m.get("threshold", 0.5), tta=m.get("tta", "none"),
+                             decision=m.get("decision", DecisionRule()).to_dict())
     bundle = ModelBundle(model=model, spec=spec, contract=contract)
     phantom = images.mammogram if m["modality"] == "mammography" else images.ultrasound
     grays = [phantom(seed).astype(np.float32) / 255.0 for seed in REFERENCE_SEEDS]

@@ -27,6 +27,7 @@ from breastscan.serving.client import API_KEY_ENV, GRPCClient, HTTPClient, Servi
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
 from tests.services import images
+from tests.services.make_registry import MODELS
 
 if TYPE_CHECKING:  # imported by pytest_plugins below: importing it first would skip its assert rewriting
     from tests.services.auth_server import AuthServed
@@ -38,7 +39,7 @@ US = images.png(images.ultrasound(3))
 WRONG_KEY = new_key()
 SEGMENTATION_KEYS = {"model", "version", "stage", "spec_id", "task", "width", "height", "mask_png",
                      "lesion_area_px", "lesion_fraction", "bbox", "overlay_png"}
-SERVED = ["density", "lesion", "mammo_lesion", "tumor"]  # tests.services.make_registry's, in name order
+SERVED = sorted(MODELS)  # tests.services.make_registry's, in name order
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from breastscan.serving.client import GRPCClient
 from breastscan.serving.launch import launch_service
 from tests.services import images
 from tests.services.conftest import BIN, REPO, START_TIMEOUT_S, Served, stop_service
+from tests.services.make_registry import MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
@@ -116,8 +117,7 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
         assert (src / packed).is_file(), packed
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     pinned = {m["tag"].split(":")[0]: m["tag"] for svc in info["services"] for m in svc["models"]}
-    assert set(pinned) == {"breastscan-density", "breastscan-tumor", "breastscan-lesion",
-                           "breastscan-mammo_lesion"}
+    assert set(pinned) == {f"breastscan-{name}" for name in MODELS}
     newer = subprocess.run([sys.executable, "-c", NEWER_IMPORT], env=env, capture_output=True, text=True,
                            timeout=120)
     assert newer.returncode == 0, newer.stderr[-3000:]
@@ -142,7 +142,7 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
         assert r.status_code == 200 and r.json()["stage"] == "production"
         versions = {m["name"]: m["version"] for m in httpx.post(f"{served.http_url}/models", json={},
                                                                 timeout=10).json()}
-        assert versions == dict.fromkeys(("density", "tumor", "lesion", "mammo_lesion"), "1")  # not "99"
+        assert versions == dict.fromkeys(MODELS, "1")  # not "99"
         with GRPCClient(served.grpc_target) as g:
             assert g.predict("lesion", images.png(images.ultrasound(2)))["task"] == "segmentation"
             assert g.predict("mammo_lesion", upload["image"][1])["task"] == "segmentation"

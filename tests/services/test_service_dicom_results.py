@@ -1,7 +1,7 @@
 """DICOM results from the real service: ``/analyze`` with ``dicom`` (HTTP) and ``dicom: true``
 (gRPC) return a Structured Report of every answer and a Segmentation per segmentation model;
 read back with pydicom and highdicom they reference the source image and hold the values
-of the JSON answer."""
+of the JSON answer (a multi-task model's mask in its SEG, its classes and measures in the SR)."""
 
 from __future__ import annotations
 
@@ -91,9 +91,13 @@ def test_an_ultrasound_gets_a_segmentation_equal_to_the_json_mask(service: Serve
     with GRPCClient(service.grpc_target) as g:
         answer = g.analyze(US_DICOM, dicom=True)
     source = pydicom.dcmread(io.BytesIO(US_DICOM))
-    assert sorted(answer["models"]) == sorted(answer["dicom"]["seg"]) == ["lesion"]
-    _check_seg(answer["dicom"]["seg"]["lesion"], source, answer["models"]["lesion"])
-    _check_sr(_read(answer["dicom"]["sr"]), source, answer)
+    assert sorted(answer["models"]) == sorted(answer["dicom"]["seg"]) == ["lesion", "us_mt"]
+    for name in ("lesion", "us_mt"):  # the multi-task model's mask too
+        _check_seg(answer["dicom"]["seg"][name], source, answer["models"][name])
+    sr = _read(answer["dicom"]["sr"])
+    _check_sr(sr, source, answer)  # us_mt: its class probabilities and its lesion measures
+    texts = list(_texts(sr.ContentSequence))
+    assert any(t.startswith("us_mt: malignant is called") for t in texts), texts  # its decision rule
 
 
 @pytest.mark.parametrize(("data", "fields", "code"), [

@@ -14,7 +14,15 @@ import pytest
 from breastscan.serving.client import GRPCClient, HTTPClient, ServiceError
 from tests.services import images
 from tests.services.conftest import Served
-from tests.services.test_service_http import BAD_UPLOADS, MG, US, _metric, assert_same_answer
+from tests.services.test_service_http import (
+    BAD_UPLOADS,
+    CLASS_KEYS,
+    MASK_KEYS,
+    MG,
+    US,
+    _metric,
+    assert_same_answer,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
@@ -26,10 +34,23 @@ def clients(service: Served) -> Any:
 
 
 @pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US),
-                                             ("mammo_lesion", MG)])
+                                             ("mammo_lesion", MG), ("us_mt", US)])
 def test_predict_equals_http(clients: Any, model: str, data: bytes) -> None:
     g, h = clients
     assert_same_answer(g.predict(model, data), h.predict(model, data))
+
+
+def test_a_multitask_answer_equals_http_with_both_parts(clients: Any) -> None:
+    g, h = clients
+    for explain in (False, True):
+        by_grpc = g.predict("us_mt", US, explain=explain)
+        assert_same_answer(by_grpc, h.predict("us_mt", US, explain=explain))
+        assert by_grpc["task"] == "multitask" and CLASS_KEYS | MASK_KEYS <= set(by_grpc)
+        assert ("heatmap_png" in by_grpc) == explain
+    by_grpc, by_http = g.analyze(US, modality="ultrasound"), h.analyze(US, modality="ultrasound")
+    assert sorted(by_grpc["models"]) == sorted(by_http["models"]) == ["lesion", "us_mt"]
+    for name in ("lesion", "us_mt"):
+        assert_same_answer(by_grpc["models"][name], by_http["models"][name])
 
 
 def test_explain_roi_and_array_equal_http(clients: Any) -> None:

@@ -15,14 +15,18 @@ import httpx
 import numpy as np
 import pytest
 
+from breastscan.decision import DecisionRule
 from breastscan.serving.engine import ImageInput
 from tests.services import images
 from tests.services.conftest import Served, run_async
+from tests.services.make_registry import MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
 MG = images.png(images.mammogram(1))
 US = images.png(images.ultrasound(2))
+CLASS_KEYS = {"probabilities", "predicted", "confidence"}
+MASK_KEYS = {"mask_png", "lesion_area_px", "lesion_fraction", "bbox", "overlay_png"}
 
 
 def post_file(service: Served, path: str, data: bytes, **fields: Any) -> httpx.Response:
@@ -51,7 +55,7 @@ def test_health_and_readiness(service: Served) -> None:
 
 def test_models_lists_the_production_versions(service: Served) -> None:
     listed = httpx.post(f"{service.http_url}/models", json={}, timeout=10).json()
-    assert [m["name"] for m in listed] == ["density", "lesion", "mammo_lesion", "tumor"]
+    assert [m["name"] for m in listed] == ["density", "lesion", "mammo_lesion", "tumor", "us_mt"]
     for m in listed:
         assert m["version"] == "1" and m["stage"] == "production"
         assert m["source"] == f"models:/breastscan-{m['name']}@production"
@@ -60,10 +64,14 @@ def test_models_lists_the_production_versions(service: Served) -> None:
     assert by_name["lesion"]["task"] == "segmentation" and by_name["lesion"]["modality"] == "ultrasound"
     assert (by_name["mammo_lesion"]["task"], by_name["mammo_lesion"]["modality"]) == ("segmentation",
                                                                                       "mammography")
+    mt = by_name["us_mt"]
+    assert (mt["task"], mt["modality"], mt["classes"], mt["threshold"]) == (
+        "multitask", "ultrasound", ["benign", "malignant", "normal"], 0.51)
+    assert mt["decision"] == MODELS["us_mt"]["decision"].describe()
 
 
 @pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US),
-                                             ("mammo_lesion", MG)])
+                                             ("mammo_lesion", MG), ("us_mt", US)])
 def test_model_endpoint_equals_in_process_prediction(service: Served, reference: Any, model: str,
                                                      data: bytes) -> None:
     r = post_file(service, f"/{model}", data)
@@ -87,7 +95,8 @@ def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Serve
 
 
 @pytest.mark.parametrize(("model", "data", "shape"), [("lesion", US, (112, 144)),
-                                                      ("mammo_lesion", MG, (160, 128))])
+                                                      ("mammo_lesion", MG, (160, 128)),
+                                                      ("us_mt", US, (112, 144))])
 def test_segmenter_answer_has_mask_area_and_box(service: Served, model: str, data: bytes,
                                                 shape: tuple[int, int]) -> None:
     body = post_file(service, f"/{model}", data).json()
@@ -100,6 +109,44 @@ def test_segmenter_answer_has_mask_area_and_box(service: Served, model: str, dat
         ys, xs = np.nonzero(mask)
         assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
     assert images.decode_png_b64(body["overlay_png"]).shape == (*shape, 3)
+
+
+def test_a_multitask_model_answers_classes_and_mask_from_one_model_call(service: Served,
+                                                                         reference: Any) -> None:
+    """One image, one model call (the batch metrics), both key sets; ``predicted`` follows its
+    decision rule (not the arg-max); explained, the class head's Grad-CAM is the overlay."""
+    before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    body = post_file(service, "/us_mt", US).json()
+    after = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    for metric in ("breastscan_model_batch_size_count", "breastscan_model_batch_size_sum"):
+        assert _metric(after, metric, model="us_mt") - _metric(before, metric, model="us_mt") == 1, metric
+    assert body["task"] == "multitask" and CLASS_KEYS | MASK_KEYS <= set(body)
+    names = list(body["probabilities"])
+    probs = np.asarray([list(body["probabilities"].values())])
+    rule: DecisionRule = MODELS["us_mt"]["decision"]
+    assert body["predicted"] == names[rule.decide(probs, names)[0]] != names[int(probs.argmax())]
+    assert body["confidence"] == body["probabilities"][body["predicted"]]
+    explained = post_file(service, "/us_mt", US, explain=True).json()
+    heat = images.decode_png_b64(explained["heatmap_png"])
+    assert heat.shape == (112, 144) and heat.max() > 0 and explained["overlay_png"] != body["overlay_png"]
+    assert {k: explained[k] for k in CLASS_KEYS | MASK_KEYS - {"overlay_png"}} == \
+        {k: body[k] for k in CLASS_KEYS | MASK_KEYS - {"overlay_png"}}
+    local = run_async(reference.predict("us_mt", ImageInput(data=US), explain=True))
+    assert np.abs(heat.astype(int) - images.decode_png_b64(local["heatmap_png"]).astype(int)).max() <= 2
+
+
+def test_analyze_ultrasound_runs_each_model_once(service: Served, reference: Any) -> None:
+    before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    body = post_file(service, "/analyze", US, modality="ultrasound").json()
+    after = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+    assert sorted(body["models"]) == ["lesion", "us_mt"]
+    for name in ("lesion", "us_mt"):
+        grew = (_metric(after, "breastscan_model_predictions_total", model=name)
+                - _metric(before, "breastscan_model_predictions_total", model=name))
+        assert grew == 1, name
+    local = run_async(reference.analyze(ImageInput(data=US), modality="ultrasound"))
+    for name in ("lesion", "us_mt"):
+        assert_same_answer(body["models"][name], local["models"][name])
 
 
 def test_array_input_equals_file_input(service: Served) -> None:
@@ -133,7 +180,7 @@ def test_analyze_takes_the_modality_from_a_dicom_header(service: Served) -> None
     pixels = (images.ultrasound(3).astype(np.uint16) * 16)
     r = post_file(service, "/analyze", images.dicom(pixels, modality="US"))
     assert r.status_code == 200, r.text
-    assert r.json()["modality"] == "ultrasound" and list(r.json()["models"]) == ["lesion"]
+    assert r.json()["modality"] == "ultrasound" and list(r.json()["models"]) == ["lesion", "us_mt"]
     # a PNG says nothing about its modality, and two are served
     refused = post_file(service, "/analyze", MG)
     assert refused.status_code == 400 and refused.json()["code"] == "unknown_modality"
@@ -309,8 +356,8 @@ def test_request_id_is_echoed_and_logged_without_content(service: Served) -> Non
 
 def test_openapi_documents_every_endpoint(service: Served) -> None:
     spec = httpx.get(f"{service.http_url}/docs.json", timeout=10).json()
-    for path in ("/density", "/tumor", "/lesion", "/mammo_lesion", "/predict", "/predict_array", "/analyze",
-                 "/preview", "/models"):
+    for path in ("/density", "/tumor", "/lesion", "/mammo_lesion", "/us_mt", "/predict", "/predict_array",
+                 "/analyze", "/preview", "/models"):
         assert path in spec["paths"], path
 
 

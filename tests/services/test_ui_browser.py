@@ -1,8 +1,8 @@
 """The web UI at ``/ui`` in a real browser (Debian's Chromium driven by Playwright) against the
 real service: the models table, a mammogram with Grad-CAM, its lesion mask and the
 8-category view (the shown answer equal to the HTTP API's), an ultrasound DICOM with the
-modality read from its header, a region of interest dragged on the canvas, and an API error
-shown without breaking the page.
+modality read from its header (a segmenter's card and a multi-task model's, classes and mask),
+a region of interest dragged on the canvas, and an API error shown without breaking the page.
 Every test also checks that the page logged no console error and asked no host but the
 service's (loopback) for anything: no CDN, no framework download.
 """
@@ -24,6 +24,7 @@ import pytest
 
 from tests.services import images
 from tests.services.conftest import Served
+from tests.services.make_registry import MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
@@ -44,7 +45,7 @@ RESULTS_SCREENSHOT = Path("/tmp/ui_results.png")
 HTTP_4XX_LOG = re.compile(r"^Failed to load resource: the server responded with a status of 4\d\d\b")
 CLASSIFIERS = ("density", "tumor")
 MAMMOGRAPHY_MODELS = ("density", "mammo_lesion", "tumor")  # what /analyze runs on a mammogram
-SERVED = ["density", "lesion", "mammo_lesion", "tumor"]  # tests.services.make_registry's, in name order
+SERVED = sorted(MODELS)  # tests.services.make_registry's, in name order
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -166,10 +167,11 @@ def api_analyze(service: Served, path: Path, **fields: str) -> httpx.Response:
                       data=fields, timeout=60)
 
 
-def check_segmentation_card(ui: UI, name: str, expected: dict[str, Any]) -> None:
-    """The card of segmenter ``name`` shows its answer ``expected``: area, box, mask overlay."""
+def check_segmentation_card(ui: UI, name: str, expected: dict[str, Any], task: str = "segmentation") -> None:
+    """The card of segmenter ``name`` (or of a multi-task model, ``task``) shows its answer
+    ``expected``: area, box, mask overlay."""
     card = ui.card(name)
-    assert card.get_attribute("data-task") == "segmentation"
+    assert card.get_attribute("data-task") == task
     assert card.locator("[data-testid=version]").inner_text() == "version 1"
     assert card.locator("[data-testid=stage]").inner_text() == "production"
     assert card.locator("[data-testid=size]").inner_text() == f"{expected['width']} × {expected['height']} px"
@@ -210,9 +212,9 @@ def test_models_table_lists_the_production_versions(ui: UI) -> None:
         assert row.locator("[data-field=version]").inner_text().strip() == "1"
         assert row.locator("[data-field=stage]").inner_text().strip() == "production"
     assert page.locator('#models tr[data-model="density"] [data-field=classes]').inner_text() == "A, B, C, D"
-    for name in ("lesion", "mammo_lesion"):
+    for name in ("lesion", "mammo_lesion", "us_mt"):
         task = page.locator(f'#models tr[data-model="{name}"] [data-field=task]')
-        assert task.inner_text() == "segmentation"
+        assert task.inner_text() == MODELS[name]["task"]
     assert "Research use only — not for diagnosis" in page.locator("#disclaimer").inner_text()
     assert page.locator("#disclaimer").is_visible()
     assert page.locator("#error").is_hidden()
@@ -297,11 +299,19 @@ def test_ultrasound_dicom_modality_from_its_header(ui: UI, tmp_path: Path) -> No
     ui.analyze()
     assert page.locator("#error").is_hidden()
 
-    expected = api_analyze(ui.service, path, modality="").json()["models"]["lesion"]
+    expected = api_analyze(ui.service, path, modality="").json()["models"]
     assert page.locator("[data-testid=result-modality]").inner_text() == "ultrasound"
-    assert [c.get_attribute("data-model") for c in page.locator(".model-card").all()] == ["lesion"]
+    assert [c.get_attribute("data-model") for c in page.locator(".model-card").all()] == ["lesion", "us_mt"]
     assert page.locator("#eight-category").count() == 0
-    check_segmentation_card(ui, "lesion", expected)
+    check_segmentation_card(ui, "lesion", expected["lesion"])
+    # the multi-task model's card: its classes (called by its decision rule) and its mask
+    check_segmentation_card(ui, "us_mt", expected["us_mt"], task="multitask")
+    card, answer = ui.card("us_mt"), expected["us_mt"]
+    assert card.locator("[data-testid=predicted]").inner_text() == answer["predicted"]
+    assert card.locator("[data-testid=decision]").inner_text().startswith("Decision rule: malignant is")
+    shown = {c: 100 * p for c, p in answer["probabilities"].items()}
+    assert percents(card) == pytest.approx(shown, abs=0.051)
+    assert card.locator("img[data-testid=gradcam]").count() == 0
     ui.assert_clean()
 
 

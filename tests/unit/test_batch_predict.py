@@ -186,29 +186,40 @@ def test_an_interrupted_run_resumes_each_file_once(tumor: batch.LoadedModel, fol
     assert sorted(r["path"] for r in _rows(tmp_path / batch.ERRORS_CSV)) == sorted(BROKEN)
 
 
-def test_segmenter_rows_hold_lesion_measures_and_dicom_results(folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["lesion", "us_mt"])
+def test_segmenter_rows_hold_lesion_measures_and_dicom_results(name: str, folder: Path,
+                                                               tmp_path: Path) -> None:
+    """A segmenter's rows hold its lesion measures; a multi-task model's also its classes, called
+    by its decision rule. Each DICOM input gets a SEG of the mask and an SR."""
+    import numpy as np
     import pydicom
 
     from breastscan.registry.bundle import ModelBundle
     from tests.services.make_registry import build_bundle
 
-    bundle = ModelBundle.load(build_bundle("lesion", tmp_path / "bundle"))  # unregistered: no MLflow needed
-    lesion = batch.LoadedModel(name="lesion", bundle=bundle, version="3", stage="production")
-    engine = batch.batch_engine(lesion, batch_size=4)
+    bundle = ModelBundle.load(build_bundle(name, tmp_path / "bundle"))  # unregistered: no MLflow needed
+    loaded = batch.LoadedModel(name=name, bundle=bundle, version="3", stage="production")
+    engine = batch.batch_engine(loaded, batch_size=4)
     inputs = batch.find_inputs(folder)
     chosen = inputs[3:6] + [i for i in inputs if i.key.startswith("study/")]
     out = tmp_path / "out"
-    writer = batch.DicomWriter(out, engine.select("lesion"))
-    summary = batch.predict_files(engine, "lesion", chosen, out, progress=False, dicom=writer)
+    writer = batch.DicomWriter(out, engine.select(name))
+    summary = batch.predict_files(engine, name, chosen, out, progress=False, dicom=writer)
     assert (summary.ok, summary.refused, summary.dicom_files) == (4, {"wrong_modality": 1}, 2)
     rows = _rows(out / batch.PREDICTIONS_CSV)
     assert len(rows) == 5 and list(rows[0])[-3:] == ["lesion_area_px", "lesion_fraction", "bbox"]
     for r in rows[:3]:
         assert int(r["lesion_area_px"]) >= 0 and 0.0 <= float(r["lesion_fraction"]) <= 1.0
         assert r["bbox"] == "" or len(r["bbox"].split()) == 4
+    if name == "us_mt":
+        names = list(bundle.contract.class_names)
+        assert list(rows[0])[7:-3] == ["predicted", "confidence", *(f"p_{c}" for c in names)]
+        probs = np.asarray([[float(r[f"p_{c}"]) for c in names] for r in rows[:3]])
+        called = [names[k] for k in bundle.contract.rule.decide(probs, names)]
+        assert [r["predicted"] for r in rows[:3]] == called != [names[k] for k in probs.argmax(axis=1)]
     seg = pydicom.dcmread(out / "dicom" / "study" / "series2" / "US0001.dcm.seg.dcm")
     sr = pydicom.dcmread(out / "dicom" / "study" / "series2" / "US0001.dcm.sr.dcm")
-    assert (seg.Modality, sr.Modality, seg.SoftwareVersions) == ("SEG", "SR", lesion.version)
+    assert (seg.Modality, sr.Modality, seg.SoftwareVersions) == ("SEG", "SR", loaded.version)
 
 
 def test_cli_predict(registry: Path, folder: Path, tmp_path: Path) -> None:

@@ -400,6 +400,58 @@ def test_wrong_row_count_is_an_error_not_a_misassignment() -> None:
         assert "rows" in str(r)
 
 
+class TwoOutputModel(SlowModel):
+    """A fake multi-task model: ``{"probabilities": x * 2, "mask": (n, 3, 3, 1) filled with x}``
+    (``short`` drops the mask's last row: outputs that disagree on their rows)."""
+
+    def __init__(self, delay: float = 0.05, short: bool = False) -> None:
+        super().__init__(delay)
+        self.short = short
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:  # type: ignore[override]
+        mask = np.broadcast_to(x[:, :1, None, None], (len(x), 3, 3, 1)).copy()
+        return {"probabilities": super().__call__(x), "mask": mask[:-1] if self.short else mask}
+
+
+def test_dict_outputs_are_split_per_request() -> None:
+    """A multi-task model's call answers every request of the batch its own rows of each output."""
+    model = TwoOutputModel(delay=0.05)
+    batcher = _batcher(model)
+    sizes = [1, 3, 2, 1]
+
+    async def main() -> list[Any]:
+        first = asyncio.create_task(batcher.submit(_req(0.0, k=sizes[0])))
+        await asyncio.sleep(0.01)  # the model is busy: the others queue and go in one call
+        rest = await asyncio.gather(*(batcher.submit(_req(float(i), k=k))
+                                      for i, k in enumerate(sizes[1:], 1)))
+        return [await first, *rest]
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert model.calls == [1, 6]  # one call for the three queued requests
+    for i, (k, out) in enumerate(zip(sizes, outs, strict=True)):
+        assert set(out) == {"probabilities", "mask"}
+        np.testing.assert_array_equal(out["probabilities"], _req(2.0 * i, k=k))
+        assert out["mask"].shape == (k, 3, 3, 1) and np.all(out["mask"] == i)
+
+
+def test_dict_outputs_with_different_row_counts_fail_every_request() -> None:
+    model = TwoOutputModel(delay=0.05, short=True)
+    batcher = _batcher(model)
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(*(batcher.submit(_req(i)) for i in (1, 2)), return_exceptions=True))
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert model.calls == [2]
+    assert all(isinstance(r, ValueError) and "row counts" in str(r) for r in outs), outs
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

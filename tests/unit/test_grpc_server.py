@@ -483,6 +483,8 @@ def test_port_sharing_and_bind_errors(engine: Engine, loop: asyncio.AbstractEven
 def test_conversions_round_trip_every_field() -> None:
     png = base64.b64encode(_png(np.zeros((4, 5), np.uint8))).decode("ascii")
     common = {"model": "m", "version": None, "stage": None, "spec_id": "s", "width": 5, "height": 4}
+    head = {"task": "multitask", "probabilities": {"benign": 0.7, "malignant": 0.3}, "predicted": "benign",
+            "confidence": 0.7}
     answers: list[dict[str, Any]] = [
         {**common, "task": "classification", "probabilities": {"z": 0.1, "a": 0.3, "m": 0.6},
          "predicted": "m", "confidence": 0.6},
@@ -492,6 +494,10 @@ def test_conversions_round_trip_every_field() -> None:
         {**common, "task": "segmentation", "mask_png": png, "lesion_area_px": 3, "lesion_fraction": 0.15,
          "bbox": [0, 1, 3, 1], "overlay_png": png},
         {**common, "task": "segmentation", "mask_png": png, "lesion_area_px": 0, "lesion_fraction": 0.0,
+         "bbox": None, "overlay_png": png},
+        {**common, **head, "mask_png": png, "lesion_area_px": 3, "lesion_fraction": 0.15,
+         "bbox": [0, 1, 3, 1], "overlay_png": png},
+        {**common, **head, "heatmap_png": png, "mask_png": png, "lesion_area_px": 0, "lesion_fraction": 0.0,
          "bbox": None, "overlay_png": png},
     ]
     for answer in answers:

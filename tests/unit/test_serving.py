@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -245,6 +246,83 @@ def test_every_consumer_of_the_engine_follows_the_decision_rule() -> None:
     assert described["tumor"]["decision"].startswith("malignant is called when p(malignant)")
     assert described["density"]["decision"] is None and described["lesion"]["decision"] is None
     assert "malignant is called" in engine.models["tumor"].algorithm().decision  # the DICOM SR's text
+
+
+def _multitask_contract() -> Any:
+    from breastscan.registry.bundle import ModelContract
+
+    names = ("benign", "malignant", "normal")
+    rule = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign", "cutoff": 0.6}
+    return ModelContract(name="us_mt", task="multitask", label="pathology", classes=names, class_names=names,
+                         input_shape=(32, 24, 1), dataset="d", modality="ultrasound", threshold=0.5,
+                         decision=rule)
+
+
+def test_a_multitask_answer_is_its_classifier_and_its_segmenter_answers_in_one() -> None:
+    """finish_predictions: the class part and the mask part are those of the model's two views,
+    ``predicted`` follows the decision rule, and explained, the overlay is the heatmap's."""
+    from breastscan.imaging.preprocessing import PreprocessSpec
+    from breastscan.serving.requests import finish_predictions, prepare_inputs
+
+    contract, spec = _multitask_contract(), PreprocessSpec(height=32, width=24)
+    prepared = prepare_inputs(spec, contract, [images.ultrasound(1).astype(np.float32) / 255.0])
+    probs = np.asarray([[0.30, 0.36, 0.34]], np.float32)  # arg-max malignant; the rule calls benign
+    mask = np.random.default_rng(0).random((1, 32, 24, 1)).astype(np.float32)
+    heat = np.random.default_rng(1).random((1, 32, 24)).astype(np.float32)
+
+    def answer(task: str, out: Any, explained: bool = False) -> dict[str, Any]:
+        view = contract.view(task) if task != "multitask" else contract
+        answers = finish_predictions(view, spec.spec_id, prepared, out, heat=heat if explained else None)
+        return answers[0].to_dict()
+
+    both = {"probabilities": probs, "mask": mask}
+    for explained in (False, True):
+        mt = answer("multitask", both, explained)
+        cls, seg = answer("classification", probs, explained), answer("segmentation", mask)
+        class_keys = ["probabilities", "predicted", "confidence", *(["heatmap_png"] if explained else [])]
+        assert list(mt)[7:] == [*class_keys, "mask_png", "lesion_area_px", "lesion_fraction", "bbox",
+                                "overlay_png"]
+        assert {k: mt[k] for k in class_keys} == {k: cls[k] for k in class_keys}
+        assert {k: mt[k] for k in ("mask_png", "lesion_area_px", "bbox")} == \
+            {k: seg[k] for k in ("mask_png", "lesion_area_px", "bbox")}
+        assert mt["overlay_png"] == (cls if explained else seg)["overlay_png"]
+        assert (mt["task"], mt["predicted"]) == ("multitask", "benign")
+        assert images.decode_png_b64(mt["mask_png"]).shape == (mt["height"], mt["width"]) == (112, 144)
+
+
+def test_a_multitask_model_answers_from_one_call_and_is_explained_on_its_bottleneck(tmp_path: Path) -> None:
+    """The engine's one model call per image (the batcher's count) serves both parts; Grad-CAM
+    explains the class head on the U-Net's bottleneck, not on the mask logits."""
+    from breastscan.models.classifier import last_conv_layer_name
+    from breastscan.registry.bundle import ModelBundle
+    from breastscan.serving.config import Batching
+    from breastscan.serving.engine import class_feature_layer, local_engine
+    from tests.services.make_registry import build_bundle
+
+    bundle = ModelBundle.load(build_bundle("us_mt", tmp_path / "us_mt"))
+    view = bundle.view("classification").model
+    assert class_feature_layer(view) == "bottleneck_dropout" and last_conv_layer_name(view) == "mask_logits"
+    engine = local_engine({"us_mt": bundle}, batching=Batching(max_batch_size=8, max_latency_ms=5000))
+    png = images.png(images.ultrasound(2))
+    try:
+        plain = asyncio.run(engine.predict("us_mt", ImageInput(data=png)))
+        explained = asyncio.run(engine.predict("us_mt", ImageInput(data=png), explain=True))
+        analysed = asyncio.run(engine.analyze(ImageInput(data=png), modality="ultrasound"))
+        stats = engine.batchers["us_mt"].stats
+    finally:
+        engine.batchers["us_mt"].close()
+    assert (stats.calls, stats.images) == (3, 3)  # one model call per answer, both parts from it
+    described = engine.describe()[0]
+    assert (described["task"], described["classes"], described["threshold"]) == \
+        ("multitask", ["benign", "malignant", "normal"], 0.51)
+    assert described["decision"].startswith("malignant is called")
+    assert analysed["models"] == {"us_mt": plain}
+    assert plain["probabilities"] and plain["mask_png"] and "heatmap_png" not in plain
+    heat = images.decode_png_b64(explained["heatmap_png"])
+    assert heat.shape == (112, 144) and heat.max() > 0
+    assert explained["overlay_png"] != plain["overlay_png"]  # the heatmap drawn, not the mask
+    assert {k: v for k, v in explained.items() if k not in ("heatmap_png", "overlay_png")} == \
+        {k: v for k, v in plain.items() if k != "overlay_png"}
 
 
 def test_dicom_modality_code_reads_the_header() -> None:

@@ -586,7 +586,8 @@
       "aria-label": `${name} model`,
     }, h("header", { class: "card-head" }, h("h3", {}, name), badges(a)), meta);
 
-    if (a.task === "classification" && a.probabilities) {
+    // by the keys the answer has: a multi-task model's has both parts, from one model call
+    if (a.probabilities) {
       card.append(h("p", { class: "predicted" }, "Predicted ",
         h("strong", { dataset: { testid: "predicted" } }, a.predicted),
         h("span", { class: "muted" }, ` ${pct(a.confidence)}`)));
@@ -595,11 +596,8 @@
           `Decision rule: ${described.decision}`));
       }
       card.append(probBars(a.probabilities, a.predicted, `${name} class probabilities`));
-      if (a.overlay_png) {
-        card.append(figure(a.overlay_png, "gradcam", `Grad-CAM overlay of the ${name} model for ${a.predicted}`,
-          `Grad-CAM: evidence for “${a.predicted}” (red = strongest)`));
-      }
-    } else if (a.task === "segmentation") {
+    }
+    if (a.mask_png) {
       const found = a.lesion_area_px > 0;
       card.append(h("p", { class: "predicted" }, found ? "Lesion " : "",
         h("strong", { dataset: { testid: "lesion-area" } },
@@ -613,10 +611,13 @@
           bbox ? `x ${bbox[0]}, y ${bbox[1]}, ${bbox[2]}×${bbox[3]} px` : "none"),
         described.threshold != null ? h("dt", {}, "Threshold") : null,
         described.threshold != null ? h("dd", {}, String(described.threshold)) : null));
-      if (a.overlay_png) {
-        card.append(figure(a.overlay_png, "mask-overlay", `Lesion mask of the ${name} model drawn in red over the image`,
-          "Lesion mask (red) over the image"));
-      }
+    }
+    if (a.overlay_png && a.heatmap_png) {  // explained: the heatmap is drawn, not the mask
+      card.append(figure(a.overlay_png, "gradcam", `Grad-CAM overlay of the ${name} model for ${a.predicted}`,
+        `Grad-CAM: evidence for “${a.predicted}” (red = strongest)`));
+    } else if (a.overlay_png && a.mask_png) {
+      card.append(figure(a.overlay_png, "mask-overlay", `Lesion mask of the ${name} model drawn in red over the image`,
+        "Lesion mask (red) over the image"));
     }
     return card;
   }

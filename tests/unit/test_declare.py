@@ -75,7 +75,7 @@ def test_second_declare_refuses_without_force(project: Path) -> None:
 
 
 def test_unknown_benchmark_lists_known_ones(project: Path) -> None:
-    known = "busbra, busi, busi_gpu, mini_mias, ultrasound_sites"
+    known = "busbra, busbra_gpu, busi, busi_gpu, mini_mias, ultrasound_sites"
     with pytest.raises(DeclareError, match=f"unknown benchmark 'nope'; known: {known}"):
         declare("nope", Path("params.yaml"))
 
@@ -155,7 +155,7 @@ def test_cli(project: Path) -> None:
         "pass --force to replace them"]
     unknown = runner.invoke(main, ["declare", "nope"])
     assert unknown.exit_code == 1
-    assert "known: busbra, busi, busi_gpu, mini_mias, ultrasound_sites" in unknown.output
+    assert "known: busbra, busbra_gpu, busi, busi_gpu, mini_mias, ultrasound_sites" in unknown.output
 
 
 def test_a_pool_declares_its_sites_and_the_ingest_of_each(project: Path) -> None:

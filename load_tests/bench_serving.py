@@ -205,7 +205,7 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
     import bentoml
     import tensorflow as tf
 
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
     from breastscan.serving.store import LABEL_STAGE, LABEL_VERSION, store_name
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]

@@ -28,6 +28,7 @@ from typing import Any
 
 import mlflow
 
+from breastscan.bundle import ModelBundle
 from breastscan.config import DatasetConfig
 from breastscan.data.loading import load_split, read_splits
 from breastscan.data.pools import SITE_COLUMN
@@ -36,7 +37,6 @@ from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, per_site, score_bundle
 from breastscan.registry import tracking
-from breastscan.registry.bundle import ModelBundle
 from breastscan.registry.modelcard import write_model_card
 from breastscan.registry.runs import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
 from pipelines._stage import REPORTS, model_dir, model_reports, parse, splits_csv

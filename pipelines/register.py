@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if not versions.logged_model_exists(model_uri):
             log.warning("%s: logged model %r is not in %s; logging the bundle of %s again", cfg.name,
                         model_uri, mlflow.get_tracking_uri(), model_dir(cfg.name))
-            from breastscan.registry.bundle import ModelBundle
+            from breastscan.bundle import ModelBundle
 
             model_uri = log_served_model(ModelBundle.load(model_dir(cfg.name)), metrics,
                                          reports / "model_card.md")

@@ -30,13 +30,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from breastscan.bundle import ModelBundle
 from breastscan.data.loading import load_split
 from breastscan.data.manifest import resolve
 from breastscan.imaging.preprocessing import decode_image
 from breastscan.models.training import get_strategy, is_chief, train_model, write_history
 from breastscan.monitoring.drift import DICOM_HEAD_BYTES, REFERENCE_LIMIT, dicom_facts, model_reference
 from breastscan.registry import tracking
-from breastscan.registry.bundle import ModelBundle
 from breastscan.registry.runs import RUN_FILE
 from pipelines._stage import model_dir, model_reports, parse, splits_csv, validation_report
 

@@ -222,7 +222,7 @@ class _ServiceImpl:
 
     def __init__(self) -> None:
         import breastscan.evaluation.combined  # noqa: F401  (the 8-category view: imported before traffic)
-        from breastscan.registry.bundle import ModelBundle
+        from breastscan.bundle import ModelBundle
 
         configure_service_logging()
         started = time.perf_counter()

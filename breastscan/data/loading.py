@@ -37,8 +37,8 @@ from breastscan.imaging.preprocessing import (
 )
 
 if TYPE_CHECKING:
+    from breastscan.bundle import ModelContract
     from breastscan.config import ModelConfig
-    from breastscan.registry.bundle import ModelContract
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A classifier's temperature ``T`` is fitted on its validation split
 (:func:`fit_temperature`, minimising the NLL of ``softmax(logits / T)``); the bundle
-applies it (:func:`breastscan.registry.bundle.apply_temperature`), so the served
+applies it (:func:`breastscan.bundle.apply_temperature`), so the served
 probabilities are the calibrated ones.
 """
 

@@ -40,17 +40,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from breastscan.bundle import ModelContract
 from breastscan.data.loading import SKIP_REASONS, LoadedRows, RowSpec, SkippedRow, SplitData, load_rows
 from breastscan.data.manifest import file_md5, read_manifest
 from breastscan.evaluation import metrics as M
 from breastscan.evaluation.reports import fmt, fmt_interval, md_escape, write_json
 from breastscan.evaluation.scoring import CALIBRATION_BINS, Evaluation, Scoring, score_bundle
-from breastscan.registry.bundle import ModelContract
 from breastscan.registry.resolver import FetchedModel, fetch, parse_model_ref
 
 if TYPE_CHECKING:
+    from breastscan.bundle import ModelBundle
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

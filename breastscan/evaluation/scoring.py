@@ -37,9 +37,9 @@ from breastscan.evaluation import metrics as M
 from breastscan.jsonable import json_clean
 
 if TYPE_CHECKING:
+    from breastscan.bundle import ModelBundle, ModelContract
     from breastscan.config import ModelConfig
     from breastscan.data.loading import SplitData
-    from breastscan.registry.bundle import ModelBundle, ModelContract
 
 log = logging.getLogger(__name__)
 

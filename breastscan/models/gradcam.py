@@ -45,7 +45,7 @@ def grad_cam(
             lesion-aware classifier's map, computed on its crop, is placed back in the
             lesion's box (:func:`paste_into_boxes`); it is zero elsewhere.
         batch: ``(n, H, W, C)`` float32 model input, e.g. from
-            :meth:`breastscan.registry.bundle.ModelBundle.prepare` (in [0, 1]).
+            :meth:`breastscan.bundle.ModelBundle.prepare` (in [0, 1]).
         class_index: the class explained for each image: ``(n,)`` integers in ``[0, k)``, one
             integer for every image, or ``None`` for each image's arg-max logit (the
             predicted class).

@@ -3,7 +3,7 @@
 :func:`train_model` builds the model of a :class:`~breastscan.config.ModelConfig` with
 :func:`breastscan.models.build_model` under a ``tf.distribute`` strategy, fits it on the
 training split with early stopping on the validation loss, and returns a
-:class:`~breastscan.registry.bundle.ModelBundle` (uncalibrated: temperature 1.0; the evaluate stage
+:class:`~breastscan.bundle.ModelBundle` (uncalibrated: temperature 1.0; the evaluate stage
 fits the temperature on the validation split).
 
 Distribution (``cfg.distribution``, see :func:`get_strategy`):
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
 from breastscan.data.loading import SplitData
 from breastscan.models.inputs import class_weights, make_dataset, steps_per_epoch
-from breastscan.registry.bundle import ModelBundle, ModelContract
 
 if TYPE_CHECKING:
     import tensorflow as tf

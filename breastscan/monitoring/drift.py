@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from breastscan.registry.bundle import served_probabilities
+from breastscan.bundle import served_probabilities
 
 if TYPE_CHECKING:
-    from breastscan.registry.bundle import ModelBundle, ModelContract
+    from breastscan.bundle import ModelBundle, ModelContract
 
 log = logging.getLogger(__name__)
 

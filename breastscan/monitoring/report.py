@@ -171,8 +171,8 @@ def monitor(model: str, bundle_dir: str | Path, store: str | Path, out_dir: str 
     Raises:
         FileNotFoundError: no contract or reference in ``bundle_dir``, or no ``store``.
     """
+    from breastscan.bundle import read_contract, read_reference
     from breastscan.monitoring.recorder import RecordStore
-    from breastscan.registry.bundle import read_contract, read_reference
 
     contract = read_contract(bundle_dir)
     raw = read_reference(bundle_dir)

@@ -7,7 +7,7 @@ interval, calibration, and known limitations. The card carries no version number
 registry version it belongs to is recorded in MLflow next to it.
 
 Inputs are the model's :class:`~breastscan.config.ModelConfig`, its
-:class:`~breastscan.registry.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
+:class:`~breastscan.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
 ``data`` mapping describing the dataset (see :func:`render_model_card`).
 """
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from breastscan.jsonable import finite_float
 
 if TYPE_CHECKING:
+    from breastscan.bundle import ModelContract
     from breastscan.config import ModelConfig
-    from breastscan.registry.bundle import ModelContract
 
 log = logging.getLogger(__name__)
 

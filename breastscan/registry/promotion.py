@@ -74,8 +74,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from breastscan.bundle import ModelBundle
     from breastscan.config import ModelConfig
-    from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

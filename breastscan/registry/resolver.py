@@ -23,13 +23,13 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from breastscan.bundle import ModelContract, read_contract
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import ModelContract, read_contract
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class FetchedModel:
 
     def load_bundle(self) -> ModelBundle:
         """Load the Keras model with its spec and contract (imports Keras)."""
-        from breastscan.registry.bundle import ModelBundle
+        from breastscan.bundle import ModelBundle
 
         return ModelBundle.load(self.bundle_dir)
 
@@ -257,7 +257,7 @@ def load_bundle(ref: ModelRef | str) -> ModelBundle:
 
     ``ref`` may also be a model URI (``models:/...``, ``runs:/...``), loaded as it is.
     """
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
 
     with tempfile.TemporaryDirectory(prefix="breastscan-bundle-") as tmp:
         if isinstance(ref, str) and ":/" in ref:

@@ -13,9 +13,9 @@ from typing import Any
 
 import mlflow
 
+from breastscan.bundle import ModelBundle
 from breastscan.decision import DecisionRule
 from breastscan.registry import tracking
-from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger("breastscan.registry.runs")
 

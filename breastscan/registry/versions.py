@@ -60,9 +60,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from breastscan.bundle import ModelBundle, read_contract
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.jsonable import finite_float, fmt_number
-from breastscan.registry.bundle import ModelBundle, read_contract
 from breastscan.registry.resolver import BUNDLE_ARTIFACT, RegistryError, get_version
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ _LOGGED_MODEL_URI = re.compile(r"^models:/(m-[0-9a-f]+)$")
 
 
 class BundlePyfunc(PythonModel):
-    """MLflow pyfunc around a :class:`~breastscan.registry.bundle.ModelBundle`.
+    """MLflow pyfunc around a :class:`~breastscan.bundle.ModelBundle`.
 
     The bundle directory is the model artifact ``"bundle"``; :meth:`predict` returns what
     :meth:`ModelBundle.predict` returns, so the registry serves calibrated probabilities.

@@ -53,7 +53,7 @@ from breastscan.serving.engine import Engine, ImageInput, ServedModel, local_eng
 from breastscan.serving.requests import InputError, has_classes, has_mask, mask_of
 
 if TYPE_CHECKING:
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 

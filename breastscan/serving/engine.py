@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from breastscan.bundle import ModelContract
 from breastscan.imaging.preprocessing import PreprocessSpec, is_dicom
 from breastscan.labels import DICOM_MODALITY_CODES
-from breastscan.registry.bundle import ModelContract
 from breastscan.serving.batching import Batcher, BatchSettings, ModelOutput, model_batchers, output_rows
 from breastscan.serving.requests import (
     InputError,
@@ -60,9 +60,9 @@ from breastscan.serving.requests import (
 if TYPE_CHECKING:
     import keras
 
+    from breastscan.bundle import ModelBundle
     from breastscan.imaging.dicom_results import AlgorithmInfo
     from breastscan.monitoring.recorder import Recorder
-    from breastscan.registry.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
     """An :class:`Engine` whose models run in this process (tests, benchmarks, notebooks).
 
     Args:
-        bundles: :class:`breastscan.registry.bundle.ModelBundle` by served name.
+        bundles: :class:`breastscan.bundle.ModelBundle` by served name.
         max_upload_bytes: largest image file accepted.
         versions: registry version per name, reported in answers.
         stages: registry stage per name, reported in answers.

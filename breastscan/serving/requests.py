@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from breastscan.bundle import ModelContract, prepare_batch
 from breastscan.decision import ARGMAX_RULE, DecisionRule
 from breastscan.imaging.overlay import overlay
 from breastscan.imaging.preprocessing import (
@@ -45,7 +46,6 @@ from breastscan.imaging.preprocessing import (
     is_dicom,
 )
 from breastscan.labels import DICOM_MODALITY_CODES, MODALITIES
-from breastscan.registry.bundle import ModelContract, prepare_batch
 from breastscan.serving.batching import ModelOutput
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def output_parts(task: str, out: ModelOutput) -> tuple[np.ndarray | None, np.nda
         task: the model's task.
         out: ``(n, k)`` class probabilities (classifiers), ``(n, H', W', 1)`` lesion
             probabilities (segmenters), or a multi-task model's dict of both
-            (``"probabilities"``, ``"mask"``, :meth:`breastscan.registry.bundle.ModelBundle.predict`).
+            (``"probabilities"``, ``"mask"``, :meth:`breastscan.bundle.ModelBundle.predict`).
 
     Returns:
         ``(probabilities, mask)`` as float32, ``None`` for the part the task has not.

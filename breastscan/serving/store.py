@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from breastscan.bundle import read_contract
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import read_contract
 from breastscan.serving.engine import ServedModel
 
 log = logging.getLogger(__name__)

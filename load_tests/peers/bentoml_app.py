@@ -18,7 +18,7 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from breastscan.registry.bundle import ModelBundle
+from breastscan.bundle import ModelBundle
 from breastscan.serving.requests import InputError, decode_upload, finish_predictions, prepare_inputs
 
 from .launch import BUNDLE_ENV, WORKERS_ENV, mark_ready

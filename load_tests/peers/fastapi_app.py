@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import FastAPI, File, Request
 from fastapi.responses import JSONResponse
 
-from breastscan.registry.bundle import ModelBundle
+from breastscan.bundle import ModelBundle
 from breastscan.serving.requests import InputError, decode_upload, finish_predictions, prepare_inputs
 
 from .launch import BUNDLE_ENV, mark_ready

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from breastscan.bundle import ModelBundle
 from breastscan.registry import promotion, resolver, tracking, versions
-from breastscan.registry.bundle import ModelBundle
 from tests.conftest import mlflow_at
 from tests.mlflow_server import mlflow_server
 from tests.postgres import PostgresCluster

@@ -166,8 +166,8 @@ def cluster(tiny_phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 @pytest.mark.slow
 def test_two_workers_train_in_sync(cluster: dict[str, Any]) -> None:
     """Both finish with the same weights, which are the ones the chief saved."""
+    from breastscan.bundle import ModelBundle
     from breastscan.models.training import weights_digest
-    from breastscan.registry.bundle import ModelBundle
 
     digests = [DIGEST.findall(text) for text in cluster["logs"]]
     assert all(len(d) == 1 for d in digests), digests

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.evaluation.metrics import MaskOutcomes
 from breastscan.imaging.preprocessing import to_float_gray
 from breastscan.labels import MODALITIES
-from breastscan.registry.bundle import ModelBundle, ModelContract
 
 PHANTOM_SEED = 20_260_915
 """Root seed of every phantom drawn here (far from the demo datasets' seeds 0 and 1)."""

@@ -32,7 +32,7 @@ from tests.conftest import REPO
 from tests.model.plugin import OPTION, model_refs, model_store
 
 if TYPE_CHECKING:
-    from breastscan.registry.bundle import ModelBundle, ModelContract
+    from breastscan.bundle import ModelBundle, ModelContract
 
 def _is_int(text: str) -> bool:
     return re.fullmatch(r"-?\d+", str(text)) is not None
@@ -99,7 +99,7 @@ def fetch_given(ref: str, dst: Path) -> GivenModel:
     """
     from mlflow.exceptions import MlflowException
 
-    from breastscan.registry.bundle import read_contract
+    from breastscan.bundle import read_contract
     from breastscan.registry.resolver import RegistryError, download_uri, fetch
 
     text = ref.strip()
@@ -184,7 +184,7 @@ def loaded_bundles() -> dict[Path, ModelBundle]:
 def _bundle(request: pytest.FixtureRequest, loaded: dict[Path, ModelBundle]) -> ModelBundle:
     given: GivenModel = request.param
     if given.bundle_dir not in loaded:
-        from breastscan.registry.bundle import ModelBundle
+        from breastscan.bundle import ModelBundle
 
         loaded[given.bundle_dir] = ModelBundle.load(given.bundle_dir)
     bundle = loaded[given.bundle_dir]

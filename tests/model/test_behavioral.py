@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from breastscan.bundle import ModelBundle
 from breastscan.evaluation.metrics import rank_auc
-from breastscan.registry.bundle import ModelBundle
 from tests.model import behaviour as bh
 
 pytestmark = pytest.mark.model

@@ -155,7 +155,7 @@ def test_dvc_metrics_and_plots(trained: tuple[Path, str]) -> None:
 def test_registered_model_serves_what_the_bundle_predicts(trained: tuple[Path, str], client) -> None:
     import mlflow
 
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
 
     root, _ = trained
     bundle = ModelBundle.load(root / "artifacts/models/tumor")

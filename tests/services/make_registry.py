@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig
 from breastscan.decision import DecisionRule
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.registry import tracking, versions
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.services import images
 
 MODELS: dict[str, dict] = {

@@ -194,7 +194,7 @@ def test_segmenter_rows_hold_lesion_measures_and_dicom_results(name: str, folder
     import numpy as np
     import pydicom
 
-    from breastscan.registry.bundle import ModelBundle
+    from breastscan.bundle import ModelBundle
     from tests.services.make_registry import build_bundle
 
     bundle = ModelBundle.load(build_bundle(name, tmp_path / "bundle"))  # unregistered: no MLflow needed

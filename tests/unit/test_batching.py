@@ -606,8 +606,8 @@ class _Delayed:
 
 
 def test_local_engine_batched_answers_equal_unbatched() -> None:
+    from breastscan.bundle import ModelBundle, ModelContract
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.registry.bundle import ModelBundle, ModelContract
     from breastscan.serving.engine import ImageInput, local_engine
     from tests.conftest import tiny_model
 

@@ -168,7 +168,7 @@ def test_declared_pins_are_the_installed_versions() -> None:
 def test_the_scan_reaches_the_service_code() -> None:
     modules, third = scan()
     # What the worker imports at start and while serving, through the service's own imports.
-    assert {"services.service", "breastscan.evaluation.combined", "breastscan.registry.bundle",
+    assert {"services.service", "breastscan.evaluation.combined", "breastscan.bundle",
             "breastscan.models.gradcam", "breastscan.serving.grpc_server", "breastscan.serving.ui",
             "breastscan.imaging.dicom"} <= modules
     assert "breastscan.registry.resolver" not in modules  # NOT_SERVED: MLflow is not in the Bento

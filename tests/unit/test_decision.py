@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from breastscan.bundle import ModelContract, read_contract, write_contract
 from breastscan.decision import ARGMAX_RULE, DecisionRule, fit_cutoff
-from breastscan.registry.bundle import ModelContract, read_contract, write_contract
 
 TUMOR = ("benign", "malignant", "normal")
 MALIGNANT = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=0.3)
@@ -161,8 +161,8 @@ def test_a_contract_refuses_a_rule_it_cannot_follow() -> None:
 
 
 def test_the_served_bundle_carries_the_rule_evaluate_fitted() -> None:
+    from breastscan.bundle import ModelBundle
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.registry.bundle import ModelBundle
     from breastscan.registry.runs import calibrated
 
     declared = DecisionRule("positive_ratio", positive="malignant", versus="benign", target_sensitivity=0.9)

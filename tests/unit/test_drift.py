@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from breastscan.bundle import ModelContract, prepare_batch, read_reference, write_contract
 from breastscan.cli import main as cli
 from breastscan.data.phantoms import mammography_phantom
 from breastscan.imaging.preprocessing import PreprocessSpec
@@ -33,7 +34,6 @@ from breastscan.monitoring.drift import (
     reference_records,
 )
 from breastscan.monitoring.recorder import Recorder, RecordStore
-from breastscan.registry.bundle import ModelContract, prepare_batch, read_reference, write_contract
 from breastscan.serving.config import parse_monitoring
 from breastscan.serving.engine import Engine, ImageInput, ServedModel
 from tests.services import images

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, roc_auc_score
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.data.loading import SplitData
 from breastscan.evaluation.combined import eight_category
@@ -19,7 +20,6 @@ from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import ModelBundle, ModelContract
 
 SPEC = PreprocessSpec(height=8, width=8)
 TUMOR = ModelConfig(name="tumor", task="classification", dataset="mammography", label="pathology",

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner, Result
 from mlflow import MlflowClient
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.cli import main
 from breastscan.config import ModelConfig
 from breastscan.data.loading import SKIP_REASONS
@@ -33,7 +34,6 @@ from breastscan.evaluation.metrics import STANDARD
 from breastscan.imaging.files import read_mask
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
 from breastscan.registry import resolver, tracking, versions
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow, tiny_model
 
 SPEC = PreprocessSpec(height=32, width=32)

@@ -23,9 +23,9 @@ import grpc
 import numpy as np
 import pytest
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from breastscan.serving.batching import OVERLOADED_MESSAGE, Overloaded
 from breastscan.serving.client import GRPCClient, ServiceError, analysis_to_dict, prediction_to_dict
 from breastscan.serving.engine import (

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from breastscan.bundle import ModelContract
 from breastscan.data.loading import (
     DROPPED_IN_STRICT,
     SKIP_REASONS,
@@ -23,7 +24,6 @@ from breastscan.data.loading import (
 )
 from breastscan.imaging.files import read_mask, write_mask, write_png
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
-from breastscan.registry.bundle import ModelContract
 
 SPEC = PreprocessSpec(height=16, width=16)
 DENSITY = RowSpec(name="density", task="classification", label="density", classes=("1", "2", "3", "4"),

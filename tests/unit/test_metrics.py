@@ -22,6 +22,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from breastscan.bundle import apply_temperature, sigmoid, softmax
 from breastscan.evaluation.calibration import (
     calibration_curve_data,
     expected_calibration_error,
@@ -45,7 +46,6 @@ from breastscan.evaluation.metrics import (
     value,
 )
 from breastscan.labels import BIRADS_DENSITY, PATHOLOGIES
-from breastscan.registry.bundle import apply_temperature, sigmoid, softmax
 
 CLASS_METRICS = ("accuracy", "balanced_accuracy", "macro_auc", "quadratic_kappa", "log_loss")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from breastscan.bundle import ModelContract
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import ModelContract
 from breastscan.registry.modelcard import DEFAULT_LIMITATIONS, render_model_card, write_model_card
 
 SPEC = PreprocessSpec(height=128, width=96, clahe=True)

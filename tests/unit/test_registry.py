@@ -22,10 +22,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.registry import promotion, resolver, tracking, versions
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from tests.conftest import sqlite_mlflow
 
 FLOORS = {"macro_auc": 0.7, "accuracy": 0.5}
@@ -435,7 +435,7 @@ def test_per_class_floor_and_every_class_gate_refuse_a_model_that_never_predicts
 
 def test_the_inference_function_is_traced_once_for_every_batch_size() -> None:
     """ModelBundle.logits: one graph with an open batch dimension, the values of predict_on_batch."""
-    from breastscan.registry.bundle import inference_function
+    from breastscan.bundle import inference_function
     from tests.conftest import tiny_model
 
     model = tiny_model("classification", n_classes=3, seed=4)
@@ -450,7 +450,7 @@ def test_the_inference_function_is_traced_once_for_every_batch_size() -> None:
 
 def test_test_time_flips_average_the_model_and_its_mirror(tmp_path: Path) -> None:
     """tta "flip": ModelBundle.logits is the mean over the image and its mirror (a mask mirrored back)."""
-    from breastscan.registry.bundle import ModelBundle, inference_function
+    from breastscan.bundle import ModelBundle, inference_function
     from tests.conftest import tiny_model
 
     rng = np.random.default_rng(1)
@@ -481,7 +481,7 @@ def test_test_time_flips_average_the_model_and_its_mirror(tmp_path: Path) -> Non
 def test_a_contract_with_keys_a_newer_version_wrote_still_reads(caplog: pytest.LogCaptureFixture,
                                                                  tmp_path: Path) -> None:
     """An older worker reading a newer model: unknown contract keys are left out with a warning."""
-    from breastscan.registry.bundle import ModelContract, read_contract
+    from breastscan.bundle import ModelContract, read_contract
 
     contract = read_contract(make_bundle(tmp_path))
     data = {**contract.to_dict(), "explained_by": "a newer field", "outputs": ["logits", "mask"]}

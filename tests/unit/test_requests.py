@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from breastscan.serving.engine import ImageInput, local_engine
 from breastscan.serving.requests import (
     INPUT_ERROR_CODES,

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import AugmentConfig, ModelConfig, RoiConfig, parse_params, segmenter_config
 from breastscan.data.loading import RowSpec, SplitData, load_rows
 from breastscan.evaluation.crossval import load_benchmark, segmenter_mismatch
@@ -31,7 +32,6 @@ from breastscan.models.roi import (
     segmenter_data,
 )
 from breastscan.models.training import train_model
-from breastscan.registry.bundle import ModelBundle, ModelContract
 
 REPO = Path(__file__).resolve().parents[2]
 BUSI = REPO / "benchmarks" / "busi.yaml"

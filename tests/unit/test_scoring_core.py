@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import ModelConfig, parse_params
 from breastscan.data.loading import load_split
 from breastscan.data.manifest import CONTRACT_COLUMNS, write_manifest
@@ -18,7 +19,6 @@ from breastscan.evaluation import crossval
 from breastscan.evaluation.external import load_external, score_external
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions
-from breastscan.registry.bundle import ModelBundle, ModelContract
 from breastscan.registry.promotion import rescore_on_split
 from tests.conftest import tiny_model
 

@@ -155,8 +155,8 @@ def test_arrays_are_read_as_their_declared_dtype() -> None:
 
 def _engine(calls: list[tuple[str, tuple[int, ...]]], tumor_rule: dict | None = None,
             explained: list[tuple[str, list[int]]] | None = None) -> Engine:
+    from breastscan.bundle import ModelContract
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.registry.bundle import ModelContract
 
     spec = PreprocessSpec(height=32, width=24)
 
@@ -249,7 +249,7 @@ def test_every_consumer_of_the_engine_follows_the_decision_rule() -> None:
 
 
 def _multitask_contract() -> Any:
-    from breastscan.registry.bundle import ModelContract
+    from breastscan.bundle import ModelContract
 
     names = ("benign", "malignant", "normal")
     rule = {"rule": "positive_ratio", "positive": "malignant", "versus": "benign", "cutoff": 0.6}
@@ -293,8 +293,8 @@ def test_a_multitask_answer_is_its_classifier_and_its_segmenter_answers_in_one()
 def test_a_multitask_model_answers_from_one_call_and_is_explained_on_its_bottleneck(tmp_path: Path) -> None:
     """The engine's one model call per image (the batcher's count) serves both parts; Grad-CAM
     explains the class head on the U-Net's bottleneck, not on the mask logits."""
+    from breastscan.bundle import ModelBundle
     from breastscan.models.classifier import last_conv_layer_name
-    from breastscan.registry.bundle import ModelBundle
     from breastscan.serving.config import Batching
     from breastscan.serving.engine import class_feature_layer, local_engine
     from tests.services.make_registry import build_bundle

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConfig
 from breastscan.data.loading import SplitData, load_split
 from breastscan.data.manifest import normalize_manifest, read_manifest
@@ -22,7 +23,6 @@ from breastscan.data.splits import prepare_splits
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.models.inputs import class_weights, make_dataset, steps_per_epoch
 from breastscan.models.training import get_strategy, train_model, write_history
-from breastscan.registry.bundle import ModelBundle, ModelContract
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec(height=32, width=32)

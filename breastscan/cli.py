@@ -313,7 +313,7 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
     The calibration stored with the model is used as is (nothing is refitted).
     """
     from breastscan.evaluation import external
-    from breastscan.registry import resolver, tracking, versions
+    from breastscan.registry import external_runs, resolver, tracking, versions
 
     try:
         resolver.parse_model_ref(model_ref)
@@ -321,7 +321,7 @@ def evaluate_command(model_ref: str, dataset_dir: Path, out: Path, dataset_name:
         raise click.BadParameter(str(exc), param_hint="--model") from None
     tracking.configure(Path.cwd())
     try:
-        result = external.evaluate_external(
+        result = external_runs.evaluate_external(
             model_ref, dataset_dir, out, project_root=Path.cwd(), dataset_name=dataset_name,
             headline=headline, n_boot=n_boot, seed=seed, log_to_mlflow=log_mlflow,
         )
@@ -554,8 +554,8 @@ def declare(benchmark: str, data_path: Path | None, params: Path, force: bool) -
     a pool of sites, each site's folder inside --path. BENCHMARK: busi, busbra, mini_mias,
     ultrasound_sites, or such a file.
     """
-    from breastscan.data.declare import DeclareError, next_steps
-    from breastscan.data.declare import declare as run_declare
+    from breastscan.evaluation.declare import DeclareError, next_steps
+    from breastscan.evaluation.declare import declare as run_declare
 
     try:
         done = run_declare(benchmark, params, data_path, force=force)

@@ -13,10 +13,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from breastscan.data.manifest import LABEL_COLUMNS
 from breastscan.decision import DECLARED_KEYS, DecisionRule
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.labels import MODALITIES, class_display_names
+from breastscan.labels import LABEL_COLUMNS, MODALITIES, class_display_names
 
 DEFAULT_PARAMS = Path("params.yaml")
 

@@ -18,6 +18,9 @@ DICOM_MODALITY_CODES: Final = {"MG": "mammography", "US": "ultrasound"}
 PATHOLOGIES: Final = ("benign", "malignant", "normal")
 """Values of the manifest's ``pathology`` column (``normal`` = no lesion)."""
 
+LABEL_COLUMNS: Final[tuple[str, ...]] = ("density", "pathology")
+"""Manifest columns that hold labels a model can learn (see :mod:`breastscan.data.manifest`)."""
+
 DENSITY_LEVELS: Final = (1, 2, 3, 4)
 """Values of the manifest's ``density`` column: BI-RADS A-D as 1-4.
 

@@ -68,8 +68,7 @@ from typing import Any
 import click
 import numpy as np
 import yaml
-
-from breastscan.serving.launch import LaunchedService, ServiceStartError, launch_service
+from harness import LaunchedService, ServiceStartError, launch_service  # load_tests/harness.py
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -134,10 +133,10 @@ class Settings:
 def git_facts() -> dict[str, Any]:
     """The checkout's commit and whether tracked files are modified (``None`` when unknown).
 
-    :func:`breastscan.registry.tracking.git_state`, the provenance every MLflow run records,
+    :func:`breastscan.provenance.git_state`, the provenance every MLflow run records,
     so a benchmark and a training run name a checkout the same way.
     """
-    from breastscan.registry.tracking import git_state
+    from breastscan.provenance import git_state
 
     commit, dirty = git_state(REPO)
     return {"commit": commit, "dirty": dirty}

@@ -36,7 +36,7 @@ from breastscan.data.splits import split_id
 from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, per_site, score_bundle
-from breastscan.registry import tracking
+from breastscan.provenance import dvc_data_hash
 from breastscan.registry.modelcard import write_model_card
 from breastscan.registry.runs import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
 from pipelines._stage import REPORTS, model_dir, model_reports, parse, splits_csv
@@ -49,7 +49,7 @@ def card_data(dataset: DatasetConfig, splits: Path) -> dict[str, Any]:
     frame = read_splits(splits)
     return {
         "dataset": dataset.name, "path": str(dataset.path), "modality": dataset.modality,
-        "split_id": split_id(splits, "test"), "data_hash": tracking.dvc_data_hash(Path.cwd()),
+        "split_id": split_id(splits, "test"), "data_hash": dvc_data_hash(Path.cwd()),
         "synthetic": "phantom_id" in frame.columns,
         **json.loads((REPORTS / "prepare" / f"{dataset.name}.json").read_text()),
     }

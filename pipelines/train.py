@@ -6,7 +6,7 @@ stopping on the validation loss, and writes the model bundle to
 ``reference.json``, ``run.json``) and the per-epoch curves to ``reports/models/<model>/history.csv``.
 
 With ``distribution: multi_worker`` every node of the cluster runs this same command with
-its own ``TF_CONFIG``; only the chief (:func:`~breastscan.models.training.is_chief`) writes
+its own ``TF_CONFIG``; only the chief (:func:`~breastscan.training.distribute.is_chief`) writes
 the bundle and the MLflow run. The other workers train in lock-step with it and save their
 copy to a temporary directory they delete (every worker must take part in saving).
 
@@ -34,10 +34,11 @@ from breastscan.bundle import ModelBundle
 from breastscan.data.loading import load_split
 from breastscan.data.manifest import resolve
 from breastscan.imaging.preprocessing import decode_image
-from breastscan.models.training import get_strategy, is_chief, train_model, write_history
 from breastscan.monitoring.drift import DICOM_HEAD_BYTES, REFERENCE_LIMIT, dicom_facts, model_reference
 from breastscan.registry import tracking
 from breastscan.registry.runs import RUN_FILE
+from breastscan.training.distribute import get_strategy, is_chief
+from breastscan.training.loop import train_model, write_history
 from pipelines._stage import model_dir, model_reports, parse, splits_csv, validation_report
 
 log = logging.getLogger("pipelines.train")

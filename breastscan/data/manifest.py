@@ -27,10 +27,6 @@ MANIFEST_NAME = "manifest.csv"
 CONTRACT_COLUMNS: tuple[str, ...] = ("image", "modality", "density", "pathology", "mask", "group")
 """Columns every manifest must have, in their canonical order."""
 
-LABEL_COLUMNS: tuple[str, ...] = ("density", "pathology")
-"""Contract columns that hold labels a model can learn."""
-
-
 def manifest_path(root: str | Path) -> Path:
     """Return the path of the manifest inside a dataset directory."""
     return Path(root) / MANIFEST_NAME

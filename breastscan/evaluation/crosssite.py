@@ -52,7 +52,7 @@ from breastscan.evaluation.calibration import expected_calibration_error
 from breastscan.evaluation.crossval import BenchmarkSpec, TaskSpec
 from breastscan.evaluation.reports import fmt, fmt_interval, md_escape
 from breastscan.evaluation.scoring import CALIBRATION_BINS
-from breastscan.registry.tracking import git_state
+from breastscan.provenance import git_state
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def _fit(cfg: ModelConfig, frame: pd.DataFrame, where: Path, modality: str, segm
     """Train one model on a run's table (``splits_<model>.csv`` written beside the predictions)."""
     import keras
 
-    from breastscan.models.training import train_model
+    from breastscan.training.loop import train_model
 
     parts = _parts(cfg, frame, where, ("train", "val"))
     keras.backend.clear_session()

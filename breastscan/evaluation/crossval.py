@@ -33,7 +33,7 @@ from breastscan.decision import fit_cutoff
 from breastscan.evaluation import metrics as M
 from breastscan.evaluation.reports import fmt_interval, write_json
 from breastscan.evaluation.scoring import Scoring, pooled_calibration, score_bundle, score_predictions
-from breastscan.registry.tracking import git_state
+from breastscan.provenance import git_state
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def run_fold(spec: BenchmarkSpec, cv: pd.DataFrame, fold: int, task: TaskSpec, o
     import keras
 
     from breastscan.data.loading import load_split
-    from breastscan.models.training import train_model
+    from breastscan.training.loop import train_model
 
     cfg = epochs_capped(spec.model(task), max_epochs)
     dataset = spec.params.dataset(spec.dataset)

@@ -1,4 +1,4 @@
-"""Score a registered model on an external dataset: ``breastscan evaluate``.
+"""Score a model on an external dataset: the scoring and the report of ``breastscan evaluate``.
 
 An external dataset is any directory in the manifest contract (:mod:`breastscan.data.manifest`)
 that the model has never seen: a hospital's export, a public set converted with
@@ -9,29 +9,25 @@ threshold.
 
 The steps, each a public function:
 
-1. :func:`breastscan.registry.resolver.fetch`: ``tumor``, ``tumor@staging`` or ``tumor/3``
-   to one registry version and its bundle (spec and contract), downloaded by version.
-2. :func:`load_external`: the lenient row loader
-   (:func:`breastscan.data.loading.load_rows`) with the bundle's own spec: every row the
+1. :func:`load_external`: the lenient row loader
+   (:func:`breastscan.data.loading.load_rows`) with the model's own spec: every row the
    model can score, and every other row counted under one reason of
    :data:`~breastscan.data.loading.SKIP_REASONS`, with example paths.
-3. :func:`score_external`: the scoring core (:func:`breastscan.evaluation.scoring.score_bundle`)
+2. :func:`score_external`: the scoring core (:func:`breastscan.evaluation.scoring.score_bundle`)
    with the stored calibration and a 95 % bootstrap interval for every declared metric,
    resampling whole groups (patients).
-4. :func:`build_report`, :func:`write_report` and :func:`log_external_run`:
-   ``<out>/<dataset>/<model>.json`` and ``.md`` (plus ``<model>_predictions.csv``), and a
-   new MLflow run ``external:<dataset>`` in the model's experiment ``breastscan-<model>``,
-   tagged with the model version, metrics prefixed ``external_``.
+3. :func:`build_report` and :func:`write_report`: ``<out>/<dataset>/<model>.json`` and
+   ``.md`` (plus ``<model>_predictions.csv``).
 
-:func:`evaluate_external` runs the four. MLflow, Keras and TensorFlow are imported inside
-the functions that need them; importing this module costs nothing.
+Which model is scored is the caller's business: :mod:`breastscan.registry.external_runs`
+resolves a registry reference to one version (:class:`ScoredModel`), runs these steps and
+logs the result as an MLflow run. Keras and TensorFlow are imported inside the functions
+that need them; importing this module costs nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +40,8 @@ from breastscan.bundle import ModelContract
 from breastscan.data.loading import SKIP_REASONS, LoadedRows, RowSpec, SkippedRow, SplitData, load_rows
 from breastscan.data.manifest import file_md5, read_manifest
 from breastscan.evaluation import metrics as M
-from breastscan.evaluation.reports import fmt, fmt_interval, md_escape, write_json
+from breastscan.evaluation.reports import fmt, md_escape, write_json
 from breastscan.evaluation.scoring import CALIBRATION_BINS, Evaluation, Scoring, score_bundle
-from breastscan.registry.resolver import FetchedModel, fetch, parse_model_ref
 
 if TYPE_CHECKING:
     from breastscan.bundle import ModelBundle
@@ -57,24 +52,38 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = Path("reports/external")
 """Default root of the reports: ``<out>/<dataset>/<model>.json``."""
 
-RUN_NAME_PREFIX = "external:"
-METRIC_PREFIX = "external_"
 MAX_EXAMPLES = 5
 """Example rows kept per skip reason."""
-
-TAG_MODEL = "breastscan.model"
-TAG_REGISTERED_MODEL = "breastscan.registered_model"
-TAG_MODEL_VERSION = "breastscan.model_version"
-TAG_MODEL_STAGE = "breastscan.model_stage"
-TAG_MODEL_RUN = "breastscan.model_run_id"
-TAG_DATASET = "breastscan.dataset"
-TAG_DATASET_PATH = "breastscan.dataset_path"
-TAG_DATASET_MD5 = "breastscan.dataset_manifest_md5"
-TAG_EVALUATION = "breastscan.evaluation"
 
 
 class NoUsableRows(ValueError):
     """No row of the dataset can be scored by the model; the message gives the reasons."""
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ScoredModel:
+    """The model a report describes: its contract and the registry version it was resolved to.
+
+    Attributes:
+        contract: the model's contract (task, label, classes, modality, calibration).
+        name: the model's name in params.yaml (``tumor``).
+        registered_name: its registry name (``breastscan-tumor``).
+        version: the registry version scored.
+        stage: the stage (alias) asked for; ``None`` when pinned by version.
+        aliases: every alias the version held when it was resolved.
+        run_id: the MLflow run that trained it; ``None`` when not recorded.
+    """
+
+    contract: ModelContract
+    name: str
+    registered_name: str
+    version: int
+    stage: str | None
+    aliases: tuple[str, ...] = ()
+    run_id: str | None = None
 
 
 # --------------------------------------------------------------------------- the data
@@ -213,7 +222,7 @@ def confusion_matrix(evaluation: Evaluation) -> list[list[int]]:
     return M.confusion(outcomes)
 
 
-def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Evaluation, *, n_boot: int,
+def build_report(model: ScoredModel, dataset: ExternalDataset, evaluation: Evaluation, *, n_boot: int,
                  seed: int) -> dict[str, Any]:
     """The JSON-able report of one external evaluation.
 
@@ -231,17 +240,18 @@ def build_report(model: FetchedModel, dataset: ExternalDataset, evaluation: Eval
         :meth:`~breastscan.decision.DecisionRule.to_dict` plus ``description``), for
         segmenters ``segmentation`` (``threshold``, ``n_lesion_images``), ``evaluation``
         (every metric the evaluation computed), ``mlflow`` (filled by
-        :func:`log_external_run`, else ``None``) and ``created`` (UTC ISO time).
+        :func:`breastscan.registry.external_runs.log_external_run`, else ``None``) and
+        ``created`` (UTC ISO time).
     """
-    contract, version = model.contract, model.resolved
+    contract = model.contract
     m = evaluation.metrics
     report: dict[str, Any] = {
-        "model": version.ref.name,
-        "registered_model": version.ref.registered_name,
-        "version": version.version,
-        "stage": version.ref.alias,
-        "aliases": list(version.aliases),
-        "model_run_id": version.run_id,
+        "model": model.name,
+        "registered_model": model.registered_name,
+        "version": model.version,
+        "stage": model.stage,
+        "aliases": list(model.aliases),
+        "model_run_id": model.run_id,
         "task": contract.task,
         "label": contract.label,
         "modality": contract.modality,
@@ -390,185 +400,8 @@ def write_report(report: dict[str, Any], evaluation: Evaluation, out_root: str |
     return paths
 
 
-def _prediction_frame(dataset: ExternalDataset, evaluation: Evaluation) -> pd.DataFrame:
+def prediction_frame(dataset: ExternalDataset, evaluation: Evaluation) -> pd.DataFrame:
+    """The evaluation's prediction rows, each led by its ``manifest_row`` in the dataset."""
     out = evaluation.predictions.copy()
     out.insert(0, "manifest_row", dataset.data.frame["manifest_row"].to_numpy())
     return out
-
-
-# --------------------------------------------------------------------------- MLflow
-
-
-def external_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The MLflow metrics of a report, every key prefixed ``external_``.
-
-    ``external_<metric>`` with ``_ci_low`` / ``_ci_high`` for each metric of the report,
-    ``external_ece``, ``external_ece_at_t1`` and ``external_temperature`` (classifiers),
-    ``external_n_rows``, ``external_n_used``, ``external_n_skipped`` and
-    ``external_skipped_<reason>`` for each reason of :data:`SKIP_REASONS` (0 included);
-    undefined values are left out.
-    """
-    from breastscan.registry.tracking import numeric_items
-
-    flat: dict[str, Any] = {}
-    for name, v in report["metrics"].items():
-        flat[name] = v["value"]
-        flat[f"{name}_ci_low"] = v["ci_low"]
-        flat[f"{name}_ci_high"] = v["ci_high"]
-    if "calibration" in report:
-        cal = report["calibration"]
-        flat.update(ece=cal["ece"], ece_at_t1=cal["ece_at_t1"], temperature=cal["temperature"])
-        flat["per_class"] = report["per_class"]
-    counts = report["counts"]
-    flat.update(n_rows=counts["rows"], n_used=counts["used"], n_skipped=counts["skipped"])
-    for reason in SKIP_REASONS:
-        flat[f"skipped_{reason}"] = counts["skipped_by_reason"].get(reason, {}).get("count", 0)
-    return {METRIC_PREFIX + k: v for k, v in numeric_items(flat).items()}
-
-
-def log_external_run(report: dict[str, Any], evaluation: Evaluation, out_root: str | Path, *,
-                     project_root: str | Path, manifest: pd.DataFrame | None = None) -> dict[str, Path]:
-    """Log an external evaluation as a new MLflow run and (re)write the report files with its id.
-
-    The run is ``external:<dataset>`` in the model's experiment ``breastscan-<model>``
-    (created if missing, see :func:`breastscan.registry.tracking.ensure_experiment`), in the store
-    MLflow is configured with. It carries tags ``breastscan.model``,
-    ``breastscan.registered_model``, ``breastscan.model_version``, ``breastscan.model_stage``,
-    ``breastscan.model_run_id``, ``breastscan.dataset``, ``breastscan.dataset_path``,
-    ``breastscan.dataset_manifest_md5``, ``breastscan.evaluation=external`` and the code
-    version; the Markdown summary as its description; a few params; the metrics of
-    :func:`external_metrics`; the manifest as an MLflow dataset input (context
-    ``external``); and the three report files as artifacts under ``external/<dataset>/``.
-
-    Args:
-        report: from :func:`build_report`; its ``mlflow`` entry is filled in.
-        evaluation: the evaluation the report describes.
-        out_root: where the report files go (see :func:`write_report`).
-        project_root: the project (artifact location of a new local experiment, git commit).
-        manifest: the dataset's manifest, logged as the run's dataset input.
-
-    Returns:
-        The report files written (see :func:`write_report`).
-    """
-    import mlflow
-    from mlflow.data.pandas_dataset import from_pandas
-
-    from breastscan.registry import tracking
-
-    project_root = Path(project_root)
-    dataset = report["dataset"]["name"]
-    experiment_id = tracking.ensure_experiment(report["model"], project_root)
-    provenance = tracking.run_tags(project_root)
-    provenance.pop(tracking.TAG_DATA_HASH, None)  # the project's data, not this dataset
-    tags = {
-        **provenance,
-        TAG_MODEL: report["model"], TAG_REGISTERED_MODEL: report["registered_model"],
-        TAG_MODEL_VERSION: str(report["version"]), TAG_MODEL_STAGE: report["stage"] or "",
-        TAG_MODEL_RUN: report["model_run_id"] or "", TAG_DATASET: dataset,
-        TAG_DATASET_PATH: report["dataset"]["path"], TAG_DATASET_MD5: report["dataset"]["manifest_md5"],
-        TAG_EVALUATION: "external",
-    }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{RUN_NAME_PREFIX}{dataset}",
-                          tags=tags) as run:
-        report["mlflow"] = {"tracking_uri": mlflow.get_tracking_uri(),
-                            "experiment": tracking.experiment_name(report["model"]),
-                            "experiment_id": experiment_id, "run_id": run.info.run_id,
-                            "run_name": f"{RUN_NAME_PREFIX}{dataset}"}
-        paths = write_report(report, evaluation, out_root)
-        mlflow.set_tag("mlflow.note.content", paths["markdown"].read_text())
-        mlflow.log_params({"model_version": report["version"], "model_stage": report["stage"] or "",
-                           "dataset": dataset, "headline": report["headline"],
-                           "n_boot": report["ci"]["n_boot"], "seed": report["ci"]["seed"]})
-        mlflow.log_metrics(external_metrics(report))
-        if manifest is not None:
-            try:
-                with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
-                    warnings.simplefilter("ignore", UserWarning)
-                    source = from_pandas(manifest, source=report["dataset"]["path"], name=dataset)
-                mlflow.log_input(source, context="external")
-            except Exception as exc:  # the dataset record is a convenience; the tags say the same
-                log.warning("could not record %s as an MLflow dataset input: %s", dataset, exc)
-        for path in paths.values():
-            mlflow.log_artifact(str(path), f"external/{dataset}")
-    log.info("logged the evaluation on %s to MLflow run %s (experiment %s)", dataset, run.info.run_id,
-             report["mlflow"]["experiment"])
-    return paths
-
-
-# --------------------------------------------------------------------------- all together
-
-
-@dataclass
-class ExternalResult:
-    """What :func:`evaluate_external` did.
-
-    Attributes:
-        report: the JSON report (see :func:`build_report`).
-        paths: the files written (``json``, ``markdown``, ``predictions``).
-        run_id: the MLflow run, ``None`` when not logged.
-    """
-
-    report: dict[str, Any]
-    paths: dict[str, Path]
-    run_id: str | None
-
-
-def evaluate_external(
-    model: str,
-    dataset_dir: str | Path,
-    out_root: str | Path = DEFAULT_OUT,
-    *,
-    project_root: str | Path = ".",
-    dataset_name: str | None = None,
-    headline: str | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    log_to_mlflow: bool = True,
-) -> ExternalResult:
-    """Score a registered model on an external dataset and write and log the report.
-
-    The contract and spec are read before Keras is loaded, so a dataset with no usable row
-    fails fast. The report files are written before MLflow logging starts, so a tracking
-    failure leaves them in place (without a run id) and is raised.
-
-    Args:
-        model: a model reference (see :func:`parse_model_ref`).
-        dataset_dir: a directory with ``manifest.csv``.
-        out_root: root of the reports (``<out_root>/<dataset>/<model>.json``).
-        project_root: the project (MLflow artifact location of a new experiment, git commit).
-        dataset_name: name of the dataset (default: the directory's name).
-        headline: headline metric (default: :func:`default_headline` of the version's tag).
-        n_boot: bootstrap resamples of the intervals.
-        seed: bootstrap seed.
-        log_to_mlflow: log a run ``external:<dataset>`` (see :func:`log_external_run`).
-
-    Returns:
-        The report, the files written and the MLflow run id.
-
-    Raises:
-        ValueError: a malformed model reference or an unknown headline.
-        breastscan.registry.versions.RegistryError: the model, stage or version does not exist.
-        FileNotFoundError: no ``manifest.csv`` in ``dataset_dir``.
-        NoUsableRows: no row can be scored (the message gives the reasons).
-    """
-    ref = parse_model_ref(model)
-    root = Path(dataset_dir)
-    with tempfile.TemporaryDirectory(prefix="breastscan-external-") as tmp:
-        fetched = fetch(ref, Path(tmp))
-        dataset = load_external(root, fetched.contract, fetched.spec, name=dataset_name)
-        require_usable(dataset, fetched.contract)
-        bundle = fetched.load_bundle()
-    chosen = headline or default_headline(fetched.contract, fetched.resolved.tags.get("headline"))
-    evaluation = score_external(bundle, dataset, headline=chosen, n_boot=n_boot, seed=seed)
-    evaluation.predictions = _prediction_frame(dataset, evaluation)
-    report = build_report(fetched, dataset, evaluation, n_boot=n_boot, seed=seed)
-    paths = write_report(report, evaluation, out_root)
-    run_id = None
-    if log_to_mlflow:
-        paths = log_external_run(report, evaluation, out_root, project_root=project_root,
-                                 manifest=read_manifest(root))
-        run_id = report["mlflow"]["run_id"]
-    head = report["metrics"].get(chosen, {})
-    log.info("%s v%d on %s: %d of %d rows scored, %s = %s; report %s", ref.name, fetched.resolved.version,
-             dataset.name, dataset.n_used, dataset.n_rows, chosen, fmt_interval(head), paths["json"])
-    return ExternalResult(report=report, paths=paths, run_id=run_id)

@@ -172,7 +172,7 @@ def plot_history(history_csv: str | Path, png: str | Path) -> Path:
     validation), other columns in panels of their own.
 
     Args:
-        history_csv: the CSV written by :func:`breastscan.models.training.write_history`.
+        history_csv: the CSV written by :func:`breastscan.training.loop.write_history`.
         png: output file.
 
     Returns:

@@ -1,5 +1,5 @@
 """Model builders (classifier, U-Net, lesion-aware classifier), layers, losses, augmentation,
-input pipelines, training, Grad-CAM.
+input pipelines, Grad-CAM (the training loop is :mod:`breastscan.training`).
 
 Importing this package registers the custom layers, losses and metrics with Keras, so
 ``keras.models.load_model(path)`` reloads the project's ``.keras`` files without

@@ -4,7 +4,7 @@
 layers and names as the lesion U-Net) whose features also feed a classification head: the
 bottleneck, average- and max-pooled, and a decoder level pooled over the lesion the model
 outlines (:class:`~breastscan.models.layers.LesionPool`). One forward pass gives both
-outputs, trained jointly (:func:`breastscan.models.training.train_model`: the mask's
+outputs, trained jointly (:func:`breastscan.training.loop.train_model`: the mask's
 BCE + Dice loss and the classes' cross-entropy weighted by the declared
 ``class_loss_weight``). The encoder learns from every outline and every label at once,
 instead of a U-Net and a crop classifier learning apart (the lesion-aware classifier of

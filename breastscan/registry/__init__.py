@@ -1,5 +1,5 @@
 """MLflow tracking and the model registry.
 
-Runs, the model bundle and its contract, model cards, registered versions, one resolver,
-promotion gates.
+Runs, model cards, registered versions, one resolver, promotion gates, and the MLflow run of
+an external evaluation. It stands on :mod:`breastscan.evaluation`, never the other way.
 """

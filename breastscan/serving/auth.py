@@ -14,6 +14,8 @@ and sends it with every call) and the API description (``/docs.json`` and BentoM
 Swagger page at ``/`` with its ``/static_content/`` files, gRPC reflection). Everything
 else -- every model endpoint, ``/models``, ``/metrics`` -- answers ``401`` (``{"error",
 "code": "unauthorized"}``) or gRPC ``UNAUTHENTICATED``; a websocket is closed (HTTP 403).
+The HTTP check is the service's edge (:class:`breastscan.serving.http.Edge`), the gRPC one
+:func:`grpc_interceptor`; both read the key with :func:`presented_key`.
 
 Keys file format, one key per line (``#`` comments)::
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from breastscan.serving.http import ASGIApp, Receive, Scope, Send, error_body
+from breastscan.serving.answer import ERROR_CODE_KEY, ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -140,42 +142,6 @@ def is_open_path(path: str) -> bool:
     return path in OPEN_HTTP_PATHS or path.startswith(OPEN_HTTP_PREFIXES)
 
 
-class ApiKeyGuard:
-    """ASGI middleware: requests without a valid key answered 401 before their body is read.
-
-    Args:
-        app: the wrapped ASGI application.
-        keys: the accepted keys.
-    """
-
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
-        self.app = app
-        self.keys = keys
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or is_open_path(scope.get("path", "")):
-            await self.app(scope, receive, send)
-            return
-        headers = ((bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1"))
-                   for k, v in scope.get("headers", []))
-        client = self.keys.client(presented_key(headers))
-        if client is None and scope["type"] == "websocket":
-            log.info("unauthorized websocket to %s", scope.get("path", ""))
-            await send({"type": "websocket.close", "code": 1008})  # before the handshake: HTTP 403
-            return
-        if client is None:
-            log.info("unauthorized request to %s", scope.get("path", ""))
-            body = error_body("unauthorized", UNAUTHORIZED_MESSAGE)
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b'Bearer realm="breastscan"')]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        scope.setdefault("state", {})["client"] = client
-        await self.app(scope, receive, send)
-
-
 def grpc_interceptor(keys: ApiKeys) -> Any:
     """A gRPC server interceptor refusing calls without a valid key (``UNAUTHENTICATED``).
 
@@ -185,8 +151,8 @@ def grpc_interceptor(keys: ApiKeys) -> Any:
     import grpc
 
     def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.set_trailing_metadata((("error-code", "unauthorized"),))
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED_MESSAGE)
+        context.set_trailing_metadata(((ERROR_CODE_KEY, "unauthorized"),))
+        context.abort(getattr(grpc.StatusCode, ERRORS["unauthorized"].grpc), UNAUTHORIZED_MESSAGE)
 
     class KeyInterceptor(grpc.ServerInterceptor):
         def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:

@@ -49,8 +49,10 @@ import pandas as pd
 from breastscan.data.manifest import MANIFEST_NAME
 from breastscan.data.manifest import resolve as resolve_manifest_path
 from breastscan.imaging.preprocessing import is_dicom
-from breastscan.serving.engine import Engine, ImageInput, ServedModel, local_engine
-from breastscan.serving.requests import InputError, has_classes, has_mask, mask_of
+from breastscan.serving import answer as answers
+from breastscan.serving.answer import ApiError, Prediction, has_classes, has_mask, mask_of, to_dict
+from breastscan.serving.engine import Engine, ServedModel, local_engine
+from breastscan.serving.request import ImageInput, predict_request
 
 if TYPE_CHECKING:
     from breastscan.bundle import ModelBundle
@@ -73,7 +75,7 @@ FILE_ERROR_CODES: dict[str, str] = {
 NEVER_SHED_MS = 24 * 3600 * 1000
 """A batch run waits for the model as long as it takes: requests are never shed as overloaded."""
 
-DicomHook = Callable[["InputFile", bytes, dict[str, Any]], list[Path]]
+DicomHook = Callable[["InputFile", bytes, Prediction], list[Path]]
 """``(input, its DICOM bytes, the answer) -> files written``: DICOM results (SEG/SR) of one image."""
 
 
@@ -118,7 +120,7 @@ class Outcome:
 
     item: InputFile
     status: str
-    answer: dict[str, Any] | None = None
+    answer: Prediction | None = None
     message: str = ""
     dicom: bytes | None = None
 
@@ -264,13 +266,10 @@ def is_image_file(path: Path) -> bool:
 
 
 def csv_columns(served: ServedModel) -> list[str]:
-    """Columns of ``predictions.csv`` for a model (class probabilities, lesion measures, or both)."""
-    columns = ["path", "model", "version", "stage", "status", "width", "height"]
-    if has_classes(served.contract.task):
-        columns += ["predicted", "confidence"] + [f"p_{c}" for c in served.contract.class_names]
-    if has_mask(served.contract.task):
-        columns += ["lesion_area_px", "lesion_fraction", "bbox"]
-    return columns
+    """Columns of ``predictions.csv`` for a model: the path, the answer's CSV fields
+    (:func:`breastscan.serving.answer.csv_columns`) with the status after the model's version and stage."""
+    fields = answers.csv_columns(served.contract.task, served.contract.class_names)
+    return ["path", *fields[:3], "status", *fields[3:]]
 
 
 def csv_row(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
@@ -278,16 +277,8 @@ def csv_row(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
     row: dict[str, Any] = {"path": outcome.item.key, "model": served.contract.name,
                            "version": served.version or "", "stage": served.stage or "",
                            "status": outcome.status}
-    a = outcome.answer
-    if a is None:
-        return row
-    row.update(width=a["width"], height=a["height"])
-    if has_classes(a["task"]):
-        row.update(predicted=a["predicted"], confidence=a["confidence"])
-        row.update({f"p_{c}": p for c, p in a["probabilities"].items()})
-    if has_mask(a["task"]):
-        row.update(lesion_area_px=a["lesion_area_px"], lesion_fraction=a["lesion_fraction"],
-                   bbox="" if a["bbox"] is None else " ".join(map(str, a["bbox"])))
+    if outcome.answer is not None:
+        row.update(answers.csv_row(outcome.answer))
     return row
 
 
@@ -295,7 +286,7 @@ def json_line(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
     """The ``predictions.jsonl`` record of one image: the answer, or the error with the model."""
     head = {"path": outcome.item.key, "status": outcome.status}
     if outcome.answer is not None:
-        return head | outcome.answer
+        return head | to_dict(outcome.answer)
     return head | {"model": served.contract.name, "version": served.version, "stage": served.stage,
                    "error": {"code": outcome.status, "message": outcome.message}}
 
@@ -338,9 +329,15 @@ class ResultWriter:
 
 
 def _csv_appender(path: Path, columns: Sequence[str]) -> tuple[IO[str], csv.DictWriter[str]]:
-    """An append handle on a CSV file and its writer, the header written when the file is new."""
+    """An append handle on a CSV file and its writer, the header written when the file is new
+    (a file written with the same columns in another order keeps its order)."""
+    header: list[str] = []
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="", encoding="utf-8") as existing:
+            header = next(csv.reader(existing), [])
     fh = path.open("a", newline="", encoding="utf-8")
-    writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="raise")
+    fields = header if sorted(header) == sorted(columns) else list(columns)
+    writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="raise")
     if fh.tell() == 0:
         writer.writeheader()
     return fh, writer
@@ -439,7 +436,8 @@ async def predict_one(engine: Engine, model: str, item: InputFile, *, keep_dicom
     """Read one file and ask the engine, as the service would answer an upload of it.
 
     Returns:
-        The answer, or the refusal: an :class:`InputError` code, ``missing`` or ``unreadable``.
+        The answer, or the refusal: an error code (:data:`breastscan.serving.answer.ERRORS`),
+        ``missing`` or ``unreadable``.
     """
     try:
         data = await asyncio.to_thread(item.path.read_bytes)
@@ -448,8 +446,8 @@ async def predict_one(engine: Engine, model: str, item: InputFile, *, keep_dicom
     except OSError as exc:
         return Outcome(item, "unreadable", message=f"{exc.strerror or exc}: {item.path}")
     try:
-        answer = await engine.predict(model, ImageInput(data=data))
-    except InputError as exc:
+        answer = await engine.predict(predict_request(model, ImageInput(data=data)))
+    except ApiError as exc:
         return Outcome(item, exc.code, message=exc.message)
     return Outcome(item, OK, answer=answer, dicom=data if keep_dicom and is_dicom(data) else None)
 
@@ -552,7 +550,7 @@ class DicomWriter:
     out: Path
     served: ServedModel
 
-    def __call__(self, item: InputFile, data: bytes, answer: dict[str, Any]) -> list[Path]:
+    def __call__(self, item: InputFile, data: bytes, answer: Prediction) -> list[Path]:
         """Write the result objects of one answered DICOM image; the files written."""
         from breastscan.imaging import dicom_results as dr
 
@@ -560,10 +558,10 @@ class DicomWriter:
         algorithm, name = self.served.algorithm(), self.served.name  # as the service names it
         try:
             source = dr.source_dataset(data)
-            report = dr.structured_report(source, {name: answer}, {name: algorithm})
+            report = dr.structured_report(source, {name: to_dict(answer)}, {name: algorithm})
             objects: dict[str, Any] = {".sr.dcm": report}
-            if has_mask(answer["task"]):
-                objects[".seg.dcm"] = dr.segmentation(source, mask_of(answer["mask_png"]), algorithm)
+            if has_mask(answer.task) and answer.mask_png is not None:
+                objects[".seg.dcm"] = dr.segmentation(source, mask_of(answer.mask_png), algorithm)
         except ValueError as exc:  # ImageDecodeError included: a header it cannot read
             log.warning("no DICOM results for %s: %s", item.key, exc)
             return []

@@ -30,6 +30,8 @@ from typing import Protocol, TypeAlias
 
 import numpy as np
 
+from breastscan.serving.answer import ApiError
+
 log = logging.getLogger(__name__)
 
 ModelOutput: TypeAlias = np.ndarray | Mapping[str, np.ndarray]
@@ -40,19 +42,15 @@ OVERLOADED_MESSAGE = "the model service is at capacity: retry shortly"
 """What a client is told when its request is shed (HTTP 503, gRPC UNAVAILABLE)."""
 
 
-class Overloaded(Exception):
+class Overloaded(ApiError):
     """A request was refused because it waited longer than the model's latency bound.
 
-    A temporary condition a client may retry, not a server fault: both front ends answer
-    it as such (HTTP 503 with ``Retry-After``, gRPC ``UNAVAILABLE``) with the code
-    ``overloaded``.
+    A temporary condition a client may retry, not a server fault: code ``overloaded``
+    (HTTP 503 with ``Retry-After``, gRPC ``UNAVAILABLE``; :data:`breastscan.serving.answer.ERRORS`).
     """
 
-    code = "overloaded"
-
     def __init__(self, message: str = OVERLOADED_MESSAGE) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__("overloaded", message)
 
 
 def output_rows(out: ModelOutput) -> int:

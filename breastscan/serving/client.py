@@ -1,7 +1,7 @@
 """Python clients of the model service: :class:`HTTPClient` and :class:`GRPCClient`.
 
 Both have the same methods and give the same answers, in the shape of the HTTP API's JSON
-(:meth:`breastscan.serving.requests.Prediction.to_dict`): PNGs as base64 text, probabilities as
+(:func:`breastscan.serving.answer.to_dict`): PNGs as base64 text, probabilities as
 an ordered ``{class: probability}`` dict, ``None`` for what is unknown or absent. The gRPC
 client converts its messages to that shape; every probability, confidence and fraction
 travels as a ``double`` in the gRPC API (never a 32-bit float) and as a full-precision
@@ -11,7 +11,7 @@ number in JSON, so the two protocols' answers for the same image compare equal w
         assert http.predict("tumor", "mammogram.png") == rpc.predict("tumor", "mammogram.png")
 
 Errors of either protocol raise :class:`ServiceError`, whose ``code`` is the service's
-stable input-error code (:data:`breastscan.serving.requests.INPUT_ERROR_CODES`, e.g.
+stable input-error code (:data:`breastscan.serving.answer.ERRORS`, e.g.
 ``not_an_image``, ``bad_roi``) for a client mistake, and otherwise names what happened
 (``bad_request``, ``too_large``, ``deadline_exceeded``, ``unavailable``, ``internal`` ...).
 
@@ -29,7 +29,6 @@ The clients need ``httpx`` and ``grpcio``, and no model library (Keras is never 
 
 from __future__ import annotations
 
-import base64
 import collections
 import mimetypes
 import os
@@ -43,10 +42,20 @@ import httpx
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from breastscan.serving.batching import Overloaded
+from breastscan.serving.answer import (
+    ERROR_CODE_KEY,
+    ERRORS,
+    Analysis,
+    ModelInfo,
+    Prediction,
+    Preview,
+    code_for_grpc,
+    code_for_http,
+    from_proto,
+    to_dict,
+)
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
-from breastscan.serving.requests import INPUT_ERROR_CODES, has_classes, has_mask
 
 ImageSource: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview"
 """An image file: its path, or its bytes."""
@@ -57,15 +66,6 @@ API_KEY_ENV = "BREASTSCAN_API_KEY"
 Not to be confused with the service's ``BREASTSCAN_API_KEYS``, which holds the *hashes* of
 the keys it accepts.
 """
-ERROR_CODE_KEY = "error-code"
-"""Trailing-metadata key of a gRPC error's input-error code (as the server sets it)."""
-
-SERVICE_CODES = frozenset(INPUT_ERROR_CODES) | {Overloaded.code}
-"""Error codes the service itself sets: the input-error codes and ``overloaded`` (shed by batching)."""
-_HTTP_FALLBACK_CODES = {401: "unauthorized", 413: "too_large", 503: "unavailable", 504: "deadline_exceeded"}
-_GRPC_FALLBACK_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "bad_request",
-                        grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large",
-                        grpc.StatusCode.UNAUTHENTICATED: "unauthorized"}
 _JSON_KINDS = "biuf"  # array dtype kinds JSON numbers can carry
 
 
@@ -74,7 +74,7 @@ class ServiceError(Exception):
 
     Attributes:
         code: the input-error code for a client mistake (one of
-            :data:`breastscan.serving.requests.INPUT_ERROR_CODES`); ``bad_request`` for a refusal
+            :data:`breastscan.serving.answer.ERRORS`); ``bad_request`` for a refusal
             without a known code (e.g. BentoML's own request validation); ``too_large``
             for a request over the size limit; otherwise the gRPC status name in lower
             case or its HTTP equivalent (``internal``, ``unavailable``,
@@ -124,91 +124,6 @@ def _read_image(image: ImageSource) -> tuple[str, bytes]:
 
 def _roi_values(roi: Sequence[int] | None) -> list[int]:
     return [] if roi is None else [int(v) for v in roi]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def prediction_to_dict(msg: pb.Prediction) -> dict[str, Any]:
-    """The HTTP JSON answer (:meth:`breastscan.serving.requests.Prediction.to_dict`) of a ``Prediction``.
-
-    The keys are those of the model's task, as in the HTTP answer: classifiers have
-    ``probabilities``, ``predicted``, ``confidence`` (and ``heatmap_png``/``overlay_png``
-    when explained); segmenters ``mask_png``, ``lesion_area_px``, ``lesion_fraction``,
-    ``bbox`` (``None`` when no pixel is lesion) and ``overlay_png``; a multi-task model
-    both; ``roi`` when cropped.
-    """
-    out: dict[str, Any] = {
-        "model": msg.model, "version": msg.version or None, "stage": msg.stage or None,
-        "spec_id": msg.spec_id, "task": msg.task, "width": msg.width, "height": msg.height,
-    }
-
-    def optional(field: str) -> Any:
-        return getattr(msg, field) if msg.HasField(field) else None
-
-    def png(field: str) -> str | None:
-        return _b64(getattr(msg, field)) if msg.HasField(field) else None
-
-    if has_classes(msg.task):
-        out["probabilities"] = {p.name: p.probability for p in msg.probabilities} or None
-        out["predicted"] = optional("predicted")
-        out["confidence"] = optional("confidence")
-        if msg.HasField("heatmap_png"):
-            out["heatmap_png"] = png("heatmap_png")
-    if has_mask(msg.task):
-        box = msg.bbox
-        out.update(mask_png=png("mask_png"), lesion_area_px=optional("lesion_area_px"),
-                   lesion_fraction=optional("lesion_fraction"),
-                   bbox=[box.x, box.y, box.width, box.height] if msg.HasField("bbox") else None)
-    if has_mask(msg.task) or msg.HasField("heatmap_png"):
-        out["overlay_png"] = png("overlay_png")
-    if msg.roi:
-        out["roi"] = list(msg.roi)
-    return out
-
-
-def eight_category_to_dict(msg: pb.EightCategory) -> dict[str, Any]:
-    """The dict of :func:`breastscan.evaluation.combined.eight_category` of an ``EightCategory``."""
-    return {
-        "category": msg.category, "density": msg.density, "pathology": msg.pathology,
-        "finding": msg.finding, "p_malignant": msg.p_malignant,
-        "p_normal": msg.p_normal if msg.HasField("p_normal") else None,
-        "confidence": msg.confidence,
-        "probabilities": {p.name: p.probability for p in msg.probabilities},
-    }
-
-
-def analysis_to_dict(msg: pb.AnalyzeResponse) -> dict[str, Any]:
-    """The HTTP JSON answer of ``/analyze`` of an ``AnalyzeResponse`` (models in name order)."""
-    models = {name: prediction_to_dict(msg.models[name]) for name in sorted(msg.models)}
-    out: dict[str, Any] = {"modality": msg.modality, "models": models}
-    if msg.HasField("eight_category"):
-        out["eight_category"] = eight_category_to_dict(msg.eight_category)
-    if msg.roi:
-        out["roi"] = list(msg.roi)
-    if msg.dicom_sr:
-        out["dicom"] = {"sr": base64.b64encode(msg.dicom_sr).decode("ascii"),
-                        "seg": {n: base64.b64encode(msg.dicom_seg[n]).decode("ascii")
-                                for n in sorted(msg.dicom_seg)}}
-    return out
-
-
-def model_info_to_dict(msg: pb.ModelInfo) -> dict[str, Any]:
-    """The dict of :meth:`breastscan.serving.engine.ServedModel.describe` of a ``ModelInfo``."""
-    return {
-        "name": msg.name, "version": msg.version or None, "stage": msg.stage or None,
-        "source": msg.source or None, "task": msg.task, "modality": msg.modality,
-        "classes": list(msg.classes), "input_shape": list(msg.input_shape), "spec_id": msg.spec_id,
-        "temperature": msg.temperature, "threshold": msg.threshold if msg.HasField("threshold") else None,
-        "decision": msg.decision if msg.HasField("decision") else None,
-    }
-
-
-def preview_to_dict(msg: pb.PreviewResponse) -> dict[str, Any]:
-    """The HTTP JSON answer of ``/preview`` of a ``PreviewResponse``."""
-    return {"width": msg.width, "height": msg.height, "modality": msg.modality or None,
-            "png": _b64(msg.png)}
 
 
 def array_to_proto(array: Any) -> pb.Array:
@@ -262,7 +177,7 @@ class HTTPClient:
             roi: ``(x, y, w, h)`` to answer about that crop only.
 
         Returns:
-            :meth:`breastscan.serving.requests.Prediction.to_dict` (plus ``roi``).
+            :func:`breastscan.serving.answer.to_dict` (plus ``roi``).
 
         Raises:
             ServiceError: the service refused or failed the request.
@@ -389,7 +304,7 @@ def http_error(response: httpx.Response) -> ServiceError:
 
     The service answers a client mistake with ``{"error": message, "code": code}``;
     BentoML's own validation with ``{"error": ..., "detail": [...]}``. An answer without a
-    code of :data:`breastscan.serving.requests.INPUT_ERROR_CODES` is read by its status: 401
+    code of :data:`breastscan.serving.answer.ERRORS` is read by its status: 401
     ``unauthorized``, 413 ``too_large``, 503 ``unavailable``, 504 ``deadline_exceeded``, other 4xx
     ``bad_request``, 5xx ``internal``.
     """
@@ -405,13 +320,11 @@ def http_error(response: httpx.Response) -> ServiceError:
             if isinstance(body.get(key), str) and body[key]:
                 message = body[key]
                 break
-        if isinstance(body.get("code"), str) and body["code"] in SERVICE_CODES:
+        if isinstance(body.get("code"), str) and body["code"] in ERRORS:
             code = body["code"]
     if not message:
         message = response.text.strip()[:500] or response.reason_phrase or f"HTTP {status}"
-    if code is None:
-        code = _HTTP_FALLBACK_CODES.get(status, "bad_request" if status < 500 else "internal")
-    return ServiceError(code, message, status)
+    return ServiceError(code or code_for_http(status), message, status)
 
 
 # --------------------------------------------------------------------------- gRPC
@@ -467,7 +380,7 @@ class GRPCClient:
         _, data = _read_image(image)
         request = pb.PredictRequest(model=model, image=pb.Image(file=data, roi=_roi_values(roi)),
                                     explain=explain)
-        return prediction_to_dict(self.call("Predict", request))
+        return to_dict(from_proto(Prediction, self.call("Predict", request)))
 
     def predict_array(self, model: str, array: np.ndarray, *, explain: bool = False,
                       roi: Sequence[int] | None = None) -> dict[str, Any]:
@@ -478,7 +391,7 @@ class GRPCClient:
         """
         request = pb.PredictRequest(model=model, image=pb.Image(array=array_to_proto(array),
                                                                 roi=_roi_values(roi)), explain=explain)
-        return prediction_to_dict(self.call("Predict", request))
+        return to_dict(from_proto(Prediction, self.call("Predict", request)))
 
     def analyze(self, image: ImageSource, *, modality: str | None = None, explain: bool = False,
                 roi: Sequence[int] | None = None, dicom: bool = False) -> dict[str, Any]:
@@ -486,16 +399,18 @@ class GRPCClient:
         _, data = _read_image(image)
         request = pb.AnalyzeRequest(image=pb.Image(file=data, roi=_roi_values(roi)),
                                     modality=modality or "", explain=explain, dicom=dicom)
-        return analysis_to_dict(self.call("Analyze", request))
+        return to_dict(from_proto(Analysis, self.call("Analyze", request)))
 
     def preview(self, image: ImageSource) -> dict[str, Any]:
         """The decoded image as the service sees it (``Preview``); see :meth:`HTTPClient.preview`."""
         _, data = _read_image(image)
-        return preview_to_dict(self.call("Preview", pb.PreviewRequest(image=pb.Image(file=data))))
+        answer = self.call("Preview", pb.PreviewRequest(image=pb.Image(file=data)))
+        return to_dict(from_proto(Preview, answer))
 
     def models(self) -> list[dict[str, Any]]:
         """The served models (``ListModels``), in name order."""
-        return [model_info_to_dict(m) for m in self.call("ListModels", pb.ListModelsRequest()).models]
+        answer = self.call("ListModels", pb.ListModelsRequest())
+        return [to_dict(from_proto(ModelInfo, m)) for m in answer.models]
 
     def health(self, service: str = "") -> str:
         """The standard health check: ``"SERVING"``, ``"NOT_SERVING"`` ...
@@ -583,7 +498,7 @@ def grpc_error(exc: grpc.RpcError) -> ServiceError:
     """The :class:`ServiceError` of a failed gRPC call.
 
     The code is the server's ``error-code`` trailer when it is one of
-    :data:`breastscan.serving.requests.INPUT_ERROR_CODES` (a client mistake, status
+    :data:`breastscan.serving.answer.ERRORS` (a client mistake, status
     ``INVALID_ARGUMENT``); otherwise ``bad_request`` for ``INVALID_ARGUMENT``,
     ``too_large`` for ``RESOURCE_EXHAUSTED`` (the message size limit), ``unauthorized`` for
     ``UNAUTHENTICATED`` (no valid API key), and the status name in lower case for the rest
@@ -595,8 +510,6 @@ def grpc_error(exc: grpc.RpcError) -> ServiceError:
     code = None
     for key, value in trailers or ():
         text = value.decode() if isinstance(value, bytes) else str(value)
-        if key == ERROR_CODE_KEY and text in SERVICE_CODES:
+        if key == ERROR_CODE_KEY and text in ERRORS:
             code = text
-    if code is None:
-        code = _GRPC_FALLBACK_CODES.get(status, status.name.lower())
-    return ServiceError(code, details or status.name, status)
+    return ServiceError(code or code_for_grpc(status.name), details or status.name, status)

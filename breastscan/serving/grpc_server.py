@@ -9,20 +9,16 @@ with :func:`asyncio.run_coroutine_threadsafe` and waits for the answer, at most
 ``timeout_s`` seconds (or the client's deadline when it is shorter). The server threads
 never touch the loop otherwise, so a slow model blocks only its own RPC's thread.
 
-Statuses (the API's contract, see ``proto/breastscan/v1/breastscan.proto``):
-
-* a client mistake (:class:`breastscan.serving.requests.InputError`) ends the RPC with
-  ``INVALID_ARGUMENT``, the error's message, and its stable code in the trailing metadata
-  entry ``error-code`` (:data:`ERROR_CODE_KEY`);
-* a request larger than ``max_message_bytes`` is refused by gRPC itself
-  (``RESOURCE_EXHAUSTED``) before it reaches a handler;
-* the model's batcher shedding the call (it waited past ``max_latency_ms``,
-  :class:`breastscan.serving.batching.Overloaded`): ``UNAVAILABLE``, code ``overloaded`` --
-  a retryable condition, not a fault;
-* no answer within the time limit: ``DEADLINE_EXCEEDED`` (the engine's work is cancelled);
-  so is a time-out inside the engine;
-* anything else is logged here with its traceback and answered ``INTERNAL`` with a
-  generic message, so nothing of the request (pixels, file contents) leaves in an error.
+A request message becomes the one :class:`breastscan.serving.request.Request`
+(:func:`breastscan.serving.request.from_proto`), the engine's answer its message
+(:func:`breastscan.serving.answer.to_proto`). Every refusal ends the RPC with the gRPC status
+of its code in the error table (:data:`breastscan.serving.answer.ERRORS`), the code in the
+trailing metadata entry ``error-code``: a client mistake ``INVALID_ARGUMENT``, a shed
+request ``UNAVAILABLE`` (``overloaded``: retry), no answer in time ``DEADLINE_EXCEEDED``
+(the engine's work is cancelled), anything else ``INTERNAL`` with a generic message, its
+traceback logged here, so nothing of the request (pixels, file contents) leaves in an
+error. A request larger than ``max_message_bytes`` is refused by gRPC itself
+(``RESOURCE_EXHAUSTED``) before it reaches a handler.
 
 The server also offers the standard health service (``grpc.health.v1.Health``; the
 overall service ``""`` and ``breastscan.v1.BreastScan``, flipped together by
@@ -36,33 +32,25 @@ by default in gRPC, set explicitly here) and the kernel spreads connections over
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from breastscan.serving.batching import Overloaded
-from breastscan.serving.engine import ARRAY_DTYPES, Engine, ImageInput, parse_roi
+from breastscan.serving.answer import ERROR_CODE_KEY, ERRORS, INTERNAL_MESSAGE, ApiError, to_proto
+from breastscan.serving.engine import Engine
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2_grpc as pb_grpc
-from breastscan.serving.requests import InputError
+from breastscan.serving.request import from_proto
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "breastscan.v1.BreastScan"
 """Full name of the API's service (health checks and reflection name it)."""
-
-ERROR_CODE_KEY = "error-code"
-"""Trailing-metadata key that carries an :class:`InputError`'s code."""
-
-INTERNAL_MESSAGE = "internal error: the service could not answer this request (see its log)"
-"""The details of every ``INTERNAL`` answer (nothing of the request is echoed)."""
 
 _T = TypeVar("_T")
 
@@ -76,156 +64,6 @@ class GrpcBindError(RuntimeError):
 
 class _Deadline(Exception):
     """The engine did not answer within the RPC's time limit."""
-
-
-# --------------------------------------------------------------------------- requests
-
-
-def image_from_proto(image: pb.Image) -> ImageInput:
-    """The engine's :class:`ImageInput` for an ``Image`` message.
-
-    Args:
-        image: the request's image: a file's bytes or a raw ``Array``, and an optional roi.
-
-    Returns:
-        The image input (neither source set gives an input without an image, which the
-        engine refuses as ``empty``).
-
-    Raises:
-        InputError: ``bad_roi`` (not 0 or 4 values, or out of range), ``bad_dtype`` (a
-            dtype outside :data:`ARRAY_DTYPES`) or ``bad_shape`` (negative sides, or the
-            byte count does not match the shape).
-    """
-    roi = parse_roi(list(image.roi))
-    source = image.WhichOneof("source")
-    if source == "file":
-        return ImageInput(data=bytes(image.file), roi=roi)
-    if source == "array":
-        return ImageInput(array=array_from_proto(image.array), roi=roi)
-    return ImageInput(roi=roi)
-
-
-def array_from_proto(array: pb.Array) -> np.ndarray:
-    """Read an ``Array`` message: little-endian C-order bytes of ``dtype`` in ``shape``.
-
-    The result is in the machine's byte order; its checks as an image (ndim, channels,
-    sides, value range) are the engine's.
-
-    Raises:
-        InputError: ``bad_dtype`` or ``bad_shape`` (see :func:`image_from_proto`).
-    """
-    if array.dtype not in ARRAY_DTYPES:
-        raise InputError("bad_dtype", f"dtype {array.dtype!r} is not supported; use one of "
-                                      f"{', '.join(ARRAY_DTYPES)}")
-    shape = tuple(int(s) for s in array.shape)
-    if any(s < 0 for s in shape):
-        raise InputError("bad_shape", f"array shape {list(shape)} has a negative side")
-    dtype = np.dtype(array.dtype)
-    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if len(array.data) != expected:
-        raise InputError("bad_shape", f"array of shape {list(shape)} and dtype {array.dtype} needs "
-                                      f"{expected} bytes of data, got {len(array.data)}")
-    values = np.frombuffer(array.data, dtype=dtype.newbyteorder("<"))
-    return values.astype(dtype, copy=False).reshape(shape)
-
-
-# --------------------------------------------------------------------------- answers
-
-
-def _png(text: str | None) -> bytes | None:
-    """Raw PNG bytes of a base64 PNG field (``None`` stays ``None``)."""
-    return None if text is None else base64.b64decode(text)
-
-
-def _probabilities(values: Mapping[str, float]) -> list[pb.ClassProbability]:
-    return [pb.ClassProbability(name=str(name), probability=float(p)) for name, p in values.items()]
-
-
-def prediction_to_proto(answer: Mapping[str, Any]) -> pb.Prediction:
-    """A ``Prediction`` message carrying exactly the numbers of an engine answer.
-
-    Args:
-        answer: :meth:`breastscan.serving.requests.Prediction.to_dict` (plus ``roi``), as
-            :meth:`Engine.predict` returns it.
-
-    Returns:
-        The message: unknown texts become ``""``, ``None`` leaves an optional field unset,
-        base64 PNGs become their raw bytes, floats travel as doubles (unchanged).
-    """
-    msg = pb.Prediction(
-        model=answer["model"], version=answer.get("version") or "", stage=answer.get("stage") or "",
-        spec_id=answer.get("spec_id") or "", task=answer["task"], width=int(answer["width"]),
-        height=int(answer["height"]), probabilities=_probabilities(answer.get("probabilities") or {}),
-        roi=[int(v) for v in answer.get("roi") or ()],
-    )
-    if answer.get("predicted") is not None:
-        msg.predicted = str(answer["predicted"])
-    for key in ("confidence", "lesion_fraction"):
-        if answer.get(key) is not None:
-            setattr(msg, key, float(answer[key]))
-    if answer.get("lesion_area_px") is not None:
-        msg.lesion_area_px = int(answer["lesion_area_px"])
-    for key in ("heatmap_png", "mask_png", "overlay_png"):
-        png = _png(answer.get(key))
-        if png is not None:
-            setattr(msg, key, png)
-    if answer.get("bbox") is not None:
-        x, y, w, h = (int(v) for v in answer["bbox"])
-        msg.bbox.CopyFrom(pb.BoundingBox(x=x, y=y, width=w, height=h))
-    return msg
-
-
-def eight_category_to_proto(view: Mapping[str, Any]) -> pb.EightCategory:
-    """An ``EightCategory`` message of one :func:`breastscan.evaluation.combined.eight_category` dict."""
-    msg = pb.EightCategory(
-        category=view["category"], density=view["density"], pathology=view["pathology"],
-        finding=view["finding"], p_malignant=float(view["p_malignant"]),
-        confidence=float(view["confidence"]), probabilities=_probabilities(view["probabilities"]),
-    )
-    if view.get("p_normal") is not None:
-        msg.p_normal = float(view["p_normal"])
-    return msg
-
-
-def analysis_to_proto(result: Mapping[str, Any]) -> pb.AnalyzeResponse:
-    """An ``AnalyzeResponse`` of :meth:`Engine.analyze`'s answer."""
-    msg = pb.AnalyzeResponse(modality=result["modality"], roi=[int(v) for v in result.get("roi") or ()])
-    for name, answer in result["models"].items():
-        msg.models[name].CopyFrom(prediction_to_proto(answer))
-    if result.get("eight_category") is not None:
-        msg.eight_category.CopyFrom(eight_category_to_proto(result["eight_category"]))
-    if result.get("dicom"):
-        msg.dicom_sr = base64.b64decode(result["dicom"]["sr"])
-        for name, seg in result["dicom"]["seg"].items():
-            msg.dicom_seg[name] = base64.b64decode(seg)
-    return msg
-
-
-def model_info_to_proto(info: Mapping[str, Any]) -> pb.ModelInfo:
-    """A ``ModelInfo`` of one :meth:`breastscan.serving.engine.ServedModel.describe` dict."""
-    msg = pb.ModelInfo(
-        name=info["name"], version=info.get("version") or "", stage=info.get("stage") or "",
-        source=info.get("source") or "", task=info["task"], modality=info["modality"],
-        classes=[str(c) for c in info["classes"]], input_shape=[int(s) for s in info["input_shape"]],
-        spec_id=info.get("spec_id") or "", temperature=float(info["temperature"]),
-    )
-    if info.get("threshold") is not None:
-        msg.threshold = float(info["threshold"])
-    if info.get("decision") is not None:
-        msg.decision = str(info["decision"])
-    return msg
-
-
-def models_to_proto(described: Sequence[Mapping[str, Any]]) -> pb.ListModelsResponse:
-    """A ``ListModelsResponse`` of :meth:`Engine.describe`."""
-    return pb.ListModelsResponse(models=[model_info_to_proto(info) for info in described])
-
-
-def preview_to_proto(preview: Mapping[str, Any]) -> pb.PreviewResponse:
-    """A ``PreviewResponse`` of :meth:`Engine.preview`'s answer."""
-    return pb.PreviewResponse(width=int(preview["width"]), height=int(preview["height"]),
-                              modality=preview.get("modality") or "",
-                              png=base64.b64decode(preview["png"]))
 
 
 # --------------------------------------------------------------------------- servicer
@@ -250,27 +88,23 @@ class BreastScanServicer(pb_grpc.BreastScanServicer):
 
     # ------------------------------------------------------------------ RPCs
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.Prediction:
-        """One model's answer for one image (:meth:`Engine.predict`)."""
-        return self._serve(context, "Predict", lambda: self._await(context, self.engine.predict(
-            request.model, image_from_proto(request.image), explain=request.explain)), prediction_to_proto)
+        """One model's answer for one image."""
+        return self._serve(context, "Predict", request)
 
     def Analyze(self, request: pb.AnalyzeRequest,
                 context: grpc.ServicerContext) -> pb.AnalyzeResponse:
-        """Every model of the image's modality (:meth:`Engine.analyze`)."""
-        return self._serve(context, "Analyze", lambda: self._await(context, self.engine.analyze(
-            image_from_proto(request.image), modality=request.modality or None,
-            explain=request.explain, dicom=request.dicom)), analysis_to_proto)
+        """Every model of the image's modality."""
+        return self._serve(context, "Analyze", request)
 
     def ListModels(self, request: pb.ListModelsRequest,
                    context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        """The served models (:meth:`Engine.describe`, no model call)."""
-        return self._serve(context, "ListModels", self.engine.describe, models_to_proto)
+        """The served models (no model call)."""
+        return self._serve(context, "ListModels", request)
 
     def Preview(self, request: pb.PreviewRequest,
                 context: grpc.ServicerContext) -> pb.PreviewResponse:
-        """The decoded image as an 8-bit PNG (:meth:`Engine.preview`)."""
-        return self._serve(context, "Preview", lambda: self._await(
-            context, self.engine.preview(image_from_proto(request.image))), preview_to_proto)
+        """The decoded image as an 8-bit PNG."""
+        return self._serve(context, "Preview", request)
 
     # ------------------------------------------------------------------ plumbing
     def _await(self, context: grpc.ServicerContext, coro: Coroutine[Any, Any, _T]) -> _T:
@@ -298,37 +132,44 @@ class BreastScanServicer(pb_grpc.BreastScanServicer):
             future.cancel()
             raise _Deadline(f"no answer within {wait:.3g} s") from None
 
-    def _serve(self, context: grpc.ServicerContext, method: str, answer: Callable[[], _T],
-               convert: Callable[[_T], Any]) -> Any:
-        """Compute an answer and its message, or end the RPC with the status of what went wrong."""
+    def _serve(self, context: grpc.ServicerContext, method: str, message: Any) -> Any:
+        """The answer message of one RPC, or the RPC ended with the error table's status."""
         try:
-            return convert(answer())
-        except InputError as exc:
-            log.info("gRPC %s refused (%s): %s", method, exc.code, exc.message)
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message, code=exc.code)
-        except Overloaded as exc:
-            log.warning("gRPC %s shed: the model service is at capacity", method)
-            _abort(context, grpc.StatusCode.UNAVAILABLE, exc.message, code=exc.code)
+            request = from_proto(method, message, request_id=_metadata(context, "x-request-id"))
+            answer = self._await(context, self.engine.answer(request))
+            if isinstance(answer, list):
+                return pb.ListModelsResponse(models=[to_proto(info) for info in answer])
+            return to_proto(answer)
+        except ApiError as exc:
+            (log.warning if exc.kind.http >= 500 else log.info)("gRPC %s refused (%s): %s", method, exc.code,
+                                                                 exc.message)
+            _abort(context, exc.code, exc.message)
         except _Deadline as exc:
             log.warning("gRPC %s: %s", method, exc)
-            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            _abort(context, "deadline_exceeded", str(exc))
         except _TIMEOUTS:  # the engine's own time limit
             log.warning("gRPC %s: the engine timed out", method, exc_info=True)
-            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the model did not answer in time")
+            _abort(context, "deadline_exceeded", "the model did not answer in time")
         except concurrent.futures.CancelledError:
             log.info("gRPC %s cancelled before its answer", method)
-            _abort(context, grpc.StatusCode.CANCELLED, "the request was cancelled")
+            _abort(context, "cancelled", "the request was cancelled")
         except Exception:
             log.exception("gRPC %s failed", method)
-            _abort(context, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            _abort(context, "internal", INTERNAL_MESSAGE)
 
 
-def _abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str, *,
-           code: str | None = None) -> NoReturn:
-    """End the RPC with ``status`` (and an ``error-code`` trailer when ``code`` is given)."""
-    if code is not None:
-        context.set_trailing_metadata(((ERROR_CODE_KEY, code),))
-    context.abort(status, message)
+def _metadata(context: grpc.ServicerContext, key: str) -> str:
+    """A request metadata value (``""`` when absent)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return str(value)[:64]
+    return ""
+
+
+def _abort(context: grpc.ServicerContext, code: str, message: str) -> NoReturn:
+    """End the RPC with the error table's status for ``code``, the code in the ``error-code`` trailer."""
+    context.set_trailing_metadata(((ERROR_CODE_KEY, code),))
+    context.abort(getattr(grpc.StatusCode, ERRORS[code].grpc), message)
     raise AssertionError("grpc.ServicerContext.abort returned")  # it always raises
 
 
@@ -364,8 +205,7 @@ def _guarded_decoder(deserializer: Callable[[bytes], Any], method: str) -> Calla
         try:
             return deserializer(raw)
         except Exception:  # noqa: BLE001 -- any decoding failure is the client's message
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                   f"the request message of {method} is not valid protobuf", code="malformed_request")
+            _abort(context, "malformed_request", f"the request message of {method} is not valid protobuf")
     return decode
 
 

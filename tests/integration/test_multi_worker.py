@@ -7,7 +7,7 @@ free ports on 127.0.0.1), train a tiny classifier (32x32 phantoms, 2 epochs) und
 all-reduce; each logs the digest), and only the chief may write the bundle and the MLflow run
 (to a store both can reach); the worker's copy goes to a temporary directory it deletes.
 
-The :func:`~breastscan.models.training.is_chief` cases at the top are quick and need no
+The :func:`~breastscan.training.distribute.is_chief` cases at the top are quick and need no
 TensorFlow.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from breastscan.models.training import is_chief
+from breastscan.training.distribute import is_chief
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -167,7 +167,7 @@ def cluster(tiny_phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def test_two_workers_train_in_sync(cluster: dict[str, Any]) -> None:
     """Both finish with the same weights, which are the ones the chief saved."""
     from breastscan.bundle import ModelBundle
-    from breastscan.models.training import weights_digest
+    from breastscan.training.distribute import weights_digest
 
     digests = [DIGEST.findall(text) for text in cluster["logs"]]
     assert all(len(d) == 1 for d in digests), digests

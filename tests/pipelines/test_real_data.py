@@ -7,7 +7,7 @@ into ``datasets/busi`` and ``datasets/busbra``, ``dvc add``, ``breastscan declar
 ultrasound_sites`` (a pool of the two sites), then the commands ``declare`` prints (``git
 add``, ``dvc repro register@us_tumor register@us_lesion``, ``breastscan promote``),
 ``breastscan import-models`` and a real ``bentoml serve``
-(:func:`breastscan.serving.launch.launch_service`). The HTTP and gRPC answers for real
+(:func:`load_tests.harness.launch_service`). The HTTP and gRPC answers for real
 images of both sites must equal the in-process prediction of the registered production
 versions, and the evaluation must score each site apart.
 
@@ -118,7 +118,7 @@ def test_two_hospital_packs_to_served_models(tmp_path: Path, tiny_phantoms: Path
 
     from breastscan.serving.client import GRPCClient, HTTPClient
     from breastscan.serving.engine import ImageInput
-    from breastscan.serving.launch import launch_service
+    from load_tests.harness import launch_service
     from tests.services.test_service_http import assert_same_answer
 
     manifests = {site: pack_subset(shared_datasets / site, tmp_path / site, group)

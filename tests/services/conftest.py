@@ -4,7 +4,7 @@ The path is the production one: ``tests.services.make_registry`` registers seede
 density / tumor / lesion / mammo_lesion models at ``production`` in a throwaway MLflow store,
 ``breastscan import-models`` copies them into a throwaway BentoML store, and
 ``bentoml serve services.service:BreastScan`` starts the front and model services with
-the gRPC server, on free ports of 127.0.0.1 (:func:`breastscan.serving.launch.launch_service`,
+the gRPC server, on free ports of 127.0.0.1 (:func:`load_tests.harness.launch_service`,
 the benchmark's starter too). One server serves the whole session.
 """
 
@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from breastscan.processes import free_port
-from breastscan.serving.launch import SERVICE_TARGET, LaunchedService, launch_service
+from load_tests.harness import SERVICE_TARGET, LaunchedService, launch_service
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,7 +41,7 @@ MONITORING_MIN_RECORDS = 30
 
 @dataclass
 class Served:
-    """A running service (:class:`breastscan.serving.launch.LaunchedService`) and its project root."""
+    """A running service (:class:`load_tests.harness.LaunchedService`) and its project root."""
 
     launched: LaunchedService
     root: Path
@@ -126,7 +126,7 @@ def start_service(root: Path, env: dict[str, str], *, http_port: int, grpc_port:
     """Start ``bentoml serve`` (:func:`launch_service`) and wait until /readyz is 200 and gRPC SERVING.
 
     Raises:
-        breastscan.serving.launch.ServiceStartError: it exited or was not ready in time
+        load_tests.harness.ServiceStartError: it exited or was not ready in time
             (a ``RuntimeError``; the message ends with the log's tail).
     """
     launched = launch_service(env, root / log_name, http_port=http_port, grpc_port=grpc_port,

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from breastscan.serving.client import GRPCClient
-from breastscan.serving.launch import launch_service
+from load_tests.harness import launch_service
 from tests.services import images
 from tests.services.conftest import BIN, REPO, START_TIMEOUT_S, Served, stop_service
 from tests.services.make_registry import MODELS
@@ -94,7 +94,7 @@ def bento_venv(bento: Path, venv: Path) -> dict[str, Any]:
 
 def serve_bento(venv: Path, tag: str, root: Path, env: dict[str, str], log_name: str) -> Served:
     """``<venv>/bin/bentoml serve <tag>`` on free loopback ports, in ``root`` (no code there),
-    ready for HTTP and gRPC (:func:`breastscan.serving.launch.wait_until_serving`)."""
+    ready for HTTP and gRPC (:func:`load_tests.harness.wait_until_serving`)."""
     launched = launch_service(_clean_env(env, venv), root / log_name, target=tag, cwd=root,
                               python=venv / "bin" / "python", timeout_s=START_TIMEOUT_S)
     return Served(launched, root)

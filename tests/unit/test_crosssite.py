@@ -358,7 +358,7 @@ def test_a_cross_site_run_on_phantoms_trains_scores_and_resumes(tmp_path: Path,
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("breastscan.models.training.train_model", no_training)
+    monkeypatch.setattr("breastscan.training.loop.train_model", no_training)
     again = C.run_cross_site(spec, tmp_path / "out", runs=["both"], previous=result)
     assert again["runs"]["both"]["resumed"] and list(again["runs"]) == ["a->b", "b->a", "both"]
     assert again["runs"]["both"]["scored"] == both["scored"]
@@ -381,7 +381,7 @@ def test_a_multitask_cross_site_run_trains_once_and_scores_both_outputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One model per run: its class head scores the tumor table, its mask the lesion table."""
     from breastscan.data.phantoms import generate_dataset
-    from breastscan.models import training
+    from breastscan.training import loop
 
     monkeypatch.chdir(tmp_path)
     for name, seed in (("a", 1), ("b", 2)):
@@ -393,13 +393,13 @@ def test_a_multitask_cross_site_run_trains_once_and_scores_both_outputs(
         classes = ["benign", "malignant", "normal"] if name == "a" else ["benign", "malignant"]
         _site_file(tmp_path, name, classes, source=tmp_path / "data" / name / "manifest.csv")
     trained: list[str] = []
-    real = training.train_model
+    real = loop.train_model
 
     def counting(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         trained.append(cfg.name)
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(training, "train_model", counting)
+    monkeypatch.setattr(loop, "train_model", counting)
     both = {"benchmark.sites.a.lesion": "a_multitask", "benchmark.sites.a.tumor": "a_multitask"}
     spec = C.load_cross_site(_cross_file(tmp_path, runs=[{"name": "a->b", "train": ["a"], "score": ["b"]}],
                                          readable={"min_images": 5, "min_per_class": 2}), both)

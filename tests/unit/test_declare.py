@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from breastscan.cli import main
 from breastscan.config import load_params
-from breastscan.data.declare import DeclareError, declare, next_steps
+from breastscan.evaluation.declare import DeclareError, declare, next_steps
 from tests.conftest import REPO
 
 

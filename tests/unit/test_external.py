@@ -33,7 +33,7 @@ from breastscan.evaluation import external
 from breastscan.evaluation.metrics import STANDARD
 from breastscan.imaging.files import read_mask
 from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
-from breastscan.registry import resolver, tracking, versions
+from breastscan.registry import external_runs, resolver, tracking, versions
 from tests.conftest import sqlite_mlflow, tiny_model
 
 SPEC = PreprocessSpec(height=32, width=32)
@@ -441,7 +441,8 @@ def test_fetch_score_and_report_through_the_api(store: dict[str, Any], tmp_path:
     again = external.score_external(bundle, dataset, headline="accuracy", n_boot=100, seed=2)
     assert again.scores == evaluation.scores  # seeded
 
-    report = external.build_report(fetched, dataset, evaluation, n_boot=100, seed=2)
+    report = external.build_report(external_runs.scored_model(fetched), dataset, evaluation, n_boot=100,
+                                   seed=2)
     assert (report["version"], report["stage"], report["aliases"]) == (2, "staging", ["staging"])
     assert report["metrics"] == evaluation.scores and report["headline"] == "accuracy"
     assert report["ci"]["n_boot"] == 100 and report["ci"]["seed"] == 2

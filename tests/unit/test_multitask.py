@@ -82,7 +82,7 @@ def test_lesion_pool_reads_the_outlined_region() -> None:
 
 def test_joint_training_learns_both_outputs_and_the_bundle_has_two_views() -> None:
     """train_model: class weights reach the class output; each view scores like a plain model."""
-    from breastscan.models.training import train_model
+    from breastscan.training.loop import train_model
 
     train, val = _lesions(48), _lesions(24, seed=1)
     cfg = replace(MT, epochs=6, learning_rate=0.01, imbalance="class_weight")
@@ -121,7 +121,7 @@ def test_a_multitask_declaration_is_checked_and_viewed() -> None:
 def test_the_scoring_core_reports_both_outputs_and_rescores_from_its_rows() -> None:
     """score_bundle of a multi-task bundle: one report of both kinds, reproduced from its prediction rows."""
     from breastscan.evaluation.scoring import Scoring, score_bundle, score_predictions, summary_metrics
-    from breastscan.models.training import train_model
+    from breastscan.training.loop import train_model
 
     train, val, test = _lesions(36), _lesions(18, seed=1), _lesions(21, seed=2)
     bundle = train_model(replace(MT, epochs=2), train, val, modality="ultrasound").bundle

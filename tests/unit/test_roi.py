@@ -31,7 +31,7 @@ from breastscan.models.roi import (
     lesion_crops,
     segmenter_data,
 )
-from breastscan.models.training import train_model
+from breastscan.training.loop import train_model
 
 REPO = Path(__file__).resolve().parents[2]
 BUSI = REPO / "benchmarks" / "busi.yaml"
@@ -384,12 +384,12 @@ def test_train_model_with_roi_trains_both_phases() -> None:
 
 
 def test_train_model_reuses_a_given_segmenter(monkeypatch: pytest.MonkeyPatch) -> None:
-    import breastscan.models.training as training
+    from breastscan.training import loop
 
     def no_phase_one(*args: object, **kwargs: object) -> None:
         raise AssertionError("phase 1 ran although a segmenter was given")
 
-    monkeypatch.setattr(training, "_train_segmenter", no_phase_one)
+    monkeypatch.setattr(loop, "_train_segmenter", no_phase_one)
     given = _tiny_unet(seed=7)
     before = given.get_weights()
     result = train_model(TUMOR, _lesion_split(16, seed=3), _lesion_split(6, seed=4), modality="ultrasound",

@@ -19,8 +19,8 @@ import yaml
 from breastscan.serving.config import load_serving_config, parse_serving_config
 from breastscan.serving.engine import Engine, ImageInput, ServedModel, crop, dicom_modality_code, parse_roi
 from breastscan.serving.http import RequestGuard
-from breastscan.serving.launch import LaunchedService, ServiceStartError, serve_command, wait_until_serving
 from breastscan.serving.requests import InputError
+from load_tests.harness import LaunchedService, ServiceStartError, serve_command, wait_until_serving
 from tests.services import images
 
 REPO = Path(__file__).resolve().parents[2]

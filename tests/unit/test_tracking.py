@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from breastscan import provenance
 from breastscan.registry import tracking
 
 
@@ -96,7 +97,7 @@ def test_run_tags_outside_git(tmp_path: Path) -> None:
 
 def test_run_tags_with_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     answers = {("rev-parse", "HEAD"): "a" * 40, ("status", "--porcelain", "--untracked-files=no"): " M x.py"}
-    monkeypatch.setattr(tracking, "_git", lambda root, *args: answers.get(args))
+    monkeypatch.setattr(provenance, "_git", lambda root, *args: answers.get(args))
     tags = tracking.run_tags(tmp_path)
     assert tags[tracking.TAG_COMMIT] == "a" * 40 == tags["mlflow.source.git.commit"]
     assert tags[tracking.TAG_DIRTY] == "true"

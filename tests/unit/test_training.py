@@ -1,4 +1,4 @@
-"""breastscan.models.training: one-epoch fits on tiny data, early stopping, class weights, strategies."""
+"""breastscan.training: one-epoch fits on tiny data, early stopping, class weights, strategies."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from breastscan.data.manifest import normalize_manifest, read_manifest
 from breastscan.data.splits import prepare_splits
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.models.inputs import class_weights, make_dataset, steps_per_epoch
-from breastscan.models.training import get_strategy, train_model, write_history
+from breastscan.training.distribute import get_strategy
+from breastscan.training.loop import train_model, write_history
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = PreprocessSpec(height=32, width=32)
@@ -200,7 +201,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from breastscan.config import AugmentConfig, ModelConfig
     from breastscan.data.loading import SplitData
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.models.training import configure_logical_cpus, get_strategy, train_model
+    from breastscan.training.distribute import configure_logical_cpus, get_strategy
+    from breastscan.training.loop import train_model
 
     configure_logical_cpus(2)  # before TensorFlow touches a device
     strategy = get_strategy("mirrored")
@@ -249,7 +251,7 @@ def test_write_history_checks_lengths(tmp_path: Path) -> None:
 
 
 def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    from breastscan.models import training
+    from breastscan.training import loop
 
     data = _synthetic(40)
     cfg = replace(TOY, epochs=3, batch_size=16, patience=0, schedule="cosine", learning_rate=0.01)
@@ -257,20 +259,20 @@ def test_cosine_schedule_decays_to_zero_over_the_planned_steps(monkeypatch: pyte
     assert steps_per_epoch(len(data), replace(cfg, imbalance="balanced_sampling")) == 3  # ceil(40 / 16)
     assert steps_per_epoch(5, cfg) == 1
     seen: list[Any] = []
-    build = training._build_and_compile
+    build = loop._build_and_compile
 
     def spy(c: ModelConfig, steps: int, class_sets: Any = None) -> Any:
         seen.append(build(c, steps, class_sets))
         return seen[-1]
 
-    monkeypatch.setattr(training, "_build_and_compile", spy)
+    monkeypatch.setattr(loop, "_build_and_compile", spy)
     result = train_model(cfg, data, data, modality="mammography")
     optimizer = seen[0].optimizer
     assert int(optimizer.iterations.numpy()) == 3 * 2  # every planned step ran ...
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)  # ... and the rate is 0
     assert float(optimizer._learning_rate(0)) == pytest.approx(0.01)
     assert result.epochs_run == 3
-    constant = training._learning_rate(replace(cfg, schedule="constant"), 2)
+    constant = loop._learning_rate(replace(cfg, schedule="constant"), 2)
     assert constant == 0.01
     with pytest.raises(ValueError, match="schedule must be one of"):
         replace(cfg, schedule="step")

@@ -1,11 +1,14 @@
-"""Regenerate the Python code of the gRPC API from ``breastscan/v1/breastscan.proto``.
+"""Regenerate the gRPC API: the answer messages of ``breastscan/v1/breastscan.proto`` and its Python code.
 
 Run from anywhere (needs ``grpcio-tools``)::
 
     python -m breastscan.serving.proto.generate
 
-It writes ``breastscan_pb2.py``, ``breastscan_pb2.pyi`` and ``breastscan_pb2_grpc.py``
-beside the ``.proto`` file. ``protoc`` runs with this directory as its include root, so the
+It first renders the answer messages from their one definition
+(:func:`breastscan.serving.answer.proto_messages`) into the ``.proto`` file, between the
+lines ``// BEGIN answers`` and ``// END answers`` (the service and the request messages
+above them are written by hand), then writes ``breastscan_pb2.py``, ``breastscan_pb2.pyi``
+and ``breastscan_pb2_grpc.py`` beside the ``.proto`` file. ``protoc`` runs with this directory as its include root, so the
 descriptor keeps the canonical file name ``breastscan/v1/breastscan.proto`` (what server
 reflection and other ``.proto`` files see); the one import the gRPC plugin writes relative
 to that root (``from breastscan.v1 import breastscan_pb2``) is then rewritten to the full
@@ -61,8 +64,28 @@ def _postprocess(text: str) -> str:
     return "".join(lines)
 
 
+BEGIN = "// BEGIN answers"
+END = "// END answers"
+
+
+def render_proto(text: str) -> str:
+    """The ``.proto`` text with its answer messages rendered from :mod:`breastscan.serving.answer`.
+
+    Raises:
+        ValueError: the text has no ``// BEGIN answers`` ... ``// END answers`` block.
+    """
+    from breastscan.serving.answer import proto_messages
+
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"the .proto file has no {BEGIN!r} ... {END!r} block")
+    first_line_end = text.index("\n", start) + 1
+    return text[:first_line_end] + "\n" + proto_messages() + "\n" + text[end:]
+
+
 def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
-    """Run ``protoc`` on :data:`PROTO_FILES` and write the Python code below ``out_root``.
+    """Render the answer messages into the ``.proto`` file, run ``protoc`` on it and write the
+    ``.proto`` and the Python code below ``out_root``.
 
     Args:
         out_root: where ``breastscan/v1/...`` is written (default: beside the sources;
@@ -76,15 +99,21 @@ def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
     """
     if importlib.util.find_spec("grpc_tools") is None:
         raise RuntimeError("grpcio-tools is not installed: pip install grpcio-tools")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as src:
+        written = []
+        for proto in PROTO_FILES:
+            rendered = render_proto((PROTO_ROOT / proto).read_text(encoding="utf-8"))
+            for root in (Path(src), out_root):
+                (root / proto).parent.mkdir(parents=True, exist_ok=True)
+                (root / proto).write_text(rendered, encoding="utf-8")
+            written.append(out_root / proto)
         # protoc runs in a child process: in a process that has loaded TensorFlow (tests),
         # its C++ protobuf clashes with grpc_tools' compiler and crashes it.
-        args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *(str(PROTO_ROOT / p) for p in PROTO_FILES)]
+        args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{src}", f"--python_out={tmp}",
+                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *(str(Path(src) / p) for p in PROTO_FILES)]
         done = subprocess.run(args, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"protoc failed with status {done.returncode}: {done.stderr.strip()}")
-        written = []
         for target in generated_files(out_root):
             source = Path(tmp) / target.relative_to(out_root)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,16 @@ class AnalyzeRequest(_message.Message):
     dicom: bool
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., modality: _Optional[str] = ..., explain: _Optional[bool] = ..., dicom: _Optional[bool] = ...) -> None: ...
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PreviewRequest(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
 class ClassProbability(_message.Message):
     __slots__ = ("name", "probability")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -157,10 +167,6 @@ class AnalyzeResponse(_message.Message):
     dicom_seg: _containers.ScalarMap[str, bytes]
     def __init__(self, modality: _Optional[str] = ..., models: _Optional[_Mapping[str, Prediction]] = ..., eight_category: _Optional[_Union[EightCategory, _Mapping]] = ..., roi: _Optional[_Iterable[int]] = ..., dicom_sr: _Optional[bytes] = ..., dicom_seg: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
-class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "stage", "source", "task", "modality", "classes", "input_shape", "spec_id", "temperature", "threshold", "decision")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -189,18 +195,6 @@ class ModelInfo(_message.Message):
     decision: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., modality: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., spec_id: _Optional[str] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
 
-class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
-    MODELS_FIELD_NUMBER: _ClassVar[int]
-    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
-
-class PreviewRequest(_message.Message):
-    __slots__ = ("image",)
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
-    image: Image
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
-
 class PreviewResponse(_message.Message):
     __slots__ = ("width", "height", "modality", "png")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -212,3 +206,9 @@ class PreviewResponse(_message.Message):
     modality: str
     png: bytes
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., modality: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

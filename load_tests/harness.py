@@ -1,13 +1,15 @@
 """Start the real service on loopback: ``bentoml serve services.service:BreastScan``.
 
-The one way the project starts a served BreastScan outside production: the service tests
-(``tests/services/conftest.py``) and the serving benchmark (``load_tests/bench_serving.py``)
-both call :func:`launch_service`. It starts ``bentoml serve`` on 127.0.0.1 (HTTP and gRPC)
-with the environment and serving config it is given, in a process group of its own, waits
-until ``/readyz`` answers 200 and the gRPC health check says ``SERVING``, and returns a
-:class:`LaunchedService`: its addresses, log, cold-start times, the pids of its worker
-processes (their memory and CPU time), and :meth:`LaunchedService.stop`, which ends the
-whole group (:func:`breastscan.processes.stop_process_group`).
+A harness, not part of the served package: the one way the project starts a served
+BreastScan outside production. The service tests (``tests/services/conftest.py``, which
+import it as ``load_tests.harness``) and the serving benchmark (``load_tests/bench_serving.py``,
+run as a script beside it, which imports it as ``harness``) both call :func:`launch_service`.
+It starts ``bentoml serve`` on 127.0.0.1 (HTTP and gRPC) with the environment and serving
+config it is given, in a process group of its own, waits until ``/readyz`` answers 200 and
+the gRPC health check says ``SERVING``, and returns a :class:`LaunchedService`: its
+addresses, log, cold-start times, the pids of its worker processes (their memory and CPU
+time), and :meth:`LaunchedService.stop`, which ends the whole group
+(:func:`breastscan.processes.stop_process_group`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from breastscan.serving.config import CONFIG_ENV, GRPC_HOST_ENV, GRPC_PORT_ENV
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The checkout holding ``services/`` (the directory ``bentoml serve`` runs in)."""
 SERVICE_TARGET = "services.service:BreastScan"
 HOST = "127.0.0.1"

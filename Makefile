@@ -125,7 +125,7 @@ bench-serving: $(STAMP)  ## serving benchmark (in-process limit, HTTP/gRPC, batc
 bench-quality: $(STAMP)  ## leak-free 5-fold CV on BUSI and mini-MIAS (../shared/datasets) -> reports/quality_benchmark.json (ARGS=--quick: minutes; ARGS=cross_site: trained at one hospital, scored at the other, ~1.5 h)
 	$(BIN)/breastscan bench-quality $(ARGS)
 
-proto: $(STAMP)  ## regenerate the gRPC Python code from breastscan/serving/proto/**/*.proto
+proto: $(STAMP)  ## render the answer messages of the .proto from breastscan/serving/answer.py and regenerate the gRPC Python code
 	$(BIN)/python -m breastscan.serving.proto.generate
 
 clean:  ## remove pipeline outputs and the local MLflow store (keeps data/ and the venv)

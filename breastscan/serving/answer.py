@@ -276,39 +276,49 @@ class Prediction:
     PROTO: ClassVar[str] = "Prediction"
     DOC: ClassVar[str] = "One model's answer for one image."
 
-    model: str = answer_field(1, "string", "the model's name (density, tumor, lesion ...)", csv=True)
-    version: str | None = answer_field(2, "string", "registry version of the served model; null when "
-                                                    "unknown", csv=True)
-    stage: str | None = answer_field(3, "string", "registry stage (alias) it was served from; null when "
-                                                  "unknown", csv=True)
-    spec_id: str = answer_field(4, "string", "id of the preprocessing spec applied", default="")
-    task: str = answer_field(5, "string", "classification, segmentation or multitask", default="")
-    width: int = answer_field(6, "int32", "the image's width in pixels", csv=True, default=0)
-    height: int = answer_field(7, "int32", "the image's height in pixels", csv=True, default=0)
+    model: str = answer_field(
+        1, "string", "the model's name, e.g. 'tumor'", csv=True)
+    version: str | None = answer_field(
+        2, "string", "registry version of the served model; null (gRPC: empty) when unknown", csv=True)
+    stage: str | None = answer_field(
+        3, "string", "registry stage (alias) it was served from, e.g. 'production'; null (gRPC: empty) "
+        "when unknown", csv=True)
+    spec_id: str = answer_field(
+        4, "string", "id of the preprocessing spec applied", default="")
+    task: str = answer_field(
+        5, "string", "classification, segmentation or multitask (one model call, the fields of both): "
+        "says which fields below are there", default="")
+    width: int = answer_field(
+        6, "int32", "width of the image answered about (the crop's, with a roi), in pixels", csv=True,
+        default=0)
+    height: int = answer_field(
+        7, "int32", "height of the image answered about (the crop's, with a roi), in pixels", csv=True,
+        default=0)
     probabilities: dict[str, float] | None = answer_field(
-        8, "repeated ClassProbability", "calibrated probability of each class, in class order",
-        when=CLASSES, csv=True)
+        8, "repeated ClassProbability", "calibrated probability of every class, in the model's class "
+        "order; they sum to 1", when=CLASSES, csv=True)
     predicted: str | None = answer_field(
-        9, "optional string", "the class the model's decision rule calls: the most probable one, or "
-        "the contract's operating point", when=CLASSES, csv=True)
-    confidence: float | None = answer_field(10, "optional double", "the called class's probability, in "
-                                                                  "[0, 1]", when=CLASSES, csv=True)
+        9, "optional string", "the class the model's decision rule calls: the most probable one, or the "
+        "contract's operating point", when=CLASSES, csv=True)
+    confidence: float | None = answer_field(
+        10, "optional double", "the called class's probability, in [0, 1]", when=CLASSES, csv=True)
     heatmap_png: bytes | None = answer_field(
-        11, "optional bytes", "PNG, (height, width) 8-bit Grad-CAM heatmap, 255 = strongest evidence "
-        "for the called class (when explained)", when=IF_SET)
-    mask_png: bytes | None = answer_field(12, "optional bytes", "PNG, (height, width) 8-bit mask, "
-                                                                "255 = lesion", when=MASK)
-    lesion_area_px: int | None = answer_field(13, "optional int64", "lesion pixels in the image",
-                                              when=MASK, csv=True)
-    lesion_fraction: float | None = answer_field(14, "optional double", "lesion pixels / all pixels, "
-                                                                        "in [0, 1]", when=MASK, csv=True)
-    bbox: list[int] | None = answer_field(15, "optional BoundingBox", "[x, y, w, h] of the lesion "
-                                          "pixels; null when no pixel is lesion", when=MASK, csv=True)
+        11, "optional bytes", "with explain: (height, width) 8-bit gray PNG, the Grad-CAM heatmap of the "
+        "called class, 255 = strongest evidence", when=IF_SET)
+    mask_png: bytes | None = answer_field(
+        12, "optional bytes", "(height, width) 8-bit gray PNG, 255 = lesion, 0 = background", when=MASK)
+    lesion_area_px: int | None = answer_field(
+        13, "optional int64", "lesion pixels, in [0, width * height]", when=MASK, csv=True)
+    lesion_fraction: float | None = answer_field(
+        14, "optional double", "lesion pixels / all pixels, in [0, 1]", when=MASK, csv=True)
+    bbox: list[int] | None = answer_field(
+        15, "optional BoundingBox", "[x, y, w, h] of the lesion pixels; null (gRPC: not set) when no pixel "
+        "is lesion", when=MASK, csv=True)
     overlay_png: bytes | None = answer_field(
-        16, "optional bytes", "PNG, (height, width, 3) RGB image with the heatmap (when explained) or "
-        "else the mask drawn over it", when=IF_SET)
-    roi: list[int] | None = answer_field(17, "repeated int32", "[x, y, w, h] of the region of interest "
-                                         "the answer is about (when cropped)", when=IF_SET)
+        16, "optional bytes", "(height, width, 3) 8-bit RGB PNG: the image with the heatmap (with explain) "
+        "or else the mask drawn over it", when=IF_SET)
+    roi: list[int] | None = answer_field(
+        17, "repeated int32", "the request's region of interest [x, y, w, h] (when cropped)", when=IF_SET)
 
 
 @dataclass(frozen=True)
@@ -317,18 +327,25 @@ class EightCategory:
 
     PROTO: ClassVar[str] = "EightCategory"
     DOC: ClassVar[str] = ("The 8-category view (pathology x density) of a mammogram's density and tumor "
-                          "answers.")
+                          "answers (breastscan.evaluation.combined.eight_category).")
 
-    category: str = answer_field(1, "string", "the category, e.g. 'B-malignant'", default="")
-    density: str = answer_field(2, "string", "the density class", default="")
-    pathology: str = answer_field(3, "string", "benign or malignant", default="")
-    finding: str = answer_field(4, "string", "the tumor model's called class", default="")
-    p_malignant: float = answer_field(5, "double", "probability of malignancy, in [0, 1]", default=0.0)
-    p_normal: float | None = answer_field(6, "optional double", "probability of no finding (models with "
-                                                                "a normal class), in [0, 1]")
-    confidence: float = answer_field(7, "double", "probability of the category, in [0, 1]", default=0.0)
-    probabilities: dict[str, float] | None = answer_field(8, "repeated ClassProbability",
-                                                          "probability of each of the eight categories")
+    category: str = answer_field(
+        1, "string", "the most probable category, e.g. 'malignant-C'", default="")
+    density: str = answer_field(
+        2, "string", "density letter (A-D), the density model's arg-max", default="")
+    pathology: str = answer_field(
+        3, "string", "'benign' or 'malignant', the more likely of the two (malignant wins ties)", default="")
+    finding: str = answer_field(
+        4, "string", "the tumor model's called class (may be 'normal')", default="")
+    p_malignant: float = answer_field(
+        5, "double", "P(malignant | lesion) = p_malignant / (p_benign + p_malignant), in [0, 1]", default=0.0)
+    p_normal: float | None = answer_field(
+        6, "optional double", "the tumor model's probability of 'normal', in [0, 1]; null without that class")
+    confidence: float = answer_field(
+        7, "double", "joint probability of the category, in [0, 1]", default=0.0)
+    probabilities: dict[str, float] | None = answer_field(
+        8, "repeated ClassProbability", "joint probability of each of the eight categories (benign-A .. "
+        "malignant-D); they sum to 1")
 
 
 @dataclass(frozen=True)
@@ -338,18 +355,21 @@ class Analysis:
     PROTO: ClassVar[str] = "AnalyzeResponse"
     DOC: ClassVar[str] = "Every model of the image's modality on one image."
 
-    modality: str = answer_field(1, "string", "mammography or ultrasound", default="")
-    models: dict[str, Prediction] | None = answer_field(2, "map<string, Prediction>",
-                                                        "each model's answer, by name")
+    modality: str = answer_field(
+        1, "string", "the modality analysed: 'mammography' or 'ultrasound'", default="")
+    models: dict[str, Prediction] | None = answer_field(
+        2, "map<string, Prediction>", "every model of that modality: model name -> its answer")
     eight_category: EightCategory | None = answer_field(
-        3, "optional EightCategory", "a mammogram's 8-category view (with a density and a tumor model)",
+        3, "optional EightCategory", "for a mammogram when a density and a tumor model both answered",
         when=IF_SET)
-    roi: list[int] | None = answer_field(4, "repeated int32", "[x, y, w, h] of the region of interest "
-                                         "(when cropped)", when=IF_SET)
-    dicom_sr: bytes | None = answer_field(5, "bytes", "DICOM Part 10 Structured Report of every answer "
-                                          "(when asked)", when=IF_SET, json="dicom.sr")
+    roi: list[int] | None = answer_field(
+        4, "repeated int32", "the request's region of interest [x, y, w, h] (when cropped)", when=IF_SET)
+    dicom_sr: bytes | None = answer_field(
+        5, "bytes", "with dicom: the DICOM Structured Report (Part 10) of every answer, referencing the "
+        "source image; NOT FOR DIAGNOSTIC USE", when=IF_SET, json="dicom.sr")
     dicom_seg: dict[str, bytes] | None = answer_field(
-        6, "map<string, bytes>", "DICOM Part 10 Segmentation per model with a mask (when asked)",
+        6, "map<string, bytes>", "with dicom: name of a model with a mask -> its DICOM Segmentation "
+        "(Part 10)",
         when="dicom_sr", json="dicom.seg")
 
 
@@ -358,23 +378,35 @@ class ModelInfo:
     """What ``/models`` says about one served model."""
 
     PROTO: ClassVar[str] = "ModelInfo"
-    DOC: ClassVar[str] = "A served model: registry version and stage, task, modality, classes, spec."
+    DOC: ClassVar[str] = "Facts about one served model."
 
-    name: str = answer_field(1, "string", "the model's name (its endpoint)", default="")
-    version: str | None = answer_field(2, "string", "registry version; null when unknown")
-    stage: str | None = answer_field(3, "string", "registry stage (alias); null when unknown")
-    source: str | None = answer_field(4, "string", "where it came from, e.g. "
-                                                   "models:/breastscan-tumor@production")
-    task: str = answer_field(5, "string", "classification, segmentation or multitask", default="")
-    modality: str = answer_field(6, "string", "mammography or ultrasound", default="")
-    classes: list[str] | None = answer_field(7, "repeated string", "class names, in output order")
-    input_shape: list[int] | None = answer_field(8, "repeated int32", "the model input (H, W, C)")
-    spec_id: str = answer_field(9, "string", "id of its preprocessing spec", default="")
-    temperature: float = answer_field(10, "double", "calibration temperature (1 = none)", default=1.0)
-    threshold: float | None = answer_field(11, "optional double", "the mask threshold (models with a "
-                                                                  "mask), in [0, 1]")
-    decision: str | None = answer_field(12, "optional string", "how a model whose rule is not the "
-                                                               "arg-max calls its class")
+    name: str = answer_field(
+        1, "string", "its served name (the model of a predict request)", default="")
+    version: str | None = answer_field(
+        2, "string", "registry version; null (gRPC: empty) when unknown")
+    stage: str | None = answer_field(
+        3, "string", "registry stage (alias); null (gRPC: empty) when unknown")
+    source: str | None = answer_field(
+        4, "string", "where it was imported from, e.g. 'models:/breastscan-tumor@production'; null (gRPC: "
+        "empty) when unknown")
+    task: str = answer_field(
+        5, "string", "classification, segmentation or multitask", default="")
+    modality: str = answer_field(
+        6, "string", "'mammography' or 'ultrasound'", default="")
+    classes: list[str] | None = answer_field(
+        7, "repeated string", "class display names in class-index order ('lesion' for a segmenter)")
+    input_shape: list[int] | None = answer_field(
+        8, "repeated int32", "one model input: (H, W, 1)")
+    spec_id: str = answer_field(
+        9, "string", "id of its preprocessing spec", default="")
+    temperature: float = answer_field(
+        10, "double", "calibration temperature applied to the logits (1 = uncalibrated), > 0", default=1.0)
+    threshold: float | None = answer_field(
+        11, "optional double", "mask probability threshold in [0, 1] (models with a mask); null for "
+        "classifiers")
+    decision: str | None = answer_field(
+        12, "optional string", "how a classifier calls its class, one sentence, when its decision rule is "
+        "not the most probable class (an operating point fitted for a target sensitivity); null otherwise")
 
 
 @dataclass(frozen=True)
@@ -382,12 +414,13 @@ class Preview:
     """The decoded image, as the models see it."""
 
     PROTO: ClassVar[str] = "PreviewResponse"
-    DOC: ClassVar[str] = "The decoded image as an 8-bit PNG (DICOM windowed)."
+    DOC: ClassVar[str] = "The decoded image as an 8-bit PNG, as the service sees it (DICOM windowed)."
 
     width: int = answer_field(1, "int32", "width in pixels", default=0)
     height: int = answer_field(2, "int32", "height in pixels", default=0)
-    modality: str | None = answer_field(3, "string", "the modality a DICOM header names; null otherwise")
-    png: bytes = answer_field(4, "bytes", "PNG, (height, width) 8-bit", default=b"")
+    modality: str | None = answer_field(
+        3, "string", "the modality a DICOM header names; null (gRPC: empty) otherwise")
+    png: bytes = answer_field(4, "bytes", "(height, width) 8-bit gray PNG", default=b"")
 
 
 ANSWERS: tuple[type, ...] = (Prediction, EightCategory, Analysis, ModelInfo, Preview)
@@ -586,7 +619,8 @@ def proto_messages() -> str:
 
 # --------------------------------------------------------------------------- docs and CSV
 
-_JSON_TYPES: dict[str, dict[str, Any]] = {"string": {"type": "string"}, "int32": {"type": "integer"}, "int64": {"type": "integer"},
+_JSON_TYPES: dict[str, dict[str, Any]] = {
+               "string": {"type": "string"}, "int32": {"type": "integer"}, "int64": {"type": "integer"},
                "double": {"type": "number"}, "bool": {"type": "boolean"},
                "bytes": {"type": "string", "contentEncoding": "base64"},
                "ClassProbability": {"type": "object", "additionalProperties": {"type": "number"}},

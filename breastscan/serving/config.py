@@ -105,6 +105,8 @@ class ServingConfig:
         grpc_max_workers: gRPC handler threads per worker.
         auth: API-key authentication.
         monitoring: drift monitoring.
+        tracing: BentoML's OpenTelemetry tracing options (``sample_rate``, ``exporter_type``,
+            ``otlp`` ...), passed through; empty: nothing is traced.
     """
 
     models: tuple[str, ...] = ()
@@ -121,6 +123,7 @@ class ServingConfig:
     grpc_max_workers: int = 64
     auth: Auth = field(default_factory=Auth)
     monitoring: Monitoring = field(default_factory=Monitoring)
+    tracing: dict[str, Any] = field(default_factory=dict)
 
     def batching_for(self, model: str) -> Batching:
         """The batching of ``model``'s API (its override, else the default)."""
@@ -150,7 +153,7 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
             :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`, :data:`MONITORING_STORE_ENV`).
     """
     env = env or {}
-    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring"}
+    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring", "tracing"}
     if "models_service" in raw:
         raise ValueError("models_service is gone: the models run in the service's own workers "
                          "(api_service.workers)")
@@ -178,6 +181,7 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         grpc_max_workers=int(grpc.get("max_workers", 64)),
         auth=_auth(dict(raw.get("auth") or {}), env),
         monitoring=parse_monitoring(dict(raw.get("monitoring") or {}), env),
+        tracing=dict(raw.get("tracing") or {}),
     )
 
 

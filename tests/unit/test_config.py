@@ -107,3 +107,14 @@ def test_decision_rule_mistakes_are_named(model: str, decision: Any, match: str)
     raw["models"][model]["decision"] = decision
     with pytest.raises(ValueError, match=match):
         parse_params(raw)
+
+
+def test_tracing_is_passed_to_bentoml_and_skipped_when_nothing_is_sampled() -> None:
+    from breastscan.serving.config import parse_serving_config
+    from breastscan.serving.runtime import service_options
+
+    off = service_options(parse_serving_config({}))["tracing"]
+    assert off == {"excluded_urls": [".*"]}  # no span is built for a request nobody samples
+    raw = {"sample_rate": 0.5, "exporter_type": "otlp", "otlp": {"protocol": "grpc", "endpoint": "http://c:4317"}}
+    on = service_options(parse_serving_config({"tracing": raw}))["tracing"]
+    assert on == raw  # passed through untouched: every request traced at that rate

@@ -22,7 +22,9 @@ markdown table (printed, and written to ``reports/serving_benchmark.md``):
 3. **Peers** (``load_tests/peers``) on the same bundle, preprocessing, answer and load, HTTP
    at concurrency 1 and 32: a plain FastAPI + uvicorn app calling ``ModelBundle.predict``
    per request (1 and 2 workers: the competent baseline), the same with Keras
-   ``Model.predict`` per request, and a one-service BentoML app without batching.
+   ``Model.predict`` per request, and a one-service BentoML app without batching. Each
+   peer's JSON answer for one image must equal the service's (:func:`answer_differences`;
+   the run exits non-zero, after writing its report, when one does not).
 4. **Cold start and memory** -- process start to ``/readyz`` 200 and to gRPC ``SERVING``;
    resident memory (RSS) of every server process, idle after start and after the load.
 5. **Ratios and targets** at concurrency 32 (:func:`ratios_and_targets`).
@@ -35,7 +37,7 @@ records (CPU per process) and the table notes say.
 
 Run (``make bench-serving``)::
 
-    .venv/bin/python load_tests/bench_serving.py            # full run, ~12 min on 2 cores
+    .venv/bin/python load_tests/bench_serving.py            # full run, ~13 min on 2 cores
     .venv/bin/python load_tests/bench_serving.py --quick    # ~4 min smoke run
 
 By default the models are the project's production models: ``breastscan import-models``
@@ -262,21 +264,25 @@ def request_path(name: str, bundle: Any, settings: Settings, n: int = 200) -> di
     finish; what it spends beyond that is the serving framework (HTTP/gRPC, the call to the
     model service, metrics, logging).
     """
-    from breastscan.serving.requests import decode_upload, finish_predictions, prepare_inputs
+    from breastscan.serving.answer import ModelFacts, predictions, to_json
+    from breastscan.serving.config import ServingConfig
+    from breastscan.serving.engine import prepare_inputs
+    from breastscan.serving.request import decode_upload
 
     images = phantom_pngs(MODEL_MODALITY.get(name, "mammography"))
+    facts = ModelFacts(bundle.contract, bundle.spec.spec_id)
+    max_bytes = ServingConfig().max_upload_bytes
     steps: dict[str, list[float]] = {"decode": [], "prepare": [], "model": [], "finish": []}
     n = n if not settings.quick else n // 4
     for i in range(n + 10):
         t0 = time.perf_counter()
-        gray = decode_upload(images[i % len(images)], max_bytes=2**25)
+        gray = decode_upload(images[i % len(images)], max_bytes=max_bytes)
         t1 = time.perf_counter()
         prepared = prepare_inputs(bundle.spec, bundle.contract, [gray])
         t2 = time.perf_counter()
-        probs = bundle.predict(prepared.batch)
+        out = bundle.predict(prepared.batch)
         t3 = time.perf_counter()
-        answer = finish_predictions(bundle.contract, bundle.spec.spec_id, prepared, probs)[0].to_dict()
-        json.dumps(answer)
+        to_json(predictions(facts, prepared.grays, prepared.boxes, out)[0])
         t4 = time.perf_counter()
         if i >= 10:  # warm-up
             for key, a, b in (("decode", t0, t1), ("prepare", t1, t2), ("model", t2, t3), ("finish", t3, t4)):
@@ -292,9 +298,11 @@ def end_to_end(name: str, bundle: Any, settings: Settings) -> dict[str, Any]:
     """The honest ceiling of the served endpoint: files in, answers out, in this process.
 
     For each batch size, batches of PNG bytes go through exactly what the service does with
-    a request -- decode and preprocess (:func:`~breastscan.serving.requests.decode_upload`,
-    :func:`~breastscan.serving.requests.prepare_inputs`) on a thread pool, one
-    ``ModelBundle.predict`` of the batch, then each answer's dict and JSON bytes -- with the
+    a request -- decode and preprocess (:func:`~breastscan.serving.request.decode_upload`,
+    :func:`~breastscan.serving.engine.prepare_inputs`) on a thread pool, one
+    ``ModelBundle.predict`` of the batch, then each answer
+    (:func:`~breastscan.serving.answer.predictions`) and its JSON bytes
+    (:func:`~breastscan.serving.answer.to_json`) -- with the
     next batch decoded while the model runs the current one, as the server overlaps them.
     Nothing of HTTP, gRPC or the serving framework is in it. The pool has one thread per
     core or two, whichever is faster at the largest batch (OpenCV parallelises inside a
@@ -327,17 +335,22 @@ def _e2e_rate(bundle: Any, files: list[bytes], bs: int, threads: int, settings: 
     """Images/s of :func:`end_to_end`'s loop at batch size ``bs`` with ``threads`` decoding threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import orjson
+    from breastscan.serving.answer import ModelFacts, predictions, to_json
+    from breastscan.serving.batching import output_slice
+    from breastscan.serving.config import ServingConfig
+    from breastscan.serving.engine import prepare_inputs
+    from breastscan.serving.request import decode_upload
 
-    from breastscan.serving.requests import decode_upload, finish_predictions, prepare_inputs
+    facts = ModelFacts(bundle.contract, bundle.spec.spec_id)
+    max_bytes = ServingConfig().max_upload_bytes
 
     def prepare(data: bytes) -> Any:
-        return prepare_inputs(bundle.spec, bundle.contract, [decode_upload(data, max_bytes=2**25)])
+        return prepare_inputs(bundle.spec, bundle.contract, [decode_upload(data, max_bytes=max_bytes)])
 
     def answer(prepared: list[Any]) -> list[bytes]:
-        probs = bundle.predict(np.concatenate([p.batch for p in prepared]))
-        return [orjson.dumps(finish_predictions(bundle.contract, bundle.spec.spec_id, p, probs[i:i + 1])[0]
-                             .to_dict()) for i, p in enumerate(prepared)]
+        out = bundle.predict(np.concatenate([p.batch for p in prepared]))
+        return [to_json(predictions(facts, p.grays, p.boxes, output_slice(out, i, i + 1))[0])
+                for i, p in enumerate(prepared)]
 
     with ThreadPoolExecutor(threads) as workers, ThreadPoolExecutor(1) as ahead:
         def prepare_all(chunk: list[bytes]) -> list[Any]:
@@ -758,12 +771,19 @@ class PeerTarget:
         return {"peer": sum(cpu_seconds(pid) or 0.0 for pid in self.peer.pids())}
 
 
-def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], workdir: Path) -> dict[str, Any]:
-    """Each of :data:`PEER_RUNS` on the same bundle and load: closed-loop HTTP at c=1 and 32."""
+def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], workdir: Path,
+                  reference: bytes) -> dict[str, Any]:
+    """Each of :data:`PEER_RUNS` on the same bundle and load: closed-loop HTTP at c=1 and 32.
+
+    Before its load, each peer's answer for the first payload image is compared with
+    ``reference``, the service's (:func:`answer_differences`): ``answer_differences`` in its
+    block lists what differs (empty: the same answer).
+    """
     from peers.launch import running_peer
 
     from breastscan.processes import free_port, rss_mb
 
+    image = phantom_pngs(MODEL_MODALITY.get(settings.endpoint, "mammography"))[0]
     out: dict[str, Any] = {}
     for kind, workers in PEER_RUNS:
         label = f"{kind}-{workers}w"
@@ -771,15 +791,60 @@ def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], wor
         with running_peer(kind, bundle_dir=bundle_dir, port=free_port(), workers=workers, env=env,
                           logdir=workdir) as peer:
             ready_s = round(time.perf_counter() - t0, 2)
+            differences = answer_differences(posted_answer(peer.url, image), reference)
+            if differences:
+                log.error("peer %s answers otherwise than the service: %s", label, "; ".join(differences))
             gen = LoadGenerator(PeerTarget(peer), settings.endpoint, settings, route="predict")
             asyncio.run(_warm(gen, "http"))
             points = [asyncio.run(gen.closed_loop("http", c)) for c in (1, REF_CONCURRENCY)]
             rss = round(sum(rss_mb(pid) or 0.0 for pid in peer.pids()), 1)
         out[label] = {"kind": kind, "workers": workers, "ready_s": ready_s, "rss_mb_after_load": rss,
-                      "http": points}
+                      "answer_differences": differences, "http": points}
         log.info("peer %s: %s", label, ", ".join(f"c={p['concurrency']} {p['throughput_rps']:.1f} req/s"
                                                 for p in points))
     return out
+
+
+REGISTRY_KEYS = ("version", "stage")
+"""Answer keys a peer leaves null: it serves a bundle directory, not a registry version."""
+
+
+def posted_answer(url: str, image: bytes) -> bytes:
+    """The body of the answer to ``image`` posted to ``url`` as the multipart file ``image``.
+
+    Raises:
+        click.ClickException: the answer is not a 200.
+    """
+    import httpx
+    from urllib3.filepost import encode_multipart_formdata
+
+    body, content_type = encode_multipart_formdata({"image": ("image.png", image, "image/png")})
+    response = httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=120)
+    if response.status_code != 200:
+        raise click.ClickException(f"POST {url}: HTTP {response.status_code}: {response.text[:500]}")
+    return response.content
+
+
+def answer_differences(peer: bytes, service: bytes) -> list[str]:
+    """What differs between a peer's and the service's JSON answer for the same image.
+
+    Every key, its place in the order and its value must be equal (numbers exactly), except
+    :data:`REGISTRY_KEYS`; then the two bodies are the same bytes but for those values.
+
+    Returns:
+        One line per differing key (values cut to 60 characters), or one for the key order
+        (nested keys included); empty when the answers are the same.
+    """
+    a, b = json.loads(peer), json.loads(service)
+    for key in REGISTRY_KEYS:
+        a.pop(key, None)
+        b.pop(key, None)
+    missing = object()
+    lines = [f"{key}: peer {repr(a.get(key, missing))[:60]}, service {repr(b.get(key, missing))[:60]}"
+             for key in dict.fromkeys([*b, *a]) if a.get(key, missing) != b.get(key, missing)]
+    if not lines and json.dumps(a) != json.dumps(b):  # equal values, keys (nested ones too) in another order
+        lines.append(f"key order: peer {json.dumps(a)[:200]}, service {json.dumps(b)[:200]}")
+    return lines
 
 
 # =========================================================================== ratios and targets
@@ -1068,7 +1133,7 @@ def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="short smoke run (~3 min): concurrency 1,8,32, 3 s points")
+@click.option("--quick", is_flag=True, help="short smoke run (~4 min): concurrency 1,8,32, 3 s points")
 @click.option("--bentoml-home", type=click.Path(path_type=Path),
               default=lambda: os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml"),
               show_default="$BENTOML_HOME or ~/bentoml", help="the BentoML store the server loads from")
@@ -1142,11 +1207,15 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
                                                                       "input_shape")}
                         for name, info in result["in_process"]["models"].items()}
     result["served"] = {}
+    reference = b""  # the service's answer for one image, which every peer's must equal
     for label, config in (("batching_on", serving_config), ("batching_off", off_config)):
         server = start_server(env, config, workdir, label)
         try:
             block: dict[str, Any] = {"cold_start": server.cold_start(), "rss_mb_idle": server.rss_mb()}
             on = label == "batching_on"
+            if on:
+                image = phantom_pngs(MODEL_MODALITY.get(endpoint, "mammography"))[0]
+                reference = posted_answer(f"{server.http_url}/{endpoint}", image)
             profile = profile_dir / "serving_http_c32.speedscope.json" if on else None
             block.update(measure_server(server, settings, half_saturation=settings.half_saturation and on,
                                         profile_to=profile))
@@ -1156,7 +1225,7 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         result["served"][label] = block
     if peers_on:
         result["peers"] = measure_peers(Path(result["in_process"]["models"][endpoint]["path"]), settings, env,
-                                        workdir)
+                                        workdir, reference)
     max_latency = float(cfg_on["batching"]["max_latency_ms"])
     result["ratios"], result["targets"] = ratios_and_targets(result, endpoint, max_latency)
     cores = result["machine"]["cpus_usable"]
@@ -1175,7 +1244,9 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         "preprocessing out",
         "peers: the same bundle, preprocessing and answer behind a plain FastAPI + uvicorn app calling "
         "ModelBundle.predict per request (1 and 2 workers), the same with Keras Model.predict per request "
-        "('seeds'), and a one-service BentoML app without batching; HTTP only, same load generator",
+        "('seeds'), and a one-service BentoML app without batching; HTTP only, same load generator; each "
+        "peer's JSON answer for one image was compared with the service's before its load (equal but for "
+        "the registry version and stage, which a peer does not know: 'answer_differences' empty)",
         f"machine load average at start {result['machine']['load_average_at_start']}, at end "
         f"{list(os.getloadavg())}: other work on the machine adds noise",
     ]
@@ -1189,6 +1260,10 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
     markdown_output.write_text(table)
     click.echo(table)
     log.info("wrote %s and %s in %.0f s", output, markdown_output, result["duration_s"])
+    unlike = [label for label, block in (result.get("peers") or {}).items() if block["answer_differences"]]
+    if unlike:
+        raise click.ClickException(f"peers {', '.join(unlike)} answer otherwise than the service (see "
+                                   f"answer_differences in {output}): the comparison is not like for like")
 
 
 if __name__ == "__main__":

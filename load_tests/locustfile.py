@@ -60,6 +60,7 @@ from locust.runners import WorkerRunner
 from urllib3.filepost import encode_multipart_formdata
 
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
+from breastscan.serving.answer import ERRORS, Analysis, Prediction, code_for_http, from_proto
 from breastscan.serving.client import GRPCClient, ServiceError, resolve_api_key
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
 
@@ -119,6 +120,28 @@ def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
     return encode_multipart_formdata(form)
 
 
+def refusal(status: int, body: Any) -> str:
+    """A failed HTTP answer as ``HTTP <status> <code>: <message>``, the code from the error table.
+
+    Args:
+        status: the HTTP status.
+        body: the parsed JSON body, ``{"error": message, "code": code}`` for the service's
+            refusals (anything else is read by its status, :func:`code_for_http`).
+    """
+    known = isinstance(body, dict) and body.get("code") in ERRORS
+    code = body["code"] if known else code_for_http(status)
+    message = body.get("error") if isinstance(body, dict) else None
+    return f"HTTP {status} {code}: {str(message or body)[:200]}"
+
+
+def _json_or_text(response: Any) -> Any:
+    """A Locust (``requests``) response's JSON body, or its text when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -139,8 +162,8 @@ class ClinicHTTPUser(HttpUser):
         with self.client.post(f"/{endpoint}", data=body, headers={"Content-Type": content_type},
                               name=name or f"/{endpoint}", catch_response=True) as response:
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-            elif endpoint == "analyze" and "models" not in response.json():
+                response.failure(refusal(response.status_code, _json_or_text(response)))
+            elif endpoint == "analyze" and not response.json().get("models"):
                 response.failure("answer without models")
 
     @task(4)
@@ -176,12 +199,18 @@ class ClinicHTTPUser(HttpUser):
 
 # --------------------------------------------------------------------------- gRPC
 
+GRPC_ANSWERS: dict[str, type] = {"Predict": Prediction, "Analyze": Analysis}
+"""The answer class of each RPC the gRPC user calls."""
+
 
 class ClinicGRPCUser(User):
     """The same clinic calls over gRPC (``breastscan.v1.BreastScan``), via :class:`GRPCClient`.
 
     Each call fires Locust's ``request`` event (type ``grpc``) with its response time, the
-    answer's serialized size and the :class:`ServiceError` of a failed call.
+    answer's serialized size and the :class:`ServiceError` of a failed call (its code from
+    the error table). Each answer is decoded as the clients decode it
+    (:func:`breastscan.serving.answer.from_proto`), after the response time is taken, as
+    the HTTP user reads its JSON; an ``Analyze`` answer without models fails.
     """
 
     weight = 1
@@ -199,14 +228,21 @@ class ClinicGRPCUser(User):
     def _call(self, name: str, method: str, make_request: Callable[[], Any]) -> None:
         request = make_request()
         start = time.perf_counter()
-        length, exception = 0, None
+        length = 0
+        exception: Exception | None = None
         try:
-            length = self.client.call(method, request).ByteSize()
+            message = self.client.call(method, request)
         except ServiceError as exc:
-            exception = exc
+            exception, message = exc, None
+        response_time = (time.perf_counter() - start) * 1000
+        if message is not None:
+            length = message.ByteSize()
+            answer = from_proto(GRPC_ANSWERS[method], message)
+            if method == "Analyze" and not answer.models:
+                exception = ValueError("answer without models")
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - start) * 1000,
-            response_length=length, exception=exception, context={})
+            request_type="grpc", name=name, response_time=response_time, response_length=length,
+            exception=exception, context={})
 
     def _predict(self, model: str) -> None:
         self._call(f"Predict/{model}", "Predict", lambda: pb.PredictRequest(

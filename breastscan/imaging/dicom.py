@@ -66,7 +66,7 @@ def _open_bytes(source: bytes | bytearray | memoryview | str | Path) -> tuple[by
         return bytes(source), "DICOM bytes"
     path = Path(source)
     if not path.is_file():
-        raise ImageDecodeError(f"file not found: {path}")
+        raise ImageDecodeError(f"file not found: {path}", reason="not_an_image")
     return path.read_bytes(), path.name
 
 
@@ -94,7 +94,7 @@ def load_dataset(
 
     data, what = _open_bytes(source)
     if not data:
-        raise ImageDecodeError(f"{what}: empty input, no bytes to decode")
+        raise ImageDecodeError(f"{what}: empty input, no bytes to decode", reason="empty")
     _check_inflated_size(data, what)
     with warnings.catch_warnings():
         # pydicom warnings can quote element values (names, dates): keep them out of logs.
@@ -110,18 +110,20 @@ def load_dataset(
                 keywords = {elem.keyword for elem in ds}
             except Exception as exc:  # pydicom raises many types on garbage
                 raise ImageDecodeError(
-                    f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})"
+                    f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})",
+                    reason="not_an_image",
                 ) from None
             needed = {"Rows", "Columns", "SOPClassUID", *_PIXEL_KEYWORDS}
             if not keywords & needed:
                 raise ImageDecodeError(f"{what}: not a DICOM file (no DICM preamble, no image "
-                                       "attributes)") from None
-        except Exception as exc:
+                                       "attributes)", reason="not_an_image") from None
+        except Exception as exc:  # the DICM preamble is there: a DICOM file that does not parse
             raise ImageDecodeError(
-                f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})"
+                f"{what}: not a DICOM file or corrupt header ({type(exc).__name__})", reason="corrupt"
             ) from None
     if len(ds) == 0:
-        raise ImageDecodeError(f"{what}: corrupt DICOM file, no data elements could be read")
+        raise ImageDecodeError(f"{what}: corrupt DICOM file, no data elements could be read",
+                               reason="corrupt")
     _ensure_transfer_syntax(ds)
     return ds
 
@@ -155,12 +157,13 @@ def _check_inflated_size(data: bytes, what: str) -> None:
                 if total > _MAX_INFLATED_BYTES:
                     raise ImageDecodeError(
                         f"{what}: Deflated Explicit VR Little Endian dataset inflates past "
-                        f"{_MAX_INFLATED_BYTES >> 20} MiB; refused (a deflate bomb?)"
+                        f"{_MAX_INFLATED_BYTES >> 20} MiB; refused (a deflate bomb?)",
+                        reason="corrupt",
                     )
                 chunk = inflater.unconsumed_tail
     except zlib.error:
         raise ImageDecodeError(
-            f"{what}: corrupt DICOM file, its deflated dataset does not inflate"
+            f"{what}: corrupt DICOM file, its deflated dataset does not inflate", reason="corrupt"
         ) from None
 
 
@@ -206,8 +209,8 @@ def _check_decodable(ds: Dataset) -> None:
     Refused: a UID that is not a known DICOM transfer syntax (private or unknown: its
     encoding is undefined), a compressed syntax pydicom has no decoder for, one whose
     decoder plugin (python-gdcm, pylibjpeg-openjpeg, pyjpegls) is not installed, and
-    12-bit JPEG Extended (:func:`_check_precision`). The messages contain "transfer
-    syntax", which the service answers as ``unsupported``.
+    12-bit JPEG Extended (:func:`_check_precision`), each with reason ``unsupported`` (the
+    service's code for it); the messages say "transfer syntax".
     """
     from pydicom.pixels import get_decoder
 
@@ -218,7 +221,8 @@ def _check_decodable(ds: Dataset) -> None:
         kind = "private" if uid.is_private else "unknown"
         raise ImageDecodeError(
             f"transfer syntax {uid} is not supported: an {kind} transfer syntax, its pixel "
-            "encoding is not defined by the DICOM standard"
+            "encoding is not defined by the DICOM standard",
+            reason="unsupported",
         )
     if not uid.is_compressed:
         return
@@ -227,13 +231,15 @@ def _check_decodable(ds: Dataset) -> None:
     except NotImplementedError:
         raise ImageDecodeError(
             f"compressed transfer syntax {_syntax_label(uid)} is not supported: no decoder "
-            "exists for it"
+            "exists for it",
+            reason="unsupported",
         ) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
         raise ImageDecodeError(
             f"compressed transfer syntax {_syntax_label(uid)} has no decoder available "
-            f"(install one of: {missing})"
+            f"(install one of: {missing})",
+            reason="unsupported",
         )
     _check_precision(ds, uid, decoder)
     _check_codestream_size(ds, uid)
@@ -251,7 +257,8 @@ def _check_precision(ds: Dataset, uid: Any, decoder: Any) -> None:
     if uid == JPEGExtended12Bit and bits > 8 and "pylibjpeg" not in decoder.available_plugins:
         raise ImageDecodeError(
             f"compressed transfer syntax {_syntax_label(uid)} with {bits}-bit samples has no decoder "
-            "available (only pylibjpeg-libjpeg reads it; it is GPL-3.0 and not shipped)"
+            "available (only pylibjpeg-libjpeg reads it; it is GPL-3.0 and not shipped)",
+            reason="unsupported",
         )
 
 
@@ -279,7 +286,7 @@ def _check_codestream_size(ds: Dataset, uid: Any) -> None:
         first = next(generate_fragments(stream), b"")
     except Exception as exc:
         raise ImageDecodeError(
-            f"corrupt encapsulated DICOM pixel data ({uid.name}): {type(exc).__name__}"
+            f"corrupt encapsulated DICOM pixel data ({uid.name}): {type(exc).__name__}", reason="corrupt"
         ) from None
     if jpeg:
         info = _get_jpg_parameters(first)
@@ -289,7 +296,8 @@ def _check_codestream_size(ds: Dataset, uid: Any) -> None:
     if height > rows or width > cols:
         raise ImageDecodeError(
             f"corrupt DICOM pixel data ({uid.name}): the codestream is {width}x{height} "
-            f"pixels, the header says {cols}x{rows}"
+            f"pixels, the header says {cols}x{rows}",
+            reason="corrupt",
         )
 
 
@@ -324,7 +332,7 @@ def _first_frame(ds: Dataset) -> np.ndarray:
         uid = _transfer_syntax(ds)
         syntax = f" ({uid.name})" if uid is not None else ""
         raise ImageDecodeError(
-            f"DICOM pixel data could not be decoded{syntax}: {type(exc).__name__}"
+            f"DICOM pixel data could not be decoded{syntax}: {type(exc).__name__}", reason="corrupt"
         ) from None
     return np.asarray(arr)
 
@@ -356,7 +364,8 @@ def _is_multi(value: Any) -> bool:
 def _color_to_unit(arr: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` RGB → ``(H, W)`` float32 gray in [0, 1] (uint8 / 255, else min-max)."""
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ImageDecodeError(f"colour DICOM with unexpected pixel shape {tuple(arr.shape)}")
+        raise ImageDecodeError(f"colour DICOM with unexpected pixel shape {tuple(arr.shape)}",
+                               reason="bad_shape")
     if arr.dtype == np.uint8:
         return to_float_gray(np.ascontiguousarray(arr[:, :, ::-1]))  # to_float_gray wants BGR
     return to_float_gray(arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
@@ -383,7 +392,7 @@ def dataset_to_image(ds: Dataset) -> DicomImage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not any(k in ds for k in _PIXEL_KEYWORDS):
-            raise ImageDecodeError("DICOM file has no pixel data")
+            raise ImageDecodeError("DICOM file has no pixel data", reason="no_pixel_data")
         _check_decodable(ds)
         try:
             photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -392,13 +401,14 @@ def dataset_to_image(ds: Dataset) -> DicomImage:
             samples = int(ds.get("SamplesPerPixel", 1) or 1)
             code = str(ds.get("Modality", "") or "").strip().upper()
         except Exception as exc:
-            raise ImageDecodeError(f"corrupt DICOM image attributes ({type(exc).__name__})") from None
+            raise ImageDecodeError(f"corrupt DICOM image attributes ({type(exc).__name__})",
+                                  reason="corrupt") from None
 
         arr = _first_frame(ds)
         if arr.ndim == 3 and samples == 1 and arr.shape[0] == n_frames:
             arr = arr[0]  # a decoder that ignored ``index``
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+            raise ImageDecodeError("DICOM pixel data contains NaN or infinite values", reason="not_finite")
 
         try:
             if photometric == "PALETTE COLOR":
@@ -408,19 +418,20 @@ def dataset_to_image(ds: Dataset) -> DicomImage:
             else:
                 if arr.ndim != 2:
                     raise ImageDecodeError(
-                        f"expected a 2-D monochrome frame, got shape {tuple(arr.shape)}"
+                        f"expected a 2-D monochrome frame, got shape {tuple(arr.shape)}",
+                        reason="bad_shape",
                     )
                 pixels = _monochrome(arr, ds, photometric, apply_modality_lut, apply_voi_lut)
         except ImageDecodeError:
             raise
         except Exception as exc:
             raise ImageDecodeError(
-                f"DICOM LUT/windowing could not be applied ({type(exc).__name__})"
+                f"DICOM LUT/windowing could not be applied ({type(exc).__name__})", reason="corrupt"
             ) from None
 
     pixels = np.asarray(pixels, dtype=np.float32)
     if not np.isfinite(pixels).all():
-        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values", reason="not_finite")
     return DicomImage(
         pixels=pixels,
         modality=MODALITY_CODES.get(code),
@@ -436,7 +447,7 @@ def _monochrome(
     """Modality LUT → VOI LUT/window → MONOCHROME1 inversion → float32 [0, 1]."""
     out = np.asarray(modality_lut(arr, ds))
     if out.dtype.kind == "f" and not np.isfinite(out).all():
-        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values")
+        raise ImageDecodeError("DICOM pixel data contains NaN or infinite values", reason="not_finite")
     voi = _voi_range(ds)
     if voi is not None:
         out = np.asarray(voi_lut(out, ds), dtype=np.float64)
@@ -463,12 +474,13 @@ def read_dicom(source: bytes | bytearray | memoryview | str | Path) -> DicomImag
         converted to gray, first frame of a multi-frame file.
 
     Raises:
-        ImageDecodeError: not DICOM or corrupt; "DICOM file has no pixel data"; a
-            transfer syntax that cannot be decoded here -- private/unknown, compressed
-            without a decoder in pydicom (MPEG, HEVC ...) or without its plugin installed
-            (the message names the syntax and says "transfer syntax"); a codestream larger
-            than Rows/Columns or a deflated dataset past ``_MAX_INFLATED_BYTES``
-            (corrupt); NaN/inf values.
+        ImageDecodeError: its ``reason`` says why: ``not_an_image`` (not DICOM),
+            ``corrupt`` (a DICOM file that does not parse or decode, a codestream larger
+            than Rows/Columns, a deflated dataset past ``_MAX_INFLATED_BYTES``),
+            ``no_pixel_data``, ``unsupported`` (a transfer syntax that cannot be decoded
+            here -- private/unknown, compressed without a decoder in pydicom (MPEG, HEVC
+            ...) or without its plugin installed; the message names the syntax),
+            ``not_finite`` (NaN/inf values), ``bad_shape``.
 
     Compressed syntaxes decoded (pydicom's pixel handlers with pylibjpeg-libjpeg,
     pylibjpeg-openjpeg and pyjpegls): JPEG baseline / extended / lossless (.50, .51, .57,

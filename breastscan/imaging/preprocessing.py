@@ -24,8 +24,39 @@ SPEC_FILENAME = "preprocess.json"
 DICOM_MAGIC = b"DICM"
 
 
+DECODE_REASONS: tuple[str, ...] = (
+    "empty",  # no bytes at all
+    "too_small",  # a side below ``min_side``
+    "too_large",  # a side above ``max_side``
+    "no_pixel_data",  # a DICOM file without an image
+    "not_finite",  # NaN or infinite pixel values
+    "unsupported",  # a known container with an encoding decoded nowhere here (a DICOM codec)
+    "bad_shape",  # pixels that are not (H, W) or (H, W, C) with C in 1, 3, 4
+    "corrupt",  # a supported format that does not decode
+    "truncated",  # a file that ends early (a cut-off upload)
+    "not_an_image",  # bytes of no supported format, or a path that names no file
+)
+"""Why an image does not decode: the ``reason`` of every :class:`ImageDecodeError`.
+
+The words are the service's error codes (:data:`breastscan.serving.answer.ERRORS`), so the
+service answers ``reason`` as it is; the message is for people and may be reworded freely.
+"""
+
+
 class ImageDecodeError(ValueError):
-    """The input is not an image the platform can use; the message says why."""
+    """The input is not an image the platform can use.
+
+    Attributes:
+        reason: why, one of :data:`DECODE_REASONS` (stable, for programs to branch on);
+            the message says it in words.
+    """
+
+    def __init__(self, message: str, *, reason: str = "corrupt") -> None:
+        """Build the error; ``reason`` must be one of :data:`DECODE_REASONS` (else ValueError)."""
+        if reason not in DECODE_REASONS:
+            raise ValueError(f"unknown decode reason {reason!r}; expected one of {', '.join(DECODE_REASONS)}")
+        super().__init__(message)
+        self.reason = reason
 
 
 LEGACY_CLAHE_BITS = 16
@@ -155,7 +186,7 @@ def _read_source(source: bytes | bytearray | memoryview | str | Path) -> bytes:
         return bytes(source)
     path = Path(source)
     if not path.is_file():
-        raise ImageDecodeError(f"file not found: {path}")
+        raise ImageDecodeError(f"file not found: {path}", reason="not_an_image")
     return path.read_bytes()
 
 
@@ -187,16 +218,17 @@ def to_float_gray(array: np.ndarray) -> np.ndarray:
         elif arr.shape[2] == 1:
             arr = arr[:, :, 0]
         else:
-            raise ImageDecodeError(f"unsupported channel count {arr.shape[2]} (need 1, 3 or 4)")
+            raise ImageDecodeError(f"unsupported channel count {arr.shape[2]} (need 1, 3 or 4)",
+                                   reason="bad_shape")
     if arr.ndim != 2:
-        raise ImageDecodeError(f"expected a 2-D image, got shape {tuple(arr.shape)}")
+        raise ImageDecodeError(f"expected a 2-D image, got shape {tuple(arr.shape)}", reason="bad_shape")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if arr.dtype == bool:
         return arr.astype(np.float32)
     out = arr.astype(np.float64)
     if not np.isfinite(out).all():
-        raise ImageDecodeError("image contains NaN or infinite values")
+        raise ImageDecodeError("image contains NaN or infinite values", reason="not_finite")
     lo, hi = float(out.min()), float(out.max())
     if hi <= lo:
         return np.zeros(out.shape, np.float32)
@@ -206,11 +238,13 @@ def to_float_gray(array: np.ndarray) -> np.ndarray:
 def _check_size(height: int, width: int, min_side: int, max_side: int) -> None:
     if min(height, width) < min_side:
         raise ImageDecodeError(
-            f"image is {width}x{height} pixels; the smallest side must be at least {min_side}"
+            f"image is {width}x{height} pixels; the smallest side must be at least {min_side}",
+            reason="too_small",
         )
     if max(height, width) > max_side:
         raise ImageDecodeError(
-            f"image is {width}x{height} pixels; the largest side may be at most {max_side}"
+            f"image is {width}x{height} pixels; the largest side may be at most {max_side}",
+            reason="too_large",
         )
 
 
@@ -236,11 +270,11 @@ def decode_image(
 
     Raises:
         ImageDecodeError: empty input, unknown format, truncated or corrupt file, size out
-            of range, DICOM without pixel data; the message says which.
+            of range, DICOM without pixel data; its ``reason`` says which.
     """
     data = _read_source(source)
     if not data:
-        raise ImageDecodeError("empty input: no bytes to decode")
+        raise ImageDecodeError("empty input: no bytes to decode", reason="empty")
     if is_dicom(data):
         from breastscan.imaging.dicom import read_dicom  # pydicom is imported only when needed
 
@@ -257,25 +291,26 @@ def decode_image(
             fmt = probe.format
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            "not an image: the bytes are not PNG, JPEG, PGM, TIFF, BMP or DICOM"
+            "not an image: the bytes are not PNG, JPEG, PGM, TIFF, BMP or DICOM", reason="not_an_image"
         ) from None
     except Exception as exc:  # Pillow raises many types on corrupt headers
-        raise ImageDecodeError(f"corrupt image header: {exc}") from None
+        raise ImageDecodeError(f"corrupt image header: {exc}", reason="corrupt") from None
     _check_size(height, width, min_side, max_side)
     if fmt == "JPEG" and b"\xff\xd9" not in data[-64:]:
-        raise ImageDecodeError("truncated JPEG: the end-of-image marker is missing")
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} file: it does not decode")
+        raise ImageDecodeError("truncated JPEG: the end-of-image marker is missing", reason="truncated")
     if fmt == "PNG":
         _check_png_complete(data)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'} file: it does not decode",
+                               reason="corrupt")
     return to_float_gray(arr)
 
 
 def _check_png_complete(data: bytes) -> None:
-    """OpenCV may decode a PNG cut inside its last IDAT chunk; require the IEND chunk."""
+    """Require the IEND chunk: a cut PNG is named truncated (OpenCV may even decode one cut late)."""
     if b"IEND" not in data[-32:]:
-        raise ImageDecodeError("truncated PNG: the IEND chunk is missing")
+        raise ImageDecodeError("truncated PNG: the IEND chunk is missing", reason="truncated")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -361,10 +396,10 @@ def preprocess_image(image: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarra
     """
     img = np.asarray(image)
     if img.ndim != 2:
-        raise ImageDecodeError(f"expected a 2-D gray image, got shape {tuple(img.shape)}")
+        raise ImageDecodeError(f"expected a 2-D gray image, got shape {tuple(img.shape)}", reason="bad_shape")
     img = img.astype(np.float32, copy=False)
     if not np.isfinite(img).all():
-        raise ImageDecodeError("image contains NaN or infinite values")
+        raise ImageDecodeError("image contains NaN or infinite values", reason="not_finite")
     out, geom = letterbox(
         img,
         spec.height,
@@ -393,10 +428,4 @@ def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         keep_aspect=spec.keep_aspect, interpolation=cv2.INTER_AREA,
     )
     return (area >= 0.5).astype(np.float32)[:, :, None]
-
-
-def load_image(source: bytes | str | Path, spec: PreprocessSpec) -> np.ndarray:
-    """Decode and preprocess in one call: ``(spec.height, spec.width, 1)`` float32 in [0, 1]."""
-    pixels = decode_image(source, min_side=spec.min_side, max_side=spec.max_side)
-    return preprocess_image(pixels, spec)[0]
 

@@ -173,13 +173,14 @@ def code_for_http(status: int) -> str:
 def code_for_grpc(status: str) -> str:
     """The code a client reports for a gRPC error without an ``error-code`` trailer.
 
-    ``RESOURCE_EXHAUSTED`` (gRPC's own message-size refusal) is ``too_large``; a status
-    without a fallback code is its name in lower case.
+    ``RESOURCE_EXHAUSTED`` (gRPC's own message-size refusal) is ``too_large``, a bare
+    ``INVALID_ARGUMENT`` is ``bad_request`` (not ``too_large``, whose gRPC status it shares);
+    a status without a fallback code is its name in lower case.
     """
     if status == "RESOURCE_EXHAUSTED":
         return "too_large"
     for code, kind in ERRORS.items():
-        if kind.fallback and kind.grpc == status:
+        if kind.fallback and kind.grpc == status and code != "too_large":
             return code
     return status.lower()
 
@@ -655,12 +656,14 @@ def _presence_note(f: _Field) -> str:
 
 
 def csv_columns(task: str, class_names: Sequence[str]) -> list[str]:
-    """The answer columns of ``predictions.csv`` for a model (``p_<class>`` per class)."""
-    columns = []
+    """The answer columns of ``predictions.csv`` for a model: its CSV fields in declaration
+    order, the class probabilities (``p_<class>`` per class) after ``predicted`` and ``confidence``."""
     probe = Prediction(model="", version=None, stage=None, task=task)
-    for f in answer_fields(Prediction):
-        if f.csv and _present(f, probe):
-            columns += [f"p_{c}" for c in class_names] if f.name == "probabilities" else [f.name]
+    columns = [f.name for f in answer_fields(Prediction) if f.csv and _present(f, probe)]
+    if "probabilities" in columns:
+        columns.remove("probabilities")
+        after = columns.index("confidence") + 1
+        columns[after:after] = [f"p_{c}" for c in class_names]
     return columns
 
 

@@ -33,23 +33,6 @@ from breastscan.serving.answer import ApiError
 
 log = logging.getLogger(__name__)
 
-# decode_image and read_dicom say what went wrong in their message only; the first phrase
-# found decides the code (order matters: "corrupt or truncated" is not a clean truncation).
-_DECODE_CODES: tuple[tuple[str, str], ...] = (
-    ("empty input", "empty"),
-    ("smallest side", "too_small"),
-    ("largest side", "too_large"),
-    ("no pixel data", "no_pixel_data"),
-    ("nan or infinite", "not_finite"),
-    ("transfer syntax", "unsupported"),
-    ("unsupported channel count", "bad_shape"),
-    ("expected a 2-d", "bad_shape"),
-    ("corrupt or truncated", "corrupt"),
-    ("truncated", "truncated"),
-    ("not an image", "not_an_image"),
-    ("not a dicom file", "not_an_image"),
-)
-
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PIXEL_KINDS = "uif"  # unsigned, signed integer, floating point
@@ -227,7 +210,7 @@ def decode_upload(
             _check_dicom_header(raw, spec, modality)
         return decode_image(raw, min_side=spec.min_side, max_side=spec.max_side)
     except ImageDecodeError as exc:
-        raise ApiError(_decode_code(str(exc)), str(exc)) from None
+        raise ApiError(exc.reason, str(exc)) from None  # the reasons are error codes of ERRORS
 
 
 def _check_dicom_header(raw: bytes, spec: PreprocessSpec, modality: str | None) -> None:
@@ -243,7 +226,7 @@ def _check_dicom_header(raw: bytes, spec: PreprocessSpec, modality: str | None) 
     try:
         height, width = int(rows), int(cols)
     except (TypeError, ValueError):
-        raise ImageDecodeError("corrupt DICOM image attributes (Rows/Columns)") from None
+        raise ImageDecodeError("corrupt DICOM image attributes (Rows/Columns)", reason="corrupt") from None
     _check_side(height, width, spec)
 
 
@@ -263,14 +246,6 @@ def check_modality(code: str, modality: str) -> None:
         wanted = ", ".join(c for c, name in DICOM_MODALITY_CODES.items() if name == modality) or modality
         raise ApiError("wrong_modality", f"the DICOM header says Modality {code[:16]!r}; the model is "
                                            f"for {modality} ({wanted})")
-
-
-def _decode_code(message: str) -> str:
-    text = message.lower()
-    for phrase, code in _DECODE_CODES:
-        if phrase in text:
-            return code
-    return "corrupt"
 
 
 def _check_side(height: int, width: int, spec: PreprocessSpec) -> None:

@@ -2,9 +2,13 @@
 
 ``uvicorn load_tests.peers.fastapi_app:app`` loads the bundle in ``$PEER_BUNDLE`` at
 startup, warms it up, and answers ``POST /predict`` (multipart, file field ``image``) with
-the project's answer dict, built by the project's own request steps
-(:mod:`breastscan.serving.requests`) around ``ModelBundle.predict``; ``GET /healthz`` is 200
-once the model is loaded. :func:`make_app` builds it around any model call
+the project's answer JSON, built by the service's own steps around ``ModelBundle.predict``:
+:func:`~breastscan.serving.request.decode_upload`,
+:func:`~breastscan.serving.engine.prepare_inputs`, the model call,
+:func:`~breastscan.serving.answer.predictions` and :func:`~breastscan.serving.answer.to_json`
+(ready bytes, as the service sends them); a refusal is the error table's status with
+:func:`~breastscan.serving.answer.error_json`. ``GET /healthz`` is 200 once the model is
+loaded. :func:`make_app` builds it around any model call
 (:mod:`load_tests.peers.seeds_app` is the naive ``Model.predict`` variant).
 """
 
@@ -16,18 +20,24 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from breastscan.bundle import ModelBundle
-from breastscan.serving.requests import InputError, decode_upload, finish_predictions, prepare_inputs
+from breastscan.serving.answer import ERRORS, ApiError, ModelFacts, error_json, predictions, to_json
+from breastscan.serving.config import ServingConfig
+from breastscan.serving.engine import prepare_inputs
+from breastscan.serving.request import decode_upload
 
 from .launch import BUNDLE_ENV, mark_ready
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 32 * 2**20
-RunModel = Callable[[ModelBundle, np.ndarray], np.ndarray]
-"""``(bundle, batch) -> probabilities``: the model call a peer is built around."""
+MAX_UPLOAD_BYTES = ServingConfig().max_upload_bytes
+"""The service's default upload limit."""
+JSON = "application/json"
+RunModel = Callable[[ModelBundle, np.ndarray], Any]
+"""``(bundle, batch) -> served output`` (probabilities, a mask, or a multi-task model's dict of
+both, as ``ModelBundle.predict`` gives them): the model call a peer is built around."""
 
 
 def make_app(run_model: RunModel) -> FastAPI:
@@ -38,29 +48,30 @@ def make_app(run_model: RunModel) -> FastAPI:
         bundle = ModelBundle.load(os.environ[BUNDLE_ENV])
         run_model(bundle, np.zeros((1, *bundle.contract.input_shape), np.float32))  # warm-up
         app.state.bundle = bundle
+        app.state.facts = ModelFacts(bundle.contract, bundle.spec.spec_id)
         log.info("peer %d serves %s", os.getpid(), bundle.contract.name)
         mark_ready()
         yield
 
     app = FastAPI(title="breastscan benchmark peer", lifespan=lifespan)
 
-    @app.exception_handler(InputError)
-    async def refuse(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, "code": exc.code},
-                            status_code=413 if exc.code == "too_large" else 400)
+    @app.exception_handler(ApiError)
+    async def refuse(request: Request, exc: ApiError) -> Response:
+        return Response(error_json(exc.code, exc.message), status_code=ERRORS[exc.code].http, media_type=JSON)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/predict")
-    def predict(request: Request, image: Annotated[bytes, File()]) -> dict[str, Any]:
+    def predict(request: Request, image: Annotated[bytes, File()]) -> Response:
         # A sync endpoint: FastAPI runs it in its thread pool, off the event loop.
         bundle: ModelBundle = request.app.state.bundle
         gray = decode_upload(image, max_bytes=MAX_UPLOAD_BYTES)
         prepared = prepare_inputs(bundle.spec, bundle.contract, [gray])
-        probs = run_model(bundle, prepared.batch)
-        return finish_predictions(bundle.contract, bundle.spec.spec_id, prepared, probs)[0].to_dict()
+        out = run_model(bundle, prepared.batch)
+        answer = predictions(request.app.state.facts, prepared.grays, prepared.boxes, out)[0]
+        return Response(to_json(answer), media_type=JSON)
 
     return app
 

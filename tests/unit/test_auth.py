@@ -1,5 +1,5 @@
-"""API-key authentication (breastscan.serving.auth) without a service: key files, the ASGI guard,
-the gRPC interceptor on an in-process server, the clients' keys and the config's ``auth:``.
+"""API-key authentication (breastscan.serving.auth) without a service: key files, the HTTP edge's
+key check, the gRPC interceptor on an in-process server, the clients' keys and the config's ``auth:``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 
 from breastscan.serving.auth import (
     UNAUTHORIZED_MESSAGE,
-    ApiKeyGuard,
     ApiKeys,
     add_key,
     grpc_interceptor,
@@ -37,6 +36,8 @@ from breastscan.serving.client import (
     resolve_api_key,
 )
 from breastscan.serving.config import Auth, load_serving_config, parse_serving_config
+from breastscan.serving.http import Edge
+from breastscan.serving.request import Request, api_routes
 from tests.conftest import REPO
 
 KEY = new_key()
@@ -142,47 +143,56 @@ def test_add_key_after_a_last_line_without_newline(tmp_path: Path) -> None:
     assert (keys.client(OTHER), keys.client(key)) == ("by-hand", "new")
 
 
-# --------------------------------------------------------------------------- HTTP guard
+# --------------------------------------------------------------------------- HTTP: the edge
 
 
 class Harness:
-    """A tiny ASGI app behind :class:`ApiKeyGuard`, recording what reached it."""
+    """The HTTP edge with API keys over a tiny app and an engine, recording what reached them."""
 
     def __init__(self) -> None:
         self.reached: list[dict[str, Any]] = []
-        self.guard = ApiKeyGuard(self.app, ApiKeys({hash_key(KEY): "clinic"}))
+        self.requests: list[Request] = []
+        self.edge = Edge(self.app, routes=api_routes(["lesion"]), engine=lambda: self,
+                         max_body_bytes=1 << 20, timeout_s=10, keys=ApiKeys({hash_key(KEY): "clinic"}))
 
     async def app(self, scope: Any, receive: Any, send: Any) -> None:
         self.reached.append(dict(scope))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def request(self, path: str, headers: dict[str, str] | None = None,
-                kind: str = "http") -> tuple[list[dict[str, Any]], int]:
+    async def answer(self, request: Request) -> list[Any]:
+        """The engine's one entry (answers ``/models``: no model)."""
+        self.requests.append(request)
+        return []
+
+    def request(self, path: str, headers: dict[str, str] | None = None, kind: str = "http",
+                method: str = "POST") -> tuple[list[dict[str, Any]], int]:
         sent: list[dict[str, Any]] = []
         reads = 0
 
         async def receive() -> dict[str, Any]:
             nonlocal reads
             reads += 1
-            return {"type": "http.request", "body": b"x" * 100, "more_body": False}
+            return {"type": "http.request", "body": b"", "more_body": False}
 
         async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(dict(message))
 
-        scope = {"type": kind, "method": "POST", "path": path,
+        scope = {"type": kind, "method": method, "path": path,
                  "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]}
-        asyncio.run(self.guard(scope, receive, send))
+        asyncio.run(self.edge(scope, receive, send))
         return sent, reads
 
 
 def test_open_paths_pass_without_a_key() -> None:
     harness = Harness()
-    for path in ("/healthz", "/livez", "/readyz", "/docs.json", "/", "/ui", "/ui/", "/ui/app.js",
+    for path in ("/healthz", "/livez", "/readyz", "/", "/ui", "/ui/", "/ui/app.js",
                  "/static_content/index.css"):
-        sent, _ = harness.request(path)
+        sent, _ = harness.request(path, method="GET")
         assert sent[0]["status"] == 200, path
-    assert len(harness.reached) == 9
+    assert len(harness.reached) == 8
+    sent, _ = harness.request("/docs.json", method="GET")  # the edge's own
+    assert sent[0]["status"] == 200 and b'"openapi"' in sent[1]["body"] and len(harness.reached) == 8
     for path in ("/models", "/metrics", "/lesion", "/healthz/", "/uix", "/ui.js", "//models", "/UI/",
                  "/docs.json/x"):
         assert not is_open_path(path), path
@@ -190,27 +200,31 @@ def test_open_paths_pass_without_a_key() -> None:
 
 def test_refusal_is_a_401_with_the_error_body_and_the_body_unread() -> None:
     harness = Harness()
-    for headers in ({}, {"x-api-key": OTHER}, {"Authorization": f"Bearer {OTHER}"},
-                    {"Authorization": f"Basic {KEY}"}, {"x-api-key": ""}):
-        sent, reads = harness.request("/lesion", headers)
-        assert reads == 0  # refused before reading a byte of the body
-        start, body = sent
-        assert start["status"] == 401
-        head = dict(start["headers"])
-        assert head[b"content-type"] == b"application/json"
-        assert head[b"www-authenticate"] == b'Bearer realm="breastscan"'
-        assert int(head[b"content-length"]) == len(body["body"])
-        assert httpx.Response(401, content=body["body"]).json() == {"error": UNAUTHORIZED_MESSAGE,
-                                                                     "code": "unauthorized"}
-    assert harness.reached == []
+    for path in ("/lesion", "/models", "/metrics", "/nowhere"):
+        for headers in ({}, {"x-api-key": OTHER}, {"Authorization": f"Bearer {OTHER}"},
+                        {"Authorization": f"Basic {KEY}"}, {"x-api-key": ""}):
+            sent, reads = harness.request(path, headers)
+            assert reads == 0  # refused before reading a byte of the body
+            start, body = sent
+            assert start["status"] == 401
+            head = dict(start["headers"])
+            assert head[b"content-type"] == b"application/json"
+            assert head[b"www-authenticate"] == b'Bearer realm="breastscan"'
+            assert int(head[b"content-length"]) == len(body["body"])
+            assert httpx.Response(401, content=body["body"]).json() == {"error": UNAUTHORIZED_MESSAGE,
+                                                                         "code": "unauthorized"}
+    assert harness.reached == [] and harness.requests == []
 
 
-def test_a_valid_key_reaches_the_app_with_the_client_label() -> None:
+def test_a_valid_key_reaches_the_app_and_the_engine_with_the_client_label() -> None:
     harness = Harness()
     for headers in ({"X-API-Key": KEY}, {"authorization": f"Bearer {KEY}"}):
-        sent, _ = harness.request("/models", headers)
+        sent, _ = harness.request("/metrics", headers, method="GET")
         assert sent[0]["status"] == 200
+        sent, _ = harness.request("/models", headers)
+        assert (sent[0]["status"], sent[1]["body"]) == (200, b"[]")
     assert [s["state"]["client"] for s in harness.reached] == ["clinic", "clinic"]
+    assert [r.caller for r in harness.requests] == ["clinic", "clinic"]
 
 
 def test_websockets_need_a_key_and_lifespan_passes() -> None:

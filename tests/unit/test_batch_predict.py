@@ -7,14 +7,16 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from breastscan.cli import main
+from breastscan.serving import answer as answers
 from breastscan.serving import batch
-from breastscan.serving.engine import Engine, ImageInput, local_engine
+from breastscan.serving.answer import Prediction, lesion_bbox, mask_of, to_dict
+from breastscan.serving.engine import Engine, local_engine
+from breastscan.serving.request import ImageInput, Request, predict_request
 from tests.conftest import sqlite_mlflow
 from tests.services import images
 
@@ -76,31 +78,44 @@ def _counting(engine: Engine, fail_at: int | None = None) -> list[str]:
     calls: list[str] = []
     original = engine.predict
 
-    async def predict(model: str, image: ImageInput, **kw: Any) -> dict[str, Any]:
-        calls.append(model)
+    async def predict(request: Request) -> Prediction:
+        calls.append(str(request.model))
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
-        return await original(model, image, **kw)
+        return await original(request)
 
     engine.predict = predict  # type: ignore[method-assign]
     return calls
 
 
-def _reference(model: batch.LoadedModel, inputs: list[batch.InputFile]) -> dict[str, dict[str, Any]]:
+def _reference(model: batch.LoadedModel, inputs: list[batch.InputFile]) -> dict[str, Prediction]:
     """The engine's answers one file at a time, without batching (as the service answers uploads)."""
     engine = local_engine({model.name: model.bundle}, versions={model.name: model.version},
                           stages={model.name: str(model.stage)})
 
-    async def ask(item: batch.InputFile) -> tuple[str, dict[str, Any] | None]:
+    async def ask(item: batch.InputFile) -> tuple[str, Prediction | None]:
+        request = predict_request(model.name, ImageInput(data=item.path.read_bytes()))
         try:
-            return item.key, await engine.predict(model.name, ImageInput(data=item.path.read_bytes()))
+            return item.key, await engine.predict(request)
         except Exception:  # noqa: BLE001 -- refused files are checked elsewhere
             return item.key, None
 
-    async def all_answers() -> list[tuple[str, dict[str, Any] | None]]:
+    async def all_answers() -> list[tuple[str, Prediction | None]]:
         return await asyncio.gather(*(ask(i) for i in inputs))
 
     return {k: a for k, a in asyncio.run(all_answers()) if a is not None}
+
+
+def _expected_header(loaded: batch.LoadedModel) -> list[str]:
+    """The CSV header: the path, the answer's CSV columns with the status after version and stage."""
+    contract = loaded.bundle.contract
+    columns = answers.csv_columns(contract.task, contract.class_names)
+    return ["path", *columns[:3], "status", *columns[3:]]
+
+
+def _as_csv(answer: Prediction) -> dict[str, str]:
+    """An answer's CSV values as the CSV reader gives them back (text)."""
+    return {k: str(v) for k, v in answers.csv_row(answer).items()}
 
 
 def test_inputs_folder_manifest_and_dicom_tree(folder: Path, tmp_path: Path) -> None:
@@ -130,16 +145,22 @@ def test_batch_rows_equal_the_engines_answers(tumor: batch.LoadedModel, folder: 
     assert (summary.ok, summary.refused, summary.skipped) == (N_OK, {c: 1 for c in BROKEN.values()}, 0)
     assert engine.batchers[tumor.name].stats.largest > 1  # the model saw batches
 
-    rows = {r["path"]: r for r in _rows(tmp_path / batch.PREDICTIONS_CSV)}
+    all_rows = _rows(tmp_path / batch.PREDICTIONS_CSV)
+    assert list(all_rows[0]) == _expected_header(tumor) == batch.csv_columns(engine.select(tumor.name))
+    assert list(all_rows[0])[5:] == ["width", "height", "predicted", "confidence", "p_benign", "p_malignant",
+                                     "p_normal"]
+    rows = {r["path"]: r for r in all_rows}
     jsonl = (tmp_path / batch.PREDICTIONS_JSONL).read_text().splitlines()
     lines = {d["path"]: d for d in map(json.loads, jsonl)}
     assert set(rows) == set(lines) == {f.key for f in inputs}
     reference = _reference(tumor, inputs)
     assert len(reference) == N_OK
-    for key, answer in reference.items():
-        row, line = rows[key], lines[key]
+    for key, expected in reference.items():
+        answer, row, line = to_dict(expected), rows[key], lines[key]
         assert (row["status"], row["model"], row["version"], row["stage"]) == ("ok", "tumor", tumor.version,
                                                                                "production")
+        exact = {k: v for k, v in _as_csv(expected).items() if k != "confidence" and not k.startswith("p_")}
+        assert {k: row[k] for k in exact} == exact  # model, version, stage, size, predicted
         for cls, p in answer["probabilities"].items():
             assert float(row[f"p_{cls}"]) == pytest.approx(p, abs=1e-5)
             assert line["probabilities"][cls] == pytest.approx(p, abs=1e-5)
@@ -207,10 +228,17 @@ def test_segmenter_rows_hold_lesion_measures_and_dicom_results(name: str, folder
     summary = batch.predict_files(engine, name, chosen, out, progress=False, dicom=writer)
     assert (summary.ok, summary.refused, summary.dicom_files) == (4, {"wrong_modality": 1}, 2)
     rows = _rows(out / batch.PREDICTIONS_CSV)
-    assert len(rows) == 5 and list(rows[0])[-3:] == ["lesion_area_px", "lesion_fraction", "bbox"]
+    assert len(rows) == 5 and list(rows[0]) == _expected_header(loaded)
+    assert list(rows[0])[-3:] == ["lesion_area_px", "lesion_fraction", "bbox"]
+    lines = {d["path"]: d for d in map(json.loads, (out / batch.PREDICTIONS_JSONL).read_text().splitlines())}
+    reference = _reference(loaded, chosen)
     for r in rows[:3]:
-        assert int(r["lesion_area_px"]) >= 0 and 0.0 <= float(r["lesion_fraction"]) <= 1.0
-        assert r["bbox"] == "" or len(r["bbox"].split()) == 4
+        mask = mask_of(lines[r["path"]]["mask_png"])  # the row measures its answer's own mask
+        expected = reference[r["path"]]  # ... which is the engine's answer to that file alone
+        assert int(r["lesion_area_px"]) == int(mask.sum()) == expected.lesion_area_px
+        assert float(r["lesion_fraction"]) == pytest.approx(mask.sum() / mask.size, abs=1e-9)
+        assert r["bbox"] == " ".join(map(str, lesion_bbox(mask) or []))
+        assert mask_of(expected.mask_png or b"").tolist() == mask.tolist()
     if name == "us_mt":
         names = list(bundle.contract.class_names)
         assert list(rows[0])[7:-3] == ["predicted", "confidence", *(f"p_{c}" for c in names)]

@@ -608,7 +608,9 @@ class _Delayed:
 def test_local_engine_batched_answers_equal_unbatched() -> None:
     from breastscan.bundle import ModelBundle, ModelContract
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.serving.engine import ImageInput, local_engine
+    from breastscan.serving.answer import to_dict
+    from breastscan.serving.engine import local_engine
+    from breastscan.serving.request import ImageInput, predict_request
     from tests.conftest import tiny_model
 
     spec = PreprocessSpec(height=32, width=32)
@@ -631,10 +633,12 @@ def test_local_engine_batched_answers_equal_unbatched() -> None:
                         batching=S(enabled=True, max_batch_size=8, max_latency_ms=5000))
 
     async def sequential(engine: Any) -> list[dict[str, Any]]:
-        return [await engine.predict("tumor", ImageInput(data=p)) for p in pngs]
+        return [to_dict(await engine.predict(predict_request("tumor", ImageInput(data=p)))) for p in pngs]
 
     async def concurrent(engine: Any) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(engine.predict("tumor", ImageInput(data=p)) for p in pngs)))
+        answers = await asyncio.gather(*(engine.predict(predict_request("tumor", ImageInput(data=p)))
+                                         for p in pngs))
+        return [to_dict(a) for a in answers]
 
     try:
         expected = asyncio.run(sequential(plain))

@@ -17,7 +17,7 @@ from breastscan.config import AugmentConfig, DedupConfig, ModelConfig, SplitConf
 from breastscan.data.loading import SplitData, load_split, read_splits
 from breastscan.data.manifest import normalize_manifest, read_manifest
 from breastscan.data.splits import prepare_splits
-from breastscan.imaging.preprocessing import PreprocessSpec, load_image
+from breastscan.imaging.preprocessing import PreprocessSpec, decode_image, preprocess_image
 from breastscan.models.inputs import class_weights, make_dataset
 
 SPEC = PreprocessSpec(height=32, width=32)
@@ -103,7 +103,8 @@ def test_images_use_the_serving_preprocessing(mammo: tuple[Path, Path]) -> None:
                       classes=("benign", "malignant", "normal"), preprocess=spec)
     data = load_split(csv, root, cfg, "val")
     for i in (0, len(data) - 1):
-        np.testing.assert_array_equal(data.images[i], load_image(root / data.frame.at[i, "image"], spec))
+        served, _ = preprocess_image(decode_image(root / data.frame.at[i, "image"]), spec)
+        np.testing.assert_array_equal(data.images[i], served)
     index = dict(zip(cfg.classes, range(3), strict=True))
     assert data.targets.tolist() == [index[v] for v in data.frame["pathology"]]
 

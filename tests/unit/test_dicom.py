@@ -60,17 +60,21 @@ def test_other_modality_is_none(dicom_dir: Path) -> None:
 
 
 def test_no_pixel_data_is_a_clear_error(dicom_dir: Path) -> None:
-    with pytest.raises(ImageDecodeError, match="DICOM file has no pixel data"):
+    with pytest.raises(ImageDecodeError, match="DICOM file has no pixel data") as info:
         read_dicom(dicom_dir / "no_pixels.dcm")
+    assert info.value.reason == "no_pixel_data"
 
 
 def test_garbage_is_not_dicom(dicom_dir: Path) -> None:
-    with pytest.raises(ImageDecodeError, match="not a DICOM file"):
-        read_dicom(dicom_dir / "garbage.dcm")
-    with pytest.raises(ImageDecodeError, match="corrupt DICOM"):
-        read_dicom(b"\x00" * 128 + b"DICM" + b"\xff" * 40)
-    with pytest.raises(ImageDecodeError, match="file not found"):
-        read_dicom(dicom_dir / "missing.dcm")
+    for source, message, reason in [
+        (dicom_dir / "garbage.dcm", "not a DICOM file", "not_an_image"),
+        (b"\x00" * 128 + b"DICM" + b"\xff" * 40, "corrupt DICOM", "corrupt"),
+        (dicom_dir / "missing.dcm", "file not found", "not_an_image"),
+        (b"", "empty input", "empty"),
+    ]:
+        with pytest.raises(ImageDecodeError, match=message) as info:
+            read_dicom(source)
+        assert info.value.reason == reason, message
 
 
 def test_compressed_syntax_without_decoder_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,6 +104,7 @@ def test_compressed_syntax_without_decoder_names_it(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ImageDecodeError, match="JPEG-LS") as info:
         read_dicom(buf.getvalue())
     assert "no decoder available" in str(info.value) and "pyjpegls" in str(info.value)
+    assert info.value.reason == "unsupported"
 
 
 def test_nan_float_pixels_are_refused() -> None:
@@ -118,8 +123,9 @@ def test_nan_float_pixels_are_refused() -> None:
     ds.FloatPixelData = arr.tobytes()
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    with pytest.raises(ImageDecodeError, match="NaN"):
+    with pytest.raises(ImageDecodeError, match="NaN") as info:
         read_dicom(buf.getvalue())
+    assert info.value.reason == "not_finite"
 
 
 def test_decode_image_reads_dicom_bytes(dicom_dir: Path) -> None:
@@ -127,8 +133,9 @@ def test_decode_image_reads_dicom_bytes(dicom_dir: Path) -> None:
     pixels = decode_image(data)
     np.testing.assert_array_equal(pixels, read_dicom(data).pixels)
     assert pixels.dtype == np.float32 and 0.0 <= pixels.min() <= pixels.max() <= 1.0
-    with pytest.raises(ImageDecodeError, match="smallest side"):
+    with pytest.raises(ImageDecodeError, match="smallest side") as info:
         decode_image(data, min_side=64)
+    assert info.value.reason == "too_small"
 
 
 def test_pseudonymize_is_deterministic_and_keyed() -> None:

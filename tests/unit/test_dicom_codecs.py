@@ -29,7 +29,8 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from breastscan.imaging import dicom as dicom_mod  # noqa: E402
 from breastscan.imaging.dicom import load_dataset, read_dicom  # noqa: E402
 from breastscan.imaging.preprocessing import ImageDecodeError, PreprocessSpec  # noqa: E402
-from breastscan.serving.requests import InputError, decode_upload  # noqa: E402
+from breastscan.serving.answer import ApiError  # noqa: E402
+from breastscan.serving.request import decode_upload  # noqa: E402
 
 MAX_BYTES = 10_000_000
 TEST_FILES = Path(os.path.dirname(pydicom.data.__file__)) / "test_files"
@@ -263,7 +264,7 @@ def test_jpeg_lossless_sample_decodes_and_12bit_jpeg_extended_is_refused() -> No
     assert load_dataset(path).file_meta.TransferSyntaxUID == U.JPEGExtended12Bit
     with pytest.raises(ImageDecodeError, match=r"transfer syntax .*12-bit samples has no decoder"):
         read_dicom(path)
-    with pytest.raises(InputError) as info:
+    with pytest.raises(ApiError) as info:
         decode_upload(path.read_bytes(), max_bytes=2**25)
     assert info.value.code == "unsupported"
 
@@ -294,8 +295,8 @@ def test_htj2k_syntaxes_route_to_openjpeg() -> None:
 # --------------------------------------------------------------------------- refusals
 
 
-def _code(data: bytes, **kwargs: Any) -> InputError:
-    with pytest.raises(InputError) as info:
+def _code(data: bytes, **kwargs: Any) -> ApiError:
+    with pytest.raises(ApiError) as info:
         decode_upload(data, max_bytes=MAX_BYTES, **kwargs)
     return info.value
 

@@ -35,7 +35,8 @@ from breastscan.monitoring.drift import (
 )
 from breastscan.monitoring.recorder import Recorder, RecordStore
 from breastscan.serving.config import parse_monitoring
-from breastscan.serving.engine import Engine, ImageInput, ServedModel
+from breastscan.serving.engine import Engine, ServedModel
+from breastscan.serving.request import ImageInput, predict_request
 from tests.services import images
 
 PATIENT = ("Doe", "Jane", "SECRET", "1234", "Patient")
@@ -295,8 +296,9 @@ def test_the_engine_records_answered_requests(tmp_path: Path) -> None:
 
     recorder = Recorder(tmp_path / "r.sqlite", interval_s=0).start()
     engine = Engine(served, infer, explain, max_upload_bytes=2**20, recorder=recorder)
-    result = asyncio.run(engine.predict("tumor", ImageInput(data=images.png(images.mammogram(1)))))
-    assert result["predicted"] == "benign"
+    request = predict_request("tumor", ImageInput(data=images.png(images.mammogram(1))))
+    result = asyncio.run(engine.predict(request))
+    assert result.predicted == "benign"
     assert recorder.flush()
     recorder.close()
     with sqlite3.connect(tmp_path / "r.sqlite") as db:

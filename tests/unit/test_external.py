@@ -32,7 +32,7 @@ from breastscan.data.manifest import CONTRACT_COLUMNS, write_manifest
 from breastscan.evaluation import external
 from breastscan.evaluation.metrics import STANDARD
 from breastscan.imaging.files import read_mask
-from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
+from breastscan.imaging.preprocessing import PreprocessSpec, decode_image, preprocess_image, preprocess_mask
 from breastscan.registry import external_runs, resolver, tracking, versions
 from tests.conftest import sqlite_mlflow, tiny_model
 
@@ -217,7 +217,7 @@ def test_manifest_missing_is_a_clear_error(tmp_path: Path) -> None:
 def _direct_tumor_probs(store: dict[str, Any], images: list[str]) -> np.ndarray:
     """Served probabilities of the registered bundle, computed here image by image."""
     bundle = ModelBundle.load(store["tumor_dir"])
-    batch = np.stack([load_image(store["dataset"] / p, bundle.spec) for p in images])
+    batch = np.stack([preprocess_image(decode_image(store["dataset"] / p), bundle.spec)[0] for p in images])
     probs = bundle.predict(batch).astype(np.float64)
     return probs / probs.sum(axis=1, keepdims=True)
 
@@ -336,7 +336,8 @@ def test_segmenter_gets_dice_and_iou(store: dict[str, Any]) -> None:
     # Dice / IoU recomputed here from the bundle's own masks
     bundle = ModelBundle.load(store["lesion_dir"])
     rows = store["manifest"].iloc[N_MG:N_MG + N_US]
-    batch = np.stack([load_image(store["dataset"] / p, bundle.spec) for p in rows["image"]])
+    batch = np.stack([preprocess_image(decode_image(store["dataset"] / p), bundle.spec)[0]
+                      for p in rows["image"]])
     pred = bundle.predict(batch)[..., 0] >= 0.5
     truth = np.stack([preprocess_mask(read_mask(store["dataset"] / p), bundle.spec)[..., 0] > 0.5
                       for p in rows["mask"]])

@@ -1,6 +1,6 @@
 """The gRPC front end: a real server on 127.0.0.1 over an in-process engine, driven by GRPCClient.
 
-Answers must be exactly the engine's own dicts; client mistakes must come back as
+Answers must be exactly the engine's own, in their JSON shape; client mistakes must come back as
 INVALID_ARGUMENT with their stable code; health, reflection, time limits, internal
 errors and the message size limit are those of the API's contract.
 """
@@ -13,7 +13,7 @@ import filecmp
 import logging
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,24 +26,13 @@ import pytest
 from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
 from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.serving.answer import INTERNAL_MESSAGE, to_dict
 from breastscan.serving.batching import OVERLOADED_MESSAGE, Overloaded
-from breastscan.serving.client import GRPCClient, ServiceError, analysis_to_dict, prediction_to_dict
-from breastscan.serving.engine import (
-    Engine,
-    ImageInput,
-    ServedModel,
-    local_engine,
-)
-from breastscan.serving.grpc_server import (
-    INTERNAL_MESSAGE,
-    SERVICE_NAME,
-    GrpcBindError,
-    GrpcServerHandle,
-    analysis_to_proto,
-    prediction_to_proto,
-    start_grpc_server,
-)
+from breastscan.serving.client import GRPCClient, ServiceError
+from breastscan.serving.engine import Engine, ServedModel, local_engine
+from breastscan.serving.grpc_server import SERVICE_NAME, GrpcBindError, GrpcServerHandle, start_grpc_server
 from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
+from breastscan.serving.request import ImageInput, Request, predict_request
 
 pytestmark = pytest.mark.service
 
@@ -127,9 +116,9 @@ def client(server: GrpcServerHandle) -> Iterator[GRPCClient]:
 
 
 @pytest.fixture(scope="module")
-def run(loop: asyncio.AbstractEventLoop) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """Run an engine coroutine on the engine's loop and wait (the direct, in-process answer)."""
-    return lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+def run(loop: asyncio.AbstractEventLoop, engine: Engine) -> Callable[[Request], Any]:
+    """The engine's own answer to a request, in its JSON shape (run on the engine's loop)."""
+    return lambda request: to_dict(asyncio.run_coroutine_threadsafe(engine.answer(request), loop).result(60))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +145,7 @@ def ultrasound_png() -> bytes:
 def test_predict_equals_the_engine(client: GRPCClient, engine: Engine, run: Any, mammogram_png: bytes,
                                    model: str) -> None:
     answer = client.predict(model, mammogram_png)
-    assert answer == run(engine.predict(model, ImageInput(data=mammogram_png)))
+    assert answer == run(predict_request(model, ImageInput(data=mammogram_png)))
     assert list(answer["probabilities"]) == list(engine.models[model].contract.class_names)
     assert (answer["width"], answer["height"]) == (MAMMO_SIZE[1], MAMMO_SIZE[0])
     assert "heatmap_png" not in answer and "roi" not in answer
@@ -167,7 +156,7 @@ def test_predict_equals_the_engine(client: GRPCClient, engine: Engine, run: Any,
 def test_segmenter_answer_equals_the_engine(client: GRPCClient, engine: Engine, run: Any,
                                             ultrasound_png: bytes) -> None:
     answer = client.predict("lesion", ultrasound_png)
-    assert answer == run(engine.predict("lesion", ImageInput(data=ultrasound_png)))
+    assert answer == run(predict_request("lesion", ImageInput(data=ultrasound_png)))
     assert _decode_png(answer["mask_png"]).shape == US_SIZE
     assert _decode_png(answer["overlay_png"]).shape == (*US_SIZE, 3)
 
@@ -185,7 +174,7 @@ def test_predict_array_equals_the_engine(client: GRPCClient, engine: Engine, run
     arr = {"uint8": mammogram, "uint16": mammogram.astype(np.uint16) * 257,
            "float32": mammogram.astype(np.float32) / np.float32(255.0)}[dtype]
     answer = client.predict_array("tumor", arr)
-    assert answer == run(engine.predict("tumor", ImageInput(array=arr)))
+    assert answer == run(predict_request("tumor", ImageInput(array=arr)))
     assert (answer["width"], answer["height"]) == (MAMMO_SIZE[1], MAMMO_SIZE[0])
 
 
@@ -201,7 +190,7 @@ def test_array_byte_order_and_layout_do_not_matter(client: GRPCClient, mammogram
 def test_analyze_mammogram_has_the_eight_category_view(client: GRPCClient, engine: Engine, run: Any,
                                                        mammogram_png: bytes) -> None:
     result = client.analyze(mammogram_png, modality="mammography")
-    assert result == run(engine.analyze(ImageInput(data=mammogram_png), modality="mammography"))
+    assert result == run(Request("analyze", image=ImageInput(data=mammogram_png), modality="mammography"))
     assert result["modality"] == "mammography" and sorted(result["models"]) == ["density", "tumor"]
     view = result["eight_category"]
     assert set(view) == {"category", "density", "pathology", "finding", "p_malignant", "p_normal",
@@ -212,14 +201,14 @@ def test_analyze_mammogram_has_the_eight_category_view(client: GRPCClient, engin
 
 def test_analyze_ultrasound(client: GRPCClient, engine: Engine, run: Any, ultrasound_png: bytes) -> None:
     result = client.analyze(ultrasound_png, modality="ultrasound")
-    assert result == run(engine.analyze(ImageInput(data=ultrasound_png), modality="ultrasound"))
+    assert result == run(Request("analyze", image=ImageInput(data=ultrasound_png), modality="ultrasound"))
     assert list(result["models"]) == ["lesion"] and "eight_category" not in result
 
 
 def test_explain_returns_heatmaps_at_the_image_size(client: GRPCClient, engine: Engine, run: Any,
                                                     mammogram_png: bytes) -> None:
     answer = client.predict("tumor", mammogram_png, explain=True)
-    assert answer == run(engine.predict("tumor", ImageInput(data=mammogram_png), explain=True))
+    assert answer == run(predict_request("tumor", ImageInput(data=mammogram_png), explain=True))
     heat, over = _decode_png(answer["heatmap_png"]), _decode_png(answer["overlay_png"])
     assert heat.shape == MAMMO_SIZE and heat.dtype == np.uint8
     assert over.shape == (*MAMMO_SIZE, 3)
@@ -232,14 +221,15 @@ def test_roi_crops_the_answer(client: GRPCClient, engine: Engine, run: Any, mamm
                               ultrasound_png: bytes) -> None:
     roi = (8, 10, 40, 50)
     answer = client.predict("tumor", mammogram_png, roi=roi, explain=True)
-    assert answer == run(engine.predict("tumor", ImageInput(data=mammogram_png, roi=roi), explain=True))
+    assert answer == run(predict_request("tumor", ImageInput(data=mammogram_png, roi=roi), explain=True))
     assert (answer["width"], answer["height"], answer["roi"]) == (40, 50, list(roi))
     assert _decode_png(answer["heatmap_png"]).shape == (50, 40)
     lesion = client.predict("lesion", ultrasound_png, roi=(4, 4, 32, 20))
     assert (lesion["width"], lesion["height"]) == (32, 20)
     assert _decode_png(lesion["mask_png"]).shape == (20, 32)
     result = client.analyze(mammogram_png, modality="mammography", roi=roi)
-    assert result == run(engine.analyze(ImageInput(data=mammogram_png, roi=roi), modality="mammography"))
+    assert result == run(Request("analyze", image=ImageInput(data=mammogram_png, roi=roi),
+                                 modality="mammography"))
     assert result["roi"] == list(roi)
     assert all((a["width"], a["height"]) == (40, 50) for a in result["models"].values())
 
@@ -247,14 +237,14 @@ def test_roi_crops_the_answer(client: GRPCClient, engine: Engine, run: Any, mamm
 def test_preview(client: GRPCClient, engine: Engine, run: Any, mammogram: np.ndarray,
                  mammogram_png: bytes) -> None:
     preview = client.preview(mammogram_png)
-    assert preview == run(engine.preview(ImageInput(data=mammogram_png)))
+    assert preview == run(Request("preview", image=ImageInput(data=mammogram_png)))
     assert (preview["width"], preview["height"], preview["modality"]) == (MAMMO_SIZE[1], MAMMO_SIZE[0], None)
     np.testing.assert_array_equal(_decode_png(preview["png"]), mammogram)
 
 
 def test_models(client: GRPCClient, engine: Engine) -> None:
     models = client.models()
-    assert models == engine.describe()
+    assert models == to_dict(engine.describe())
     assert [m["name"] for m in models] == ["density", "lesion", "tumor"]
     assert models[1]["threshold"] == 0.5 and models[0]["threshold"] is None
 
@@ -362,7 +352,7 @@ def test_oversize_message_is_refused_by_grpc(client: GRPCClient, mammogram_png: 
 
 def test_server_answers_after_and_among_bad_requests(client: GRPCClient, engine: Engine, run: Any,
                                                      mammogram_png: bytes) -> None:
-    expected = run(engine.predict("tumor", ImageInput(data=mammogram_png)))
+    expected = run(predict_request("tumor", ImageInput(data=mammogram_png)))
 
     def good(_: int) -> dict[str, Any]:
         return client.predict("tumor", mammogram_png)
@@ -477,37 +467,7 @@ def test_port_sharing_and_bind_errors(engine: Engine, loop: asyncio.AbstractEven
                               max_message_bytes=MAX_MESSAGE, timeout_s=5)
 
 
-# --------------------------------------------------------------------------- conversions, generated code
-
-
-def test_conversions_round_trip_every_field() -> None:
-    png = base64.b64encode(_png(np.zeros((4, 5), np.uint8))).decode("ascii")
-    common = {"model": "m", "version": None, "stage": None, "spec_id": "s", "width": 5, "height": 4}
-    head = {"task": "multitask", "probabilities": {"benign": 0.7, "malignant": 0.3}, "predicted": "benign",
-            "confidence": 0.7}
-    answers: list[dict[str, Any]] = [
-        {**common, "task": "classification", "probabilities": {"z": 0.1, "a": 0.3, "m": 0.6},
-         "predicted": "m", "confidence": 0.6},
-        {**common, "version": "7", "stage": "staging", "task": "classification",
-         "probabilities": {"a": 1 / 3, "b": 2 / 3}, "predicted": "b", "confidence": 2 / 3,
-         "heatmap_png": png, "overlay_png": png, "roi": [1, 2, 5, 4]},
-        {**common, "task": "segmentation", "mask_png": png, "lesion_area_px": 3, "lesion_fraction": 0.15,
-         "bbox": [0, 1, 3, 1], "overlay_png": png},
-        {**common, "task": "segmentation", "mask_png": png, "lesion_area_px": 0, "lesion_fraction": 0.0,
-         "bbox": None, "overlay_png": png},
-        {**common, **head, "mask_png": png, "lesion_area_px": 3, "lesion_fraction": 0.15,
-         "bbox": [0, 1, 3, 1], "overlay_png": png},
-        {**common, **head, "heatmap_png": png, "mask_png": png, "lesion_area_px": 0, "lesion_fraction": 0.0,
-         "bbox": None, "overlay_png": png},
-    ]
-    for answer in answers:
-        assert prediction_to_dict(pb.Prediction.FromString(prediction_to_proto(answer).SerializeToString())) \
-            == answer
-    view = {"category": "benign-A", "density": "A", "pathology": "benign", "finding": "benign",
-            "p_malignant": 0.25, "p_normal": None, "confidence": 0.5,
-            "probabilities": {f"{k}-{d}": 0.125 for k in ("benign", "malignant") for d in "ABCD"}}
-    result = {"modality": "mammography", "models": {"a": answers[0], "b": answers[1]}, "eight_category": view}
-    assert analysis_to_dict(analysis_to_proto(result)) == result
+# --------------------------------------------------------------------------- generated code
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
@@ -515,10 +475,14 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     from breastscan.serving.proto import generate
 
     written = generate.generate(tmp_path)
-    committed = generate.generated_files()
+    committed = [generate.PROTO_ROOT / p for p in generate.PROTO_FILES] + generate.generated_files()
     assert [p.relative_to(tmp_path) for p in written] == \
         [p.relative_to(generate.PROTO_ROOT) for p in committed]
+    assert [p.name for p in written] == ["breastscan.proto", "breastscan_pb2.py", "breastscan_pb2.pyi",
+                                         "breastscan_pb2_grpc.py"]
     for new, old in zip(written, committed, strict=True):
         assert filecmp.cmp(new, old, shallow=False), \
             f"{old} is stale: run `python -m breastscan.serving.proto.generate`"
+    proto = written[0].read_text(encoding="utf-8")
+    assert generate.render_proto(proto) == proto  # rendering is idempotent
     assert pb.DESCRIPTOR.name == "breastscan/v1/breastscan.proto" and pb.DESCRIPTOR.package == "breastscan.v1"

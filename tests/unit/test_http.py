@@ -1,45 +1,51 @@
-"""The HTTP edge (breastscan.serving.edge, breastscan.serving.http): every API request checked
-against its route's declared fields before the framework parses it, every refusal a 4xx
-``{"error", "code"}`` naming the problem, the framework's own 4xx answers normalized, and
-oversize bodies answered 413 after what the client is still sending has been read."""
+"""The service's HTTP API (breastscan.serving.http.Edge), driven as a plain ASGI app.
+
+Every API request is parsed once (breastscan.serving.request.parse_http) and answered by the
+engine; every refusal is the error table's status with an ``{"error", "code"}`` body naming
+the problem; what is not the API goes to the wrapped application, whose 4xx answers are
+normalized; oversize bodies are answered 413 after what the client is still sending has been
+read. The engine here is the real :class:`breastscan.serving.engine.Engine` over fake model
+calls (no Keras), or a fake that records the parsed requests.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlencode
 
+import numpy as np
 import pytest
 from urllib3.filepost import encode_multipart_formdata
 
+from breastscan.bundle import ModelContract
+from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.serving import http
-from breastscan.serving.edge import (
-    FORM_STATE,
+from breastscan.serving.answer import INTERNAL_MESSAGE, ApiError, Preview, to_json
+from breastscan.serving.batching import OVERLOADED_MESSAGE, Overloaded
+from breastscan.serving.engine import Engine, ServedModel
+from breastscan.serving.http import DRAIN_FACTOR, Edge, normalized_error, read_body, replay, send_error
+from breastscan.serving.request import (
     MAX_PARTS,
-    Form,
-    RequestCheck,
-    RouteSpec,
-    check_request,
-    normalized_error,
+    ImageInput,
+    Request,
+    api_routes,
     parse_multipart,
-    route_specs,
-    send_error,
+    predict_request,
 )
-from breastscan.serving.http import DRAIN_FACTOR, RequestGuard, read_body
-from breastscan.serving.requests import InputError
+from tests.services import images
 
-ROUTES = {
-    "/tumor": RouteSpec("/tumor", files=frozenset({"image"}), values=frozenset({"explain", "roi"}),
-                        required=frozenset({"image"})),
-    "/predict_array": RouteSpec("/predict_array", values=frozenset({"model", "array", "dtype"}),
-                                required=frozenset({"model", "array"})),
-    "/models": RouteSpec("/models"),
-}
+MODELS = ("density", "lesion", "tumor")
+ROUTES = api_routes(MODELS)
 IMAGE = ("i.png", b"\x89PNG fake", "image/png")
 BOUNDARY = "b0undary"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+URLENCODED = "application/x-www-form-urlencoded"
+BIG = 1 << 22  # the body limit where a test is not about it
 
 
 # --------------------------------------------------------------------------- harness
@@ -59,7 +65,7 @@ class Result:
 
 
 class App:
-    """The wrapped application: records what reached it, answers ``answer`` (default 299 "app")."""
+    """The wrapped application: records what reached it, answers ``status`` with ``chunks``."""
 
     def __init__(self, status: int = 299, chunks: tuple[bytes, ...] = (b"app",),
                  headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
@@ -73,6 +79,29 @@ class App:
         await send({"type": "http.response.start", "status": self.status, "headers": list(self.headers)})
         for i, chunk in enumerate(self.chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": i < len(self.chunks) - 1})
+
+
+class FakeEngine:
+    """Records the parsed requests; answers a preview, or raises ``error``, or sleeps ``delay`` s."""
+
+    def __init__(self, error: Exception | None = None, delay: float = 0.0) -> None:
+        self.requests: list[Request] = []
+        self.error, self.delay = error, delay
+
+    async def answer(self, request: Request) -> Preview:
+        self.requests.append(request)
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return Preview(width=1, height=2, modality=None, png=b"png")
+
+
+def edge(app: Any = None, engine: Any = None, *, limit: int = BIG, timeout_s: float = 10.0,
+         on_answer: Callable[[str, str], None] | None = None) -> Edge:
+    """The edge over ``app`` (default :class:`App`) with ``engine`` (default a :class:`FakeEngine`)."""
+    engine = FakeEngine() if engine is None else engine
+    return Edge(App() if app is None else app, routes=ROUTES, engine=lambda: engine, max_body_bytes=limit,
+                timeout_s=timeout_s, on_answer=on_answer)
 
 
 def run(asgi: Any, *, method: str = "POST", path: str = "/tumor", body: bytes = b"",
@@ -117,25 +146,166 @@ def multipart(fields: Any) -> bytes:
     return encode_multipart_formdata(fields, boundary=BOUNDARY)[0]
 
 
-def check(body: bytes, content_type: str | None = MULTIPART, *, path: str = "/tumor",
-          chunks: int = 1) -> tuple[Result, App]:
-    app = App()
+def post(body: bytes, content_type: str | None = MULTIPART, *, path: str = "/tumor", chunks: int = 1,
+         engine: Any = None) -> tuple[Result, App, Any]:
+    """POST ``body`` through the edge: ``(result, the wrapped app, the engine)``."""
+    app, engine = App(), FakeEngine() if engine is None else engine
     headers = {"content-type": content_type} if content_type is not None else {}
-    return run(RequestCheck(app, routes=ROUTES), path=path, body=body, headers=headers, chunks=chunks), app
+    return run(edge(app, engine), path=path, body=body, headers=headers, chunks=chunks), app, engine
 
 
 def refused(body: bytes, content_type: str | None = MULTIPART, *, path: str = "/tumor",
             status: int = 400) -> tuple[str, str]:
-    """``(code, message)`` of a request the edge refuses (the application never sees it)."""
-    result, app = check(body, content_type, path=path)
+    """``(code, message)`` of a request the edge refuses (neither the app nor the engine sees it)."""
+    result, app, engine = post(body, content_type, path=path)
     assert result.status == status, result.body
     assert result.headers["content-type"] == "application/json"
     assert int(result.headers["content-length"]) == len(result.body)
-    assert set(result.json) == {"error", "code"} and app.scopes == []
+    assert set(result.json) == {"error", "code"} and app.scopes == [] and engine.requests == []
     return result.json["code"], result.json["error"]
 
 
-# --------------------------------------------------------------------------- multipart
+# --------------------------------------------------------------------------- a real engine, fake models
+
+
+SPEC = PreprocessSpec(height=32, width=24)
+
+
+def _contract(name: str, modality: str, task: str) -> ModelContract:
+    names = ("A", "B", "C", "D") if name == "density" else ("benign", "malignant", "normal")
+    classes = names if task == "classification" else ()
+    return ModelContract(name=name, task=task, label="x", classes=classes, class_names=classes or ("lesion",),
+                         input_shape=(32, 24, 1), dataset="d", modality=modality, spec_id=SPEC.spec_id)
+
+
+def fake_model_engine() -> Engine:
+    """The engine over fake models whose answers depend on the image (its mean, its bright pixels)."""
+    models = {n: ServedModel(n, SPEC, _contract(n, modality, task), "3", "production")
+              for n, modality, task in [("density", "mammography", "classification"),
+                                        ("tumor", "mammography", "classification"),
+                                        ("lesion", "ultrasound", "segmentation")]}
+
+    async def infer(name: str, batch: np.ndarray) -> np.ndarray:
+        if name == "lesion":
+            return (batch > 0.5).astype(np.float32)
+        k = len(models[name].contract.class_names)
+        logits = batch.mean(axis=(1, 2, 3))[:, None] * np.arange(1, k + 1, dtype=np.float32)
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        return batch[..., 0]
+
+    return Engine(models, infer, explain, max_upload_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def mammogram() -> np.ndarray:
+    return images.mammogram(1)
+
+
+def _answer(engine: Engine, request: Request) -> bytes:
+    return to_json(asyncio.run(engine.answer(request)))
+
+
+# --------------------------------------------------------------------------- one parse, one answer
+
+
+def test_a_model_route_and_predict_give_the_same_bytes_as_the_engine(mammogram: np.ndarray) -> None:
+    engine = fake_model_engine()
+    png = images.png(mammogram)
+    upload = ("m.png", png, "image/png")
+    options = [("explain", "true"), ("roi", "4, 8,50,60")]
+    by_model, app, _ = post(multipart([("image", upload), *options]), engine=engine, chunks=3)
+    by_name, _, _ = post(multipart([("model", "tumor"), ("image", upload), *options]), path="/predict",
+                         engine=engine)
+    assert by_model.status == by_name.status == 200 and app.scopes == []
+    assert by_model.body == by_name.body == _answer(
+        engine, predict_request("tumor", ImageInput(data=png, roi=(4, 8, 50, 60)), explain=True))
+    assert (by_model.json["width"], by_model.json["height"], by_model.json["roi"]) == (50, 60, [4, 8, 50, 60])
+    assert "heatmap_png" in by_model.json
+    assert by_model.headers["content-type"] == "application/json"
+    assert int(by_model.headers["content-length"]) == len(by_model.body)
+
+
+def test_json_url_encoded_and_multipart_bodies_give_the_same_answer(mammogram: np.ndarray) -> None:
+    """An array sent as JSON or in a url-encoded form, and the same pixels as a PNG upload."""
+    engine = fake_model_engine()
+    values = mammogram.tolist()
+    as_json, _, _ = post(json.dumps({"model": "tumor", "array": values, "dtype": "uint8", "explain": False,
+                                     "roi": None}).encode(), "application/json", path="/predict_array",
+                         engine=engine)
+    form = urlencode({"model": "tumor", "array": json.dumps(values), "dtype": "uint8", "explain": "off"})
+    as_form, _, _ = post(form.encode(), URLENCODED, path="/predict_array", engine=engine)
+    upload, _, _ = post(multipart({"image": ("m.png", images.png(mammogram), "image/png")}), engine=engine)
+    assert as_json.status == as_form.status == upload.status == 200
+    assert as_json.body == as_form.body == upload.body == _answer(
+        engine, predict_request("tumor", ImageInput.from_array(values, "uint8")))
+    models, _, _ = post(b"", URLENCODED, path="/models", engine=engine)
+    assert [m["name"] for m in models.json] == list(MODELS)
+
+
+def test_analyze_preview_and_models_are_the_engines_answers(mammogram: np.ndarray) -> None:
+    engine = fake_model_engine()
+    png = images.png(mammogram)
+    analyzed, _, _ = post(multipart({"image": ("m.png", png, "image/png"), "modality": "mammography"}),
+                          path="/analyze", engine=engine)
+    assert analyzed.status == 200 and analyzed.body == _answer(
+        engine, Request("analyze", image=ImageInput(data=png), modality="mammography"))
+    assert sorted(analyzed.json["models"]) == ["density", "tumor"] and "eight_category" in analyzed.json
+    preview, _, _ = post(multipart({"image": ("m.png", png, "image/png")}), path="/preview", engine=engine)
+    assert preview.body == _answer(engine, Request("preview", image=ImageInput(data=png)))
+    for ctype in (None, "application/json"):
+        models, _, _ = post(b"", ctype, path="/models", engine=engine)
+        assert models.status == 200 and models.body == _answer(engine, Request("models"))
+
+
+def test_the_request_is_parsed_once_into_its_fields() -> None:
+    result, _, engine = post(multipart({"image": IMAGE, "explain": "true", "roi": "1, 2, 30,40"}), chunks=3)
+    assert result.status == 200
+    (request,) = engine.requests
+    assert (request.action, request.model, request.explain) == ("predict", "tumor", True)
+    assert request.image == ImageInput(data=IMAGE[1], roi=(1, 2, 30, 40))
+    assert len(request.request_id) == 32 and request.request_id == result.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True),
+    ("false", False), ("0", False), ("no", False), ("off", False), ("", False),
+])
+def test_booleans_of_a_form(text: str, value: bool) -> None:
+    result, _, engine = post(multipart({"image": IMAGE, "explain": text}))
+    assert result.status == 200 and engine.requests[0].explain is value
+
+
+@pytest.mark.parametrize(("sent", "value"), [(True, True), (False, False), (1, True), (0, False),
+                                             ("yes", True), ("off", False)])
+def test_booleans_of_a_json_body(sent: Any, value: bool) -> None:
+    body = json.dumps({"model": "tumor", "array": [[1]], "explain": sent}).encode()
+    result, _, engine = post(body, "application/json", path="/predict_array")
+    assert result.status == 200 and engine.requests[0].explain is value
+
+
+@pytest.mark.parametrize("sent", ["maybe", 2, [True]])
+def test_a_value_that_is_no_boolean_is_refused(sent: Any) -> None:
+    code, message = refused(json.dumps({"model": "tumor", "array": [[1]], "explain": sent}).encode(),
+                            "application/json", path="/predict_array")
+    assert code == "bad_field" and "'explain'" in message and "true or false" in message
+
+
+@pytest.mark.parametrize(("roi", "parsed"), [("1,2,30,40", (1, 2, 30, 40)),
+                                             (" 1 , 2,30 ,40 ", (1, 2, 30, 40)), ("", None)])
+def test_a_roi_is_x_y_w_h(roi: str, parsed: tuple[int, ...] | None) -> None:
+    result, _, engine = post(multipart({"image": IMAGE, "roi": roi}))
+    assert result.status == 200 and engine.requests[0].image.roi == parsed
+
+
+@pytest.mark.parametrize("roi", ["1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,5,5", "[1, 2, 3, 4]"])
+def test_a_bad_roi_is_refused(roi: str) -> None:
+    code, message = refused(multipart({"image": IMAGE, "roi": roi}))
+    assert code == "bad_roi" and message
+
+
+# --------------------------------------------------------------------------- multipart refusals
 
 
 def test_a_multipart_type_without_boundary_is_malformed() -> None:
@@ -146,6 +316,8 @@ def test_a_multipart_type_without_boundary_is_malformed() -> None:
 def test_a_body_that_is_not_multipart_is_malformed() -> None:
     code, message = refused(b"this is not a multipart body at all", MULTIPART)
     assert code == "malformed_request" and "does not parse" in message
+    code, message = refused(b"--x\r\nnonsense", "multipart/form-data; boundary=x")
+    assert code == "malformed_request" and "closing boundary" in message
 
 
 def test_a_body_cut_before_its_closing_boundary_is_malformed() -> None:
@@ -191,7 +363,7 @@ def test_a_field_sent_twice_is_refused() -> None:
 
 
 def test_a_url_where_the_file_belongs_is_refused() -> None:
-    """A text ``image`` (say a URL the framework would fetch) never reaches the application."""
+    """A text ``image`` (say a URL a framework would fetch) is never read as an image."""
     code, message = refused(multipart({"image": "http://169.254.169.254/latest/meta-data/"}))
     assert code == "bad_field" and "'image'" in message and "file upload" in message
 
@@ -213,9 +385,12 @@ def test_a_missing_required_field_is_named() -> None:
     assert code == "missing_field" and "'image'" in message
     code, message = refused(b'{"model": "tumor"}', "application/json", path="/predict_array")
     assert code == "missing_field" and "'array'" in message and "'model'" not in message
+    code, message = refused(multipart({"image": IMAGE}), path="/predict")
+    assert code == "missing_field" and "'model'" in message
+    assert refused(b"", None)[0] == "missing_field"  # /tumor needs its image
 
 
-# --------------------------------------------------------------------------- JSON
+# --------------------------------------------------------------------------- JSON and other bodies
 
 
 @pytest.mark.parametrize(("body", "code", "words"), [
@@ -223,12 +398,16 @@ def test_a_missing_required_field_is_named() -> None:
     (b"[1, 2]", "malformed_request", "must be an object"),
     (b'"text"', "malformed_request", "must be an object"),
     (b'{"model": "tumor", "array": [[1]], "colour": "red"}', "unknown_field", "'colour'"),
+    (b'{"model": "tumor", "array": "[[1]"}', "bad_field", "'array'"),
+    (b'{"model": 3, "array": [[1]]}', "bad_field", "'model'"),
+    (b'{"model": "tumor", "array": [[1], [2, 3]]}', "bad_shape", "rectangular"),
+    (b'{"model": "tumor", "array": [[1]], "dtype": "complex64"}', "bad_dtype", "complex64"),
 ])
 def test_json_bodies_are_checked(body: bytes, code: str, words: str) -> None:
     got, message = refused(body, "application/json", path="/predict_array")
     assert got == code and words in message
     if code == "unknown_field":
-        assert "array, dtype, model" in message
+        assert "model, array, dtype, explain, roi" in message
 
 
 def test_a_file_field_cannot_travel_in_json() -> None:
@@ -236,23 +415,13 @@ def test_a_file_field_cannot_travel_in_json() -> None:
     assert code == "bad_field" and "'image'" in message and "file part" in message
 
 
-def test_a_good_json_body_reaches_the_application_intact() -> None:
+@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8",
+                                   "application/vnd.api+json", "Application/JSON"])
+def test_json_content_types(ctype: str) -> None:
     body = b'{"model": "tumor", "array": [[1, 2], [3, 4]], "dtype": null}'
-    for ctype in ("application/json", "application/json; charset=utf-8", "application/vnd.api+json",
-                  "Application/JSON"):
-        result, app = check(body, ctype, path="/predict_array", chunks=3)
-        assert (result.status, result.body) == (299, b"app") and app.bodies == [body], ctype
-        assert app.scopes[0]["state"][FORM_STATE] is None
-
-
-def test_an_empty_body_passes_on_a_route_without_required_fields() -> None:
-    for ctype in (None, "application/json"):
-        result, app = check(b"", ctype, path="/models")
-        assert result.status == 299 and app.bodies == [b""]
-    assert refused(b"", None)[0] == "missing_field"  # /tumor needs its image
-
-
-# --------------------------------------------------------------------------- content types
+    result, app, engine = post(body, ctype, path="/predict_array", chunks=3)
+    assert result.status == 200 and app.scopes == []
+    np.testing.assert_array_equal(engine.requests[0].image.array, [[1, 2], [3, 4]])
 
 
 @pytest.mark.parametrize("ctype", ["text/plain", "image/png", None])
@@ -260,9 +429,6 @@ def test_other_content_types_are_unsupported(ctype: str | None) -> None:
     code, message = refused(b"image=x", ctype, status=415)
     assert code == "unsupported_media_type"
     assert repr(ctype or "(none)") in message and "multipart/form-data" in message
-
-
-URLENCODED = "application/x-www-form-urlencoded"
 
 
 @pytest.mark.parametrize(("body", "code", "names"), [
@@ -276,44 +442,72 @@ def test_a_url_encoded_form_is_checked_like_a_multipart_one(body: bytes, code: s
     assert got == code and names in message
 
 
-def test_a_url_encoded_form_of_text_fields_passes() -> None:
-    result, app = check(b"", URLENCODED, path="/models")
-    assert result.status == 299 and app.bodies == [b""]
+# --------------------------------------------------------------------------- the engine's answers
 
 
-# --------------------------------------------------------------------------- what passes
+@pytest.mark.parametrize(("error", "status", "code", "message"), [
+    (ApiError("not_an_image", "no"), 400, "not_an_image", "no"),
+    (ApiError("too_large", "big"), 413, "too_large", "big"),
+    (ApiError("unknown_model", "no model named 'x'"), 400, "unknown_model", "no model named 'x'"),
+    (Overloaded(), 503, "overloaded", OVERLOADED_MESSAGE),
+    (RuntimeError("secret-patient-name"), 500, "internal", INTERNAL_MESSAGE),
+])
+def test_the_engines_refusals_and_faults(error: Exception, status: int, code: str, message: str,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[str, str]] = []
+    with caplog.at_level(logging.ERROR, logger="breastscan.serving.http"):
+        result = run(edge(engine=FakeEngine(error), on_answer=lambda e, o: seen.append((e, o))),
+                     path="/density", body=multipart({"image": IMAGE}), headers={"content-type": MULTIPART})
+    assert (result.status, result.json) == (status, {"error": message, "code": code})
+    assert seen == [("density", code)]
+    assert ("retry-after" in result.headers) is (status == 503)
+    if code == "internal":  # logged with its traceback, never sent
+        assert any(r.exc_info and "secret-patient-name" in str(r.exc_info[1]) for r in caplog.records)
 
 
-def test_a_good_upload_reaches_the_application_byte_for_byte_with_its_form() -> None:
-    body = multipart([("image", IMAGE), ("explain", "true"), ("roi", "1,2,30,40")])
-    result, app = check(body, chunks=4)
-    assert (result.status, result.body) == (299, b"app") and app.bodies == [body]
-    form = app.scopes[0]["state"][FORM_STATE]
-    assert isinstance(form, Form) and set(form.parts) == {"image", "explain", "roi"}
-    assert form.parts["image"].data == IMAGE[1] and form.parts["image"].filename == "i.png"
-    assert form.text("roi") == "1,2,30,40" and form.text("missing", "d") == "d"
+def test_no_answer_in_time_is_a_504() -> None:
+    seen: list[tuple[str, str]] = []
+    result = run(edge(engine=FakeEngine(delay=5), timeout_s=0.05, on_answer=lambda e, o: seen.append((e, o))),
+                 body=multipart({"image": IMAGE}), headers={"content-type": MULTIPART})
+    assert (result.status, result.json["code"]) == (504, "deadline_exceeded")
+    assert seen == [("tumor", "deadline_exceeded")]
 
 
-def test_check_request_returns_the_form_or_none() -> None:
-    spec = ROUTES["/tumor"]
-    form = check_request(spec, "Multipart/Form-Data; boundary=" + BOUNDARY, multipart({"image": IMAGE}))
-    assert form is not None and list(form.parts) == ["image"]
-    assert check_request(ROUTES["/models"], "", b"  ") is None
-    with pytest.raises(InputError) as info:
-        check_request(spec, "text/csv", b"a,b")
-    assert info.value.code == "unsupported_media_type"
+def test_an_answer_is_counted() -> None:
+    seen: list[tuple[str, str]] = []
+    result = run(edge(on_answer=lambda e, o: seen.append((e, o))), path="/models")
+    assert result.status == 200 and seen == [("models", "ok")]
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/tumor"), ("PUT", "/tumor"), ("POST", "/ui/upload"),
-                                              ("POST", "/tumor/extra")])
-def test_other_methods_and_paths_pass_untouched(method: str, path: str) -> None:
+def test_while_the_models_load_the_api_is_unavailable() -> None:
     app = App()
+    result = run(Edge(app, routes=ROUTES, engine=lambda: None, max_body_bytes=BIG, timeout_s=1),
+                 body=multipart({"image": IMAGE}), headers={"content-type": MULTIPART})
+    assert (result.status, result.json["code"]) == (503, "unavailable")
+    assert result.headers["retry-after"] == "1" and app.scopes == []
+
+
+# --------------------------------------------------------------------------- methods, paths, docs
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/tumor"), ("PUT", "/predict"), ("GET", "/models")])
+def test_an_api_route_takes_only_post(method: str, path: str) -> None:
+    app, engine = App(), FakeEngine()
+    result = run(edge(app, engine), method=method, path=path)
+    assert (result.status, result.json["code"]) == (405, "method_not_allowed")
+    assert result.headers["allow"] == "POST" and app.scopes == [] and engine.requests == []
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/ui/app.js"), ("POST", "/ui/upload"),
+                                              ("POST", "/tumor/extra"), ("GET", "/readyz")])
+def test_other_paths_go_to_the_application_untouched(method: str, path: str) -> None:
+    app, engine = App(), FakeEngine()
     body = b"not multipart, not checked"
-    result = run(RequestCheck(app, routes=ROUTES), method=method, path=path, body=body, chunks=2,
+    result = run(edge(app, engine), method=method, path=path, body=body, chunks=2,
                  headers={"content-type": "text/plain"})
     assert (result.status, result.body) == (299, b"app") and app.bodies == [body]
-    assert FORM_STATE not in app.scopes[0].get("state", {})
-    assert result.receives == 2  # read by the application itself, chunk by chunk
+    assert result.receives == 2 and engine.requests == []  # read by the application, chunk by chunk
+    assert app.scopes[0]["state"]["request_id"] == result.headers["x-request-id"]
 
 
 def test_other_scope_types_pass_untouched() -> None:
@@ -323,24 +517,58 @@ def test_other_scope_types_pass_untouched() -> None:
         seen.append(scope["type"])
 
     for kind in ("lifespan", "websocket"):
-        asyncio.run(RequestCheck(app, routes=ROUTES)({"type": kind, "path": "/tumor"}, None, None))
+        asyncio.run(edge(app)({"type": kind, "path": "/tumor"}, None, None))  # type: ignore[arg-type]
     assert seen == ["lifespan", "websocket"]
 
 
-def test_send_error_sends_a_complete_json_answer() -> None:
-    sent: list[dict[str, Any]] = []
+def test_the_request_id_is_echoed_or_made(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="breastscan.serving.http"):
+        given = run(edge(), path="/models", headers={"x-request-id": "abc-123.X_y"})
+        insane = run(edge(), path="/models", headers={"x-request-id": "bad id with spaces"})
+        made = run(edge(), path="/other", body=b"a" * 100)
+    assert given.headers["x-request-id"] == "abc-123.X_y"
+    made_id = insane.headers["x-request-id"]
+    assert made_id != "bad id with spaces" and len(made_id) == 32
+    assert made.headers["x-request-id"] != insane.headers["x-request-id"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("request_id=abc-123.X_y" in m and "path=/models status=200" in m for m in lines)
+    assert any("path=/other status=299" in m and "bytes=100" in m for m in lines)
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
 
-    asyncio.run(send_error(send, 418, "bad_request", "no tea", headers=[(b"x-a", b"1")]))
-    start, body = sent
-    assert start["status"] == 418 and (b"x-a", b"1") in start["headers"]
-    assert json.loads(body["body"]) == {"error": "no tea", "code": "bad_request"}
-    assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
+def test_docs_json_is_the_openapi_description_of_every_route() -> None:
+    app = App()
+    result = run(edge(app), method="GET", path="/docs.json")
+    assert result.status == 200 and app.scopes == []
+    doc = result.json
+    assert doc["openapi"].startswith("3.") and set(doc["paths"]) == set(ROUTES)
+    schemas = doc["components"]["schemas"]
+    results = {"predict": "Prediction", "analyze": "Analysis", "preview": "Preview"}
+    for path, route in ROUTES.items():
+        operation = doc["paths"][path]["post"]
+        body = next(iter(operation["requestBody"]["content"].values()))["schema"]
+        assert list(body["properties"]) == list(route.fields), path
+        assert body["required"] == sorted(route.required)
+        answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        ref = answer["$ref"] if route.action != "models" else answer["items"]["$ref"]
+        assert ref == f"#/components/schemas/{results.get(route.action, 'ModelInfo')}", path
+        assert ref.rsplit("/", 1)[1] in schemas
+        assert {"400", "413", "415"} <= set(operation["responses"])
+    assert doc["paths"]["/tumor"]["post"]["requestBody"]["content"].keys() == {"multipart/form-data"}
+    assert doc["paths"]["/predict_array"]["post"]["requestBody"]["content"].keys() == {"application/json"}
+    assert set(schemas["Error"]["properties"]["code"]["enum"]) >= {"bad_roi", "unauthorized", "too_large"}
+    assert "mask_png" in schemas["Prediction"]["properties"]
+    assert set(schemas["Analysis"]["properties"]["dicom"]["properties"]) == {"sr", "seg"}
 
 
-# --------------------------------------------------------------------------- the framework's answers
+# --------------------------------------------------------------------------- the application's answers
+
+
+def test_the_applications_404_is_normalized() -> None:
+    app = App(404, (b'{"detail": "Not Found"}',), ((b"content-type", b"application/json"),
+                                                   (b"content-length", b"23")))
+    result = run(edge(app), method="GET", path="/nowhere")
+    assert (result.status, result.json) == (404, {"error": "Not Found", "code": "not_found"})
+    assert int(result.headers["content-length"]) == len(result.body)
 
 
 def test_pydantic_validation_errors_name_the_field() -> None:
@@ -374,14 +602,10 @@ def test_an_answer_already_in_shape_is_left_alone() -> None:
     assert normalized_error(400, b'{"error": "no", "code": "not_an_image"}') is None
 
 
-def _through_check(app: App, method: str = "GET") -> Result:
-    return run(RequestCheck(app, routes=ROUTES), method=method, path="/tumor")
-
-
 def test_a_framework_4xx_is_rewritten_with_its_length() -> None:
     app = App(400, (b'{"error": "1 validation error", ', b'"detail": [{"loc": ["roi"], "msg": "bad"}]}'),
               headers=((b"content-type", b"application/json"), (b"Content-Length", b"75"), (b"x-keep", b"1")))
-    result = _through_check(app)
+    result = run(edge(app), method="GET", path="/other")
     assert result.status == 400 and result.json == {"error": "field 'roi': bad", "code": "bad_field"}
     assert int(result.headers["content-length"]) == len(result.body)
     assert result.headers["content-type"] == "application/json" and result.headers["x-keep"] == "1"
@@ -391,63 +615,55 @@ def test_a_framework_4xx_is_rewritten_with_its_length() -> None:
 def test_a_4xx_already_in_shape_passes_unchanged() -> None:
     shaped = b'{"error": "no", "code": "not_an_image"}'
     headers = ((b"content-type", b"application/json"), (b"content-length", str(len(shaped)).encode()))
-    result = _through_check(App(400, (shaped,), headers))
+    result = run(edge(App(400, (shaped,), headers)), method="GET", path="/other")
     assert (result.status, result.body) == (400, shaped)
-    assert result.messages[0]["headers"] == list(headers)
+    assert result.messages[0]["headers"][:2] == list(headers)
 
 
 @pytest.mark.parametrize("status", [200, 299, 500, 503])
 def test_2xx_and_5xx_pass_unchanged(status: int) -> None:
     chunks = (b'{"error": "An unexpected error', b' has occurred"}')
     headers = ((b"content-type", b"application/json"), (b"content-length", b"44"))
-    result = _through_check(App(status, chunks, headers))
+    result = run(edge(App(status, chunks, headers)), method="GET", path="/other")
     assert result.status == status and result.body == b"".join(chunks)
-    assert result.messages[0]["headers"] == list(headers) and len(result.messages) == 3  # streamed as sent
+    assert result.messages[0]["headers"][:2] == list(headers) and len(result.messages) == 3  # streamed
 
 
-def test_a_refused_value_from_behind_the_edge_is_normalized_on_post() -> None:
-    app = App(400, (json.dumps({"error": "1 validation error for Input",
-                                "detail": [{"loc": ["explain"], "msg": "Input should be a valid boolean"}]}
-                               ).encode(),))
-    body = multipart({"image": IMAGE, "explain": "maybe"})
-    result = run(RequestCheck(app, routes=ROUTES), body=body, headers={"content-type": MULTIPART})
-    assert app.bodies == [body] and result.status == 400
-    assert result.json["code"] == "bad_field" and "'explain'" in result.json["error"]
+def test_send_error_sends_the_tables_status_and_headers() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(send_error(send, "bad_request", "no tea", headers=[(b"x-a", b"1")]))
+    asyncio.run(send_error(send, "overloaded", "busy"))
+    (start, body), (busy, _) = sent[:2], sent[2:]
+    assert start["status"] == 400 and (b"x-a", b"1") in start["headers"]
+    assert json.loads(body["body"]) == {"error": "no tea", "code": "bad_request"}
+    assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
+    assert busy["status"] == 503 and (b"retry-after", b"1") in busy["headers"]
 
 
-# --------------------------------------------------------------------------- route specs
+def test_replay_gives_the_body_once_then_the_channel() -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def go() -> list[dict[str, Any]]:
+        replayed = replay(b"abc", receive)
+        return [await replayed(), await replayed()]
+
+    assert asyncio.run(go()) == [{"type": "http.request", "body": b"abc", "more_body": False},
+                                 {"type": "http.disconnect"}]
 
 
-def _field(required: bool) -> Any:
-    return SimpleNamespace(is_required=lambda: required)
-
-
-def test_route_specs_read_the_services_input_schemas() -> None:
-    def api(route: str, fields: dict[str, bool], files: list[str] | None) -> Any:
-        spec = SimpleNamespace(model_fields={n: _field(r) for n, r in fields.items()})
-        if files is not None:
-            spec.multipart_fields = files
-        return SimpleNamespace(route=route, input_spec=spec)
-
-    specs = route_specs({
-        "tumor": api("/tumor", {"image": True, "explain": False, "roi": False}, ["image"]),
-        "predict_array": api("/predict_array", {"model": True, "array": True, "dtype": False}, []),
-        "models": api("/models", {}, None),
-    })
-    assert set(specs) == {"/tumor", "/predict_array", "/models"}
-    assert specs["/tumor"] == ROUTES["/tumor"]
-    assert specs["/predict_array"] == ROUTES["/predict_array"]
-    assert specs["/models"] == RouteSpec("/models") and specs["/models"].listing() == "no fields"
-
-
-# --------------------------------------------------------------------------- RequestGuard: 413
+# --------------------------------------------------------------------------- the size limit: 413
 
 
 LIMIT = 100
 
 
 class Spy:
-    """The application behind the guard: reads the whole body (or records that it was not called)."""
+    """The application behind the edge: reads the whole body (or records that it was not called)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -460,13 +676,13 @@ class Spy:
 
 
 def guarded(size: int, *, declared: bool = True, chunks: int = 1, expect: bool = False,
-            hang: bool = False) -> tuple[Result, Spy]:
+            hang: bool = False, path: str = "/other") -> tuple[Result, Spy]:
     spy = Spy()
     headers = {"content-length": str(size)} if declared else {}
     if expect:
         headers["expect"] = "100-continue"
-    result = run(RequestGuard(spy, max_body_bytes=LIMIT), body=b"x" * size, headers=headers,
-                 chunks=chunks, hang=hang)
+    result = run(edge(spy, limit=LIMIT), path=path, body=b"x" * size, headers=headers, chunks=chunks,
+                 hang=hang)
     return result, spy
 
 
@@ -479,6 +695,16 @@ def _too_large(result: Result, size: int) -> None:
 def test_a_body_at_the_limit_passes() -> None:
     result, spy = guarded(LIMIT, chunks=3)
     assert (result.status, result.body, spy.calls) == (200, b"100", 1)
+
+
+def test_an_api_body_over_the_limit_never_reaches_the_engine() -> None:
+    engine = FakeEngine()
+    body = multipart({"image": ("i.png", b"x" * LIMIT, "image/png")})
+    declared = {"content-type": MULTIPART, "content-length": str(len(body))}
+    for headers in (declared, {"content-type": MULTIPART}):
+        result = run(edge(engine=engine, limit=LIMIT), body=body, headers=headers, chunks=4)
+        assert (result.status, result.json["code"]) == (413, "too_large")
+    assert engine.requests == []
 
 
 def test_a_declared_oversize_body_waiting_for_100_continue_is_refused_unread() -> None:
@@ -516,9 +742,8 @@ def test_a_body_over_the_drain_cap_is_not_drained() -> None:
 
 
 def test_a_client_lying_about_its_length_is_drained_only_up_to_the_cap() -> None:
-    spy = Spy()
     body = b"x" * (10 * LIMIT)
-    result = run(RequestGuard(spy, max_body_bytes=LIMIT), body=body, chunks=20, hang=True,
+    result = run(edge(Spy(), limit=LIMIT), path="/other", body=body, chunks=20, hang=True,
                  headers={"content-length": str(2 * LIMIT)})
     assert result.status == 413 and result.receives == 9  # 9 x 50 bytes > 4 x 100
 
@@ -527,6 +752,6 @@ def test_draining_stops_after_drain_s(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http, "DRAIN_S", 0.05)
     # the client declares 3x the limit and sends one chunk, then stalls
     spy = Spy()
-    result = run(RequestGuard(spy, max_body_bytes=LIMIT), body=b"x" * 50, stall=True,
+    result = run(edge(spy, limit=LIMIT), path="/other", body=b"x" * 50, stall=True,
                  headers={"content-length": str(3 * LIMIT)})
     assert result.status == 413 and result.receives == 2 and spy.calls == 0

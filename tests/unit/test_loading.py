@@ -23,7 +23,7 @@ from breastscan.data.loading import (
     row_groups,
 )
 from breastscan.imaging.files import read_mask, write_mask, write_png
-from breastscan.imaging.preprocessing import PreprocessSpec, load_image, preprocess_mask
+from breastscan.imaging.preprocessing import PreprocessSpec, decode_image, preprocess_image, preprocess_mask
 
 SPEC = PreprocessSpec(height=16, width=16)
 DENSITY = RowSpec(name="density", task="classification", label="density", classes=("1", "2", "3", "4"),
@@ -111,7 +111,8 @@ def test_lenient_classification_counts_every_reason(root: Path) -> None:
     assert data.targets.dtype == np.int64 and data.targets.tolist() == [1, 2, 3]
     assert data.images.shape == (3, 16, 16, 1) and data.images.dtype == np.float32
     for i, image in enumerate(data.frame["image"]):
-        np.testing.assert_array_equal(data.images[i], load_image(root / image, SPEC))  # serving's path
+        served, _ = preprocess_image(decode_image(root / image), SPEC)  # serving's steps
+        np.testing.assert_array_equal(data.images[i], served)
     assert data.groups.tolist() == ["p1", "p1", "images/ok_5.png"]  # no group: the image itself
 
 

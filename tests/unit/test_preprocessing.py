@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import cv2
@@ -11,15 +12,18 @@ import pytest
 from PIL import Image
 
 from breastscan.imaging.preprocessing import (
+    DECODE_REASONS,
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
     enhance,
     letterbox,
-    load_image,
     preprocess_image,
     preprocess_mask,
 )
+from breastscan.serving.answer import ERRORS, ApiError
+from breastscan.serving.request import decode_upload
+from tests.services import images
 
 
 def _gradient(h: int = 40, w: int = 60) -> np.ndarray:
@@ -82,7 +86,7 @@ def test_decode_rejects_non_images(data: bytes, message: str) -> None:
 def test_decode_rejects_truncated_png_and_jpeg() -> None:
     png = _encode(_gradient(200, 200), ".png")
     jpg = _encode(_gradient(200, 200), ".jpg")
-    with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
+    with pytest.raises(ImageDecodeError, match="truncated PNG"):
         decode_image(png[: len(png) // 2])
     with pytest.raises(ImageDecodeError, match="truncated"):
         decode_image(jpg[: len(jpg) - 100])
@@ -97,6 +101,55 @@ def test_decode_size_limits_are_checked_from_header() -> None:
     Image.new("L", (20000, 20000)).save(buf, format="PNG")
     with pytest.raises(ImageDecodeError, match="at most 16384"):
         decode_image(buf.getvalue())
+
+
+# --------------------------------------------------------------------------- decode reasons
+
+
+def test_every_decode_reason_is_an_error_code_of_the_service() -> None:
+    assert len(set(DECODE_REASONS)) == len(DECODE_REASONS) == 10
+    assert set(DECODE_REASONS) <= set(ERRORS), set(DECODE_REASONS) - set(ERRORS)
+
+
+def test_decode_error_reason_is_checked_defaults_to_corrupt_and_pickles() -> None:
+    assert ImageDecodeError("does not decode").reason == "corrupt"
+    again = pickle.loads(pickle.dumps(ImageDecodeError("cut short", reason="truncated")))
+    assert isinstance(again, ImageDecodeError) and again.reason == "truncated" and str(again) == "cut short"
+    with pytest.raises(ValueError, match="unknown decode reason 'cut'"):
+        ImageDecodeError("cut short", reason="cut")
+
+
+def _nan_tiff() -> bytes:
+    pixels = np.full((32, 32), 0.5, np.float32)
+    pixels[3, 3] = np.nan
+    return _encode(pixels, ".tif")
+
+
+_PNG = _encode(_gradient(64, 64), ".png")
+_JPEG = _encode(_gradient(64, 64), ".jpg")
+BROKEN = {
+    "empty bytes": (lambda: b"", "empty"),
+    "cut PNG": (lambda: _PNG[: len(_PNG) // 2], "truncated"),
+    "cut JPEG": (lambda: _JPEG[: len(_JPEG) // 2], "truncated"),
+    "2x2 image": (lambda: _encode(np.zeros((2, 2), np.uint8), ".png"), "too_small"),
+    "header claims 20000x20000": (lambda: images.png_claiming(20000, 20000), "too_large"),
+    "DICOM without pixel data": (lambda: images.dicom(None), "no_pixel_data"),
+    "NaN in a float TIFF": (_nan_tiff, "not_finite"),
+    "garbage bytes": (lambda: np.random.default_rng(0).bytes(2000), "not_an_image"),
+    "DICOM preamble, garbage after": (lambda: b"\0" * 128 + b"DICM" + b"\xff" * 40, "corrupt"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_input_gets_its_reason_and_the_service_answers_it(name: str) -> None:
+    make, reason = BROKEN[name]
+    data = make()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data)
+    assert info.value.reason == reason, str(info.value)
+    with pytest.raises(ApiError) as answered:
+        decode_upload(data, max_bytes=1 << 20)
+    assert answered.value.code == reason, answered.value.message
 
 
 def test_letterbox_keeps_aspect_and_centres() -> None:
@@ -139,10 +192,12 @@ def test_unsharp_increases_edge_contrast() -> None:
 
 def test_preprocess_rejects_nan_and_wrong_rank() -> None:
     spec = PreprocessSpec(height=16, width=16)
-    with pytest.raises(ImageDecodeError, match="NaN"):
+    with pytest.raises(ImageDecodeError, match="NaN") as info:
         preprocess_image(np.full((20, 20), np.nan, np.float32), spec)
-    with pytest.raises(ImageDecodeError, match="2-D"):
+    assert info.value.reason == "not_finite"
+    with pytest.raises(ImageDecodeError, match="2-D") as info:
         preprocess_image(np.zeros((20, 20, 3), np.float32), spec)
+    assert info.value.reason == "bad_shape"
 
 
 def test_mask_follows_image_geometry() -> None:
@@ -175,14 +230,6 @@ def test_spec_rejects_unknown_keys_and_tampering(tmp_path) -> None:
     path.write_text(path.read_text().replace('"height": 128', '"height": 64'))
     with pytest.raises(ValueError, match="does not match"):
         PreprocessSpec.load(path)
-
-
-def test_load_image_same_as_decode_then_preprocess(tmp_path) -> None:
-    spec = PreprocessSpec(height=32, width=32, clahe=True)
-    data = _encode(_gradient(), ".png")
-    direct = load_image(data, spec)
-    two_step, _ = preprocess_image(decode_image(data), spec)
-    np.testing.assert_array_equal(direct, two_step)
 
 
 # --------------------------------------------------------------------------- CLAHE depth

@@ -1,14 +1,13 @@
-"""breastscan.serving.requests: every client mistake gets its code; answers map back to the original image.
+"""breastscan.serving.request: a request parsed once, every client mistake with its code.
 
-Input checks are tested on the functions themselves; predictions and analyses through the
-one request path, :class:`breastscan.serving.engine.Engine` (:func:`local_engine` runs the
-models in this process).
+The image checks (decoding, arrays, modality, region of interest), the parse of an HTTP
+body against its route's declared fields, and the gRPC messages, each into the one
+:class:`breastscan.serving.request.Request`. What the answers hold is test_answer.py's;
+the HTTP edge around the parse is test_http.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
 import struct
 import zlib
@@ -16,26 +15,33 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from urllib3.filepost import encode_multipart_formdata
 
-from breastscan.bundle import ModelBundle, ModelContract
-from breastscan.data.phantoms import mammography_phantom, ultrasound_phantom
-from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.serving.engine import ImageInput, local_engine
-from breastscan.serving.requests import (
-    INPUT_ERROR_CODES,
-    InputError,
+from breastscan.data.phantoms import mammography_phantom
+from breastscan.imaging.preprocessing import DECODE_REASONS, PreprocessSpec
+from breastscan.serving.answer import ERRORS, ApiError
+from breastscan.serving.proto.breastscan.v1 import breastscan_pb2 as pb
+from breastscan.serving.request import (
+    ROUTE_FIELDS,
+    ImageInput,
+    Request,
+    api_routes,
+    array_from_proto,
+    check_dicom_output,
     check_modality,
+    crop,
     decode_upload,
-    finish_predictions,
-    lesion_bbox,
-    png_base64,
-    prepare_inputs,
+    dicom_modality_code,
+    from_proto,
+    image_from_proto,
+    parse_http,
+    parse_roi,
+    parse_urlencoded,
+    predict_request,
     validate_array,
 )
 from tests.services import images
 
-CLS_SPEC = PreprocessSpec(height=48, width=40)
-SEG_SPEC = PreprocessSpec(height=32, width=32)
 MAX_BYTES = 1 << 20
 
 
@@ -63,70 +69,17 @@ def _dicom(rows: int | None, cols: int | None, pixels: np.ndarray | None = None)
     return images.dicom(pixels, size=(rows, cols))
 
 
-def _code(call, *args, **kwargs) -> str:
-    with pytest.raises(InputError) as info:
+def _code(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(ApiError) as info:
         call(*args, **kwargs)
     assert info.value.message and str(info.value) == info.value.message
     return info.value.code
-
-
-def _decode_b64_png(text: str) -> np.ndarray:
-    arr = cv2.imdecode(np.frombuffer(base64.b64decode(text), np.uint8), cv2.IMREAD_UNCHANGED)
-    assert arr is not None
-    return arr
 
 
 def _mammogram(seed: int, height: int = 160, width: int = 128) -> np.ndarray:
     return mammography_phantom(np.random.default_rng(seed), density=1 + seed % 4,
                                pathology=("benign", "malignant", "normal")[seed % 3],
                                height=height, width=width)[0]
-
-
-def _classifier_bundle(name: str, label: str, classes: tuple[str, ...], names: tuple[str, ...],
-                       temperature: float = 1.0) -> ModelBundle:
-    from breastscan.models import build_model
-
-    model = build_model("classification", n_classes=len(classes), input_shape=(48, 40, 1), dropout=0.0)
-    contract = ModelContract(name=name, task="classification", label=label, classes=classes,
-                             class_names=names, input_shape=(48, 40, 1), dataset="mammography",
-                             modality="mammography", temperature=temperature, spec_id=CLS_SPEC.spec_id)
-    return ModelBundle(model, CLS_SPEC, contract)
-
-
-def _lesion_contract() -> ModelContract:
-    return ModelContract(name="lesion", task="segmentation", label="mask", classes=(),
-                         class_names=("lesion",), input_shape=(32, 32, 1), dataset="ultrasound",
-                         modality="ultrasound", threshold=0.5, spec_id=SEG_SPEC.spec_id)
-
-
-class _FixedMask(ModelBundle):
-    """A segmenter whose mask logits are known: +10 on ``MODEL_RECT``, -10 elsewhere."""
-
-    MODEL_RECT = (slice(12, 16), slice(8, 16))
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        out = np.full((len(batch), 32, 32, 1), -10.0, np.float32)
-        out[:, self.MODEL_RECT[0], self.MODEL_RECT[1]] = 10.0
-        return out
-
-
-@pytest.fixture(scope="module")
-def tumor() -> ModelBundle:
-    return _classifier_bundle("tumor", "pathology", ("benign", "malignant", "normal"),
-                              ("benign", "malignant", "normal"), temperature=2.0)
-
-
-@pytest.fixture(scope="module")
-def density() -> ModelBundle:
-    return _classifier_bundle("density", "density", ("1", "2", "3", "4"), ("A", "B", "C", "D"))
-
-
-@pytest.fixture(scope="module")
-def lesion() -> ModelBundle:
-    from breastscan.models import build_model
-
-    model = build_model("segmentation", input_shape=(32, 32, 1), base_filters=4, depth=2, dropout=0.0)
-    return ModelBundle(model, SEG_SPEC, _lesion_contract())
 
 
 # --------------------------------------------------------------------------- decode_upload
@@ -192,7 +145,7 @@ def test_a_dicom_of_another_modality_is_refused() -> None:
     assert decode_upload(mammogram, max_bytes=MAX_BYTES, modality="mammography").shape == (32, 48)
     assert decode_upload(mammogram, max_bytes=MAX_BYTES).shape == (32, 48)  # nothing asked: nothing checked
     for data, modality, named in [(mammogram, "ultrasound", "'MG'"), (ct, "mammography", "'CT'")]:
-        with pytest.raises(InputError) as info:
+        with pytest.raises(ApiError) as info:
             decode_upload(data, max_bytes=MAX_BYTES, modality=modality)
         assert info.value.code == "wrong_modality"
         assert named in info.value.message and modality in info.value.message
@@ -209,21 +162,16 @@ def test_check_modality() -> None:
     check_modality("", "mammography")
     for code, modality in [("US", "mammography"), ("MG", "ultrasound"), ("CT", "mammography"),
                            ("MG", "xray")]:
-        with pytest.raises(InputError) as info:
+        with pytest.raises(ApiError) as info:
             check_modality(code, modality)
         assert info.value.code == "wrong_modality" and repr(code) in info.value.message
-    with pytest.raises(InputError, match=r"for ultrasound \(US\)"):
+    with pytest.raises(ApiError, match=r"for ultrasound \(US\)"):
         check_modality("MG", "ultrasound")
 
 
-def test_input_error_codes_are_closed() -> None:
-    err = InputError("empty", "nothing")
-    assert isinstance(err, ValueError) and err.to_dict() == {"code": "empty", "message": "nothing"}
-    with pytest.raises(ValueError, match="unknown input error code"):
-        InputError("oops", "no such code")
-    assert {"empty", "not_an_image", "truncated", "too_small", "too_large", "bad_shape", "bad_dtype",
-            "not_finite", "no_pixel_data", "unknown_model", "wrong_modality", "malformed_request",
-            "unsupported_media_type", "unknown_field", "missing_field", "bad_field"} <= set(INPUT_ERROR_CODES)
+def test_every_decode_reason_is_an_error_code() -> None:
+    """decode_upload answers a decoder's refusal with its reason as the code: each must be one."""
+    assert set(DECODE_REASONS) <= set(ERRORS)
 
 
 # --------------------------------------------------------------------------- validate_array
@@ -268,205 +216,140 @@ def test_arrays_convert_like_decoded_files() -> None:
     assert _code(validate_array, np.zeros((40, 60)), PreprocessSpec(min_side=41)) == "too_small"
 
 
-# --------------------------------------------------------------------------- predictions (through the Engine)
+# --------------------------------------------------------------------------- roi, arrays, DICOM headers
 
 
-def _predict(bundles: dict[str, ModelBundle], model: str, image: np.ndarray, *, explain: bool = False,
-             versions: dict[str, str] | None = None) -> dict:
-    """One answer of :func:`local_engine` over ``bundles`` for an array input."""
-    engine = local_engine(bundles, versions=versions)
-    return asyncio.run(engine.predict(model, ImageInput(array=image), explain=explain))
+def test_parse_roi_and_crop() -> None:
+    assert parse_roi("") is None and parse_roi(None) is None and parse_roi([]) is None
+    assert parse_roi(" 1, 2,3 ,4") == (1, 2, 3, 4) and parse_roi([5, 6, 7, 8]) == (5, 6, 7, 8)
+    for bad in ("1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,5,5", [1, 2, 3, 4, 5]):
+        assert _code(parse_roi, bad) == "bad_roi"
+    img = np.arange(20 * 30, dtype=np.float32).reshape(20, 30)
+    assert crop(img, (2, 3, 10, 5)).shape == (5, 10) and crop(img, (2, 3, 10, 5))[0, 0] == img[3, 2]
+    assert crop(img, None) is img
+    with pytest.raises(ApiError, match="inside the 30x20 image"):
+        crop(img, (25, 0, 10, 5))
 
 
-def test_concurrent_requests_equal_one_model_call_of_their_batch(tumor: ModelBundle) -> None:
-    images = [_mammogram(0), _mammogram(1, 120, 100), _mammogram(2, 200, 90)]
-    engine = local_engine({"tumor": tumor}, versions={"tumor": "7"}, stages={"tumor": "production"})
-
-    async def all_at_once() -> list[dict]:
-        return await asyncio.gather(*(engine.predict("tumor", ImageInput(array=img)) for img in images))
-
-    answers = asyncio.run(all_at_once())
-    assert len(answers) == 3
-    json.dumps(answers)  # JSON-able as is
-    # The model service merges concurrent requests into one call: its rows are the answers.
-    batch, _ = tumor.prepare([img.astype(np.float32) / 255.0 for img in images])
-    for img, answer, expected in zip(images, answers, tumor.predict(batch), strict=True):
-        got = np.array([answer["probabilities"][c] for c in ("benign", "malignant", "normal")])
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-        assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert answer["predicted"] == ("benign", "malignant", "normal")[int(np.argmax(expected))]
-        assert answer["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
-        assert (answer["height"], answer["width"]) == img.shape
-        assert answer | {"probabilities": None, "predicted": None, "confidence": None} == {
-            "model": "tumor", "version": "7", "stage": "production", "spec_id": CLS_SPEC.spec_id,
-            "task": "classification", "width": img.shape[1], "height": img.shape[0],
-            "probabilities": None, "predicted": None, "confidence": None,
-        }  # no heatmap keys without explain, no roi key without a roi
+def test_arrays_are_read_as_their_declared_dtype() -> None:
+    as_u8 = ImageInput.from_array([[0, 255]] * 2, "uint8").array
+    assert as_u8 is not None and as_u8.dtype == np.uint8
+    as_float = ImageInput.from_array([[0.0, 0.5]], "float32").array
+    assert as_float is not None and as_float.dtype == np.float32
+    assert ImageInput.from_array([[1, 2]], None, (0, 0, 1, 1)).roi == (0, 0, 1, 1)
+    for values, dtype, code in [([[0, 256]], "uint8", "bad_dtype"), ([[0.5, 1.0]], "uint16", "bad_dtype"),
+                                ([[1, 2]], "complex64", "bad_dtype"), ([[1, 2], [3]], None, "bad_shape"),
+                                ([["a", "b"]], "uint8", "bad_dtype"),
+                                ([[float("nan"), 1.0]], "uint8", "not_finite")]:
+        assert _code(ImageInput.from_array, values, dtype) == code, (values, dtype)
 
 
-def test_the_served_class_follows_the_contracts_decision_rule(tumor: ModelBundle) -> None:
-    from breastscan.decision import DecisionRule
-
-    names = ("benign", "malignant", "normal")
-    images = [_mammogram(seed) for seed in range(6)]
-    batch, _ = tumor.prepare([img.astype(np.float32) / 255.0 for img in images])
-    expected = tumor.predict(batch)
-    ratio = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=0.5).ratio(
-        expected, names)
-    differs = False
-    for cutoff in (float(ratio.min()), float(np.nextafter(ratio.max(), 1.0))):  # every image / none
-        rule = DecisionRule("positive_ratio", positive="malignant", versus="benign", cutoff=cutoff)
-        served = tumor.with_decision(rule)
-        called = rule.decide(expected, names)
-        differs |= bool((called != expected.argmax(axis=1)).any())
-        for img, k, row in zip(images, called, expected, strict=True):
-            answer = _predict({"tumor": served}, "tumor", img)
-            assert answer["predicted"] == names[k]
-            assert answer["confidence"] == pytest.approx(float(row[k]), abs=1e-5)  # p of the predicted class
-            assert set(answer) == {"model", "version", "stage", "spec_id", "task", "width", "height",
-                                   "probabilities", "predicted", "confidence"}  # the answer's keys as before
-    assert differs  # one of the two rules calls some image otherwise than the arg-max
+def test_dicom_modality_code_reads_the_header() -> None:
+    pixels = images.ultrasound(1).astype(np.uint16)
+    assert dicom_modality_code(images.dicom(pixels, modality="US")) == "US"
+    assert dicom_modality_code(images.dicom(pixels, modality="CT")) == "CT"
+    assert dicom_modality_code(images.dicom(pixels, modality="")) == ""
+    assert dicom_modality_code(images.png(images.mammogram(1))) == ""
+    assert dicom_modality_code(b"\0" * 128 + b"DICM" + b"\xff" * 20) == ""  # does not parse
 
 
-def test_calibration_temperature_is_applied(tumor: ModelBundle) -> None:
-    img = _mammogram(4)
-    hot = _predict({"tumor": tumor}, "tumor", img)["probabilities"]
-    cold = _predict({"tumor": tumor.with_temperature(0.5)}, "tumor", img)["probabilities"]
-    assert max(cold.values()) >= max(hot.values())  # lower temperature: more confident
+def test_dicom_results_need_a_whole_dicom_image() -> None:
+    dicom = images.dicom(images.ultrasound(1).astype(np.uint16), modality="US")
+    check_dicom_output(dicom, None)
+    assert _code(check_dicom_output, images.png(images.ultrasound(1)), None) == "not_dicom"
+    assert _code(check_dicom_output, None, None) == "not_dicom"
+    assert _code(check_dicom_output, dicom, (0, 0, 8, 8)) == "bad_roi"
 
 
-def test_explain_returns_heatmap_and_overlay_at_original_size(tumor: ModelBundle) -> None:
-    for img in (_mammogram(5, 150, 70), _mammogram(6)):
-        answer = _predict({"tumor": tumor}, "tumor", img, explain=True)
-        heat = _decode_b64_png(answer["heatmap_png"])
-        assert heat.shape == img.shape and heat.dtype == np.uint8
-        over = _decode_b64_png(answer["overlay_png"])
-        assert over.shape == (*img.shape, 3) and over.dtype == np.uint8
+# --------------------------------------------------------------------------- HTTP bodies into a Request
 
 
-@pytest.mark.parametrize(
-    ("size", "bbox"),
-    [
-        # 64x128 → scale 1/4, 16x32 content, 8 rows of padding on top: model rows 12:16, cols
-        # 8:16 are original rows 16:32, cols 32:64.
-        ((64, 128), [32, 16, 32, 16]),
-        # 128x64 → scale 1/4, 32x16 content, 8 columns of padding on the left.
-        ((128, 64), [0, 48, 32, 16]),
-    ],
-)
-def test_mask_and_box_map_back_to_the_original_image(size: tuple[int, int], bbox: list[int]) -> None:
-    bundle = _FixedMask(None, SEG_SPEC, _lesion_contract())
-    image = np.random.default_rng(0).random(size, dtype=np.float32)
-    answer = _predict({"lesion": bundle}, "lesion", image, versions={"lesion": "3"})
-    json.dumps(answer)
-    assert answer["version"] == "3"
-    x, y, w, h = bbox
-    expected = np.zeros(size, np.uint8)
-    expected[y : y + h, x : x + w] = 255
-    mask = _decode_b64_png(answer["mask_png"])
-    np.testing.assert_array_equal(mask, expected)
-    assert answer["bbox"] == bbox
-    assert answer["lesion_area_px"] == w * h
-    assert answer["lesion_fraction"] == pytest.approx(w * h / (size[0] * size[1]))
-    assert (answer["height"], answer["width"]) == size
-    over = _decode_b64_png(answer["overlay_png"])  # BGR as OpenCV reads it: lesion is red
-    assert over.shape == (*size, 3)
-    assert over[y + h // 2, x + w // 2, 2] > over[y + h // 2, x + w // 2, 1]
+ROUTES = api_routes(["tumor", "lesion"])
+PNG = images.png(images.mammogram(1))
 
 
-def test_empty_mask_has_no_box() -> None:
-    class _Empty(ModelBundle):
-        def logits(self, batch: np.ndarray) -> np.ndarray:
-            return np.full((len(batch), 32, 32, 1), -5.0, np.float32)
-
-    answer = _predict({"lesion": _Empty(None, SEG_SPEC, _lesion_contract())}, "lesion", np.zeros((50, 40)))
-    assert answer["bbox"] is None and answer["lesion_area_px"] == 0 and answer["lesion_fraction"] == 0.0
-    assert not _decode_b64_png(answer["mask_png"]).any()
-    assert lesion_bbox(np.zeros((3, 3), bool)) is None
+def _form(fields: dict[str, object]) -> tuple[bytes, str]:
+    """``(body, content type)`` of a multipart/form-data request with ``fields``."""
+    return encode_multipart_formdata(fields)
 
 
-def test_real_unet_bundle_answers(lesion: ModelBundle) -> None:
-    rng = np.random.default_rng(0)
-    for img in (ultrasound_phantom(rng, pathology=p)[0] for p in ("benign", "normal")):
-        answer = _predict({"lesion": lesion}, "lesion", img)
-        assert answer["task"] == "segmentation" and answer["model"] == "lesion"
-        mask = _decode_b64_png(answer["mask_png"])
-        assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 255}
-        assert answer["lesion_area_px"] == int((mask > 0).sum())
-        assert answer["bbox"] == lesion_bbox(mask > 0)
+def test_the_routes_are_the_fixed_ones_and_one_per_model() -> None:
+    assert set(ROUTES) == {*ROUTE_FIELDS, "/tumor", "/lesion"}
+    tumor = ROUTES["/tumor"]
+    assert (tumor.action, tumor.model, dict(tumor.fields), tumor.required) == (
+        "predict", "tumor", {"image": "file", "explain": "bool", "roi": "roi"}, frozenset({"image"}))
+    assert ROUTES["/predict"].model is None and ROUTES["/models"].listing() == "no fields"
+    for name in ("predict", "models", "docs", "metrics", "ui", "no-dash"):
+        with pytest.raises(ValueError, match=repr(name)):
+            api_routes([name])
 
 
-def test_a_bad_image_is_refused_before_the_model_runs(tumor: ModelBundle) -> None:
-    calls: list[int] = []
-
-    class _Spy(ModelBundle):
-        def logits(self, batch: np.ndarray) -> np.ndarray:
-            calls.append(len(batch))
-            return super().logits(batch)
-
-    engine = local_engine({"tumor": _Spy(tumor.model, tumor.spec, tumor.contract)})
-    nan = ImageInput(array=np.full((40, 40), np.nan))
-    assert _code(asyncio.run, engine.predict("tumor", nan)) == "not_finite"
-    assert calls == []
-    asyncio.run(engine.predict("tumor", ImageInput(array=_mammogram(0))))
-    assert calls == [1]
-
-
-def test_one_bad_image_of_a_batch_names_its_index(tumor: ModelBundle) -> None:
-    with pytest.raises(InputError, match="image 1") as info:
-        prepare_inputs(tumor.spec, tumor.contract, [_mammogram(0), np.full((40, 40), np.nan)])
-    assert info.value.code == "not_finite"
-    empty = prepare_inputs(tumor.spec, tumor.contract, [])
-    assert empty.batch.shape == (0, 48, 40, 1)
-    assert finish_predictions(tumor.contract, tumor.spec.spec_id, empty, tumor.predict(empty.batch)) == []
+def test_a_form_becomes_its_request() -> None:
+    body, ctype = _form({"model": "tumor", "image": ("m.png", PNG, "image/png"), "explain": "yes",
+                         "roi": "1,2,30,40"})
+    request = parse_http(ROUTES["/predict"], ctype, body, request_id="r1", caller="clinic")
+    assert request == predict_request("tumor", ImageInput(data=PNG, roi=(1, 2, 30, 40)), explain=True,
+                                      request_id="r1")
+    assert request.caller == "clinic"
+    body, ctype = _form({"image": ("m.png", PNG, "image/png"), "modality": "ultrasound", "dicom": "1"})
+    assert parse_http(ROUTES["/analyze"], ctype, body) == Request(
+        "analyze", image=ImageInput(data=PNG), modality="ultrasound", dicom=True)
+    body, ctype = _form({"image": ("m.png", PNG, "image/png")})
+    assert parse_http(ROUTES["/preview"], ctype, body) == Request("preview", image=ImageInput(data=PNG))
+    assert parse_http(ROUTES["/lesion"], ctype, body) == predict_request("lesion", ImageInput(data=PNG))
 
 
-def test_png_base64_round_trips_rgb() -> None:
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    rgb[..., 0] = 200  # red
-    back = _decode_b64_png(png_base64(rgb))
-    assert back.shape == (4, 5, 3) and (back[..., 2] == 200).all() and not back[..., 0].any()
+def test_a_json_body_becomes_its_request() -> None:
+    body = json.dumps({"model": "tumor", "array": [[0, 255], [255, 0]], "dtype": "uint8", "explain": True,
+                       "roi": [0, 0, 2, 1]}).encode()
+    request = parse_http(ROUTES["/predict_array"], "application/json", body)
+    assert (request.action, request.model, request.explain) == ("predict", "tumor", True)
+    assert request.image is not None and request.image.roi == (0, 0, 2, 1)
+    np.testing.assert_array_equal(request.image.array, np.array([[0, 255], [255, 0]], np.uint8))
+    assert request.image.array.dtype == np.uint8
+    assert parse_http(ROUTES["/models"], "", b"") == Request("models")
+    assert parse_http(ROUTES["/models"], "application/json", b"{}") == Request("models")
 
 
-# --------------------------------------------------------------------------- analyze (through the Engine)
+def test_parse_urlencoded_decodes_names_and_values() -> None:
+    parts = parse_urlencoded(b"roi=1%2C2%2C3%2C4&explain=on&&a+b=c+d")
+    assert [(p.name, p.data, p.is_file) for p in parts] == [
+        ("roi", b"1,2,3,4", False), ("explain", b"on", False), ("a b", b"c d", False)]
 
 
-def test_analyze_mammography_adds_eight_category(density: ModelBundle, tumor: ModelBundle,
-                                                 lesion: ModelBundle) -> None:
-    engine = local_engine({"density": density, "tumor": tumor, "lesion": lesion},
-                          versions={"tumor": "2"}, stages={"tumor": "production"})
-    img = _mammogram(7)
-    result = asyncio.run(engine.analyze(ImageInput(array=img), modality="mammography"))
-    json.dumps(result)
-    assert result["modality"] == "mammography" and set(result["models"]) == {"density", "tumor"}
-    assert result["models"]["tumor"]["version"] == "2" and result["models"]["density"]["version"] is None
-    assert result["models"]["tumor"]["stage"] == "production" and "roi" not in result
-    view = result["eight_category"]
-    assert sum(view["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert view["density"] == result["models"]["density"]["predicted"]
-    assert view["category"] == f"{view['pathology']}-{view['density']}"
-    np.testing.assert_allclose(result["models"]["tumor"]["probabilities"]["benign"],
-                               _predict({"tumor": tumor}, "tumor", img)["probabilities"]["benign"])
+# --------------------------------------------------------------------------- gRPC messages into a Request
 
 
-def test_analyze_ultrasound_runs_only_its_models(density: ModelBundle, lesion: ModelBundle) -> None:
-    img = ultrasound_phantom(np.random.default_rng(1), pathology="malignant")[0]
-    engine = local_engine({"density": density, "lesion": lesion})
-    result = asyncio.run(engine.analyze(ImageInput(array=img), modality="ultrasound"))
-    assert set(result["models"]) == {"lesion"} and "eight_category" not in result
-    # Mammography with a density model only: no combined view.
-    alone = local_engine({"density": density})
-    assert "eight_category" not in asyncio.run(alone.analyze(ImageInput(array=_mammogram(0)),
-                                                             modality="mammography"))
+def test_grpc_messages_become_their_requests() -> None:
+    image = pb.Image(file=PNG, roi=[1, 2, 3, 4])
+    assert from_proto("Predict", pb.PredictRequest(model="tumor", image=image, explain=True),
+                      request_id="r") == predict_request("tumor", ImageInput(data=PNG, roi=(1, 2, 3, 4)),
+                                                         explain=True, request_id="r")
+    assert from_proto("Analyze", pb.AnalyzeRequest(image=pb.Image(file=PNG), modality="", dicom=True)) == \
+        Request("analyze", image=ImageInput(data=PNG), modality=None, dicom=True)
+    assert from_proto("Preview", pb.PreviewRequest(image=pb.Image(file=PNG))) == \
+        Request("preview", image=ImageInput(data=PNG))
+    assert from_proto("ListModels", pb.ListModelsRequest()) == Request("models")
+    assert image_from_proto(pb.Image()) == ImageInput()  # no source: the engine answers "empty"
 
 
-def test_unknown_modality_and_model(density: ModelBundle) -> None:
-    engine = local_engine({"density": density})
-    image = ImageInput(array=_mammogram(0))
-    assert _code(asyncio.run, engine.analyze(image, modality="mri")) == "unknown_modality"
-    assert _code(asyncio.run, engine.analyze(image, modality="ultrasound")) == "unknown_modality"
-    assert engine.select("density").contract is density.contract
-    assert _code(engine.select, "tumour") == "unknown_model"
-    with pytest.raises(InputError, match="served: density") as info:
-        asyncio.run(engine.predict("tumour", image))
-    assert info.value.code == "unknown_model"
+def test_an_array_message_is_read_little_endian() -> None:
+    values = np.arange(12, dtype=np.uint16).reshape(3, 4) * 300
+    message = pb.Array(shape=[3, 4], dtype="uint16", data=values.astype("<u2").tobytes())
+    read = array_from_proto(message)
+    np.testing.assert_array_equal(read, values)
+    assert read.dtype == np.uint16 and read.dtype.isnative
+    image = image_from_proto(pb.Image(array=message, roi=[0, 0, 2, 2]))
+    assert image.data is None and image.roi == (0, 0, 2, 2)
+    np.testing.assert_array_equal(image.array, values)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "size", "code"), [
+    ([32, 32], "complex64", 8192, "bad_dtype"),
+    ([32, 32], "int64", 8192, "bad_dtype"),
+    ([32, 32], "uint8", 100, "bad_shape"),
+    ([32, 32], "uint16", 4096, "bad_shape"),
+    ([-32, -32], "uint8", 1024, "bad_shape"),
+])
+def test_a_bad_array_message_gets_its_code(shape: list[int], dtype: str, size: int, code: str) -> None:
+    assert _code(array_from_proto, pb.Array(shape=shape, dtype=dtype, data=b"\0" * size)) == code

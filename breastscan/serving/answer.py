@@ -569,7 +569,7 @@ def _from_proto_field(f: _Field, message: Any) -> Any:
     if f.proto.startswith("optional "):
         if not message.HasField(f.name):
             return None
-    elif f.repeated and not value and f.when not in (ALWAYS, CLASSES, MASK):
+    elif f.repeated and not value and f.when != ALWAYS:
         return None
     elif not f.repeated and f.nullable and value in ("", b""):
         return None

@@ -330,7 +330,8 @@ def _content_length(scope: Scope) -> int:
 
 # --------------------------------------------------------------------------- the API description
 
-_FIELD_SCHEMAS: dict[str, dict[str, Any]] = {FILE: {"type": "string", "format": "binary"}, TEXT: {"type": "string"},
+_FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
+                  FILE: {"type": "string", "format": "binary"}, TEXT: {"type": "string"},
                   BOOL: {"type": "boolean", "default": False},
                   ROI: {"type": "string", "description": "x,y,w,h (pixels) to answer about that crop only"},
                   ARRAY: {"type": "array", "items": {}, "description": "(H, W) or (H, W, C) numbers"}}
@@ -365,7 +366,7 @@ def _operation(route: Route) -> dict[str, Any]:
 
 
 async def read_body(receive: Receive) -> bytes:
-    """An ASGI request's whole body (its size is bounded by :class:`RequestGuard` outside)."""
+    """An ASGI request's whole body (its size is bounded by :class:`Edge`'s counting ``receive``)."""
     chunks = []
     while True:
         message = await receive()
@@ -375,17 +376,3 @@ async def read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
-
-
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` giving ``body`` once, then the original channel (disconnects)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed

@@ -54,7 +54,7 @@ class ImageInput:
 
     Attributes:
         data: the bytes of an image file (PNG, JPEG, PGM, TIFF, BMP, DICOM), or ``None``.
-        array: one image as an array (see :func:`breastscan.serving.requests.validate_array`), or
+        array: one image as an array (see :func:`validate_array`), or
             ``None``. Exactly one of ``data`` and ``array`` is set.
         roi: ``(x, y, w, h)`` region of interest in the image's pixel coordinates, or
             ``None`` for the whole image. Answers are then about (and sized as) the crop.
@@ -457,7 +457,7 @@ def parse_multipart(content_type: str, body: bytes) -> list[Part]:
 
 def parse_urlencoded(body: bytes) -> list[Part]:
     """The fields of an ``application/x-www-form-urlencoded`` body, as text parts (values
-    percent-decoded to bytes: whether they are UTF-8 is :func:`check_form`'s question)."""
+    percent-decoded to bytes: whether they are UTF-8 is checked with the route's fields)."""
     parts = []
     for pair in body.split(b"&"):
         if not pair:

@@ -28,7 +28,7 @@ from breastscan.serving import http
 from breastscan.serving.answer import INTERNAL_MESSAGE, ApiError, Preview, to_json
 from breastscan.serving.batching import OVERLOADED_MESSAGE, Overloaded
 from breastscan.serving.engine import Engine, ServedModel
-from breastscan.serving.http import DRAIN_FACTOR, Edge, normalized_error, read_body, replay, send_error
+from breastscan.serving.http import DRAIN_FACTOR, Edge, normalized_error, read_body, send_error
 from breastscan.serving.request import (
     MAX_PARTS,
     ImageInput,
@@ -642,18 +642,6 @@ def test_send_error_sends_the_tables_status_and_headers() -> None:
     assert json.loads(body["body"]) == {"error": "no tea", "code": "bad_request"}
     assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
     assert busy["status"] == 503 and (b"retry-after", b"1") in busy["headers"]
-
-
-def test_replay_gives_the_body_once_then_the_channel() -> None:
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    async def go() -> list[dict[str, Any]]:
-        replayed = replay(b"abc", receive)
-        return [await replayed(), await replayed()]
-
-    assert asyncio.run(go()) == [{"type": "http.request", "body": b"abc", "more_body": False},
-                                 {"type": "http.disconnect"}]
 
 
 # --------------------------------------------------------------------------- the size limit: 413

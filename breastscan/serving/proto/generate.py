@@ -8,7 +8,8 @@ It first renders the answer messages from their one definition
 (:func:`breastscan.serving.answer.proto_messages`) into the ``.proto`` file, between the
 lines ``// BEGIN answers`` and ``// END answers`` (the service and the request messages
 above them are written by hand), then writes ``breastscan_pb2.py``, ``breastscan_pb2.pyi``
-and ``breastscan_pb2_grpc.py`` beside the ``.proto`` file. ``protoc`` runs with this directory as its include root, so the
+and ``breastscan_pb2_grpc.py`` beside the ``.proto`` file. ``protoc`` runs with this directory
+as its include root, so the
 descriptor keeps the canonical file name ``breastscan/v1/breastscan.proto`` (what server
 reflection and other ``.proto`` files see); the one import the gRPC plugin writes relative
 to that root (``from breastscan.v1 import breastscan_pb2``) is then rewritten to the full

@@ -147,9 +147,14 @@ class ApiError(ValueError):
         return ERRORS[self.code]
 
 
+def error_dict(code: str, message: str) -> dict[str, str]:
+    """Every refusal as JSON values: ``{"error": message, "code": code}``."""
+    return {"error": message, "code": code}
+
+
 def error_json(code: str, message: str) -> bytes:
-    """The JSON body of every refusal: ``{"error": message, "code": code}``."""
-    return orjson.dumps({"error": message, "code": code})
+    """The JSON body of every refusal (:func:`error_dict`)."""
+    return orjson.dumps(error_dict(code, message))
 
 
 def error_headers(code: str) -> list[tuple[bytes, bytes]]:

@@ -19,7 +19,8 @@ What is written to ``OUT`` (:class:`ResultWriter`), appended and flushed after e
   the service answers), ``confidence`` and ``p_<class>`` (classifiers)
   and/or ``lesion_area_px``, ``lesion_fraction``, ``bbox`` (segmenters; a multi-task model
   has both);
-* ``predictions.jsonl``: the engine's full answer per image (or its error), one JSON a line;
+* ``predictions.jsonl``: the engine's full answer per image (or its refusal, ``"error"`` and
+  ``"code"`` as the service answers it), one JSON a line;
 * ``errors.csv``: path, code, message of each refused image.
 
 Runs resume: the paths ``predictions.csv`` already holds for the same model version are
@@ -50,7 +51,15 @@ from breastscan.data.manifest import MANIFEST_NAME
 from breastscan.data.manifest import resolve as resolve_manifest_path
 from breastscan.imaging.preprocessing import is_dicom
 from breastscan.serving import answer as answers
-from breastscan.serving.answer import ApiError, Prediction, has_classes, has_mask, mask_of, to_dict
+from breastscan.serving.answer import (
+    ApiError,
+    Prediction,
+    error_dict,
+    has_classes,
+    has_mask,
+    mask_of,
+    to_dict,
+)
 from breastscan.serving.engine import Engine, ServedModel, local_engine
 from breastscan.serving.request import ImageInput, predict_request
 
@@ -288,7 +297,7 @@ def json_line(outcome: Outcome, served: ServedModel) -> dict[str, Any]:
     if outcome.answer is not None:
         return head | to_dict(outcome.answer)
     return head | {"model": served.contract.name, "version": served.version, "stage": served.stage,
-                   "error": {"code": outcome.status, "message": outcome.message}}
+                   **error_dict(outcome.status, outcome.message)}
 
 
 class ResultWriter:

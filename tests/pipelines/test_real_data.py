@@ -18,7 +18,6 @@ models would not pass.
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -117,8 +116,9 @@ def test_two_hospital_packs_to_served_models(tmp_path: Path, tiny_phantoms: Path
     import httpx
 
     from breastscan.serving.client import GRPCClient, HTTPClient
-    from breastscan.serving.engine import ImageInput
+    from breastscan.serving.request import ImageInput, predict_request
     from load_tests.harness import launch_service
+    from tests.services.conftest import local_answer
     from tests.services.test_service_http import assert_same_answer
 
     manifests = {site: pack_subset(shared_datasets / site, tmp_path / site, group)
@@ -192,7 +192,7 @@ def test_two_hospital_packs_to_served_models(tmp_path: Path, tiny_phantoms: Path
                 GRPCClient(served.grpc_target, timeout=60) as rpc:
             for name in MODELS:
                 for data in images:
-                    local = asyncio.run(engine.predict(name, ImageInput(data=data)))
+                    local = local_answer(engine, predict_request(name, ImageInput(data=data)))
                     r = httpx.post(f"{served.http_url}/{name}", files={"image": ("scan.png", data)},
                                    timeout=60)
                     assert r.status_code == 200, r.text

@@ -26,6 +26,9 @@ import pytest
 import yaml
 
 from breastscan.processes import free_port
+from breastscan.serving.answer import to_dict
+from breastscan.serving.engine import Engine
+from breastscan.serving.request import Request
 from load_tests.harness import SERVICE_TARGET, LaunchedService, launch_service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,7 +226,7 @@ def service(served_project: tuple[Path, dict[str, str]]) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="session")
-def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
+def reference(served_project: tuple[Path, dict[str, str]]) -> Iterator[Engine]:
     """An in-process engine over the same registered models (loaded from the registry)."""
     root, env = served_project
     mp = pytest.MonkeyPatch()
@@ -252,3 +255,9 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Any:
 def run_async(coro: Any) -> Any:
     """Run a coroutine to completion from a test."""
     return asyncio.run(coro)
+
+
+def local_answer(engine: Engine, request: Request) -> Any:
+    """The HTTP JSON (as Python values) of an in-process engine's answer to ``request``:
+    what the service sends for it, to compare with ``==``."""
+    return to_dict(run_async(engine.answer(request)))

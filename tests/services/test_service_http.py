@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from breastscan.decision import DecisionRule
-from breastscan.serving.engine import ImageInput
+from breastscan.serving.client import GRPCClient
+from breastscan.serving.engine import Engine
+from breastscan.serving.request import ImageInput, Request, predict_request
 from tests.services import images
-from tests.services.conftest import Served, run_async
+from tests.services.conftest import Served, local_answer
 from tests.services.make_registry import MODELS
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
@@ -72,15 +74,15 @@ def test_models_lists_the_production_versions(service: Served) -> None:
 
 @pytest.mark.parametrize(("model", "data"), [("density", MG), ("tumor", MG), ("lesion", US),
                                              ("mammo_lesion", MG), ("us_mt", US)])
-def test_model_endpoint_equals_in_process_prediction(service: Served, reference: Any, model: str,
+def test_model_endpoint_equals_in_process_prediction(service: Served, reference: Engine, model: str,
                                                      data: bytes) -> None:
     r = post_file(service, f"/{model}", data)
     assert r.status_code == 200, r.text
-    local = run_async(reference.predict(model, ImageInput(data=data)))
+    local = local_answer(reference, predict_request(model, ImageInput(data=data)))
     assert_same_answer(r.json(), local)
 
 
-def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Served, reference: Any) -> None:
+def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Served, reference: Engine) -> None:
     r = post_file(service, "/predict", MG, model="tumor", explain=True)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -88,7 +90,7 @@ def test_generic_predict_with_explain_returns_heatmap_and_overlay(service: Serve
     over = images.decode_png_b64(body["overlay_png"])
     assert heat.shape == (160, 128) and heat.dtype == np.uint8 and heat.max() > 0
     assert over.shape == (160, 128, 3)
-    local = run_async(reference.predict("tumor", ImageInput(data=MG), explain=True))
+    local = local_answer(reference, predict_request("tumor", ImageInput(data=MG), explain=True))
     assert body["predicted"] == local["predicted"]
     # Grad-CAM ran in the model service: same map up to float rounding of the gradients
     assert np.abs(heat.astype(int) - images.decode_png_b64(local["heatmap_png"]).astype(int)).max() <= 2
@@ -112,7 +114,7 @@ def test_segmenter_answer_has_mask_area_and_box(service: Served, model: str, dat
 
 
 def test_a_multitask_model_answers_classes_and_mask_from_one_model_call(service: Served,
-                                                                         reference: Any) -> None:
+                                                                         reference: Engine) -> None:
     """One image, one model call (the batch metrics), both key sets; ``predicted`` follows its
     decision rule (not the arg-max); explained, the class head's Grad-CAM is the overlay."""
     before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
@@ -131,11 +133,11 @@ def test_a_multitask_model_answers_classes_and_mask_from_one_model_call(service:
     assert heat.shape == (112, 144) and heat.max() > 0 and explained["overlay_png"] != body["overlay_png"]
     assert {k: explained[k] for k in CLASS_KEYS | MASK_KEYS - {"overlay_png"}} == \
         {k: body[k] for k in CLASS_KEYS | MASK_KEYS - {"overlay_png"}}
-    local = run_async(reference.predict("us_mt", ImageInput(data=US), explain=True))
+    local = local_answer(reference, predict_request("us_mt", ImageInput(data=US), explain=True))
     assert np.abs(heat.astype(int) - images.decode_png_b64(local["heatmap_png"]).astype(int)).max() <= 2
 
 
-def test_analyze_ultrasound_runs_each_model_once(service: Served, reference: Any) -> None:
+def test_analyze_ultrasound_runs_each_model_once(service: Served, reference: Engine) -> None:
     before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
     body = post_file(service, "/analyze", US, modality="ultrasound").json()
     after = httpx.get(f"{service.http_url}/metrics", timeout=10).text
@@ -144,7 +146,7 @@ def test_analyze_ultrasound_runs_each_model_once(service: Served, reference: Any
         grew = (_metric(after, "breastscan_model_predictions_total", model=name)
                 - _metric(before, "breastscan_model_predictions_total", model=name))
         assert grew == 1, name
-    local = run_async(reference.analyze(ImageInput(data=US), modality="ultrasound"))
+    local = local_answer(reference, Request("analyze", image=ImageInput(data=US), modality="ultrasound"))
     for name in ("lesion", "us_mt"):
         assert_same_answer(body["models"][name], local["models"][name])
 
@@ -162,11 +164,11 @@ def test_array_input_equals_file_input(service: Served) -> None:
 
 
 def test_analyze_mammogram_runs_every_mammography_model_and_the_eight_category_view(
-        service: Served, reference: Any) -> None:
+        service: Served, reference: Engine) -> None:
     r = post_file(service, "/analyze", MG, modality="mammography")
     assert r.status_code == 200, r.text
     body = r.json()
-    local = run_async(reference.analyze(ImageInput(data=MG), modality="mammography"))
+    local = local_answer(reference, Request("analyze", image=ImageInput(data=MG), modality="mammography"))
     assert body["modality"] == "mammography"
     assert sorted(body["models"]) == sorted(local["models"]) == ["density", "mammo_lesion", "tumor"]
     for name in ("density", "mammo_lesion", "tumor"):
@@ -186,7 +188,7 @@ def test_analyze_takes_the_modality_from_a_dicom_header(service: Served) -> None
     assert refused.status_code == 400 and refused.json()["code"] == "unknown_modality"
 
 
-def test_roi_crops_before_the_model(service: Served, reference: Any) -> None:
+def test_roi_crops_before_the_model(service: Served) -> None:
     r = post_file(service, "/tumor", MG, roi="10,20,80,100")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -269,12 +271,13 @@ def test_bad_arrays_and_requests_are_4xx(service: Served) -> None:
     nan = json.dumps({"model": "tumor", "array": [[math.nan] * 32] * 32}).encode()
     r = _array_request(service, None, nan)
     assert r.status_code == 400 and r.json()["code"] == "not_finite"
-    for content in (b"{not json", b'{"model": "tumor"}', b"[]"):  # BentoML's own validation
+    for content, code in ((b"{not json", "malformed_request"), (b'{"model": "tumor"}', "missing_field"),
+                          (b"[]", "malformed_request")):  # the body itself is wrong
         r = _array_request(service, None, content)
         assert r.status_code == 400, r.text
-        assert "error" in r.json()
+        assert r.json()["code"] == code and r.json()["error"], content
     missing = httpx.post(f"{service.http_url}/tumor", data={"explain": "true"}, timeout=30)
-    assert missing.status_code == 400
+    assert missing.status_code == 400 and missing.json()["code"] == "missing_field"
 
 
 def test_oversize_request_is_413_before_it_is_read(service: Served) -> None:
@@ -296,15 +299,15 @@ def test_a_client_waiting_for_100_continue_reads_the_413_without_sending(service
     assert answer.startswith("HTTP/1.1 413") and '"too_large"' in answer, answer
 
 
-def test_server_still_serves_after_every_mistake(service: Served, reference: Any) -> None:
+def test_server_still_serves_after_every_mistake(service: Served, reference: Engine) -> None:
     for case in BAD_UPLOADS.values():
         assert post_file(service, "/lesion", case[0], **case[1]).status_code < 500
     assert httpx.get(f"{service.http_url}/readyz", timeout=10).status_code == 200
     r = post_file(service, "/lesion", US)
-    assert_same_answer(r.json(), run_async(reference.predict("lesion", ImageInput(data=US))))
+    assert_same_answer(r.json(), local_answer(reference, predict_request("lesion", ImageInput(data=US))))
     assert service.process.poll() is None
     log = service.log_text()
-    # (BentoML logs a traceback for its own 400s on malformed JSON; no answer was a 5xx)
+    # no answer was a 5xx
     assert not re.search(r"status=5\d\d", log), log[-4000:]
     assert "SECRET-1234" not in log and "Doe^Jane" not in log  # no DICOM patient data in logs
 
@@ -366,19 +369,27 @@ def test_web_ui_page_is_served(service: Served) -> None:
     assert r.status_code == 200 and "<html" in r.text.lower()
 
 
-def test_the_hot_path_and_the_bentoml_route_answer_alike(service: Served) -> None:
-    """``POST /<model>`` uploads are answered by the hot path (breastscan.serving.fastpath);
-    ``/predict`` and any form the hot path does not read go through BentoML: same answers."""
-    hot = post_file(service, "/tumor", MG, explain=True, roi="0,0,100,80")
-    routed = post_file(service, "/predict", MG, model="tumor", explain=True, roi="0,0,100,80")
-    assert hot.status_code == routed.status_code == 200
-    assert hot.json() == routed.json()
-    assert hot.headers["x-request-id"] and hot.headers["content-type"] == "application/json"
-    extra = post_file(service, "/tumor", MG, comment="not a field of the endpoint")  # refused at the edge
-    assert extra.status_code == 400 and extra.json()["code"] == "unknown_field"
-    for fields, code in (({"explain": "maybe"}, 400), ({"roi": "1,2,3"}, 400)):  # handed to BentoML
-        hot_bad = post_file(service, "/tumor", MG, **fields)
-        assert hot_bad.status_code == code, hot_bad.text
+def test_every_route_and_grpc_answer_the_same_pixels_alike(service: Served) -> None:
+    """``/<model>`` and ``/predict`` (multipart), ``/predict_array`` (JSON) with the same pixels
+    and gRPC: one parse, one engine, one answer -- equal bit for bit."""
+    roi = "0,0,100,80"
+    by_model = post_file(service, "/tumor", MG, explain=True, roi=roi)
+    by_predict = post_file(service, "/predict", MG, model="tumor", explain=True, roi=roi)
+    pixels = images.mammogram(1).tolist()  # MG's pixels
+    by_array = httpx.post(f"{service.http_url}/predict_array", timeout=60, json={
+        "model": "tumor", "array": pixels, "dtype": "uint8", "explain": True, "roi": roi})
+    assert by_model.status_code == by_predict.status_code == by_array.status_code == 200, by_array.text
+    assert by_model.headers["x-request-id"] and by_model.headers["content-type"] == "application/json"
+    with GRPCClient(service.grpc_target, timeout=60) as rpc:
+        by_grpc = rpc.predict("tumor", MG, explain=True, roi=(0, 0, 100, 80))
+    assert by_model.json() == by_predict.json() == by_array.json() == by_grpc
+    for word in ("yes", "on", "1"):  # a form's booleans, as HTML forms and curl send them
+        assert post_file(service, "/tumor", MG, explain=word, roi=roi).json() == by_model.json(), word
+    for fields, code in (({"explain": "maybe"}, "bad_field"), ({"roi": "1,2,3"}, "bad_roi"),
+                         ({"comment": "not a field of the endpoint"}, "unknown_field")):
+        refused = post_file(service, "/tumor", MG, **fields)
+        assert refused.status_code == 400 and refused.json()["code"] == code, refused.text
+        assert refused.json()["error"]
     refused = post_file(service, "/tumor", b"not an image")
     assert refused.status_code == 400 and refused.json()["code"] == "not_an_image"
     assert not service.server_errors()

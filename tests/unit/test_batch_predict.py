@@ -170,7 +170,7 @@ def test_batch_rows_equal_the_engines_answers(tumor: batch.LoadedModel, folder: 
     errors = {r["path"]: r["code"] for r in _rows(tmp_path / batch.ERRORS_CSV)}
     assert errors == BROKEN
     assert {k: rows[k]["status"] for k in BROKEN} == BROKEN
-    assert lines["broken/empty.png"]["code"] == "empty" and lines["broken/empty.png"]["error"]  # the one error shape
+    assert lines["broken/empty.png"]["code"] == "empty" and lines["broken/empty.png"]["error"]
 
     calls = _counting(engine)
     before = {n: (tmp_path / n).read_bytes() for n in (batch.PREDICTIONS_CSV, batch.PREDICTIONS_JSONL,

@@ -308,6 +308,10 @@ class Prediction:
         "contract's operating point", when=CLASSES, csv=True)
     confidence: float | None = answer_field(
         10, "optional double", "the called class's probability, in [0, 1]", when=CLASSES, csv=True)
+    decision_threshold: float | None = answer_field(
+        18, "optional double", "the cutoff of the model's decision rule, in [0, 1]: the positive class is "
+        "called when p(positive) / (p(positive) + p(versus)) reaches it; null for the arg-max rule",
+        when=CLASSES, csv=True)
     heatmap_png: bytes | None = answer_field(
         11, "optional bytes", "with explain: (height, width) 8-bit gray PNG, the Grad-CAM heatmap of the "
         "called class, 255 = strongest evidence", when=IF_SET)
@@ -798,7 +802,7 @@ def _class_fields(contract: ModelContract, grays: Sequence[np.ndarray], boxes: S
         k = int(called[i])
         fields: dict[str, Any] = dict(
             probabilities={name: float(p) for name, p in zip(names, probs[i], strict=True)},
-            predicted=names[k], confidence=float(probs[i, k]))
+            predicted=names[k], confidence=float(probs[i, k]), decision_threshold=contract.rule.cutoff)
         if heat is not None:
             heat_full = np.clip(box.unletterbox(np.asarray(heat[i], np.float32), cv2.INTER_LINEAR), 0.0, 1.0)
             fields.update(heatmap_png=png_bytes(_to_uint8(heat_full)),

@@ -59,7 +59,7 @@ CLS_SPEC = PreprocessSpec(height=48, width=40)
 SEG_SPEC = PreprocessSpec(height=32, width=32)
 
 COMMON = ["model", "version", "stage", "spec_id", "task", "width", "height"]
-CLASS_KEYS = ["probabilities", "predicted", "confidence"]
+CLASS_KEYS = ["probabilities", "predicted", "confidence", "decision_threshold"]
 MASK_KEYS = ["mask_png", "lesion_area_px", "lesion_fraction", "bbox", "overlay_png"]
 
 
@@ -139,19 +139,15 @@ ANSWER_EXAMPLES: dict[str, Prediction] = {
                                            lesion_fraction=0.0, bbox=None, overlay_png=PNG, roi=[0, 0, 5, 4]),
 }
 JSON_KEYS = {
-    "classifier": COMMON + ["probabilities", "predicted", "confidence"],
-    "classifier explained, roi": COMMON + ["probabilities", "predicted", "confidence", "heatmap_png",
-                                           "overlay_png", "roi"],
-    "segmenter": COMMON + ["mask_png", "lesion_area_px", "lesion_fraction", "bbox", "overlay_png"],
-    "segmenter, empty mask": COMMON + ["mask_png", "lesion_area_px", "lesion_fraction", "bbox",
-                                       "overlay_png"],
-    "multitask": COMMON + ["probabilities", "predicted", "confidence", "mask_png", "lesion_area_px",
-                           "lesion_fraction", "bbox", "overlay_png"],
-    "multitask explained, roi": COMMON + ["probabilities", "predicted", "confidence", "heatmap_png",
-                                          "mask_png", "lesion_area_px", "lesion_fraction", "bbox",
-                                          "overlay_png", "roi"],
+    "classifier": COMMON + CLASS_KEYS,
+    "classifier explained, roi": COMMON + CLASS_KEYS + ["heatmap_png", "overlay_png", "roi"],
+    "segmenter": COMMON + MASK_KEYS,
+    "segmenter, empty mask": COMMON + MASK_KEYS,
+    "multitask": COMMON + CLASS_KEYS + MASK_KEYS,
+    "multitask explained, roi": COMMON + CLASS_KEYS + ["heatmap_png"] + MASK_KEYS + ["roi"],
 }
-"""The keys of each answer's JSON, in order: the ones clients have always had."""
+"""The keys of each answer's JSON, in order: the ones clients have always had, and the decision
+rule's cutoff (``decision_threshold``, added with the README's note)."""
 VIEW = EightCategory(category="benign-A", density="A", pathology="benign", finding="benign", p_malignant=0.25,
                      p_normal=None, confidence=0.5,
                      probabilities={f"{k}-{d}": 0.125 for k in ("benign", "malignant") for d in "ABCD"})
@@ -257,17 +253,19 @@ def test_the_json_schema_describes_every_key(name: str) -> None:
 def test_csv_columns_and_rows() -> None:
     names = ["benign", "malignant"]
     assert csv_columns("classification", names) == [
-        "model", "version", "stage", "width", "height", "predicted", "confidence", "p_benign", "p_malignant"]
+        "model", "version", "stage", "width", "height", "predicted", "confidence", "p_benign", "p_malignant",
+        "decision_threshold"]
     assert csv_columns("segmentation", names) == [
         "model", "version", "stage", "width", "height", "lesion_area_px", "lesion_fraction", "bbox"]
     assert csv_columns("multitask", names) == [
         "model", "version", "stage", "width", "height", "predicted", "confidence", "p_benign", "p_malignant",
-        "lesion_area_px", "lesion_fraction", "bbox"]
+        "decision_threshold", "lesion_area_px", "lesion_fraction", "bbox"]
     row = csv_row(ANSWER_EXAMPLES["multitask"])
     assert set(row) == set(csv_columns("multitask", names))
     assert row | {"p_benign": None} == {"model": "m", "version": "", "stage": "", "width": 5, "height": 4,
                                         "predicted": "benign", "confidence": 0.7, "p_benign": None,
-                                        "p_malignant": 0.3, "lesion_area_px": 3, "lesion_fraction": 0.15,
+                                        "p_malignant": 0.3, "decision_threshold": "", "lesion_area_px": 3,
+                                        "lesion_fraction": 0.15,
                                         "bbox": "0 1 3 1"}
     assert csv_row(ANSWER_EXAMPLES["segmenter, empty mask"])["bbox"] == ""
 
@@ -388,8 +386,8 @@ def test_concurrent_requests_equal_one_model_call_of_their_batch(tumor: ModelBun
         assert answer | {"probabilities": None, "predicted": None, "confidence": None} == {
             "model": "tumor", "version": "7", "stage": "production", "spec_id": CLS_SPEC.spec_id,
             "task": "classification", "width": img.shape[1], "height": img.shape[0],
-            "probabilities": None, "predicted": None, "confidence": None,
-        }  # no heatmap keys without explain, no roi key without a roi
+            "probabilities": None, "predicted": None, "confidence": None, "decision_threshold": None,
+        }  # no heatmap keys without explain, no roi key without a roi; the arg-max rule has no cutoff
 
 
 def test_the_served_class_follows_the_contracts_decision_rule(tumor: ModelBundle) -> None:
@@ -411,8 +409,11 @@ def test_the_served_class_follows_the_contracts_decision_rule(tumor: ModelBundle
             answer = _predict({"tumor": served}, "tumor", img)
             assert answer["predicted"] == names[k]
             assert answer["confidence"] == pytest.approx(float(row[k]), abs=1e-5)  # p of the predicted class
+            assert answer["decision_threshold"] == cutoff  # the cutoff it was called with
             assert list(answer) == JSON_KEYS["classifier"]  # the answer's keys as before
     assert differs  # one of the two rules calls some image otherwise than the arg-max
+    ruled = from_dict(Prediction, answer)
+    assert from_proto(Prediction, to_proto(ruled)).decision_threshold == cutoff  # over gRPC too
 
 
 def test_calibration_temperature_is_applied(tumor: ModelBundle) -> None:

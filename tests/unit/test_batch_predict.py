@@ -148,7 +148,7 @@ def test_batch_rows_equal_the_engines_answers(tumor: batch.LoadedModel, folder: 
     all_rows = _rows(tmp_path / batch.PREDICTIONS_CSV)
     assert list(all_rows[0]) == _expected_header(tumor) == batch.csv_columns(engine.select(tumor.name))
     assert list(all_rows[0])[5:] == ["width", "height", "predicted", "confidence", "p_benign", "p_malignant",
-                                     "p_normal"]
+                                     "p_normal", "decision_threshold"]
     rows = {r["path"]: r for r in all_rows}
     jsonl = (tmp_path / batch.PREDICTIONS_JSONL).read_text().splitlines()
     lines = {d["path"]: d for d in map(json.loads, jsonl)}
@@ -241,7 +241,8 @@ def test_segmenter_rows_hold_lesion_measures_and_dicom_results(name: str, folder
         assert mask_of(expected.mask_png or b"").tolist() == mask.tolist()
     if name == "us_mt":
         names = list(bundle.contract.class_names)
-        assert list(rows[0])[7:-3] == ["predicted", "confidence", *(f"p_{c}" for c in names)]
+        assert list(rows[0])[7:-3] == ["predicted", "confidence", *(f"p_{c}" for c in names),
+                                       "decision_threshold"]
         probs = np.asarray([[float(r[f"p_{c}"]) for c in names] for r in rows[:3]])
         called = [names[k] for k in bundle.contract.rule.decide(probs, names)]
         assert [r["predicted"] for r in rows[:3]] == called != [names[k] for k in probs.argmax(axis=1)]

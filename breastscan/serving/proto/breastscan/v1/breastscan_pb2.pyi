@@ -80,7 +80,7 @@ class BoundingBox(_message.Message):
     def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("model", "version", "stage", "spec_id", "task", "width", "height", "probabilities", "predicted", "confidence", "heatmap_png", "mask_png", "lesion_area_px", "lesion_fraction", "bbox", "overlay_png", "roi")
+    __slots__ = ("model", "version", "stage", "spec_id", "task", "width", "height", "probabilities", "predicted", "confidence", "decision_threshold", "heatmap_png", "mask_png", "lesion_area_px", "lesion_fraction", "bbox", "overlay_png", "roi")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Prediction(_message.Message):
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
     LESION_AREA_PX_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +109,7 @@ class Prediction(_message.Message):
     probabilities: _containers.RepeatedCompositeFieldContainer[ClassProbability]
     predicted: str
     confidence: float
+    decision_threshold: float
     heatmap_png: bytes
     mask_png: bytes
     lesion_area_px: int
@@ -115,7 +117,7 @@ class Prediction(_message.Message):
     bbox: BoundingBox
     overlay_png: bytes
     roi: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., spec_id: _Optional[str] = ..., task: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., predicted: _Optional[str] = ..., confidence: _Optional[float] = ..., heatmap_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., lesion_area_px: _Optional[int] = ..., lesion_fraction: _Optional[float] = ..., bbox: _Optional[_Union[BoundingBox, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., roi: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., spec_id: _Optional[str] = ..., task: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., probabilities: _Optional[_Iterable[_Union[ClassProbability, _Mapping]]] = ..., predicted: _Optional[str] = ..., confidence: _Optional[float] = ..., decision_threshold: _Optional[float] = ..., heatmap_png: _Optional[bytes] = ..., mask_png: _Optional[bytes] = ..., lesion_area_px: _Optional[int] = ..., lesion_fraction: _Optional[float] = ..., bbox: _Optional[_Union[BoundingBox, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., roi: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EightCategory(_message.Message):
     __slots__ = ("category", "density", "pathology", "finding", "p_malignant", "p_normal", "confidence", "probabilities")

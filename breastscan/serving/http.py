@@ -345,14 +345,18 @@ def openapi(routes: Mapping[str, Route], *, title: str = "breastscan", version: 
     schemas: dict[str, Any] = {cls.__name__: json_schema(cls) for cls in ANSWERS}
     schemas["Error"] = {"type": "object", "required": ["error", "code"], "properties": {
         "error": {"type": "string"}, "code": {"type": "string", "enum": sorted(ERRORS)}}}
-    paths = {path: {"post": _operation(route)} for path, route in routes.items()}
+    models = sorted(route.model for route in routes.values() if route.model)
+    paths = {path: {"post": _operation(route, models)} for path, route in routes.items()}
     return {"openapi": "3.0.2", "info": {"title": title, "version": version}, "paths": paths,
             "components": {"schemas": schemas}}
 
 
-def _operation(route: Route) -> dict[str, Any]:
+def _operation(route: Route, models: list[str]) -> dict[str, Any]:
     properties = {name: dict(_FIELD_SCHEMAS[kind]) for name, kind in route.fields.items()}
-    body_schema = {"type": "object", "properties": properties, "required": sorted(route.required)}
+    if "model" in properties and models:
+        properties["model"]["enum"] = models
+    body_schema = {"type": "object", "properties": properties, "required": sorted(route.required),
+                   "additionalProperties": False}
     media = "multipart/form-data" if FILE in route.fields.values() else "application/json"
     answer = ({"$ref": f"#/components/schemas/{_RESULTS[route.action]}"} if route.action in _RESULTS
               else {"type": "array", "items": {"$ref": "#/components/schemas/ModelInfo"}})

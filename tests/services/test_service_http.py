@@ -300,11 +300,20 @@ def test_a_client_waiting_for_100_continue_reads_the_413_without_sending(service
 
 
 def test_server_still_serves_after_every_mistake(service: Served, reference: Engine) -> None:
+    before = httpx.get(f"{service.http_url}/metrics", timeout=10).text
     for case in BAD_UPLOADS.values():
         assert post_file(service, "/lesion", case[0], **case[1]).status_code < 500
     assert httpx.get(f"{service.http_url}/readyz", timeout=10).status_code == 200
     r = post_file(service, "/lesion", US)
     assert_same_answer(r.json(), local_answer(reference, predict_request("lesion", ImageInput(data=US))))
+    after = httpx.get(f"{service.http_url}/metrics", timeout=10).text
+
+    def counted(**outcome: str) -> float:  # requests to /lesion answered since `before`
+        return (_metric(after, "breastscan_requests_total", endpoint="lesion", **outcome)
+                - _metric(before, "breastscan_requests_total", endpoint="lesion", **outcome))
+
+    # every answer counted once, a refusal under its code (both bad rois: bad_roi)
+    assert (counted(), counted(outcome="ok"), counted(outcome="bad_roi")) == (len(BAD_UPLOADS) + 1, 1, 2)
     assert service.process.poll() is None
     log = service.log_text()
     # no answer was a 5xx

@@ -203,13 +203,15 @@ def validate(root: Path | None, dataset: str | None, params: Path, modality: str
 @click.option("--to", "to", default="production", show_default=True,
               type=click.Choice(["staging", "production"]))
 @click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+@click.option("--reason", default=None, metavar="TEXT", help="why, for the audit trail (breastscan history)")
 def promote(model_names: tuple[str, ...], all_models: bool, version: int | None, to: str,
-            params: Path) -> None:
+            params: Path, reason: str | None) -> None:
     """Move each MODEL's version to a registry stage if its quality gates in params.yaml pass.
 
     Gates: every floor under models.<MODEL>.gates.floors, and no drop beyond
     gates.max_regression versus the version now at that stage, on the same test split.
-    Exits 1 and names the failed gates when any promotion is refused.
+    Exits 1 and names the failed gates when any promotion is refused. Every promotion and
+    every refusal is an event of the audit trail (who: $BREASTSCAN_ACTOR, else the OS user).
     """
     from breastscan.config import load_params
     from breastscan.registry import promotion, tracking, versions
@@ -233,12 +235,10 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
             splits = Path("artifacts/prepared") / dataset.name / "splits.csv"
             candidate_split = versions.version_split_id(cfg, version)
             rescore = promotion.rescore_on_split(cfg, splits, dataset.path, candidate_split)
-            result = promotion.promote(cfg, version=version, to=to, evaluate=rescore)
-        except versions.RegistryError as exc:
+            result = promotion.promote(cfg, version=version, to=to, evaluate=rescore, reason=reason)
+        except (versions.RegistryError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
-        for check in result.checks:
-            mark = "ok " if check["ok"] else "FAIL"
-            click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")
+        _echo_checks(result.checks)
         if not result.passed:
             click.echo(f"refused: {cfg.registered_name} v{result.version} stays where it is -- "
                        + "; ".join(result.failures), err=True)
@@ -251,6 +251,89 @@ def promote(model_names: tuple[str, ...], all_models: bool, version: int | None,
         click.echo(f"{cfg.registered_name} v{result.version} is now at stage {to}{previous}")
     if refused:
         sys.exit(1)
+
+
+def _echo_checks(checks: list[dict[str, Any]]) -> None:
+    """One line per gate of a promotion or rollback: ``[ok ]`` or ``[FAIL]``, its name and numbers."""
+    for check in checks:
+        mark = "ok " if check["ok"] else "FAIL"
+        click.echo(f"  [{mark}] {check['gate']}: {check['detail']}")
+
+
+def _echo_table(cols: list[str], table: list[list[str]]) -> None:
+    """Left-aligned columns under a header line."""
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for t in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--reason", required=True, metavar="TEXT", help="why (required; kept in the audit trail)")
+@click.option("--to-version", type=click.IntRange(min=1), default=None,
+              help="a version that held the stage before [default: the one before the current holder]")
+@click.option("--stage", default="production", show_default=True,
+              type=click.Choice(["staging", "production"]))
+@click.option("--force", is_flag=True, help="move the stage even when a floor refuses (recorded as forced)")
+@click.option("--params", type=click.Path(path_type=Path), default=Path("params.yaml"), show_default=True)
+def rollback(model: str, reason: str, to_version: int | None, stage: str, force: bool, params: Path) -> None:
+    """Move MODEL's stage back to the version that held it before (or --to-version N).
+
+    \b
+    The previous holder is read from the audit trail (and, for promotions older than it,
+    from the versions' promoted_from tags); N must have held the stage before. The
+    no-regression gate is skipped; the floors of params.yaml still apply unless --force.
+    Exits 1 when refused. The rollback (or its refusal) is an audit event.
+    """
+    from breastscan.config import load_params
+    from breastscan.registry import promotion, tracking, versions
+
+    try:
+        cfg = load_params(params).model(model)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
+    tracking.configure(Path.cwd())
+    try:
+        result = promotion.rollback(cfg, reason=reason, to_version=to_version, stage=stage, force=force)
+    except (versions.RegistryError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _echo_checks(result.checks)
+    if not result.passed:
+        click.echo(f"refused: {cfg.registered_name} stays on v{result.previous} at stage {stage} -- "
+                   + "; ".join(result.failures) + " (--force overrides the floors)", err=True)
+        sys.exit(1)
+    forced = f", forced past {len(result.failures)} failed gate(s)" if result.forced else ""
+    click.echo(f"{cfg.registered_name} v{result.version} is back at stage {stage} "
+               f"(was v{result.previous}{forced})")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print the events as a JSON list")
+def history(model: str, as_json: bool) -> None:
+    """The audit trail of MODEL: promotions, refusals, rollbacks and live swaps, oldest first."""
+    import json
+
+    from breastscan.registry import audit, tracking
+
+    tracking.configure(Path.cwd())
+    events = audit.read_events(model)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in events], indent=2))
+        return
+    if not events:
+        click.echo(f"no audit events for {audit.registered_name(model)} in "
+                   f"{tracking.tracking_uri(Path.cwd())}")
+        return
+
+    def change(e: audit.Event) -> str:
+        before = f"v{e.from_version}" if e.from_version else "none"
+        return f"{before} -> {f'v{e.to_version}' if e.to_version else '-'}"
+
+    table = [[e.when[:19].replace("T", " "), e.who, e.kind + (" (forced)" if e.forced else ""), change(e),
+              e.stage, e.reason or "", e.gates_text()] for e in events]
+    _echo_table(["when (UTC)", "who", "kind", "from -> to", "stage", "reason", "gates"], table)
 
 
 @main.command()
@@ -279,11 +362,7 @@ def models(as_json: bool) -> None:
             return f"{value:.3f}"
         return "" if value is None else str(value)
 
-    table = [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for t in table:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+    _echo_table(cols, [[cell(r.get(c)) for c in cols] for r in rows])
 
 
 @main.command("evaluate")

@@ -9,6 +9,9 @@ registry version it belongs to is recorded in MLflow next to it.
 Inputs are the model's :class:`~breastscan.config.ModelConfig`, its
 :class:`~breastscan.bundle.ModelContract`, the evaluation report (``metrics.json``) and a
 ``data`` mapping describing the dataset (see :func:`render_model_card`).
+
+:func:`version_summary` says the same in brief, from the same inputs, for the description of
+the model's registry version (what a reviewer sees first in the MLflow UI).
 """
 
 from __future__ import annotations
@@ -105,16 +108,21 @@ def _is_synthetic(data: Mapping[str, Any]) -> bool | None:
     return None
 
 
+def _what_it_does(cfg: ModelConfig, modality: str, class_names: Sequence[str]) -> str:
+    """One sentence: what the model does to an image of ``modality``."""
+    image = f"{'an' if modality[:1].lower() in 'aeiou' else 'a'} {modality} image"
+    classes = (f"Classifies the **{cfg.label}** of {image} into "
+               f"{len(class_names)} classes ({', '.join(class_names)}).")
+    lesions = f"Segments lesions in {image}: one probability per pixel."
+    return {"classification": classes, "segmentation": lesions,
+            "multitask": f"{classes[:-1]}, and outlines its lesion (one probability per pixel), both "
+                         "from one forward pass of one network."}[cfg.task]
+
+
 def _summary_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
     """The title and a one-sentence summary of what the model does."""
-    out: list[str] = [f"# Model card: {cfg.registered_name}", ""]
-    classes = (f"Classifies the **{cfg.label}** of a {contract.modality} image into "
-               f"{len(contract.class_names)} classes ({', '.join(contract.class_names)}).")
-    lesions = f"Segments lesions in a {contract.modality} image: one probability per pixel."
-    summary = {"classification": classes, "segmentation": lesions,
-               "multitask": f"{classes[:-1]}, and outlines its lesion (one probability per pixel), both "
-                            "from one forward pass of one network."}[cfg.task]
-    return out + [summary, ""]
+    return [f"# Model card: {cfg.registered_name}", "",
+            _what_it_does(cfg, contract.modality, contract.class_names), ""]
 
 
 def _intended_use_section() -> list[str]:
@@ -222,20 +230,32 @@ def _metric_rows(cfg: ModelConfig, metrics: Mapping[str, Any], headline: str, va
     return rows
 
 
-def _metrics_section(cfg: ModelConfig, metrics: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
-    """The headline with its 95 % CI, the metrics table and the promotion rule."""
+def _headline(cfg: ModelConfig, metrics: Mapping[str, Any]) -> tuple[str, float | None, float | None,
+                                                                     float | None]:
+    """``(name, value, ci_low, ci_high)`` of the report's headline metric (``None`` where unknown)."""
     headline = str(metrics.get("headline") or cfg.headline)
     value = finite_float(metrics.get("headline_value"))
     if value is None:
         value = finite_float(metrics.get(headline))
-    low, high = finite_float(metrics.get("headline_ci_low")), finite_float(metrics.get("headline_ci_high"))
+    return (headline, value, finite_float(metrics.get("headline_ci_low")),
+            finite_float(metrics.get("headline_ci_high")))
+
+
+def _headline_text(headline: str, value: float | None, low: float | None, high: float | None) -> str:
+    """``**macro_auc = 0.850** (95% CI 0.780-0.910, bootstrap)``."""
+    return (f"**{headline} = {_fmt(value)}**"
+            + (f" (95% CI {_fmt(low)}-{_fmt(high)}, bootstrap)" if low is not None and high is not None
+               else " (95% CI not computed)"))
+
+
+def _metrics_section(cfg: ModelConfig, metrics: Mapping[str, Any], data: Mapping[str, Any]) -> list[str]:
+    """The headline with its 95 % CI, the metrics table and the promotion rule."""
+    headline, value, low, high = _headline(cfg, metrics)
     n_test = metrics.get("n_test", metrics.get("n"))
     out = ["## Metrics", "",
            f"On the held-out test split ({_count(n_test)} images"
            + (f", split `{data['split_id']}`" if data.get("split_id") else "") + "). Headline metric: "
-           f"**{headline} = {_fmt(value)}**"
-           + (f" (95% CI {_fmt(low)}-{_fmt(high)}, bootstrap)" if low is not None and high is not None
-              else " (95% CI not computed)") + ".", ""]
+           + _headline_text(headline, value, low, high) + ".", ""]
     rows = _metric_rows(cfg, metrics, headline, value, low, high)
     if rows:
         out += _table(["metric", "value", "95% CI", "promotion floor"], rows) + [""]
@@ -271,6 +291,17 @@ def _site_rows(cfg: ModelConfig, sites: Mapping[str, Any]) -> list[list[Any]]:
 
 def _sites_section(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
     """A model trained on a pool of sites: each site's test rows scored apart (none otherwise)."""
+    table = _site_table(cfg, metrics)
+    if not table:
+        return []
+    return ["## Per site", "",
+            "Trained on a pool of sites; each site's test rows scored apart (the pooled numbers are above). "
+            "A metric a site cannot define (e.g. the AUC of a class it lacks) is left out.", "",
+            *table, ""]
+
+
+def _site_table(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
+    """The per-site table of a model trained on a pool (no lines for one site)."""
     sites = metrics.get("sites")
     if not isinstance(sites, Mapping) or not sites:
         return []
@@ -278,10 +309,7 @@ def _sites_section(cfg: ModelConfig, metrics: Mapping[str, Any]) -> list[str]:
     if cfg.has_classes:
         positive = _positive_class(cfg)
         header += [f"{positive} sensitivity", f"{positive} specificity", "ECE"]
-    return ["## Per site", "",
-            "Trained on a pool of sites; each site's test rows scored apart (the pooled numbers are above). "
-            "A metric a site cannot define (e.g. the AUC of a class it lacks) is left out.", ""] \
-        + _table(header, _site_rows(cfg, sites)) + [""]
+    return _table(header, _site_rows(cfg, sites))
 
 
 def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any]) -> list[str]:
@@ -294,7 +322,7 @@ def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Map
     before, after = _first(metrics, _ECE_BEFORE), _first(metrics, _ECE_AFTER)
     found = metrics.get("calibration")
     record: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-    if record.get("fitted_temperature") is not None and temperature == 1.0:
+    if _uncalibrated(record, temperature):
         served = (f"Temperature scaling was fitted on the validation split (T = "
                   f"{_fmt(record['fitted_temperature'])}) but did not lower the validation ECE and NLL "
                   "(below), so the served probabilities are **uncalibrated** (T = 1).")
@@ -306,6 +334,11 @@ def _calibration_section(cfg: ModelConfig, contract: ModelContract, metrics: Map
              for key, label in (("before", "T = 1"), ("after", "fitted T")) if f"val_ece_{key}" in record]
     table = _table(["expected calibration error (ECE)", "value"], rows)
     return ["## Calibration", "", served, ""] + table + [""]
+
+
+def _uncalibrated(record: Mapping[str, Any], temperature: float | None) -> bool:
+    """Temperature scaling was fitted but not kept: the served probabilities are the raw softmax."""
+    return record.get("fitted_temperature") is not None and temperature == 1.0
 
 
 def _decision_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
@@ -385,3 +418,122 @@ def write_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping
     path.write_text(render_model_card(cfg, contract, metrics, data=data, limitations=limitations))
     log.info("model card written to %s", path)
     return path
+
+
+# --------------------------------------------------------------------------- the card in brief
+
+SUMMARY_LIMIT = 4000
+"""Most characters of :func:`version_summary`: MLflow keeps up to 5000 in a version's
+description, and the registry appends how the version got its stage."""
+
+
+def version_summary(cfg: ModelConfig, metrics: Mapping[str, Any], *, data: Mapping[str, Any],
+                    contract: ModelContract | None = None) -> str:
+    """The model card in brief, as the description of the model's registry version (Markdown).
+
+    Built from the inputs of :func:`render_model_card` (whichever the caller has): what the
+    model does, intended use, data, the headline with its 95 % CI, per-class and per-site
+    numbers where the report has them, calibration, and the promotion gates with this
+    version's values. At most :data:`SUMMARY_LIMIT` characters (longer text is cut at a line).
+
+    Args:
+        cfg: the model's configuration.
+        metrics: the evaluation report (see :func:`render_model_card`); any key may be missing.
+        data: the dataset (see :func:`render_model_card`); any key may be missing.
+        contract: the served model's contract (modality, class names, temperature), if known.
+
+    Returns:
+        Markdown text.
+    """
+    modality = str(data.get("modality") or (contract.modality if contract is not None else "") or "breast")
+    class_names = contract.class_names if contract is not None else cfg.class_names
+    blocks = [f"**{cfg.registered_name}** ({cfg.task}). {_what_it_does(cfg, modality, class_names)}",
+              f"**Intended use:** {INTENDED_USE} **Not for diagnosis or clinical decisions.**",
+              _data_brief(data, metrics),
+              "**Headline (test split):** " + _headline_text(*_headline(cfg, metrics)) + ".",
+              _titled("Per class (test split)", _per_class_table(metrics)),
+              _titled("Per site (test split)", _site_table(cfg, metrics)),
+              _calibration_brief(cfg, contract, metrics),
+              _gates_brief(cfg, metrics),
+              "The full model card is the `model_card.md` artifact of this version's model."]
+    return _fit("\n\n".join(b for b in blocks if b), SUMMARY_LIMIT)
+
+
+def _titled(title: str, table: list[str]) -> str:
+    return f"**{title}:**\n\n" + "\n".join(table) if table else ""
+
+
+def _data_brief(data: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """``**Data:** dataset `x` (synthetic phantoms), test split `id` (79 images), data hash `h`.``"""
+    synthetic = {True: " (synthetic phantoms: the numbers show the pipeline works, not the model on real "
+                       "images)", False: " (real images)", None: ""}[_is_synthetic(data)]
+    parts = [f"dataset `{data.get('dataset', 'unknown')}`{synthetic}"]
+    n_test = metrics.get("n_test", metrics.get("n"))
+    if data.get("split_id") or n_test is not None:
+        parts.append("test split" + (f" `{data['split_id']}`" if data.get("split_id") else "")
+                     + (f" ({_count(n_test)} images)" if n_test is not None else ""))
+    if data.get("data_hash"):
+        parts.append(f"data hash `{data['data_hash']}`")
+    return "**Data:** " + ", ".join(parts) + "."
+
+
+def _per_class_table(metrics: Mapping[str, Any]) -> list[str]:
+    """Sensitivity, specificity, precision and AUC of each class (no lines without ``per_class``)."""
+    per_class = metrics.get("per_class")
+    if not isinstance(per_class, Mapping) or not per_class:
+        return []
+    stats = ("sensitivity", "specificity", "precision", "auc")
+    rows = [[name, *(_fmt(s.get(k)) for k in stats), _count(s.get("support"))]
+            for name, s in per_class.items() if isinstance(s, Mapping)]
+    return _table(["class", *stats, "support"], rows)
+
+
+def _calibration_brief(cfg: ModelConfig, contract: ModelContract | None, metrics: Mapping[str, Any]) -> str:
+    """The temperature and the test ECE before/after (classifiers; empty for segmenters)."""
+    if not cfg.has_classes:
+        return ""
+    temperature = finite_float(metrics.get("temperature"))
+    if temperature is None and contract is not None:
+        temperature = contract.temperature
+    found = metrics.get("calibration")
+    how = ("uncalibrated (T = 1: the fitted temperature did not help on validation)"
+           if _uncalibrated(found if isinstance(found, Mapping) else {}, temperature)
+           else f"T = {_fmt(temperature)} (temperature scaling fitted on the validation split)")
+    before, after = _first(metrics, _ECE_BEFORE), _first(metrics, _ECE_AFTER)
+    return f"**Calibration:** {how}; test ECE {_fmt(before)} before, {_fmt(after)} as served."
+
+
+def _gates_brief(cfg: ModelConfig, metrics: Mapping[str, Any]) -> str:
+    """The promotion floors with this version's values, and the no-regression rule."""
+
+    floors = []
+    for metric, floor in cfg.gates.floors.items():
+        value = report_metric(metrics, metric)
+        verdict = "n/a" if value is None else ("ok" if value >= floor else "FAIL")
+        floors.append(f"{metric} {_fmt(value)} vs floor {_fmt(floor)} ({verdict})")
+    if cfg.gates.every_class_predicted and cfg.has_classes:
+        floors.append("every class predicted on the test split")
+    return ("**Promotion gates** (params.yaml): " + ("; ".join(floors) or "no floors")
+            + f"; and neither the headline nor a floored metric more than {_fmt(cfg.gates.max_regression)} "
+              "below the version holding the stage, on the same test split.")
+
+
+def _fit(text: str, limit: int) -> str:
+    """``text``, or its lines up to ``limit`` characters and a note that the rest was cut."""
+    if len(text) <= limit:
+        return text
+    note = "\n\n(cut: see the full model card)"
+    cut = text.rfind("\n", 0, limit - len(note))
+    return text[:cut if cut > 0 else limit - len(note)] + note
+
+
+def report_metric(metrics: Mapping[str, Any], key: str) -> float | None:
+    """A metric from a report: ``metrics[key]``, a nested ``per_class.<class>.<stat>``, or the
+    headline value when key is the headline."""
+    node: Any = metrics
+    for part in key.split(".", 2) if key.startswith("per_class.") else [key]:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    value = finite_float(node)
+    if value is None and metrics.get("headline") == key:
+        value = finite_float(metrics.get("headline_value"))
+    return value

@@ -27,16 +27,24 @@ place at a time.
    candidate from here on.
 3. the candidate's ``promoted_at``/``promoted_from``/``promoted_to`` tags: until then the
    holder's tags are missing or left from an older promotion of it.
-4. the classic stage mirror (best effort): until then ``models:/<name>/Production`` (old
+4. the audit event (:mod:`breastscan.registry.audit`; its id travels in the pending tag, so
+   it is written once however often this step runs), then the version's ``audit.last`` tag
+   and the note of this stage change in its description.
+5. the classic stage mirror (best effort): until then ``models:/<name>/Production`` (old
    clients) still resolves to the previous version.
-5. the pending tag is deleted: the promotion is complete.
+6. the pending tag is deleted: the promotion is complete.
 
 While ``promotion_pending.<alias>`` exists, only the alias is to be trusted. A promotion
 killed or failing anywhere in between leaves the old state (before 2) or the new one (from
 2), and the next promotion of the model, under the lock and before reading the holder,
-finishes it (:func:`finish_pending`): alias on the pending version -> writes 3-5 again
-(idempotent, with the recorded ``previous`` and time); otherwise the alias never moved and
-the tag is dropped.
+finishes it (:func:`finish_pending`): alias on the pending version -> writes 3-6 again
+(idempotent, with the recorded ``previous``, time and event); otherwise the alias never moved
+and the tag is dropped.
+
+**Rollback** (:func:`rollback`) moves a stage back to a version that held it before, through
+the same lock and writes: the no-regression gate is skipped (going back is the point), the
+absolute gates (floors, every class predicted) still apply unless forced. A refused promotion
+or rollback changes nothing but is an audit event too, with every gate's numbers.
 """
 
 from __future__ import annotations
@@ -56,17 +64,21 @@ import mlflow
 from filelock import FileLock, Timeout
 
 from breastscan.jsonable import fmt_number
+from breastscan.registry import audit
+from breastscan.registry.modelcard import report_metric
 from breastscan.registry.resolver import RegistryError, alias_holder, get_version, load_bundle
 from breastscan.registry.tracking import is_local_store
 from breastscan.registry.versions import (
     PRODUCTION,
     STAGING,
+    TAG_AUDIT_LAST,
     TAG_NEVER_PREDICTED,
     TAG_SPLIT,
     gated_metrics,
     mirror_stage,
+    model_versions,
     registry_client,
-    report_metric,
+    set_stage_note,
     version_metrics,
 )
 
@@ -82,24 +94,29 @@ log = logging.getLogger(__name__)
 PENDING_TAG_PREFIX = "promotion_pending."
 """Registered-model tag ``promotion_pending.<alias>``: a promotion of that alias is under way
 (or was interrupted); see the module docstring."""
+PENDING_EVENT_LIMIT = 4000
+"""Characters of the audit event in the pending tag above which its gates' sentences are left out."""
 LOCK_TIMEOUT_S = 3600.0
 """How long a promotion waits for another promotion of the same model (its gates may re-score)."""
 
 
 @dataclass
 class PromotionResult:
-    """Outcome of :func:`promote`.
+    """Outcome of :func:`promote` or :func:`rollback`.
 
     Attributes:
         name: registered model name.
-        version: the candidate version.
+        version: the candidate version (a rollback's target).
         to: the target alias.
-        passed: every gate passed and the alias now points at ``version``.
+        passed: the alias now points at ``version``: every gate passed, or a forced
+            rollback overrode the failed ones (``forced``).
         previous: the version that held the alias before (``None`` if none did).
         checks: one dict per gate: ``gate``, ``metric``, ``candidate``, ``threshold``,
             ``ok``, ``detail``.
         failures: one line per failed gate, with the numbers.
         reevaluated: the previous version was re-scored on the candidate's test split.
+        kind: ``promote`` or ``rollback``.
+        forced: failed gates were overridden (a rollback with ``force``).
     """
 
     name: str
@@ -110,6 +127,8 @@ class PromotionResult:
     checks: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     reevaluated: bool = False
+    kind: str = "promote"
+    forced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -125,7 +144,8 @@ def _check(result: PromotionResult, gate: str, metric: str | None, candidate: fl
 
 
 def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTION,
-            evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None = None) -> PromotionResult:
+            evaluate: Callable[[ModelBundle], Mapping[str, Any]] | None = None,
+            reason: str | None = None, who: str | None = None) -> PromotionResult:
     """Move alias ``to`` onto a version if the quality gates pass.
 
     Gates (from ``cfg.gates``):
@@ -138,23 +158,28 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
 
     On success the alias moves, the classic stage is mirrored when supported (older
     versions archived) and the version is tagged ``promoted_at``/``promoted_from``/
-    ``promoted_to``. On failure nothing changes. The whole runs under :func:`promotion_lock`
-    and first finishes an interrupted promotion (:func:`finish_pending`); see the module
-    docstring.
+    ``promoted_to``, and a ``promote`` audit event is recorded. On failure nothing changes
+    but a ``refuse`` audit event, with every gate's numbers. The whole runs under
+    :func:`promotion_lock` and first finishes an interrupted promotion (:func:`finish_pending`);
+    see the module docstring.
 
     Args:
         cfg: the model's configuration (name, headline, gates).
         version: the candidate; ``None`` = the version holding ``@staging``.
         to: target alias (``production``).
         evaluate: ``bundle -> metrics`` on the candidate's test split (metric name -> value).
+        reason: why, for the audit trail (optional).
+        who: who acts, for the audit trail (default :func:`breastscan.registry.audit.actor`).
 
     Returns:
         The result; ``passed`` says whether the alias moved.
 
     Raises:
         RegistryError: no such version, or no version holds ``@staging``.
+        ValueError: a reason longer than :data:`breastscan.registry.audit.MAX_REASON`.
         Exception: whatever ``evaluate`` raises is passed on (nothing has changed then).
     """
+    audit.clean_reason(reason)
     client = registry_client()
     name = cfg.registered_name
     with promotion_lock(name):
@@ -162,8 +187,138 @@ def promote(cfg: ModelConfig, *, version: int | None = None, to: str = PRODUCTIO
         finish_pending(client, name, to)
         result = _gate(client, cfg, candidate, to, evaluate)
         if result.passed and result.previous != result.version:
-            _move_alias(client, result)
+            _move_alias(client, result, _event(result, "promote", reason, who))
+        if not result.passed:
+            _record_refusal(client, result, reason, who)
     return result
+
+
+def rollback(cfg: ModelConfig, *, reason: str, to_version: int | None = None, stage: str = PRODUCTION,
+             force: bool = False, who: str | None = None) -> PromotionResult:
+    """Move stage ``stage`` back to a version that held it before.
+
+    The target is ``to_version``, or by default the version that held the stage before the
+    current holder (:func:`rollback_target`). Only the absolute gates run (floors, every
+    class predicted), on the target's registered metrics; ``force`` moves the stage despite
+    failed ones (the event records it). The alias moves as in :func:`promote`, under the same
+    lock and with the same resumable writes; a ``rollback`` audit event is recorded, or a
+    ``rollback_refused`` one when a gate refuses.
+
+    Args:
+        cfg: the model's configuration (name, gates).
+        reason: why (required; goes into the audit trail and the version's description).
+        to_version: the version to go back to (default: the previous holder).
+        stage: the alias (``production``).
+        force: override failed gates.
+        who: who acts (default :func:`breastscan.registry.audit.actor`).
+
+    Returns:
+        The result; ``passed`` says whether the alias moved, ``forced`` whether gates were overridden.
+
+    Raises:
+        ValueError: no reason, or one longer than :data:`breastscan.registry.audit.MAX_REASON`.
+        RegistryError: no version holds the stage, no previous holder is on record, or
+            ``to_version`` never held the stage (or holds it now).
+    """
+    audit.clean_reason(reason, required=True)
+    client = registry_client()
+    name = cfg.registered_name
+    with promotion_lock(name):
+        finish_pending(client, name, stage)
+        current = _holder(client, name, stage)
+        if current is None:
+            raise RegistryError(f"no version of {name} holds @{stage}: nothing to roll back")
+        target = get_version(client, name, rollback_target(client, name, stage, current, to_version), stage)
+        result = PromotionResult(name=name, version=int(target.version), to=stage, passed=False,
+                                 previous=current, kind="rollback")
+        _check_floors(result, cfg, version_metrics(target))
+        _check_every_class(result, cfg, target.tags or {})
+        result.forced = force and bool(result.failures)
+        result.passed = not result.failures or force
+        if result.passed:
+            _move_alias(client, result, _event(result, "rollback", reason, who))
+        if not result.passed:
+            _record_refusal(client, result, reason, who)
+    return result
+
+
+def rollback_target(client: MlflowClient, name: str, stage: str, current: int, to_version: int | None) -> int:
+    """The version a rollback of ``stage`` goes to, checked against the stage's past holders.
+
+    The past holders are read from the audit trail (promotions and rollbacks of the stage)
+    and, for promotions older than the trail, from the versions' ``promoted_to`` /
+    ``promoted_from`` tags. Without ``to_version`` the target is the version that held the
+    stage before ``current``: the ``from_version`` of the last event that gave ``current``
+    the stage, else ``current``'s ``promoted_from`` tag.
+
+    Raises:
+        RegistryError: no previous holder on record, or ``to_version`` is ``current`` or
+            never held the stage.
+    """
+    events = [e for e in audit.read_events(name, stage=stage, client=client) if e.kind in audit.STAGE_KINDS]
+    tagged = _tagged_holders(client, name, stage)
+    if to_version is None:
+        reached = [e for e in events if e.to_version == current]
+        previous = reached[-1].from_version if reached else tagged.get(current)
+        if previous is None:
+            raise RegistryError(f"no record of a version of {name} holding @{stage} before v{current} "
+                                "(audit trail, promoted_from tag): name one with --to-version")
+        return previous
+    held = {v for e in events for v in (e.from_version, e.to_version) if v}
+    held |= set(tagged) | {v for v in tagged.values() if v}
+    if to_version == current:
+        raise RegistryError(f"v{to_version} of {name} holds @{stage} already: nothing to roll back")
+    if to_version not in held:
+        raise RegistryError(
+            f"v{to_version} of {name} never held @{stage} (versions on record: "
+            f"{', '.join(f'v{v}' for v in sorted(held)) or 'none'}); a rollback only returns to a past "
+            f"holder: promote v{to_version} instead, through every gate")
+    return to_version
+
+
+def _tagged_holders(client: MlflowClient, name: str, stage: str) -> dict[int, int | None]:
+    """Versions whose ``promoted_to`` tag names ``stage`` -> their ``promoted_from`` (``None``: none)."""
+    out: dict[int, int | None] = {}
+    for mv in model_versions(client, name):
+        tags = mv.tags or {}
+        if tags.get("promoted_to") == stage:
+            source = tags.get("promoted_from", "none")
+            out[int(mv.version)] = int(source) if source.isdigit() else None
+    return out
+
+
+def _event(result: PromotionResult, kind: str, reason: str | None, who: str | None) -> audit.Event:
+    """The audit event of a promotion's or rollback's outcome (not written yet)."""
+    return audit.new_event(result.name, kind, stage=result.to, from_version=result.previous,
+                           to_version=result.version, gates=audit.gates_from_checks(result.checks),
+                           reason=reason, forced=result.forced, who=who)
+
+
+def _record_refusal(client: MlflowClient, result: PromotionResult, reason: str | None,
+                    who: str | None) -> None:
+    """Record a refused promotion or rollback (nothing else was written) and stamp the refused version."""
+    kind = "rollback_refused" if result.kind == "rollback" else "refuse"
+    _stamp(client, audit.write_event(_event(result, kind, reason, who), client))
+
+
+def _stamp(client: MlflowClient, event: audit.Event) -> None:
+    """The version's ``audit.last`` tag and, for a stage change, the note in its description."""
+    if event.to_version is None:
+        return
+    client.set_model_version_tag(event.model, str(event.to_version), TAG_AUDIT_LAST, event.short())
+    if event.kind in audit.STAGE_KINDS:
+        set_stage_note(client, event.model, event.to_version, _stage_note(event))
+
+
+def _stage_note(event: audit.Event) -> str:
+    """``promote to @production at <when> by <who>, from v1. Reason: ... Gates: ...``."""
+    verb = {"promote": "promoted", "rollback": "rolled back"}[event.kind]
+    forced = f" (forced past {len(event.failed)} failed gate(s))" if event.forced else ""
+    text = (f"{verb} to @{event.stage} at {event.when[:19]}Z by {event.who}{forced}, from "
+            f"{_v(event.from_version)} (commit {event.git_commit[:12]}).")
+    if event.reason:
+        text += f" Reason: {event.reason}"
+    return text + (f"\n\nGates: {event.gates_text()}." if event.gates else "")
 
 
 def _gate(client: MlflowClient, cfg: ModelConfig, candidate: ModelVersion, to: str,
@@ -235,8 +390,8 @@ def _check_regression(result: PromotionResult, cfg: ModelConfig, cand_metrics: M
                    f"({to} v{previous} {fmt_number(base)} - max_regression {fmt_number(reg)})")
 
 
-def _move_alias(client: MlflowClient, result: PromotionResult) -> None:
-    """Point the alias at the candidate and record it: writes 1-5 of the module docstring.
+def _move_alias(client: MlflowClient, result: PromotionResult, event: audit.Event) -> None:
+    """Point the alias at the candidate and record it (with ``event``): writes 1-6 of the module docstring.
 
     The alias is re-read before and after it moves (the optimistic check, which is all a
     remote store gets); a move by someone else turns ``result`` into a failure.
@@ -245,12 +400,21 @@ def _move_alias(client: MlflowClient, result: PromotionResult) -> None:
     if not _still_held(client, result, result.previous, "while the gates ran; nothing changed"):
         return
     pending = {"version": result.version, "previous": result.previous,
-               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": _pending_event(event)}
     client.set_registered_model_tag(name, PENDING_TAG_PREFIX + to, json.dumps(pending))
     client.set_registered_model_alias(name, to, str(result.version))
     if not _still_held(client, result, result.version, "right after this promotion moved it"):
         return
     _record(client, name, to, pending)
+
+
+def _pending_event(event: audit.Event) -> dict[str, Any]:
+    """The event as the pending tag carries it: without the gates' sentences when they would not
+    fit in a registered-model tag (5000 characters in MLflow's SQL store; the numbers stay)."""
+    data = event.to_dict()
+    if len(json.dumps(data)) > PENDING_EVENT_LIMIT:
+        data["gates"] = [{**g, "detail": ""} for g in data["gates"]]
+    return data
 
 
 def _still_held(client: MlflowClient, result: PromotionResult, expected: int | None, when: str) -> bool:
@@ -267,12 +431,15 @@ def _still_held(client: MlflowClient, result: PromotionResult, expected: int | N
 
 
 def _record(client: MlflowClient, name: str, to: str, pending: Mapping[str, Any]) -> None:
-    """Writes 3-5: stamp the new holder, mirror the classic stage, drop the pending tag (idempotent)."""
+    """Writes 3-6: stamp the new holder, its audit event, mirror the classic stage, drop the
+    pending tag (idempotent; a pending tag written before the audit trail has no event)."""
     version, previous = int(pending["version"]), pending.get("previous")
     stamps = {"promoted_at": str(pending["at"]), "promoted_from": str(previous) if previous else "none",
               "promoted_to": to}
     for key, text in stamps.items():
         client.set_model_version_tag(name, str(version), key, text)
+    if pending.get("event"):
+        _stamp(client, audit.write_event(audit.Event.from_dict(pending["event"]), client))
     stage = mirror_stage(client, name, version, to)
     client.delete_registered_model_tag(name, PENDING_TAG_PREFIX + to)
     log.info("%s v%d is now @%s%s (was %s)", name, version, to,
@@ -282,7 +449,7 @@ def _record(client: MlflowClient, name: str, to: str, pending: Mapping[str, Any]
 def finish_pending(client: MlflowClient, name: str, to: str) -> dict[str, Any] | None:
     """Finish a promotion to ``to`` that was interrupted (call it under :func:`promotion_lock`).
 
-    Rolls forward (writes 3-5 again) when the alias already holds the pending version, else
+    Rolls forward (writes 3-6 again) when the alias already holds the pending version, else
     drops the pending tag: the alias never moved, the old state is intact.
 
     Returns:

@@ -63,11 +63,13 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from breastscan.bundle import ModelBundle, read_contract
 from breastscan.imaging.preprocessing import PreprocessSpec
 from breastscan.jsonable import finite_float, fmt_number
+from breastscan.registry.modelcard import report_metric, version_summary
 from breastscan.registry.resolver import BUNDLE_ARTIFACT, RegistryError, get_version
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
+    from breastscan.bundle import ModelContract
     from breastscan.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,12 @@ TAG_COMMIT = "git_commit"
 METRIC_TAG_PREFIX = "metric."
 TAG_NEVER_PREDICTED = "classes_never_predicted"
 TAG_EXPERIMENT = "dvc_experiment"
+TAG_AUDIT_LAST = "audit.last"
+"""Version tag: the last audit event about the version, ``<kind> by <who> at <when>``."""
+DESCRIPTION_LIMIT = 5000
+"""Most characters MLflow's SQL store keeps in a version description."""
+STAGE_NOTE_MARKER = "\n\n---\n**Last stage change:** "
+"""Separates a version's description (the model card in brief) from the note of its last stage change."""
 
 _REQUIREMENTS = (
     "mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "opencv-python-headless", "pydicom",
@@ -257,18 +265,6 @@ def mirror_stage(client: MlflowClient, name: str, version: int | str, alias: str
     return stage
 
 
-def report_metric(metrics: Mapping[str, Any], key: str) -> float | None:
-    """A metric from a report: ``metrics[key]``, a nested ``per_class.<class>.<stat>``, or the
-    headline value when key is the headline."""
-    node: Any = metrics
-    for part in key.split(".", 2) if key.startswith("per_class.") else [key]:
-        node = node.get(part) if isinstance(node, Mapping) else None
-    value = finite_float(node)
-    if value is None and metrics.get("headline") == key:
-        value = finite_float(metrics.get("headline_value"))
-    return value
-
-
 def never_predicted(metrics: Mapping[str, Any]) -> list[str]:
     """Classes of a classifier's report that were never predicted (no true or false positive)."""
     per_class = metrics.get("per_class") or {}
@@ -324,8 +320,12 @@ def _ensure_registered_model(client: MlflowClient, cfg: ModelConfig) -> None:
 
 def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], split_id: str,
              run_id: str | None, data_hash: str | None = None, git_commit: str | None = None,
-             alias: str | None = STAGING, extra_tags: Mapping[str, str] | None = None) -> int:
+             alias: str | None = STAGING, extra_tags: Mapping[str, str] | None = None,
+             data: Mapping[str, Any] | None = None) -> int:
     """Create a new version of ``breastscan-<model>`` and point ``@staging`` (``alias``) at it.
+
+    The version's description is the model card in brief
+    (:func:`~breastscan.registry.modelcard.version_summary`; see :func:`version_description`).
 
     Version tags: ``headline`` and ``headline_value`` (plus ``headline_ci_low/high`` when
     the report has them), ``metric.<name>`` for the headline and every floored metric,
@@ -345,6 +345,8 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         git_commit: code version (default: from the run's tags).
         alias: the stage the new version takes; ``None``: none (an experiment's version).
         extra_tags: more version tags (e.g. the DVC experiment that produced it).
+        data: the model card's ``data`` (dataset, modality, split counts ...) for the
+            description; what is missing comes from the tags and the logged contract.
 
     Returns:
         The new version number.
@@ -386,11 +388,14 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     tags.update(site_tags(cfg, metrics))
     tags.update(extra_tags or {})
 
+    description = version_description(cfg, model_uri, metrics, tags, data)
     model_id = logged_model_id(model_uri)
     if model_id or not model_uri.startswith("runs:/"):
-        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id,
+                                         description=description)
     else:  # runs:/<run>/<name>: MLflow resolves it to the logged model of that run
         mv = mlflow.register_model(model_uri, name, tags=tags)
+        client.update_model_version(name, str(mv.version), description=description)
     version = int(mv.version)
     stage = None
     if alias is not None:
@@ -399,6 +404,50 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     log.info("registered %s v%d %s%s (%s = %s)", name, version, f"as @{alias}" if alias else "with no stage",
              f" (classic stage {stage})" if stage else "", cfg.headline, fmt_number(headline))
     return version
+
+
+def version_description(cfg: ModelConfig, model_uri: str, metrics: Mapping[str, Any],
+                        tags: Mapping[str, str], data: Mapping[str, Any] | None = None) -> str:
+    """A version's description: :func:`~breastscan.registry.modelcard.version_summary` of its report.
+
+    The card's ``data`` is ``data`` where given, completed by the version's tags (dataset,
+    test split id, data hash) and the modality of the contract logged with the model.
+    """
+    contract = logged_contract(model_uri)
+    facts: dict[str, Any] = {"dataset": cfg.dataset, "split_id": tags.get(TAG_SPLIT)}
+    if tags.get(TAG_DATA_HASH) not in (None, "unknown"):
+        facts["data_hash"] = tags[TAG_DATA_HASH]
+    if contract is not None:
+        facts["modality"] = contract.modality
+    return version_summary(cfg, metrics, data={**facts, **(data or {})}, contract=contract)
+
+
+def logged_contract(model_uri: str) -> ModelContract | None:
+    """The contract :func:`log_bundle` stored in a logged model's metadata (only ``MLmodel`` is
+    read), or ``None`` when the model has none or cannot be read."""
+    from breastscan.bundle import ModelContract
+
+    try:
+        found = (mlflow.models.get_model_info(model_uri).metadata or {}).get("contract")
+        return ModelContract.from_dict(dict(found)) if isinstance(found, Mapping) else None
+    except Exception as exc:  # a description without the contract's facts is still a description
+        log.debug("no contract readable from %s (%s)", model_uri, exc)
+        return None
+
+
+def set_stage_note(client: MlflowClient, name: str, version: int | str, note: str) -> str:
+    """Put ``note`` after :data:`STAGE_NOTE_MARKER` in a version's description (replacing the
+    note before it; the text before the marker, the card in brief, is kept).
+
+    Returns:
+        The description written (at most :data:`DESCRIPTION_LIMIT` characters).
+    """
+    current = client.get_model_version(name, str(version)).description or ""
+    base = current.split(STAGE_NOTE_MARKER, 1)[0][: DESCRIPTION_LIMIT - 1000]  # the note keeps ~1000
+    room = DESCRIPTION_LIMIT - len(base) - len(STAGE_NOTE_MARKER)
+    text = base + STAGE_NOTE_MARKER + (note if len(note) <= room else note[: room - 3] + "...")
+    client.update_model_version(name, str(version), description=text)
+    return text
 
 
 def site_tags(cfg: ModelConfig, metrics: Mapping[str, Any]) -> dict[str, str]:
@@ -449,13 +498,11 @@ def _paged(fetch: Callable[[str | None], Any]) -> Iterator[Any]:
             return
 
 
-def _version_pages(client: MlflowClient, name: str) -> Callable[[str | None], Any]:
+def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of a registered model, with its tags (all pages)."""
     quoted = name.replace("'", "''")
-
-    def fetch(token: str | None) -> Any:
-        return client.search_model_versions(filter_string=f"name = '{quoted}'", page_token=token)
-
-    return fetch
+    return list(_paged(lambda token: client.search_model_versions(filter_string=f"name = '{quoted}'",
+                                                                  page_token=token)))
 
 
 def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
@@ -476,7 +523,7 @@ def list_models(prefix: str = "breastscan-") -> list[dict[str, Any]]:
         by_version: dict[str, list[str]] = {}
         for alias, v in (rm.aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)
-        versions = list(_paged(_version_pages(client, rm.name)))
+        versions = model_versions(client, rm.name)
         for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
             tags = mv.tags or {}
             stage = mv.current_stage if mv.current_stage and mv.current_stage != "None" else None

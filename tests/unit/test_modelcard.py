@@ -133,3 +133,42 @@ def test_card_states_the_fitted_decision_rule() -> None:
         assert row in section, row
     assert "not the most probable class" in section
     assert "| decision |" not in card  # the rule is no metric row
+
+
+def test_version_summary_is_the_card_in_brief() -> None:
+    """The registry version's description: from the card's inputs, never from its Markdown."""
+    from breastscan.registry.modelcard import SUMMARY_LIMIT, version_summary
+
+    cfg = density_cfg()
+    contract = ModelContract.from_config(cfg, "mammography")
+    site = {"headline": "quadratic_kappa", "headline_value": 0.70, "headline_ci_low": 0.6,
+            "headline_ci_high": 0.8, "n_test": 40, "ece": 0.05,
+            "per_class": {"D": {"sensitivity": 0.5, "specificity": 0.9}}}
+    metrics = {"headline": "quadratic_kappa", "headline_value": 0.712, "headline_ci_low": 0.61,
+               "headline_ci_high": 0.79, "quadratic_kappa": 0.712, "accuracy": 0.41, "n_test": 79,
+               "temperature": 1.37, "ece_before": 0.121, "ece_after": 0.043,
+               "per_class": {"A": {"sensitivity": 0.9, "specificity": 0.8, "precision": None, "auc": 0.95,
+                                   "support": 20}},
+               "sites": {"busi": site, "busbra": {**site, "headline_value": 0.65}}}
+    summary = version_summary(cfg, metrics, data=DATA, contract=contract)
+    assert summary.startswith("**breastscan-density** (classification). Classifies the **density** of a "
+                              "mammography image into 4 classes (A, B, C, D).")
+    assert "Not for diagnosis or clinical decisions" in summary
+    assert ("**Data:** dataset `mammography` (synthetic phantoms: the numbers show the pipeline works, not "
+            "the model on real images), test split `0123456789ab` (79 images), data hash "
+            "`285bbc4b1161f05404f51943c39e9e23.dir`.") in summary
+    assert "**quadratic_kappa = 0.712** (95% CI 0.610-0.790, bootstrap)" in summary
+    assert "| A | 0.900 | 0.800 | n/a | 0.950 | 20 |" in summary
+    assert "| busbra | 40 | 0.650 | 0.600-0.800 |" in summary and "| busi | 40 | 0.700 |" in summary
+    assert "T = 1.370" in summary and "test ECE 0.121 before, 0.043 as served" in summary
+    assert "quadratic_kappa 0.712 vs floor 0.500 (ok); accuracy 0.410 vs floor 0.450 (FAIL)" in summary
+    assert "## " not in summary and len(summary) <= SUMMARY_LIMIT
+
+    many = {**metrics, "sites": {f"site{i:03d}": site for i in range(200)}}
+    cut = version_summary(cfg, many, data=DATA, contract=contract)
+    assert len(cut) <= SUMMARY_LIMIT and cut.endswith("(cut: see the full model card)")
+    lesion = ModelConfig(name="lesion", task="segmentation", dataset="ultrasound", label="mask",
+                         preprocess=PreprocessSpec(height=96, width=128), headline="mean_dice")
+    brief = version_summary(lesion, {"mean_dice": 0.66}, data={"modality": "ultrasound"})
+    assert "Segments lesions in an ultrasound image" in brief and "Calibration" not in brief
+    assert "**mean_dice = 0.660** (95% CI not computed)" in brief and "no floors" in brief

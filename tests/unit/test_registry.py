@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from breastscan.bundle import ModelBundle, ModelContract
 from breastscan.config import GateConfig, ModelConfig
 from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.registry import promotion, resolver, tracking, versions
+from breastscan.registry import modelcard, promotion, resolver, tracking, versions
 from tests.conftest import sqlite_mlflow
 
 FLOORS = {"macro_auc": 0.7, "accuracy": 0.5}
@@ -292,6 +292,19 @@ def test_list_models_rows(store: dict[str, Any]) -> None:
     assert versions.list_models("nobody-") == []
 
 
+def test_a_version_is_described_by_its_card_in_brief(store: dict[str, Any]) -> None:
+    """register: the description is the card in brief, the modality from the logged contract."""
+    cfg = make_cfg("brief")
+    version = reg(store, cfg)
+    description = MlflowClient().get_model_version(cfg.registered_name, str(version)).description
+    assert description.startswith("**breastscan-brief** (classification). Classifies the **pathology** of a "
+                                  "mammography image into 3 classes")
+    assert "**macro_auc = 0.850** (95% CI 0.780-0.910, bootstrap)" in description
+    assert "T = 1.500" in description  # the logged contract's temperature (the report has none)
+    assert versions.logged_contract(store["model_uri"]).modality == "mammography"  # type: ignore[union-attr]
+    assert versions.logged_contract("/nowhere") is None
+
+
 def test_download_and_load_bundle(store: dict[str, Any], tmp_path: Path) -> None:
     cfg = make_cfg("download")
     reg(store, cfg)
@@ -375,7 +388,7 @@ def test_rescore_on_split_is_the_evaluate_stage_with_the_stored_calibration(
     assert metrics == expected
     assert metrics["n_test"] == len(test) > 0
     assert metrics["temperature"] == 1.5 and metrics["n_val"] == 0  # nothing refitted
-    assert all(versions.report_metric(metrics, m) is not None for m in versions.gated_metrics(cfg))
+    assert all(modelcard.report_metric(metrics, m) is not None for m in versions.gated_metrics(cfg))
     with pytest.raises(resolver.RegistryError, match="is not the one the candidate was evaluated on"):
         promotion.rescore_on_split(cfg, csv, root, "0123456789ab")(store["bundle"])
     with pytest.raises(resolver.RegistryError, match="is missing"):

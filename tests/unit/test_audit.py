@@ -66,13 +66,13 @@ def test_promote_promote_rollback_history_in_order_with_who_why_and_numbers(regi
 
     table = CliRunner().invoke(cli, ["history", "trail"])
     assert table.exit_code == 0, table.output
-    lines = table.output.splitlines()
+    lines = table.stdout.splitlines()  # the table; MLflow may log to stderr
     assert lines[0].split()[:4] == ["when", "(UTC)", "who", "kind"]
     assert [line.split()[3] for line in lines[1:]] == ["promote", "promote", "rollback"]
     assert "site B complaints" in lines[3] and f"v{v2} -> v{v1}" in lines[3]
     assert "floor:macro_auc 0.860 >= 0.700 ok" in lines[2]
     as_json = CliRunner().invoke(cli, ["history", "breastscan-trail", "--json"])
-    assert json.loads(as_json.output) == [e.to_dict() for e in events]
+    assert json.loads(as_json.stdout) == [e.to_dict() for e in events]
 
 
 def test_the_default_rollback_goes_to_the_previous_holder_of_the_stage(registry: dict[str, Any]) -> None:

@@ -23,6 +23,14 @@ from tests.integration import test_promotion_safety as promotion_safety
 from tests.unit.test_registry import GOOD, alias_version, make_cfg, reg
 
 registry = promotion_safety.registry
+
+
+def invoke(args: list[str]) -> Any:
+    """Run the ``breastscan`` command on the store this process's MLflow client uses (named in
+    the command's environment: the CLI reads ``MLFLOW_TRACKING_URI``, as a shell would give it)."""
+    import mlflow
+
+    return CliRunner().invoke(cli, args, env={"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
 """A SQLite store and a tiny model artifact every version is registered from (``reg``'s store)."""
 
 
@@ -64,14 +72,14 @@ def test_promote_promote_rollback_history_in_order_with_who_why_and_numbers(regi
     regression = next(g for g in events[1].gates if g.name == "regression:macro_auc")
     assert regression.threshold == pytest.approx(0.82) and regression.passed
 
-    table = CliRunner().invoke(cli, ["history", "trail"])
+    table = invoke(["history", "trail"])
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()  # the table; MLflow may log to stderr
     assert lines[0].split()[:4] == ["when", "(UTC)", "who", "kind"]
     assert [line.split()[3] for line in lines[1:]] == ["promote", "promote", "rollback"]
     assert "site B complaints" in lines[3] and f"v{v2} -> v{v1}" in lines[3]
     assert "floor:macro_auc 0.860 >= 0.700 ok" in lines[2]
-    as_json = CliRunner().invoke(cli, ["history", "breastscan-trail", "--json"])
+    as_json = invoke(["history", "breastscan-trail", "--json"])
     assert json.loads(as_json.stdout) == [e.to_dict() for e in events]
 
 
@@ -139,16 +147,16 @@ def test_the_rollback_command_refuses_then_forces(registry: dict[str, Any],
             return strict
 
     monkeypatch.setattr("breastscan.config.load_params", lambda path: Params())
-    no_reason = CliRunner().invoke(cli, ["rollback", "clirb"])
+    no_reason = invoke(["rollback", "clirb"])
     assert no_reason.exit_code == 2 and "--reason" in no_reason.output
-    refused = CliRunner().invoke(cli, ["rollback", "clirb", "--reason", "bad"])
+    refused = invoke(["rollback", "clirb", "--reason", "bad"])
     assert refused.exit_code == 1
     assert "[FAIL] floor:macro_auc: macro_auc 0.720 < floor 0.800" in refused.output
     assert f"refused: breastscan-clirb stays on v{v2}" in refused.output
-    forced = CliRunner().invoke(cli, ["rollback", "clirb", "--reason", "bad", "--force"])
+    forced = invoke(["rollback", "clirb", "--reason", "bad", "--force"])
     assert forced.exit_code == 0, forced.output
     assert f"breastscan-clirb v{v1} is back at stage production (was v{v2}, forced past 1" in forced.output
-    never = CliRunner().invoke(cli, ["rollback", "clirb", "--reason", "x", "--to-version", "9"])
+    never = invoke(["rollback", "clirb", "--reason", "x", "--to-version", "9"])
     assert never.exit_code == 1 and "v9 of breastscan-clirb never held @production" in never.output
 
 

@@ -265,16 +265,17 @@ class StageFollower:
 
     # ------------------------------------------------------------------ one model
     async def _follow(self, name: str, version: int | None) -> None:
-        slot = self.engine.slots.get(name)
+        # No slot is held across an await here: a replaced version must become unreachable.
+        current = self.engine.models.get(name)  # None: withdrawn
         if version is None:
-            if slot is not None:
-                await self._withdraw(name, slot)
+            if current is not None:
+                await self._withdraw(name, current)
             return
-        if slot is not None and slot.served.version == str(version):
+        if current is not None and current.version == str(version):
             return
         if self._refused.get(name) == version or self._waiting(name, version):
             return
-        await self._swap(name, version, slot.served if slot is not None else self.engine.withdrawn[name])
+        await self._swap(name, version, current or self.engine.withdrawn[name])
 
     def _waiting(self, name: str, version: int) -> bool:
         """Whether ``version`` failed to load lately (tried again after :data:`RETRY_POLLS` polls)."""
@@ -298,12 +299,11 @@ class StageFollower:
             self._failed[name] = (version, time.monotonic() + RETRY_POLLS * self.poll_s)
             self._count(name, "failed")
             return
-        old = self.engine.replace(name, slot)
+        self._retire_later(self.engine.replace(name, slot))
+        del slot  # the engine holds it
         self._failed.pop(name, None)
         log.info("%s: now serving v%d (was v%s): @%s moved", name, version, before, self.stage)
         self._count(name, "swapped")
-        if old is not None:
-            self._spawn(self._retire(old))
         await self._record(name, "swap", before, version,
                            f"@{self.stage} moved to v{version}; worker {os.getpid()} now serves v{version}")
 
@@ -316,20 +316,27 @@ class StageFollower:
                            f"@{self.stage} moved to v{version}, but {change}; worker {os.getpid()} "
                            f"still serves v{current.version}")
 
-    async def _withdraw(self, name: str, slot: ModelSlot) -> None:
-        self.engine.withdraw(name)
-        version = slot.served.version
+    async def _withdraw(self, name: str, current: ServedModel) -> None:
+        self._retire_later(self.engine.withdraw(name))
+        version = current.version
         log.warning("%s: no version holds @%s any more: v%s withdrawn (answered model_withdrawn)", name,
                     self.stage, version)
         self._count(name, "withdrawn")
-        self._spawn(self._retire(slot))
         await self._record(name, "swap", version, None,
                            f"@{self.stage} removed; worker {os.getpid()} no longer serves {name}")
 
+    def _retire_later(self, slot: ModelSlot | None) -> None:
+        """Retire a replaced or withdrawn slot in the background (nothing for ``None``)."""
+        if slot is not None:
+            self._spawn(self._retire(slot))
+
     async def _retire(self, slot: ModelSlot) -> None:
+        """Close the slot's batcher after its requests, drop it, then :attr:`on_retired`."""
+        served = slot.served
         if not await self.engine.retire(slot, self.retire_s):
-            log.warning("%s v%s: %d requests still running after %g s; its batcher closed", slot.served.name,
-                        slot.served.version, slot.in_flight, self.retire_s)
+            log.warning("%s v%s: %d requests still running after %g s; its batcher closed", served.name,
+                        served.version, slot.in_flight, self.retire_s)
+        del slot  # the last reference: on_retired may collect the version
         if self.on_retired is not None:
             self.on_retired()
 

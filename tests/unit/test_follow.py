@@ -8,9 +8,11 @@ registry: no TensorFlow, no MLflow. The real path -- a registry promotion under 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -252,6 +254,28 @@ def test_the_follower_swaps_to_the_version_the_stage_moves_to_and_back() -> None
     assert registry.events == [("swap", 1, 2), ("swap", 2, 1)]
     assert counts.seen == [("tumor", "swapped")] * 2
     assert first.batcher is not None and first.batcher._executor._shutdown  # retired
+    engine.close()
+
+
+def test_a_replaced_version_is_unreachable_when_its_retirement_ends() -> None:
+    registry = FakeRegistry({1: served("1"), 2: served("2")})
+    follower, engine, _ = _follower(registry)
+    first = weakref.ref(engine.slots["tumor"])
+    alive: list[bool] = []
+
+    def retired() -> None:  # what the service does here: one full collection (runtime._refreeze)
+        gc.collect()
+        alive.append(first() is not None)
+
+    follower.on_retired = retired
+    registry.holder["tumor"] = 2
+
+    async def scenario() -> None:
+        await follower.poll()
+        await follower.close()
+
+    asyncio.run(scenario())
+    assert alive == [False]  # nothing of the follower's still held the old version
     engine.close()
 
 

@@ -232,6 +232,14 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+    async def wait_closed(self) -> None:
+        """After :meth:`close`: wait until the model task and the model thread have ended (then
+        nothing of this batcher runs or refers to the model)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
 def _fail(batch: list[_Waiting], exc: BaseException) -> None:
     for w in batch:
         if not w.future.done():

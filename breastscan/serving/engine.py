@@ -225,6 +225,7 @@ class ModelSlot:
             await asyncio.sleep(poll_s)
         if self.batcher is not None:
             self.batcher.close()
+            await self.batcher.wait_closed()
         return not self.in_flight
 
 

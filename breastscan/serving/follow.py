@@ -230,7 +230,10 @@ class StageFollower:
         await self.apply(holders)
         while True:
             await asyncio.sleep(self.poll_s)
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:  # noqa: BLE001 -- a fault here must not end following, nor serving
+                log.exception("following @%s: this poll failed", self.stage)
 
     async def poll(self) -> bool:
         """One look at the registry and the changes it calls for.
@@ -290,7 +293,7 @@ class StageFollower:
             candidate = await asyncio.to_thread(self.registry.load, name, version, self.stage)
             change = contract_change(current.contract, candidate.served.contract)
             if change is not None:
-                await self._refuse(name, version, current, change)
+                await self._refuse(name, version, before, change)
                 return
             slot = await asyncio.to_thread(self.make_slot, candidate)
         except Exception:  # noqa: BLE001 -- the served version goes on serving
@@ -307,14 +310,14 @@ class StageFollower:
         await self._record(name, "swap", before, version,
                            f"@{self.stage} moved to v{version}; worker {os.getpid()} now serves v{version}")
 
-    async def _refuse(self, name: str, version: int, current: ServedModel, change: str) -> None:
+    async def _refuse(self, name: str, version: int, before: str | None, change: str) -> None:
         self._refused[name] = version
-        log.error("%s v%d (now @%s) not served: %s; still serving v%s (a change of contract needs a new "
-                  "model name, or a restart)", name, version, self.stage, change, current.version)
+        serving = f"still serving v{before}" if before else "not serving it"
+        log.error("%s v%d (now @%s) not served: %s; %s (a change of contract needs a new model name, or "
+                  "a restart)", name, version, self.stage, change, serving)
         self._count(name, "refused")
-        await self._record(name, "swap_refused", current.version, version,
-                           f"@{self.stage} moved to v{version}, but {change}; worker {os.getpid()} "
-                           f"still serves v{current.version}")
+        await self._record(name, "swap_refused", before, version,
+                           f"@{self.stage} moved to v{version}, but {change}; worker {os.getpid()} {serving}")
 
     async def _withdraw(self, name: str, current: ServedModel) -> None:
         self._retire_later(self.engine.withdraw(name))

@@ -9,8 +9,10 @@ workers, their health (``/healthz``, ``/livez``, ``/readyz``) and ``/metrics``.
 
 What is served comes from ``services/serving.yaml`` (or the file named by
 ``BREASTSCAN_SERVING_CONFIG``); the models come from the BentoML store, where
-``breastscan build`` imports the registry's production versions. A Bento serves exactly
-the versions it was built with.
+``breastscan build`` imports the registry's production versions. With ``models: auto``
+each worker then follows the registry stage, swapping in the version a promotion or a
+rollback points it at (:mod:`breastscan.serving.follow`); a Bento serves exactly the
+versions it was built with.
 """
 
 import asyncio
@@ -42,6 +44,11 @@ class BreastScan:
     async def start_grpc(self) -> None:
         """Start the gRPC server in this worker, on its event loop's engine."""
         self.worker.start_grpc(asyncio.get_running_loop(), EDGE["keys"])
+
+    @bentoml.on_startup
+    async def follow_registry(self) -> None:
+        """Follow the registry stage from this worker's event loop (``follow`` in the config)."""
+        self.worker.follow_registry(asyncio.get_running_loop())
 
     @bentoml.on_shutdown
     def stop(self) -> None:

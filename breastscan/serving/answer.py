@@ -89,6 +89,8 @@ ERRORS: dict[str, ErrorKind] = {
     "not_finite": _input("the image holds NaN or infinite values"),
     "out_of_range": _input("a floating-point image has values outside [0, 1]"),
     "unknown_model": _input("no model of that name is served"),
+    "model_withdrawn": ErrorKind(404, "NOT_FOUND", "the model was served, but no registry version holds "
+                                                   "its stage any more: it is no longer served"),
     "unknown_modality": _input("no model is served for that modality, or the modality is not given"),
     "bad_roi": _input("the region of interest is not x,y,w,h inside the image"),
     "wrong_modality": _input("the DICOM header names a modality the model was not trained on"),

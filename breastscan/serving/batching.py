@@ -232,6 +232,14 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+    async def wait_closed(self) -> None:
+        """After :meth:`close`: wait until the model task and the model thread have ended (then
+        nothing of this batcher runs or refers to the model)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
 def _fail(batch: list[_Waiting], exc: BaseException) -> None:
     for w in batch:
         if not w.future.done():
@@ -259,10 +267,19 @@ def model_batchers(models: Mapping[str, Callable[[np.ndarray], ModelOutput]],
         settings: the batching of a model, by name.
         on_batch: called with ``(model name, batch size)`` for every model call.
     """
-    out = {}
-    for name, run in models.items():
-        s = settings(name)
-        hook = None if on_batch is None else functools.partial(on_batch, name)
-        out[name] = Batcher(run, name=name, max_batch_size=s.max_batch_size if s.enabled else 1,
-                            max_latency_ms=s.max_latency_ms, on_batch=hook)
-    return out
+    return {name: model_batcher(name, run, settings(name), on_batch) for name, run in models.items()}
+
+
+def model_batcher(name: str, run: Callable[[np.ndarray], ModelOutput], settings: BatchSettings,
+                  on_batch: Callable[[str, int], None] | None = None) -> Batcher:
+    """The :class:`Batcher` of one model; batching turned off means one request per model call.
+
+    Args:
+        name: the model's name.
+        run: its call (e.g. ``ModelBundle.predict``).
+        settings: its batching.
+        on_batch: called with ``(name, batch size)`` for every model call.
+    """
+    hook = None if on_batch is None else functools.partial(on_batch, name)
+    return Batcher(run, name=name, max_batch_size=settings.max_batch_size if settings.enabled else 1,
+                   max_latency_ms=settings.max_latency_ms, on_batch=hook)

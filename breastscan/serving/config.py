@@ -71,6 +71,21 @@ class Monitoring:
 
 
 @dataclass(frozen=True)
+class Follow:
+    """Following the registry stage while serving (:mod:`breastscan.serving.follow`).
+
+    Attributes:
+        enabled: each worker polls the registry for its models' ``@stage`` alias and swaps
+            to the version it points at (only with ``models: auto``, never in a Bento; off,
+            logged, when no registry is reachable).
+        poll_s: seconds between two looks at the registry (> 0).
+    """
+
+    enabled: bool = True
+    poll_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Batching:
     """Adaptive batching of one model (:class:`breastscan.serving.batching.Batcher`).
 
@@ -105,6 +120,7 @@ class ServingConfig:
         grpc_max_workers: gRPC handler threads per worker.
         auth: API-key authentication.
         monitoring: drift monitoring.
+        follow: following the registry stage (live swaps of the served versions).
         tracing: BentoML's OpenTelemetry tracing options (``sample_rate``, ``exporter_type``,
             ``otlp`` ...), passed through; empty: nothing is traced.
     """
@@ -123,6 +139,7 @@ class ServingConfig:
     grpc_max_workers: int = 64
     auth: Auth = field(default_factory=Auth)
     monitoring: Monitoring = field(default_factory=Monitoring)
+    follow: Follow = field(default_factory=Follow)
     tracing: dict[str, Any] = field(default_factory=dict)
 
     def batching_for(self, model: str) -> Batching:
@@ -153,7 +170,8 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
             :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`, :data:`MONITORING_STORE_ENV`).
     """
     env = env or {}
-    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring", "tracing"}
+    known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring", "follow",
+             "tracing"}
     if "models_service" in raw:
         raise ValueError("models_service is gone: the models run in the service's own workers "
                          "(api_service.workers)")
@@ -181,6 +199,7 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         grpc_max_workers=int(grpc.get("max_workers", 64)),
         auth=_auth(dict(raw.get("auth") or {}), env),
         monitoring=parse_monitoring(dict(raw.get("monitoring") or {}), env),
+        follow=parse_follow(dict(raw.get("follow") or {})),
         tracing=dict(raw.get("tracing") or {}),
     )
 
@@ -219,6 +238,24 @@ def parse_monitoring(raw: dict[str, Any], env: dict[str, str] | None = None) -> 
     if min(out.max_records, out.window, out.queue_size) < 1 or out.interval_s <= 0:
         raise ValueError("monitoring: max_records, window, queue_size must be >= 1 and interval_s > 0")
     return out
+
+
+def parse_follow(raw: dict[str, Any]) -> Follow:
+    """The ``follow:`` section (missing keys take the defaults).
+
+    Raises:
+        ValueError: an unknown key, ``enabled`` not a boolean, or ``poll_s`` not positive.
+    """
+    unknown = set(raw) - {f.name for f in fields(Follow)}
+    if unknown:
+        raise ValueError(f"unknown follow keys: {', '.join(sorted(unknown))}")
+    enabled = raw.get("enabled", Follow.enabled)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"follow.enabled must be true or false, got {enabled!r}")
+    poll_s = float(raw.get("poll_s", Follow.poll_s))
+    if not poll_s > 0:
+        raise ValueError(f"follow.poll_s must be positive, got {poll_s}")
+    return Follow(enabled=enabled, poll_s=poll_s)
 
 
 def _auth(raw: dict[str, Any], env: dict[str, str]) -> Auth:

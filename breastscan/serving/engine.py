@@ -21,15 +21,25 @@ model, so one bad upload can never fail a batch it would have shared with others
 work (decoding, preprocessing, PNG encoding) runs in worker threads, off the event loop.
 In process (tests, benchmarks, notebooks) :func:`local_engine` builds an engine whose
 ``infer`` calls the bundles directly.
+
+**Versions.** Each served model is one :class:`ModelSlot`: one registry version with its
+own batcher and explainer. A request takes the slots it needs once, when it is admitted,
+and finishes on them; :meth:`Engine.replace` serves a new version from then on in one
+assignment (:mod:`breastscan.serving.follow` does it when the registry stage moves), so no
+batch ever mixes two versions and every answer names the version that computed it.
+:meth:`Engine.retire` closes the old slot's batcher once its requests have finished;
+:meth:`Engine.withdraw` stops serving a model (``model_withdrawn``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +66,7 @@ from breastscan.serving.answer import (
     predictions,
     to_dict,
 )
-from breastscan.serving.batching import Batcher, BatchSettings, ModelOutput, model_batchers, output_rows
+from breastscan.serving.batching import Batcher, BatchSettings, ModelOutput, model_batcher, output_rows
 from breastscan.serving.request import (
     ImageInput,
     Request,
@@ -82,6 +92,12 @@ multi-task model's: ``{"probabilities", "mask"}``)."""
 
 ExplainFn = Callable[[str, np.ndarray, list[int]], Awaitable[np.ndarray]]
 """``(model name, (n, H, W, 1) batch, class index per image) -> (n, H, W)`` Grad-CAM maps."""
+
+SlotInfer = Callable[[np.ndarray], Awaitable[ModelOutput]]
+"""One model version's call: ``(n, H, W, 1) float32 batch ->`` its served probabilities."""
+
+SlotExplain = Callable[[np.ndarray, list[int]], Awaitable[np.ndarray]]
+"""One model version's Grad-CAM: ``((n, H, W, 1) batch, class index per image) -> (n, H, W)``."""
 
 CLASS_POOL = "class_avg_pool"
 """The layer of a multi-task model's class head that pools the U-Net's bottleneck
@@ -168,28 +184,186 @@ def prepare_inputs(spec: PreprocessSpec, contract: ModelContract, images: Sequen
     return PreparedBatch(grays=grays, batch=batch, boxes=boxes)
 
 
-class Engine:
-    """Checks, preprocesses and answers requests; the model call itself is ``infer``.
+@dataclass(eq=False)
+class ModelSlot:
+    """One version of a served model, whole: what a request admitted to it uses to the end.
+
+    Never changed once serving (a new version is a new slot, :meth:`Engine.replace`), except
+    for ``in_flight``, which only the event loop's thread touches.
+
+    Attributes:
+        served: the version's spec, contract, registry version and stage.
+        infer: its model call (through ``batcher`` in the service).
+        explain: its Grad-CAM.
+        batcher: its own batcher (``None`` in process without batching), closed by :meth:`retire`.
+        in_flight: requests admitted to this slot and not finished yet.
+    """
+
+    served: ServedModel
+    infer: SlotInfer
+    explain: SlotExplain
+    batcher: Batcher | None = None
+    in_flight: int = field(default=0, init=False)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[ModelSlot]:
+        """Count one request on this slot while the block runs."""
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+
+    async def retire(self, timeout_s: float, poll_s: float = 0.02) -> bool:
+        """Close the batcher once every request held here has finished (waiting at most ``timeout_s``).
+
+        Returns:
+            Whether they all finished in time (the batcher is closed either way).
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        if self.batcher is not None:
+            self.batcher.close()
+            await self.batcher.wait_closed()
+        return not self.in_flight
+
+
+@contextlib.contextmanager
+def _holding(slots: Iterable[ModelSlot]) -> Iterator[None]:
+    """Hold every slot of ``slots`` (:meth:`ModelSlot.held`) while the block runs."""
+    with contextlib.ExitStack() as stack:
+        for slot in slots:
+            stack.enter_context(slot.held())
+        yield
+
+
+def named_slot(served: ServedModel, infer: InferFn, explain: ExplainFn,
+               batcher: Batcher | None = None) -> ModelSlot:
+    """A slot whose calls go to engine-wide ``infer`` / ``explain`` functions with the model's name."""
+    name = served.name
+
+    async def call(batch: np.ndarray) -> ModelOutput:
+        return await infer(name, batch)
+
+    async def heat(batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        return await explain(name, batch, classes)
+
+    return ModelSlot(served, call, heat, batcher)
+
+
+def bundle_slot(served: ServedModel, bundle: ModelBundle, batching: BatchSettings | None = None,
+                on_batch: Callable[[str, int], None] | None = None) -> ModelSlot:
+    """A slot running ``bundle`` in this process (builds its explainer: call it off the event loop).
 
     Args:
-        models: the served models by name.
-        infer: runs one model on a preprocessed batch (see :data:`InferFn`).
-        explain: Grad-CAM of a classifier on a preprocessed batch (see :data:`ExplainFn`).
+        served: what the engine knows of the version (its name names the batcher).
+        bundle: the loaded model.
+        batching: batch concurrent requests with a :class:`Batcher` of its own; ``None`` runs
+            each request alone on a thread.
+        on_batch: ``(name, batch size)`` of every model call (metrics).
+    """
+    batcher = None if batching is None else model_batcher(served.name, bundle.predict, batching, on_batch)
+    grad_cam = explainer(bundle)
+
+    async def call(batch: np.ndarray) -> ModelOutput:
+        if batcher is not None:
+            return await batcher.submit(batch)
+        return await asyncio.to_thread(bundle.predict, batch)
+
+    async def heat(batch: np.ndarray, classes: list[int]) -> np.ndarray:
+        return await asyncio.to_thread(grad_cam, batch, np.asarray(classes))
+
+    return ModelSlot(served, call, heat, batcher)
+
+
+def warm_up(bundle: ModelBundle) -> None:
+    """One prediction on zeros: the model's graph traced before a request needs it (every size)."""
+    bundle.predict(np.zeros((1, *bundle.contract.input_shape), np.float32))
+
+
+class Engine:
+    """Checks, preprocesses and answers requests; the model call itself is each slot's ``infer``.
+
+    Args:
+        models: the served models by name: each a :class:`ModelSlot`, or a :class:`ServedModel`
+            whose calls go to ``infer`` / ``explain`` (:func:`named_slot`).
+        infer: runs one model on a preprocessed batch (see :data:`InferFn`); needed for a
+            :class:`ServedModel` only.
+        explain: Grad-CAM of a classifier on a preprocessed batch (see :data:`ExplainFn`); likewise.
         max_upload_bytes: largest image file accepted.
         recorder: drift monitoring: gets each answered image and its answer (queued, off the
             request's path), or ``None``.
-        batchers: the models' batchers, closed by :meth:`close` (the service's; ``{}`` in process).
+        batchers: the batchers of the :class:`ServedModel` entries, closed by :meth:`close`.
+
+    Raises:
+        TypeError: a :class:`ServedModel` without ``infer`` and ``explain``.
     """
 
-    def __init__(self, models: Mapping[str, ServedModel], infer: InferFn, explain: ExplainFn, *,
-                 max_upload_bytes: int, recorder: Recorder | None = None,
+    def __init__(self, models: Mapping[str, ServedModel | ModelSlot], infer: InferFn | None = None,
+                 explain: ExplainFn | None = None, *, max_upload_bytes: int, recorder: Recorder | None = None,
                  batchers: Mapping[str, Batcher] | None = None) -> None:
-        self.models = dict(models)
-        self._infer = infer
-        self._explain = explain
+        batchers = batchers or {}
+        slots = {}
+        for name, model in models.items():
+            if isinstance(model, ModelSlot):
+                slots[name] = model
+            elif infer is None or explain is None:
+                raise TypeError(f"model {name}: a ServedModel needs the engine's infer and explain")
+            else:
+                slots[name] = named_slot(model, infer, explain, batchers.get(name))
+        self.slots: Mapping[str, ModelSlot] = slots
+        """The slot serving each model now; replaced whole, never changed in place."""
+        self.withdrawn: Mapping[str, ServedModel] = {}
+        """The last version of each model no longer served (:meth:`withdraw`)."""
         self.max_upload_bytes = int(max_upload_bytes)
         self.recorder = recorder
-        self.batchers = dict(batchers or {})
+        self._retiring: set[ModelSlot] = set()
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The version served now of each model, by name."""
+        return {name: slot.served for name, slot in self.slots.items()}
+
+    @property
+    def batchers(self) -> dict[str, Batcher]:
+        """The batchers of the versions served now, by model name (``{}`` without batching)."""
+        return {name: slot.batcher for name, slot in self.slots.items() if slot.batcher is not None}
+
+    def replace(self, name: str, slot: ModelSlot) -> ModelSlot | None:
+        """Serve ``slot`` as model ``name`` from now on (one assignment of :attr:`slots`).
+
+        Requests admitted before keep their slot to the end; hand the returned one (``None``
+        when the model was not served) to :meth:`retire`.
+        """
+        old = self.slots.get(name)
+        self.slots = {**self.slots, name: slot}
+        self.withdrawn = {n: m for n, m in self.withdrawn.items() if n != name}
+        return old
+
+    def withdraw(self, name: str) -> ModelSlot | None:
+        """Stop serving model ``name``: its requests are refused ``model_withdrawn`` from now on.
+
+        Returns:
+            Its slot (hand it to :meth:`retire`), ``None`` when it was not served.
+        """
+        old = self.slots.get(name)
+        if old is not None:
+            self.slots = {n: s for n, s in self.slots.items() if n != name}
+            self.withdrawn = {**self.withdrawn, name: old.served}
+        return old
+
+    async def retire(self, slot: ModelSlot, timeout_s: float) -> bool:
+        """Close a replaced slot once its requests have finished (:meth:`ModelSlot.retire`).
+
+        Returns:
+            Whether they finished within ``timeout_s``.
+        """
+        self._retiring.add(slot)
+        try:
+            return await slot.retire(timeout_s)
+        finally:
+            self._retiring.discard(slot)
 
     async def answer(self, request: Request) -> Answer:
         """The answer to one request (:class:`Prediction`, :class:`Analysis`, :class:`Preview`,
@@ -217,23 +391,39 @@ class Engine:
             ApiError: as :meth:`answer`.
         """
         image = request.image if request.image is not None else ImageInput()
-        return await self._predict(self.select(request.model or ""), image, request.explain)
+        slot = self.slot(request.model or "")  # admitted: this version answers, whatever swaps meanwhile
+        with slot.held():
+            return await self._predict(slot, image, request.explain)
 
     def describe(self) -> list[ModelInfo]:
         """Every served model, in name order."""
-        return [self.models[name].describe() for name in sorted(self.models)]
+        slots = self.slots
+        return [slots[name].served.describe() for name in sorted(slots)]
 
     def select(self, name: str) -> ServedModel:
-        """The served model called ``name``.
+        """The version of model ``name`` served now.
 
         Raises:
-            ApiError: ``unknown_model``; the message lists the served names.
+            ApiError: ``unknown_model`` (the message lists the served names) or ``model_withdrawn``.
         """
-        try:
-            return self.models[name]
-        except KeyError:
-            served = ", ".join(sorted(self.models)) or "none"
-            raise ApiError("unknown_model", f"no model named {name[:64]!r}; served: {served}") from None
+        return self.slot(name).served
+
+    def slot(self, name: str) -> ModelSlot:
+        """The slot serving model ``name`` now.
+
+        Raises:
+            ApiError: ``unknown_model`` (the message lists the served names) or
+                ``model_withdrawn`` (its stage was removed from the registry while serving).
+        """
+        slots = self.slots
+        if name in slots:
+            return slots[name]
+        gone = self.withdrawn.get(name)
+        if gone is not None:
+            raise ApiError("model_withdrawn", f"model {name} is no longer served: no version holds its "
+                                              f"stage @{gone.stage or 'production'} in the registry")
+        served = ", ".join(sorted(slots)) or "none"
+        raise ApiError("unknown_model", f"no model named {name[:64]!r}; served: {served}")
 
     def decode(self, image: ImageInput, modality: str | None = None) -> np.ndarray:
         """The request's image as ``(H, W)`` float32 gray in [0, 1], cropped to its roi.
@@ -255,9 +445,10 @@ class Engine:
         return crop(gray, image.roi)
 
     def close(self) -> None:
-        """Stop the model threads and the drift recorder."""
-        for batcher in self.batchers.values():
-            batcher.close()
+        """Stop the model threads (of retiring slots too) and the drift recorder."""
+        for slot in [*self.slots.values(), *self._retiring]:
+            if slot.batcher is not None:
+                slot.batcher.close()
         if self.recorder is not None:
             self.recorder.close()
 
@@ -267,15 +458,17 @@ class Engine:
         gray = image if isinstance(image, np.ndarray) else self.decode(image, served.contract.modality)
         return prepare_inputs(served.spec, served.contract, [gray])
 
-    async def _predict(self, served: ServedModel, image: ImageInput, explain: bool,
+    async def _predict(self, slot: ModelSlot, image: ImageInput, explain: bool,
                        gray: np.ndarray | None = None) -> Prediction:
-        """One model's answer for one image (``gray``: the image already decoded, for ``analyze``)."""
+        """One model version's answer for one image (``slot`` held by the caller; ``gray``: the
+        image already decoded, for ``analyze``)."""
+        served = slot.served
         prepared = await asyncio.to_thread(self._prepare, served, image if gray is None else gray)
-        out = await self._infer(served.name, prepared.batch)  # one model call, every output
+        out = await slot.infer(prepared.batch)  # one model call, every output
         if output_rows(out) != len(prepared.batch):
             raise RuntimeError(f"model {served.name} answered {output_rows(out)} rows for "
                                f"{len(prepared.batch)} images")
-        heat = await self._heat(served, prepared, out) if explain else None
+        heat = await self._heat(slot, prepared, out) if explain else None
         finish = functools.partial(predictions, served.facts, prepared.grays, prepared.boxes, out, heat=heat,
                                    roi=image.roi if gray is None else None)  # an analysis reports it once
         if heat is None and not has_mask(served.contract.task):
@@ -287,14 +480,15 @@ class Engine:
                                  modality=served.contract.modality, version=served.version, dicom=image.data)
         return prediction
 
-    async def _heat(self, served: ServedModel, prepared: PreparedBatch,
+    async def _heat(self, slot: ModelSlot, prepared: PreparedBatch,
                     out: ModelOutput) -> np.ndarray | None:
         """Grad-CAM of the class the answer calls (``predicted``); ``None`` for a model without classes."""
-        probs, _ = output_parts(served.contract.task, out)
+        contract = slot.served.contract
+        probs, _ = output_parts(contract.task, out)
         if probs is None:
             return None
-        called = served.contract.rule.decide(probs[:1], served.contract.class_names)
-        return await self._explain(served.name, prepared.batch, [int(called[0])])
+        called = contract.rule.decide(probs[:1], contract.class_names)
+        return await slot.explain(prepared.batch, [int(called[0])])
 
     async def _analyze(self, image: ImageInput, modality: str | None, explain: bool, dicom: bool) -> Analysis:
         """Every model of the image's modality on one image, run concurrently.
@@ -310,21 +504,29 @@ class Engine:
         """
         if dicom:
             check_dicom_output(image.data, image.roi)
-        modality = await self._modality_of(image, modality)
-        chosen = models_for_modality({n: m.contract.modality for n, m in self.models.items()}, modality)
+        slots = self.slots  # admitted: these versions answer, whatever swaps meanwhile
+        with _holding(slots.values()):
+            return await self._analyze_on(slots, image, modality, explain, dicom)
+
+    async def _analyze_on(self, slots: Mapping[str, ModelSlot], image: ImageInput, modality: str | None,
+                          explain: bool, dicom: bool) -> Analysis:
+        """:meth:`_analyze` on the slots the request was admitted to."""
+        modality = await self._modality_of(image, modality, slots)
+        chosen = models_for_modality({n: s.served.contract.modality for n, s in slots.items()}, modality)
         gray = await asyncio.to_thread(self.decode, image, modality)
         answers = dict(zip(chosen, await asyncio.gather(
-            *(self._predict(self.models[n], image, explain, gray) for n in chosen)), strict=True))
-        result = analysis(modality, answers, rules={n: self.models[n].contract.rule for n in chosen},
+            *(self._predict(slots[n], image, explain, gray) for n in chosen)), strict=True))
+        result = analysis(modality, answers, rules={n: slots[n].served.contract.rule for n in chosen},
                           roi=image.roi)
         if dicom and image.data is not None:
             sr, segs = await asyncio.to_thread(
-                dicom_objects, image.data, answers, {n: self.models[n].algorithm() for n in chosen})
+                dicom_objects, image.data, answers, {n: slots[n].served.algorithm() for n in chosen})
             result = dataclass_replace(result, dicom_sr=sr, dicom_seg=segs)
         return result
 
-    async def _modality_of(self, image: ImageInput, modality: str | None) -> str:
-        """The modality asked for, else the DICOM header's, else the one served (if only one)."""
+    async def _modality_of(self, image: ImageInput, modality: str | None,
+                           slots: Mapping[str, ModelSlot]) -> str:
+        """The modality asked for, else the DICOM header's, else the one ``slots`` serve (if only one)."""
         modality = (modality or "").strip().lower() or None
         if modality is None and image.data is not None:
             code = await asyncio.to_thread(dicom_modality_code, image.data)
@@ -333,7 +535,7 @@ class Engine:
                 known = ", ".join(sorted(DICOM_MODALITY_CODES))
                 raise ApiError("wrong_modality", f"the DICOM header says Modality {code[:16]!r}; the "
                                                  f"models are for {known}")
-        served_modalities = sorted({m.contract.modality for m in self.models.values()})
+        served_modalities = sorted({s.served.contract.modality for s in slots.values()})
         if modality is None:
             if len(served_modalities) != 1:
                 raise ApiError("unknown_modality", "say which modality the image is: one of "
@@ -412,21 +614,10 @@ def local_engine(bundles: Mapping[str, Any], *, max_upload_bytes: int = 32 * 2**
         The engine.
     """
     versions, stages = versions or {}, stages or {}
-    batchers = {} if batching is None else model_batchers(
-        {name: b.predict for name, b in bundles.items()}, lambda _: batching)
-    explainers = {name: explainer(b) for name, b in bundles.items()}
-
-    async def infer(name: str, batch: np.ndarray) -> ModelOutput:
-        if batchers:
-            return await batchers[name].submit(batch)
-        return await asyncio.to_thread(bundles[name].predict, batch)
-
-    async def explain(name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        return await asyncio.to_thread(explainers[name], batch, np.asarray(classes))
-
     served = {name: ServedModel(name=name, spec=b.spec, contract=b.contract, version=versions.get(name),
                                 stage=stages.get(name)) for name, b in bundles.items()}
-    return Engine(served, infer, explain, max_upload_bytes=max_upload_bytes, batchers=batchers)
+    slots = {name: bundle_slot(served[name], b, batching) for name, b in bundles.items()}
+    return Engine(slots, max_upload_bytes=max_upload_bytes)
 
 
 def explainer(bundle: ModelBundle) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:

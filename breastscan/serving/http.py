@@ -4,7 +4,8 @@ Every HTTP request passes through it once, outermost:
 
 * it gets an ``X-Request-ID`` (the client's, if it sent a sane one, else a new id), echoed
   in the answer and in the one log line of the request (id, method, path, status,
-  duration, body size -- never the body, a file name or another header value);
+  duration, body size, and the model and registry version that answered, e.g.
+  ``model=tumor version=4`` -- never the body, a file name or another header value);
 * a body larger than the limit is refused with ``413`` before anything reads it -- by its
   ``Content-Length`` up front, by counting while it streams when the client sends none --
   after reading and dropping the rest of it (up to :data:`DRAIN_FACTOR` times the limit,
@@ -45,7 +46,9 @@ from breastscan.serving.answer import (
     ANSWERS,
     ERRORS,
     INTERNAL_MESSAGE,
+    Analysis,
     ApiError,
+    Prediction,
     error_headers,
     error_json,
     json_schema,
@@ -150,9 +153,10 @@ class Edge:
         finally:
             path = scope.get("path", "")
             if not path.startswith(_QUIET_PATHS):
-                log.info("request_id=%s method=%s path=%s status=%s ms=%.1f bytes=%d", request_id,
+                log.info("request_id=%s method=%s path=%s status=%s ms=%.1f bytes=%d%s", request_id,
                          scope.get("method", ""), path, status["code"] or "-",
-                         (time.perf_counter() - start) * 1e3, max(declared, received["bytes"]))
+                         (time.perf_counter() - start) * 1e3, max(declared, received["bytes"]),
+                         scope["state"].get("answered_by", ""))
 
     # ------------------------------------------------------------------ routing
     def _caller(self, scope: Scope) -> str | None:
@@ -193,7 +197,10 @@ class Edge:
                 raise ApiError("unavailable", "the service is loading its models: retry shortly")
             request = parse_http(route, _header(scope, b"content-type"), body, request_id=request_id,
                                  caller=caller)
+            if request.model and _SANE_ID.match(request.model):  # named in the log line even if refused
+                scope["state"]["answered_by"] = f" model={request.model}"
             result = await asyncio.wait_for(engine.answer(request), self.timeout_s)
+            scope["state"]["answered_by"] = answered_by(result)
             payload, outcome = to_json(result), "ok"
         except ApiError as exc:
             (log.warning if exc.kind.http >= 500 else log.info)("refused %s: %s", endpoint, exc.code)
@@ -244,6 +251,18 @@ class Edge:
 
 
 # --------------------------------------------------------------------------- answers
+
+
+def answered_by(answer: Any) -> str:
+    """What the request log line says answered: `` model=tumor version=4`` for a prediction,
+    every model and version in name order for an analysis (`` model=density,tumor version=3,4``),
+    ``""`` for anything else."""
+    if isinstance(answer, Prediction):
+        return f" model={answer.model} version={answer.version or '-'}"
+    if isinstance(answer, Analysis) and answer.models:
+        names = sorted(answer.models)
+        return f" model={','.join(names)} version={','.join(answer.models[n].version or '-' for n in names)}"
+    return ""
 
 
 async def send_json(send: Send, status: int, body: bytes,

@@ -12,7 +12,8 @@ import bentoml
 
 
 class ServiceMetrics:
-    """Requests by endpoint and outcome, images and batch sizes per model, drift per model."""
+    """Requests by endpoint and outcome, images and batch sizes per model, drift per model, and
+    the live swaps of served versions."""
 
     def __init__(self) -> None:
         self.requests = bentoml.metrics.Counter(
@@ -34,6 +35,10 @@ class ServiceMetrics:
         self.drift_dropped = bentoml.metrics.Gauge(
             name="breastscan_drift_records_dropped", documentation="Requests not recorded for drift "
             "monitoring because its queue was full (this worker)", labelnames=["model"])
+        self.swaps = bentoml.metrics.Counter(
+            name="breastscan_model_swaps", documentation="Moves of a model's registry stage this worker "
+            "acted on, by outcome: swapped, refused (contract changed), failed (download or load), "
+            "withdrawn (stage removed)", labelnames=["model", "outcome"])
 
     def count_request(self, endpoint: str, outcome: str) -> None:
         """One answered request (``outcome``: ``ok`` or its error code)."""
@@ -43,6 +48,10 @@ class ServiceMetrics:
         """One model call of ``images`` images."""
         self.batch_size.labels(model=model).observe(images)
         self.predictions.labels(model=model).inc(images)
+
+    def count_swap(self, model: str, outcome: str) -> None:
+        """One move of ``model``'s stage acted on (``outcome``: swapped, refused, failed, withdrawn)."""
+        self.swaps.labels(model=model, outcome=outcome).inc()
 
     def publish_drift(self, report: Any, dropped: int) -> None:
         """The drift gauges of one model from a scoring (on the recorder's thread)."""

@@ -5,7 +5,8 @@
   with (:func:`pinned_model_tags`) or else to the store's models at the config's stage;
 * :func:`service_options`: BentoML's service options (workers, traffic, a GPU when
   :func:`gpu_count` finds one);
-* :class:`Worker`: one worker's models, engine, batchers, drift recorder and gRPC server;
+* :class:`Worker`: one worker's models, engine, batchers, drift recorder, gRPC server and
+  registry follower (:mod:`breastscan.serving.follow`);
 * :func:`current_engine`: the worker's engine as the HTTP edge reaches it, through
   BentoML's own handle on the service instance (``bentoml.get_current_service``).
 """
@@ -17,21 +18,21 @@ import gc
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from breastscan.serving.auth import ApiKeys
 from breastscan.serving.config import CONFIG_ENV, ServingConfig, load_serving_config, with_models
-from breastscan.serving.engine import Engine, explainer
+from breastscan.serving.engine import Engine, ModelSlot, bundle_slot, warm_up
 from breastscan.serving.metrics import ServiceMetrics
 from breastscan.serving.request import api_routes
 from breastscan.serving.store import PREFIX, load_served, store_name, stored_models
 
 if TYPE_CHECKING:
+    from breastscan.bundle import ModelBundle
     from breastscan.monitoring.recorder import Recorder
-    from breastscan.serving.batching import ModelOutput
+    from breastscan.serving.follow import Candidate
     from breastscan.serving.grpc_server import GrpcServerHandle
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def service_config(service_file: Path) -> tuple[ServingConfig, dict[str, str]]:
 
     The config is ``$BREASTSCAN_SERVING_CONFIG``, else ``serving.yaml`` beside the service
     file; ``models: auto`` serves a Bento's pinned models (the service file lies at
-    ``<bento>/src/services/service.py``), else the store's at the config's stage.
+    ``<bento>/src/services/service.py``), else the store's at the config's stage. Only the
+    latter follows the registry stage while serving (``follow``): a Bento is immutable, and a
+    list of models serves what was imported.
 
     Returns:
         ``(config, {model name: BentoML tag served})``.
@@ -82,6 +85,8 @@ def service_config(service_file: Path) -> tuple[ServingConfig, dict[str, str]]:
     else:
         served = stored_models(raw.stage)
     config = with_models(raw, served)
+    if raw.models or pinned:
+        config = replace(config, follow=replace(config.follow, enabled=False))
     api_routes(config.models)  # refuses a model named like a route, before any worker starts
     tags = {name: pinned.get(store_name(name), f"{store_name(name)}:latest") for name in config.models}
     return config, tags
@@ -195,7 +200,7 @@ def _current_worker() -> Worker | None:
 
 
 class Worker:
-    """One worker process's models, engine, batchers, drift recorder and gRPC server.
+    """One worker process's models, engine, batchers, drift recorder, gRPC server and registry follower.
 
     Args:
         config: the serving config.
@@ -203,26 +208,17 @@ class Worker:
     """
 
     def __init__(self, config: ServingConfig, tags: dict[str, str]) -> None:
-        from breastscan.bundle import ModelBundle
-        from breastscan.serving.batching import model_batchers
-
         started = time.perf_counter()
         self.config = config
         self.metrics = ServiceMetrics()
         _configure_gpus()
-        served, self.bundles = {}, {}
-        for name in config.models:
-            stored = _stored(tags[name])
-            self.bundles[name] = bundle = ModelBundle.load(stored.path)
-            served[name] = load_served(name, stored.path, dict(stored.info.labels or {}),
-                                       source=str(stored.info.metadata.get("source", stored.tag)))
-            bundle.predict(np.zeros((1, *bundle.contract.input_shape), np.float32))  # one trace, every size
-        self.explainers = {n: explainer(b) for n, b in self.bundles.items()}  # Grad-CAM of their classes
-        batchers = model_batchers({n: b.predict for n, b in self.bundles.items()}, config.batching_for,
-                                  on_batch=self.metrics.count_batch)
-        self.engine = Engine(served, self._infer, self._explain, max_upload_bytes=config.max_upload_bytes,
-                             recorder=self._recorder(), batchers=batchers)
+        candidates = {name: _load_stored(name, tags[name]) for name in config.models}
+        self.engine = Engine({n: self._slot_of(c) for n, c in candidates.items()},
+                             max_upload_bytes=config.max_upload_bytes,
+                             recorder=self._recorder({n: c.bundle for n, c in candidates.items()}))
         self.grpc: GrpcServerHandle | None = None
+        self._follow: asyncio.Task[None] | None = None
+        del candidates  # the engine's slots hold the models from here on
         # TensorFlow and the models leave ~460,000 long-lived objects: a full garbage
         # collection walked them all, about 0.5 s with every request waiting (measured:
         # the p99 at half saturation was 1.6 s with a 35 ms median). Freezing them keeps
@@ -230,21 +226,33 @@ class Worker:
         gc.collect()
         gc.freeze()
         log.info("serving %s (TensorFlow, models and traces ready in %.1f s)",
-                 ", ".join(f"{m.name} v{m.version} ({m.stage})" for m in served.values()),
+                 ", ".join(f"{m.name} v{m.version} ({m.stage})" for m in self.engine.models.values()),
                  time.perf_counter() - started)
 
     @property
     def ready(self) -> bool:
-        """Whether every model is loaded (it is once the worker exists)."""
-        return len(self.bundles) == len(self.config.models)
+        """Whether every model is loaded (it is once the worker exists; a withdrawn one counts)."""
+        return set(self.engine.slots) | set(self.engine.withdrawn) == set(self.config.models)
 
-    async def _infer(self, name: str, batch: np.ndarray) -> ModelOutput:
-        return await self.engine.batchers[name].submit(batch)
+    def _slot_of(self, candidate: Candidate) -> ModelSlot:
+        """A loaded version's slot in this worker: its own batcher (the model's batching, counted in
+        the metrics) and explainer."""
+        name = candidate.served.name
+        return bundle_slot(candidate.served, candidate.bundle, self.config.batching_for(name),
+                           self.metrics.count_batch)
 
-    async def _explain(self, name: str, batch: np.ndarray, classes: list[int]) -> np.ndarray:
-        return await asyncio.to_thread(self.explainers[name], batch, np.asarray(classes))
+    def _swap_slot(self, candidate: Candidate) -> ModelSlot:
+        """:meth:`_slot_of` for a version about to replace the served one; drift is scored against
+        its reference from now on."""
+        bundle, recorder = candidate.bundle, self.engine.recorder
+        if recorder is not None and bundle.reference:
+            from breastscan.monitoring.drift import reference_records
 
-    def _recorder(self) -> Recorder | None:
+            recorder.references[candidate.served.name] = list(reference_records(bundle.reference,
+                                                                                bundle.contract))
+        return self._slot_of(candidate)
+
+    def _recorder(self, bundles: dict[str, ModelBundle]) -> Recorder | None:
         """The drift recorder of the served models (``None`` when ``monitoring.enabled`` is false)."""
         monitoring = self.config.monitoring
         if not monitoring.enabled:
@@ -253,10 +261,10 @@ class Worker:
         from breastscan.monitoring.recorder import Recorder
 
         references = {n: reference_records(b.reference, b.contract)
-                      for n, b in self.bundles.items() if b.reference}
-        if set(self.bundles) - set(references):
+                      for n, b in bundles.items() if b.reference}
+        if set(bundles) - set(references):
             log.warning("no drift reference (reference.json) in %s: recorded, not scored",
-                        ", ".join(sorted(set(self.bundles) - set(references))))
+                        ", ".join(sorted(set(bundles) - set(references))))
         return Recorder(monitoring.store, max_records=monitoring.max_records, window=monitoring.window,
                         interval_s=monitoring.interval_s, queue_size=monitoring.queue_size,
                         references=references, thresholds=monitoring.thresholds,
@@ -275,12 +283,46 @@ class Worker:
             max_workers=config.grpc_max_workers, max_message_bytes=config.max_upload_bytes + 2**20,
             timeout_s=config.timeout_s, interceptors=[grpc_interceptor(keys)] if keys else [])
 
+    def follow_registry(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start following the registry stage on this worker's event loop (when ``follow.enabled``)."""
+        from breastscan.serving.follow import MlflowRegistry, StageFollower
+
+        follow = self.config.follow
+        if not follow.enabled:
+            log.info("not following the registry stage: follow.enabled is false, or a Bento or a list of "
+                     "models is served")
+            return
+        follower = StageFollower(self.engine, MlflowRegistry(), self._swap_slot, stage=self.config.stage,
+                                 poll_s=follow.poll_s, retire_s=self.config.timeout_s, metrics=self.metrics,
+                                 on_retired=_refreeze)
+        self._follow = loop.create_task(follower.run(), name="follow-registry")
+
     def stop(self) -> None:
-        """Stop the gRPC server (calls in flight finish), then the model threads and the recorder."""
+        """Stop following the registry and the gRPC server (calls in flight finish), then the model
+        threads and the recorder."""
+        if self._follow is not None and not self._follow.get_loop().is_closed():
+            self._follow.get_loop().call_soon_threadsafe(self._follow.cancel)
         if self.grpc is not None:
             self.grpc.set_serving(False)
             self.grpc.stop(5)
         self.engine.close()
+
+
+def _load_stored(name: str, tag: str) -> Candidate:
+    """The stored BentoML model ``tag`` served as ``name``: loaded and warmed (one prediction).
+
+    Raises:
+        RuntimeError: it is not in the store.
+    """
+    from breastscan.bundle import ModelBundle
+    from breastscan.serving.follow import Candidate
+
+    stored = _stored(tag)
+    bundle = ModelBundle.load(stored.path)
+    warm_up(bundle)
+    served = load_served(name, stored.path, dict(stored.info.labels or {}),
+                         source=str(stored.info.metadata.get("source", stored.tag)))
+    return Candidate(served, bundle)
 
 
 def _stored(tag: str) -> Any:
@@ -296,6 +338,20 @@ def _stored(tag: str) -> Any:
         raise RuntimeError(f"model {tag} is not in the BentoML store: run `breastscan build` (or "
                            "`make serve`), which imports the registry's production versions")
     return ref.stored
+
+
+def _refreeze() -> None:
+    """Collect what a replaced model version left, then freeze the survivors again.
+
+    The worker froze its long-lived objects (TensorFlow, the first models); an unreachable
+    frozen model is never collected, so after a swap one full collection (about half a
+    second with TensorFlow loaded, logged) frees the old version.
+    """
+    started = time.perf_counter()
+    gc.unfreeze()
+    freed = gc.collect()
+    gc.freeze()
+    log.info("replaced model collected (%d objects) in %.0f ms", freed, (time.perf_counter() - started) * 1e3)
 
 
 def _configure_gpus() -> None:

@@ -9,9 +9,10 @@ seeded, so every run serves the same numbers.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -46,6 +47,9 @@ MODELS: dict[str, dict] = {
                                         cutoff=0.6)),
 }
 
+
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+"""The project's params.yaml: its gates judge the versions of :func:`register_versions`."""
 
 REFERENCE_SEEDS = range(1000, 1048)
 """Phantom seeds of every bundle's drift reference (service tests draw their requests elsewhere)."""
@@ -97,6 +101,41 @@ def main(root: Path, names: Iterable[str] = tuple(MODELS)) -> None:
         version = versions.register(cfg, uri, metrics={"headline": "x"}, split_id="tiny",
                                     run_id=run.info.run_id)
         client.set_registered_model_alias(cfg.registered_name, versions.PRODUCTION, str(version))
+
+
+def register_versions(root: Path, name: str, reports: Sequence[Mapping[str, Any]], *, production: int,
+                      params: Path = PROJECT_PARAMS) -> list[int]:
+    """Register one version of ``name`` per report, judged by the gates of ``params`` (the project's).
+
+    Unlike :func:`main`'s versions, these carry the metrics the project's gates read, so
+    ``breastscan promote`` and ``breastscan rollback`` judge them as they would a trained model.
+    Version ``production`` is promoted to ``production`` (a ``promote`` audit event); ``staging``
+    ends on the last one.
+
+    Args:
+        root: the project root (its MLflow store, unless ``MLFLOW_TRACKING_URI`` is set).
+        name: a model of :data:`MODELS` declared in ``params``.
+        reports: each version's evaluation report (e.g. ``{"macro_auc": 0.83, "accuracy": 0.7}``).
+        production: the version (1-based, of these) promoted to ``production``.
+
+    Returns:
+        The registry versions, in order.
+    """
+    from breastscan.config import load_params
+    from breastscan.registry import promotion
+
+    tracking.configure(root)
+    cfg = load_params(params).model(name)
+    out = []
+    for i, report in enumerate(reports):
+        bundle_dir = build_bundle(name, root / "bundles" / f"{name}-{i + 1}")
+        with tracking.start_training_run(name, root, params={"tiny": "1"}, tags={}) as run:
+            uri = versions.log_bundle(bundle_dir)
+        out.append(versions.register(cfg, uri, metrics=report, split_id="tiny", run_id=run.info.run_id))
+    result = promotion.promote(cfg, version=out[production - 1], to=versions.PRODUCTION,
+                               reason="first release")
+    assert result.passed, result.failures
+    return out
 
 
 if __name__ == "__main__":

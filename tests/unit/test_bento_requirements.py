@@ -44,6 +44,9 @@ NOT_SERVED: dict[tuple[str, str], str] = {
     ("breastscan.serving.store", "import_model"):
         "registry -> BentoML store import: run by `breastscan build` / `import-models` in the "
         "project's venv (MLflow), never by the service",
+    **{("breastscan.serving.follow", method): "following the registry stage: off in a Bento (a Bento serves "
+       "the versions it was built with; runtime.service_config turns it off), on only under `make serve` in "
+       "the project's venv (MLflow)" for method in ("connect", "holders", "load", "record")},
 }
 """Functions of served modules that the service never calls: their imports are not followed."""
 

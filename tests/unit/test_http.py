@@ -535,6 +535,26 @@ def test_the_request_id_is_echoed_or_made(caplog: pytest.LogCaptureFixture) -> N
     assert any("path=/other status=299" in m and "bytes=100" in m for m in lines)
 
 
+def test_the_request_log_line_names_the_model_and_version_that_answered(
+        mammogram: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    engine, png = fake_model_engine(), images.png(mammogram)
+    upload = multipart({"image": ("m.png", png, "image/png")})
+    both = multipart({"image": ("m.png", png, "image/png"), "modality": "mammography"})
+    headers = {"content-type": MULTIPART}
+    with caplog.at_level(logging.INFO, logger="breastscan.serving.http"):
+        run(edge(engine=engine), path="/tumor", body=upload, headers={**headers, "x-request-id": "one"})
+        run(edge(engine=engine), path="/analyze", body=both, headers={**headers, "x-request-id": "two"})
+        engine.withdraw("tumor")
+        gone = run(edge(engine=engine), path="/tumor", body=upload,
+                   headers={**headers, "x-request-id": "three"})
+    lines = {m.split()[0]: m for m in (r.getMessage() for r in caplog.records) if m.startswith("request_id=")}
+    one, two, three = (lines[f"request_id={i}"] for i in ("one", "two", "three"))
+    assert "path=/tumor status=200" in one and one.endswith(" model=tumor version=3")
+    assert "path=/analyze status=200" in two and two.endswith(" model=density,tumor version=3,3")
+    assert (gone.status, gone.json["code"]) == (404, "model_withdrawn")
+    assert "path=/tumor status=404" in three and three.endswith(" model=tumor")  # no version answered
+
+
 def test_docs_json_is_the_openapi_description_of_every_route() -> None:
     app = App()
     result = run(edge(app), method="GET", path="/docs.json")

@@ -55,17 +55,18 @@ REFERENCE_SEEDS = range(1000, 1048)
 """Phantom seeds of every bundle's drift reference (service tests draw their requests elsewhere)."""
 
 
-def build_bundle(name: str, directory: Path) -> Path:
+def build_bundle(name: str, directory: Path, **changes: Any) -> Path:
     """A seeded untrained bundle of model ``name`` saved to ``directory``, with a drift reference
     (``reference.json``) over the phantoms of :data:`REFERENCE_SEEDS` of its modality, as trained
-    bundles have."""
+    bundles have. ``changes`` replace entries of its :data:`MODELS` row (e.g. ``classes`` and
+    ``class_names``: a version whose contract differs)."""
     import keras
 
     from breastscan.models import build_model
     from breastscan.models.multitask import build_multitask
     from breastscan.monitoring.drift import model_reference
 
-    m = MODELS[name]
+    m = {**MODELS[name], **changes}
     spec: PreprocessSpec = m["spec"]
     shape = (spec.height, spec.width, 1)
     keras.utils.set_random_seed(7)
@@ -124,18 +125,27 @@ def register_versions(root: Path, name: str, reports: Sequence[Mapping[str, Any]
     from breastscan.config import load_params
     from breastscan.registry import promotion
 
-    tracking.configure(root)
     cfg = load_params(params).model(name)
-    out = []
-    for i, report in enumerate(reports):
-        bundle_dir = build_bundle(name, root / "bundles" / f"{name}-{i + 1}")
-        with tracking.start_training_run(name, root, params={"tiny": "1"}, tags={}) as run:
-            uri = versions.log_bundle(bundle_dir)
-        out.append(versions.register(cfg, uri, metrics=report, split_id="tiny", run_id=run.info.run_id))
+    out = [register_version(root, name, report, params=params) for report in reports]
     result = promotion.promote(cfg, version=out[production - 1], to=versions.PRODUCTION,
                                reason="first release")
     assert result.passed, result.failures
     return out
+
+
+def register_version(root: Path, name: str, report: Mapping[str, Any], *, params: Path = PROJECT_PARAMS,
+                     **changes: Any) -> int:
+    """Register one more version of ``name`` (its bundle by :func:`build_bundle` with ``changes``)
+    carrying the metrics of ``report``, as the pipeline's register stage would; its version."""
+    from breastscan.config import load_params
+
+    tracking.configure(root)
+    cfg = load_params(params).model(name)
+    existing = len(MlflowClient().search_model_versions(f"name='{cfg.registered_name}'"))
+    bundle_dir = build_bundle(name, root / "bundles" / f"{name}-{existing + 1}", **changes)
+    with tracking.start_training_run(name, root, params={"tiny": "1"}, tags={}) as run:
+        uri = versions.log_bundle(bundle_dir)
+    return versions.register(cfg, uri, metrics=report, split_id="tiny", run_id=run.info.run_id)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ project's gates judging them; ``tests.services.make_registry.register_versions``
 ``@production`` every second. While HTTP and gRPC clients send requests in threads,
 ``breastscan promote`` moves the stage to v2 and ``breastscan rollback`` back to v1: every
 client's answers switch within a few polls, no request fails, and ``breastscan history``
-holds the promotion, the service's swaps and the rollback, in order.
+holds the promotion, the service's swaps and the rollback, in order. A second service, of two
+workers, shows both workers following a promotion and both refusing a version whose contract
+(its classes) differs from the one served, which keeps answering.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -74,22 +77,33 @@ class Stream:
         return out
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The service over a registry of its own (tumor v1 at production, v2 registered), polling
-    every second."""
-    root = tmp_path_factory.mktemp("live")
+def _following_service(root: Path, workers: int) -> Iterator[Served]:
+    """The service over a registry of its own (tumor v1 at production, v2 registered), of
+    ``workers`` workers polling every second."""
     env = service_env(root, BREASTSCAN_ACTOR="release-test")
     _cli(env, sys.executable, "-c", "from pathlib import Path; from tests.services.make_registry import "
          f"register_versions; register_versions(Path({str(root)!r}), 'tumor', {REPORTS!r}, production=1)")
     _cli(env, str(BIN / "breastscan"), "import-models", "tumor")
-    config = serving_config(root, "live", {"follow": {"enabled": True, "poll_s": POLL_S}})
+    api = {"workers": workers, "max_concurrency": 512, "timeout_s": 60}
+    config = serving_config(root, "live", {"follow": {"enabled": True, "poll_s": POLL_S}, "api_service": api})
     served = start_service(root, {**env, "BREASTSCAN_SERVING_CONFIG": str(config)}, http_port=free_port(),
                            grpc_port=free_port(), log_name="serve-live.log")
     try:
         yield served
     finally:
         stop_service(served)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Served]:
+    """One worker following @production."""
+    yield from _following_service(tmp_path, workers=1)
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[Served]:
+    """Two workers following @production."""
+    yield from _following_service(tmp_path, workers=2)
 
 
 def _cli(env: dict[str, str], *cmd: str) -> str:
@@ -196,3 +210,59 @@ def test_answers_follow_a_promotion_and_a_rollback_with_no_failed_request(live: 
     assert _swaps(live) == 2.0
     assert live.log_lines("model=tumor version=2") and live.log_lines("tumor: now serving v1 (was v2)")
     assert [m["version"] for m in HTTPClient(live.http_url).models()] == ["1"]
+
+
+def _wait_events(served: Served, kind: str, count: int, timeout_s: float = SWITCH_BOUND_S + 30) -> list[dict]:
+    """The audit events of ``kind``, once there are ``count`` of them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = [e for e in _events(served) if e["kind"] == kind]
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def _versions_answered(served: Served, n: int = 16) -> list[str]:
+    """The version answering each of ``n`` requests, each on a new connection (HTTP, then gRPC,
+    alternately), so that the kernel spreads them over the workers."""
+    out = []
+    for i in range(n):
+        client: Any = HTTPClient(served.http_url, timeout=30) if i % 2 else \
+            GRPCClient(served.grpc_target, timeout=30)
+        with client:
+            out.append(str(client.predict("tumor", MG)["version"]))
+    return out
+
+
+def _workers_of(events: list[dict]) -> set[str]:
+    return {m.group(1) for e in events if (m := re.search(r"worker (\d+)", e["reason"]))}
+
+
+def test_two_workers_follow_a_promotion_and_refuse_a_contract_change(two_workers: Served) -> None:
+    served = two_workers
+    assert len(served.log_lines("following @production of tumor", timeout_s=60)) == 2
+    _breastscan(served, "promote", "tumor", "--version", "2", "--to", "production", "--reason", "v2 live")
+    swaps = _wait_events(served, "swap", 2)
+    assert len(swaps) == 2 and len(_workers_of(swaps)) == 2, swaps  # each worker swapped, once
+    assert set(_versions_answered(served)) == {"2"}
+    assert _swaps(served) == 2.0
+
+    # v3 answers two classes where v1 and v2 answer three: its contract is not the endpoint's
+    _cli(served.env, sys.executable, "-c", "from pathlib import Path; from tests.services.make_registry "
+         f"import register_version; print(register_version(Path({str(served.root)!r}), 'tumor', "
+         "{'macro_auc': 0.9, 'accuracy': 0.8}, classes=('benign', 'malignant'), "
+         "class_names=('benign', 'malignant')))")
+    _breastscan(served, "promote", "tumor", "--version", "3", "--to", "production", "--reason", "two classes")
+    refusals = _wait_events(served, "swap_refused", 2)
+    assert len(refusals) == 2 and len(_workers_of(refusals)) == 2, refusals
+    assert all(e["from_version"] == 2 and e["to_version"] == 3 and "still serving v2" in e["reason"]
+               for e in refusals), refusals
+    assert len(served.log_lines("tumor v3 (now @production) not served")) == 2
+    time.sleep(2 * POLL_S)  # refused once: the next polls neither retry nor log it again
+    assert len(served.log_lines("tumor v3 (now @production) not served")) == 2
+    assert set(_versions_answered(served)) == {"2"}
+    text = httpx.get(f"{served.http_url}/metrics", timeout=10).text
+    assert re.search(r'^breastscan_model_swaps_total\{[^}]*outcome="refused"[^}]*\} 2\.0$', text, re.M), \
+        [line for line in text.splitlines() if "swaps_total" in line]
+    assert [m["version"] for m in HTTPClient(served.http_url).models()] == ["2"]
+    assert "status=5" not in served.log_text()

@@ -18,6 +18,13 @@ export DO_NOT_TRACK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
+# The BentoML home (model store, built Bentos) of this checkout: .bentoml/ here (git-ignored),
+# not the user's ~/bentoml, which every checkout shares -- `make serve` and `make
+# bench-serving` serve what the store holds, so a shared one would serve and measure the models
+# another checkout imported. BENTOML_HOME=... in the environment or on the command line wins.
+BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_HOME
+
 .PHONY: demo test browser install install-gpu data lint clean help mlflow-ui serve bento proto load bench-serving bench-quality
 
 help:  ## list targets
@@ -35,10 +42,13 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)  ## create .venv (if missing) and install the project
 
 # The CUDA build of TensorFlow replaces the CPU one (both provide the `tensorflow` module).
-install-gpu: $(STAMP)  ## on an NVIDIA machine: swap tensorflow-cpu for tensorflow[and-cuda] (same version)
-	$(BIN)/uv pip uninstall -q --python $(BIN)/python tensorflow-cpu
-	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode "tensorflow[and-cuda]==2.21.0"
+# onnxruntime-gpu's newest build is 1.31.1 (the CPU wheel is 1.32.0); both provide the module.
+install-gpu: $(STAMP)  ## on an NVIDIA machine: tensorflow[and-cuda] for tensorflow-cpu, onnxruntime-gpu for onnxruntime
+	$(BIN)/uv pip uninstall -q --python $(BIN)/python tensorflow-cpu onnxruntime
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode "tensorflow[and-cuda]==2.21.0" \
+	  "onnxruntime-gpu==1.31.1"
 	$(BIN)/python -c "import tensorflow as tf; print('GPUs:', tf.config.list_physical_devices('GPU'))"
+	$(BIN)/python -c "import onnxruntime as ort; print('ONNX Runtime providers:', ort.get_available_providers())"
 
 data: $(STAMP)  ## fetch the demo data from the in-repo DVC remote
 	$(BIN)/dvc pull --quiet data.dvc
@@ -106,11 +116,11 @@ mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs and registe
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)}"
 
-serve: $(STAMP)  ## serve the production models: HTTP + web UI on 127.0.0.1:3000 (/ui), gRPC on :50051
+serve: $(STAMP)  ## import the production models into $BENTOML_HOME (default .bentoml/) and serve them: HTTP + web UI on 127.0.0.1:3000 (/ui), gRPC on :50051
 	$(BIN)/breastscan import-models
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/bentoml serve services.service:BreastScan --host 127.0.0.1 --port 3000
 
-bento: $(STAMP)  ## import the production models and build the Bento (then: bentoml containerize breastscan:latest)
+bento: $(STAMP)  ## import the production models and build the Bento, in $BENTOML_HOME (default .bentoml/; then: BENTOML_HOME=$PWD/.bentoml bentoml containerize breastscan:latest)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/breastscan build
 
 load: $(STAMP)  ## Locust, headless, 60 s against a running `make serve`; CSV + HTML in reports/load/

@@ -4,6 +4,8 @@ the registry and the service share.
 On disk a bundle is a directory::
 
     model.keras        the Keras model (logits out: "logits" or "mask_logits")
+    model.onnx         optional: its forward pass exported and checked (breastscan.exported),
+    export.json        which the service and ``breastscan predict`` run without TensorFlow
     preprocess.json    the PreprocessSpec used in training (breastscan.imaging.preprocessing)
     contract.json      ModelContract: task, label, classes, class names, input shape,
                        calibration temperature, decision rule, mask threshold, spec id
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from breastscan.decision import DecisionRule
+from breastscan.exported import EXPORT_FILE, ONNX_FILE, OnnxModel, choose_runtime, read_export
 from breastscan.imaging.preprocessing import Letterbox, PreprocessSpec, preprocess_image
 
 if TYPE_CHECKING:  # keras is imported lazily: reading a contract must stay cheap
@@ -217,21 +221,26 @@ def _roi_facts(roi: Any) -> dict[str, Any]:
 
 @dataclass
 class ModelBundle:
-    """A Keras model with its preprocessing spec and contract.
+    """A model with its preprocessing spec and contract.
 
     Attributes:
         model: maps ``(batch, H, W, 1)`` float32 in [0, 1] to logits: ``(batch, k)`` for
-            a classifier, ``(batch, H, W, 1)`` for a segmenter.
+            a classifier, ``(batch, H, W, 1)`` for a segmenter. A Keras model, or the
+            bundle's checked export in ONNX Runtime (:class:`breastscan.exported.OnnxModel`,
+            ``load(..., runtime="onnx"|"auto")``), which answers the same.
         spec: the preprocessing applied to every input.
         contract: classes, calibration and threshold.
         reference: the drift-monitoring reference (``reference.json``, see
             :func:`breastscan.monitoring.drift.model_reference`), or ``None`` (older bundles).
+        source: the directory it was loaded from (``None`` for a bundle built in memory);
+            :meth:`keras_model` reads the Keras model there when :attr:`model` is an export.
     """
 
-    model: keras.Model
+    model: keras.Model | OnnxModel
     spec: PreprocessSpec
     contract: ModelContract
     reference: dict[str, Any] | None = None
+    source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.contract.spec_id and self.contract.spec_id != self.spec.spec_id:
@@ -247,7 +256,11 @@ class ModelBundle:
         when the bundle has one) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save(directory / MODEL_FILE)
+        if isinstance(self.model, OnnxModel):  # an export runs it: the files it was read from
+            for name in (MODEL_FILE, ONNX_FILE, EXPORT_FILE):
+                shutil.copyfile(self._source() / name, directory / name)
+        else:
+            self.model.save(directory / MODEL_FILE)
         self.spec.save(directory)
         write_contract(self.contract, directory)
         if self.reference is not None:
@@ -255,23 +268,57 @@ class ModelBundle:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, compile: bool = False) -> ModelBundle:
+    def load(cls, directory: str | Path, *, compile: bool = False, runtime: str = "keras") -> ModelBundle:
         """Read a bundle written by :meth:`save`.
+
+        Args:
+            directory: the bundle.
+            compile: compile the Keras model (training resumes).
+            runtime: ``keras`` (TensorFlow), ``onnx`` (the bundle's checked export, without
+                importing TensorFlow) or ``auto`` (the export when there is one); see
+                :func:`breastscan.exported.choose_runtime`.
 
         Raises:
             FileNotFoundError: a bundle file is missing.
-            ValueError: the contract and the spec disagree.
+            ValueError: the contract and the spec disagree, or ``onnx`` without an export.
         """
-        import keras
-
-        import breastscan.models  # noqa: F401  (registers custom layers, losses, metrics)
-
         directory = Path(directory)
         if not (directory / MODEL_FILE).is_file():
             raise FileNotFoundError(f"no {MODEL_FILE} in {directory}")
-        model = keras.models.load_model(directory / MODEL_FILE, compile=compile)
-        return cls(model=model, spec=PreprocessSpec.load(directory), contract=read_contract(directory),
-                   reference=read_reference(directory))
+        contract = read_contract(directory)
+        model: keras.Model | OnnxModel
+        if choose_runtime(directory, runtime) == "onnx":
+            info = read_export(directory)
+            if info is not None and info.tta != contract.tta:
+                raise ValueError(f"model {contract.name}: its export runs tta {info.tta!r}, its contract "
+                                 f"{contract.tta!r}; export it again")
+            model = OnnxModel(directory / ONNX_FILE)
+        else:
+            model = _load_keras(directory, compile=compile)
+        return cls(model=model, spec=PreprocessSpec.load(directory), contract=contract,
+                   reference=read_reference(directory), source=directory)
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` when its export runs it, else ``keras``."""
+        return "onnx" if isinstance(self.model, OnnxModel) else "keras"
+
+    def keras_model(self) -> keras.Model:
+        """The Keras model (read from :attr:`source` when an export runs the bundle; Grad-CAM
+        needs it). A multi-task bundle's view gives its view's output."""
+        if not isinstance(self.model, OnnxModel):
+            return self.model
+        model = _load_keras(self._source())
+        if self.model.output is not None:
+            from breastscan.models.multitask import output_model
+
+            model = output_model(model, self.model.output)
+        return model
+
+    def _source(self) -> Path:
+        if self.source is None:
+            raise ValueError(f"model {self.contract.name}: an exported bundle without its directory")
+        return self.source
 
     def with_temperature(self, temperature: float) -> ModelBundle:
         """The same bundle with a new calibration temperature (> 0)."""
@@ -292,10 +339,12 @@ class ModelBundle:
         """
         if self.contract.task != "multitask":
             return self
+        output = "logits" if task == "classification" else "mask_logits"
+        if isinstance(self.model, OnnxModel):
+            return replace(self, model=self.model.view(output), contract=self.contract.view(task))
         from breastscan.models.multitask import output_model
 
-        model = output_model(self.model, "logits" if task == "classification" else "mask_logits")
-        return replace(self, model=model, contract=self.contract.view(task))
+        return replace(self, model=output_model(self.model, output), contract=self.contract.view(task))
 
     # ------------------------------------------------------------------ inference
     def prepare(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Letterbox]]:
@@ -367,7 +416,17 @@ class ModelBundle:
 _INFERENCE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def inference_function(model: keras.Model, input_shape: tuple[int, ...], tta: str = "none") -> Any:
+def _load_keras(directory: Path, *, compile: bool = False) -> keras.Model:
+    """``model.keras`` of a bundle directory, its custom layers registered."""
+    import keras
+
+    import breastscan.models  # noqa: F401  (registers custom layers, losses, metrics)
+
+    return keras.models.load_model(directory / MODEL_FILE, compile=compile)
+
+
+def inference_function(model: keras.Model | OnnxModel, input_shape: tuple[int, ...],
+                       tta: str = "none") -> Any:
     """The model's forward pass (``training=False``) as one graph for every batch size.
 
     Keras' ``predict_on_batch`` traces its function again for each batch size it has not
@@ -378,7 +437,9 @@ def inference_function(model: keras.Model, input_shape: tuple[int, ...], tta: st
     same values for the same batch.
 
     Args:
-        model: a Keras model taking ``(n, *input_shape)`` float32.
+        model: a Keras model taking ``(n, *input_shape)`` float32, or an exported one
+            (:class:`~breastscan.exported.OnnxModel`: returned as it is, since the export is
+            this function's graph with the contract's ``tta`` built in).
         input_shape: one input's shape, e.g. ``(H, W, 1)``.
         tta: ``none``, or ``flip``: the mean of the outputs of the batch and of its left-right
             mirror (4-D outputs, masks, are mirrored back first), in the same graph.
@@ -386,6 +447,8 @@ def inference_function(model: keras.Model, input_shape: tuple[int, ...], tta: st
     Returns:
         A callable ``(n, *input_shape) float32 -> tf.Tensor`` of the model's outputs.
     """
+    if isinstance(model, OnnxModel):  # the exported graph has the flips of its contract built in
+        return model
     fns = _INFERENCE.setdefault(model, {})
     fn = fns.get(tta)
     if fn is None:

@@ -488,18 +488,33 @@ def import_models(model_names: tuple[str, ...], stage: str | None, serving_confi
 @click.option("--bentofile", type=click.Path(path_type=Path, exists=True),
               default=Path("services/bentofile.yaml"), show_default=True)
 @click.option("--version", "bento_version", default=None, help="Bento version (default: BentoML's)")
-def build(serving_config: Path, bentofile: Path, bento_version: str | None) -> None:
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
+              help="auto: without TensorFlow when every packed model carries a checked ONNX export")
+def build(serving_config: Path, bentofile: Path, bento_version: str | None, runtime: str) -> None:
     """Import the production models into the BentoML store, then `bentoml build` the service."""
     import subprocess
+    import tempfile
+
+    from breastscan.serving.bento import bento_runtime, write_bentofile
+    from breastscan.serving.config import load_serving_config
+    from breastscan.serving.store import stored_runtimes
 
     ctx = click.get_current_context()
     ctx.invoke(import_models, model_names=(), stage=None, serving_config=serving_config,
                params=Path("params.yaml"))
-    cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "."]
-    if bento_version:
-        cmd[4:4] = ["--version", bento_version]
-    log.info("%s", " ".join(cmd))
-    done = subprocess.run(cmd, check=False)
+    runtimes = stored_runtimes(load_serving_config(serving_config).stage)
+    try:
+        chosen = bento_runtime(runtime, runtimes)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Bento runtime: {chosen} ({', '.join(f'{n}: {r}' for n, r in runtimes.items())})")
+    with tempfile.TemporaryDirectory(prefix="breastscan-bentofile-") as tmp:
+        used = write_bentofile(bentofile, chosen, Path(tmp))
+        cmd = [sys.executable, "-m", "bentoml", "build", "-f", str(used), "."]
+        if bento_version:
+            cmd[4:4] = ["--version", bento_version]
+        log.info("%s", " ".join(cmd))
+        done = subprocess.run(cmd, check=False)
     if done.returncode:
         raise click.ClickException(f"bentoml build failed (exit {done.returncode})")
 
@@ -698,8 +713,10 @@ def api_key_add(label: str, serving_config: Path, keys_file: Path | None) -> Non
 @click.option("--dicom", "write_dicom", is_flag=True,
               help="also write a DICOM SEG / SR per DICOM input, under OUT/dicom/")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="progress bar on stderr")
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
+              help="auto: the version's checked ONNX export when it has one (no TensorFlow), else Keras")
 def predict_command(source: Path, model_ref: str, out: Path, batch_size: int, limit: int | None,
-                    write_dicom: bool, progress: bool) -> None:
+                    write_dicom: bool, progress: bool, runtime: str) -> None:
     """Run a registered model over INPUT, in process, exactly as the service answers each file.
 
     \b
@@ -727,8 +744,8 @@ def predict_command(source: Path, model_ref: str, out: Path, batch_size: int, li
         raise click.ClickException(f"no image in {source}")
     tracking.configure(Path.cwd())
     try:
-        model = batch.load_model(model_ref)
-    except resolver.RegistryError as exc:
+        model = batch.load_model(model_ref, runtime=runtime)
+    except (resolver.RegistryError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     engine = batch.batch_engine(model, batch_size)
     served = engine.select(model.name)
@@ -743,7 +760,7 @@ def predict_command(source: Path, model_ref: str, out: Path, batch_size: int, li
                    "to continue", err=True)
         sys.exit(130)
     stage = f"@{model.stage}" if model.stage else "(pinned)"
-    click.echo(f"{served.contract.name} v{model.version} {stage}: {summary.line()}")
+    click.echo(f"{served.contract.name} v{model.version} {stage} ({model.bundle.runtime}): {summary.line()}")
     click.echo(f"results: {out / batch.PREDICTIONS_CSV}, {batch.PREDICTIONS_JSONL}, {batch.ERRORS_CSV}")
     if write_dicom:
         click.echo(f"DICOM results: {summary.dicom_files} files under {out / 'dicom'}")

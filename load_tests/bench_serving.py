@@ -8,7 +8,9 @@ markdown table (printed, and written to ``reports/serving_benchmark.md``):
    PNG bytes in, the answer's JSON out (decode and preprocess on one thread per core,
    overlapped with the batched model call, then each answer), at each batch size; its
    best is the limit the served numbers are held to, and best / batch 1 the headroom
-   adaptive batching can at most capture.
+   adaptive batching can at most capture. For each model whose bundle carries a checked
+   ONNX export, the model call run by Keras and by ONNX Runtime side by side
+   (:func:`runtime_comparison`).
 2. **Served throughput and latency** -- ``bentoml serve services.service:BreastScan`` with
    the serving config as it is (adaptive batching on), then again with a copy that sets
    ``batching.enabled: false``. For each: closed-loop load over HTTP (``POST /<endpoint>``,
@@ -27,7 +29,14 @@ markdown table (printed, and written to ``reports/serving_benchmark.md``):
    the run exits non-zero, after writing its report, when one does not).
 4. **Cold start and memory** -- process start to ``/readyz`` 200 and to gRPC ``SERVING``;
    resident memory (RSS) of every server process, idle after start and after the load.
-5. **Ratios and targets** at concurrency 32 (:func:`ratios_and_targets`).
+5. **Served runtimes** -- the service again, once with a copy of the serving config that sets
+   ``runtime: keras`` (TensorFlow) and once ``runtime: onnx`` (every model's checked ONNX
+   export, no TensorFlow in the worker): cold start, RSS idle and after the load, what
+   ``/models`` says runs each model, and HTTP closed loop at concurrency 1 and 32 on
+   ``/density`` and ``/tumor`` (those served) (:func:`served_runtimes`; ``--no-served-runtimes``
+   skips it). A server that refuses to start (``onnx`` with a model lacking an export) is
+   recorded with its error.
+6. **Ratios and targets** at concurrency 32 (:func:`ratios_and_targets`).
 
 The load generator (asyncio: ``aiohttp`` for HTTP, ``grpc.aio`` for gRPC) runs in this
 process, the servers in their own processes, the in-process measurement in a child
@@ -37,14 +46,23 @@ records (CPU per process) and the table notes say.
 
 Run (``make bench-serving``)::
 
-    .venv/bin/python load_tests/bench_serving.py            # full run, ~13 min on 2 cores
-    .venv/bin/python load_tests/bench_serving.py --quick    # ~4 min smoke run
+    .venv/bin/python load_tests/bench_serving.py            # full run, ~16 min on 2 cores
+    .venv/bin/python load_tests/bench_serving.py --quick    # ~5 min smoke run
 
 By default the models are the project's production models: ``breastscan import-models``
 copies them from the MLflow registry (``mlflow.db``, trained and promoted by ``make
-demo``) into the BentoML store (``$BENTOML_HOME``, default ``~/bentoml``), as ``make
-serve`` does. ``--tracking-uri`` / ``--bentoml-home`` point at another registry and store
-(e.g. the tiny models of the service tests); ``--no-import`` serves what the store holds.
+demo``) into the checkout's own BentoML store (``$BENTOML_HOME``, else ``.bentoml/`` at
+the repository root, as ``make`` sets it: :func:`default_bentoml_home`), as ``make serve``
+does. ``--tracking-uri`` / ``--bentoml-home`` point at another registry and store (e.g. the
+tiny models of the service tests); ``--no-import`` serves what the store holds. The run
+stops before measuring anything when a model it would serve is not the registry's version
+at the stage (:func:`foreign_models`: imported from another checkout's registry, or one the
+registry does not hold at all); ``--allow-foreign-models`` measures them anyway, with a
+warning in the log and the report.
+
+``--runtimes-of DIR`` (repeatable) measures only :func:`runtime_comparison` -- Keras
+against the bundle's ONNX export (``ModelBundle.load(dir, runtime=...)``), in this
+process -- on bundle directories, and prints its table.
 """
 
 from __future__ import annotations
@@ -62,14 +80,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import yaml
+from click.core import ParameterSource
 from harness import LaunchedService, ServiceStartError, launch_service  # load_tests/harness.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +97,33 @@ BIN = Path(sys.executable).parent
 log = logging.getLogger("breastscan.bench")
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+RUNTIME_BATCH_SIZES = (1, 8, 32, 64)
+"""Batch sizes of the Keras / ONNX Runtime comparison (:func:`runtime_comparison`)."""
+RUNTIME_TARGETS = {"batch_1": 5.0, "best": 2.0}
+"""ONNX Runtime over Keras images/s a model must reach: at batch 1, and best over best."""
+BENTOML_HOME_DIR = ".bentoml"
+"""The checkout's own BentoML home (git-ignored), as the Makefile sets ``BENTOML_HOME``."""
 MODEL_MODALITY = {"density": "mammography", "tumor": "mammography", "lesion": "ultrasound"}
 REF_CONCURRENCY = 32
 """The concurrency the ratios and targets are read at."""
+SERVED_RUNTIMES = ("keras", "onnx")
+"""The serving config's ``runtime`` values :func:`served_runtimes` serves side by side."""
+SERVED_RUNTIME_ENDPOINTS = ("density", "tumor")
+"""The endpoints (when served) whose HTTP throughput :func:`served_runtimes` measures."""
+SERVED_RUNTIME_CONCURRENCY = (1, REF_CONCURRENCY)
+"""The closed-loop concurrencies of :func:`served_runtimes`."""
+SERVED_ONNX_TARGETS = {"cold_start_s": 5.0, "rss_mb_idle": 350.0}
+"""The ONNX-run service's cold start to ``/readyz`` (s) and idle RSS per worker (MiB), at most."""
+SERVED_ONNX_OVER_KERAS = {"density": 1.5, "tumor": 1.1}
+"""HTTP req/s of the ONNX-run service over the TensorFlow-run one, at least, per endpoint."""
 SHARED_CORES_NOTE = ("load generator, server and the in-process measurement "
                      "share this machine's {cores} CPU cores: the load generator's own CPU (column "
                      "'loadgen CPU') is taken from the server, so served numbers are a lower bound of "
                      "what the server does on cores of its own")
+SERVED_RUNTIMES_NOTE = ("served runtimes: the service again, with a copy of the serving config whose "
+                        "runtime is keras (TensorFlow), then one whose runtime is onnx (no TensorFlow in the "
+                        "worker; a model without a checked export stops it from starting), other settings as "
+                        "configured; HTTP closed loop only; RSS per worker is the largest worker process's")
 
 
 # =========================================================================== settings
@@ -169,6 +209,113 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+# =========================================================================== stores
+
+
+def default_bentoml_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The BentoML home (model store and Bentos) the benchmark serves from by default.
+
+    ``$BENTOML_HOME`` when set (``make`` sets it to the checkout's ``.bentoml/`` unless the
+    user did), else the checkout's own ``.bentoml/`` too -- never the user's ``~/bentoml``,
+    which every checkout shares, so that a benchmark measures the models of this checkout's
+    registry and no other's.
+    """
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("BENTOML_HOME") or REPO / BENTOML_HOME_DIR)
+
+
+def store_provenance(models: Sequence[str], stage: str, tracking_uri: str) -> dict[str, dict[str, Any]]:
+    """Where each model the benchmark would serve came from, and what the registry holds now.
+
+    Reads the newest ``breastscan-<model>`` of the BentoML store (``$BENTOML_HOME``, set
+    before ``bentoml`` is imported), the one the service loads, and the version holding
+    ``@stage`` in the registry at ``tracking_uri`` (a missing SQLite file is an empty
+    registry, and is not created).
+
+    Returns:
+        ``{model: {"tag", "stored_version", "stored_run", "registry_version",
+        "registry_run"}}`` (``None`` where unknown or absent).
+    """
+    import bentoml
+
+    from breastscan.serving.store import LABEL_VERSION, store_name
+
+    client = None
+    sqlite_file = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
+    if sqlite_file is None or Path(sqlite_file).is_file():
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    out: dict[str, dict[str, Any]] = {}
+    for name in models:
+        stored = bentoml.models.get(f"{store_name(name)}:latest")
+        held = None
+        if client is not None:
+            from breastscan.registry.resolver import alias_holder
+
+            held = alias_holder(client, store_name(name), stage)
+        out[name] = {"tag": str(stored.tag), "stored_version": (stored.info.labels or {}).get(LABEL_VERSION),
+                     "stored_run": stored.info.metadata.get("run_id") or None,
+                     "registry_version": None if held is None else str(held.version),
+                     "registry_run": None if held is None else held.run_id or None}
+    return out
+
+
+def foreign_models(provenance: Mapping[str, Mapping[str, Any]], stage: str) -> list[str]:
+    """The models of :func:`store_provenance` that are not the registry's version at ``stage``.
+
+    A stored model is the registry's when the registry holds ``breastscan-<model>@<stage>``
+    and the stored copy records that version and its training run (the same version number
+    in another registry is another model).
+
+    Returns:
+        One line per foreign model, saying what the store and the registry hold; empty when
+        every one is the registry's.
+    """
+    lines = []
+    for name, p in provenance.items():
+        stored = f"{p['tag']} (registry v{p['stored_version']}, run {p['stored_run']})"
+        if p["registry_version"] is None:
+            lines.append(f"{name}: the store holds {stored}, the registry has no breastscan-{name}@{stage}")
+        elif (p["stored_version"], p["stored_run"]) != (p["registry_version"], p["registry_run"]):
+            lines.append(f"{name}: the store holds {stored}, the registry's @{stage} is "
+                         f"v{p['registry_version']} of run {p['registry_run']}")
+    return lines
+
+
+def checked_store(models: Sequence[str], stage: str, bentoml_home: Path, tracking_uri: str,
+                  allow_foreign: bool) -> dict[str, Any]:
+    """The report's ``stores`` block; stops the run when the store serves foreign models.
+
+    Args:
+        models: the models the benchmark would serve.
+        stage: the registry stage they are served at.
+        bentoml_home: the BentoML home (already ``$BENTOML_HOME`` of this process).
+        tracking_uri: the registry the models should come from.
+        allow_foreign: warn (in the log and the report) instead of stopping.
+
+    Returns:
+        ``{"bentoml_home", "tracking_uri", "provenance"`` (:func:`store_provenance`),
+        ``"foreign_models"`` (:func:`foreign_models`)``}``.
+
+    Raises:
+        click.ClickException: a model is foreign and ``allow_foreign`` is false.
+    """
+    provenance = store_provenance(models, stage, tracking_uri)
+    foreign = foreign_models(provenance, stage)
+    if foreign and not allow_foreign:
+        raise click.ClickException(
+            f"the BentoML store {bentoml_home} serves models that are not the registry's ({tracking_uri}) "
+            f"version at @{stage}:\n  " + "\n  ".join(foreign) + "\nThe benchmark would measure them. Use a "
+            f"store of this checkout's own (--bentoml-home; default $BENTOML_HOME, else "
+            f"{REPO / BENTOML_HOME_DIR}), remove them from it (bentoml models delete <tag>), or pass "
+            "--allow-foreign-models to measure them anyway.")
+    for line in foreign:
+        log.warning("FOREIGN MODEL measured (--allow-foreign-models): %s", line)
+    return {"bentoml_home": str(bentoml_home), "tracking_uri": tracking_uri, "provenance": provenance,
+            "foreign_models": foreign}
+
+
 # =========================================================================== payloads
 
 
@@ -215,34 +362,20 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
                                           "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
                            "models": {}}
     rng = np.random.default_rng(0)
+    paths: dict[str, Path] = {}
     for name in models:
         stored = bentoml.models.get(f"{store_name(name)}:latest")
+        paths[name] = Path(stored.path)
         bundle = ModelBundle.load(stored.path)
         shape = tuple(bundle.contract.input_shape)
         labels = dict(stored.info.labels or {})
         by_size: dict[str, Any] = {}
         for bs in BATCH_SIZES:
             batch = rng.random((bs, *shape), dtype=np.float32)
-            for _ in range(3):
-                bundle.predict(batch)
-            t0 = time.perf_counter()
-            bundle.predict(batch)
-            one_call = max(time.perf_counter() - t0, 1e-5)
-            calls = max(2, int(np.ceil(settings.inprocess_min_s / one_call)))
-            rates, call_ms = [], []
-            for _ in range(settings.inprocess_repeats):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    bundle.predict(batch)
-                elapsed = time.perf_counter() - t0
-                rates.append(calls * bs / elapsed)
-                call_ms.append(1000 * elapsed / calls)
-            by_size[str(bs)] = {"images_per_s_median": round(statistics.median(rates), 1),
-                                "images_per_s_repeats": [round(r, 1) for r in rates],
-                                "call_ms_median": round(statistics.median(call_ms), 3),
-                                "calls_per_repeat": calls}
+            by_size[str(bs)] = timed_rates({"keras": partial(bundle.predict, batch)}, bs,
+                                           settings.inprocess_repeats, settings.inprocess_min_s)["keras"]
             log.info("in process: %s batch %d: %.0f images/s (%.2f ms/call)", name, bs,
-                     statistics.median(rates), statistics.median(call_ms))
+                     by_size[str(bs)]["images_per_s_median"], by_size[str(bs)]["call_ms_median"])
         best = max(by_size, key=lambda k: by_size[k]["images_per_s_median"])
         if name == settings.endpoint:
             out["request_path"] = request_path(name, bundle, settings)
@@ -252,7 +385,175 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
             "stage": labels.get(LABEL_STAGE), "input_shape": list(shape), "by_batch_size": by_size,
             "best": {"batch_size": int(best), "images_per_s_median": by_size[best]["images_per_s_median"]},
         }
+    out["runtimes"] = runtime_comparison(paths, settings)
     return out
+
+
+def timed_rates(calls: Mapping[str, Callable[[], Any]], images: int, repeats: int,
+                min_s: float) -> dict[str, dict[str, Any]]:
+    """Images/s of each callable, its timed loops run in alternation (A/B, in this process).
+
+    Each callable is warmed up (3 calls: tracing, caches), then its calls per loop are set so
+    that one loop lasts at least ``min_s``. Then ``repeats`` rounds each time one loop of
+    every callable, in the given order in even rounds and reversed in odd ones (ABBA), so a
+    drift of the machine's load over the run falls on all of them alike.
+
+    Args:
+        calls: ``{label: callable}``; each call processes ``images`` images.
+        images: images per call (the batch size).
+        repeats: timed loops per callable.
+        min_s: least seconds of one loop.
+
+    Returns:
+        ``{label: {"images_per_s_median", "images_per_s_repeats", "call_ms_median",
+        "calls_per_repeat"}}``.
+    """
+    per_loop: dict[str, int] = {}
+    for label, call in calls.items():
+        for _ in range(3):
+            call()
+        t0 = time.perf_counter()
+        call()
+        per_loop[label] = max(2, int(np.ceil(min_s / max(time.perf_counter() - t0, 1e-5))))
+    seconds: dict[str, list[float]] = {label: [] for label in calls}
+    labels = list(calls)
+    for r in range(repeats):
+        for label in labels if r % 2 == 0 else labels[::-1]:
+            call, n = calls[label], per_loop[label]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call()
+            seconds[label].append(time.perf_counter() - t0)
+    out = {}
+    for label, spans in seconds.items():
+        n = per_loop[label]
+        rates = [n * images / s for s in spans]
+        out[label] = {"images_per_s_median": round(statistics.median(rates), 1),
+                      "images_per_s_repeats": [round(r, 1) for r in rates],
+                      "call_ms_median": round(1000 * statistics.median(spans) / n, 3), "calls_per_repeat": n}
+    return out
+
+
+def tensorflow_threads() -> dict[str, int]:
+    """TensorFlow's intra-op threads as configured (0: its default) and as they run.
+
+    The setting is ``tf.config.threading``'s, else ``$TF_NUM_INTRAOP_THREADS`` (which
+    TensorFlow reads itself); its default (0) is one thread per core this process may use.
+    The count that runs is the one ONNX Runtime is given.
+    """
+    import tensorflow as tf
+
+    configured = (tf.config.threading.get_intra_op_parallelism_threads()
+                  or int(os.environ.get("TF_NUM_INTRAOP_THREADS") or 0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"intra_op_configured": configured, "intra_op": configured or cores}
+
+
+def runtime_comparison(bundles: Mapping[str, Path], settings: Settings,
+                       batch_sizes: Sequence[int] = RUNTIME_BATCH_SIZES) -> dict[str, Any]:
+    """Keras against ONNX Runtime on each bundle that carries a checked export, in this process.
+
+    Each bundle is loaded twice, ``ModelBundle.load(dir, runtime="keras")`` and
+    ``runtime="onnx"`` (the export given as many intra-op threads as TensorFlow has,
+    :func:`tensorflow_threads`), and ``ModelBundle.predict`` of the same random batch is
+    timed for both, interleaved (:func:`timed_rates`), at each of ``batch_sizes`` (must
+    include 1). A bundle without a checked export (``model.onnx`` and ``export.json`` that
+    passed) is listed under ``without_export``.
+
+    Returns:
+        ``{"threads", "onnxruntime", "providers", "tensorflow_devices", "batch_sizes",
+        "models": {name: :func:`compare_runtimes`' block plus the export's facts},
+        "without_export": {name: reason}}``.
+    """
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from breastscan.bundle import ModelBundle
+    from breastscan.exported import ONNX_FILE, OnnxModel, providers, read_export
+
+    threads = tensorflow_threads()
+    out: dict[str, Any] = {
+        "threads": {"tensorflow_intra_op": threads["intra_op_configured"],
+                    "onnxruntime_intra_op": threads["intra_op"]},
+        "onnxruntime": ort.__version__, "providers": providers(),
+        "tensorflow_devices": [d.name for d in tf.config.list_logical_devices()],
+        "batch_sizes": list(batch_sizes), "models": {}, "without_export": {}}
+    for name, directory in bundles.items():
+        info = read_export(directory)
+        if info is None or not info.passed:
+            out["without_export"][name] = ("no model.onnx + export.json" if info is None
+                                           else "its export failed the equivalence check")
+            log.info("runtimes: %s has no checked ONNX export (%s)", name, directory)
+            continue
+        keras_bundle = ModelBundle.load(directory, runtime="keras")
+        onnx_bundle = ModelBundle.load(directory, runtime="onnx")
+        onnx_bundle = dataclasses.replace(onnx_bundle, model=OnnxModel(Path(directory) / ONNX_FILE,
+                                                                       threads=threads["intra_op"]))
+        block = compare_runtimes(name, keras_bundle, onnx_bundle, settings, batch_sizes)
+        export = {"opset": info.opset, "converter": info.converter, "tta": info.tta}
+        out["models"][name] = {"path": str(directory), "export": export, **block}
+    return out
+
+
+def compare_runtimes(name: str, keras_bundle: Any, onnx_bundle: Any, settings: Settings,
+                     batch_sizes: Sequence[int] = RUNTIME_BATCH_SIZES, seed: int = 0) -> dict[str, Any]:
+    """``predict`` images/s of two loadings of one bundle at each batch size, interleaved.
+
+    Returns:
+        ``{"input_shape", "max_abs_difference"`` (largest difference of the two runtimes'
+        outputs on the first batch of 8 or more; probabilities in [0, 1]),
+        ``"by_batch_size": {"<bs>": {"keras": ..., "onnx": ..., "onnx_over_keras"}}``, and
+        :func:`runtime_verdict`'s ``best``, ``ratios`` and ``targets``.
+    """
+    shape = tuple(keras_bundle.contract.input_shape)
+    rng = np.random.default_rng(seed)
+    by_size: dict[str, Any] = {}
+    difference = None
+    for bs in batch_sizes:
+        batch = rng.random((bs, *shape), dtype=np.float32)
+        if difference is None and (bs >= 8 or bs == batch_sizes[-1]):
+            difference = _max_difference(keras_bundle.predict(batch), onnx_bundle.predict(batch))
+        rates = timed_rates({"keras": partial(keras_bundle.predict, batch),
+                             "onnx": partial(onnx_bundle.predict, batch)},
+                            bs, settings.inprocess_repeats, settings.inprocess_min_s)
+        ratio = rates["onnx"]["images_per_s_median"] / rates["keras"]["images_per_s_median"]
+        by_size[str(bs)] = {**rates, "onnx_over_keras": round(ratio, 3)}
+        log.info("runtimes: %s batch %d: keras %.0f, onnx %.0f images/s (onnx / keras %.2f)", name, bs,
+                 rates["keras"]["images_per_s_median"], rates["onnx"]["images_per_s_median"], ratio)
+    return {"input_shape": list(shape), "max_abs_difference": difference, "by_batch_size": by_size,
+            **runtime_verdict(by_size)}
+
+
+def _max_difference(a: Any, b: Any) -> float:
+    """Largest absolute difference of two ``predict`` outputs (arrays, or dicts of them)."""
+    if isinstance(a, dict):
+        return max(_max_difference(a[k], b[k]) for k in a)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def runtime_verdict(by_size: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each runtime's best batch size, the ratios ONNX / Keras and their targets.
+
+    Args:
+        by_size: ``{"<bs>": {"keras": {"images_per_s_median"}, "onnx": {...}}}``, with ``"1"``.
+
+    Returns:
+        ``{"best": {runtime: {"batch_size", "images_per_s_median"}}, "ratios": {"batch_1",
+        "best"}, "targets": {"onnx_over_keras_batch_1", "onnx_over_keras_best"}}``: ``batch_1``
+        is ONNX over Keras at batch 1, ``best`` each runtime at its own best batch size; the
+        targets (:data:`RUNTIME_TARGETS`) each with value, threshold and ``met``.
+    """
+    best = {}
+    for runtime in ("keras", "onnx"):
+        size = max(by_size, key=lambda k: by_size[k][runtime]["images_per_s_median"])
+        best[runtime] = {"batch_size": int(size),
+                         "images_per_s_median": by_size[size][runtime]["images_per_s_median"]}
+    one = by_size["1"]
+    ratios = {"batch_1": one["onnx"]["images_per_s_median"] / one["keras"]["images_per_s_median"],
+              "best": best["onnx"]["images_per_s_median"] / best["keras"]["images_per_s_median"]}
+    targets = {f"onnx_over_keras_{key}": _target(value, ">=", RUNTIME_TARGETS[key])
+               for key, value in ratios.items()}
+    return {"best": best, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": targets}
 
 
 def request_path(name: str, bundle: Any, settings: Settings, n: int = 200) -> dict[str, Any]:
@@ -794,15 +1095,167 @@ def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], wor
             differences = answer_differences(posted_answer(peer.url, image), reference)
             if differences:
                 log.error("peer %s answers otherwise than the service: %s", label, "; ".join(differences))
-            gen = LoadGenerator(PeerTarget(peer), settings.endpoint, settings, route="predict")
-            asyncio.run(_warm(gen, "http"))
-            points = [asyncio.run(gen.closed_loop("http", c)) for c in (1, REF_CONCURRENCY)]
+            points = http_points(PeerTarget(peer), settings.endpoint, settings, (1, REF_CONCURRENCY),
+                                 route="predict")
             rss = round(sum(rss_mb(pid) or 0.0 for pid in peer.pids()), 1)
         out[label] = {"kind": kind, "workers": workers, "ready_s": ready_s, "rss_mb_after_load": rss,
                       "answer_differences": differences, "http": points}
         log.info("peer %s: %s", label, ", ".join(f"c={p['concurrency']} {p['throughput_rps']:.1f} req/s"
                                                 for p in points))
     return out
+
+
+def http_points(target: Any, endpoint: str, settings: Settings, concurrencies: Sequence[int],
+                route: str | None = None) -> list[dict[str, Any]]:
+    """Closed-loop HTTP points of ``endpoint`` on a running server, after a warm-up.
+
+    Args:
+        target: the server as :class:`LoadGenerator` sees one (``http_url``, ``cpu_seconds()``).
+        endpoint: the model whose payload images are posted.
+        settings: warm-up, duration and windows of each point.
+        concurrencies: the points, in this order.
+        route: the path posted to (default ``/<endpoint>``).
+
+    Returns:
+        :meth:`LoadGenerator.closed_loop`'s point at each concurrency.
+    """
+    gen = LoadGenerator(target, endpoint, settings, route=route)
+    asyncio.run(_warm(gen, "http"))
+    return [asyncio.run(gen.closed_loop("http", c)) for c in concurrencies]
+
+
+# =========================================================================== served runtimes
+
+
+def _runtime_copy(config: Path, workdir: Path, runtime: str) -> Path:
+    """A copy of the serving config ``config`` in ``workdir`` with ``runtime:`` set."""
+    raw = yaml.safe_load(config.read_text()) or {}
+    raw["runtime"] = runtime
+    return _config_copy(raw, workdir / f"serving-runtime-{runtime}.yaml")
+
+
+def served_runtimes(env: Mapping[str, str], config: Path, served: Mapping[str, Any], workdir: Path,
+                    settings: Settings) -> dict[str, Any]:
+    """The service run by each of :data:`SERVED_RUNTIMES`, one server after the other.
+
+    Each server is started as the benchmark's others are (:func:`start_server`), with a
+    copy of ``config`` whose ``runtime`` is set (:func:`_runtime_copy`) and without
+    ``$BREASTSCAN_RUNTIME`` (which would override the copy), and measured by
+    :func:`served_runtime` on the served ones of :data:`SERVED_RUNTIME_ENDPOINTS`.
+
+    Args:
+        env: the servers' environment.
+        config: the serving config the copies are made of.
+        served: that config settled (:func:`_config_dict`: ``models``, ``stage``).
+        workdir: where the copies and the server logs go.
+        settings: warm-up and duration of each load point.
+
+    Returns:
+        ``{"endpoints", "concurrency", "duration_s", "runtimes": {runtime: block}}``.
+    """
+    from breastscan.serving.config import RUNTIME_ENV
+
+    t0 = time.perf_counter()
+    if env.get(RUNTIME_ENV):
+        log.info("served runtimes: %s=%s is not passed on (the config copy's runtime holds)", RUNTIME_ENV,
+                 env[RUNTIME_ENV])
+    plain = {k: v for k, v in env.items() if k != RUNTIME_ENV}
+    endpoints = [e for e in SERVED_RUNTIME_ENDPOINTS if e in served["models"]]
+    runtimes = {}
+    for runtime in SERVED_RUNTIMES:
+        copy = _runtime_copy(config, workdir, runtime)
+        refusal = runtime_refusal(runtime, served["models"], served["stage"])
+        runtimes[runtime] = (served_runtime(runtime, plain, copy, workdir, settings, endpoints)
+                             if refusal is None else _refused(runtime, copy, refusal))
+    return {"endpoints": endpoints, "concurrency": list(SERVED_RUNTIME_CONCURRENCY),
+            "duration_s": round(time.perf_counter() - t0, 1), "runtimes": runtimes}
+
+
+def runtime_refusal(runtime: str, models: Sequence[str], stage: str) -> str | None:
+    """Why a worker would refuse to serve ``models`` on ``runtime``, or ``None``.
+
+    The worker's own check (:func:`breastscan.exported.choose_runtime` on each model's newest
+    stored copy at ``stage``, ``$BENTOML_HOME``), made here because a worker that raises
+    is restarted by ``bentoml serve`` rather than ending it: the start would only fail at
+    the harness's time limit.
+    """
+    from breastscan.exported import choose_runtime
+    from breastscan.serving.store import newest_stored
+
+    stored = newest_stored(stage)
+    try:
+        for name in models:
+            if name in stored:  # else the worker's own error, when it starts
+                choose_runtime(stored[name].path, runtime)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return None
+
+
+def _refused(runtime: str, config: Path, error: str) -> dict[str, Any]:
+    """:func:`served_runtime`'s block of a server that did not start, with ``error``."""
+    reason = start_error_reason(error)
+    log.error("served runtimes: the %s server did not start: %s", runtime, reason)
+    return {"runtime": runtime, "config": str(config), "error": error, "reason": reason}
+
+
+def served_runtime(runtime: str, env: dict[str, str], config: Path, workdir: Path, settings: Settings,
+                   endpoints: Sequence[str]) -> dict[str, Any]:
+    """One server of :func:`served_runtimes`: started with ``config``, then measured.
+
+    Returns:
+        ``{"runtime", "config", "cold_start"`` (``ready_s``, ``grpc_serving_s``),
+        ``"rss_mb_idle"`` (MiB per process and ``total``, right after ready),
+        ``"models_runtime"`` (``{model: runtime}`` as ``/models`` says), ``"runs_as_asked"``
+        (every model runs on ``runtime``), ``"http": {endpoint: [point at each of``
+        :data:`SERVED_RUNTIME_CONCURRENCY` ``]}``, ``"rss_mb_after_load"}``; when the server
+        did not start, ``{"runtime", "config", "error"`` (the message, with the log's tail),
+        ``"reason"`` (its one line)``}``.
+    """
+    block: dict[str, Any] = {"runtime": runtime, "config": str(config)}
+    try:
+        server = start_server(env, config, workdir, f"runtime_{runtime}")
+    except click.ClickException as exc:
+        return _refused(runtime, config, exc.message)
+    try:
+        block.update(cold_start=server.cold_start(), rss_mb_idle=server.rss_mb())
+        block["models_runtime"] = served_model_runtimes(server.http_url)
+        block["runs_as_asked"] = all(r == runtime for r in block["models_runtime"].values())
+        if not block["runs_as_asked"]:
+            log.warning("served runtimes: %s asked, /models says %s", runtime, block["models_runtime"])
+        block["http"] = {}
+        for endpoint in endpoints:
+            block["http"][endpoint] = http_points(server, endpoint, settings, SERVED_RUNTIME_CONCURRENCY)
+            log.info("served runtimes: %s /%s: %s", runtime, endpoint, ", ".join(
+                f"c={p['concurrency']} {p['throughput_rps']:.1f} req/s ({p['errors']} errors)"
+                for p in block["http"][endpoint]))
+        block["rss_mb_after_load"] = server.rss_mb()
+    finally:
+        server.stop(30)
+    return block
+
+
+def served_model_runtimes(http_url: str) -> dict[str, str | None]:
+    """``{model: runtime}`` of every model the service at ``http_url`` serves (``POST /models``)."""
+    from breastscan.serving.client import HTTPClient
+
+    with HTTPClient(http_url, timeout=30) as client:
+        return {info["name"]: info.get("runtime") for info in client.models()}
+
+
+def start_error_reason(message: str) -> str:
+    """The one line that says why a server did not start: the last ``...Error: ...`` line of
+    :func:`start_server`'s message (the log's tail), else its first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error: " in line]
+    return (errors[-1] if errors else lines[0] if lines else "")[:300]
+
+
+def worker_rss(rss: Mapping[str, float | None] | None) -> float | None:
+    """The largest RSS (MiB) of a server's worker processes, of :meth:`LaunchedService.rss_mb`'s
+    dict (``arbiter`` and ``total`` left out); ``None`` when none is known."""
+    values = [v for k, v in (rss or {}).items() if k not in ("arbiter", "total") and v is not None]
+    return max(values) if values else None
 
 
 REGISTRY_KEYS = ("version", "stage")
@@ -854,9 +1307,11 @@ def _point(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | N
     return next((p for p in points if p["concurrency"] == concurrency), None)
 
 
-def _target(value: float, op: str, bound: float, text: str | None = None) -> dict[str, Any]:
-    met = value >= bound if op == ">=" else value <= bound
-    return {"value": round(value, 3), "target": text or f"{op} {bound:g}", "met": bool(met)}
+def _target(value: float | None, op: str, bound: float, text: str | None = None) -> dict[str, Any]:
+    """A target's value, threshold and verdict; a value of ``None`` (not measured) is not met."""
+    met = value is not None and (value >= bound if op == ">=" else value <= bound)
+    return {"value": None if value is None else round(value, 3), "target": text or f"{op} {bound:g}",
+            "met": bool(met)}
 
 
 def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: float) -> tuple[dict, dict]:
@@ -868,7 +1323,9 @@ def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: fl
       (end to end, best batch / batch 1) >= 0.8 -- the share of the possible gain captured;
     * ``over_peer_http``: HTTP req/s over the best plain FastAPI peer's >= 2;
     * ``grpc_at_least_http`` >= 1; ``p99_at_half_saturation_<protocol>`` <= 2 x p50 at c=1 +
-      ``max_latency_ms``; ``cold_start_s`` (start to ready) <= 10.
+      ``max_latency_ms``; ``cold_start_s`` (start to ready) <= 10;
+    * in process, for each model with a checked ONNX export: ``onnx_over_keras_batch_1_<model>``
+      >= 5 and ``onnx_over_keras_best_<model>`` >= 2 (:func:`runtime_verdict`).
     """
     e2e = result["in_process"]["end_to_end"]
     model_best = result["in_process"]["models"][endpoint]["best"]["images_per_s_median"]
@@ -917,6 +1374,63 @@ def ratios_and_targets(result: dict[str, Any], endpoint: str, max_latency_ms: fl
     ready = on["cold_start"].get("ready_s")
     if ready is not None:
         targets["cold_start_s"] = _target(ready, "<=", 10)
+    for name, info in ((result["in_process"].get("runtimes") or {}).get("models") or {}).items():
+        targets.update({f"{key}_{name}": t for key, t in info["targets"].items()})
+    if result.get("served_runtimes"):
+        runtime_ratios, runtime_targets = served_runtime_ratios(result["served_runtimes"])
+        ratios.update(runtime_ratios)
+        targets.update(runtime_targets)
+    return ratios, targets
+
+
+def _runtime_rps(block: Mapping[str, Any], endpoint: str, concurrency: int) -> float | None:
+    """HTTP req/s of one :func:`served_runtime` block at ``endpoint`` and ``concurrency``."""
+    p = _point((block.get("http") or {}).get(endpoint, []), concurrency)
+    return None if p is None else p["throughput_rps"]
+
+
+def served_runtime_ratios(block: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each served runtime's figures (ratios rows) and the ONNX-run service's targets.
+
+    Args:
+        block: :func:`served_runtimes`' block.
+
+    Returns:
+        ``ratios``: per runtime ``served_<runtime>_cold_start_s``, ``_rss_mb_idle_worker``,
+        ``_rss_mb_after_load_worker`` (the largest worker's MiB) and
+        ``_http_c<c>_<endpoint>_rps``, or ``served_<runtime>_error`` (why it did not start);
+        ``targets``: ``onnx_cold_start_s`` <= 5, ``onnx_rss_mb_idle`` <= 350 (per worker) and
+        ``onnx_over_keras_http_c<c>_<endpoint>`` >= :data:`SERVED_ONNX_OVER_KERAS`, each
+        with value (``None`` when not measured), threshold and ``met`` (false too when a
+        server's models do not all run on the runtime asked).
+    """
+    runs = block["runtimes"]
+    ratios: dict[str, Any] = {}
+    for runtime, info in runs.items():
+        if "error" in info:
+            ratios[f"served_{runtime}_error"] = info["reason"]
+            continue
+        after = worker_rss(info.get("rss_mb_after_load"))
+        ratios.update({f"served_{runtime}_cold_start_s": info["cold_start"]["ready_s"],
+                       f"served_{runtime}_rss_mb_idle_worker": worker_rss(info["rss_mb_idle"]),
+                       f"served_{runtime}_rss_mb_after_load_worker": after})
+        ratios.update({f"served_{runtime}_http_c{c}_{e}_rps": _runtime_rps(info, e, c)
+                       for e in block["endpoints"] for c in block["concurrency"]})
+    onnx, keras = runs.get("onnx") or {}, runs.get("keras") or {}
+    onnx_ok = "error" not in onnx and bool(onnx.get("runs_as_asked"))
+    targets = {"onnx_cold_start_s": _target((onnx.get("cold_start") or {}).get("ready_s"), "<=",
+                                            SERVED_ONNX_TARGETS["cold_start_s"]),
+               "onnx_rss_mb_idle": _target(worker_rss(onnx.get("rss_mb_idle")), "<=",
+                                           SERVED_ONNX_TARGETS["rss_mb_idle"],
+                                           f"<= {SERVED_ONNX_TARGETS['rss_mb_idle']:g} MiB per worker")}
+    both_ok = onnx_ok and bool(keras.get("runs_as_asked"))
+    for e in block["endpoints"]:
+        for c in block["concurrency"]:
+            a, b = _runtime_rps(onnx, e, c), _runtime_rps(keras, e, c)
+            t = _target(a / b if a is not None and b else None, ">=", SERVED_ONNX_OVER_KERAS.get(e, 1.0))
+            targets[f"onnx_over_keras_http_c{c}_{e}"] = {**t, "met": t["met"] and both_ok}
+    for key in ("onnx_cold_start_s", "onnx_rss_mb_idle"):
+        targets[key]["met"] = targets[key]["met"] and onnx_ok
     return ratios, targets
 
 
@@ -947,6 +1461,8 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [f"{info['by_batch_size'][str(b)]['images_per_s_median']:.0f}" for b in BATCH_SIZES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {info['best']['images_per_s_median']:.0f} "
                      f"(bs {info['best']['batch_size']}) |")
+    if (result["in_process"].get("runtimes") or {}).get("models"):
+        lines += ["", *runtimes_markdown(result["in_process"]["runtimes"])]
     e2e = result["in_process"].get("end_to_end")
     if e2e:
         rates = [f"{e2e['by_batch_size'][str(b)]['images_per_s_median']:.0f}" for b in BATCH_SIZES]
@@ -990,6 +1506,8 @@ def markdown(result: dict[str, Any]) -> str:
                         for k, v in block["rss_mb_idle"].items())
         cold = block["cold_start"]
         lines.append(f"| {label} | {cold['ready_s']} | {cold['grpc_serving_s']} | {rss} |")
+    if result.get("served_runtimes"):
+        lines += ["", *served_runtimes_markdown(result["served_runtimes"])]
     lines += ["", f"## Ratios (concurrency {REF_CONCURRENCY}) and targets", ""]
     lines += [f"- {k}: {v}" for k, v in result["ratios"].items() if k != "concurrency"]
     lines += ["", "| target | value | threshold | met |", "|---|---|---|---|"]
@@ -1005,7 +1523,97 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runtimes_markdown(block: dict[str, Any]) -> list[str]:
+    """The table of :func:`runtime_comparison`'s block: images/s of each runtime and the ratio
+    at each batch size, then each model's targets."""
+    sizes = [str(b) for b in block["batch_sizes"]]
+    threads = block["threads"]
+    lines = ["## In process, Keras vs ONNX Runtime (`ModelBundle.predict`), images/s", "",
+             f"Interleaved in one process (A/B, medians of the repeats); ONNX Runtime "
+             f"{block['onnxruntime']} ({', '.join(block['providers'])}) with "
+             f"{threads['onnxruntime_intra_op']} intra-op threads, TensorFlow's intra-op setting "
+             f"{threads['tensorflow_intra_op']} (0: one per core).", "",
+             "| model | runtime | " + " | ".join(f"bs {b}" for b in sizes) + " | best |",
+             "|---|---|" + "---|" * (len(sizes) + 1)]
+    for name, info in block["models"].items():
+        by = info["by_batch_size"]
+        for runtime in ("keras", "onnx"):
+            best = info["best"][runtime]
+            lines.append(f"| {name} | {runtime} | " + " | ".join(
+                f"{by[b][runtime]['images_per_s_median']:.0f}" for b in sizes)
+                + f" | {best['images_per_s_median']:.0f} (bs {best['batch_size']}) |")
+        ratios = " | ".join(f"{by[b]['onnx_over_keras']:.2f}" for b in sizes)
+        lines.append(f"| {name} | onnx / keras | {ratios} | {info['ratios']['best']:.2f} (best / best) |")
+    lines += ["", "| model | target | value | threshold | met | max abs difference |",
+              "|---|---|---|---|---|---|"]
+    for name, info in block["models"].items():
+        for key, t in info["targets"].items():
+            met = "yes" if t["met"] else "**no**"
+            lines.append(f"| {name} | {key} | {t['value']} | {t['target']} | {met} "
+                         f"| {info['max_abs_difference']:.2g} |")
+    if block.get("without_export"):
+        lines += ["", "Without a checked export: " + "; ".join(f"{k} ({v})"
+                                                             for k, v in block["without_export"].items())]
+    return lines
+
+
+def served_runtimes_markdown(block: Mapping[str, Any]) -> list[str]:
+    """The table of :func:`served_runtimes`' block: one row per runtime (cold start, RSS of the
+    largest worker and of the whole server, HTTP req/s of each endpoint and concurrency)."""
+    points = [(e, c) for e in block["endpoints"] for c in block["concurrency"]]
+    lines = ["## Served, Keras vs ONNX Runtime (`runtime:` of the serving config), HTTP closed loop", "",
+             "| runtime | /models says | /readyz 200 s | RSS MiB idle per worker (server) "
+             "| RSS MiB after load per worker (server) | "
+             + " | ".join(f"{e} c={c} req/s" for e, c in points) + " |",
+             "|---|---|---|---|---|" + "---|" * len(points)]
+    for runtime, info in block["runtimes"].items():
+        if "error" in info:
+            lines.append(f"| {runtime} | did not start: {info['reason']} |" + " - |" * (3 + len(points)))
+            continue
+        says = ", ".join(f"{name} {r}" for name, r in info["models_runtime"].items())
+        rates = " | ".join(_rate(_runtime_rps(info, e, c)) for e, c in points)
+        lines.append(f"| {runtime} | {says} | {info['cold_start']['ready_s']} | {_rss(info['rss_mb_idle'])} "
+                     f"| {_rss(info.get('rss_mb_after_load'))} | {rates} |")
+    return lines
+
+
+def _rate(rps: float | None) -> str:
+    return "-" if rps is None else f"{rps:.1f}"
+
+
+def _rss(rss: Mapping[str, float | None] | None) -> str:
+    worker = worker_rss(rss)
+    return "-" if worker is None else f"{worker:.0f} ({(rss or {}).get('total')})"
+
+
 _NOT_SERVER = ("loadgen", "machine", "other")
+
+
+def served_runtime_rows(block: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """:func:`summary`'s rows of :func:`served_runtimes`' block: each runtime's cold start and
+    idle RSS per worker, then each endpoint's HTTP req/s at each concurrency, Keras / ONNX."""
+    if not block:
+        return []
+    runs = block["runtimes"]
+    names = " / ".join(runs)
+
+    def each(value: Callable[[Mapping[str, Any]], str]) -> str:
+        return " / ".join("-" if "error" in info else value(info) for info in runs.values())
+
+    rows = [(f"served, runtime {runtime}", f"did not start: {info['reason']}")
+            for runtime, info in runs.items() if "error" in info]
+    rows += [(f"served, runtime {names}: cold start / RSS idle per worker",
+             each(lambda i: f"{i['cold_start']['ready_s']} s") + ", "
+             + each(lambda i: f"{worker_rss(i['rss_mb_idle'])} MiB"))]
+    for e in block["endpoints"]:
+        for c in block["concurrency"]:
+            rows.append((f"`/{e}` served, HTTP at c={c}, runtime {names}",
+                         each(partial(_endpoint_rate, endpoint=e, concurrency=c)) + " req/s"))
+    return rows
+
+
+def _endpoint_rate(info: Mapping[str, Any], endpoint: str, concurrency: int) -> str:
+    return _rate(_runtime_rps(info, endpoint, concurrency))
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -1035,9 +1643,14 @@ def summary(result: dict[str, Any]) -> str:
         (f"`/{endpoint}` at c={c}, batching off: HTTP / gRPC",
          f"{rps(off, 'http', c)} / {rps(off, 'grpc', c)} req/s"),
     ]
+    rows[1:1] = [(f"in process, `{name}` model call, ONNX Runtime / Keras: batch 1 / best",
+                  f"{info['ratios']['batch_1']} / {info['ratios']['best']} (best batch: ONNX "
+                  f"{info['best']['onnx']['batch_size']}, Keras {info['best']['keras']['batch_size']})")
+                 for name, info in ((result["in_process"].get("runtimes") or {}).get("models") or {}).items()]
     for label, block in (result.get("peers") or {}).items():
         rows.append((f"peer {label}, HTTP at c=1 / c={c}",
                      f"{rps(block, 'http', 1)} / {rps(block, 'http', c)} req/s"))
+    rows += served_runtime_rows(result.get("served_runtimes"))
     if half:
         rows.append(("open loop at half saturation: p99 HTTP / gRPC", " / ".join(
             f"{half[p]['latency_ms']['p99']:.0f}" for p in ("http", "grpc") if p in half) + " ms"))
@@ -1087,15 +1700,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _config_dict(path: Path, bentoml_home: Path) -> dict[str, Any]:
+def _config_dict(path: Path) -> dict[str, Any]:
     """A serving config with its served models settled as the service settles them (``models:
-    auto``: what the benchmark's BentoML store holds at the stage)."""
+    auto``: what the benchmark's BentoML store, ``$BENTOML_HOME``, holds at the stage)."""
     from breastscan.serving.config import load_serving_config, with_models
     from breastscan.serving.store import stored_models
 
     cfg = load_serving_config(path)
     if not cfg.models:
-        os.environ["BENTOML_HOME"] = str(bentoml_home)  # before bentoml is imported here
         cfg = with_models(cfg, stored_models(cfg.stage))
     settled = dataclasses.asdict(cfg)
     settled["file"] = str(path)
@@ -1109,8 +1721,12 @@ def _batching_off_copy(config: Path, workdir: Path) -> Path:
     batching["per_model"] = {name: {**dict(v or {}), "enabled": False}
                              for name, v in (batching.get("per_model") or {}).items()}
     raw["batching"] = batching
-    out = workdir / "serving-batching-off.yaml"
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return _config_copy(raw, workdir / "serving-batching-off.yaml")
+
+
+def _config_copy(raw: Mapping[str, Any], out: Path) -> Path:
+    """Write the serving config ``raw`` (as read from YAML, changed) to ``out``; ``out``."""
+    out.write_text(yaml.safe_dump(dict(raw), sort_keys=False))
     return out
 
 
@@ -1132,17 +1748,37 @@ def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter("comma-separated integers, e.g. 1,8,32,64") from None
 
 
+def runtimes_only(bundle_dirs: Sequence[Path], settings: Settings, output: Path | None) -> dict[str, Any]:
+    """``--runtimes-of``: :func:`runtime_comparison` of bundle directories (named by their
+    folder) in this process; prints its table, writes the JSON block to ``output`` if given."""
+    block = runtime_comparison({d.name: d for d in bundle_dirs}, settings)
+    block.update(machine=machine_facts(), git=git_facts(), settings=dataclasses.asdict(settings))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(block, indent=2, default=_json_default) + "\n")
+        log.info("wrote %s", output)
+    click.echo("\n".join(runtimes_markdown(block)))
+    return block
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="short smoke run (~4 min): concurrency 1,8,32, 3 s points")
-@click.option("--bentoml-home", type=click.Path(path_type=Path),
-              default=lambda: os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml"),
-              show_default="$BENTOML_HOME or ~/bentoml", help="the BentoML store the server loads from")
+@click.option("--bentoml-home", type=click.Path(path_type=Path), default=lambda: str(default_bentoml_home()),
+              show_default=f"$BENTOML_HOME or {BENTOML_HOME_DIR}/ of this checkout",
+              help="the BentoML home (model store) the server loads from")
 @click.option("--tracking-uri", default=lambda: os.environ.get("MLFLOW_TRACKING_URI")
               or f"sqlite:///{REPO / 'mlflow.db'}",
               show_default="$MLFLOW_TRACKING_URI or the project's mlflow.db",
               help="the MLflow registry `breastscan import-models` copies the production models from")
 @click.option("--import/--no-import", "do_import", default=True, show_default=True,
               help="run `breastscan import-models` first (the registry's production models)")
+@click.option("--allow-foreign-models", is_flag=True,
+              help="measure served models that are not the registry's version at the stage (warned), "
+                   "instead of stopping")
+@click.option("--runtimes-of", "runtimes_of", multiple=True, metavar="DIR",
+              type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="only compare Keras and ONNX Runtime on this bundle directory (repeatable), in this "
+                   "process; print the table (JSON to --output only when it is given)")
 @click.option("--serving-config", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=REPO / "services" / "serving.yaml", show_default=True,
               help="serving config of the batching-on server (the batching-off one is a copy of it)")
@@ -1155,6 +1791,9 @@ def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
               default=REPO / "reports" / "serving_benchmark.md", show_default=True)
 @click.option("--peers/--no-peers", "peers_on", default=True, show_default=True,
               help="also measure the plain FastAPI / naive / minimal BentoML peers on the same model")
+@click.option("--served-runtimes/--no-served-runtimes", "served_runtimes_on", default=True, show_default=True,
+              help="also serve the models with runtime keras and with runtime onnx (one server each): cold "
+                   "start, memory and HTTP req/s of /density and /tumor at concurrency 1 and 32")
 @click.option("--profile-dir", type=click.Path(path_type=Path, file_okay=False),
               default=REPO / "reports" / "profiles", show_default=True,
               help="where the py-spy profile of the service under load goes")
@@ -1162,11 +1801,13 @@ def _csv_ints(_: Any, __: Any, value: str | None) -> tuple[int, ...] | None:
               help="print the README's tables of a report (e.g. reports/serving_benchmark.json) and exit")
 @click.option("--models", default=None, hidden=True)
 @click.option("--inprocess-worker", type=click.Path(path_type=Path), default=None, hidden=True)
-def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, serving_config: Path,
-         endpoint: str, concurrency: tuple[int, ...] | None, duration: float | None, output: Path,
-         markdown_output: Path, peers_on: bool, profile_dir: Path, summary_of: Path | None,
+def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, allow_foreign_models: bool,
+         runtimes_of: tuple[Path, ...], serving_config: Path, endpoint: str,
+         concurrency: tuple[int, ...] | None, duration: float | None, output: Path, markdown_output: Path,
+         peers_on: bool, served_runtimes_on: bool, profile_dir: Path, summary_of: Path | None,
          models: str | None, inprocess_worker: Path | None) -> None:
-    """Benchmark the service: in-process limits, served HTTP/gRPC with and without batching, peers."""
+    """Benchmark the service: in-process limits, served HTTP/gRPC with and without batching, peers,
+    the service run by Keras and by ONNX Runtime."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if summary_of is not None:
         click.echo(summary(json.loads(summary_of.read_text())))
@@ -1176,13 +1817,17 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         names = (models or endpoint).split(",")
         inprocess_worker.write_text(json.dumps(run_inprocess(names, settings), indent=2))
         return
+    if runtimes_of:
+        explicit = click.get_current_context().get_parameter_source("output") != ParameterSource.DEFAULT
+        runtimes_only(runtimes_of, settings, output if explicit else None)
+        return
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.perf_counter()
     bentoml_home = bentoml_home.expanduser().resolve()
+    os.environ["BENTOML_HOME"] = str(bentoml_home)  # before bentoml is imported in this process
+    log.info("BentoML home: %s", bentoml_home)
     serving_config = serving_config.resolve()
     env = _env(bentoml_home, tracking_uri)
-    workdir = Path(tempfile.mkdtemp(prefix="breastscan-bench-"))
-    log.info("work directory (server logs): %s", workdir)
     if do_import:
         cmd = [str(BIN / "breastscan"), "import-models", "--serving-config", str(serving_config)]
         log.info("importing the production models: %s", " ".join(cmd))
@@ -1190,16 +1835,19 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         if done.returncode:
             raise click.ClickException(f"import-models failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         log.info("imported: %s", done.stdout.strip().replace("\n", "; "))
-    cfg_on = _config_dict(serving_config, bentoml_home)
+    cfg_on = _config_dict(serving_config)
     if endpoint not in cfg_on["models"]:
         raise click.BadParameter(f"{endpoint!r} is not served (models: {', '.join(cfg_on['models'])})")
+    stores = checked_store(cfg_on["models"], cfg_on["stage"], bentoml_home, tracking_uri,
+                           allow_foreign_models)
+    workdir = Path(tempfile.mkdtemp(prefix="breastscan-bench-"))
+    log.info("work directory (server logs): %s", workdir)
     off_config = _batching_off_copy(serving_config, workdir)
     result: dict[str, Any] = {
         "benchmark": "breastscan serving", "started_at": started.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "git": git_facts(),
         "machine": machine_facts(), "settings": dataclasses.asdict(settings),
-        "stores": {"bentoml_home": str(bentoml_home), "tracking_uri": tracking_uri},
-        "config": {"batching_on": cfg_on, "batching_off": _config_dict(off_config, bentoml_home)},
+        "stores": stores, "config": {"batching_on": cfg_on, "batching_off": _config_dict(off_config)},
     }
     result["in_process"] = inprocess_in_child(cfg_on["models"], settings, env, workdir)
     result["machine"]["gpus"] = result["in_process"]["gpus"]
@@ -1223,6 +1871,8 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         finally:
             server.stop(30)
         result["served"][label] = block
+    if served_runtimes_on:
+        result["served_runtimes"] = served_runtimes(env, serving_config, cfg_on, workdir, settings)
     if peers_on:
         result["peers"] = measure_peers(Path(result["in_process"]["models"][endpoint]["path"]), settings, env,
                                         workdir, reference)
@@ -1250,6 +1900,11 @@ def main(quick: bool, bentoml_home: Path, tracking_uri: str, do_import: bool, se
         f"machine load average at start {result['machine']['load_average_at_start']}, at end "
         f"{list(os.getloadavg())}: other work on the machine adds noise",
     ]
+    if served_runtimes_on:
+        result["notes"].insert(-1, SERVED_RUNTIMES_NOTE)
+    if stores["foreign_models"]:
+        result["notes"].insert(0, "FOREIGN MODELS measured (--allow-foreign-models), not the registry's "
+                                  "version at the stage: " + "; ".join(stores["foreign_models"]))
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["duration_s"] = round(time.perf_counter() - t_start, 1)

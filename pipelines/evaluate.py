@@ -11,10 +11,15 @@ calibration, known limitations), and logs them to the model's MLflow run. A mode
 on a pool of sites is scored on each site's test rows apart as well as pooled (``sites``
 in ``metrics.json``, a ``site`` column in ``predictions.csv``).
 
+The calibrated bundle's forward pass is exported to ONNX and checked against the Keras model
+on the test images (:mod:`breastscan.evaluation.export`); the check goes to
+``reports/models/<model>/export.json`` (a DVC metrics file) and the model card.
+
 The calibrated bundle is logged to that run as an MLflow model (signature, input example,
-preprocessing spec, class names, calibration, the model card) carrying the test metrics;
-its URI goes to ``reports/models/<model>/logged_model.json`` for ``register@<model>``,
-which then needs no TensorFlow.
+preprocessing spec, class names, calibration, the model card, and the ONNX export when it
+passed its check) carrying the test metrics; its URI goes to
+``reports/models/<model>/logged_model.json`` for ``register@<model>``, which then needs no
+TensorFlow.
 
 Run: ``python -m pipelines.evaluate --model tumor``
 """
@@ -36,6 +41,8 @@ from breastscan.data.splits import split_id
 from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, per_site, score_bundle
+from breastscan.exported import EXPORT_FILE
+from breastscan.evaluation.export import export_and_check
 from breastscan.provenance import dvc_data_hash
 from breastscan.registry.modelcard import write_model_card
 from breastscan.registry.runs import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run
@@ -83,14 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s on %d test images: %s = %s (95%% CI %s-%s)", cfg.name, m["n_test"], m["headline"],
              *(f"{v:.3f}" if isinstance(v, float) else "undefined"
                for v in (m["headline_value"], m["headline_ci_low"], m["headline_ci_high"])))
-    card = write_model_card(cfg, calibrated(bundle, m).contract, m, data=card_data(dataset, splits),
-                            path=reports / "model_card.md")
+    served = calibrated(bundle, m)
+    graph, export = export_and_check(served, test.images)  # TensorFlow serves it unless export.passed
+    written["export"] = reports / EXPORT_FILE
+    written["export"].write_text(json.dumps(export.to_dict(), indent=2) + "\n")
+    card = write_model_card(cfg, served.contract, m, data=card_data(dataset, splits),
+                            path=reports / "model_card.md", export=export.to_dict())
     with model_run(cfg.name, model_dir(cfg.name), stage="evaluate") as run:
         for path in written.values():
             sub = "evaluation/" + str(Path(path).parent.relative_to(reports)).strip(".")
             mlflow.log_artifact(str(path), sub.rstrip("/"))
         mlflow.log_artifact(str(card))
-        model_uri = log_served_model(bundle, m, card)  # logs the test metrics, linked to the model
+        # logs the test metrics, linked to the model; the export travels with it when it passed
+        model_uri = log_served_model(bundle, m, card, graph=graph, export=export)
         logged = {"model_uri": model_uri, "run_id": run.info.run_id}
     (reports / LOGGED_MODEL_FILE).write_text(json.dumps(logged, indent=2) + "\n")
     log.info("%s: calibrated model logged as %s (register@%s registers it)", cfg.name, model_uri, cfg.name)

@@ -17,6 +17,10 @@ trying never changes what the next promotion picks up. Promote a winning experim
 version by number (``breastscan promote <model> --version N``), or apply the experiment
 (``dvc exp apply``), commit it and ``dvc repro``.
 
+The version is tagged with the check of the model's ONNX export (``export.json`` of evaluate:
+``export.runtime``, ``export.passed``, ``export.max_prob_diff`` ...). A model logged again here
+carries no export: TensorFlow serves it.
+
 Writes ``reports/models/<model>/registered.json`` (name, version, stage, run, model URI).
 
 Run: ``python -m pipelines.register --model lesion``
@@ -31,6 +35,7 @@ import os
 import mlflow
 
 from breastscan.data.splits import split_id
+from breastscan.exported import EXPORT_FILE
 from breastscan.registry import versions
 from breastscan.registry.runs import LOGGED_MODEL_FILE, log_served_model, model_run
 from pipelines._stage import model_dir, model_reports, parse, splits_csv
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = model_reports(cfg.name)
     metrics = json.loads((reports / "metrics.json").read_text())
     logged = json.loads((reports / LOGGED_MODEL_FILE).read_text())
+    export_report = reports / EXPORT_FILE
+    export = json.loads(export_report.read_text()) if export_report.is_file() else None
     test_split = split_id(splits_csv(dataset.name), "test")
 
     with model_run(cfg.name, model_dir(cfg.name), stage="register") as run:
@@ -57,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
             model_uri = log_served_model(ModelBundle.load(model_dir(cfg.name)), metrics,
                                          reports / "model_card.md")
+            export = None  # logged without its export: TensorFlow serves it
         experiment = os.environ.get("DVC_EXP_NAME")
         alias = None if experiment else versions.STAGING
         tags = {versions.TAG_EXPERIMENT: experiment,
                 "dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")} if experiment else {}
         version = versions.register(cfg, model_uri, metrics=metrics, split_id=test_split,
-                                    run_id=run.info.run_id, alias=alias, extra_tags=tags)
+                                    run_id=run.info.run_id, alias=alias, extra_tags=tags, export=export)
         out = {
             "name": cfg.registered_name, "version": version, "alias": alias, "experiment": experiment,
             "run_id": run.info.run_id, "model_uri": model_uri,

@@ -365,6 +365,63 @@ def _decision_section(cfg: ModelConfig, contract: ModelContract) -> list[str]:
         "probability of the predicted class.", ""]
 
 
+def _sci(value: Any) -> str:
+    number = finite_float(value)
+    return "n/a" if number is None else f"{number:.1e}"
+
+
+def _ms(times: Any) -> str:
+    """``1.3 / 0.49 ms``: milliseconds per image at batch 1 / 32 (``export.json``'s ``*_ms``)."""
+    found = times if isinstance(times, Mapping) else {}
+    values = [finite_float(found.get(k)) for k in ("batch_1", "batch_32")]
+    return " / ".join("n/a" if v is None else f"{v:.2g}" for v in values) + " ms"
+
+
+def _serving_section(export: Mapping[str, Any] | None) -> list[str]:
+    """Which runtime serves the model: its ONNX export with the check against Keras, or TensorFlow
+    and why (none without an export report)."""
+    if not export:
+        return []
+    check = export.get("equivalence") or {}
+    out = ["## Serving runtime", "", _serving_text(export), ""]
+    if check.get("error"):
+        return out
+    criteria = check.get("criteria") or {}
+    agreement = finite_float(check.get("decision_agreement"))
+    ties = len(check.get("disagreements") or [])
+    rows = [[f"largest {what} probability difference", _sci(check.get(key)),
+             f"<= {_sci(criteria.get('max_prob_diff'))}"]
+            for key, what in (("max_prob_diff", "class"), ("max_mask_prob_diff", "mask pixel"))
+            if check.get(key) is not None]
+    rows.append(["TensorFlow against itself (batch 1 vs 32), for scale", _sci(check.get("keras_batch_diff")),
+                 ""])
+    if agreement is not None:
+        rows.append(["decision agreement", f"{agreement:.1%} ({ties} disagreeing)",
+                     f">= {_fmt(criteria.get('decision_agreement'), 3)}, every disagreement a tie"])
+    if check.get("mask_dice_min") is not None:
+        dice = f"{_fmt(check['mask_dice_min'], 4)} / {_fmt(check.get('mask_dice_mean'), 4)}"
+        rows.append(["mask Dice, smallest / mean", dice, f">= {_fmt(criteria.get('mask_dice_min'), 3)}"])
+    rows += [["time per image, batch 1 / 32, Keras", _ms(check.get("keras_ms")), ""],
+             ["time per image, batch 1 / 32, ONNX Runtime", _ms(check.get("onnx_ms")), ""]]
+    return out + _table(["ONNX export vs Keras", "value", "pass criterion"], rows) + [""]
+
+
+def _serving_text(export: Mapping[str, Any]) -> str:
+    """One paragraph: which runtime serves the model, and why."""
+    check = export.get("equivalence") or {}
+    if check.get("error"):
+        return f"The model could not be exported to ONNX ({check['error']}); TensorFlow serves it."
+    flips = ", test-time flips built in" if export.get("tta") == "flip" else ""
+    how = f"ONNX (opset {export.get('opset')}, {export.get('converter')}{flips})"
+    images = _count(check.get("images"))
+    if export.get("passed"):
+        return (f"The service runs this model's forward pass exported to {how} with ONNX Runtime, without "
+                "TensorFlow (`model.onnx` beside `model.keras`); the export answered as the Keras model on "
+                f"the {images} test images:")
+    return (f"The model's export to {how} did not answer as the Keras model on the {images} test images "
+            f"({check.get('reason') or 'check failed'}); TensorFlow serves it.")
+
+
 def _limitations_section(limitations: Sequence[str] | None) -> list[str]:
     """The known limitations as a list (:data:`DEFAULT_LIMITATIONS` when ``None``)."""
     out = ["## Known limitations", ""]
@@ -373,7 +430,8 @@ def _limitations_section(limitations: Sequence[str] | None) -> list[str]:
 
 
 def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any], *,
-                      data: Mapping[str, Any], limitations: Sequence[str] | None = None) -> str:
+                      data: Mapping[str, Any], limitations: Sequence[str] | None = None,
+                      export: Mapping[str, Any] | None = None) -> str:
     """Render the model card as Markdown.
 
     Args:
@@ -388,6 +446,8 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
             ``splits`` (``{"train": {"images": n, "groups": g}, ...}`` as in
             ``reports/prepare/<dataset>.json``), optional ``synthetic`` (bool) and ``source``.
         limitations: known limitations; ``None`` uses :data:`DEFAULT_LIMITATIONS`.
+        export: the ONNX export's report (``export.json``,
+            :meth:`breastscan.exported.ExportInfo.to_dict`): a *Serving runtime* section.
 
     Returns:
         The card, Markdown text ending in a newline.
@@ -401,13 +461,15 @@ def render_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mappin
     out += _sites_section(cfg, metrics)
     out += _calibration_section(cfg, contract, metrics)
     out += _decision_section(cfg, contract)
+    out += _serving_section(export)
     out += _limitations_section(limitations)
     return "\n".join(out)
 
 
 def write_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping[str, Any], *,
                      data: Mapping[str, Any], path: str | Path,
-                     limitations: Sequence[str] | None = None) -> Path:
+                     limitations: Sequence[str] | None = None,
+                     export: Mapping[str, Any] | None = None) -> Path:
     """Render the card (see :func:`render_model_card`) and write it to ``path``.
 
     Returns:
@@ -415,7 +477,8 @@ def write_model_card(cfg: ModelConfig, contract: ModelContract, metrics: Mapping
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(cfg, contract, metrics, data=data, limitations=limitations))
+    path.write_text(render_model_card(cfg, contract, metrics, data=data, limitations=limitations,
+                                      export=export))
     log.info("model card written to %s", path)
     return path
 
@@ -428,7 +491,7 @@ description, and the registry appends how the version got its stage."""
 
 
 def version_summary(cfg: ModelConfig, metrics: Mapping[str, Any], *, data: Mapping[str, Any],
-                    contract: ModelContract | None = None) -> str:
+                    contract: ModelContract | None = None, export: Mapping[str, Any] | None = None) -> str:
     """The model card in brief, as the description of the model's registry version (Markdown).
 
     Built from the inputs of :func:`render_model_card` (whichever the caller has): what the
@@ -441,6 +504,7 @@ def version_summary(cfg: ModelConfig, metrics: Mapping[str, Any], *, data: Mappi
         metrics: the evaluation report (see :func:`render_model_card`); any key may be missing.
         data: the dataset (see :func:`render_model_card`); any key may be missing.
         contract: the served model's contract (modality, class names, temperature), if known.
+        export: the ONNX export's report (``export.json``), if any: one line on the serving runtime.
 
     Returns:
         Markdown text.
@@ -455,6 +519,7 @@ def version_summary(cfg: ModelConfig, metrics: Mapping[str, Any], *, data: Mappi
               _titled("Per site (test split)", _site_table(cfg, metrics)),
               _calibration_brief(cfg, contract, metrics),
               _gates_brief(cfg, metrics),
+              _serving_brief(export),
               "The full model card is the `model_card.md` artifact of this version's model."]
     return _fit("\n\n".join(b for b in blocks if b), SUMMARY_LIMIT)
 
@@ -516,6 +581,27 @@ def _gates_brief(cfg: ModelConfig, metrics: Mapping[str, Any]) -> str:
     return ("**Promotion gates** (params.yaml): " + ("; ".join(floors) or "no floors")
             + f"; and neither the headline nor a floored metric more than {_fmt(cfg.gates.max_regression)} "
               "below the version holding the stage, on the same test split.")
+
+
+def _serving_brief(export: Mapping[str, Any] | None) -> str:
+    """``**Serving runtime:** ONNX Runtime (...)`` or ``TensorFlow (why)``; empty without a report."""
+    if not export:
+        return ""
+    check = export.get("equivalence") or {}
+    if check.get("error"):
+        return f"**Serving runtime:** TensorFlow (no ONNX export: {str(check['error'])[:300]})."
+    if not export.get("passed"):
+        return (f"**Serving runtime:** TensorFlow (the ONNX export did not answer as the Keras model: "
+                f"{str(check.get('reason'))[:300]}).")
+    diffs = [v for v in (finite_float(check.get(k)) for k in ("max_prob_diff", "max_mask_prob_diff"))
+             if v is not None]
+    parts = [f"probabilities within {max(diffs):.1e}" if diffs else ""]
+    agreement = finite_float(check.get("decision_agreement"))
+    parts.append(f"decisions agree on {agreement:.1%}" if agreement is not None else "")
+    parts.append(f"smallest mask Dice {_fmt(check.get('mask_dice_min'), 4)}"
+                 if check.get("mask_dice_min") is not None else "")
+    return (f"**Serving runtime:** ONNX Runtime, no TensorFlow (export checked against Keras on "
+            f"{_count(check.get('images'))} test images: {', '.join(p for p in parts if p)}).")
 
 
 def _fit(text: str, limit: int) -> str:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,11 +232,12 @@ class FetchedModel:
     contract: ModelContract
     spec: PreprocessSpec
 
-    def load_bundle(self) -> ModelBundle:
-        """Load the Keras model with its spec and contract (imports Keras)."""
+    def load_bundle(self, runtime: str = "keras") -> ModelBundle:
+        """Load the model with its spec and contract: Keras (imports TensorFlow), or its
+        checked export (``runtime`` ``onnx``/``auto``; :meth:`breastscan.bundle.ModelBundle.load`)."""
         from breastscan.bundle import ModelBundle
 
-        return ModelBundle.load(self.bundle_dir)
+        return ModelBundle.load(self.bundle_dir, runtime=runtime)
 
 
 def fetch(ref: ModelRef | str, dst: Path | None = None) -> FetchedModel:
@@ -252,14 +255,38 @@ def fetch(ref: ModelRef | str, dst: Path | None = None) -> FetchedModel:
                         spec=PreprocessSpec.load(bundle_dir))
 
 
-def load_bundle(ref: ModelRef | str) -> ModelBundle:
+def load_bundle(ref: ModelRef | str, *, runtime: str = "keras") -> ModelBundle:
     """Resolve, download (to a temporary directory) and load a registered model's bundle.
 
     ``ref`` may also be a model URI (``models:/...``, ``runs:/...``), loaded as it is.
+    ``runtime`` as in :meth:`FetchedModel.load_bundle`.
     """
-    from breastscan.bundle import ModelBundle
+    return fetch_and_load(ref, runtime=runtime)[1]
 
-    with tempfile.TemporaryDirectory(prefix="breastscan-bundle-") as tmp:
+
+def fetch_and_load(ref: ModelRef | str, *, runtime: str = "keras") -> tuple[FetchedModel | None, ModelBundle]:
+    """:func:`fetch` (``None`` for a model URI, downloaded as it is) and load the bundle.
+
+    A Keras bundle is read whole and its download removed at once; a bundle run by its export
+    keeps its download while the model lives (its Keras model is read there on demand, for
+    Grad-CAM), removed when the model is collected.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="breastscan-bundle-"))
+    try:
         if isinstance(ref, str) and ":/" in ref:
-            return ModelBundle.load(download_uri(ref, Path(tmp)))
-        return ModelBundle.load(fetch(ref, Path(tmp)).bundle_dir)
+            from breastscan.bundle import ModelBundle
+
+            fetched, bundle = None, ModelBundle.load(download_uri(ref, tmp), runtime=runtime)
+        else:
+            fetched = fetch(ref, tmp)
+            bundle = fetched.load_bundle(runtime)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from breastscan.exported import OnnxModel
+
+    if isinstance(bundle.model, OnnxModel):
+        weakref.finalize(bundle.model.session, shutil.rmtree, tmp, True)  # views share the session
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fetched, bundle

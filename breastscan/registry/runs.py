@@ -15,6 +15,7 @@ import mlflow
 
 from breastscan.bundle import ModelBundle
 from breastscan.decision import DecisionRule
+from breastscan.exported import ExportInfo, write_export
 from breastscan.registry import tracking
 
 log = logging.getLogger("breastscan.registry.runs")
@@ -61,13 +62,23 @@ def calibrated(bundle: ModelBundle, metrics: Mapping[str, Any]) -> ModelBundle:
     return served
 
 
-def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path) -> str:
+def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path, *,
+                     graph: bytes | None = None, export: ExportInfo | None = None) -> str:
     """Log the calibrated bundle, with its model card, as an MLflow model of the active run.
 
     The logged model (signature, input example, preprocessing spec, class names,
     calibration; see :func:`breastscan.registry.versions.log_bundle`) also gets the test metrics
     (``test_<name>``), so MLflow shows them on the model's page. Needs TensorFlow (MLflow
     checks the input example by loading the logged model and running it).
+
+    Args:
+        bundle: the trained bundle (calibrated here from ``metrics``).
+        metrics: the evaluation report.
+        card: the model card.
+        graph: the bundle's ONNX export (:func:`breastscan.evaluation.export.export_and_check`);
+            its bundle directory carries it (``model.onnx``, ``export.json``) only when
+            ``export`` says it passed its check.
+        export: the export's :class:`~breastscan.exported.ExportInfo`.
 
     Returns:
         Its URI, ``models:/m-<id>``: what the register stage registers.
@@ -76,6 +87,8 @@ def log_served_model(bundle: ModelBundle, metrics: Mapping[str, Any], card: Path
 
     with tempfile.TemporaryDirectory() as tmp:
         served = calibrated(bundle, metrics).save(Path(tmp) / "bundle")
+        if graph is not None and export is not None and export.passed:
+            write_export(served, graph, export)
         model_uri = versions.log_bundle(served, extra_artifacts={"model_card.md": card})
     mlflow.log_metrics(as_test_metrics(metrics), model_id=versions.logged_model_id(model_uri))
     return model_uri

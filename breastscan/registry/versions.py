@@ -90,6 +90,8 @@ TAG_COMMIT = "git_commit"
 METRIC_TAG_PREFIX = "metric."
 TAG_NEVER_PREDICTED = "classes_never_predicted"
 TAG_EXPERIMENT = "dvc_experiment"
+TAG_EXPORT_PREFIX = "export."
+"""Version tags of the ONNX export's check (:func:`export_tags`): ``export.runtime``, ``export.passed`` ..."""
 TAG_AUDIT_LAST = "audit.last"
 """Version tag: the last audit event about the version, ``<kind> by <who> at <when>``."""
 DESCRIPTION_LIMIT = 5000
@@ -321,7 +323,7 @@ def _ensure_registered_model(client: MlflowClient, cfg: ModelConfig) -> None:
 def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], split_id: str,
              run_id: str | None, data_hash: str | None = None, git_commit: str | None = None,
              alias: str | None = STAGING, extra_tags: Mapping[str, str] | None = None,
-             data: Mapping[str, Any] | None = None) -> int:
+             data: Mapping[str, Any] | None = None, export: Mapping[str, Any] | None = None) -> int:
     """Create a new version of ``breastscan-<model>`` and point ``@staging`` (``alias``) at it.
 
     The version's description is the model card in brief
@@ -347,6 +349,9 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
         extra_tags: more version tags (e.g. the DVC experiment that produced it).
         data: the model card's ``data`` (dataset, modality, split counts ...) for the
             description; what is missing comes from the tags and the logged contract.
+        export: the ONNX export's report (``export.json`` of the evaluate stage) when the
+            logged model is the one it describes: ``export.*`` tags (:func:`export_tags`) and a
+            line of the description.
 
     Returns:
         The new version number.
@@ -386,9 +391,10 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
     if cfg.has_classes:
         tags[TAG_NEVER_PREDICTED] = ",".join(never_predicted(metrics))
     tags.update(site_tags(cfg, metrics))
+    tags.update(export_tags(export))
     tags.update(extra_tags or {})
 
-    description = version_description(cfg, model_uri, metrics, tags, data)
+    description = version_description(cfg, model_uri, metrics, tags, data, export=export)
     model_id = logged_model_id(model_uri)
     if model_id or not model_uri.startswith("runs:/"):
         mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id,
@@ -407,8 +413,10 @@ def register(cfg: ModelConfig, model_uri: str, *, metrics: Mapping[str, Any], sp
 
 
 def version_description(cfg: ModelConfig, model_uri: str, metrics: Mapping[str, Any],
-                        tags: Mapping[str, str], data: Mapping[str, Any] | None = None) -> str:
-    """A version's description: :func:`~breastscan.registry.modelcard.version_summary` of its report.
+                        tags: Mapping[str, str], data: Mapping[str, Any] | None = None, *,
+                        export: Mapping[str, Any] | None = None) -> str:
+    """A version's description: :func:`~breastscan.registry.modelcard.version_summary` of its report
+    (and of its ONNX export's check, ``export``).
 
     The card's ``data`` is ``data`` where given, completed by the version's tags (dataset,
     test split id, data hash) and the modality of the contract logged with the model.
@@ -419,7 +427,7 @@ def version_description(cfg: ModelConfig, model_uri: str, metrics: Mapping[str, 
         facts["data_hash"] = tags[TAG_DATA_HASH]
     if contract is not None:
         facts["modality"] = contract.modality
-    return version_summary(cfg, metrics, data={**facts, **(data or {})}, contract=contract)
+    return version_summary(cfg, metrics, data={**facts, **(data or {})}, contract=contract, export=export)
 
 
 def logged_contract(model_uri: str) -> ModelContract | None:
@@ -463,6 +471,38 @@ def site_tags(cfg: ModelConfig, metrics: Mapping[str, Any]) -> dict[str, str]:
         if value is not None:
             out[f"{TAG_SITE_PREFIX}{site}.{cfg.headline}"] = repr(value)
     return out
+
+
+def export_tags(export: Mapping[str, Any] | None) -> dict[str, str]:
+    """Version tags of the ONNX export's check (none without a report).
+
+    Args:
+        export: ``export.json`` (:meth:`breastscan.exported.ExportInfo.to_dict`).
+
+    Returns:
+        ``export.runtime`` (``onnx`` when the export passed and travels with the model, else
+        ``keras``), ``export.passed`` (``true``/``false``), and where the check has them
+        ``export.max_prob_diff`` (largest served probability difference, classes or mask
+        pixels), ``export.decision_agreement``, ``export.mask_dice_min``; ``export.error``
+        when the model could not be exported.
+    """
+    if not export:
+        return {}
+    check = export.get("equivalence") or {}
+    passed = bool(export.get("passed"))
+    tags = {f"{TAG_EXPORT_PREFIX}runtime": "onnx" if passed else "keras",
+            f"{TAG_EXPORT_PREFIX}passed": str(passed).lower()}
+    diffs = [v for v in (finite_float(check.get(k)) for k in ("max_prob_diff", "max_mask_prob_diff"))
+             if v is not None]
+    if diffs:
+        tags[f"{TAG_EXPORT_PREFIX}max_prob_diff"] = repr(max(diffs))
+    for key in ("decision_agreement", "mask_dice_min"):
+        value = finite_float(check.get(key))
+        if value is not None:
+            tags[f"{TAG_EXPORT_PREFIX}{key}"] = repr(value)
+    if check.get("error"):
+        tags[f"{TAG_EXPORT_PREFIX}error"] = str(check["error"])[:500]
+    return tags
 
 
 def _site_values(tags: Mapping[str, str]) -> str:

@@ -108,6 +108,9 @@ ERRORS: dict[str, ErrorKind] = {
     "method_not_allowed": ErrorKind(405, "UNIMPLEMENTED", "the route does not take that HTTP method"),
     "unauthorized": ErrorKind(401, "UNAUTHENTICATED", "no API key, or not a valid one (when "
                                                       "authentication is on)", fallback=True),
+    "explain_unavailable": ErrorKind(501, "UNIMPLEMENTED", "Grad-CAM (explain) needs TensorFlow, which this "
+                                                          "deployment leaves out (a Bento or image built "
+                                                          "without it): ask without explain"),
     "overloaded": ErrorKind(503, "UNAVAILABLE", "the model is at capacity (adaptive batching shed the "
                                                 "request): retry after a moment"),
     "unavailable": ErrorKind(503, "UNAVAILABLE", "the service cannot answer now (starting, stopping, "
@@ -419,6 +422,9 @@ class ModelInfo:
     decision: str | None = answer_field(
         12, "optional string", "how a classifier calls its class, one sentence, when its decision rule is "
         "not the most probable class (an operating point fitted for a target sensitivity); null otherwise")
+    runtime: str | None = answer_field(
+        13, "string", "what runs it: 'onnx' (its checked ONNX export, ONNX Runtime) or 'keras' "
+        "(TensorFlow); null (gRPC: empty) when unknown")
 
 
 @dataclass(frozen=True)
@@ -834,11 +840,12 @@ def _mask_fields(contract: ModelContract, grays: Sequence[np.ndarray], boxes: Se
 
 
 def model_info(name: str, spec: PreprocessSpec, contract: ModelContract, *, version: str | None = None,
-               stage: str | None = None, source: str | None = None) -> ModelInfo:
+               stage: str | None = None, source: str | None = None, runtime: str | None = None) -> ModelInfo:
     """What ``/models`` says about a served model; ``decision`` says in one sentence how a
     model whose rule is not the arg-max calls its class, ``threshold`` is the mask's."""
     rule = contract.rule
-    return ModelInfo(name=name, version=version, stage=stage, source=source, task=contract.task,
+    return ModelInfo(name=name, version=version, stage=stage, source=source, runtime=runtime,
+                     task=contract.task,
                      modality=contract.modality, classes=list(contract.class_names),
                      input_shape=list(contract.input_shape), spec_id=spec.spec_id,
                      temperature=float(contract.temperature),

@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -178,19 +177,23 @@ class BatchSummary:
 # --------------------------------------------------------------------------- the model
 
 
-def load_model(ref: str) -> LoadedModel:
+def load_model(ref: str, runtime: str = "auto") -> LoadedModel:
     """Resolve ``NAME[@STAGE|/VERSION]`` in the configured registry and load that version.
 
+    Args:
+        ref: the model reference.
+        runtime: ``auto`` (its checked export when it has one, else Keras), ``onnx`` or ``keras``
+            (:meth:`breastscan.bundle.ModelBundle.load`).
+
     Raises:
-        ValueError: a malformed reference.
+        ValueError: a malformed reference, or ``onnx`` for a version without an export.
         breastscan.registry.resolver.RegistryError: no such model, stage or version.
     """
     from breastscan.registry import resolver
 
     parsed = resolver.parse_model_ref(ref)
-    with tempfile.TemporaryDirectory(prefix="breastscan-bundle-") as tmp:
-        fetched = resolver.fetch(parsed, Path(tmp))  # by version: a moving alias cannot interfere
-        bundle = fetched.load_bundle()
+    fetched, bundle = resolver.fetch_and_load(parsed, runtime=runtime)  # by version: an alias may move
+    assert fetched is not None
     return LoadedModel(name=parsed.name, bundle=bundle, version=str(fetched.resolved.version),
                        stage=parsed.alias)
 

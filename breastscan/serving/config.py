@@ -29,6 +29,8 @@ KEYS_FILE_ENV = "BREASTSCAN_API_KEYS_FILE"
 """Environment variable overriding ``auth.keys_file``."""
 MONITORING_STORE_ENV = "BREASTSCAN_MONITORING_STORE"
 """Environment variable overriding ``monitoring.store``."""
+RUNTIME_ENV = "BREASTSCAN_RUNTIME"
+"""Environment variable overriding ``runtime`` (``auto``, ``onnx``, ``keras``)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,10 @@ class ServingConfig:
         follow: following the registry stage (live swaps of the served versions).
         tracing: BentoML's OpenTelemetry tracing options (``sample_rate``, ``exporter_type``,
             ``otlp`` ...), passed through; empty: nothing is traced.
+        runtime: what runs the models (:data:`breastscan.exported.RUNTIMES`): ``auto`` (each
+            model's checked ONNX export when it has one, TensorFlow otherwise), ``onnx`` (every
+            model's export, or the worker does not start) or ``keras`` (TensorFlow);
+            :data:`RUNTIME_ENV` overrides.
     """
 
     models: tuple[str, ...] = ()
@@ -141,6 +147,7 @@ class ServingConfig:
     monitoring: Monitoring = field(default_factory=Monitoring)
     follow: Follow = field(default_factory=Follow)
     tracing: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "auto"
 
     def batching_for(self, model: str) -> Batching:
         """The batching of ``model``'s API (its override, else the default)."""
@@ -167,11 +174,11 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
     Args:
         raw: the parsed YAML.
         env: environment overrides (:data:`GRPC_PORT_ENV`, :data:`GRPC_HOST_ENV`,
-            :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`, :data:`MONITORING_STORE_ENV`).
+            :data:`AUTH_ENV`, :data:`KEYS_FILE_ENV`, :data:`MONITORING_STORE_ENV`, :data:`RUNTIME_ENV`).
     """
     env = env or {}
     known = {"models", "stage", "batching", "api_service", "limits", "grpc", "auth", "monitoring", "follow",
-             "tracing"}
+             "tracing", "runtime"}
     if "models_service" in raw:
         raise ValueError("models_service is gone: the models run in the service's own workers "
                          "(api_service.workers)")
@@ -201,7 +208,16 @@ def parse_serving_config(raw: dict[str, Any], env: dict[str, str] | None = None)
         monitoring=parse_monitoring(dict(raw.get("monitoring") or {}), env),
         follow=parse_follow(dict(raw.get("follow") or {})),
         tracing=dict(raw.get("tracing") or {}),
+        runtime=_runtime(str(env.get(RUNTIME_ENV) or raw.get("runtime", "auto"))),
     )
+
+
+def _runtime(value: str) -> str:
+    from breastscan.exported import RUNTIMES
+
+    if value not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {value!r}")
+    return value
 
 
 def _as(default: Any, value: Any) -> Any:

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class ServedModel:
         version: registry version it was imported from, if known.
         stage: registry stage (alias) it was imported from, if known.
         source: where it came from (e.g. ``models:/breastscan-tumor@production``).
+        runtime: what runs it in this process, ``onnx`` or ``keras`` (set by :func:`bundle_slot`).
     """
 
     name: str
@@ -123,6 +125,7 @@ class ServedModel:
     version: str | None = None
     stage: str | None = None
     source: str | None = None
+    runtime: str | None = None
 
     def algorithm(self) -> AlgorithmInfo:
         """What identifies the model in DICOM results (name, registry version and stage)."""
@@ -141,7 +144,7 @@ class ServedModel:
     def describe(self) -> ModelInfo:
         """What ``/models`` says about it."""
         return model_info(self.name, self.spec, self.contract, version=self.version, stage=self.stage,
-                          source=self.source)
+                          source=self.source, runtime=self.runtime)
 
 
 
@@ -263,6 +266,7 @@ def bundle_slot(served: ServedModel, bundle: ModelBundle, batching: BatchSetting
             each request alone on a thread.
         on_batch: ``(name, batch size)`` of every model call (metrics).
     """
+    served = dataclass_replace(served, runtime=bundle.runtime)
     batcher = None if batching is None else model_batcher(served.name, bundle.predict, batching, on_batch)
     grad_cam = explainer(bundle)
 
@@ -629,15 +633,50 @@ def explainer(bundle: ModelBundle) -> Callable[[np.ndarray, np.ndarray], np.ndar
     (:func:`class_feature_layer`): the last layer of the mask decoder would explain the
     mask, not the class.
 
+    A bundle run by its ONNX export has no gradients: its Keras model is read (and TensorFlow
+    imported) on the first call, so a service that is never asked for a map never loads it.
+
     Returns:
         ``(batch (n, H, W, 1), class index per image (n,)) -> (n, H, W)`` maps in [0, 1].
     """
+    if bundle.runtime != "keras":
+        return _on_first_call(bundle)
     from breastscan.models.gradcam import grad_cam
 
     if bundle.contract.task != "multitask":
         return functools.partial(grad_cam, bundle.model)
     model = bundle.view("classification").model
     return functools.partial(grad_cam, model, layer=class_feature_layer(model))
+
+
+def _on_first_call(bundle: ModelBundle) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """:func:`explainer` of ``bundle``'s Keras model, built when first called (once, under a lock)."""
+    built: list[Callable[[np.ndarray, np.ndarray], np.ndarray]] = []
+    lock = threading.Lock()
+
+    def explain(batch: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        with lock:
+            if not built:
+                started = time.perf_counter()
+                built.append(explainer(dataclass_replace(bundle, model=_keras_of(bundle))))
+                log.info("%s: Keras model loaded for Grad-CAM in %.1f s (first explain request)",
+                         bundle.contract.name, time.perf_counter() - started)
+        return built[0](batch, classes)
+
+    return explain
+
+
+def _keras_of(bundle: ModelBundle) -> keras.Model:
+    """The bundle's Keras model (:meth:`~breastscan.bundle.ModelBundle.keras_model`).
+
+    Raises:
+        ApiError: ``explain_unavailable``: this installation has no TensorFlow.
+    """
+    try:
+        return bundle.keras_model()
+    except ModuleNotFoundError as exc:
+        raise ApiError("explain_unavailable", f"{bundle.contract.name}: Grad-CAM needs TensorFlow, which "
+                       f"this deployment does not have ({exc.name} missing)") from None
 
 
 def class_feature_layer(model: keras.Model) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -91,10 +90,13 @@ class MlflowRegistry:
 
     Args:
         root: the project directory whose ``mlflow.db`` is used without ``$MLFLOW_TRACKING_URI``.
+        runtime: which runtime runs a downloaded version (``auto``: its export when it has one;
+            :meth:`breastscan.bundle.ModelBundle.load`).
     """
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, runtime: str = "auto") -> None:
         self.root = Path.cwd() if root is None else root
+        self.runtime = runtime
 
     def connect(self) -> str:
         """Point MLflow (this process) at the registry and name it.
@@ -130,11 +132,10 @@ class MlflowRegistry:
             breastscan.registry.resolver.RegistryError: no such version.
             FileNotFoundError: it holds no breastscan bundle.
         """
-        from breastscan.registry.resolver import ModelRef, fetch
+        from breastscan.registry.resolver import ModelRef, fetch_and_load
 
         ref = ModelRef(name=model, registered_name=store_name(model), version=version, alias=None)
-        with tempfile.TemporaryDirectory(prefix="breastscan-swap-") as tmp:
-            bundle: ModelBundle = fetch(ref, Path(tmp)).load_bundle()  # Keras reads the file whole
+        bundle: ModelBundle = fetch_and_load(ref, runtime=self.runtime)[1]
         warm_up(bundle)
         served = ServedModel(name=model, spec=bundle.spec, contract=bundle.contract, version=str(version),
                              stage=stage, source=f"models:/{store_name(model)}@{stage}")

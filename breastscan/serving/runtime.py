@@ -17,11 +17,13 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from breastscan.exported import choose_runtime
 from breastscan.serving.auth import ApiKeys
 from breastscan.serving.config import CONFIG_ENV, ServingConfig, load_serving_config, with_models
 from breastscan.serving.engine import Engine, ModelSlot, bundle_slot, warm_up
@@ -211,8 +213,11 @@ class Worker:
         started = time.perf_counter()
         self.config = config
         self.metrics = ServiceMetrics()
-        _configure_gpus()
-        candidates = {name: _load_stored(name, tags[name]) for name in config.models}
+        stored = {name: _stored(tags[name]) for name in config.models}
+        runtimes = {name: choose_runtime(s.path, config.runtime) for name, s in stored.items()}
+        if "keras" in runtimes.values():
+            _configure_gpus()  # before TensorFlow starts
+        candidates = {name: _load_stored(name, s, runtimes[name]) for name, s in stored.items()}
         self.engine = Engine({n: self._slot_of(c) for n, c in candidates.items()},
                              max_upload_bytes=config.max_upload_bytes,
                              recorder=self._recorder({n: c.bundle for n, c in candidates.items()}))
@@ -225,9 +230,10 @@ class Worker:
         # collections to what requests allocate.
         gc.collect()
         gc.freeze()
-        log.info("serving %s (TensorFlow, models and traces ready in %.1f s)",
-                 ", ".join(f"{m.name} v{m.version} ({m.stage})" for m in self.engine.models.values()),
-                 time.perf_counter() - started)
+        log.info("serving %s (models loaded and warmed in %.1f s; TensorFlow %s)",
+                 ", ".join(f"{m.name} v{m.version} ({m.stage}, {runtimes[m.name]})"
+                           for m in self.engine.models.values()),
+                 time.perf_counter() - started, "loaded" if "tensorflow" in sys.modules else "not loaded")
 
     @property
     def ready(self) -> bool:
@@ -292,7 +298,8 @@ class Worker:
             log.info("not following the registry stage: follow.enabled is false, or a Bento or a list of "
                      "models is served")
             return
-        follower = StageFollower(self.engine, MlflowRegistry(), self._swap_slot, stage=self.config.stage,
+        registry = MlflowRegistry(runtime=self.config.runtime)
+        follower = StageFollower(self.engine, registry, self._swap_slot, stage=self.config.stage,
                                  poll_s=follow.poll_s, retire_s=self.config.timeout_s, metrics=self.metrics,
                                  on_retired=_refreeze)
         self._follow = loop.create_task(follower.run(), name="follow-registry")
@@ -308,17 +315,13 @@ class Worker:
         self.engine.close()
 
 
-def _load_stored(name: str, tag: str) -> Candidate:
-    """The stored BentoML model ``tag`` served as ``name``: loaded and warmed (one prediction).
-
-    Raises:
-        RuntimeError: it is not in the store.
-    """
+def _load_stored(name: str, stored: Any, runtime: str) -> Candidate:
+    """The stored BentoML model ``stored`` served as ``name``: loaded by ``runtime`` (``onnx`` or
+    ``keras``) and warmed (one prediction)."""
     from breastscan.bundle import ModelBundle
     from breastscan.serving.follow import Candidate
 
-    stored = _stored(tag)
-    bundle = ModelBundle.load(stored.path)
+    bundle = ModelBundle.load(stored.path, runtime=runtime)
     warm_up(bundle)
     served = load_served(name, stored.path, dict(stored.info.labels or {}),
                          source=str(stored.info.metadata.get("source", stored.tag)))

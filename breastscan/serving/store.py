@@ -112,6 +112,12 @@ def load_served(model: str, path: str | Path, labels: dict[str, Any] | None = No
 
 def stored_models(stage: str) -> tuple[str, ...]:
     """Models whose newest ``breastscan-<model>`` in the BentoML store was imported at ``stage``."""
+    return tuple(sorted(newest_stored(stage)))
+
+
+def newest_stored(stage: str) -> dict[str, Any]:
+    """The newest stored BentoML model of each ``breastscan-<model>``, by model name, of those
+    imported at ``stage``."""
     import bentoml
 
     newest: dict[str, Any] = {}
@@ -120,5 +126,17 @@ def stored_models(stage: str) -> tuple[str, ...]:
             current = newest.get(stored.tag.name)
             if current is None or stored.info.creation_time > current.info.creation_time:
                 newest[stored.tag.name] = stored
-    return tuple(sorted(_labels(m).get(LABEL_MODEL, name[len(PREFIX):]) for name, m in newest.items()
-                        if _labels(m).get(LABEL_STAGE) == stage))
+    return {_labels(m).get(LABEL_MODEL, name[len(PREFIX):]): m for name, m in newest.items()
+            if _labels(m).get(LABEL_STAGE) == stage}
+
+
+def stored_runtimes(stage: str, runtime: str = "auto") -> dict[str, str]:
+    """Which runtime (``onnx`` or ``keras``) runs each model of :func:`newest_stored` under the
+    serving config's ``runtime`` (:func:`breastscan.exported.choose_runtime`).
+
+    Raises:
+        ValueError: ``runtime`` is ``onnx`` and a model carries no checked export.
+    """
+    from breastscan.exported import choose_runtime
+
+    return {name: choose_runtime(m.path, runtime) for name, m in sorted(newest_stored(stage).items())}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -192,6 +193,18 @@ def variant_service(served_project: tuple[Path, dict[str, str]], name: str, chan
         stop_service(served)
 
 
+def worker_processes(served: Served) -> list[psutil.Process]:
+    """The server's live worker processes (a killed one is a zombie until the arbiter reaps it)."""
+    out = []
+    for child in psutil.Process(served.process.pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return out
+
+
 def stop_service(served: Served) -> None:
     """SIGTERM the server's process group, then SIGKILL what is left after 20 s."""
     served.launched.stop(20)
@@ -242,7 +255,8 @@ def reference(served_project: tuple[Path, dict[str, str]]) -> Iterator[Engine]:
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
         names = tuple(MODELS)  # every model served
-        bundles = {n: load_bundle(f"breastscan-{n}@production") for n in names}
+        # the runtime the service picks (`runtime: auto`), so its answers compare with ``==``
+        bundles = {n: load_bundle(f"breastscan-{n}@production", runtime="auto") for n in names}
         engine = local_engine(bundles, versions={n: "1" for n in names},
                               stages={n: "production" for n in names})
         yield engine

@@ -57,12 +57,15 @@ REFERENCE_SEEDS = range(1000, 1048)
 
 def build_bundle(name: str, directory: Path, **changes: Any) -> Path:
     """A seeded untrained bundle of model ``name`` saved to ``directory``, with a drift reference
-    (``reference.json``) over the phantoms of :data:`REFERENCE_SEEDS` of its modality, as trained
-    bundles have. ``changes`` replace entries of its :data:`MODELS` row (e.g. ``classes`` and
-    ``class_names``: a version whose contract differs)."""
+    (``reference.json``) over the phantoms of :data:`REFERENCE_SEEDS` of its modality and a
+    checked ONNX export (``model.onnx``: the service runs it), as trained bundles have.
+    ``changes`` replace entries of its :data:`MODELS` row (e.g. ``classes`` and ``class_names``:
+    a version whose contract differs)."""
     import keras
 
+    from breastscan.exported import write_export
     from breastscan.models import build_model
+    from breastscan.evaluation.export import export_and_check
     from breastscan.models.multitask import build_multitask
     from breastscan.monitoring.drift import model_reference
 
@@ -85,7 +88,12 @@ def build_bundle(name: str, directory: Path, **changes: Any) -> Path:
     phantom = images.mammogram if m["modality"] == "mammography" else images.ultrasound
     grays = [phantom(seed).astype(np.float32) / 255.0 for seed in REFERENCE_SEEDS]
     reference = model_reference(bundle, grays, modality=m["modality"])
-    return replace(bundle, reference=reference).save(directory)
+    saved = replace(bundle, reference=reference).save(directory)
+    if m.get("export", True):  # checked on the reference phantoms, as evaluate checks the test split
+        graph, info = export_and_check(bundle, bundle.prepare(grays)[0])
+        assert graph is not None and info.passed, (name, info.equivalence)
+        write_export(saved, graph, info)
+    return saved
 
 
 def main(root: Path, names: Iterable[str] = tuple(MODELS)) -> None:

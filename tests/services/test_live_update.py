@@ -240,7 +240,10 @@ def _workers_of(events: list[dict]) -> set[str]:
 
 def test_two_workers_follow_a_promotion_and_refuse_a_contract_change(two_workers: Served) -> None:
     served = two_workers
-    assert len(served.log_lines("following @production of tumor", timeout_s=60)) == 2
+    deadline = time.monotonic() + 60  # each worker starts following once it has its models
+    while len(served.log_lines("following @production of tumor")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(served.log_lines("following @production of tumor")) == 2
     _breastscan(served, "promote", "tumor", "--version", "2", "--to", "production", "--reason", "v2 live")
     swaps = _wait_events(served, "swap", 2)
     assert len(swaps) == 2 and len(_workers_of(swaps)) == 2, swaps  # each worker swapped, once

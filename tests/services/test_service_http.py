@@ -61,6 +61,7 @@ def test_models_lists_the_production_versions(service: Served) -> None:
     for m in listed:
         assert m["version"] == "1" and m["stage"] == "production"
         assert m["source"] == f"models:/breastscan-{m['name']}@production"
+        assert m["runtime"] == "onnx"  # each carries a checked export, and `runtime: auto` runs it
     by_name = {m["name"]: m for m in listed}
     assert by_name["density"]["classes"] == ["A", "B", "C", "D"]
     assert by_name["lesion"]["task"] == "segmentation" and by_name["lesion"]["modality"] == "ultrasound"

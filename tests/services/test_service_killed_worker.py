@@ -18,19 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from breastscan.serving.client import GRPCClient, HTTPClient, ServiceError
 from tests.services import images
-from tests.services.conftest import Served, variant_service
+from tests.services.conftest import Served, variant_service, worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
 MG = images.png(images.mammogram(5))
 MAX_FAILED_RATIO = 0.05
 RECOVERY_S = 120.0
-READY_LINE = "models and traces ready in"  # each worker logs it once loaded
+READY_LINE = "models loaded and warmed in"  # each worker logs it once loaded
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +37,6 @@ def two_workers(served_project: tuple[Path, dict[str, str]]) -> Iterator[Served]
     api = {"workers": 2, "max_concurrency": 512, "timeout_s": 60}
     with variant_service(served_project, "two-workers", {"api_service": api}) as served:
         yield served
-
-
-def _workers(served: Served) -> list[psutil.Process]:
-    """The live worker processes (a killed one is a zombie until the arbiter reaps it)."""
-    out = []
-    for child in psutil.Process(served.process.pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker" in " ".join(child.cmdline()):
-                out.append(child)
-        except psutil.Error:  # gone meanwhile
-            continue
-    return out
 
 
 def _load(served: Served, stop: threading.Event, outcomes: Counter[str], k: int) -> None:
@@ -79,7 +66,7 @@ def _wait_for_new_worker(served: Served, old: set[int], deadline: float) -> floa
     """Seconds until two workers run again, the new one having loaded its models."""
     start = time.monotonic()
     while time.monotonic() < deadline:
-        pids = {p.pid for p in _workers(served)}
+        pids = {p.pid for p in worker_processes(served)}
         ready = served.log_text().count(READY_LINE)
         if len(pids) == 2 and pids - old and ready >= 3:  # two at start, then the new one
             return time.monotonic() - start
@@ -89,7 +76,7 @@ def _wait_for_new_worker(served: Served, old: set[int], deadline: float) -> floa
 
 def test_a_killed_worker_under_load_loses_only_its_requests(two_workers: Served) -> None:
     served = two_workers
-    workers = _workers(served)
+    workers = worker_processes(served)
     assert len(workers) == 2
     stop, outcomes = threading.Event(), Counter[str]()
     threads = [threading.Thread(target=_load, args=(served, stop, outcomes, k)) for k in range(8)]

@@ -223,7 +223,7 @@ def test_an_analysis_carries_its_dicom_objects_under_dicom() -> None:
 def test_model_info_and_preview_keys() -> None:
     assert list(to_dict(OTHERS["model info"])) == ["name", "version", "stage", "source", "task", "modality",
                                                    "classes", "input_shape", "spec_id", "temperature",
-                                                   "threshold", "decision"]
+                                                   "threshold", "decision", "runtime"]
     assert to_dict(OTHERS["preview of a PNG"]) == {"width": 5, "height": 4, "modality": None,
                                                    "png": base64.b64encode(PNG).decode()}
     assert to_dict([OTHERS["preview"], OTHERS["preview"]]) == [to_dict(OTHERS["preview"])] * 2

@@ -257,7 +257,7 @@ def test_cli_predict(registry: Path, folder: Path, tmp_path: Path) -> None:
             "--no-progress", "--dicom"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert f"tumor v1 @production: {N_OK} ok, {len(BROKEN)} refused (empty 1, not_an_image 1, " \
+    assert f"tumor v1 @production (onnx): {N_OK} ok, {len(BROKEN)} refused (empty 1, not_an_image 1, " \
            f"truncated 1, wrong_modality 1), 0 already done" in result.output
     assert len(_rows(out / batch.PREDICTIONS_CSV)) == N_OK + len(BROKEN)
     assert sorted(p.name for p in (out / "dicom").rglob("*.dcm")) == ["IM0001.sr.dcm"]

@@ -599,6 +599,7 @@ class _Delayed:
         self._bundle = bundle
         self.delay = delay
         self.model, self.spec, self.contract = bundle.model, bundle.spec, bundle.contract
+        self.runtime = bundle.runtime
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.delay)

@@ -170,7 +170,7 @@ class AnalyzeResponse(_message.Message):
     def __init__(self, modality: _Optional[str] = ..., models: _Optional[_Mapping[str, Prediction]] = ..., eight_category: _Optional[_Union[EightCategory, _Mapping]] = ..., roi: _Optional[_Iterable[int]] = ..., dicom_sr: _Optional[bytes] = ..., dicom_seg: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "stage", "source", "task", "modality", "classes", "input_shape", "spec_id", "temperature", "threshold", "decision")
+    __slots__ = ("name", "version", "stage", "source", "task", "modality", "classes", "input_shape", "spec_id", "temperature", "threshold", "decision", "runtime")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class ModelInfo(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     stage: str
@@ -195,7 +196,8 @@ class ModelInfo(_message.Message):
     temperature: float
     threshold: float
     decision: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., modality: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., spec_id: _Optional[str] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., stage: _Optional[str] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., modality: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., spec_id: _Optional[str] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class PreviewResponse(_message.Message):
     __slots__ = ("width", "height", "modality", "png")

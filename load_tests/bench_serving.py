@@ -80,7 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -120,6 +120,9 @@ SHARED_CORES_NOTE = ("load generator, server and the in-process measurement "
                      "share this machine's {cores} CPU cores: the load generator's own CPU (column "
                      "'loadgen CPU') is taken from the server, so served numbers are a lower bound of "
                      "what the server does on cores of its own")
+KERAS_PEER_TOLERANCE = 1e-4
+"""How far the seeds peer's numbers (Keras) may be from the service's (its models' ONNX exports,
+checked to this bound): the evaluate stage's class-probability tolerance."""
 SERVED_RUNTIMES_NOTE = ("served runtimes: the service again, with a copy of the serving config whose "
                         "runtime is keras (TensorFlow), then one whose runtime is onnx (no TensorFlow in the "
                         "worker; a model without a checked export stops it from starting), other settings as "
@@ -366,7 +369,7 @@ def run_inprocess(models: Sequence[str], settings: Settings) -> dict[str, Any]:
     for name in models:
         stored = bentoml.models.get(f"{store_name(name)}:latest")
         paths[name] = Path(stored.path)
-        bundle = ModelBundle.load(stored.path)
+        bundle = ModelBundle.load(stored.path, runtime="auto")  # what the service runs
         shape = tuple(bundle.contract.input_shape)
         labels = dict(stored.info.labels or {})
         by_size: dict[str, Any] = {}
@@ -1092,7 +1095,9 @@ def measure_peers(bundle_dir: Path, settings: Settings, env: dict[str, str], wor
         with running_peer(kind, bundle_dir=bundle_dir, port=free_port(), workers=workers, env=env,
                           logdir=workdir) as peer:
             ready_s = round(time.perf_counter() - t0, 2)
-            differences = answer_differences(posted_answer(peer.url, image), reference)
+            # the seeds peer runs Keras whatever the service runs: equal within the export check's bound
+            differences = answer_differences(posted_answer(peer.url, image), reference,
+                                             tolerance=KERAS_PEER_TOLERANCE if kind == "seeds" else 0.0)
             if differences:
                 log.error("peer %s answers otherwise than the service: %s", label, "; ".join(differences))
             points = http_points(PeerTarget(peer), settings.endpoint, settings, (1, REF_CONCURRENCY),
@@ -1278,11 +1283,12 @@ def posted_answer(url: str, image: bytes) -> bytes:
     return response.content
 
 
-def answer_differences(peer: bytes, service: bytes) -> list[str]:
+def answer_differences(peer: bytes, service: bytes, tolerance: float = 0.0) -> list[str]:
     """What differs between a peer's and the service's JSON answer for the same image.
 
-    Every key, its place in the order and its value must be equal (numbers exactly), except
-    :data:`REGISTRY_KEYS`; then the two bodies are the same bytes but for those values.
+    Every key, its place in the order and its value must be equal (numbers exactly, or within
+    ``tolerance``), except :data:`REGISTRY_KEYS`; then the two bodies are the same bytes but
+    for those values (with no tolerance).
 
     Returns:
         One line per differing key (values cut to 60 characters), or one for the key order
@@ -1294,10 +1300,37 @@ def answer_differences(peer: bytes, service: bytes) -> list[str]:
         b.pop(key, None)
     missing = object()
     lines = [f"{key}: peer {repr(a.get(key, missing))[:60]}, service {repr(b.get(key, missing))[:60]}"
-             for key in dict.fromkeys([*b, *a]) if a.get(key, missing) != b.get(key, missing)]
-    if not lines and json.dumps(a) != json.dumps(b):  # equal values, keys (nested ones too) in another order
+             for key in dict.fromkeys([*b, *a])
+             if not _same(a.get(key, missing), b.get(key, missing), tolerance)]
+    if not lines and list(_keys(a)) != list(_keys(b)):  # equal values, keys (nested too) in another order
         lines.append(f"key order: peer {json.dumps(a)[:200]}, service {json.dumps(b)[:200]}")
     return lines
+
+
+def _same(a: Any, b: Any, tolerance: float) -> bool:
+    """Equal JSON values, numbers within ``tolerance`` (booleans and text exactly)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y, tolerance) for x, y in zip(a, b, strict=True))
+    if _number(a) and _number(b):
+        return abs(float(a) - float(b)) <= tolerance
+    return bool(a == b)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _keys(value: Any, prefix: str = "") -> Iterator[str]:
+    """Every key path of a JSON value, in order."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{prefix}{k}"
+            yield from _keys(v, f"{prefix}{k}.")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _keys(v, f"{prefix}{i}.")
 
 
 # =========================================================================== ratios and targets

@@ -38,11 +38,11 @@ from breastscan.config import DatasetConfig
 from breastscan.data.loading import load_split, read_splits
 from breastscan.data.pools import SITE_COLUMN
 from breastscan.data.splits import split_id
+from breastscan.evaluation.export import export_and_check
 from breastscan.evaluation.plots import plot_history
 from breastscan.evaluation.reports import write_evaluation
 from breastscan.evaluation.scoring import Scoring, per_site, score_bundle
 from breastscan.exported import EXPORT_FILE
-from breastscan.evaluation.export import export_and_check
 from breastscan.provenance import dvc_data_hash
 from breastscan.registry.modelcard import write_model_card
 from breastscan.registry.runs import LOGGED_MODEL_FILE, calibrated, log_served_model, model_run

@@ -42,7 +42,7 @@ class PeerService:
     """The bundle in ``$PEER_BUNDLE``, served by ``POST /predict``."""
 
     def __init__(self) -> None:
-        self.bundle = ModelBundle.load(os.environ[BUNDLE_ENV])
+        self.bundle = ModelBundle.load(os.environ[BUNDLE_ENV], runtime="auto")  # as the service runs it
         self.bundle.predict(np.zeros((1, *self.bundle.contract.input_shape), np.float32))  # warm-up
         self.facts = ModelFacts(self.bundle.contract, self.bundle.spec.spec_id)
         log.info("peer %d serves %s", os.getpid(), self.bundle.contract.name)

@@ -40,12 +40,13 @@ RunModel = Callable[[ModelBundle, np.ndarray], Any]
 both, as ``ModelBundle.predict`` gives them): the model call a peer is built around."""
 
 
-def make_app(run_model: RunModel) -> FastAPI:
-    """A FastAPI peer that answers ``POST /predict`` with ``run_model`` as its model call."""
+def make_app(run_model: RunModel, runtime: str = "auto") -> FastAPI:
+    """A FastAPI peer that answers ``POST /predict`` with ``run_model`` as its model call, the
+    bundle loaded with ``runtime`` (``auto``: as the service runs it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bundle = ModelBundle.load(os.environ[BUNDLE_ENV])
+        bundle = ModelBundle.load(os.environ[BUNDLE_ENV], runtime=runtime)
         run_model(bundle, np.zeros((1, *bundle.contract.input_shape), np.float32))  # warm-up
         app.state.bundle = bundle
         app.state.facts = ModelFacts(bundle.contract, bundle.spec.spec_id)

@@ -5,7 +5,8 @@ load_tests.peers.seeds_app:app``), but its model call is ``model.predict(batch, 
 then the bundle's calibration, the way a first serving script is usually written: each call
 builds a data adapter and runs Keras' whole predict loop, where ``ModelBundle.predict`` calls
 the model once. A model whose contract asks for test-time flips (``tta: flip``) is run on the
-mirrored batch too, as ``ModelBundle.predict`` does, so the answer is the same.
+mirrored batch too, as ``ModelBundle.predict`` does, so the answer is the same (within the
+ONNX export check's bound when the service runs the export).
 """
 
 from __future__ import annotations
@@ -30,4 +31,4 @@ def keras_predict(bundle: ModelBundle, batch: np.ndarray) -> np.ndarray:
     return bundle.probabilities(logits)
 
 
-app = make_app(keras_predict)
+app = make_app(keras_predict, runtime="keras")

@@ -63,9 +63,9 @@ def build_bundle(name: str, directory: Path, **changes: Any) -> Path:
     a version whose contract differs)."""
     import keras
 
+    from breastscan.evaluation.export import export_and_check
     from breastscan.exported import write_export
     from breastscan.models import build_model
-    from breastscan.evaluation.export import export_and_check
     from breastscan.models.multitask import build_multitask
     from breastscan.monitoring.drift import model_reference
 

@@ -6,6 +6,10 @@ It is served from a fresh venv holding only what the Bento declares (its
 cache, ``--offline`` first), without breastscan: a package the service imports but ``services/bentofile.yaml``
 does not declare fails here as it would in the container, not only in production.
 ``tests/unit/test_bento_requirements.py`` is the cheap guard of the same.
+
+Every packed model carries a checked ONNX export, so the Bento is built without TensorFlow
+and Keras (``breastscan.serving.bento``): neither is importable in its venv, every model
+answers on ONNX Runtime, and a Grad-CAM request is answered ``501 explain_unavailable``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ with bentoml.models.create("breastscan-tumor", labels=labels, metadata=dict(old.
 # packages must not be importable there.
 NOT_THERE = """
 import importlib.util, json
-print(json.dumps({m: importlib.util.find_spec(m) is not None for m in ("breastscan", "mlflow", "dvc")}))
+print(json.dumps({m: importlib.util.find_spec(m) is not None
+                  for m in ("breastscan", "mlflow", "dvc", "tensorflow", "keras")}))
 """
 
 
@@ -92,6 +97,11 @@ def bento_venv(bento: Path, venv: Path) -> dict[str, Any]:
     return {"python": python, "mode": mode, "install_s": time.monotonic() - started}
 
 
+def _mib(path: Path) -> float:
+    """Bytes of the files under ``path``, in MiB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+
+
 def serve_bento(venv: Path, tag: str, root: Path, env: dict[str, str], log_name: str) -> Served:
     """``<venv>/bin/bentoml serve <tag>`` on free loopback ports, in ``root`` (no code there),
     ready for HTTP and gRPC (:func:`load_tests.harness.wait_until_serving`)."""
@@ -132,7 +142,11 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
     there = subprocess.run([str(venv["python"]), "-c", NOT_THERE], cwd=root,
                            env=_clean_env(env, root / "venv"), capture_output=True, text=True, timeout=60)
     assert there.returncode == 0, there.stderr[-3000:]
-    assert yaml.safe_load(there.stdout) == {"breastscan": False, "mlflow": False, "dvc": False}
+    # every packed model carries a checked export: the Bento leaves TensorFlow out
+    assert yaml.safe_load(there.stdout) == {"breastscan": False, "mlflow": False, "dvc": False,
+                                            "tensorflow": False, "keras": False}
+    assert "Bento runtime: onnx" in done.stdout
+    print(f"Bento venv: {_mib(root / 'venv'):.0f} MiB; the Bento: {_mib(bento):.0f} MiB")
     started = time.monotonic()
     served = serve_bento(root / "venv", "breastscan:test1", root, env, "bento.log")
     print(f"Bento served from the venv: ready in {time.monotonic() - started:.1f} s")
@@ -147,5 +161,10 @@ def test_build_then_serve_the_bento(served_project: tuple[Path, dict[str, str]],
             assert g.predict("lesion", images.png(images.ultrasound(2)))["task"] == "segmentation"
             assert g.predict("mammo_lesion", upload["image"][1])["task"] == "segmentation"
         assert httpx.get(f"{served.http_url}/ui/", timeout=10).status_code == 200
+        listed = httpx.post(f"{served.http_url}/models", json={}, timeout=10).json()
+        assert {m["runtime"] for m in listed} == {"onnx"}
+        explained = httpx.post(f"{served.http_url}/tumor", files=upload, data={"explain": "true"}, timeout=60)
+        assert explained.status_code == 501 and explained.json()["code"] == "explain_unavailable"
+        assert httpx.post(f"{served.http_url}/tumor", files=upload, timeout=60).status_code == 200
     finally:
         stop_service(served)

@@ -254,9 +254,9 @@ def test_runtime_rows_reach_the_tables_and_the_targets(bench: ModuleType) -> Non
 def test_runtime_comparison_measures_keras_and_the_export_of_a_tiny_bundle(bench: ModuleType,
                                                                            tmp_path: Path) -> None:
     from breastscan.bundle import ModelBundle, ModelContract
+    from breastscan.evaluation.export import export_and_check
     from breastscan.exported import write_export
     from breastscan.imaging.preprocessing import PreprocessSpec
-    from breastscan.evaluation.export import export_and_check
     from tests.conftest import tiny_model
 
     spec = PreprocessSpec(height=32, width=32)
@@ -433,3 +433,16 @@ def test_runtime_refusal_is_the_workers_own_check(bench: ModuleType, tmp_path: P
     assert "carries no checked ONNX export" in refusal
     assert bench.runtime_refusal("keras", ["tumor"], "production") is None
     assert bench.runtime_refusal("onnx", ["absent"], "production") is None
+
+
+def test_answer_differences_exact_or_within_a_tolerance(bench: ModuleType) -> None:
+    service = b'{"model": "tumor", "probabilities": {"benign": 0.32113936, "malignant": 0.1794}}'
+    close = b'{"model": "tumor", "probabilities": {"benign": 0.32113918, "malignant": 0.1794}}'
+    (line,) = bench.answer_differences(close, service)
+    assert line.startswith("probabilities: peer {'benign': 0.32113918")
+    assert bench.answer_differences(close, service, tolerance=1e-4) == []
+    far = b'{"model": "tumor", "probabilities": {"benign": 0.3215, "malignant": 0.1794}}'
+    assert len(bench.answer_differences(far, service, tolerance=1e-4)) == 1
+    swapped = b'{"model": "tumor", "probabilities": {"malignant": 0.1794, "benign": 0.32113936}}'
+    assert bench.answer_differences(swapped, service)[0].startswith("probabilities:")  # nested order counts
+    assert bench.answer_differences(b'{"model": "lesion"}', b'{"model": "tumor"}', tolerance=1.0) != []

@@ -20,9 +20,6 @@ import tensorflow as tf
 from breastscan.bundle import ModelBundle, ModelContract, inference_function
 from breastscan.config import ModelConfig, RoiConfig
 from breastscan.decision import DecisionRule
-from breastscan.exported import EXPORT_FILE, ExportInfo, OnnxModel, choose_runtime, write_export
-from breastscan.imaging.preprocessing import PreprocessSpec
-from breastscan.models import build_classifier, build_unet
 from breastscan.evaluation.export import (
     MAX_PROB_DIFF,
     ExportError,
@@ -33,6 +30,9 @@ from breastscan.evaluation.export import (
     export_and_check,
     export_onnx,
 )
+from breastscan.exported import EXPORT_FILE, ExportInfo, OnnxModel, choose_runtime, write_export
+from breastscan.imaging.preprocessing import PreprocessSpec
+from breastscan.models import build_classifier, build_unet
 from breastscan.models.multitask import build_multitask
 from breastscan.models.roi import build_roi_classifier
 from breastscan.registry.modelcard import render_model_card, version_summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -77,9 +78,17 @@ def test_exported_answers_match_keras(service: Served, served_project: tuple[Pat
     from breastscan.registry.resolver import load_bundle
     from breastscan.serving.engine import local_engine
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", served_project[1]["MLFLOW_TRACKING_URI"])
+    uri = served_project[1]["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     names = ("density", "tumor", "lesion")
-    bundles = {n: load_bundle(f"breastscan-{n}@production", runtime="keras") for n in names}
+    mlflow.set_tracking_uri(uri)  # an earlier test may have set another store in this process
+    mlflow.set_registry_uri(uri)
+    try:
+        bundles = {n: load_bundle(f"breastscan-{n}@production", runtime="keras") for n in names}
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
     assert {b.runtime for b in bundles.values()} == {"keras"}
     keras = local_engine(bundles, versions=dict.fromkeys(names, "1"),
                          stages=dict.fromkeys(names, "production"))
